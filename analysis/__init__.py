@@ -1,0 +1,1 @@
+"""Results tables and plots, read from run directories and sweep tables only."""

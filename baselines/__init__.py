@@ -1,0 +1,1 @@
+"""Baseline optimizers and the registry that names every optimizer (SPEC §7)."""

@@ -1,0 +1,168 @@
+"""Inner optimizers for the local solves, their schedules, and TF-1 RMSProp."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["INNER_NAMES", "INNER_SCHEDULES", "RMSpropTF", "inner_lr", "resolve_inner", "rmsprop_tf"]
+
+
+class RMSpropTF(torch.optim.Optimizer):
+    r"""RMSProp as in TensorFlow 1 (``tf.compat.v1.train.RMSPropOptimizer``).
+
+    The official LocoProp results use it. Per parameter p with gradient g::
+
+        ms  ← decay·ms + (1 − decay)·g²          (ms starts at 1)
+        mom ← momentum·mom + lr·g / √(ms + eps)  (mom starts at 0)
+        p   ← p − mom
+
+    Unlike ``torch.optim.RMSprop``, the squared-gradient slot starts at one
+    (not zero), eps sits inside the square root, and the momentum buffer
+    accumulates lr-weighted steps, so a change of lr takes effect gradually.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        decay: discount of the squared-gradient average (0.9).
+        momentum: momentum of the step (0.0).
+        eps: added to ms inside the square root (1e-10).
+        foreach: use ``torch._foreach_*`` ops (default: on CUDA tensors).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        decay: float = 0.9,
+        momentum: float = 0.0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+    ):
+        if not lr > 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"Invalid decay value: {decay}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        defaults = dict(lr=lr, decay=decay, momentum=momentum, eps=eps, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def _init_group(self, group, params, grads, mean_squares, moms) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("RMSpropTF does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["ms"] = torch.ones_like(p, memory_format=torch.preserve_format)
+                state["mom"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            mean_squares.append(state["ms"])
+            moms.append(state["mom"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, mean_squares, moms = [], [], [], []
+            self._init_group(group, params, grads, mean_squares, moms)
+            if params:
+                rmsprop_tf(
+                    params,
+                    grads,
+                    mean_squares,
+                    moms,
+                    lr=group["lr"],
+                    decay=group["decay"],
+                    momentum=group["momentum"],
+                    eps=group["eps"],
+                    foreach=group["foreach"],
+                )
+        return loss
+
+
+def rmsprop_tf(
+    params: list[Tensor],
+    grads: list[Tensor],
+    mean_squares: list[Tensor],
+    moms: list[Tensor],
+    *,
+    lr: float,
+    decay: float,
+    momentum: float,
+    eps: float,
+    foreach: bool | None = None,
+) -> None:
+    """Functional TF-1 RMSProp step; see :class:`RMSpropTF` for the rule."""
+    if foreach is None:
+        foreach = all(p.is_cuda for p in params)
+    if foreach:
+        _multi_tensor_rmsprop_tf(params, grads, mean_squares, moms, lr=lr, decay=decay, momentum=momentum, eps=eps)
+    else:
+        _single_tensor_rmsprop_tf(params, grads, mean_squares, moms, lr=lr, decay=decay, momentum=momentum, eps=eps)
+
+
+def _single_tensor_rmsprop_tf(params, grads, mean_squares, moms, *, lr, decay, momentum, eps):
+    for p, g, ms, mom in zip(params, grads, mean_squares, moms):
+        ms.mul_(decay).addcmul_(g, g, value=1.0 - decay)
+        mom.mul_(momentum).addcdiv_(g, ms.add(eps).sqrt_(), value=lr)
+        p.sub_(mom)
+
+
+def _multi_tensor_rmsprop_tf(params, grads, mean_squares, moms, *, lr, decay, momentum, eps):
+    torch._foreach_mul_(mean_squares, decay)
+    torch._foreach_addcmul_(mean_squares, grads, grads, value=1.0 - decay)
+    denominators = torch._foreach_add(mean_squares, eps)
+    torch._foreach_sqrt_(denominators)
+    torch._foreach_mul_(moms, momentum)
+    torch._foreach_addcdiv_(moms, grads, denominators, value=lr)
+    torch._foreach_sub_(params, moms)
+
+
+# Names accepted for ``inner``; each maps to a torch.optim class and the
+# keyword arguments that make it that method.
+_INNER: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": functools.partial(torch.optim.SGD, momentum=0.0),
+    "momentum": functools.partial(torch.optim.SGD, momentum=0.9),
+    "nesterov": functools.partial(torch.optim.SGD, momentum=0.9, nesterov=True),
+    "adam": torch.optim.Adam,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+    "rmsprop-tf": RMSpropTF,
+}
+INNER_NAMES = tuple(_INNER)
+
+INNER_SCHEDULES = ("linear-floor", "constant")
+
+
+def resolve_inner(inner) -> Callable[..., torch.optim.Optimizer]:
+    """The optimizer factory for ``inner``: a name or a torch.optim class."""
+    if isinstance(inner, str) and inner in _INNER:
+        return _INNER[inner]
+    if isinstance(inner, type) and issubclass(inner, torch.optim.Optimizer):
+        return inner
+    raise ValueError(
+        f"Unknown inner optimizer: {inner!r}; expected one of {', '.join(INNER_NAMES)} or a torch.optim.Optimizer class"
+    )
+
+
+def inner_lr(schedule: str, lr: float, t: int, local_iters: int) -> float:
+    """Inner learning rate at local step t of K = ``local_iters``.
+
+    "linear-floor" (the official schedule): η_t = η · max(1 − t/K, 0.25);
+    "constant": η_t = η.
+    """
+    if schedule == "constant":
+        return lr
+    return lr * max(1.0 - t / local_iters, 0.25)

@@ -1,0 +1,150 @@
+"""The local problem of one unit, as pure functions.
+
+Notation (SPEC §2): x is the unit's input, a = layer_θ(x) its pre-activation,
+y = f(a) its post-activation, g = dL/da the backprop gradient and
+γ = ``activation_lr``.
+
+Targets::
+
+    S:  â = a − γ·g          (pre-activation target)
+    M:  ŷ = f(a) − γ·g       (post-activation target)
+
+Local objectives, summed over the batch, with θ^old the parameters at the
+start of the step and λ = ``prox``::
+
+    S:  ℓ_S(θ) = ½ Σ ‖layer_θ(x) − â‖² + (λ/2)‖θ − θ^old‖²
+    M:  ℓ_M(θ) = Σ [F(layer_θ(x)) − ŷ·layer_θ(x)] + (λ/2)‖θ − θ^old‖²
+
+Both have ∂ℓ/∂a = a − â (S) or f(a) − ŷ (M), which at θ^old is γ·g, so
+∇ℓ(θ^old) = γ·∇L(θ^old): the first local step is a backprop step.
+Everything here is a function of (parameters, stored input, target), so it
+can be batched across units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from locoprop.transfer import Transfer
+
+__all__ = [
+    "exact_s_solution",
+    "local_grads",
+    "local_objective",
+    "make_target",
+    "preactivation_residual",
+]
+
+Forward = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def make_target(variant: str, transfer: Transfer, a: Tensor, g: Tensor, activation_lr: float) -> Tensor:
+    """â = a − γ·g for variant S, ŷ = f(a) − γ·g for variant M."""
+    if variant == "S":
+        return a - activation_lr * g
+    return transfer.fn(a) - activation_lr * g
+
+
+def preactivation_residual(variant: str, transfer: Transfer, a: Tensor, target: Tensor) -> Tensor:
+    """∂ℓ/∂a: a − â for variant S, f(a) − ŷ for variant M."""
+    if variant == "S":
+        return a - target
+    return transfer.fn(a) - target
+
+
+def local_grads(
+    variant: str,
+    transfer: Transfer,
+    forward: Forward,
+    params: Sequence[Tensor],
+    batches: Sequence[tuple[Tensor, Tensor]],
+    prox: float = 0.0,
+    old_params: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
+    """∇ℓ(θ) for θ = ``params`` (weight[, bias]).
+
+    ``batches`` holds one (x, target) pair per recorded use of the layer
+    (usually one); their local objectives add up. The parameter gradient is
+    the layer's vector-Jacobian product with the residual ∂ℓ/∂a, so the
+    transfer's integral F is never needed.
+    """
+    leaves = [p.detach().requires_grad_(True) for p in params]
+    grads = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for x, target in batches:
+            a = forward(x, *_weight_and_bias(leaves))
+            residual = preactivation_residual(variant, transfer, a.detach(), target)
+            for total, grad in zip(grads, torch.autograd.grad(a, leaves, residual)):
+                total.add_(grad)
+    if prox:
+        for total, p, p_old in zip(grads, params, old_params):
+            total.add_(p.detach() - p_old, alpha=prox)
+    return grads
+
+
+def local_objective(
+    variant: str,
+    transfer: Transfer,
+    forward: Forward,
+    params: Sequence[Tensor],
+    batches: Sequence[tuple[Tensor, Tensor]],
+    prox: float = 0.0,
+    old_params: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """ℓ(θ), differentiable in ``params``; for logging and checks.
+
+    Transfer functions without an elementary integral (softplus) leave F
+    out of the value; their gradient, from :func:`local_grads`, is exact.
+    """
+    total = params[0].new_zeros(())
+    for x, target in batches:
+        a = forward(x, *_weight_and_bias(params))
+        if variant == "S":
+            total = total + 0.5 * (a - target).square().sum()
+        else:
+            integral = transfer.integral(a) if transfer.integral is not None else 0.0
+            total = total + integral - (target * a).sum()
+    if prox:
+        total = total + 0.5 * prox * sum((p - q).square().sum() for p, q in zip(params, old_params))
+    return total
+
+
+def exact_s_solution(
+    params: Sequence[Tensor],
+    batches: Sequence[tuple[Tensor, Tensor]],
+    activation_lr: float,
+    prox: float,
+) -> list[Tensor]:
+    """Closed-form minimiser of ℓ_S for a linear layer (SPEC §2).
+
+    With x̃ = [x, 1] and C = Σ x̃ᵀx̃, the minimiser is
+    θ_new = θ_old − γ·Gᵀx̃ (C + λI)⁻¹, where G stacks the gradients g.
+    Here ``batches`` holds (x, g) pairs: inputs and backprop gradients.
+    It is the input-covariance (A) factor of K-FAC applied to the gradient.
+    """
+    weight = params[0]
+    has_bias = len(params) == 2
+    d_in = weight.shape[1] + int(has_bias)
+    covariance = weight.new_zeros(d_in, d_in)
+    grad_x = weight.new_zeros(weight.shape[0], d_in)
+    for x, g in batches:
+        x = x.reshape(-1, x.shape[-1])
+        g = g.reshape(-1, g.shape[-1])
+        if has_bias:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        covariance += x.T @ x
+        grad_x += g.T @ x
+    covariance.diagonal().add_(prox)
+    # Solve (C + λI) Δᵀ = (Gᵀx̃)ᵀ; C + λI is symmetric positive definite.
+    factor = torch.linalg.cholesky(covariance)
+    step = torch.cholesky_solve(grad_x.T, factor).T
+    theta = torch.cat([p.detach().reshape(p.shape[0], -1) for p in params], dim=1) - activation_lr * step
+    new_weight = theta[:, : weight.shape[1]]
+    return [new_weight, theta[:, -1]] if has_bias else [new_weight]
+
+
+def _weight_and_bias(params: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    return params[0], (params[1] if len(params) > 1 else None)

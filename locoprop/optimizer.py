@@ -1,0 +1,341 @@
+"""``LocoPropOptimizer``: LocoProp as a drop-in ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from locoprop.inner import INNER_SCHEDULES, inner_lr, resolve_inner
+from locoprop.local import exact_s_solution, local_grads, make_target
+from locoprop.transfer import TRANSFER_NAMES
+from locoprop.units import Unit, discover_units
+
+__all__ = ["LocoPropOptimizer"]
+
+VARIANTS = ("M", "S")
+SOLVES = ("iterative", "exact")
+
+
+@dataclasses.dataclass(eq=False)
+class _LocalProblem:
+    """What one parameter group solves in this step.
+
+    For a unit: its stored (x, target) pairs, or (x, g) pairs for the exact
+    solve. For the parameters outside every unit: their ordinary gradients.
+    """
+
+    group_index: int
+    params: list[Tensor]
+    unit: Unit | None = None
+    batches: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
+    grads: list[Tensor] = dataclasses.field(default_factory=list)
+    old_params: list[Tensor] | None = None
+
+
+class LocoPropOptimizer(torch.optim.Optimizer):
+    r"""LocoProp (Amid, Anil, Warmuth, AISTATS 2022): backprop sets targets,
+    each layer then solves its own local matching problem.
+
+    Use it like any optimizer::
+
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+    For every unit m (an nn.Linear / nn.Conv2d and its transfer function f),
+    with input x, pre-activation a and backprop gradient g = dL/da from the
+    backward pass, one step
+
+    1. sets a target: â = a − γ·g (variant "S") or ŷ = f(a) − γ·g ("M");
+    2. runs K inner-optimizer steps on the unit's local objective
+       ℓ_S(θ) = ½Σ‖layer_θ(x) − â‖² + (λ/2)‖θ − θ^old‖² or
+       ℓ_M(θ) = Σ[F(layer_θ(x)) − ŷ·layer_θ(x)] + (λ/2)‖θ − θ^old‖²,
+       at inner learning rate η_t = η·max(1 − t/K, 0.25) ("linear-floor")
+       or η_t = η ("constant"), t = 0..K−1.
+
+    ∇ℓ(θ^old) = γ·∇L(θ^old), so one local SGD step at η is a backprop SGD
+    step at η·γ. Parameters outside every unit (norms, embeddings) take one
+    inner step at η on γ·∇L, the same first step. ``solve="exact"`` (variant
+    S, linear units, λ > 0) replaces the K steps by the minimiser
+    θ^old − γ·Gᵀx̃(C + λI)⁻¹ with x̃ = [x, 1], C = Σx̃ᵀx̃.
+
+    There is one parameter group per unit (plus one for the other
+    parameters), each with its own ``lr``, ``activation_lr``, ``local_iters``,
+    ``inner_schedule`` and ``prox``; lr schedulers act on ``lr`` (η).
+
+    Args:
+        model: the network; units are found with module hooks.
+        variant: "M" (post-activation targets) or "S" (pre-activation).
+        lr: inner learning rate η.
+        activation_lr: activation learning rate γ > 0.
+        local_iters: inner steps K ≥ 1 per outer step.
+        inner: a name in ``locoprop.inner.INNER_NAMES`` ("sgd", "momentum",
+            "nesterov", "adam", "rmsprop", "adagrad", "rmsprop-tf") or a
+            ``torch.optim.Optimizer`` class; its state persists across steps.
+        inner_kwargs: keyword arguments for the inner optimizer.
+        inner_schedule: "linear-floor" or "constant".
+        prox: proximal weight λ ≥ 0 of the local objectives.
+        output_activation: transfer function of the last unit (the model
+            usually folds it into the loss): "sigmoid" for BCE with logits,
+            "softmax" for cross-entropy, "identity" for MSE. ``None`` keeps
+            what discovery found.
+        units: explicit ``[(layer, transfer), ...]`` replacing discovery.
+        solve: "iterative" or "exact".
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        variant: str = "M",
+        lr: float = 1e-5,
+        activation_lr: float = 10.0,
+        local_iters: int = 10,
+        inner="rmsprop",
+        inner_kwargs: dict | None = None,
+        inner_schedule: str = "linear-floor",
+        prox: float = 0.0,
+        output_activation: str | None = None,
+        units: Sequence[tuple[nn.Module, str | nn.Module]] | None = None,
+        solve: str = "iterative",
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"LocoPropOptimizer needs the model (an nn.Module), got {type(model).__name__}")
+        if variant not in VARIANTS:
+            raise ValueError(f"Invalid variant: {variant!r}; expected 'M' or 'S'")
+        if solve not in SOLVES:
+            raise ValueError(f"Invalid solve: {solve!r}; expected 'iterative' or 'exact'")
+        defaults = dict(
+            lr=lr,
+            activation_lr=activation_lr,
+            local_iters=local_iters,
+            inner_schedule=inner_schedule,
+            prox=prox,
+        )
+        _check_hyperparameters(defaults)
+        if solve == "exact" and variant != "S":
+            raise ValueError(f"solve='exact' needs variant 'S', got variant {variant!r}")
+        if solve == "exact" and not prox > 0:
+            raise ValueError(f"solve='exact' needs prox > 0 (C + λI must be invertible), got prox={prox}")
+        inner_factory = resolve_inner(inner)
+        if output_activation is not None and output_activation not in TRANSFER_NAMES:
+            raise ValueError(
+                f"Invalid output_activation: {output_activation!r}; expected one of {', '.join(TRANSFER_NAMES)}"
+            )
+        found = discover_units(model, units, output_activation)
+        for unit in found:
+            _check_unit(unit, variant, solve)
+
+        in_units = {p for unit in found for p in unit.params}
+        others = [p for p in model.parameters() if p.requires_grad and p not in in_units]
+        groups = [{"params": unit.params, "unit": unit.name, "transfer": unit.transfer.name} for unit in found]
+        if others:
+            groups.append({"params": others, "unit": None, "transfer": None})
+        super().__init__(groups, defaults)
+
+        self.variant = variant
+        self.solve = solve
+        self.units: list[Unit] = found
+        # param_groups[i] belongs to units[i]; a last group, if any, to the rest.
+        self._unit_of_group: list[Unit | None] = [*found, None][: len(self.param_groups)]
+        self._param_names = {p: name for name, p in model.named_parameters()}
+        inner_groups = [{"params": group["params"], "lr": group["lr"]} for group in self.param_groups]
+        try:
+            self.inner = inner_factory(inner_groups, **(inner_kwargs or {}))
+        except TypeError as err:
+            raise ValueError(f"Invalid inner_kwargs for inner optimizer {inner!r}: {inner_kwargs!r} ({err})") from err
+        self.skipped_steps = 0
+        for unit in found:
+            unit.attach()
+
+    # ----------------------------------------------------------------- info
+    def parameter_roles(self) -> dict[str, str]:
+        """Each trainable parameter's name and the unit that updates it
+        locally, or ``"backprop"`` for parameters outside every unit."""
+        roles = {}
+        for group, unit in zip(self.param_groups, self._unit_of_group):
+            for p in group["params"]:
+                roles[self._param_names.get(p, f"<param {id(p)}>")] = unit.name if unit else "backprop"
+        return roles
+
+    def remove_hooks(self) -> None:
+        """Detach the recording hooks from the model (the optimizer then
+        cannot step any more)."""
+        for unit in self.units:
+            unit.detach()
+
+    # ----------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One LocoProp step from the gradients of the last backward pass.
+
+        Returns the closure's loss, if a closure is given. A batch whose
+        gradients or activations are not finite is skipped: parameters and
+        inner states stay as they were and ``skipped_steps`` grows by one.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            _check_hyperparameters(group)
+        problems = self._collect_problems()
+        if not _all_finite(problems):
+            self.skipped_steps += 1
+        elif self.solve == "exact":
+            self._solve_exact([p for p in problems if p.unit is not None])
+            self._solve_iterative([p for p in problems if p.unit is None])
+        else:
+            self._solve_iterative(problems)
+        for unit in self.units:
+            unit.records.clear()
+        return loss
+
+    def _collect_problems(self) -> list[_LocalProblem]:
+        """Everything the step needs, checked before any parameter changes."""
+        problems = []
+        for index, (group, unit) in enumerate(zip(self.param_groups, self._unit_of_group)):
+            if unit is None:
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    problems.append(_LocalProblem(index, params, grads=[p.grad for p in params]))
+                continue
+            records = unit.backpropagated_records()
+            if not records:
+                if any(p.grad is not None for p in unit.params):
+                    raise RuntimeError(
+                        f"Unit {unit.name!r} has a gradient but no forward and backward pass was recorded "
+                        "since the last step(); run the forward pass and loss.backward() before each step() "
+                        "(forwards under torch.no_grad() are not recorded)"
+                    )
+                continue  # the layer took no part in this loss
+            if self.solve == "exact":
+                batches = [(r.x, r.g) for r in records]
+            else:
+                batches = [
+                    (r.x, make_target(self.variant, unit.transfer, r.a, r.g, group["activation_lr"])) for r in records
+                ]
+            problems.append(_LocalProblem(index, unit.params, unit=unit, batches=batches))
+        if not problems:
+            raise RuntimeError(
+                "LocoPropOptimizer.step() called before any backward pass: no parameter has a gradient "
+                "and no unit recorded one; call loss.backward() first"
+            )
+        return problems
+
+    def _solve_iterative(self, problems: list[_LocalProblem]) -> None:
+        """K lockstep iterations of the inner optimizer over all units."""
+        if not problems:
+            return
+        saved_grads = {p: p.grad for group in self.param_groups for p in group["params"]}
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        for problem in problems:
+            group = self.param_groups[problem.group_index]
+            if problem.unit is not None and group["prox"]:
+                problem.old_params = [p.detach().clone() for p in problem.params]
+        iterations = {id(pr): self._iterations(pr) for pr in problems}
+        try:
+            for t in range(max(iterations.values())):
+                for problem in problems:
+                    group = self.param_groups[problem.group_index]
+                    k = iterations[id(problem)]
+                    if t >= k:
+                        for p in problem.params:
+                            p.grad = None
+                        continue
+                    for p, grad in zip(problem.params, self._local_grads(problem, group)):
+                        p.grad = grad
+                    self.inner.param_groups[problem.group_index]["lr"] = inner_lr(
+                        group["inner_schedule"], group["lr"], t, k
+                    )
+                self.inner.step()
+        finally:
+            # Callers see the backprop gradients they computed, not ours.
+            for p, grad in saved_grads.items():
+                p.grad = grad
+
+    def _iterations(self, problem: _LocalProblem) -> int:
+        # Parameters outside units have no local problem: one step on γ·∇L.
+        return self.param_groups[problem.group_index]["local_iters"] if problem.unit is not None else 1
+
+    def _local_grads(self, problem: _LocalProblem, group: dict) -> list[Tensor]:
+        if problem.unit is None:
+            return [group["activation_lr"] * g for g in problem.grads]
+        unit = problem.unit
+        return local_grads(
+            self.variant,
+            unit.transfer,
+            unit.adapter.forward,
+            problem.params,
+            problem.batches,
+            prox=group["prox"],
+            old_params=problem.old_params,
+        )
+
+    def _solve_exact(self, problems: list[_LocalProblem]) -> None:
+        for problem in problems:
+            group = self.param_groups[problem.group_index]
+            solution = exact_s_solution(problem.params, problem.batches, group["activation_lr"], group["prox"])
+            for p, new in zip(problem.params, solution):
+                p.copy_(new.reshape(p.shape))
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Outer state, inner-optimizer state and the skipped-step count."""
+        state = super().state_dict()
+        state["inner"] = self.inner.state_dict()
+        state["skipped_steps"] = self.skipped_steps
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        inner = state_dict.pop("inner")
+        skipped = state_dict.pop("skipped_steps", 0)
+        saved_units = [group.get("unit") for group in state_dict["param_groups"]]
+        units = [group["unit"] for group in self.param_groups]
+        if saved_units != units:
+            raise ValueError(f"State dict is for units {saved_units}, but this optimizer has units {units}")
+        super().load_state_dict(state_dict)
+        self.inner.load_state_dict(inner)
+        self.skipped_steps = skipped
+
+
+def _check_hyperparameters(group: dict) -> None:
+    lr, activation_lr, local_iters = group["lr"], group["activation_lr"], group["local_iters"]
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not (isinstance(activation_lr, (int, float)) and activation_lr > 0):
+        raise ValueError(f"Invalid activation_lr: {activation_lr}")
+    if isinstance(local_iters, bool) or not isinstance(local_iters, int) or local_iters < 1:
+        raise ValueError(f"Invalid local_iters: {local_iters}; expected an integer ≥ 1")
+    if group["inner_schedule"] not in INNER_SCHEDULES:
+        raise ValueError(
+            f"Invalid inner_schedule: {group['inner_schedule']!r}; expected one of {', '.join(INNER_SCHEDULES)}"
+        )
+    prox = group["prox"]
+    if not (isinstance(prox, (int, float)) and prox >= 0):
+        raise ValueError(f"Invalid prox: {prox}")
+
+
+def _check_unit(unit: Unit, variant: str, solve: str) -> None:
+    kind = type(unit.module).__name__
+    if solve == "exact" and not isinstance(unit.module, nn.Linear):
+        raise ValueError(f"solve='exact' supports nn.Linear units only; unit {unit.name!r} is a {kind}")
+    if variant != "M":
+        return
+    transfer = unit.transfer
+    if not transfer.supports_matching_loss:
+        raise ValueError(
+            f"Variant 'M' cannot use the transfer function of unit {unit.name!r} ({kind}): "
+            f"{transfer.unsupported_reason}. Use variant='S', or pass units=[(layer, 'identity'), ...] "
+            "to choose the transfer functions explicitly"
+        )
+    if transfer.name.startswith("softmax") and isinstance(unit.module, nn.Conv2d):
+        raise ValueError(f"Softmax over the last dimension does not apply to Conv2d unit {unit.name!r}")
+
+
+def _all_finite(problems: list[_LocalProblem]) -> bool:
+    tensors = [t for pr in problems for pair in pr.batches for t in pair] + [g for pr in problems for g in pr.grads]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())

@@ -1,0 +1,218 @@
+"""Units: a parametrised layer (nn.Linear, nn.Conv2d) and its transfer function.
+
+Two things are kept apart here, as in kfac-pytorch: a *layer adapter* per
+module type knows how to run the layer's forward with given parameters;
+the LocoProp math (``locoprop.local``) never looks at module types.
+
+Units are found by walking the model: every nn.Linear / nn.Conv2d leaf is a
+unit, and its transfer function is the activation module that follows it
+inside an ``nn.Sequential`` (identity otherwise). Each unit records, with a
+forward hook, its input x and pre-activation a, and with a tensor hook on a
+the backprop gradient g = dL/da.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from locoprop.transfer import Transfer, transfer_by_name, transfer_from_module
+
+__all__ = ["LayerAdapter", "Unit", "adapter_for", "discover_units"]
+
+
+class LayerAdapter:
+    """Runs one layer type's forward as a pure function of its parameters."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+
+class LinearAdapter(LayerAdapter):
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+
+class Conv2dAdapter(LayerAdapter):
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        m = self.module
+        if m.padding_mode != "zeros":
+            # Same as nn.Conv2d: pad explicitly, then convolve without padding.
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            return F.conv2d(x, weight, bias, m.stride, 0, m.dilation, m.groups)
+        return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+_ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
+    nn.Linear: LinearAdapter,
+    nn.Conv2d: Conv2dAdapter,
+}
+
+
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    """The adapter for ``module``'s layer type, or ``None`` if unsupported."""
+    for layer_type, adapter in _ADAPTERS.items():
+        if isinstance(module, layer_type):
+            return adapter(module)
+    return None
+
+
+@dataclasses.dataclass(eq=False)
+class _Record:
+    """One recorded use of a unit: input x, pre-activation a, gradient g."""
+
+    x: Tensor
+    a: Tensor
+    g: Tensor | None = None
+
+    def add_grad(self, grad: Tensor) -> None:
+        # A graph backpropagated twice (retain_graph) sums, like .grad does.
+        grad = grad.detach()
+        self.g = grad if self.g is None else self.g + grad
+
+
+@dataclasses.dataclass(eq=False)
+class Unit:
+    """A layer and its transfer function, with what its hooks recorded.
+
+    Attributes:
+        name: the layer's qualified name in the model (``"encoder.0"``).
+        module: the layer.
+        transfer: the transfer function f applied to its output.
+        adapter: runs the layer as a pure function of (x, weight, bias).
+    """
+
+    name: str
+    module: nn.Module
+    transfer: Transfer
+    adapter: LayerAdapter
+    records: list[_Record] = dataclasses.field(default_factory=list)
+    _handle: torch.utils.hooks.RemovableHandle | None = None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The unit's parameters θ: weight, then bias if the layer has one."""
+        return [p for p in (self.module.weight, self.module.bias) if p is not None]
+
+    @property
+    def trainable(self) -> bool:
+        return all(p.requires_grad for p in self.params)
+
+    def attach(self) -> None:
+        self._handle = self.module.register_forward_hook(self._record_forward)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _record_forward(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        # Only forwards that can be backpropagated matter; evaluation under
+        # torch.no_grad() records nothing.
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return
+        record = _Record(x=inputs[0].detach(), a=output.detach())
+        output.register_hook(record.add_grad)
+        self.records.append(record)
+
+    def backpropagated_records(self) -> list[_Record]:
+        """Records since the last step that received a gradient."""
+        return [r for r in self.records if r.g is not None]
+
+    def __repr__(self) -> str:
+        return f"Unit({self.name!r}, {type(self.module).__name__}, transfer={self.transfer.name!r})"
+
+
+def _is_activation(module: nn.Module) -> bool:
+    # Parameter-free modules from torch.nn.modules.activation (this excludes
+    # MultiheadAttention, which lives there too), plus nn.Identity.
+    if isinstance(module, nn.Identity):
+        return True
+    return type(module).__module__ == "torch.nn.modules.activation" and not any(True for _ in module.parameters())
+
+
+def _following_transfer(model: nn.Module) -> dict[nn.Module, Transfer]:
+    """Transfer of every layer directly followed by an activation in a Sequential."""
+    found: dict[nn.Module, Transfer] = {}
+    for container in model.modules():
+        if not isinstance(container, nn.Sequential):
+            continue
+        children = list(container.children())
+        for layer, following in itertools.pairwise(children):
+            if adapter_for(layer) is not None and _is_activation(following):
+                found[layer] = transfer_from_module(following)
+    return found
+
+
+def _as_transfer(spec: str | nn.Module | Transfer, unit_name: str) -> Transfer:
+    if isinstance(spec, Transfer):
+        return spec
+    if isinstance(spec, nn.Module):
+        return transfer_from_module(spec)
+    if isinstance(spec, str):
+        return transfer_by_name(spec)
+    raise ValueError(f"Invalid transfer function for unit {unit_name!r}: {spec!r}")
+
+
+def discover_units(
+    model: nn.Module,
+    units: Sequence[tuple[nn.Module, str | nn.Module]] | None = None,
+    output_activation: str | None = None,
+) -> list[Unit]:
+    """The units of ``model``, in module registration order.
+
+    Args:
+        model: any nn.Module.
+        units: explicit ``[(layer, transfer), ...]`` pairs replacing discovery;
+            a transfer is a name (``"tanh"``) or an activation module.
+        output_activation: transfer function of the last unit, overriding the
+            discovered one (the model usually folds it into the loss).
+    """
+    names = {module: name for name, module in model.named_modules()}
+    if units is None:
+        following = _following_transfer(model)
+        pairs: Iterable[tuple[nn.Module, Transfer]] = [
+            (m, following.get(m) or transfer_by_name("identity")) for m in names if adapter_for(m) is not None
+        ]
+    else:
+        pairs = []
+        for item in units:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise ValueError(f"Invalid unit {item!r}: expected a (module, transfer) pair")
+            layer, spec = item
+            if not isinstance(layer, nn.Module) or layer not in names:
+                raise ValueError(f"Unit layer {layer!r} is not a submodule of the model")
+            if adapter_for(layer) is None:
+                raise ValueError(
+                    f"Unit {names[layer] or type(layer).__name__!r} is a {type(layer).__name__}; "
+                    "only nn.Linear and nn.Conv2d layers can be units"
+                )
+            pairs.append((layer, _as_transfer(spec, names[layer])))
+        seen = [layer for layer, _ in pairs]
+        duplicates = {names[m] for m in seen if seen.count(m) > 1}
+        if duplicates:
+            raise ValueError(f"Units listed more than once: {sorted(duplicates)}")
+
+    found = [Unit(name=names[m] or type(m).__name__, module=m, transfer=t, adapter=adapter_for(m)) for m, t in pairs]
+    # A layer with a frozen weight or bias has no local problem of its own:
+    # its trainable parameters are updated on their ordinary gradient.
+    frozen = [u.name for u in found if not u.trainable]
+    if units is not None and frozen:
+        raise ValueError(f"Units with frozen parameters (requires_grad=False): {frozen}")
+    found = [u for u in found if u.trainable]
+    if not found:
+        raise ValueError(
+            f"The model has no trainable nn.Linear or nn.Conv2d layers to use as units: {type(model).__name__}"
+        )
+    if output_activation is not None:
+        last = found[-1]
+        last.transfer = transfer_by_name(output_activation)
+    return found

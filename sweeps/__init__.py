@@ -1,0 +1,1 @@
+"""Experiments: workloads, the training loop, run records, sweeps and the CLI."""

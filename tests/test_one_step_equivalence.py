@@ -1,0 +1,144 @@
+"""One local SGD step at inner lr η is a backprop SGD step at lr η·γ (SPEC §2).
+
+The expected parameters come from autograd on a copy of the model and a
+hand-written SGD update, never from locoprop.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_same_params, backprop_sgd_step, bce_sum_mean
+from torch import nn
+
+from locoprop import LocoPropOptimizer
+
+ETA, GAMMA = 0.05, 3.0
+
+
+def _locoprop_one_step(model, loss_fn, **kwargs):
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, local_iters=1, inner="sgd", **kwargs)
+    opt.zero_grad()
+    loss_fn(model).backward()
+    opt.step()
+    return opt
+
+
+ACTIVATIONS = [nn.Tanh(), nn.Sigmoid(), nn.ReLU(), nn.LeakyReLU(0.2), nn.Softplus(), nn.Identity()]
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda m: type(m).__name__)
+def test_linear_sequential(variant, activation):
+    model = nn.Sequential(nn.Linear(8, 6), activation, nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 8)).double()
+    x = torch.rand(32, 8, dtype=torch.float64)
+
+    def loss_fn(m):
+        return bce_sum_mean(m(x), x)
+
+    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
+    _locoprop_one_step(model, loss_fn, variant=variant, output_activation="sigmoid")
+    assert_same_params(model, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_conv2d_sequential_with_softmax_output(variant):
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, stride=2, padding_mode="reflect", padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 5),
+    ).double()
+    x = torch.randn(10, 2, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (10,))
+
+    def loss_fn(m):
+        return F.cross_entropy(m(x), y)
+
+    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
+    opt = _locoprop_one_step(model, loss_fn, variant=variant, output_activation="softmax")
+    assert [u.transfer.name for u in opt.units] == ["relu", "tanh", "softmax"]
+    assert_same_params(model, expected, rtol=1e-10, atol=1e-12)
+
+
+class HandWritten(nn.Module):
+    """No nn.Sequential: functional activations, a norm outside every unit,
+    and one layer applied twice (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc1 = nn.Linear(2 * 4 * 4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.shared = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        h = self.norm(torch.tanh(self.fc1(h)))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.shared(h))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_hand_written_module_with_explicit_units(variant):
+    model = HandWritten().double()
+    x = torch.randn(12, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+
+    def loss_fn(m):
+        return F.cross_entropy(m(x), y)
+
+    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
+    units = [(model.conv, "relu"), (model.fc1, "tanh"), (model.shared, nn.Tanh()), (model.out, "softmax")]
+    opt = _locoprop_one_step(model, loss_fn, variant=variant, units=units)
+    assert opt.parameter_roles()["norm.weight"] == "backprop"
+    assert opt.parameter_roles()["shared.bias"] == "shared"
+    assert_same_params(model, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_discovery_finds_units_and_transfers_in_nested_sequentials():
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.3)),
+        nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.Sigmoid()),
+        nn.Linear(4, 2),
+    )
+    opt = LocoPropOptimizer(model, variant="M")
+    # Dropout sits between the second layer and its sigmoid: its unit's
+    # own output is matched as is (identity).
+    assert [(u.name, u.transfer.name) for u in opt.units] == [
+        ("0.0", "leaky_relu(0.3)"),
+        ("1.0", "identity"),
+        ("2", "identity"),
+    ]
+
+
+def test_forwards_without_backward_are_ignored():
+    """Evaluation forwards between backward and step do not change the step."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+
+    def loss_fn(m):
+        return m(x).pow(2).sum()
+
+    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, local_iters=1, inner="sgd")
+    loss_fn(model).backward()
+    with torch.no_grad():
+        model(torch.randn(3, 4, dtype=torch.float64))
+    model(torch.randn(5, 4, dtype=torch.float64))  # grad enabled, never backpropagated
+    opt.step()
+    assert_same_params(model, expected, rtol=1e-10, atol=1e-12)
+    assert all(not u.records for u in opt.units)
+
+
+def test_step_keeps_the_users_backprop_gradients():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = LocoPropOptimizer(model, lr=1e-2, inner="adam")
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for p, g in zip(model.parameters(), before):
+        assert torch.equal(p.grad, g)
