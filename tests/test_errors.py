@@ -1,0 +1,175 @@
+"""Bad input: a clear error naming the value, and nothing changed (SPEC §3)."""
+
+import re
+
+import pytest
+import torch
+from conftest import assert_same_params, snapshot
+from torch import nn
+
+from locoprop import LocoPropOptimizer
+
+
+def _mlp(activation=None):
+    return nn.Sequential(nn.Linear(4, 3), activation or nn.Tanh(), nn.Linear(3, 2))
+
+
+def _conv():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+
+
+CONSTRUCTION_ERRORS = [
+    (dict(variant="X"), "Invalid variant: 'X'"),
+    (dict(variant="m"), "Invalid variant: 'm'"),
+    (dict(lr=0.0), "Invalid learning rate: 0.0"),
+    (dict(lr=-1e-3), "Invalid learning rate: -0.001"),
+    (dict(activation_lr=0), "Invalid activation_lr: 0"),
+    (dict(activation_lr=-2.0), "Invalid activation_lr: -2.0"),
+    (dict(local_iters=0), "Invalid local_iters: 0"),
+    (dict(local_iters=2.5), "Invalid local_iters: 2.5"),
+    (dict(inner="lion"), "Unknown inner optimizer: 'lion'"),
+    (dict(inner=nn.Linear), "Unknown inner optimizer: <class"),
+    (dict(inner_kwargs={"bogus": 1}), "Invalid inner_kwargs for inner optimizer 'rmsprop'"),
+    (dict(inner_schedule="cosine"), "Invalid inner_schedule: 'cosine'"),
+    (dict(prox=-1.0), "Invalid prox: -1.0"),
+    (dict(solve="newton"), "Invalid solve: 'newton'"),
+    (dict(solve="exact", variant="M"), "solve='exact' needs variant 'S'"),
+    (dict(solve="exact", variant="S", prox=0.0), "solve='exact' needs prox > 0"),
+    (dict(output_activation="gelu"), "Invalid output_activation: 'gelu'"),
+    (dict(units=[(nn.Linear(2, 2), "tanh")]), "is not a submodule of the model"),
+    (dict(units=["tanh"]), "Invalid unit 'tanh'"),
+    (dict(units=[("0", "tanh")]), "is not a submodule"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", CONSTRUCTION_ERRORS, ids=lambda v: str(v)[:40])
+def test_bad_arguments_raise_value_error_and_leave_the_model_alone(kwargs, message):
+    model = _mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=_literal(message)):
+        LocoPropOptimizer(model, **kwargs)
+    assert_same_params(model, before)
+    assert not any(m._forward_hooks for m in model.modules()), "a refused optimizer left hooks behind"
+
+
+@pytest.mark.parametrize("activation", [nn.GELU(), nn.SiLU()], ids=lambda m: type(m).__name__)
+def test_variant_m_refuses_non_monotone_transfer_naming_the_layer(activation):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), activation, nn.Linear(3, 2))
+    name = type(activation).__name__
+    with pytest.raises(ValueError, match=rf"unit '2' \({'Linear'}\): {name} is not monotone.*variant='S'"):
+        LocoPropOptimizer(model, variant="M")
+    # Variant S does not need F, and an explicit unit list overrides discovery.
+    LocoPropOptimizer(model, variant="S").remove_hooks()
+    LocoPropOptimizer(model, variant="M", units=[(model[0], "tanh"), (model[2], "identity"), (model[4], "identity")])
+
+
+def test_unit_errors():
+    with pytest.raises(ValueError, match=_literal("solve='exact' supports nn.Linear units only; unit '0' is a Conv2d")):
+        LocoPropOptimizer(_conv(), variant="S", solve="exact", prox=1.0)
+    with pytest.raises(
+        ValueError, match=_literal("Softmax over the last dimension does not apply to Conv2d unit 'Conv2d'")
+    ):
+        LocoPropOptimizer(nn.Conv2d(1, 2, 3), variant="M", output_activation="softmax")
+    with pytest.raises(ValueError, match=_literal("no trainable nn.Linear or nn.Conv2d layers")):
+        LocoPropOptimizer(nn.Sequential(nn.LayerNorm(4)))
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"Units listed more than once: \['0'\]"):
+        LocoPropOptimizer(model, units=[(model[0], "tanh"), (model[0], "tanh")])
+    with pytest.raises(ValueError, match=_literal("Unit '1' is a Tanh; only nn.Linear and nn.Conv2d")):
+        LocoPropOptimizer(model, units=[(model[1], "tanh")])
+    with pytest.raises(TypeError, match="needs the model"):
+        LocoPropOptimizer(list(model.parameters()))
+
+
+def test_frozen_layers_are_not_units():
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    opt = LocoPropOptimizer(model)
+    assert opt.parameter_roles() == {"0.bias": "backprop", "2.weight": "2", "2.bias": "2"}
+    with pytest.raises(ValueError, match=r"frozen parameters \(requires_grad=False\): \['0'\]"):
+        LocoPropOptimizer(model, units=[(model[0], "tanh")])
+
+
+def test_step_before_any_backward_pass():
+    model = _mlp()
+    opt = LocoPropOptimizer(model)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="called before any backward pass"):
+        opt.step()
+    model(torch.randn(5, 4))  # a forward alone is not enough
+    with pytest.raises(RuntimeError, match="called before any backward pass"):
+        opt.step()
+    assert_same_params(model, before)
+
+
+def test_second_step_without_a_new_backward_is_refused():
+    model = _mlp()
+    opt = LocoPropOptimizer(model, lr=1e-2)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    before, inner_state = snapshot(model), opt.inner.state_dict()
+    with pytest.raises(RuntimeError, match="Unit '0' has a gradient but no forward and backward pass was recorded"):
+        opt.step()
+    assert_same_params(model, before)
+    assert str(opt.inner.state_dict()) == str(inner_state)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lr", 0.0, "Invalid learning rate: 0.0"),
+        ("local_iters", 0, "Invalid local_iters: 0"),
+        ("activation_lr", -1.0, "Invalid activation_lr: -1.0"),
+        ("inner_schedule", "cosine", "Invalid inner_schedule: 'cosine'"),
+    ],
+)
+def test_bad_group_hyperparameter_refuses_the_step(key, value, message):
+    model = _mlp()
+    opt = LocoPropOptimizer(model, lr=1e-2)
+    opt.param_groups[-1][key] = value
+    model(torch.randn(5, 4)).sum().backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=_literal(message)):
+        opt.step()
+    assert_same_params(model, before)
+    assert not opt.inner.state
+    # Mended, the same backward pass still steps.
+    opt.param_groups[-1][key] = opt.defaults[key]
+    opt.step()
+    assert not torch.equal(model[0].weight, before["0.weight"])
+
+
+def test_non_finite_batch_is_skipped_and_counted():
+    model = _mlp()
+    opt = LocoPropOptimizer(model, lr=1e-2, inner="adam")
+    x = torch.randn(5, 4)
+    before = snapshot(model)
+    (model(x).sum() * float("nan")).backward()
+    opt.step()
+    assert_same_params(model, before)
+    assert opt.skipped_steps == 1
+    assert not opt.inner.state
+    opt.zero_grad()
+    x[0, 0] = float("inf")
+    model(x).sum().backward()
+    opt.step()
+    assert_same_params(model, before)
+    assert opt.skipped_steps == 2
+    # A finite batch afterwards steps normally.
+    opt.zero_grad()
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(model[0].weight, before["0.weight"])
+    assert opt.skipped_steps == 2
+    assert opt.state_dict()["skipped_steps"] == 2
+
+
+def test_load_state_dict_for_other_units_is_refused():
+    opt = LocoPropOptimizer(_mlp())
+    other = LocoPropOptimizer(nn.Sequential(nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"State dict is for units \['0'\], but this optimizer has units \['0', '2'\]"):
+        opt.load_state_dict(other.state_dict())
+
+
+def _literal(message: str) -> str:
+    return re.escape(message)
