@@ -27,7 +27,14 @@ __all__ = ["LayerAdapter", "Unit", "adapter_for", "discover_units"]
 
 
 class LayerAdapter:
-    """Runs one layer type's forward as a pure function of its parameters."""
+    """Shapes and tensor plumbing of one layer type.
+
+    ``forward`` runs the layer as a pure function of its parameters. The
+    layer is an affine map per *row*: ``input_rows(x)`` (one row per example
+    and position: an unfolded patch for Conv2d) times the weight matrix
+    ``weight.reshape(d_out, -1)`` gives ``output_rows(a)``. Curvature
+    methods (K-FAC, the exact S solve) work on those rows.
+    """
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -35,20 +42,49 @@ class LayerAdapter:
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
+    def input_rows(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
 
 class LinearAdapter(LayerAdapter):
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, x.shape[-1])
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        return a.reshape(-1, a.shape[-1])
 
 
 class Conv2dAdapter(LayerAdapter):
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         m = self.module
         if m.padding_mode != "zeros":
-            # Same as nn.Conv2d: pad explicitly, then convolve without padding.
-            x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-            return F.conv2d(x, weight, bias, m.stride, 0, m.dilation, m.groups)
+            return F.conv2d(self._pad(x), weight, bias, m.stride, 0, m.dilation, m.groups)
         return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        """Patches (N·positions, C_in·kh·kw), in the weight's flattening order."""
+        m = self.module
+        if m.groups != 1:
+            raise ValueError(f"Grouped convolutions have no single patch matrix (groups={m.groups})")
+        padding = 0 if m.padding_mode != "zeros" else m.padding
+        if isinstance(padding, str):
+            raise ValueError(f"padding={padding!r} has no unfold equivalent; give the padding as numbers")
+        x = self._pad(x) if m.padding_mode != "zeros" else x
+        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        return a.flatten(2).transpose(1, 2).reshape(-1, a.shape[1])
+
+    def _pad(self, x: Tensor) -> Tensor:
+        # As nn.Conv2d does for non-zero padding modes: pad, then convolve unpadded.
+        return F.pad(x, self.module._reversed_padding_repeated_twice, mode=self.module.padding_mode)
 
 
 _ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {

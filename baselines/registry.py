@@ -1,0 +1,313 @@
+"""The optimizer registry: every name of SPEC §7, its defaults and its search.
+
+``make_optimizer(name, model, loss=..., **hparams)`` returns a ready
+``torch.optim.Optimizer``. Hyperparameters are flat scalars (``beta1``, not
+``betas``) so that one search-space file per optimizer can name them;
+``searched`` lists the ones a sweep should tune. ``loss`` is the workload's
+loss ("bce", "cross_entropy" or "mse"): LocoProp takes its output transfer
+function from it, K-FAC its sampled Fisher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from baselines.combined import CombinedOptimizer
+from baselines.kfac import KFAC
+from locoprop import LocoPropOptimizer, RMSpropTF
+
+__all__ = ["LOSS_OUTPUT_ACTIVATION", "OPTIMIZERS", "OptimizerSpec", "make_optimizer", "optimizer_names"]
+
+# The transfer function each loss folds into the model's last layer.
+LOSS_OUTPUT_ACTIVATION = {"bce": "sigmoid", "cross_entropy": "softmax", "mse": "identity"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """A registry entry.
+
+    Attributes:
+        name: the registry name (``"adam"``).
+        build: (model, loss, hparams) -> optimizer, hparams complete.
+        defaults: every hyperparameter the entry takes, with its default.
+        searched: the hyperparameters a sweep tunes.
+        description: one line for ``--help`` and reports.
+    """
+
+    name: str
+    build: Callable[[nn.Module, str | None, dict[str, Any]], torch.optim.Optimizer]
+    defaults: dict[str, Any]
+    searched: tuple[str, ...]
+    description: str
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _sgd(model, loss, h):
+    return torch.optim.SGD(
+        _trainable(model), lr=h["lr"], momentum=h["momentum"], nesterov=h["nesterov"], weight_decay=h["weight_decay"]
+    )
+
+
+def _adam(cls):
+    def build(model, loss, h):
+        return cls(
+            _trainable(model), lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"], weight_decay=h["weight_decay"]
+        )
+
+    return build
+
+
+def _rmsprop(model, loss, h):
+    return torch.optim.RMSprop(
+        _trainable(model), lr=h["lr"], alpha=h["alpha"], eps=h["eps"], momentum=h["momentum"], centered=h["centered"]
+    )
+
+
+def _rmsprop_tf(model, loss, h):
+    return RMSpropTF(_trainable(model), lr=h["lr"], decay=h["decay"], momentum=h["momentum"], eps=h["eps"])
+
+
+def _adagrad(model, loss, h):
+    return torch.optim.Adagrad(_trainable(model), lr=h["lr"], eps=h["eps"], weight_decay=h["weight_decay"])
+
+
+def _kfac(model, loss, h):
+    return KFAC(model, loss=loss, **h)
+
+
+def _shampoo(model, loss, h):
+    from pytorch_optimizer import ScalableShampoo
+
+    h = dict(h)
+    betas = (h.pop("beta1"), h.pop("beta2"))
+    return ScalableShampoo(_trainable(model), betas=betas, **h)
+
+
+def _soap(model, loss, h):
+    from pytorch_optimizer import SOAP
+
+    h = dict(h)
+    betas = (h.pop("beta1"), h.pop("beta2"))
+    return SOAP(_trainable(model), betas=betas, **h)
+
+
+def _muon(model, loss, h):
+    # Muon orthogonalises 2-D weight updates; biases, norms and conv kernels
+    # go to AdamW, as Muon's authors recommend.
+    matrices = [p for p in _trainable(model) if p.ndim == 2]
+    rest = [p for p in _trainable(model) if p.ndim != 2]
+    parts = []
+    if matrices:
+        parts.append(
+            torch.optim.Muon(
+                matrices,
+                lr=h["lr"],
+                momentum=h["momentum"],
+                nesterov=h["nesterov"],
+                weight_decay=h["weight_decay"],
+                adjust_lr_fn=h["adjust_lr_fn"],
+            )
+        )
+    if rest:
+        parts.append(
+            torch.optim.AdamW(
+                rest,
+                lr=h["adamw_lr"],
+                betas=(h["adamw_beta1"], h["adamw_beta2"]),
+                weight_decay=h["adamw_weight_decay"],
+            )
+        )
+    return CombinedOptimizer(parts)
+
+
+def _locoprop(variant: str, solve: str = "iterative"):
+    def build(model, loss, h):
+        h = dict(h)
+        # inner_<name> hyperparameters are keyword arguments of the inner optimizer.
+        inner_kwargs = dict(h.pop("inner_kwargs") or {})
+        for key in [k for k in h if k.startswith("inner_") and k != "inner_schedule"]:
+            inner_kwargs[key.removeprefix("inner_")] = h.pop(key)
+        if h.get("output_activation") is None and loss is not None:
+            h["output_activation"] = LOSS_OUTPUT_ACTIVATION[loss]
+        return LocoPropOptimizer(model, variant=variant, solve=solve, inner_kwargs=inner_kwargs, **h)
+
+    return build
+
+
+# The official LocoProp setup (SPEC §2): rmsprop-tf inner with momentum 0.999.
+_LOCOPROP_DEFAULTS = dict(
+    lr=1e-5,
+    activation_lr=10.0,
+    local_iters=10,
+    inner="rmsprop-tf",
+    inner_momentum=0.999,
+    inner_decay=0.9,
+    inner_eps=1e-5,
+    inner_kwargs=None,
+    inner_schedule="linear-floor",
+    prox=0.0,
+    output_activation=None,
+    units=None,
+)
+
+_ADAM_DEFAULTS = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in [
+        OptimizerSpec(
+            "sgd",
+            _sgd,
+            dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0),
+            ("lr",),
+            "plain SGD (torch.optim.SGD)",
+        ),
+        OptimizerSpec(
+            "momentum",
+            _sgd,
+            dict(lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0),
+            ("lr", "momentum"),
+            "SGD with heavy-ball momentum",
+        ),
+        OptimizerSpec(
+            "nesterov",
+            _sgd,
+            dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.0),
+            ("lr", "momentum"),
+            "SGD with Nesterov momentum",
+        ),
+        OptimizerSpec("adam", _adam(torch.optim.Adam), _ADAM_DEFAULTS, ("lr", "beta1", "beta2", "eps"), "Adam"),
+        OptimizerSpec(
+            "adamw",
+            _adam(torch.optim.AdamW),
+            {**_ADAM_DEFAULTS, "weight_decay": 0.01},
+            ("lr", "beta1", "beta2", "eps", "weight_decay"),
+            "AdamW (decoupled weight decay)",
+        ),
+        OptimizerSpec(
+            "rmsprop",
+            _rmsprop,
+            dict(lr=1e-3, alpha=0.99, eps=1e-8, momentum=0.0, centered=False),
+            ("lr", "alpha", "eps", "momentum"),
+            "RMSProp (torch.optim.RMSprop)",
+        ),
+        OptimizerSpec(
+            "rmsprop-tf",
+            _rmsprop_tf,
+            dict(lr=1e-3, decay=0.9, momentum=0.0, eps=1e-10),
+            ("lr", "decay", "momentum", "eps"),
+            "TensorFlow-1 RMSProp (ms starts at 1, eps inside the root)",
+        ),
+        OptimizerSpec("adagrad", _adagrad, dict(lr=1e-2, eps=1e-10, weight_decay=0.0), ("lr", "eps"), "Adagrad"),
+        OptimizerSpec(
+            "kfac",
+            _kfac,
+            dict(
+                lr=1e-2,
+                damping=1e-3,
+                momentum=0.9,
+                weight_decay=0.0,
+                factor_decay=0.95,
+                kl_clip=1e-3,
+                inv_update_freq=10,
+                fisher="empirical",
+            ),
+            ("lr", "damping", "momentum", "factor_decay"),
+            "K-FAC with π-split Tikhonov damping and KL clipping (baselines.kfac)",
+        ),
+        OptimizerSpec(
+            "shampoo",
+            _shampoo,
+            dict(
+                lr=1e-3,
+                beta1=0.9,
+                beta2=0.999,
+                weight_decay=0.0,
+                matrix_eps=1e-6,
+                start_preconditioning_step=10,
+                preconditioning_compute_steps=10,
+                block_size=512,
+            ),
+            ("lr", "beta1", "beta2", "matrix_eps"),
+            "Shampoo with grafting (Anil et al.; pytorch_optimizer.ScalableShampoo)",
+        ),
+        OptimizerSpec(
+            "soap",
+            _soap,
+            dict(lr=3e-3, beta1=0.95, beta2=0.95, weight_decay=0.01, precondition_frequency=10, eps=1e-8),
+            ("lr", "beta1", "beta2", "weight_decay"),
+            "SOAP: Adam in Shampoo's eigenbasis (pytorch_optimizer.SOAP)",
+        ),
+        OptimizerSpec(
+            "muon",
+            _muon,
+            dict(
+                lr=0.02,
+                momentum=0.95,
+                nesterov=True,
+                weight_decay=0.0,
+                adjust_lr_fn="original",
+                adamw_lr=1e-3,
+                adamw_beta1=0.9,
+                adamw_beta2=0.95,
+                adamw_weight_decay=0.0,
+            ),
+            ("lr", "momentum", "adamw_lr"),
+            "Muon on 2-D weights, AdamW on the rest (torch.optim.Muon)",
+        ),
+        OptimizerSpec(
+            "locoprop-m",
+            _locoprop("M"),
+            _LOCOPROP_DEFAULTS,
+            ("lr", "activation_lr", "local_iters", "inner_momentum"),
+            "LocoProp with post-activation targets (matching losses)",
+        ),
+        OptimizerSpec(
+            "locoprop-s",
+            _locoprop("S"),
+            _LOCOPROP_DEFAULTS,
+            ("lr", "activation_lr", "local_iters", "inner_momentum"),
+            "LocoProp with pre-activation targets (squared losses)",
+        ),
+        OptimizerSpec(
+            "locoprop-s-exact",
+            _locoprop("S", solve="exact"),
+            {**_LOCOPROP_DEFAULTS, "activation_lr": 1.0, "prox": 10.0},
+            ("activation_lr", "prox"),
+            "LocoProp-S with the closed-form local solve (preconditioned step)",
+        ),
+    ]
+}
+
+
+def optimizer_names() -> list[str]:
+    return list(OPTIMIZERS)
+
+
+def make_optimizer(name: str, model: nn.Module, *, loss: str | None = None, **hparams) -> torch.optim.Optimizer:
+    """A ready optimizer for ``model``: the registry defaults of ``name``
+    updated with ``hparams``.
+
+    Raises:
+        ValueError: unknown name (the valid ones are listed), unknown
+            hyperparameter for that name, unknown loss, or a bad value.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer: {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if loss is not None and loss not in LOSS_OUTPUT_ACTIVATION:
+        raise ValueError(f"Unknown loss: {loss!r}; expected one of {', '.join(LOSS_OUTPUT_ACTIVATION)}")
+    spec = OPTIMIZERS[name]
+    unknown = sorted(set(hparams) - set(spec.defaults))
+    if unknown:
+        raise ValueError(
+            f"Unknown hyperparameter(s) for {name!r}: {', '.join(unknown)}; it takes {', '.join(sorted(spec.defaults))}"
+        )
+    return spec.build(model, loss, {**spec.defaults, **hparams})

@@ -1,0 +1,216 @@
+"""K-FAC against formulas computed independently (per-example autograd, explicit patches)."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import snapshot
+from torch import nn
+
+from baselines import KFAC
+
+
+def _per_example_output_grads(layer, x, y):
+    """ĝ_i = d(per-example loss ½‖layer(x_i) − y_i‖²)/da_i, one example at a time."""
+    rows = []
+    for xi, yi in zip(x, y):
+        a = layer(xi[None]).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(0.5 * (a - yi).pow(2).sum(), a)
+        rows.append(g[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("damping", [1e-14, 0.3])
+def test_step_equals_kronecker_preconditioned_gradient(damping):
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    y = torch.randn(64, 3, dtype=torch.float64)
+    lr = 0.5
+
+    # Independent computation.
+    xt = torch.cat([x, torch.ones(64, 1, dtype=torch.float64)], 1)
+    a_factor = xt.T @ xt / 64
+    g_hat = _per_example_output_grads(layer, x, y)
+    g_factor = g_hat.T @ g_hat / 64
+    grads = torch.autograd.grad(0.5 * (layer(x) - y).pow(2).sum(1).mean(), [layer.weight, layer.bias])
+    grad = torch.cat([grads[0], grads[1][:, None]], 1)
+    pi = math.sqrt((a_factor.trace() / 5) / (g_factor.trace() / 3))
+    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+    direction = torch.linalg.solve(g_factor + math.sqrt(damping) / pi * eye(3), grad) @ torch.linalg.inv(
+        a_factor + pi * math.sqrt(damping) * eye(5)
+    )
+    theta = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1)
+    expected = theta - lr * direction
+
+    opt = KFAC(layer, lr=lr, damping=damping, momentum=0.0, factor_decay=0.0, kl_clip=None, inv_update_freq=1)
+    (0.5 * (layer(x) - y).pow(2).sum(1).mean()).backward()
+    opt.step()
+    got = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_kl_clip_scales_the_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(32, 5, dtype=torch.float64)
+    lr, kl_clip = 0.3, 1e-6
+
+    def step(m, clip):
+        opt = KFAC(m, lr=lr, momentum=0.0, factor_decay=0.0, kl_clip=clip, damping=1e-2)
+        m(x).pow(2).sum(1).mean().backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        before = snapshot(m)
+        opt.step()
+        return {n: p.detach() - before[n] for n, p in m.named_parameters()}, grads
+
+    free, grads = step(copy.deepcopy(model), None)
+    clipped, _ = step(copy.deepcopy(model), kl_clip)
+    # V = −Δ/lr, so lr²·⟨V, ∇⟩ = −lr·⟨Δ, ∇⟩.
+    vg = -lr * sum((free[n] * grads[n]).sum() for n in free).item()
+    nu = math.sqrt(kl_clip / vg)
+    assert nu < 1
+    for n in free:
+        torch.testing.assert_close(clipped[n], nu * free[n])
+
+
+def _explicit_patches(x, kernel, stride, padding):
+    """Patches by slicing the padded input at every output position, flattened like the weight."""
+    x = F.pad(x, (padding, padding, padding, padding))
+    n, _, h, w = x.shape
+    rows = []
+    for i in range(n):
+        for r in range(0, h - kernel + 1, stride):
+            for s in range(0, w - kernel + 1, stride):
+                rows.append(x[i, :, r : r + kernel, s : s + kernel].reshape(-1))
+    return torch.stack(rows)
+
+
+def test_conv2d_factors_match_explicit_patches():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+
+    captured = {}
+    handle = conv.register_forward_hook(lambda m, i, out: captured.update(a=out))
+    loss = model(x).pow(2).sum(1).mean()
+    handle.remove()
+    (g,) = torch.autograd.grad(loss, captured["a"])
+
+    patches = _explicit_patches(x, 3, 2, 1)
+    patches = torch.cat([patches, torch.ones(len(patches), 1, dtype=torch.float64)], 1)
+    expected_a = patches.T @ patches / len(patches)
+    g_hat = 5 * g.permute(0, 2, 3, 1).reshape(-1, 3)  # per-example gradients, one row per position
+    expected_g = g_hat.T @ g_hat / 5  # mean over examples of the sum over positions
+
+    opt = KFAC(model, factor_decay=0.0)
+    model(x).pow(2).sum(1).mean().backward()
+    opt.step()
+    torch.testing.assert_close(opt.state[conv.weight]["A"], expected_a)
+    torch.testing.assert_close(opt.state[conv.weight]["G"], expected_g)
+
+
+def test_sampled_fisher_solves_least_squares_far_faster_than_sgd():
+    torch.manual_seed(0)
+    scales = torch.tensor([10.0, 3.0, 1.0, 0.3, 0.1], dtype=torch.float64)
+    x = torch.randn(2000, 5, dtype=torch.float64) * scales  # ill-conditioned inputs
+    y = x @ torch.randn(5, 2, dtype=torch.float64) + 0.5
+    layer = nn.Linear(5, 2).double()
+
+    def loss_of(m):
+        return 0.5 * (m(x) - y).pow(2).sum(1).mean()
+
+    def steps_to_solve(m, opt, limit):
+        for step in range(1, limit + 1):
+            opt.zero_grad()
+            loss_of(m).backward()
+            opt.step()
+            if loss_of(m).item() < 1e-4:
+                return step
+        return math.inf
+
+    kfac_model = copy.deepcopy(layer)
+    kfac = KFAC(
+        kfac_model,
+        lr=1.0,
+        damping=1e-8,
+        momentum=0.0,
+        factor_decay=0.5,
+        kl_clip=None,
+        inv_update_freq=1,
+        fisher="sampled",
+        loss="mse",
+    )
+    kfac_steps = steps_to_solve(kfac_model, kfac, 50)
+
+    xt = torch.cat([x, torch.ones(2000, 1, dtype=torch.float64)], 1)
+    top = torch.linalg.eigvalsh(xt.T @ xt / 2000)[-1].item()
+    sgd_model = copy.deepcopy(layer)
+    sgd_steps = steps_to_solve(sgd_model, torch.optim.SGD(sgd_model.parameters(), lr=1.0 / top), 500)
+
+    assert kfac_steps <= 15, kfac_steps
+    assert sgd_steps > 10 * kfac_steps, (kfac_steps, sgd_steps)
+
+
+def test_state_dict_round_trip_continues_identically():
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 6) for _ in range(6)]
+
+    def make():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.LayerNorm(5), nn.Linear(5, 3))
+
+    def train(m, opt, xs):
+        for x in xs:
+            opt.zero_grad()
+            m(x).pow(2).sum(1).mean().backward()
+            opt.step()
+
+    kwargs = dict(lr=0.05, inv_update_freq=2, weight_decay=1e-3)
+    model = make()
+    opt = KFAC(model, **kwargs)
+    train(model, opt, batches[:3])
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    train(model, opt, batches[3:])
+
+    fresh = make()
+    fresh.load_state_dict(saved[0])
+    fresh_opt = KFAC(fresh, **kwargs)
+    fresh_opt.load_state_dict(saved[1])
+    train(fresh, fresh_opt, batches[3:])
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=0.0), "Invalid learning rate: 0.0"),
+        (dict(damping=0.0), "Invalid damping: 0.0"),
+        (dict(momentum=1.0), "Invalid momentum: 1.0"),
+        (dict(weight_decay=-1.0), "Invalid weight_decay: -1.0"),
+        (dict(factor_decay=1.0), "Invalid factor_decay: 1.0"),
+        (dict(kl_clip=0.0), "Invalid kl_clip: 0.0"),
+        (dict(inv_update_freq=0), "Invalid inv_update_freq: 0"),
+        (dict(fisher="true"), "Invalid fisher: 'true'"),
+        (dict(fisher="sampled"), "Invalid loss for the sampled Fisher: None"),
+        (dict(fisher="sampled", loss="hinge"), "Invalid loss for the sampled Fisher: 'hinge'"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, message):
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=message):
+        KFAC(model, **kwargs)
+    assert not model._forward_hooks
+
+
+def test_step_before_backward_is_refused():
+    model = nn.Linear(3, 2)
+    before = snapshot(model)
+    opt = KFAC(model)
+    with pytest.raises(RuntimeError, match="before any backward pass"):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
