@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 import torch
@@ -145,6 +146,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         except TypeError as err:
             raise ValueError(f"Invalid inner_kwargs for inner optimizer {inner!r}: {inner_kwargs!r} ({err})") from err
         self.skipped_steps = 0
+        # Seconds of the last step's phases: setting targets, local solves.
+        self.last_step_seconds: dict[str, float] = {}
+        self.synchronize_timing = False
         for unit in found:
             unit.attach()
 
@@ -179,7 +183,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             _check_hyperparameters(group)
+        started = self._clock()
         problems = self._collect_problems()
+        targets_set = self._clock()
         if not _all_finite(problems):
             self.skipped_steps += 1
         elif self.solve == "exact":
@@ -189,7 +195,15 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             self._solve_iterative(problems)
         for unit in self.units:
             unit.records.clear()
+        self.last_step_seconds = {"targets": targets_set - started, "local_solve": self._clock() - targets_set}
         return loss
+
+    def _clock(self) -> float:
+        # Kernels run asynchronously on a GPU: wait for them when asked to,
+        # so that the phase split is real (it costs a little speed).
+        if self.synchronize_timing and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def _collect_problems(self) -> list[_LocalProblem]:
         """Everything the step needs, checked before any parameter changes."""

@@ -3,9 +3,120 @@
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import sys
 
 import locoprop
+from baselines.registry import OPTIMIZERS
+from sweeps.data import DATASETS, DataUnavailable
+from sweeps.train import DEVICES, SCHEDULES, RunConfig, train
+from sweeps.workloads import WORKLOADS
+
+# Optimizer flags of `train`, and the registry hyperparameter each sets.
+HPARAM_FLAGS = {
+    "lr": float,
+    "activation_lr": float,
+    "local_iters": int,
+    "inner": str,
+    "inner_schedule": str,
+    "prox": float,
+    "momentum": float,
+    "damping": float,
+    "weight_decay": float,
+}
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), _parse_value(value)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _name_list(choices):
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(bad)}; expected from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def add_run_flags(parser: argparse.ArgumentParser, epochs: int | None = 10, batch_size: int | None = 1000) -> None:
+    """Flags shared by train, compare and sweep: what to train and how."""
+    parser.add_argument("--workload", default="autoencoder", choices=list(WORKLOADS))
+    parser.add_argument("--data", default="mnist5k", choices=list(DATASETS))
+    parser.add_argument("--data-dir", default=None, help="directory of the IDX files for --data mnist")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--schedule", default="official", choices=SCHEDULES)
+    parser.add_argument("--warmup-epochs", type=float, default=None, help="default: 5%% of the epochs")
+    parser.add_argument("--width-mult", type=float, default=1.0)
+    parser.add_argument("--depth-mult", type=int, default=1)
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_config_from_args(args, optimizer: str, hparams: dict, seed: int, out: pathlib.Path) -> RunConfig:
+    return RunConfig(
+        workload=args.workload,
+        data=args.data,
+        optimizer=optimizer,
+        hparams=hparams,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=seed,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        width_mult=args.width_mult,
+        depth_mult=args.depth_mult,
+        device=args.device,
+        data_dir=args.data_dir,
+        out=str(out),
+    )
+
+
+def run_name(optimizer: str, workload: str, data: str, seed: int) -> str:
+    return f"{optimizer}-{workload}-{data}-seed{seed}"
+
+
+def cmd_train(args) -> int:
+    hparams = {name: getattr(args, name) for name in HPARAM_FLAGS if getattr(args, name) is not None}
+    hparams.update(dict(args.hparam or []))
+    out = pathlib.Path(args.out) / run_name(args.optimizer, args.workload, args.data, args.seed)
+    config = run_config_from_args(args, args.optimizer, hparams, args.seed, out)
+    result = train(config, resume=args.resume, progress=False if args.no_progress else None)
+    s = result.summary
+    print(
+        f"{s['status']}: {args.optimizer} on {args.workload}/{args.data}, {s['epochs_completed']} epochs, "
+        f"train loss {s['final_train_loss']:.6g}, test loss {s['final_test_loss']:.6g}, "
+        f"{s['train_seconds']:.1f} s training"
+    )
+    print(f"run directory: {result.run_dir}")
+    return 0 if result.status in ("ok", "diverged") else 1
+
+
+def cmd_compare(args) -> int:
+    from sweeps.compare import compare
+
+    return compare(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="LocoProp research harness: train, compare, sweep, report and benchmark optimizers.",
     )
     parser.add_argument("--version", action="version", version=f"locoprop {locoprop.__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = commands.add_parser("train", help="train one run and write its run directory")
+    add_run_flags(p)
+    p.add_argument("--optimizer", default="locoprop-m", choices=list(OPTIMIZERS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs", help="the run directory is created inside it")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    for name, kind in HPARAM_FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
+    p.add_argument(
+        "--hparam",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="any registry hyperparameter, e.g. --hparam inner_momentum=0.99 (repeatable)",
+    )
+    p.set_defaults(handler=cmd_train)
+
+    p = commands.add_parser(
+        "compare", help="the main job: LocoProp and baselines with tuned presets, then a results table"
+    )
+    add_run_flags(p, epochs=None, batch_size=None)
+    p.add_argument("--optimizers", type=_name_list(list(OPTIMIZERS)), default=None)
+    p.add_argument("--seeds", type=_int_list, default=[0, 1])
+    p.add_argument("--out", default="runs/compare")
+    p.set_defaults(handler=cmd_compare)
     return parser
 
 
@@ -24,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    try:
+        return args.handler(args)
+    except DataUnavailable as err:
+        print(f"locoprop: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"locoprop: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,435 @@
+"""The training loop: ``train(config) -> RunResult`` (SPEC §6).
+
+The one loop used by the CLI, Optuna and Ray Tune. It owns time,
+evaluation and budget; optimizers only update. Per run directory:
+
+- ``config.json``: the :class:`RunConfig`;
+- ``metrics.csv``: one row per evaluation (before training and after every
+  epoch): step, epoch, wall_time_s (training time, evaluation excluded),
+  train_loss and test_loss on the whole splits, lr, mean step time, and for
+  LocoProp the per-step seconds of its two phases (targets: forward,
+  backward and targets; local_solve: the local solves);
+- ``summary.json``: final and best losses, status, seconds, peak memory,
+  versions, seed;
+- ``checkpoint.pt``: written every epoch; ``resume=True`` continues from it
+  and gives the same numbers as an uninterrupted run on CPU.
+
+A non-finite loss, or one above ``divergence_factor`` times the initial
+training loss, ends the run with status ``diverged``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from baselines import make_optimizer
+from baselines.registry import OPTIMIZERS
+from locoprop import LocoPropOptimizer
+from sweeps import records
+from sweeps.data import Dataset, load_dataset
+from sweeps.workloads import Workload, get_workload
+
+__all__ = ["SCHEDULES", "RunConfig", "RunResult", "lr_factor", "train"]
+
+SCHEDULES = ("official", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a run; saved as config.json.
+
+    Attributes:
+        out: the run directory.
+        hparams: optimizer hyperparameters (registry names), over its defaults.
+        schedule: "official" (linear warmup, then linear decay to zero, as
+            the official code), "cosine" (after the same warmup) or "constant".
+        warmup_epochs: warmup length; default 5% of the epochs (5 of the
+            official 100).
+        divergence_factor: a training loss above this times the initial one
+            counts as diverged.
+    """
+
+    workload: str = "autoencoder"
+    data: str = "mnist5k"
+    optimizer: str = "locoprop-m"
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 1000
+    seed: int = 0
+    schedule: str = "official"
+    warmup_epochs: float | None = None
+    width_mult: float = 1.0
+    depth_mult: int = 1
+    device: str = "auto"
+    data_dir: str | None = None
+    divergence_factor: float = 10.0
+    eval_batch_size: int = 1000
+    out: str = "runs/run"
+
+    def validate(self) -> None:
+        get_workload(self.workload)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer: {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        for name in ("epochs", "batch_size", "depth_mult", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r}; expected an integer ≥ 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Invalid schedule: {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"Invalid device: {self.device!r}; expected one of {', '.join(DEVICES)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("Invalid device: 'cuda'; no CUDA device is available (use --device cpu or auto)")
+        if not self.width_mult > 0:
+            raise ValueError(f"Invalid width_mult: {self.width_mult!r}")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"Invalid warmup_epochs: {self.warmup_epochs!r}; expected 0..epochs")
+        if not self.divergence_factor > 1:
+            raise ValueError(f"Invalid divergence_factor: {self.divergence_factor!r}; expected > 1")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown run-config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run ended with (the content of summary.json) and its history."""
+
+    run_dir: pathlib.Path
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @property
+    def status(self) -> str:
+        return self.summary["status"]
+
+    @property
+    def final_test_loss(self) -> float | None:
+        return self.summary.get("final_test_loss")
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based).
+
+    Warmup rises linearly to 1 over ``warmup_steps`` (never 0: the first
+    step already moves); then "official" decays linearly towards 0 at
+    ``total_steps``, "cosine" follows a half cosine, "constant" stays at 1.
+    """
+    if schedule == "constant":
+        return 1.0
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    remaining = (total_steps - step) / max(total_steps - warmup_steps, 1)
+    if schedule == "official":
+        return remaining
+    return 0.5 * (1.0 - math.cos(math.pi * remaining))
+
+
+class _Diverged(Exception):
+    pass
+
+
+def train(
+    config: RunConfig,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], bool | None] | None = None,
+    progress: bool | None = None,
+    data: Dataset | None = None,
+) -> RunResult:
+    """Train one run and write its run directory.
+
+    Args:
+        config: the run.
+        resume: continue from the run directory's checkpoint if there is one;
+            a finished run is returned as it is.
+        on_epoch: called with each evaluation row; returning True stops the
+            run early (status "stopped"), as a sweep's pruner does.
+        progress: show a progress bar (default: when stderr is a terminal).
+        data: an already loaded data set (sweeps load it once per worker).
+
+    Raises:
+        ValueError: a bad config. sweeps.data.DataUnavailable: missing data.
+        Any exception from training, after summary.json records it as failed.
+    """
+    config.validate()
+    run_dir = pathlib.Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = run_dir / records.SUMMARY
+    checkpoint_path = run_dir / records.CHECKPOINT
+    if resume and summary_path.exists():
+        summary = records.read_json(summary_path)
+        if summary.get("status") in ("ok", "diverged", "stopped"):
+            return RunResult(run_dir, summary, _history(run_dir))
+    checkpoint = records.load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    if checkpoint is not None and checkpoint["config"] != dataclasses.asdict(config):
+        raise ValueError(f"The checkpoint in {run_dir} is for another config; use another --out or drop --resume")
+    if checkpoint is None and summary_path.exists():
+        summary_path.unlink()  # a fresh run must not show an old run's summary
+    records.write_json(run_dir / records.CONFIG, dataclasses.asdict(config))
+
+    run = _Run(config, run_dir, data, checkpoint)
+    try:
+        status = run.loop(on_epoch, progress)
+    except BaseException as err:
+        run.write_summary("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    return RunResult(run_dir, run.write_summary(status), _history(run_dir))
+
+
+def _history(run_dir: pathlib.Path) -> list[dict[str, Any]]:
+    path = run_dir / records.METRICS
+    if not path.exists():
+        return []
+    return [{k: (float(v) if v not in ("",) else None) for k, v in row.items()} for row in records.read_metrics(path)]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _Run:
+    """The state of one run between epochs; everything a checkpoint holds."""
+
+    def __init__(self, config: RunConfig, run_dir: pathlib.Path, data: Dataset | None, checkpoint: dict | None):
+        self.config = config
+        self.run_dir = run_dir
+        self.device = _device(config.device)
+        self.workload: Workload = get_workload(config.workload)
+        self.data = data if data is not None else load_dataset(config.data, config.data_dir)
+        torch.manual_seed(config.seed)
+        self.model = self.workload.build_model(self.data, config.width_mult, config.depth_mult).to(self.device)
+        self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
+        self.is_locoprop = isinstance(self.optimizer, LocoPropOptimizer)
+        if self.is_locoprop:
+            self.optimizer.synchronize_timing = self.device.type == "cuda"
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
+        self.test_x, self.test_y = self.data.test_x.to(self.device), self.data.test_y.to(self.device)
+        n = len(self.train_x)
+        # Drop the last partial batch: every step sees batch_size examples.
+        self.steps_per_epoch = max(n // config.batch_size, 1)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        warmup_epochs = config.warmup_epochs if config.warmup_epochs is not None else 0.05 * config.epochs
+        self.warmup_steps = round(warmup_epochs * self.steps_per_epoch)
+        self.epoch, self.step, self.wall_time = 0, 0, 0.0
+        self.initial_train_loss: float | None = None
+        self.step_times: list[float] = []
+        self.started = time.perf_counter()
+        columns = ["step", "epoch", "wall_time_s", "train_loss", "test_loss", "lr"]
+        if self.workload.loss_kind == "cross_entropy":
+            columns += ["train_error", "test_error"]
+        columns += ["step_time_s"]
+        if self.is_locoprop:
+            columns += ["targets_time_s", "local_solve_time_s", "skipped_steps"]
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.metrics = records.MetricsWriter(
+            run_dir / records.METRICS, columns, keep_until_epoch=self.epoch if checkpoint is not None else None
+        )
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    # ------------------------------------------------------------ the loop
+    def loop(self, on_epoch, progress) -> str:
+        config = self.config
+        if self.initial_train_loss is None:
+            row = self.evaluate(step_times=[], phase_times=[])
+            self.initial_train_loss = row["train_loss"]
+            self.metrics.append(row)
+            if not math.isfinite(row["train_loss"]):
+                return "diverged"
+            self.save_checkpoint()
+        bar = _progress_bar(progress, total=self.total_steps, initial=self.step, desc=self._describe())
+        try:
+            while self.epoch < config.epochs:
+                step_times, phase_times = [], []
+                order = torch.randperm(
+                    len(self.train_x), generator=torch.Generator().manual_seed(config.seed * 100_003 + self.epoch)
+                ).to(self.device)
+                try:
+                    for i in range(self.steps_per_epoch):
+                        batch = order[i * config.batch_size : (i + 1) * config.batch_size]
+                        seconds, phases = self.train_step(self.train_x[batch], self.train_y[batch])
+                        step_times.append(seconds)
+                        phase_times.append(phases)
+                        bar.update(1)
+                except _Diverged:
+                    self.epoch += 1
+                    self.metrics.append(self.evaluate(step_times, phase_times))
+                    return "diverged"
+                self.epoch += 1
+                row = self.evaluate(step_times, phase_times)
+                self.metrics.append(row)
+                bar.set_postfix(train=f"{row['train_loss']:.4g}", test=f"{row['test_loss']:.4g}")
+                if not self._sane(row["train_loss"]):
+                    return "diverged"
+                self.save_checkpoint()
+                if on_epoch is not None and on_epoch(row):
+                    return "stopped"
+        finally:
+            bar.close()
+        return "ok"
+
+    def train_step(self, x, y) -> tuple[float, dict[str, float]]:
+        factor = lr_factor(self.config.schedule, self.step, self.total_steps, self.warmup_steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        self._sync()
+        started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.workload.loss(self.model(x), self.workload.target(x, y))
+        loss.backward()
+        backward_done = time.perf_counter()
+        loss_value = loss.item()  # one sync per step; the loop needs it to detect divergence
+        if not self._sane(loss_value):
+            raise _Diverged
+        self.optimizer.step()
+        self._sync()
+        finished = time.perf_counter()
+        self.wall_time += finished - started
+        self.step += 1
+        phases = {}
+        if self.is_locoprop:
+            split = self.optimizer.last_step_seconds
+            phases = {"targets": backward_done - started + split["targets"], "local_solve": split["local_solve"]}
+        return finished - started, phases
+
+    def _sane(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False
+        return self.initial_train_loss is None or loss <= self.config.divergence_factor * abs(self.initial_train_loss)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def evaluate(self, step_times: list[float], phase_times: list[dict[str, float]]) -> dict[str, Any]:
+        self.model.eval()
+        row: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "wall_time_s": self.wall_time,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            total, extra = 0.0, {}
+            for start in range(0, len(x), self.config.eval_batch_size):
+                xb, yb = x[start : start + self.config.eval_batch_size], y[start : start + self.config.eval_batch_size]
+                output = self.model(xb)
+                target = self.workload.target(xb, yb)
+                total += self.workload.loss(output, target).item() * len(xb)
+                for key, value in self.workload.metrics(output, target).items():
+                    extra[key] = extra.get(key, 0.0) + value
+            row[f"{split}_loss"] = total / len(x)
+            for key, value in extra.items():
+                row[f"{split}_{key}"] = value / len(x)
+        self.model.train()
+        row["step_time_s"] = statistics.mean(step_times) if step_times else None
+        if self.is_locoprop:
+            row["targets_time_s"] = statistics.mean(p["targets"] for p in phase_times) if phase_times else None
+            row["local_solve_time_s"] = statistics.mean(p["local_solve"] for p in phase_times) if phase_times else None
+            row["skipped_steps"] = self.optimizer.skipped_steps
+        self.step_times.extend(step_times)
+        return row
+
+    # ------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        records.save_checkpoint(
+            self.run_dir / records.CHECKPOINT,
+            {
+                "config": dataclasses.asdict(self.config),
+                "epoch": self.epoch,
+                "step": self.step,
+                "wall_time": self.wall_time,
+                "initial_train_loss": self.initial_train_loss,
+                "step_times": self.step_times,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        )
+
+    def _restore(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+        self.wall_time = checkpoint["wall_time"]
+        self.initial_train_loss = checkpoint["initial_train_loss"]
+        self.step_times = list(checkpoint["step_times"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if checkpoint["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+
+    # ----------------------------------------------------------- summary
+    def write_summary(self, status: str, error: str | None = None) -> dict[str, Any]:
+        history = _history(self.run_dir)
+        finals = history[-1] if history else {}
+        finite = lambda key: [r[key] for r in history if r.get(key) is not None and math.isfinite(r[key])]  # noqa: E731
+        summary = {
+            "status": status,
+            "optimizer": self.config.optimizer,
+            "workload": self.config.workload,
+            "data": self.config.data,
+            "seed": self.config.seed,
+            "epochs_completed": self.epoch,
+            "steps": self.step,
+            "final_train_loss": finals.get("train_loss"),
+            "final_test_loss": finals.get("test_loss"),
+            "best_train_loss": min(finite("train_loss"), default=None),
+            "best_test_loss": min(finite("test_loss"), default=None),
+            "train_seconds": self.wall_time,
+            "total_seconds": time.perf_counter() - self.started,
+            "median_step_time_s": statistics.median(self.step_times) if self.step_times else None,
+            **_peak_memory(self.device),
+            "device": str(self.device),
+            "versions": records.versions(),
+        }
+        if self.workload.loss_kind == "cross_entropy":
+            summary["final_test_error"] = finals.get("test_error")
+        if self.is_locoprop:
+            summary["skipped_steps"] = self.optimizer.skipped_steps
+        if error is not None:
+            summary["error"] = error
+        records.write_json(self.run_dir / records.SUMMARY, summary)
+        return summary
+
+    def _describe(self) -> str:
+        return f"{self.config.optimizer} {self.config.workload}/{self.config.data} seed {self.config.seed}"
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_max_allocated"}
+    # ru_maxrss is in kilobytes on Linux; it covers the whole process.
+    return {
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_memory_kind": "process_max_rss",
+    }
+
+
+def _progress_bar(enabled: bool | None, **kwargs):
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(disable=not enabled, unit="step", dynamic_ncols=True, leave=False, **kwargs)
