@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 import locoprop
+from analysis.load import RunsNotFound
 from baselines.registry import OPTIMIZERS
 from sweeps.data import DATASETS, DataUnavailable
 from sweeps.train import DEVICES, SCHEDULES, RunConfig, train
@@ -119,6 +120,14 @@ def cmd_compare(args) -> int:
     return compare(args)
 
 
+def cmd_report(args) -> int:
+    from analysis.report import write_report
+
+    report = write_report(args.inputs, args.out, target_loss=args.target_loss)
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="locoprop",
@@ -152,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=[0, 1])
     p.add_argument("--out", default="runs/compare")
     p.set_defaults(handler=cmd_compare)
+
+    p = commands.add_parser("report", help="tables and plots from run directories and sweep tables")
+    p.add_argument("inputs", nargs="+", metavar="RUNS_OR_TABLES", help="run directories, folders of them, tables")
+    p.add_argument("--out", required=True, help="folder for report.md, tables and figures")
+    p.add_argument("--target-loss", type=float, default=None, help="default: best first-order baseline's loss")
+    p.set_defaults(handler=cmd_report)
     return parser
 
 
@@ -163,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
-    except DataUnavailable as err:
+    except (DataUnavailable, RunsNotFound) as err:
         print(f"locoprop: {err}", file=sys.stderr)
         return 2
     except ValueError as err:

@@ -226,9 +226,10 @@ def test_cli_compare_runs_end_to_end(tmp_path):
         for seed in (0, 1):
             run_dir = tmp_path / f"{optimizer}-autoencoder-synthetic-seed{seed}"
             assert (run_dir / "summary.json").exists() and (run_dir / "metrics.csv").exists()
-    table = (tmp_path / "results.md").read_text()
-    assert "| adam | 2 | 0 |" in table and "| locoprop-m | 2 | 0 |" in table
-    assert "step / Adam step" in result.stdout
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "| autoencoder | synthetic | adam | 2 | 0 |" in table
+    assert "| autoencoder | synthetic | locoprop-m | 2 | 0 |" in table
+    assert "step / Adam" in result.stdout and (tmp_path / "report" / "report.md").exists()
     # Running it again reuses the finished runs.
     again = _cli(*args, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count(": ok,") == 4

@@ -1,0 +1,123 @@
+"""Load run directories and sweep tables into one tidy DataFrame (SPEC §9).
+
+One row per evaluation of one run, with the columns of :data:`COLUMNS` and
+one ``hp_<name>`` column per hyperparameter. A *run* is a run directory
+(config.json + metrics.csv + summary.json) or one trial of a sweep table
+(CSV or Parquet with the same columns plus ``run_id``). Analysis reads only
+these files: it never re-runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Iterable
+
+import pandas as pd
+
+__all__ = ["COLUMNS", "RunsNotFound", "final_rows", "load_results"]
+
+COLUMNS = [
+    "run_id",
+    "optimizer",
+    "workload",
+    "data",
+    "seed",
+    "status",
+    "step",
+    "epoch",
+    "wall_time_s",
+    "train_loss",
+    "test_loss",
+    "lr",
+    "step_time_s",
+]
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+class RunsNotFound(ValueError):
+    """Nothing readable was found; the message names the path and why."""
+
+
+def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """Every run under ``paths`` (run directories, folders of them, tables)."""
+    frames = []
+    for path in map(pathlib.Path, paths):
+        if not path.exists():
+            raise RunsNotFound(f"{path} does not exist")
+        if path.is_file():
+            if path.suffix not in TABLE_SUFFIXES:
+                raise RunsNotFound(f"{path} is not a run directory or a results table (.csv or .parquet)")
+            frames.append(_read_table(path))
+            continue
+        found = _find_runs(path)
+        if not found:
+            raise RunsNotFound(
+                f"No run directories (with config.json) or results tables found in {path}; "
+                "point to the --out folder of locoprop train, compare or sweep"
+            )
+        frames += [_read_run(run) if run.is_dir() else _read_table(run) for run in found]
+    if not frames:
+        raise RunsNotFound("No inputs given")
+    frame = pd.concat(frames, ignore_index=True)
+    hp_columns = sorted(c for c in frame.columns if c.startswith("hp_"))
+    others = [c for c in frame.columns if c not in COLUMNS and c not in hp_columns]
+    return frame[COLUMNS + others + hp_columns]
+
+
+def final_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The last evaluation of every run."""
+    ordered = frame.sort_values(["run_id", "step", "epoch"])
+    return ordered.groupby("run_id", sort=False).tail(1).reset_index(drop=True)
+
+
+def _find_runs(folder: pathlib.Path) -> list[pathlib.Path]:
+    if (folder / "config.json").exists():
+        return [folder]
+    runs = sorted(p.parent for p in folder.rglob("config.json"))
+    # Checkpoint folders of sweep back ends may nest runs; keep the outermost.
+    runs = [r for r in runs if not any(parent in runs for parent in r.parents)]
+    tables = sorted(p for p in folder.glob("*") if p.suffix in TABLE_SUFFIXES and p.name.startswith("sweep"))
+    return runs + tables
+
+
+def _read_run(run_dir: pathlib.Path) -> pd.DataFrame:
+    metrics = run_dir / "metrics.csv"
+    if not metrics.exists():
+        raise RunsNotFound(f"Run directory {run_dir} has no metrics.csv (the run never evaluated)")
+    config = json.loads((run_dir / "config.json").read_text())
+    summary_path = run_dir / "summary.json"
+    # A run without summary.json is still going, or was killed hard.
+    status = json.loads(summary_path.read_text())["status"] if summary_path.exists() else "running"
+    frame = pd.read_csv(metrics)
+    if frame.empty:
+        raise RunsNotFound(f"Run directory {run_dir} has an empty metrics.csv")
+    frame["run_id"] = str(run_dir)
+    for key in ("optimizer", "workload", "data", "seed"):
+        frame[key] = config[key]
+    frame["status"] = status
+    for name, value in config.get("hparams", {}).items():
+        frame[f"hp_{name}"] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+    return _with_columns(frame, run_dir)
+
+
+def _read_table(path: pathlib.Path) -> pd.DataFrame:
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if frame.empty:
+        raise RunsNotFound(f"Results table {path} has no rows")
+    if "run_id" not in frame.columns:
+        raise RunsNotFound(f"Results table {path} has no run_id column; is it a locoprop sweep table?")
+    frame["run_id"] = str(path) + "#" + frame["run_id"].astype(str)
+    return _with_columns(frame, path)
+
+
+def _with_columns(frame: pd.DataFrame, source: pathlib.Path) -> pd.DataFrame:
+    required = ["step", "epoch", "train_loss", "test_loss"]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise RunsNotFound(f"{source} lacks the column(s) {', '.join(missing)}")
+    for column in COLUMNS:
+        if column not in frame.columns:
+            frame[column] = None
+    return frame

@@ -1,0 +1,178 @@
+"""Analysis on hand-made run directories with known numbers (SPEC §9)."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import plots
+from analysis.load import RunsNotFound, load_results
+from analysis.report import write_report
+from analysis.tables import default_target, summary_table, time_to_target
+
+# optimizer, seed, status, train losses per epoch, seconds per epoch, step time
+RUNS = [
+    ("adam", 0, "ok", [10, 6, 4, 3], 1.0, 0.1),
+    ("adam", 1, "ok", [10, 7, 5, 3.5], 1.0, 0.1),
+    ("locoprop-m", 0, "ok", [10, 4, 2.5, 2], 2.0, 0.2),
+    ("locoprop-m", 1, "ok", [10, 5, 3, 2.2], 2.0, 0.2),
+    ("sgd", 0, "diverged", [10, math.nan], 1.0, 0.1),
+]
+
+
+def make_run(root: pathlib.Path, optimizer, seed, status, losses, seconds, step_time, workload="autoencoder",
+             data="mnist5k", hparams=None) -> pathlib.Path:  # fmt: skip
+    run_dir = root / f"{optimizer}-{workload}-{data}-seed{seed}"
+    run_dir.mkdir(parents=True)
+    config = dict(optimizer=optimizer, workload=workload, data=data, seed=seed, hparams=hparams or {"lr": 0.1})
+    (run_dir / "config.json").write_text(json.dumps(config))
+    rows = [
+        dict(step=10 * e, epoch=e, wall_time_s=seconds * e, train_loss=loss, test_loss=loss + 1, lr=0.1,
+             step_time_s=step_time if e else None)
+        for e, loss in enumerate(losses)
+    ]  # fmt: skip
+    pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+    (run_dir / "summary.json").write_text(json.dumps({"status": status}))
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for run in RUNS:
+        make_run(tmp_path / "runs", *run)
+    return tmp_path / "runs"
+
+
+def test_loader_gives_one_tidy_row_per_evaluation(runs):
+    frame = load_results([runs])
+    assert len(frame) == 4 + 4 + 4 + 4 + 2
+    assert frame["run_id"].nunique() == 5
+    assert set(frame["status"]) == {"ok", "diverged"}
+    assert frame.loc[frame["optimizer"] == "sgd", "hp_lr"].tolist() == [0.1, 0.1]
+    for column in ["optimizer", "workload", "data", "seed", "step", "epoch", "wall_time_s", "train_loss", "test_loss"]:
+        assert column in frame.columns
+
+
+def test_table_values(runs):
+    frame = load_results([runs])
+    assert default_target(frame) == {("autoencoder", "mnist5k"): pytest.approx(3.25)}  # adam's mean final loss
+    table = summary_table(frame).set_index("optimizer")
+
+    adam, loco, sgd = table.loc["adam"], table.loc["locoprop-m"], table.loc["sgd"]
+    assert adam["final_train_loss_mean"] == pytest.approx(3.25)
+    assert adam["final_train_loss_std"] == pytest.approx(np.std([3, 3.5], ddof=1))
+    assert loco["final_train_loss_mean"] == pytest.approx(2.1)
+    assert loco["final_test_loss_mean"] == pytest.approx(3.1)
+    assert loco["final_train_loss_std"] == pytest.approx(np.std([2, 2.2], ddof=1))
+    # Time to target 3.25: adam seed 0 at epoch 3 (step 30, 3 s), seed 1 never.
+    assert (adam["reached_target"], adam["steps_to_target"], adam["seconds_to_target"]) == ("1/2", 30, 3.0)
+    # LocoProp: both seeds at epoch 2 (step 20, 4 s).
+    assert (loco["reached_target"], loco["steps_to_target"], loco["seconds_to_target"]) == ("2/2", 20, 4.0)
+    assert loco["step_time_ratio_to_adam"] == pytest.approx(2.0)
+    # The diverged run is counted, not dropped.
+    assert (sgd["runs"], sgd["diverged"], sgd["reached_target"]) == (1, 1, "0/1")
+    assert math.isnan(sgd["final_train_loss_mean"])
+
+
+def test_given_target_overrides_the_default(runs):
+    reach = time_to_target(load_results([runs]), 5.0).set_index("run_id")
+    steps = {pathlib.Path(k).name: v for k, v in reach["steps_to_target"].items()}
+    assert steps["adam-autoencoder-mnist5k-seed1"] == 20  # losses 10, 7, 5: 5 at epoch 2
+    assert steps["locoprop-m-autoencoder-mnist5k-seed0"] == 10
+
+
+def test_loss_curves_have_a_median_line_and_spread_per_optimizer(runs):
+    frame = load_results([runs])
+    (figure,) = plots.loss_curves(frame, x="epoch").values()
+    ax = figure.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["adam", "locoprop-m", "sgd (1 diverged)"]
+    adam_line = ax.get_lines()[0]
+    np.testing.assert_allclose(adam_line.get_ydata(), [10, 6.5, 4.5, 3.25])
+    assert len(ax.collections) == 2  # shaded spread for the two optimizers with two seeds
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "training loss"
+    assert ax.get_yscale() == "linear"  # 10 → 2 is less than a decade
+
+    (timed,) = plots.loss_curves(frame, x="wall_time_s").values()
+    np.testing.assert_allclose(timed.axes[0].get_lines()[1].get_xdata(), [0, 2, 4, 6])
+    assert timed.axes[0].get_xlabel() == "training time (s)"
+
+
+def test_log_scale_when_losses_span_decades(tmp_path):
+    make_run(tmp_path, "adam", 0, "ok", [100, 10, 1, 0.5], 1.0, 0.1)
+    (figure,) = plots.loss_curves(load_results([tmp_path])).values()
+    assert figure.axes[0].get_yscale() == "log"
+
+
+def test_sensitivity_from_a_sweep_table(tmp_path):
+    rows = []
+    for trial, (lr, final, status) in enumerate([(1e-4, 5.0, "ok"), (1e-3, 3.0, "ok"), (1e-1, math.nan, "diverged")]):
+        for epoch, loss in enumerate([10.0, final]):
+            rows.append(
+                dict(run_id=trial, optimizer="adam", workload="mlp", data="synthetic", seed=0, status=status,
+                     step=epoch, epoch=epoch, wall_time_s=epoch, train_loss=loss, test_loss=loss, hp_lr=lr)
+            )  # fmt: skip
+    table = tmp_path / "sweep_results.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    frame = load_results([table])
+    figures = plots.sensitivity(frame)
+    (ax,) = figures["adam"].axes
+    assert ax.get_xlabel() == "lr" and ax.get_xscale() == "log"
+    ok_points, diverged_points = ax.collections
+    np.testing.assert_allclose(ok_points.get_offsets(), [[1e-4, 5.0], [1e-3, 3.0]])
+    assert diverged_points.get_label() == "diverged" and len(diverged_points.get_offsets()) == 1
+
+
+def test_performance_profile_fractions(tmp_path):
+    # Two workloads: A is first on one (ratio 1) and 2x slower on the other.
+    make_run(tmp_path, "a", 0, "ok", [10, 5, 1], 1.0, 0.1, workload="mlp")  # target 1 at 2 s
+    make_run(tmp_path, "b", 0, "ok", [10, 1, 1], 1.0, 0.1, workload="mlp")  # at 1 s
+    make_run(tmp_path, "a", 0, "ok", [10, 1, 1], 1.0, 0.1, workload="cnn")  # at 1 s
+    make_run(tmp_path, "b", 0, "ok", [10, 5, 5], 1.0, 0.1, workload="cnn")  # never
+    figure = plots.performance_profile(load_results([tmp_path]), targets=1.0, tau_max=4.0)
+    ax = figure.axes[0]
+    curves = {line.get_label(): line for line in ax.get_lines()}
+    tau = curves["a"].get_xdata()
+    at = lambda name, t: curves[name].get_ydata()[np.searchsorted(tau, t)]  # noqa: E731
+    assert (at("a", 1.0), at("a", 2.5)) == (0.5, 1.0)
+    assert (at("b", 1.0), at("b", 3.9)) == (0.5, 0.5)
+    assert ax.get_xscale() == "log"
+
+
+def test_report_command_writes_tables_plots_and_index(runs, tmp_path):
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "report", str(runs), "--out", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    index = (out / "report.md").read_text()
+    for name in ["train_loss_vs_epoch_autoencoder_mnist5k", "train_loss_vs_time_autoencoder_mnist5k",
+                 "performance_profile"]:  # fmt: skip
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").exists()
+        assert f"({name}.png)" in index
+    assert "| autoencoder | mnist5k | locoprop-m | 2 | 0 | 2.1 ± 0.14 |" in (out / "results.md").read_text()
+    assert pd.read_csv(out / "results.csv").shape[0] == 3
+
+
+def test_bad_inputs_give_clear_messages(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RunsNotFound, match="No run directories .* found in .*empty"):
+        load_results([empty])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(RunsNotFound, match="broken has no metrics.csv"):
+        load_results([broken])
+    with pytest.raises(RunsNotFound, match="does not exist"):
+        write_report([tmp_path / "nope"], tmp_path / "out")
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "report", str(empty), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "No run directories" in result.stderr
