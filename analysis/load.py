@@ -34,6 +34,7 @@ COLUMNS = [
     "step_time_s",
 ]
 TABLE_SUFFIXES = (".csv", ".parquet")
+SWEEP_TABLE = "sweep_results"  # the stem sweeps.results writes
 
 
 class RunsNotFound(ValueError):
@@ -75,10 +76,14 @@ def final_rows(frame: pd.DataFrame) -> pd.DataFrame:
 def _find_runs(folder: pathlib.Path) -> list[pathlib.Path]:
     if (folder / "config.json").exists():
         return [folder]
+    # A sweep folder's table already holds its trials' runs: read the table,
+    # not the run directories beneath it, so nothing is counted twice.
+    tables = sorted(folder.rglob(f"{SWEEP_TABLE}.csv"))
+    sweep_folders = {t.parent for t in tables}
     runs = sorted(p.parent for p in folder.rglob("config.json"))
-    # Checkpoint folders of sweep back ends may nest runs; keep the outermost.
+    runs = [r for r in runs if not any(parent in sweep_folders for parent in r.parents)]
+    # Keep the outermost run directory where back ends nest copies inside one.
     runs = [r for r in runs if not any(parent in runs for parent in r.parents)]
-    tables = sorted(p for p in folder.glob("*") if p.suffix in TABLE_SUFFIXES and p.name.startswith("sweep"))
     return runs + tables
 
 

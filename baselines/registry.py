@@ -132,9 +132,12 @@ def _locoprop(variant: str, solve: str = "iterative"):
     def build(model, loss, h):
         h = dict(h)
         # inner_<name> hyperparameters are keyword arguments of the inner optimizer.
-        inner_kwargs = dict(h.pop("inner_kwargs") or {})
+        inner_kwargs = dict(_OFFICIAL_INNER_KWARGS.get(h["inner"], {}))
+        inner_kwargs.update(h.pop("inner_kwargs") or {})
         for key in [k for k in h if k.startswith("inner_") and k != "inner_schedule"]:
-            inner_kwargs[key.removeprefix("inner_")] = h.pop(key)
+            value = h.pop(key)
+            if value is not None:  # None: the inner optimizer's own default
+                inner_kwargs[key.removeprefix("inner_")] = value
         if h.get("output_activation") is None and loss is not None:
             h["output_activation"] = LOSS_OUTPUT_ACTIVATION[loss]
         return LocoPropOptimizer(model, variant=variant, solve=solve, inner_kwargs=inner_kwargs, **h)
@@ -143,14 +146,17 @@ def _locoprop(variant: str, solve: str = "iterative"):
 
 
 # The official LocoProp setup (SPEC §2): rmsprop-tf inner with momentum 0.999.
+# The inner_* defaults are None (the inner optimizer's own default, or the
+# official one for rmsprop-tf) so that another inner optimizer can be chosen.
+_OFFICIAL_INNER_KWARGS = {"rmsprop-tf": dict(momentum=0.999, decay=0.9, eps=1e-5)}
 _LOCOPROP_DEFAULTS = dict(
     lr=1e-5,
     activation_lr=10.0,
     local_iters=10,
     inner="rmsprop-tf",
-    inner_momentum=0.999,
-    inner_decay=0.9,
-    inner_eps=1e-5,
+    inner_momentum=None,
+    inner_decay=None,
+    inner_eps=None,
     inner_kwargs=None,
     inner_schedule="linear-floor",
     prox=0.0,

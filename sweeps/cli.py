@@ -120,6 +120,35 @@ def cmd_compare(args) -> int:
     return compare(args)
 
 
+def cmd_sweep(args) -> int:
+    from sweeps.spaces import load_space
+
+    space = load_space(args.optimizer, args.space)
+    out = pathlib.Path(args.out).resolve()
+    base = run_config_from_args(args, args.optimizer, {}, args.seed, out)
+    if args.data_dir:
+        base.data_dir = str(pathlib.Path(args.data_dir).resolve())  # trials may run elsewhere
+    progress = False if args.no_progress else None
+    if args.backend == "optuna":
+        from sweeps.optuna_backend import run_optuna_sweep
+
+        table = run_optuna_sweep(
+            base, space, study_name=args.study, out=out, trials=args.trials, storage=args.storage,
+            metric=args.metric, pruner=args.pruner, sampler_seed=args.sampler_seed,
+            heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period, progress=progress,
+        )  # fmt: skip
+    else:
+        from sweeps.ray_backend import run_ray_sweep
+
+        table = run_ray_sweep(
+            base, space, study_name=args.study, out=out, trials=args.trials, address=args.address,
+            metric=args.metric, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+            sampler_seed=args.sampler_seed, num_cpus=args.num_cpus,
+        )  # fmt: skip
+    print(f"results table: {table} (and .parquet); locoprop report {out} --out REPORT_DIR")
+    return 0
+
+
 def cmd_report(args) -> int:
     from analysis.report import write_report
 
@@ -161,6 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=[0, 1])
     p.add_argument("--out", default="runs/compare")
     p.set_defaults(handler=cmd_compare)
+
+    p = commands.add_parser("sweep", help="a resumable hyperparameter sweep with Optuna or Ray Tune")
+    add_run_flags(p)
+    p.add_argument("--backend", default="optuna", choices=["optuna", "ray"])
+    p.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS))
+    p.add_argument("--space", default=None, help="search-space YAML file (default: sweeps/spaces/OPTIMIZER.yaml)")
+    p.add_argument("--trials", type=int, required=True, help="the study's total number of finished trials")
+    p.add_argument("--study", required=True, help="study name; the same name continues the same study")
+    p.add_argument("--out", required=True, help="folder for the trials' run directories and the results table")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every trial")
+    p.add_argument("--sampler-seed", type=int, default=0)
+    p.add_argument("--metric", default="train_loss", choices=["train_loss", "test_loss"])
+    p.add_argument("--storage", default=None, help="Optuna storage: RDB URL or journal:PATH (default: SQLite in --out)")
+    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    p.add_argument("--heartbeat-interval", type=int, default=60, help="seconds (RDB storages)")
+    p.add_argument("--grace-period", type=int, default=120, help="seconds without heartbeat before a trial is stale")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.set_defaults(handler=cmd_sweep)
 
     p = commands.add_parser("report", help="tables and plots from run directories and sweep tables")
     p.add_argument("inputs", nargs="+", metavar="RUNS_OR_TABLES", help="run directories, folders of them, tables")

@@ -177,7 +177,7 @@ def train(
         if summary.get("status") in ("ok", "diverged", "stopped"):
             return RunResult(run_dir, summary, _history(run_dir))
     checkpoint = records.load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
-    if checkpoint is not None and checkpoint["config"] != dataclasses.asdict(config):
+    if checkpoint is not None and _without_out(checkpoint["config"]) != _without_out(dataclasses.asdict(config)):
         raise ValueError(f"The checkpoint in {run_dir} is for another config; use another --out or drop --resume")
     if checkpoint is None and summary_path.exists():
         summary_path.unlink()  # a fresh run must not show an old run's summary
@@ -190,6 +190,12 @@ def train(
         run.write_summary("failed", error=f"{type(err).__name__}: {err}")
         raise
     return RunResult(run_dir, run.write_summary(status), _history(run_dir))
+
+
+def _without_out(config: dict) -> dict:
+    # A run directory may be moved or copied (sweep back ends restore trials
+    # into new folders): where it lives is not part of what the run is.
+    return {k: v for k, v in config.items() if k != "out"}
 
 
 def _history(run_dir: pathlib.Path) -> list[dict[str, Any]]:
