@@ -162,6 +162,7 @@ _LOCOPROP_DEFAULTS = dict(
     prox=0.0,
     output_activation=None,
     units=None,
+    parallel="auto",
 )
 
 _ADAM_DEFAULTS = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from collections.abc import Sequence
 
@@ -10,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from locoprop.inner import INNER_SCHEDULES, inner_lr, resolve_inner
-from locoprop.local import exact_s_solution, local_grads, make_target
+from locoprop.local import exact_s_solution, make_target
+from locoprop.solve import PARALLEL_MODES, LocalGradients
 from locoprop.transfer import TRANSFER_NAMES
 from locoprop.units import Unit, discover_units
 
@@ -83,6 +85,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             what discovery found.
         units: explicit ``[(layer, transfer), ...]`` replacing discovery.
         solve: "iterative" or "exact".
+        parallel: how the local solves run (``locoprop.solve``): "batched"
+            (no autograd for linear units, Gram form of S, equal-shape units
+            in batched matmuls, foreach inner updates), "streams" (the same,
+            unit groups on separate CUDA streams), "none" (the readable
+            reference path) or "auto" (streams on CUDA, batched otherwise).
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         output_activation: str | None = None,
         units: Sequence[tuple[nn.Module, str | nn.Module]] | None = None,
         solve: str = "iterative",
+        parallel: str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LocoPropOptimizer needs the model (an nn.Module), got {type(model).__name__}")
@@ -106,6 +114,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid variant: {variant!r}; expected 'M' or 'S'")
         if solve not in SOLVES:
             raise ValueError(f"Invalid solve: {solve!r}; expected 'iterative' or 'exact'")
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"Invalid parallel: {parallel!r}; expected one of {', '.join(PARALLEL_MODES)}")
+        if parallel == "streams" and not torch.cuda.is_available():
+            raise ValueError("Invalid parallel: 'streams' needs a CUDA device; use 'batched' or 'auto'")
         defaults = dict(
             lr=lr,
             activation_lr=activation_lr,
@@ -136,13 +148,17 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
         self.variant = variant
         self.solve = solve
+        self.parallel = parallel
         self.units: list[Unit] = found
         # param_groups[i] belongs to units[i]; a last group, if any, to the rest.
         self._unit_of_group: list[Unit | None] = [*found, None][: len(self.param_groups)]
         self._param_names = {p: name for name, p in model.named_parameters()}
         inner_groups = [{"params": group["params"], "lr": group["lr"]} for group in self.param_groups]
+        inner_kwargs = dict(inner_kwargs or {})
+        if parallel != "none" and "foreach" not in inner_kwargs and _accepts(inner_factory, "foreach"):
+            inner_kwargs["foreach"] = True  # one fused kernel per op over all units
         try:
-            self.inner = inner_factory(inner_groups, **(inner_kwargs or {}))
+            self.inner = inner_factory(inner_groups, **inner_kwargs)
         except TypeError as err:
             raise ValueError(f"Invalid inner_kwargs for inner optimizer {inner!r}: {inner_kwargs!r} ({err})") from err
         self.skipped_steps = 0
@@ -184,7 +200,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             _check_hyperparameters(group)
         started = self._clock()
-        problems = self._collect_problems()
+        problems = self._collect_problems()  # may refuse the step: nothing has changed yet
+        self._set_targets(problems)
         targets_set = self._clock()
         if not _all_finite(problems):
             self.skipped_steps += 1
@@ -223,19 +240,31 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                         "(forwards under torch.no_grad() are not recorded)"
                     )
                 continue  # the layer took no part in this loss
-            if self.solve == "exact":
-                batches = [(r.x, r.g) for r in records]
-            else:
-                batches = [
-                    (r.x, make_target(self.variant, unit.transfer, r.a, r.g, group["activation_lr"])) for r in records
-                ]
-            problems.append(_LocalProblem(index, unit.params, unit=unit, batches=batches))
+            problems.append(_LocalProblem(index, unit.params, unit=unit))
         if not problems:
             raise RuntimeError(
                 "LocoPropOptimizer.step() called before any backward pass: no parameter has a gradient "
                 "and no unit recorded one; call loss.backward() first"
             )
         return problems
+
+    def _set_targets(self, problems: list[_LocalProblem]) -> None:
+        """Each unit's (x, target) pairs, or (x, g) for the exact solve.
+
+        A unit's records are released as soon as its targets exist, so that
+        its pre-activations and gradients do not outlive their use.
+        """
+        for problem in problems:
+            unit = problem.unit
+            if unit is None:
+                continue
+            records = unit.backpropagated_records()
+            if self.solve == "exact":
+                problem.batches = [(r.x, r.g) for r in records]
+            else:
+                gamma = self.param_groups[problem.group_index]["activation_lr"]
+                problem.batches = [(r.x, make_target(self.variant, unit.transfer, r.a, r.g, gamma)) for r in records]
+            unit.records.clear()
 
     def _solve_iterative(self, problems: list[_LocalProblem]) -> None:
         """K lockstep iterations of the inner optimizer over all units."""
@@ -245,24 +274,33 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 p.grad = None
-        for problem in problems:
-            group = self.param_groups[problem.group_index]
-            if problem.unit is not None and group["prox"]:
+        iterations = {problem: self._iterations(problem) for problem in problems}
+        unit_problems = [problem for problem in problems if problem.unit is not None]
+        for problem in unit_problems:
+            if self.param_groups[problem.group_index]["prox"]:
                 problem.old_params = [p.detach().clone() for p in problem.params]
-        iterations = {id(pr): self._iterations(pr) for pr in problems}
+        plan = LocalGradients(unit_problems, self.variant, self._parallel_mode(), iterations)
         try:
             for t in range(max(iterations.values())):
+                local = plan({problem for problem in unit_problems if t < iterations[problem]})
                 for problem in problems:
                     group = self.param_groups[problem.group_index]
-                    k = iterations[id(problem)]
-                    if t >= k:
+                    if t >= iterations[problem]:
                         for p in problem.params:
                             p.grad = None
                         continue
-                    for p, grad in zip(problem.params, self._local_grads(problem, group)):
+                    if problem.unit is None:
+                        # Parameters outside units: one step on γ·∇L.
+                        grads = [group["activation_lr"] * g for g in problem.grads]
+                    else:
+                        grads = local[problem]
+                        if group["prox"]:
+                            displacement = torch._foreach_sub([p.detach() for p in problem.params], problem.old_params)
+                            torch._foreach_add_(grads, displacement, alpha=group["prox"])
+                    for p, grad in zip(problem.params, grads):
                         p.grad = grad
                     self.inner.param_groups[problem.group_index]["lr"] = inner_lr(
-                        group["inner_schedule"], group["lr"], t, k
+                        group["inner_schedule"], group["lr"], t, iterations[problem]
                     )
                 self.inner.step()
         finally:
@@ -270,23 +308,15 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             for p, grad in saved_grads.items():
                 p.grad = grad
 
+    def _parallel_mode(self) -> str:
+        if self.parallel != "auto":
+            return self.parallel
+        on_cuda = any(unit.module.weight.is_cuda for unit in self.units)
+        return "streams" if on_cuda else "batched"
+
     def _iterations(self, problem: _LocalProblem) -> int:
         # Parameters outside units have no local problem: one step on γ·∇L.
         return self.param_groups[problem.group_index]["local_iters"] if problem.unit is not None else 1
-
-    def _local_grads(self, problem: _LocalProblem, group: dict) -> list[Tensor]:
-        if problem.unit is None:
-            return [group["activation_lr"] * g for g in problem.grads]
-        unit = problem.unit
-        return local_grads(
-            self.variant,
-            unit.transfer,
-            unit.adapter.forward,
-            problem.params,
-            problem.batches,
-            prox=group["prox"],
-            old_params=problem.old_params,
-        )
 
     def _solve_exact(self, problems: list[_LocalProblem]) -> None:
         for problem in problems:
@@ -348,6 +378,13 @@ def _check_unit(unit: Unit, variant: str, solve: str) -> None:
         )
     if transfer.name.startswith("softmax") and isinstance(unit.module, nn.Conv2d):
         raise ValueError(f"Softmax over the last dimension does not apply to Conv2d unit {unit.name!r}")
+
+
+def _accepts(factory, name: str) -> bool:
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _all_finite(problems: list[_LocalProblem]) -> bool:

@@ -7,6 +7,8 @@ import json
 import pathlib
 import sys
 
+import torch
+
 import locoprop
 from analysis.load import RunsNotFound
 from baselines.registry import OPTIMIZERS
@@ -149,6 +151,33 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from sweeps.bench import BenchConfig, bench
+
+    names = list(dict.fromkeys(["adam", *args.optimizers]))  # Adam is the reference
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    records = []
+    for batch in args.batch_size:
+        for width in args.width_mult:
+            shared = dict(workload=args.workload, batch_size=batch, width_mult=width, depth_mult=args.depth_mult,
+                          local_iters=args.local_iters, steps=args.steps, warmup=args.warmup, device=device,
+                          parallel=args.parallel)  # fmt: skip
+            records += bench([BenchConfig(optimizer=name, **shared) for name in names])
+    records = [r for r in records if r["optimizer"] in args.optimizers]
+    if args.json:
+        for record in records:
+            print(json.dumps(record))
+        return 0
+    print(f"{'optimizer':18s} {'batch':>6s} {'width':>6s} {'step (s)':>10s} {'/ Adam':>7s} {'/ FLOP bound':>13s} "
+          f"{'peak MiB':>9s}")  # fmt: skip
+    for r in records:
+        bound = f"{r['flop_bound_ratio']:.3f}" if r["flop_bound_ratio"] is not None else "–"
+        print(f"{r['optimizer']:18s} {r['batch_size']:6d} {r['width_mult']:6g} {r['step_time_s']:10.4f} "
+              f"{r['ratio_to_adam']:7.2f} {bound:>13s} {r['peak_mem_bytes'] / 2**20:9.1f}")  # fmt: skip
+    print(f"device: {records[0]['device']}, {records[0]['threads']} threads; median of {args.steps} steps")
+    return 0
+
+
 def cmd_report(args) -> int:
     from analysis.report import write_report
 
@@ -211,6 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.set_defaults(handler=cmd_sweep)
+
+    p = commands.add_parser("bench", help="step time, ratio to Adam, FLOP-bound ratio and peak memory")
+    p.add_argument("--workload", default="autoencoder", choices=list(WORKLOADS))
+    p.add_argument("--batch-size", type=_int_list, default=[1000], help="one or more, comma-separated")
+    p.add_argument("--width-mult", type=lambda t: [float(v) for v in t.split(",")], default=[1.0])
+    p.add_argument("--depth-mult", type=int, default=1)
+    p.add_argument(
+        "--optimizers", type=_name_list(list(OPTIMIZERS)), default=["adam", "locoprop-m", "locoprop-s",
+                                                                    "locoprop-s-exact"]
+    )  # fmt: skip
+    p.add_argument("--local-iters", type=int, default=10)
+    p.add_argument("--parallel", default=None, choices=["auto", "batched", "streams", "none"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--json", action="store_true", help="one JSON object per optimizer")
+    p.set_defaults(handler=cmd_bench)
 
     p = commands.add_parser("report", help="tables and plots from run directories and sweep tables")
     p.add_argument("inputs", nargs="+", metavar="RUNS_OR_TABLES", help="run directories, folders of them, tables")

@@ -1,0 +1,153 @@
+"""How the local gradients of all units are computed in one inner iteration.
+
+A :class:`LocalGradients` plan is built once per step from the units' stored
+inputs and targets, then asked for every unit's local gradient at the
+current parameters, K times. Three ways (``parallel``):
+
+- "none": the readable reference, :func:`locoprop.local.local_grads` (the
+  layer's vector-Jacobian product by autograd), one unit after the other;
+- "batched": linear units without autograd (:mod:`locoprop.fast`); variant
+  S through its Gram statistics where that costs fewer FLOPs; linear units
+  of equal shape and transfer function stacked into batched matmuls;
+- "streams" (CUDA): as "batched", with each group of units issued on its own
+  CUDA stream so that units of different shapes run concurrently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from locoprop import fast
+from locoprop.local import local_grads
+
+__all__ = ["PARALLEL_MODES", "LocalGradients"]
+
+PARALLEL_MODES = ("auto", "batched", "streams", "none")
+
+
+@dataclasses.dataclass(eq=False)
+class _Work:
+    """Computes the local gradients of one or more units: problems -> grads."""
+
+    problems: list[Any]
+    compute: Callable[[], list[list[Tensor]]]
+
+
+class LocalGradients:
+    """The local gradients of a step's unit problems, by the chosen method.
+
+    Args:
+        problems: objects with ``unit``, ``params`` and ``batches`` ((x, target) pairs).
+        variant: "M" or "S".
+        mode: "none", "batched" or "streams".
+        local_iters: K of each problem, to choose the Gram form.
+    """
+
+    def __init__(self, problems: list[Any], variant: str, mode: str, local_iters: dict[Any, int]):
+        self.variant = variant
+        self.mode = mode
+        self.work: list[_Work] = []
+        if mode == "none":
+            self.work = [_Work([p], self._reference(p)) for p in problems]
+            return
+        batchable: dict[tuple, list[tuple[Any, Tensor, Tensor]]] = {}
+        for problem in problems:
+            module = problem.unit.module
+            if not isinstance(module, nn.Linear):
+                self.work.append(_Work([problem], self._reference(problem)))
+                continue
+            x = _rows(problem.unit.adapter.input_rows(x) for x, _ in problem.batches)
+            target = _rows(problem.unit.adapter.output_rows(t) for _, t in problem.batches)
+            d_out, d_in = module.weight.shape
+            if variant == "S" and fast.gram_is_cheaper(len(x), d_in, d_out, local_iters[problem]):
+                self.work.append(_Work([problem], self._gram(problem, x, target)))
+                continue
+            key = (tuple(module.weight.shape), module.bias is not None, tuple(x.shape), problem.unit.transfer.name,
+                   x.dtype, x.device)  # fmt: skip
+            batchable.setdefault(key, []).append((problem, x, target))
+        for group in batchable.values():
+            if len(group) == 1:
+                problem, x, target = group[0]
+                self.work.append(_Work([problem], self._linear(problem, x, target)))
+            else:
+                self.work.append(_Work([g[0] for g in group], self._batched(group)))
+
+    def __call__(self, active: set) -> dict[Any, list[Tensor]]:
+        """Local gradients of the ``active`` problems at the current parameters."""
+        todo = [w for w in self.work if any(p in active for p in w.problems)]
+        if self.mode == "streams" and len(todo) > 1:
+            return self._on_streams(todo)
+        return {p: g for w in todo for p, g in zip(w.problems, w.compute())}
+
+    # ------------------------------------------------------------ kernels
+    def _reference(self, problem) -> Callable[[], list[list[Tensor]]]:
+        unit = problem.unit
+
+        def compute():
+            return [local_grads(self.variant, unit.transfer, unit.adapter.forward, problem.params, problem.batches)]
+
+        return compute
+
+    def _linear(self, problem, x: Tensor, target: Tensor):
+        module, transfer = problem.unit.module, problem.unit.transfer
+
+        def compute():
+            return [fast.linear_grads(self.variant, transfer, x, target, module.weight.detach(), _bias(module))]
+
+        return compute
+
+    def _gram(self, problem, x: Tensor, target: Tensor):
+        module = problem.unit.module
+        covariance, cross = fast.gram_statistics(x, target, module.bias is not None)
+
+        def compute():
+            return [fast.gram_grads(covariance, cross, module.weight.detach(), _bias(module))]
+
+        return compute
+
+    def _batched(self, group: list[tuple[Any, Tensor, Tensor]]):
+        problems = [g[0] for g in group]
+        modules = [p.unit.module for p in problems]
+        transfer = problems[0].unit.transfer
+        x = torch.stack([g[1] for g in group])
+        target = torch.stack([g[2] for g in group])
+
+        def compute():
+            weight = torch.stack([m.weight.detach() for m in modules])
+            bias = torch.stack([m.bias.detach() for m in modules]) if modules[0].bias is not None else None
+            grad_weight, grad_bias = fast.batched_linear_grads(self.variant, transfer, x, target, weight, bias)
+            if grad_bias is None:
+                return [[gw] for gw in grad_weight.unbind(0)]
+            return [[gw, gb] for gw, gb in zip(grad_weight.unbind(0), grad_bias.unbind(0))]
+
+        return compute
+
+    def _on_streams(self, todo: list[_Work]) -> dict[Any, list[Tensor]]:
+        main = torch.cuda.current_stream()
+        results: dict[Any, list[Tensor]] = {}
+        streams = [torch.cuda.Stream() for _ in todo]
+        for work, stream in zip(todo, streams):
+            stream.wait_stream(main)  # inputs written on the main stream
+            with torch.cuda.stream(stream):
+                for problem, grads in zip(work.problems, work.compute()):
+                    results[problem] = grads
+        for stream in streams:
+            main.wait_stream(stream)
+        for grads in results.values():
+            for g in grads:
+                g.record_stream(main)  # used and freed on the main stream
+        return results
+
+
+def _rows(parts) -> Tensor:
+    parts = list(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # no copy for the usual single use
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    return module.bias.detach() if module.bias is not None else None

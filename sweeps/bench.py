@@ -1,0 +1,183 @@
+"""``locoprop bench``: step time and memory per optimizer (SPEC §7, §10).
+
+Each optimizer runs in a fresh subprocess (so that peak memory is its own)
+on the same model, batch and seed: a few warm-up steps, then the median of
+``steps`` timed steps (forward, backward, optimizer step). Reported per
+optimizer:
+
+- ``step_time_s`` and ``ratio_to_adam`` (Adam is always measured);
+- ``peak_mem_bytes``: on CUDA the peak of allocated memory; on CPU the
+  process's peak resident memory above what it held before the model was
+  built (parameters, gradients, optimizer state and activations);
+- ``flop_bound_ratio`` (iterative LocoProp): the measured step time over the
+  FLOP-proportional bound, one backprop step (3 × the forward FLOPs) plus
+  K × (unit forward + weight gradient) = (3 + 2K) × forward FLOPs, priced at
+  the matmul throughput of the model's own unit forwards measured in the
+  same process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+__all__ = ["BenchConfig", "bench", "measure"]
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    optimizer: str = "adam"
+    workload: str = "autoencoder"
+    batch_size: int = 1000
+    width_mult: float = 1.0
+    depth_mult: int = 1
+    local_iters: int = 10
+    steps: int = 10
+    warmup: int = 3
+    device: str = "cpu"
+    hparams: dict = dataclasses.field(default_factory=dict)
+    parallel: str | None = None
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _unit_forward_flops(module: nn.Module, x: torch.Tensor, a: torch.Tensor) -> float:
+    if isinstance(module, nn.Linear):
+        return 2.0 * a.numel() * module.in_features
+    kernel = module.weight[0].numel()  # C_in/groups · kh · kw
+    return 2.0 * a.numel() * kernel
+
+
+def _matmul_throughput(units, device: torch.device, repeats: int = 5) -> tuple[float, float]:
+    """(forward FLOPs of all units, FLOP/s of running them), from recorded inputs."""
+    flops = sum(_unit_forward_flops(u.module, r.x, r.a) for u in units for r in u.records)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            for unit in units:
+                for record in unit.records:
+                    unit.adapter.forward(record.x, unit.module.weight, unit.module.bias)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return flops, flops / statistics.median(times)
+
+
+def measure(config: BenchConfig) -> dict:
+    """Benchmark one optimizer in this process; returns its JSON record."""
+    from baselines import make_optimizer
+    from locoprop import LocoPropOptimizer
+    from sweeps.data import Dataset
+    from sweeps.workloads import get_workload
+
+    device = torch.device(config.device)
+    baseline_rss = _rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline_cuda = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+    workload = get_workload(config.workload)
+    x = torch.rand(config.batch_size, 784)
+    y = torch.randint(0, 10, (config.batch_size,))
+    shapes = Dataset("bench", x[:1], y[:1], x[:1], y[:1])
+    model = workload.build_model(shapes, config.width_mult, config.depth_mult).to(device)
+    x, y = x.to(device), y.to(device)
+    target = workload.target(x, y)
+    hparams = dict(config.hparams)
+    if config.optimizer.startswith("locoprop"):
+        if config.optimizer != "locoprop-s-exact":
+            hparams.setdefault("local_iters", config.local_iters)
+        if config.parallel:
+            hparams.setdefault("parallel", config.parallel)
+    optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **hparams)
+    is_locoprop = isinstance(optimizer, LocoPropOptimizer)
+    if is_locoprop:
+        optimizer.synchronize_timing = device.type == "cuda"
+
+    def step() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        workload.loss(model(x), target).backward()
+        optimizer.step()
+        _sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(config.warmup):
+        step()
+    flops = throughput = None
+    if is_locoprop:
+        # Price FLOPs with the unit forwards of this very model and batch.
+        workload.loss(model(x), target).backward()
+        flops, throughput = _matmul_throughput(optimizer.units, device)
+        for unit in optimizer.units:
+            unit.records.clear()
+    times, phases = [], []
+    for _ in range(config.steps):
+        times.append(step())
+        if is_locoprop:
+            phases.append(optimizer.last_step_seconds)
+    record = {
+        "optimizer": config.optimizer,
+        "workload": config.workload,
+        "batch_size": config.batch_size,
+        "width_mult": config.width_mult,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "step_time_s": statistics.median(times),
+        "step_time_min_s": min(times),
+        "steps": len(times),
+    }
+    if device.type == "cuda":
+        record["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) - baseline_cuda
+    else:
+        record["peak_mem_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss
+    if is_locoprop:
+        record["local_iters"] = optimizer.param_groups[0]["local_iters"]
+        record["parallel"] = optimizer.parallel
+        record["local_solve_s"] = statistics.median(p["local_solve"] for p in phases)
+        if optimizer.solve == "iterative" and flops:
+            k = record["local_iters"]
+            bound = (3 + 2 * k) * flops / throughput
+            record["flop_bound_s"] = bound
+            record["flop_bound_ratio"] = record["step_time_s"] / bound
+            record["matmul_gflops"] = throughput / 1e9
+    return record
+
+
+def bench(configs: list[BenchConfig]) -> list[dict]:
+    """Run each config in its own subprocess; add ``ratio_to_adam``."""
+    records = []
+    for config in configs:
+        command = [sys.executable, "-m", "sweeps.bench", json.dumps(dataclasses.asdict(config))]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"benchmark of {config.optimizer} failed:\n{result.stderr[-3000:]}")
+        records.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    adam = next((r["step_time_s"] for r in records if r["optimizer"] == "adam"), None)
+    for record in records:
+        record["ratio_to_adam"] = record["step_time_s"] / adam if adam else None
+        record.setdefault("flop_bound_ratio", None)
+    return records
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(BenchConfig(**json.loads(sys.argv[1])))))

@@ -1,0 +1,140 @@
+"""Every parallel path of the local solves equals the reference path (SPEC §10)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import snapshot
+from torch import nn
+
+from locoprop import LocoPropOptimizer, fast
+from locoprop.local import local_grads
+from locoprop.transfer import transfer_by_name
+from locoprop.units import LinearAdapter
+
+
+class Mixed(nn.Module):
+    """Conv2d units, three linear units of one shape (batched together), a
+    shared layer used twice, and a LayerNorm outside every unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc_in = nn.Linear(4 * 2 * 2, 12)
+        self.norm = nn.LayerNorm(12)
+        self.same = nn.ModuleList([nn.Linear(12, 12) for _ in range(3)])
+        self.shared = nn.Linear(12, 12)
+        self.out = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = torch.tanh(self.conv2(h)).flatten(1)
+        h = self.norm(torch.tanh(self.fc_in(h)))
+        for layer in self.same:
+            h = torch.tanh(layer(h))
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        return self.out(h)
+
+    def units(self):
+        return [(self.conv1, "relu"), (self.conv2, "tanh"), (self.fc_in, "tanh"),
+                *[(m, "tanh") for m in self.same], (self.shared, "tanh"), (self.out, "softmax")]  # fmt: skip
+
+
+def _train(model, mode, variant, inner, prox, steps=4):
+    opt = LocoPropOptimizer(
+        model, variant=variant, lr=1e-3, activation_lr=2.0, local_iters=5, inner=inner, prox=prox,
+        units=model.units(), parallel=mode,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(24, 1, 6, 6, dtype=torch.float64, generator=generator)
+        y = torch.randint(0, 5, (24,), generator=generator)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return snapshot(model), opt
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+@pytest.mark.parametrize("inner, prox", [("rmsprop-tf", 0.0), ("adam", 0.5), ("momentum", 0.0)])
+def test_batched_path_equals_reference_path(variant, inner, prox):
+    torch.manual_seed(0)
+    model = Mixed().double()
+    reference, _ = _train(copy.deepcopy(model), "none", variant, inner, prox)
+    batched, opt = _train(copy.deepcopy(model), "batched", variant, inner, prox)
+    assert opt.inner.defaults.get("foreach") is True
+    for name in reference:
+        torch.testing.assert_close(batched[name], reference[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_batched_group_forms_for_equal_shapes():
+    from locoprop.solve import LocalGradients
+
+    model = Mixed().double()
+    opt = LocoPropOptimizer(model, variant="M", units=model.units(), parallel="batched")
+    F.cross_entropy(model(torch.randn(8, 1, 6, 6, dtype=torch.float64)), torch.randint(0, 5, (8,))).backward()
+    problems = [p for p in opt._collect_problems() if p.unit is not None]
+    opt._set_targets(problems)
+    plan = LocalGradients(problems, "M", "batched", {p: 5 for p in problems})
+    sizes = sorted(len(w.problems) for w in plan.work)
+    assert sizes == [1, 1, 1, 1, 1, 3]  # conv1, conv2, fc_in, shared, out alone; the three `same` together
+
+
+def test_gram_form_equals_the_batch_form_of_the_s_gradient():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4).double()
+    x = torch.randn(50, 6, dtype=torch.float64)
+    target = torch.randn(50, 4, dtype=torch.float64)
+    identity = transfer_by_name("identity")
+    reference = local_grads("S", identity, LinearAdapter(layer).forward, [layer.weight, layer.bias], [(x, target)])
+    covariance, cross = fast.gram_statistics(x, target, has_bias=True)
+    gram = fast.gram_grads(covariance, cross, layer.weight.detach(), layer.bias.detach())
+    direct = fast.linear_grads("S", identity, x, target, layer.weight.detach(), layer.bias.detach())
+    for r, g, d in zip(reference, gram, direct):
+        torch.testing.assert_close(g, r)
+        torch.testing.assert_close(d, r)
+    no_bias = nn.Linear(6, 4, bias=False).double()
+    covariance, cross = fast.gram_statistics(x, target, has_bias=False)
+    (gram_w,) = fast.gram_grads(covariance, cross, no_bias.weight.detach(), None)
+    (ref_w,) = local_grads("S", identity, LinearAdapter(no_bias).forward, [no_bias.weight], [(x, target)])
+    torch.testing.assert_close(gram_w, ref_w)
+
+
+def test_gram_form_is_chosen_by_flop_count():
+    assert fast.gram_is_cheaper(rows=1000, d_in=250, d_out=30, local_iters=10)
+    assert not fast.gram_is_cheaper(rows=16, d_in=1000, d_out=500, local_iters=10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_streams_path_equals_reference_path_on_cuda(variant):
+    torch.manual_seed(0)
+    model = Mixed().double().cuda()
+
+    def run(mode):
+        m = copy.deepcopy(model)
+        opt = LocoPropOptimizer(m, variant=variant, lr=1e-3, activation_lr=2.0, local_iters=5, units=m.units(),
+                                parallel=mode)  # fmt: skip
+        generator = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(24, 1, 6, 6, dtype=torch.float64, device="cuda", generator=generator)
+            y = torch.randint(0, 5, (24,), device="cuda", generator=generator)
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        return snapshot(m)
+
+    reference, streams = run("none"), run("streams")
+    for name in reference:
+        torch.testing.assert_close(streams[name], reference[name], rtol=1e-9, atol=1e-11)
+
+
+def test_streams_without_cuda_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="'streams' needs a CUDA device"):
+        LocoPropOptimizer(nn.Linear(3, 2), parallel="streams")
+    with pytest.raises(ValueError, match="Invalid parallel: 'threads'"):
+        LocoPropOptimizer(nn.Linear(3, 2), parallel="threads")
