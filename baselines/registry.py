@@ -163,6 +163,7 @@ _LOCOPROP_DEFAULTS = dict(
     output_activation=None,
     units=None,
     parallel="auto",
+    compile=False,
 )
 
 _ADAM_DEFAULTS = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)

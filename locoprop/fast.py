@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from locoprop.local import preactivation_residual
 from locoprop.transfer import Transfer
 
 __all__ = [
@@ -39,11 +38,18 @@ def linear_grads(
 ) -> list[Tensor]:
     """[∇W, ∇b] of a linear unit's local objective; x and target are 2-D rows."""
     a = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-    residual = preactivation_residual(variant, transfer, a, target)
+    residual = _residual_in_place(variant, transfer, a, target)
     grads = [residual.T @ x]
     if bias is not None:
         grads.append(residual.sum(0))
     return grads
+
+
+def _residual_in_place(variant: str, transfer: Transfer, a: Tensor, target: Tensor) -> Tensor:
+    """a − â (S) or f(a) − ŷ (M), written over ``a``, which nothing else holds."""
+    if variant == "M":
+        a = transfer.fn_(a) if transfer.fn_ is not None else transfer.fn(a)
+    return a.sub_(target)
 
 
 def gram_statistics(x: Tensor, target: Tensor, has_bias: bool) -> tuple[Tensor, Tensor]:
@@ -79,6 +85,6 @@ def batched_linear_grads(
         a = torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2))
     else:
         a = torch.bmm(x, weight.transpose(1, 2))
-    residual = preactivation_residual(variant, transfer, a, target)
+    residual = _residual_in_place(variant, transfer, a, target)
     grad_weight = torch.bmm(residual.transpose(1, 2), x)
     return grad_weight, (residual.sum(1) if bias is not None else None)

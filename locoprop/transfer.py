@@ -39,12 +39,15 @@ class Transfer:
         integral: a ↦ Σ F(a) summed over every element (row-wise logsumexp
             for softmax); ``None`` when F has no elementary form.
         unsupported_reason: why variant M cannot use it (empty if it can).
+        fn_: f applied in place, where torch has such a kernel (the fast
+            solve path uses it to save a pass and an allocation).
     """
 
     name: str
     fn: Callable[[Tensor], Tensor] | None
     integral: Callable[[Tensor], Tensor] | None
     unsupported_reason: str = ""
+    fn_: Callable[[Tensor], Tensor] | None = None
 
     @property
     def supports_matching_loss(self) -> bool:
@@ -101,6 +104,7 @@ def leaky_relu(negative_slope: float = 0.01) -> Transfer:
         f"leaky_relu({negative_slope})",
         functools.partial(_leaky_relu, slope=negative_slope),
         functools.partial(_leaky_half_square, slope=negative_slope),
+        fn_=functools.partial(F.leaky_relu_, negative_slope=negative_slope),
     )
 
 
@@ -116,10 +120,10 @@ def softmax(dim: int = -1) -> Transfer:
 
 
 _BY_NAME: dict[str, Callable[[], Transfer]] = {
-    "identity": lambda: Transfer("identity", _identity, _half_square),
-    "tanh": lambda: Transfer("tanh", torch.tanh, _log_cosh),
-    "sigmoid": lambda: Transfer("sigmoid", torch.sigmoid, _softplus_sum),
-    "relu": lambda: Transfer("relu", F.relu, _half_relu_square),
+    "identity": lambda: Transfer("identity", _identity, _half_square, fn_=_identity),
+    "tanh": lambda: Transfer("tanh", torch.tanh, _log_cosh, fn_=torch.tanh_),
+    "sigmoid": lambda: Transfer("sigmoid", torch.sigmoid, _softplus_sum, fn_=torch.sigmoid_),
+    "relu": lambda: Transfer("relu", F.relu, _half_relu_square, fn_=torch.relu_),
     "leaky_relu": leaky_relu,
     "softplus": softplus,
     "softmax": softmax,

@@ -5,10 +5,15 @@ on the same model, batch and seed: a few warm-up steps, then the median of
 ``steps`` timed steps (forward, backward, optimizer step). Reported per
 optimizer:
 
-- ``step_time_s`` and ``ratio_to_adam`` (Adam is always measured);
+- ``step_time_s`` and ``ratio_to_adam``: the median step time, and its
+  ratio to the median of Adam steps on an identical model taken in the same
+  process, alternating with this optimizer's steps;
 - ``peak_mem_bytes``: on CUDA the peak of allocated memory; on CPU the
   process's peak resident memory above what it held before the model was
-  built (parameters, gradients, optimizer state and activations);
+  built (parameters, gradients, optimizer state and activations), from a
+  separate two-step run in which glibc returns every large block at once
+  (``MALLOC_MMAP_THRESHOLD_``), so that the peak is live memory rather than
+  allocator caching (that setting would slow the timed run);
 - ``flop_bound_ratio`` (iterative LocoProp): the measured step time over the
   FLOP-proportional bound, one backprop step (3 × the forward FLOPs) plus
   K × (unit forward + weight gradient) = (3 + 2K) × forward FLOPs, priced at
@@ -46,6 +51,7 @@ class BenchConfig:
     device: str = "cpu"
     hparams: dict = dataclasses.field(default_factory=dict)
     parallel: str | None = None
+    memory_only: bool = False  # the separate memory run: no Adam twin, no probe
 
 
 def _rss_bytes() -> int:
@@ -81,18 +87,12 @@ def _matmul_throughput(units, device: torch.device, repeats: int = 5) -> tuple[f
     return flops, flops / statistics.median(times)
 
 
-def measure(config: BenchConfig) -> dict:
-    """Benchmark one optimizer in this process; returns its JSON record."""
+def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hparams: dict):
+    """(model, optimizer, step function) for one optimizer on the bench batch."""
     from baselines import make_optimizer
-    from locoprop import LocoPropOptimizer
     from sweeps.data import Dataset
     from sweeps.workloads import get_workload
 
-    device = torch.device(config.device)
-    baseline_rss = _rss_bytes()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline_cuda = torch.cuda.memory_allocated(device)
     torch.manual_seed(0)
     workload = get_workload(config.workload)
     x = torch.rand(config.batch_size, 784)
@@ -101,16 +101,7 @@ def measure(config: BenchConfig) -> dict:
     model = workload.build_model(shapes, config.width_mult, config.depth_mult).to(device)
     x, y = x.to(device), y.to(device)
     target = workload.target(x, y)
-    hparams = dict(config.hparams)
-    if config.optimizer.startswith("locoprop"):
-        if config.optimizer != "locoprop-s-exact":
-            hparams.setdefault("local_iters", config.local_iters)
-        if config.parallel:
-            hparams.setdefault("parallel", config.parallel)
-    optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **hparams)
-    is_locoprop = isinstance(optimizer, LocoPropOptimizer)
-    if is_locoprop:
-        optimizer.synchronize_timing = device.type == "cuda"
+    optimizer = make_optimizer(optimizer_name, model, loss=workload.loss_kind, **hparams)
 
     def step() -> float:
         _sync(device)
@@ -121,20 +112,57 @@ def measure(config: BenchConfig) -> dict:
         _sync(device)
         return time.perf_counter() - start
 
+    def forward_backward() -> None:
+        workload.loss(model(x), target).backward()
+
+    return optimizer, step, forward_backward
+
+
+def measure(config: BenchConfig) -> dict:
+    """Benchmark one optimizer in this process; returns its JSON record.
+
+    Its steps alternate with Adam steps on an identical model (and, for
+    LocoProp, with the throughput probe), so that the ratios compare
+    measurements taken under the same machine conditions.
+    """
+    from locoprop import LocoPropOptimizer
+
+    device = torch.device(config.device)
+    baseline_rss = _rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline_cuda = torch.cuda.memory_allocated(device)
+    hparams = dict(config.hparams) if config.optimizer.startswith("locoprop") else {}
+    if config.optimizer.startswith("locoprop"):
+        if config.optimizer != "locoprop-s-exact":
+            hparams.setdefault("local_iters", config.local_iters)
+        if config.parallel:
+            hparams.setdefault("parallel", config.parallel)
+    optimizer, step, forward_backward = _setup(config, config.optimizer, device, hparams)
+    is_locoprop = isinstance(optimizer, LocoPropOptimizer)
+    if is_locoprop:
+        optimizer.synchronize_timing = device.type == "cuda"
+    reference_step = None
+    if config.optimizer != "adam" and not config.memory_only:
+        _, reference_step, _ = _setup(config, "adam", device, {})
+
     for _ in range(config.warmup):
         step()
-    flops = throughput = None
-    if is_locoprop:
-        # Price FLOPs with the unit forwards of this very model and batch.
-        workload.loss(model(x), target).backward()
-        flops, throughput = _matmul_throughput(optimizer.units, device)
-        for unit in optimizer.units:
-            unit.records.clear()
-    times, phases = [], []
+        if reference_step is not None:
+            reference_step()
+    times, reference_times, phases, probes = [], [], [], []
     for _ in range(config.steps):
         times.append(step())
         if is_locoprop:
             phases.append(optimizer.last_step_seconds)
+            if optimizer.solve == "iterative" and not config.memory_only:
+                # Price FLOPs with the unit forwards of this very model and batch.
+                forward_backward()
+                probes.append(_matmul_throughput(optimizer.units, device))
+                for unit in optimizer.units:
+                    unit.records.clear()
+        if reference_step is not None:
+            reference_times.append(reference_step())
     record = {
         "optimizer": config.optimizer,
         "workload": config.workload,
@@ -146,6 +174,12 @@ def measure(config: BenchConfig) -> dict:
         "step_time_min_s": min(times),
         "steps": len(times),
     }
+    if reference_times:
+        record["adam_step_time_s"] = statistics.median(reference_times)
+        record["ratio_to_adam"] = record["step_time_s"] / record["adam_step_time_s"]
+    elif config.optimizer == "adam":
+        record["adam_step_time_s"] = record["step_time_s"]
+        record["ratio_to_adam"] = 1.0
     if device.type == "cuda":
         record["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) - baseline_cuda
     else:
@@ -154,27 +188,35 @@ def measure(config: BenchConfig) -> dict:
         record["local_iters"] = optimizer.param_groups[0]["local_iters"]
         record["parallel"] = optimizer.parallel
         record["local_solve_s"] = statistics.median(p["local_solve"] for p in phases)
-        if optimizer.solve == "iterative" and flops:
+        if probes:
             k = record["local_iters"]
-            bound = (3 + 2 * k) * flops / throughput
-            record["flop_bound_s"] = bound
-            record["flop_bound_ratio"] = record["step_time_s"] / bound
+            flops = probes[0][0]
+            throughput = statistics.median(p[1] for p in probes)
+            record["flop_bound_s"] = (3 + 2 * k) * flops / throughput
+            record["flop_bound_ratio"] = record["step_time_s"] / record["flop_bound_s"]
             record["matmul_gflops"] = throughput / 1e9
     return record
+
+
+def _run_worker(config: BenchConfig, env: dict | None = None) -> dict:
+    command = [sys.executable, "-m", "sweeps.bench", json.dumps(dataclasses.asdict(config))]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark of {config.optimizer} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def bench(configs: list[BenchConfig]) -> list[dict]:
     """Run each config in its own subprocess; add ``ratio_to_adam``."""
     records = []
     for config in configs:
-        command = [sys.executable, "-m", "sweeps.bench", json.dumps(dataclasses.asdict(config))]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"benchmark of {config.optimizer} failed:\n{result.stderr[-3000:]}")
-        records.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    adam = next((r["step_time_s"] for r in records if r["optimizer"] == "adam"), None)
+        record = _run_worker(config)
+        if config.device == "cpu":
+            memory_run = dataclasses.replace(config, steps=1, warmup=1, memory_only=True)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+            record["peak_mem_bytes"] = _run_worker(memory_run, env)["peak_mem_bytes"]
+        records.append(record)
     for record in records:
-        record["ratio_to_adam"] = record["step_time_s"] / adam if adam else None
         record.setdefault("flop_bound_ratio", None)
     return records
 

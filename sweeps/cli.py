@@ -154,16 +154,15 @@ def cmd_sweep(args) -> int:
 def cmd_bench(args) -> int:
     from sweeps.bench import BenchConfig, bench
 
-    names = list(dict.fromkeys(["adam", *args.optimizers]))  # Adam is the reference
+    names = list(dict.fromkeys(args.optimizers))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     records = []
     for batch in args.batch_size:
         for width in args.width_mult:
             shared = dict(workload=args.workload, batch_size=batch, width_mult=width, depth_mult=args.depth_mult,
                           local_iters=args.local_iters, steps=args.steps, warmup=args.warmup, device=device,
-                          parallel=args.parallel)  # fmt: skip
+                          parallel=args.parallel, hparams={"compile": True} if args.compile else {})  # fmt: skip
             records += bench([BenchConfig(optimizer=name, **shared) for name in names])
-    records = [r for r in records if r["optimizer"] in args.optimizers]
     if args.json:
         for record in records:
             print(json.dumps(record))
@@ -252,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--local-iters", type=int, default=10)
     p.add_argument("--parallel", default=None, choices=["auto", "batched", "streams", "none"])
+    p.add_argument("--compile", action="store_true", help="LocoProp: fused (compiled) inner updates")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto", choices=DEVICES)

@@ -129,3 +129,29 @@ def test_inner_accepts_an_optimizer_class_and_kwargs():
     opt = LocoPropOptimizer(model, inner=torch.optim.Adam, inner_kwargs={"betas": (0.5, 0.6)})
     assert isinstance(opt.inner, torch.optim.Adam)
     assert opt.inner.param_groups[0]["betas"] == (0.5, 0.6)
+
+
+def test_compiled_rmsprop_tf_equals_the_eager_update():
+    shapes = [(4, 3), (3,), (2, 4)]
+    torch.manual_seed(0)
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    results = []
+    for compiled in (False, True):
+        params = [t.clone().requires_grad_(True) for t in start]
+        opt = RMSpropTF(params, lr=0.1, decay=0.9, momentum=0.5, eps=1e-5, compiled=compiled)
+        for step, gs in enumerate(grads):
+            opt.param_groups[0]["lr"] = 0.1 / (step + 1)  # a new lr each step, as the inner schedule does
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach() for p in params])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_option_fuses_the_inner_update():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    assert LocoPropOptimizer(model, inner="rmsprop-tf", compile=True).inner.compiled
+    assert LocoPropOptimizer(model, inner="adam", compile=True).inner.defaults["fused"] is True
+    assert not LocoPropOptimizer(model, inner="rmsprop-tf").inner.compiled

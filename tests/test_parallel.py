@@ -63,8 +63,7 @@ def test_batched_path_equals_reference_path(variant, inner, prox):
     torch.manual_seed(0)
     model = Mixed().double()
     reference, _ = _train(copy.deepcopy(model), "none", variant, inner, prox)
-    batched, opt = _train(copy.deepcopy(model), "batched", variant, inner, prox)
-    assert opt.inner.defaults.get("foreach") is True
+    batched, _ = _train(copy.deepcopy(model), "batched", variant, inner, prox)
     for name in reference:
         torch.testing.assert_close(batched[name], reference[name], rtol=1e-9, atol=1e-11, msg=name)
 
@@ -138,3 +137,27 @@ def test_streams_without_cuda_is_refused():
         LocoPropOptimizer(nn.Linear(3, 2), parallel="streams")
     with pytest.raises(ValueError, match="Invalid parallel: 'threads'"):
         LocoPropOptimizer(nn.Linear(3, 2), parallel="threads")
+
+
+def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "bench", "--batch-size", "64", "--width-mult", "0.05",
+         "--optimizers", "adam,locoprop-m,locoprop-s-exact", "--steps", "2", "--warmup", "1", "--json",
+         "--device", "cpu"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["optimizer"] for r in records] == ["adam", "locoprop-m", "locoprop-s-exact"]
+    for record in records:
+        assert {"optimizer", "step_time_s", "ratio_to_adam", "flop_bound_ratio", "peak_mem_bytes"} <= set(record)
+        assert record["step_time_s"] > 0 and record["peak_mem_bytes"] > 0
+    adam, loco, exact = records
+    assert adam["ratio_to_adam"] == 1.0 and adam["flop_bound_ratio"] is None
+    assert loco["ratio_to_adam"] == pytest.approx(loco["step_time_s"] / adam["step_time_s"])
+    assert loco["flop_bound_ratio"] == pytest.approx(loco["step_time_s"] / loco["flop_bound_s"])
+    assert exact["flop_bound_ratio"] is None  # no K local iterations to price
