@@ -44,8 +44,8 @@ Forward = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 def make_target(variant: str, transfer: Transfer, a: Tensor, g: Tensor, activation_lr: float) -> Tensor:
     """â = a − γ·g for variant S, ŷ = f(a) − γ·g for variant M."""
     if variant == "S":
-        return a - activation_lr * g
-    return transfer.fn(a) - activation_lr * g
+        return torch.sub(a, g, alpha=activation_lr)
+    return torch.sub(transfer.fn(a), g, alpha=activation_lr)  # no γ·g temporary
 
 
 def preactivation_residual(variant: str, transfer: Transfer, a: Tensor, target: Tensor) -> Tensor:

@@ -187,6 +187,7 @@ def measure(config: BenchConfig) -> dict:
     if is_locoprop:
         record["local_iters"] = optimizer.param_groups[0]["local_iters"]
         record["parallel"] = optimizer.parallel
+        record["compile"] = bool(hparams.get("compile", False))
         record["local_solve_s"] = statistics.median(p["local_solve"] for p in phases)
         if probes:
             k = record["local_iters"]
