@@ -131,9 +131,13 @@ def run_optuna_sweep(
         raise ValueError(f"Invalid trials: {trials}; expected ≥ 1")
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage_object = make_storage(storage, out, heartbeat_interval, grace_period)
+    # Only RDB storages keep heartbeats; with a journal file a dead worker's
+    # trial stays "running", so there only finished trials are counted.
+    has_heartbeat = isinstance(storage_object, optuna.storages.RDBStorage)
     study = optuna.create_study(
         study_name=study_name,
-        storage=make_storage(storage, out, heartbeat_interval, grace_period),
+        storage=storage_object,
         sampler=optuna.samplers.TPESampler(seed=sampler_seed),
         pruner=_pruner(pruner),
         direction="minimize",
@@ -167,12 +171,15 @@ def run_optuna_sweep(
         return value
 
     while True:
-        # Trials of dead workers become stale, fail, and are queued again.
-        if isinstance(study._storage, optuna.storages.RDBStorage):
-            optuna.storages.fail_stale_trials(study)
+        if has_heartbeat:
+            # Trials of dead workers become stale, fail, and are queued again.
+            # (study._storage is Optuna's caching wrapper, not the RDBStorage.)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]
         finished = sum(s in FINISHED for s in states)
-        running = sum(s == TrialState.RUNNING for s in states)
+        running = sum(s == TrialState.RUNNING for s in states) if has_heartbeat else 0
         waiting = sum(s == TrialState.WAITING for s in states)
         if finished >= trials:
             break
