@@ -62,10 +62,11 @@ def gram_statistics(x: Tensor, target: Tensor, has_bias: bool) -> tuple[Tensor, 
 def gram_grads(covariance: Tensor, cross: Tensor, weight: Tensor, bias: Tensor | None) -> list[Tensor]:
     """[∇W, ∇b] of ℓ_S from its sufficient statistics: ∇θ = θC − B."""
     if bias is None:
-        return [weight @ covariance - cross]
+        return [torch.addmm(cross, weight, covariance, alpha=1.0, beta=-1.0)]
     d_in = weight.shape[1]
-    # θC − B with θ = [W | b], without materialising θ.
-    grad = weight @ covariance[:d_in] + bias[:, None] * covariance[d_in] - cross
+    # θC − B with θ = [W | b], without materialising θ: two fused kernels
+    # (b ⊗ C_bias − B, then + W C_x) instead of four elementwise passes.
+    grad = torch.addmm(torch.addr(cross, bias, covariance[d_in], beta=-1.0), weight, covariance[:d_in])
     return [grad[:, :d_in], grad[:, d_in]]
 
 
