@@ -5,8 +5,6 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Iterable
 
-import pandas as pd
-
 from analysis import plots
 from analysis.load import load_results
 from analysis.tables import default_target, format_markdown, summary_table, time_to_target
@@ -66,8 +64,3 @@ def _target_note(targets) -> str:
         return "No first-order baseline finished, so there is no default target loss; pass --target-loss."
     parts = [f"{w}/{d}: {t:.4g}" for (w, d), t in sorted(targets.items())]
     return "Target training loss (mean final loss of the best first-order baseline): " + "; ".join(parts) + "."
-
-
-def describe(frame: pd.DataFrame) -> str:
-    runs = frame["run_id"].nunique()
-    return f"{runs} run(s) of {frame['optimizer'].nunique()} optimizer(s)"

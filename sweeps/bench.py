@@ -64,7 +64,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _unit_forward_flops(module: nn.Module, x: torch.Tensor, a: torch.Tensor) -> float:
+def _unit_forward_flops(module: nn.Module, a: torch.Tensor) -> float:
     if isinstance(module, nn.Linear):
         return 2.0 * a.numel() * module.in_features
     kernel = module.weight[0].numel()  # C_in/groups · kh · kw
@@ -73,7 +73,7 @@ def _unit_forward_flops(module: nn.Module, x: torch.Tensor, a: torch.Tensor) -> 
 
 def _matmul_throughput(units, device: torch.device, repeats: int = 5) -> tuple[float, float]:
     """(forward FLOPs of all units, FLOP/s of running them), from recorded inputs."""
-    flops = sum(_unit_forward_flops(u.module, r.x, r.a) for u in units for r in u.records)
+    flops = sum(_unit_forward_flops(u.module, r.a) for u in units for r in u.records)
     times = []
     with torch.no_grad():
         for _ in range(repeats):
