@@ -83,20 +83,17 @@ def _kfac(model, loss, h):
     return KFAC(model, loss=loss, **h)
 
 
-def _shampoo(model, loss, h):
-    from pytorch_optimizer import ScalableShampoo
+def _with_betas(class_name: str):
+    """A pytorch-optimizer class whose flat beta1/beta2 become its ``betas``."""
 
-    h = dict(h)
-    betas = (h.pop("beta1"), h.pop("beta2"))
-    return ScalableShampoo(_trainable(model), betas=betas, **h)
+    def build(model, loss, h):
+        import pytorch_optimizer
 
+        h = dict(h)
+        betas = (h.pop("beta1"), h.pop("beta2"))
+        return getattr(pytorch_optimizer, class_name)(_trainable(model), betas=betas, **h)
 
-def _soap(model, loss, h):
-    from pytorch_optimizer import SOAP
-
-    h = dict(h)
-    betas = (h.pop("beta1"), h.pop("beta2"))
-    return SOAP(_trainable(model), betas=betas, **h)
+    return build
 
 
 def _muon(model, loss, h):
@@ -233,7 +230,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "shampoo",
-            _shampoo,
+            _with_betas("ScalableShampoo"),
             dict(
                 lr=1e-3,
                 beta1=0.9,
@@ -249,7 +246,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "soap",
-            _soap,
+            _with_betas("SOAP"),
             dict(lr=3e-3, beta1=0.95, beta2=0.95, weight_decay=0.01, precondition_frequency=10, eps=1e-8),
             ("lr", "beta1", "beta2", "weight_decay"),
             "SOAP: Adam in Shampoo's eigenbasis (pytorch_optimizer.SOAP)",

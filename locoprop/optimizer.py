@@ -35,6 +35,7 @@ class _LocalProblem:
     unit: Unit | None = None
     batches: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
     grads: list[Tensor] = dataclasses.field(default_factory=list)
+    records: list = dataclasses.field(default_factory=list)
     old_params: list[Tensor] | None = None
 
 
@@ -247,7 +248,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                         "(forwards under torch.no_grad() are not recorded)"
                     )
                 continue  # the layer took no part in this loss
-            problems.append(_LocalProblem(index, unit.params, unit=unit))
+            problems.append(_LocalProblem(index, unit.params, unit=unit, records=records))
         if not problems:
             raise RuntimeError(
                 "LocoPropOptimizer.step() called before any backward pass: no parameter has a gradient "
@@ -265,12 +266,14 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             unit = problem.unit
             if unit is None:
                 continue
-            records = unit.backpropagated_records()
             if self.solve == "exact":
-                problem.batches = [(r.x, r.g) for r in records]
+                problem.batches = [(r.x, r.g) for r in problem.records]
             else:
                 gamma = self.param_groups[problem.group_index]["activation_lr"]
-                problem.batches = [(r.x, make_target(self.variant, unit.transfer, r.a, r.g, gamma)) for r in records]
+                problem.batches = [
+                    (r.x, make_target(self.variant, unit.transfer, r.a, r.g, gamma)) for r in problem.records
+                ]
+            problem.records = []
             unit.records.clear()
 
     def _solve_iterative(self, problems: list[_LocalProblem]) -> None:

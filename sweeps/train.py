@@ -189,7 +189,8 @@ def train(
     except BaseException as err:
         run.write_summary("failed", error=f"{type(err).__name__}: {err}")
         raise
-    return RunResult(run_dir, run.write_summary(status), _history(run_dir))
+    summary, history = run.write_summary(status)
+    return RunResult(run_dir, summary, history)
 
 
 def _without_out(config: dict) -> dict:
@@ -387,7 +388,8 @@ class _Run:
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
 
     # ----------------------------------------------------------- summary
-    def write_summary(self, status: str, error: str | None = None) -> dict[str, Any]:
+    def write_summary(self, status: str, error: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Write summary.json; returns it with the metrics history it was built from."""
         history = _history(self.run_dir)
         finals = history[-1] if history else {}
         finite = lambda key: [r[key] for r in history if r.get(key) is not None and math.isfinite(r[key])]  # noqa: E731
@@ -417,7 +419,7 @@ class _Run:
         if error is not None:
             summary["error"] = error
         records.write_json(self.run_dir / records.SUMMARY, summary)
-        return summary
+        return summary, history
 
     def _describe(self) -> str:
         return f"{self.config.optimizer} {self.config.workload}/{self.config.data} seed {self.config.seed}"
