@@ -15,9 +15,19 @@ which costs d_out·(d_in+1)² per iteration instead of 2·N·d_in·d_out.
 
 Units of equal shape (and transfer function) are solved together with
 batched matmuls (:func:`batched_linear_grads`), one kernel for the group.
+
+The first local iteration needs no forward matmul: at θ^old the residual is
+γ·g exactly (g = ∂L/∂a recorded by backprop), so its gradient is
+:func:`backprop_grads`, [γ·gᵀx, γ·Σg].
+
+The exact S solve (:func:`exact_s_direction`) forms only the lower triangle
+of C = x̃ᵀx̃, which is all that Cholesky reads, and applies (C + λI)⁻¹ from
+the right with two triangular solves.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor
@@ -25,12 +35,26 @@ from torch import Tensor
 from locoprop.transfer import Transfer
 
 __all__ = [
+    "backprop_grads",
     "batched_linear_grads",
+    "concat_rows",
+    "exact_s_direction",
     "gram_grads",
     "gram_is_cheaper",
     "gram_statistics",
     "linear_grads",
+    "lower_gram",
 ]
+
+# lower_gram: the width of its column blocks (narrower ones run the matmul
+# less efficiently) and their largest number (measured on a 2-core CPU).
+_GRAM_BLOCK_WIDTH = 128
+_GRAM_MAX_BLOCKS = 8
+
+
+def concat_rows(parts: list[Tensor]) -> Tensor:
+    """The rows of all recorded uses of a layer, one matrix (no copy for one use)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def linear_grads(
@@ -89,3 +113,57 @@ def batched_linear_grads(
     residual = _residual_in_place(variant, transfer, a, target)
     grad_weight = torch.bmm(residual.transpose(1, 2), x)
     return grad_weight, (residual.sum(1) if bias is not None else None)
+
+
+def backprop_grads(x: Tensor, g: Tensor, activation_lr: float, has_bias: bool) -> list[Tensor]:
+    """[γ·gᵀx, γ·Σg]: a linear unit's local gradient at θ^old, either variant.
+
+    There a − â = f(a) − ŷ = γ·g, so the first local iteration is priced at one
+    matmul (this one) instead of two.
+    """
+    grads = [torch.mm(g.T, x).mul_(activation_lr)]
+    if has_bias:
+        grads.append(g.sum(0).mul_(activation_lr))
+    return grads
+
+
+def lower_gram(x: Tensor, out: Tensor) -> Tensor:
+    """``out`` ← xᵀx, with only its lower triangle (diagonal included) computed.
+
+    The entries above the diagonal are left unset: Cholesky reads only the
+    lower triangle. Computed in b block rows, it costs (b+1)/2b of the full
+    product's FLOPs; blocks about 128 columns wide keep the matmuls efficient.
+    """
+    d = x.shape[1]
+    blocks = min(max(round(d / _GRAM_BLOCK_WIDTH), 1), _GRAM_MAX_BLOCKS)
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    for start, stop in itertools.pairwise(edges):
+        # beta=0: the unset entries of ``out`` are ignored, even NaN ones.
+        out[start:stop, :stop].addmm_(x[:, start:stop].T, x[:, :stop], beta=0.0)
+    return out
+
+
+def exact_s_direction(x: Tensor, g: Tensor, has_bias: bool, prox: float) -> tuple[Tensor, Tensor]:
+    """Δ = Gᵀx̃ (C + λI)⁻¹ (d_out × d_in+1 with a bias) and Cholesky's ``info``.
+
+    The exact S solution is θ_new = θ^old − γ·Δ (SPEC §2), with x̃ = [x, 1]
+    and C = x̃ᵀx̃. The bias entries are sums (C's last row Σx and N, the last
+    column of Gᵀx̃ Σg), so x̃ is never formed. With C + λI = L Lᵀ, Δ solves
+    Δ L Lᵀ = Gᵀx̃: two triangular solves from the right, no transposed
+    copies. ``info`` is nonzero when C + λI did not factor (not positive
+    definite in this precision).
+    """
+    rows, d_in = x.shape
+    d = d_in + int(has_bias)
+    covariance = x.new_empty(d, d)
+    lower_gram(x, out=covariance[:d_in, :d_in])
+    cross = x.new_empty(g.shape[1], d)
+    cross[:, :d_in].addmm_(g.T, x, beta=0.0)
+    if has_bias:
+        torch.sum(x, 0, out=covariance[d_in, :d_in])
+        covariance[d_in, d_in] = rows
+        torch.sum(g, 0, out=cross[:, d_in])
+    covariance.diagonal().add_(prox)
+    factor, info = torch.linalg.cholesky_ex(covariance)
+    half = torch.linalg.solve_triangular(factor.mT, cross, upper=True, left=False)
+    return torch.linalg.solve_triangular(factor, half, upper=False, left=False), info

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from locoprop import fast
 from locoprop.inner import INNER_SCHEDULES, RMSpropTF, inner_lr, resolve_inner
 from locoprop.local import exact_s_solution, make_target
 from locoprop.solve import PARALLEL_MODES, LocalGradients
@@ -26,13 +27,16 @@ SOLVES = ("iterative", "exact")
 class _LocalProblem:
     """What one parameter group solves in this step.
 
-    For a unit: its stored (x, target) pairs, or (x, g) pairs for the exact
-    solve. For the parameters outside every unit: their ordinary gradients.
+    For a unit: its recorded (x, g) pairs, γ, and for the iterative solve
+    its (x, target) pairs. For the parameters outside every unit: their
+    ordinary gradients.
     """
 
     group_index: int
     params: list[Tensor]
     unit: Unit | None = None
+    backprop: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
+    activation_lr: float = 0.0
     batches: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
     grads: list[Tensor] = dataclasses.field(default_factory=list)
     records: list = dataclasses.field(default_factory=list)
@@ -88,7 +92,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         solve: "iterative" or "exact".
         parallel: how the local solves run (``locoprop.solve``): "batched"
             (no autograd for linear units, Gram form of S, equal-shape units
-            in batched matmuls, foreach inner updates), "streams" (the same,
+            in batched matmuls, foreach inner updates; for the exact solve,
+            ``locoprop.fast.exact_s_direction``), "streams" (the same,
             unit groups on separate CUDA streams), "none" (the readable
             reference path) or "auto" (streams on CUDA, batched otherwise).
         compile: fuse the inner update, run K times per step: "rmsprop-tf"
@@ -257,21 +262,21 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         return problems
 
     def _set_targets(self, problems: list[_LocalProblem]) -> None:
-        """Each unit's (x, target) pairs, or (x, g) for the exact solve.
+        """Each unit's (x, g) pairs, and (x, target) pairs for the iterative solve.
 
         A unit's records are released as soon as its targets exist, so that
-        its pre-activations and gradients do not outlive their use.
+        its pre-activations do not outlive their use.
         """
         for problem in problems:
             unit = problem.unit
             if unit is None:
                 continue
-            if self.solve == "exact":
-                problem.batches = [(r.x, r.g) for r in problem.records]
-            else:
-                gamma = self.param_groups[problem.group_index]["activation_lr"]
+            problem.activation_lr = self.param_groups[problem.group_index]["activation_lr"]
+            problem.backprop = [(r.x, r.g) for r in problem.records]
+            if self.solve == "iterative":
                 problem.batches = [
-                    (r.x, make_target(self.variant, unit.transfer, r.a, r.g, gamma)) for r in problem.records
+                    (r.x, make_target(self.variant, unit.transfer, r.a, r.g, problem.activation_lr))
+                    for r in problem.records
                 ]
             problem.records = []
             unit.records.clear()
@@ -290,6 +295,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             if self.param_groups[problem.group_index]["prox"]:
                 problem.old_params = [p.detach().clone() for p in problem.params]
         plan = LocalGradients(unit_problems, self.variant, self._parallel_mode(), iterations)
+        for problem in unit_problems:
+            problem.backprop = []  # the plan holds what it needs of g
         try:
             for t in range(max(iterations.values())):
                 for problem in unit_problems:
@@ -332,11 +339,38 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         return self.param_groups[problem.group_index]["local_iters"] if problem.unit is not None else 1
 
     def _solve_exact(self, problems: list[_LocalProblem]) -> None:
+        """θ ← θ^old − γ·Gᵀx̃(C + λI)⁻¹ for every unit, all solved before any changes."""
+        if self._parallel_mode() == "none":
+            solutions, failed = [], []
+            for problem in problems:
+                prox = self.param_groups[problem.group_index]["prox"]
+                try:
+                    solutions.append(exact_s_solution(problem.params, problem.backprop, problem.activation_lr, prox))
+                except torch.linalg.LinAlgError:
+                    failed.append(problem.unit.name)
+            if failed:
+                raise _not_positive_definite(failed, problems[0].params[0].dtype)
+            for problem, solution in zip(problems, solutions):
+                for p, new in zip(problem.params, solution):
+                    p.copy_(new.reshape(p.shape))
+            return
+        directions, infos = [], []
         for problem in problems:
-            group = self.param_groups[problem.group_index]
-            solution = exact_s_solution(problem.params, problem.batches, group["activation_lr"], group["prox"])
-            for p, new in zip(problem.params, solution):
-                p.copy_(new.reshape(p.shape))
+            adapter = problem.unit.adapter
+            x = fast.concat_rows([adapter.input_rows(x) for x, _ in problem.backprop])
+            g = fast.concat_rows([adapter.output_rows(g) for _, g in problem.backprop])
+            prox = self.param_groups[problem.group_index]["prox"]
+            direction, info = fast.exact_s_direction(x, g, len(problem.params) == 2, prox)
+            directions.append(direction)
+            infos.append(info)
+        if torch.stack(infos).any():
+            failed = [problem.unit.name for problem, info in zip(problems, infos) if info]
+            raise _not_positive_definite(failed, directions[0].dtype)
+        for problem, direction in zip(problems, directions):
+            weight, *bias = problem.params
+            weight.add_(direction[:, : weight.shape[1]], alpha=-problem.activation_lr)
+            if bias:
+                bias[0].add_(direction[:, -1], alpha=-problem.activation_lr)
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -393,6 +427,13 @@ def _check_unit(unit: Unit, variant: str, solve: str) -> None:
         raise ValueError(f"Softmax over the last dimension does not apply to Conv2d unit {unit.name!r}")
 
 
+def _not_positive_definite(units: list[str], dtype: torch.dtype) -> torch.linalg.LinAlgError:
+    return torch.linalg.LinAlgError(
+        f"Exact solve: C + λI of unit(s) {units} is not positive definite in {dtype}; "
+        "no parameter was changed. Raise prox"
+    )
+
+
 def _accepts(factory, name: str) -> bool:
     try:
         return name in inspect.signature(factory).parameters
@@ -408,5 +449,6 @@ def _all_finite(problems: list[_LocalProblem]) -> bool:
     the float range (values near 1e32 and more) would count a finite batch as
     non-finite, and such a batch is lost anyway.
     """
-    tensors = [t for pr in problems for pair in pr.batches for t in pair] + [g for pr in problems for g in pr.grads]
+    tensors = [t for pr in problems for pair in pr.backprop for t in pair]
+    tensors += [target for pr in problems for _, target in pr.batches] + [g for pr in problems for g in pr.grads]
     return bool(torch.stack([t.sum() for t in tensors]).isfinite().all())

@@ -6,9 +6,10 @@ current parameters, K times. Three ways (``parallel``):
 
 - "none": the readable reference, :func:`locoprop.local.local_grads` (the
   layer's vector-Jacobian product by autograd), one unit after the other;
-- "batched": linear units without autograd (:mod:`locoprop.fast`); variant
-  S through its Gram statistics where that costs fewer FLOPs; linear units
-  of equal shape and transfer function stacked into batched matmuls;
+- "batched": linear units without autograd (:mod:`locoprop.fast`), their
+  first iteration from the backprop record (no forward matmul); variant S
+  through its Gram statistics where that costs fewer FLOPs; linear units of
+  equal shape and transfer function stacked into batched matmuls;
 - "streams" (CUDA): as "batched", with each group of units issued on its own
   CUDA stream so that units of different shapes run concurrently.
 """
@@ -36,13 +37,17 @@ class _Work:
 
     problems: list[Any]
     compute: Callable[[], list[list[Tensor]]]
+    # The gradients at θ^old from the recorded backprop pass, used by the
+    # first iteration instead of ``compute`` (fast paths only).
+    initial: list[list[Tensor]] | None = None
 
 
 class LocalGradients:
     """The local gradients of a step's unit problems, by the chosen method.
 
     Args:
-        problems: objects with ``unit``, ``params`` and ``batches`` ((x, target) pairs).
+        problems: objects with ``unit``, ``params``, ``batches`` ((x, target)
+            pairs), ``backprop`` ((x, g) pairs) and ``activation_lr`` (γ).
         variant: "M" or "S".
         mode: "none", "batched" or "streams".
         local_iters: K of each problem, to choose the Gram form.
@@ -61,8 +66,8 @@ class LocalGradients:
             if not isinstance(module, nn.Linear):
                 self.work.append(_Work([problem], self._reference(problem)))
                 continue
-            x = _rows(problem.unit.adapter.input_rows(x) for x, _ in problem.batches)
-            target = _rows(problem.unit.adapter.output_rows(t) for _, t in problem.batches)
+            x = fast.concat_rows([problem.unit.adapter.input_rows(x) for x, _ in problem.batches])
+            target = fast.concat_rows([problem.unit.adapter.output_rows(t) for _, t in problem.batches])
             d_out, d_in = module.weight.shape
             if variant == "S" and fast.gram_is_cheaper(len(x), d_in, d_out, local_iters[problem]):
                 self.work.append(_Work([problem], self._gram(problem, x, target)))
@@ -71,18 +76,20 @@ class LocalGradients:
                    x.dtype, x.device)  # fmt: skip
             batchable.setdefault(key, []).append((problem, x, target))
         for group in batchable.values():
+            problems_of_group = [g[0] for g in group]
+            initial = [_backprop_grads(problem) for problem in problems_of_group]
             if len(group) == 1:
                 problem, x, target = group[0]
-                self.work.append(_Work([problem], self._linear(problem, x, target)))
+                self.work.append(_Work(problems_of_group, self._linear(problem, x, target), initial))
             else:
-                self.work.append(_Work([g[0] for g in group], self._batched(group)))
+                self.work.append(_Work(problems_of_group, self._batched(group), initial))
 
     def __call__(self, active: set) -> dict[Any, list[Tensor]]:
         """Local gradients of the ``active`` problems at the current parameters."""
         todo = [w for w in self.work if any(p in active for p in w.problems)]
         if self.mode == "streams" and len(todo) > 1:
             return self._on_streams(todo)
-        return {p: g for w in todo for p, g in zip(w.problems, w.compute())}
+        return {p: g for w in todo for p, g in zip(w.problems, _grads(w))}
 
     # ------------------------------------------------------------ kernels
     def _reference(self, problem) -> Callable[[], list[list[Tensor]]]:
@@ -134,7 +141,7 @@ class LocalGradients:
         for work, stream in zip(todo, streams):
             stream.wait_stream(main)  # inputs written on the main stream
             with torch.cuda.stream(stream):
-                for problem, grads in zip(work.problems, work.compute()):
+                for problem, grads in zip(work.problems, _grads(work)):
                     results[problem] = grads
         for stream in streams:
             main.wait_stream(stream)
@@ -144,9 +151,18 @@ class LocalGradients:
         return results
 
 
-def _rows(parts) -> Tensor:
-    parts = list(parts)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)  # no copy for the usual single use
+def _grads(work: _Work) -> list[list[Tensor]]:
+    if work.initial is None:
+        return work.compute()
+    grads, work.initial = work.initial, None  # only for the first iteration
+    return grads
+
+
+def _backprop_grads(problem) -> list[Tensor]:
+    adapter = problem.unit.adapter
+    x = fast.concat_rows([adapter.input_rows(x) for x, _ in problem.backprop])
+    g = fast.concat_rows([adapter.output_rows(g) for _, g in problem.backprop])
+    return fast.backprop_grads(x, g, problem.activation_lr, problem.unit.module.bias is not None)
 
 
 def _bias(module: nn.Module) -> Tensor | None:

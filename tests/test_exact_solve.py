@@ -2,8 +2,9 @@
 
 import copy
 
+import pytest
 import torch
-from conftest import snapshot
+from conftest import assert_same_params, snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer
@@ -46,8 +47,10 @@ def test_exact_equals_iterative_solve_run_to_convergence():
         torch.testing.assert_close(exact[name], iterative[name], rtol=1e-8, atol=1e-10)
 
 
-def test_exact_solution_zeroes_the_gradient_of_the_local_objective():
-    """Check optimality directly: ∇ℓ_S(θ_new) = 0, with ℓ_S written out."""
+@pytest.mark.parametrize("parallel", ["none", "batched"])
+def test_exact_solution_zeroes_the_gradient_of_the_local_objective(parallel):
+    """Check optimality directly: ∇ℓ_S(θ_new) = 0, with ℓ_S written out, for
+    the reference solve and the fast one (lower-triangle C, solves from the right)."""
     model, x, y = _setup()
     old = copy.deepcopy(model)
     captured = {}
@@ -57,7 +60,7 @@ def test_exact_solution_zeroes_the_gradient_of_the_local_objective():
     (g,) = torch.autograd.grad(loss, captured["a"])
     target = captured["a"].detach() - GAMMA * g
 
-    new = _step(model, x, y, lr=1.0, solve="exact")
+    new = _step(model, x, y, lr=1.0, solve="exact", parallel=parallel)
     weight = new["2.weight"].requires_grad_(True)
     bias = new["2.bias"].requires_grad_(True)
     h = captured["h"].detach()
@@ -66,3 +69,46 @@ def test_exact_solution_zeroes_the_gradient_of_the_local_objective():
     )
     for grad in torch.autograd.grad(objective, [weight, bias]):
         torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-9, rtol=0)
+
+
+def test_fast_exact_solve_equals_the_reference_with_a_wide_layer_used_twice():
+    """Blocked C (d ≥ 256), no bias on one unit, and a layer whose two uses add up."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide = nn.Linear(300, 300)
+            self.head = nn.Linear(300, 4, bias=False)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.wide(torch.tanh(self.wide(x)))))
+
+    model = Net().double()
+    x = torch.randn(500, 300, dtype=torch.float64)
+    y = torch.randn(500, 4, dtype=torch.float64)
+    units = lambda m: [(m.wide, "tanh"), (m.head, "identity")]  # noqa: E731
+    results = {}
+    for parallel in ("none", "batched"):
+        m = copy.deepcopy(model)
+        opt = LocoPropOptimizer(m, variant="S", solve="exact", prox=PROX, activation_lr=GAMMA, units=units(m),
+                                parallel=parallel)  # fmt: skip
+        for _ in range(2):
+            opt.zero_grad()
+            (m(x) - y).pow(2).sum(1).mean().backward()
+            opt.step()
+        results[parallel] = snapshot(m)
+    for name in results["none"]:
+        torch.testing.assert_close(results["batched"][name], results["none"][name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("parallel", ["none", "batched"])
+def test_exact_solve_that_cannot_factor_changes_nothing(parallel):
+    """Unit '2' has a rank-3 C (300 inputs, 3 rows) and λ far below float32
+    resolution: a clear error naming it, and no parameter changed."""
+    model = nn.Sequential(nn.Linear(2, 300), nn.Tanh(), nn.Linear(300, 4))
+    opt = LocoPropOptimizer(model, variant="S", solve="exact", prox=1e-30, parallel=parallel)
+    model(torch.randn(3, 2) * 100).sum().backward()
+    before = snapshot(model)
+    with pytest.raises(torch.linalg.LinAlgError, match=r"unit\(s\) \['2'\] is not positive definite.*Raise prox"):
+        opt.step()
+    assert_same_params(model, before)

@@ -9,7 +9,7 @@ from conftest import snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer, fast
-from locoprop.local import local_grads
+from locoprop.local import local_grads, make_target
 from locoprop.transfer import transfer_by_name
 from locoprop.units import LinearAdapter
 
@@ -99,6 +99,35 @@ def test_gram_form_equals_the_batch_form_of_the_s_gradient():
     (gram_w,) = fast.gram_grads(covariance, cross, no_bias.weight.detach(), None)
     (ref_w,) = local_grads("S", identity, LinearAdapter(no_bias).forward, [no_bias.weight], [(x, target)])
     torch.testing.assert_close(gram_w, ref_w)
+
+
+@pytest.mark.parametrize("variant, transfer", [("M", "tanh"), ("M", "softmax"), ("S", "relu")])
+def test_first_iteration_gradient_from_the_backprop_record_equals_autograd(variant, transfer):
+    """At θ^old the local gradient is γ·[gᵀx, Σg]: no forward matmul needed."""
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 5).double()
+    x = torch.randn(30, 7, dtype=torch.float64)
+    g = torch.randn(30, 5, dtype=torch.float64)
+    gamma = 0.7
+    f = transfer_by_name(transfer)
+    with torch.no_grad():
+        target = make_target(variant, f, layer(x), g, gamma)
+    reference = local_grads(variant, f, LinearAdapter(layer).forward, [layer.weight, layer.bias], [(x, target)])
+    for fast_grad, ref in zip(fast.backprop_grads(x, g, gamma, has_bias=True), reference):
+        torch.testing.assert_close(fast_grad, ref)
+
+
+@pytest.mark.parametrize("width", [5, 200, 301, 1030])
+def test_lower_gram_fills_the_lower_triangle_that_cholesky_reads(width):
+    torch.manual_seed(0)
+    x = torch.randn(width + 20, width, dtype=torch.float64)
+    out = torch.full((width, width), float("nan"), dtype=torch.float64)
+    fast.lower_gram(x, out=out)
+    full = x.T @ x
+    lower = torch.ones(width, width, dtype=torch.bool).tril()
+    torch.testing.assert_close(out[lower], full[lower])
+    # Whatever lies above the diagonal (here NaN where blocks leave it unset) is not read.
+    torch.testing.assert_close(torch.linalg.cholesky(out), torch.linalg.cholesky(full))
 
 
 def test_gram_form_is_chosen_by_flop_count():
