@@ -43,6 +43,7 @@ __all__ = [
     "gram_is_cheaper",
     "gram_statistics",
     "linear_grads",
+    "linear_workspace",
     "lower_gram",
 ]
 
@@ -57,15 +58,39 @@ def concat_rows(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def linear_workspace(x: Tensor, weight: Tensor, bias: Tensor | None) -> list[Tensor]:
+    """Buffers [a, ∇W(, ∇b)] for :func:`linear_grads`, one set per step.
+
+    Reused by every local iteration: freshly allocated outputs would cost
+    page faults on every iteration (matmul outputs are large).
+    """
+    out = [x.new_empty(*x.shape[:-1], weight.shape[-2]), torch.empty_like(weight)]
+    return out + ([torch.empty_like(bias)] if bias is not None else [])
+
+
 def linear_grads(
-    variant: str, transfer: Transfer, x: Tensor, target: Tensor, weight: Tensor, bias: Tensor | None
+    variant: str,
+    transfer: Transfer,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    """[∇W, ∇b] of a linear unit's local objective; x and target are 2-D rows."""
-    a = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-    residual = _residual_in_place(variant, transfer, a, target)
-    grads = [residual.T @ x]
+    """[∇W, ∇b] of a linear unit's local objective; x and target are 2-D rows.
+
+    ``out`` (from :func:`linear_workspace`) receives the results; the
+    returned gradients are its buffers.
+    """
+    a, *grads = out if out is not None else linear_workspace(x, weight, bias)
     if bias is not None:
-        grads.append(residual.sum(0))
+        torch.addmm(bias, x, weight.T, out=a)
+    else:
+        torch.mm(x, weight.T, out=a)
+    residual = _residual_in_place(variant, transfer, a, target)
+    torch.mm(residual.T, x, out=grads[0])
+    if bias is not None:
+        torch.sum(residual, 0, out=grads[1])
     return grads
 
 
@@ -103,28 +128,40 @@ def gram_is_cheaper(rows: int, d_in: int, d_out: int, local_iters: int) -> bool:
 
 
 def batched_linear_grads(
-    variant: str, transfer: Transfer, x: Tensor, target: Tensor, weight: Tensor, bias: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """∇W (G × d_out × d_in) and ∇b (G × d_out) for G stacked units of one shape."""
+    variant: str,
+    transfer: Transfer,
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """[∇W (G × d_out × d_in), ∇b (G × d_out)] for G stacked units of one shape.
+
+    ``out``: buffers from :func:`linear_workspace` of the stacked tensors.
+    """
+    a, *grads = out if out is not None else linear_workspace(x, weight, bias)
     if bias is not None:
-        a = torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2))
+        torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2), out=a)
     else:
-        a = torch.bmm(x, weight.transpose(1, 2))
+        torch.bmm(x, weight.transpose(1, 2), out=a)
     residual = _residual_in_place(variant, transfer, a, target)
-    grad_weight = torch.bmm(residual.transpose(1, 2), x)
-    return grad_weight, (residual.sum(1) if bias is not None else None)
+    torch.bmm(residual.transpose(1, 2), x, out=grads[0])
+    if bias is not None:
+        torch.sum(residual, 1, out=grads[1])
+    return grads
 
 
-def backprop_grads(x: Tensor, g: Tensor, activation_lr: float, has_bias: bool) -> list[Tensor]:
-    """[γ·gᵀx, γ·Σg]: a linear unit's local gradient at θ^old, either variant.
+def backprop_grads(x: Tensor, g: Tensor, activation_lr: float, out: list[Tensor]) -> list[Tensor]:
+    """``out`` ← [γ·gᵀx, γ·Σg]: a linear unit's local gradient at θ^old, either variant.
 
     There a − â = f(a) − ŷ = γ·g, so the first local iteration is priced at one
-    matmul (this one) instead of two.
+    matmul (this one) instead of two. ``out``: [∇W] or [∇W, ∇b] buffers.
     """
-    grads = [torch.mm(g.T, x).mul_(activation_lr)]
-    if has_bias:
-        grads.append(g.sum(0).mul_(activation_lr))
-    return grads
+    torch.mm(g.T, x, out=out[0]).mul_(activation_lr)
+    if len(out) == 2:
+        torch.sum(g, 0, out=out[1]).mul_(activation_lr)
+    return out
 
 
 def lower_gram(x: Tensor, out: Tensor) -> Tensor:

@@ -58,6 +58,7 @@ class RMSpropTF(torch.optim.Optimizer):
         defaults = dict(lr=lr, decay=decay, momentum=momentum, eps=eps, foreach=foreach)
         super().__init__(params, defaults)
         self.compiled = compiled
+        self._lr_tensors: dict[int, Tensor] = {}  # the compiled step's lr inputs, by group
 
     def _init_group(self, group, params, grads, mean_squares, moms) -> None:
         for p in group["params"]:
@@ -80,22 +81,13 @@ class RMSpropTF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.compiled:
+            self._compiled_step()
+            return loss
         for group in self.param_groups:
             params, grads, mean_squares, moms = [], [], [], []
             self._init_group(group, params, grads, mean_squares, moms)
-            if params and self.compiled:
-                _compiled_rmsprop_tf()(
-                    params,
-                    grads,
-                    mean_squares,
-                    moms,
-                    # A tensor lr: a new value each local step must not recompile.
-                    torch.tensor(group["lr"], dtype=params[0].dtype, device=params[0].device),
-                    group["decay"],
-                    group["momentum"],
-                    group["eps"],
-                )
-            elif params:
+            if params:
                 rmsprop_tf(
                     params,
                     grads,
@@ -108,6 +100,35 @@ class RMSpropTF(torch.optim.Optimizer):
                     foreach=group["foreach"],
                 )
         return loss
+
+    def _compiled_step(self) -> None:
+        """One compiled call for all groups that share decay, momentum and eps.
+
+        Each call of a compiled function checks its guards, which costs about
+        as much as the fused update of a small group; LocoProp has one group
+        per unit and steps K times per outer step. Learning rates go in as
+        tensors, one per group, so that the inner schedule does not recompile.
+        """
+        batches: dict[tuple, tuple[list, ...]] = {}
+        for index, group in enumerate(self.param_groups):
+            params, grads, mean_squares, moms = [], [], [], []
+            self._init_group(group, params, grads, mean_squares, moms)
+            if not params:
+                continue
+            lr = self._lr_tensor(index, params[0])
+            lr.fill_(group["lr"])
+            key = (group["decay"], group["momentum"], group["eps"])
+            batch = batches.setdefault(key, ([], [], [], [], []))
+            for items, new in zip(batch, (params, grads, mean_squares, moms, [lr] * len(params))):
+                items.extend(new)
+        for (decay, momentum, eps), batch in batches.items():
+            _compiled_rmsprop_tf()(*batch, decay, momentum, eps)
+
+    def _lr_tensor(self, index: int, like: Tensor) -> Tensor:
+        lr = self._lr_tensors.get(index)
+        if lr is None or lr.device != like.device or lr.dtype != like.dtype:
+            lr = self._lr_tensors[index] = torch.zeros((), dtype=like.dtype, device=like.device)
+        return lr
 
 
 def rmsprop_tf(
@@ -131,8 +152,8 @@ def rmsprop_tf(
         _single_tensor_rmsprop_tf(params, grads, mean_squares, moms, lr=lr, decay=decay, momentum=momentum, eps=eps)
 
 
-def _rmsprop_tf_tensor_lr(params, grads, mean_squares, moms, lr, decay, momentum, eps):
-    for p, g, ms, mom in zip(params, grads, mean_squares, moms):
+def _rmsprop_tf_tensor_lr(params, grads, mean_squares, moms, lrs, decay, momentum, eps):
+    for p, g, ms, mom, lr in zip(params, grads, mean_squares, moms, lrs):
         ms.mul_(decay).addcmul_(g, g, value=1.0 - decay)
         mom.mul_(momentum).add_(lr * g / (ms + eps).sqrt())
         p.sub_(mom)

@@ -17,6 +17,7 @@ current parameters, K times. Three ways (``parallel``):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -75,14 +76,11 @@ class LocalGradients:
             key = (tuple(module.weight.shape), module.bias is not None, tuple(x.shape), problem.unit.transfer.name,
                    x.dtype, x.device)  # fmt: skip
             batchable.setdefault(key, []).append((problem, x, target))
+        # Linear units run one after another, except on streams: then one
+        # pre-activation buffer serves them all.
+        scratch = _Scratch(shared=mode != "streams")
         for group in batchable.values():
-            problems_of_group = [g[0] for g in group]
-            initial = [_backprop_grads(problem) for problem in problems_of_group]
-            if len(group) == 1:
-                problem, x, target = group[0]
-                self.work.append(_Work(problems_of_group, self._linear(problem, x, target), initial))
-            else:
-                self.work.append(_Work(problems_of_group, self._batched(group), initial))
+            self.work.append(self._linear(*group[0], scratch) if len(group) == 1 else self._batched(group, scratch))
 
     def __call__(self, active: set) -> dict[Any, list[Tensor]]:
         """Local gradients of the ``active`` problems at the current parameters."""
@@ -92,21 +90,27 @@ class LocalGradients:
         return {p: g for w in todo for p, g in zip(w.problems, _grads(w))}
 
     # ------------------------------------------------------------ kernels
+    # The kernels capture what they need, not ``self``: a plan -> kernel ->
+    # plan cycle would keep every buffer of a step alive until the garbage
+    # collector ran, into the next step.
     def _reference(self, problem) -> Callable[[], list[list[Tensor]]]:
-        unit = problem.unit
+        unit, variant = problem.unit, self.variant
 
         def compute():
-            return [local_grads(self.variant, unit.transfer, unit.adapter.forward, problem.params, problem.batches)]
+            return [local_grads(variant, unit.transfer, unit.adapter.forward, problem.params, problem.batches)]
 
         return compute
 
-    def _linear(self, problem, x: Tensor, target: Tensor):
-        module, transfer = problem.unit.module, problem.unit.transfer
+    def _linear(self, problem, x: Tensor, target: Tensor, scratch: _Scratch) -> _Work:
+        module, transfer, variant = problem.unit.module, problem.unit.transfer, self.variant
+        activation = scratch.reserve((x.shape[0], module.out_features), x)
+        grads = fast.linear_workspace(x, module.weight, module.bias)[1:]
 
         def compute():
-            return [fast.linear_grads(self.variant, transfer, x, target, module.weight.detach(), _bias(module))]
+            out = [activation(), *grads]
+            return [fast.linear_grads(variant, transfer, x, target, module.weight.detach(), _bias(module), out)]
 
-        return compute
+        return _Work([problem], compute, [_backprop_grads(problem, grads)])
 
     def _gram(self, problem, x: Tensor, target: Tensor):
         module = problem.unit.module
@@ -117,22 +121,27 @@ class LocalGradients:
 
         return compute
 
-    def _batched(self, group: list[tuple[Any, Tensor, Tensor]]):
+    def _batched(self, group: list[tuple[Any, Tensor, Tensor]], scratch: _Scratch) -> _Work:
         problems = [g[0] for g in group]
         modules = [p.unit.module for p in problems]
-        transfer = problems[0].unit.transfer
+        transfer, variant = problems[0].unit.transfer, self.variant
         x = torch.stack([g[1] for g in group])
         target = torch.stack([g[2] for g in group])
+        weight = torch.stack([m.weight.detach() for m in modules])
+        bias = torch.stack([m.bias.detach() for m in modules]) if modules[0].bias is not None else None
+        activation = scratch.reserve((*x.shape[:2], weight.shape[1]), x)
+        grads = fast.linear_workspace(x, weight, bias)[1:]
 
         def compute():
-            weight = torch.stack([m.weight.detach() for m in modules])
-            bias = torch.stack([m.bias.detach() for m in modules]) if modules[0].bias is not None else None
-            grad_weight, grad_bias = fast.batched_linear_grads(self.variant, transfer, x, target, weight, bias)
-            if grad_bias is None:
-                return [[gw] for gw in grad_weight.unbind(0)]
-            return [[gw, gb] for gw, gb in zip(grad_weight.unbind(0), grad_bias.unbind(0))]
+            # The current parameters, stacked into the same buffers each time.
+            torch.stack([m.weight.detach() for m in modules], out=weight)
+            if bias is not None:
+                torch.stack([m.bias.detach() for m in modules], out=bias)
+            fast.batched_linear_grads(variant, transfer, x, target, weight, bias, [activation(), *grads])
+            return [list(unit_grads) for unit_grads in zip(*(g.unbind(0) for g in grads))]
 
-        return compute
+        initial = [_backprop_grads(p, [g[i] for g in grads]) for i, p in enumerate(problems)]
+        return _Work(problems, compute, initial)
 
     def _on_streams(self, todo: list[_Work]) -> dict[Any, list[Tensor]]:
         main = torch.cuda.current_stream()
@@ -158,11 +167,34 @@ def _grads(work: _Work) -> list[list[Tensor]]:
     return grads
 
 
-def _backprop_grads(problem) -> list[Tensor]:
+def _backprop_grads(problem, out: list[Tensor]) -> list[Tensor]:
     adapter = problem.unit.adapter
     x = fast.concat_rows([adapter.input_rows(x) for x, _ in problem.backprop])
     g = fast.concat_rows([adapter.output_rows(g) for _, g in problem.backprop])
-    return fast.backprop_grads(x, g, problem.activation_lr, problem.unit.module.bias is not None)
+    return fast.backprop_grads(x, g, problem.activation_lr, out)
+
+
+class _Scratch:
+    """Pre-activation buffers of the linear kernels, reserved when a plan is
+    built and allocated at first use: one buffer of the largest size when the
+    kernels run one after another (``shared``), else one per kernel."""
+
+    def __init__(self, shared: bool):
+        self.shared = shared
+        self.numel: dict[tuple, int] = {}
+        self.buffers: dict[tuple, Tensor] = {}
+
+    def reserve(self, shape: tuple[int, ...], like: Tensor) -> Callable[[], Tensor]:
+        numel = math.prod(shape)
+        key = (like.dtype, like.device) if self.shared else (len(self.numel),)
+        self.numel[key] = max(self.numel.get(key, 0), numel)
+
+        def buffer() -> Tensor:
+            if key not in self.buffers:
+                self.buffers[key] = like.new_empty(self.numel[key])
+            return self.buffers[key][:numel].view(shape)
+
+        return buffer
 
 
 def _bias(module: nn.Module) -> Tensor | None:

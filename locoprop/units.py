@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -115,6 +116,23 @@ class _Record:
         self.g = grad if self.g is None else self.g + grad
 
 
+def _weak_grad_hook(record: _Record):
+    """A gradient hook that does not keep ``record`` alive.
+
+    The hook lives as long as the autograd graph, and users keep the graph
+    through ``loss`` until their next iteration; a strong reference would
+    keep every unit's x, a and g alive past the step that consumed them.
+    """
+    ref = weakref.ref(record)
+
+    def add_grad(grad: Tensor) -> None:
+        alive = ref()
+        if alive is not None:
+            alive.add_grad(grad)
+
+    return add_grad
+
+
 @dataclasses.dataclass(eq=False)
 class Unit:
     """A layer and its transfer function, with what its hooks recorded.
@@ -156,7 +174,7 @@ class Unit:
         if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return
         record = _Record(x=inputs[0].detach(), a=output.detach())
-        output.register_hook(record.add_grad)
+        output.register_hook(_weak_grad_hook(record))
         self.records.append(record)
 
     def backpropagated_records(self) -> list[_Record]:

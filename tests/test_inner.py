@@ -132,20 +132,26 @@ def test_inner_accepts_an_optimizer_class_and_kwargs():
 
 
 def test_compiled_rmsprop_tf_equals_the_eager_update():
-    shapes = [(4, 3), (3,), (2, 4)]
+    """Groups with their own lr (changing every step), one with another momentum
+    (a separate compiled call), and a parameter without a gradient."""
+    shapes = [(4, 3), (3,), (2, 4), (5,), (2,)]
     torch.manual_seed(0)
     start = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
     results = []
     for compiled in (False, True):
         params = [t.clone().requires_grad_(True) for t in start]
-        opt = RMSpropTF(params, lr=0.1, decay=0.9, momentum=0.5, eps=1e-5, compiled=compiled)
+        groups = [{"params": params[:2]}, {"params": params[2:4], "lr": 0.3}, {"params": params[4:], "momentum": 0.9}]
+        opt = RMSpropTF(groups, lr=0.1, decay=0.9, momentum=0.5, eps=1e-5, compiled=compiled)
         for step, gs in enumerate(grads):
-            opt.param_groups[0]["lr"] = 0.1 / (step + 1)  # a new lr each step, as the inner schedule does
+            for group, base in zip(opt.param_groups, (0.1, 0.3, 0.1)):
+                group["lr"] = base / (step + 1)  # a new lr each step, as the inner schedule does
             for p, g in zip(params, gs):
                 p.grad = g.clone()
+            params[3].grad = None
             opt.step()
         results.append([p.detach() for p in params])
+    assert torch.equal(results[1][3], start[3])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
