@@ -35,6 +35,7 @@ from torch import Tensor
 from locoprop.transfer import Transfer
 
 __all__ = [
+    "backprop_gradient_mismatch",
     "backprop_grads",
     "batched_linear_grads",
     "concat_rows",
@@ -45,6 +46,7 @@ __all__ = [
     "linear_grads",
     "linear_workspace",
     "lower_gram",
+    "reuse_tolerance",
 ]
 
 # lower_gram: the width of its column blocks (narrower ones run the matmul
@@ -164,6 +166,39 @@ def backprop_grads(x: Tensor, g: Tensor, activation_lr: float, out: list[Tensor]
     return out
 
 
+def backprop_gradient_mismatch(grads: list[Tensor | None], x: Tensor, g: Tensor) -> Tensor:
+    """How far ``grads`` ([∇W] or [∇W, ∇b], usually ``p.grad``) is from the
+    layer's backprop gradient [gᵀx, Σg], relative, on a fixed random direction.
+
+    Freivalds' check: with P = [∇W | ∇b], x̃ = [x, 1] and a random v, compare
+    P·v with gᵀ(x̃·v), three matrix-vector products instead of one matrix
+    product. A real difference D shows unless ‖D·v‖ is below the tolerance,
+    which a random v makes about as unlikely as ‖D‖ being that small. The
+    gradient differs from the backprop one when the user changed it after
+    ``backward()`` (clipping, added weight decay) or the parameter is also used
+    outside the unit. ``inf`` when a gradient is missing.
+    """
+    if any(grad is None for grad in grads):
+        return x.new_tensor(float("inf"))
+    d_in = x.shape[1]
+    generator = torch.Generator().manual_seed(d_in)  # fixed: a pure function, the global RNG untouched
+    v = torch.randn(d_in + 1, generator=generator, dtype=x.dtype).to(x.device)
+    projected_x = torch.mv(x, v[:d_in])
+    projected = torch.mv(grads[0], v[:d_in])
+    if len(grads) == 2:
+        projected_x.add_(v[d_in])
+        projected.add_(grads[1] * v[d_in])
+    expected = torch.mv(g.T, projected_x)
+    return (projected - expected).norm() / expected.norm()  # NaN (not reused) for 0/0
+
+
+def reuse_tolerance(dtype: torch.dtype) -> float:
+    """The largest :func:`backprop_gradient_mismatch` that is rounding only:
+    1000 ulp (the measured mismatch of equal float32 gradients is ~1e-6),
+    for float32 and float64; zero (never reuse) in lower precisions."""
+    return 1000 * torch.finfo(dtype).eps if dtype in (torch.float32, torch.float64) else 0.0
+
+
 def lower_gram(x: Tensor, out: Tensor) -> Tensor:
     """``out`` ← xᵀx, with only its lower triangle (diagonal included) computed.
 
@@ -180,7 +215,9 @@ def lower_gram(x: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def exact_s_direction(x: Tensor, g: Tensor, has_bias: bool, prox: float) -> tuple[Tensor, Tensor]:
+def exact_s_direction(
+    x: Tensor, g: Tensor, has_bias: bool, prox: float, cross: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Δ = Gᵀx̃ (C + λI)⁻¹ (d_out × d_in+1 with a bias) and Cholesky's ``info``.
 
     The exact S solution is θ_new = θ^old − γ·Δ (SPEC §2), with x̃ = [x, 1]
@@ -188,18 +225,21 @@ def exact_s_direction(x: Tensor, g: Tensor, has_bias: bool, prox: float) -> tupl
     column of Gᵀx̃ Σg), so x̃ is never formed. With C + λI = L Lᵀ, Δ solves
     Δ L Lᵀ = Gᵀx̃: two triangular solves from the right, no transposed
     copies. ``info`` is nonzero when C + λI did not factor (not positive
-    definite in this precision).
+    definite in this precision). ``cross``: Gᵀx̃ when it is known already
+    (the backprop gradient [∇W | ∇b]).
     """
     rows, d_in = x.shape
     d = d_in + int(has_bias)
     covariance = x.new_empty(d, d)
     lower_gram(x, out=covariance[:d_in, :d_in])
-    cross = x.new_empty(g.shape[1], d)
-    cross[:, :d_in].addmm_(g.T, x, beta=0.0)
     if has_bias:
         torch.sum(x, 0, out=covariance[d_in, :d_in])
         covariance[d_in, d_in] = rows
-        torch.sum(g, 0, out=cross[:, d_in])
+    if cross is None:
+        cross = x.new_empty(g.shape[1], d)
+        cross[:, :d_in].addmm_(g.T, x, beta=0.0)
+        if has_bias:
+            torch.sum(g, 0, out=cross[:, d_in])
     covariance.diagonal().add_(prox)
     factor, info = torch.linalg.cholesky_ex(covariance)
     half = torch.linalg.solve_triangular(factor.mT, cross, upper=True, left=False)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from locoprop import fast
 from locoprop.inner import INNER_SCHEDULES, RMSpropTF, inner_lr, resolve_inner
 from locoprop.local import exact_s_solution, make_target
-from locoprop.solve import PARALLEL_MODES, LocalGradients
+from locoprop.solve import PARALLEL_MODES, LocalGradients, backprop_reusable, backprop_rows
 from locoprop.transfer import TRANSFER_NAMES
 from locoprop.units import Unit, discover_units
 
@@ -36,6 +36,7 @@ class _LocalProblem:
     params: list[Tensor]
     unit: Unit | None = None
     backprop: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
+    param_grads: list[Tensor | None] = dataclasses.field(default_factory=list)
     activation_lr: float = 0.0
     batches: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
     grads: list[Tensor] = dataclasses.field(default_factory=list)
@@ -273,6 +274,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 continue
             problem.activation_lr = self.param_groups[problem.group_index]["activation_lr"]
             problem.backprop = [(r.x, r.g) for r in problem.records]
+            problem.param_grads = [p.grad for p in problem.params]
             if self.solve == "iterative":
                 problem.batches = [
                     (r.x, make_target(self.variant, unit.transfer, r.a, r.g, problem.activation_lr))
@@ -296,7 +298,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 problem.old_params = [p.detach().clone() for p in problem.params]
         plan = LocalGradients(unit_problems, self.variant, self._parallel_mode(), iterations)
         for problem in unit_problems:
-            problem.backprop = []  # the plan holds what it needs of g
+            problem.backprop, problem.param_grads = [], []  # the plan holds what it needs
         try:
             for t in range(max(iterations.values())):
                 for problem in unit_problems:
@@ -355,12 +357,15 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                     p.copy_(new.reshape(p.shape))
             return
         directions, infos = [], []
+        reusable = backprop_reusable(problems)
         for problem in problems:
-            adapter = problem.unit.adapter
-            x = fast.concat_rows([adapter.input_rows(x) for x, _ in problem.backprop])
-            g = fast.concat_rows([adapter.output_rows(g) for _, g in problem.backprop])
+            x, g = backprop_rows(problem)
             prox = self.param_groups[problem.group_index]["prox"]
-            direction, info = fast.exact_s_direction(x, g, len(problem.params) == 2, prox)
+            cross = None
+            if problem in reusable:  # Gᵀx̃ is the backprop gradient: the backward pass computed it
+                weight_grad, *bias_grad = problem.param_grads
+                cross = torch.cat([weight_grad, bias_grad[0][:, None]], dim=1) if bias_grad else weight_grad
+            direction, info = fast.exact_s_direction(x, g, len(problem.params) == 2, prox, cross)
             directions.append(direction)
             infos.append(info)
         if torch.stack(infos).any():

@@ -76,11 +76,18 @@ class LocalGradients:
             key = (tuple(module.weight.shape), module.bias is not None, tuple(x.shape), problem.unit.transfer.name,
                    x.dtype, x.device)  # fmt: skip
             batchable.setdefault(key, []).append((problem, x, target))
+        # The first iteration's gradients, γ·[gᵀx, Σg]: γ·p.grad where that is
+        # still the backprop gradient (one check for all units).
+        firsts = [problem for group in batchable.values() for problem, _, _ in group]
+        reusable = backprop_reusable(firsts)
         # Linear units run one after another, except on streams: then one
         # pre-activation buffer serves them all.
         scratch = _Scratch(shared=mode != "streams")
         for group in batchable.values():
-            self.work.append(self._linear(*group[0], scratch) if len(group) == 1 else self._batched(group, scratch))
+            if len(group) == 1:
+                self.work.append(self._linear(*group[0], scratch, reusable))
+            else:
+                self.work.append(self._batched(group, scratch, reusable))
 
     def __call__(self, active: set) -> dict[Any, list[Tensor]]:
         """Local gradients of the ``active`` problems at the current parameters."""
@@ -101,7 +108,7 @@ class LocalGradients:
 
         return compute
 
-    def _linear(self, problem, x: Tensor, target: Tensor, scratch: _Scratch) -> _Work:
+    def _linear(self, problem, x: Tensor, target: Tensor, scratch: _Scratch, reusable: set) -> _Work:
         module, transfer, variant = problem.unit.module, problem.unit.transfer, self.variant
         activation = scratch.reserve((x.shape[0], module.out_features), x)
         grads = fast.linear_workspace(x, module.weight, module.bias)[1:]
@@ -110,7 +117,7 @@ class LocalGradients:
             out = [activation(), *grads]
             return [fast.linear_grads(variant, transfer, x, target, module.weight.detach(), _bias(module), out)]
 
-        return _Work([problem], compute, [_backprop_grads(problem, grads)])
+        return _Work([problem], compute, [_backprop_grads(problem, grads, problem in reusable)])
 
     def _gram(self, problem, x: Tensor, target: Tensor):
         module = problem.unit.module
@@ -121,7 +128,7 @@ class LocalGradients:
 
         return compute
 
-    def _batched(self, group: list[tuple[Any, Tensor, Tensor]], scratch: _Scratch) -> _Work:
+    def _batched(self, group: list[tuple[Any, Tensor, Tensor]], scratch: _Scratch, reusable: set) -> _Work:
         problems = [g[0] for g in group]
         modules = [p.unit.module for p in problems]
         transfer, variant = problems[0].unit.transfer, self.variant
@@ -140,7 +147,7 @@ class LocalGradients:
             fast.batched_linear_grads(variant, transfer, x, target, weight, bias, [activation(), *grads])
             return [list(unit_grads) for unit_grads in zip(*(g.unbind(0) for g in grads))]
 
-        initial = [_backprop_grads(p, [g[i] for g in grads]) for i, p in enumerate(problems)]
+        initial = [_backprop_grads(p, [g[i] for g in grads], p in reusable) for i, p in enumerate(problems)]
         return _Work(problems, compute, initial)
 
     def _on_streams(self, todo: list[_Work]) -> dict[Any, list[Tensor]]:
@@ -167,11 +174,31 @@ def _grads(work: _Work) -> list[list[Tensor]]:
     return grads
 
 
-def _backprop_grads(problem, out: list[Tensor]) -> list[Tensor]:
+def backprop_rows(problem) -> tuple[Tensor, Tensor]:
+    """A linear unit's recorded inputs x and backprop gradients g, as rows."""
     adapter = problem.unit.adapter
     x = fast.concat_rows([adapter.input_rows(x) for x, _ in problem.backprop])
     g = fast.concat_rows([adapter.output_rows(g) for _, g in problem.backprop])
-    return fast.backprop_grads(x, g, problem.activation_lr, out)
+    return x, g
+
+
+def backprop_reusable(problems: list[Any]) -> set:
+    """The linear-unit problems whose ``param_grads`` (the parameters' ``.grad``
+    at the start of the step) still equal their backprop gradient [gᵀx, Σg],
+    by :func:`locoprop.fast.backprop_gradient_mismatch` (one device sync)."""
+    if not problems:
+        return set()
+    mismatch = torch.stack([fast.backprop_gradient_mismatch(p.param_grads, *backprop_rows(p)) for p in problems])
+    tolerances = [fast.reuse_tolerance(p.params[0].dtype) for p in problems]
+    return {p for p, m, tol in zip(problems, mismatch.tolist(), tolerances) if m <= tol}
+
+
+def _backprop_grads(problem, out: list[Tensor], reuse: bool) -> list[Tensor]:
+    if reuse:  # the backward pass computed them already
+        for buffer, grad in zip(out, problem.param_grads):
+            torch.mul(grad, problem.activation_lr, out=buffer)
+        return out
+    return fast.backprop_grads(*backprop_rows(problem), problem.activation_lr, out)
 
 
 class _Scratch:

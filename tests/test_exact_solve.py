@@ -112,3 +112,25 @@ def test_exact_solve_that_cannot_factor_changes_nothing(parallel):
     with pytest.raises(torch.linalg.LinAlgError, match=r"unit\(s\) \['2'\] is not positive definite.*Raise prox"):
         opt.step()
     assert_same_params(model, before)
+
+
+@pytest.mark.parametrize("change", ["none", "clip", "weight_decay"])
+def test_fast_exact_solve_follows_the_records_whatever_happened_to_grad(change):
+    """The fast solve takes Gᵀx̃ from p.grad only while it is the backprop
+    gradient; after clipping or a hand-added decay it recomputes it, so both
+    paths still return the minimiser of ℓ_S built from the records."""
+    model, x, y = _setup()
+    results = {}
+    for parallel in ("none", "batched"):
+        m = copy.deepcopy(model)
+        opt = LocoPropOptimizer(m, variant="S", solve="exact", prox=PROX, activation_lr=GAMMA, parallel=parallel)
+        opt.zero_grad()
+        (m(x) - y).pow(2).sum(1).mean().backward()
+        if change == "clip":
+            torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=1e-3)
+        elif change == "weight_decay":
+            m[2].weight.grad.add_(m[2].weight.detach(), alpha=0.1)
+        opt.step()
+        results[parallel] = snapshot(m)
+    for name in results["none"]:
+        torch.testing.assert_close(results["batched"][name], results["none"][name], rtol=1e-9, atol=1e-12)

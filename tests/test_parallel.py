@@ -118,6 +118,50 @@ def test_first_iteration_gradient_from_the_backprop_record_equals_autograd(varia
         torch.testing.assert_close(fast_grad, ref)
 
 
+def test_backprop_gradient_check_accepts_rounding_and_rejects_real_differences():
+    torch.manual_seed(0)
+    x, g = torch.randn(500, 40), torch.randn(500, 30)
+    exact = [g.T @ x, g.sum(0)]
+    assert fast.backprop_gradient_mismatch(exact, x, g) <= fast.reuse_tolerance(torch.float32)
+    clipped = [0.999 * t for t in exact]
+    assert fast.backprop_gradient_mismatch(clipped, x, g) > fast.reuse_tolerance(torch.float32)
+    one_entry = [exact[0].clone(), exact[1]]
+    one_entry[0][3, 7] += 0.05 * exact[0].norm()
+    assert fast.backprop_gradient_mismatch(one_entry, x, g) > fast.reuse_tolerance(torch.float32)
+    assert fast.backprop_gradient_mismatch([exact[0], exact[1] + 1.0], x, g) > fast.reuse_tolerance(torch.float32)
+    assert fast.backprop_gradient_mismatch([exact[0], None], x, g) == float("inf")
+    assert fast.reuse_tolerance(torch.bfloat16) == 0.0
+
+
+def _changed_gradients(model):
+    """After backward(): clip, as users do, and add weight decay to one weight by hand."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.01)
+    model.fc_in.weight.grad.add_(model.fc_in.weight.detach(), alpha=0.3)
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_batched_path_uses_the_recorded_gradients_when_grads_were_changed(variant):
+    """The fast first iteration reuses p.grad only where it is still the
+    backprop gradient; clipped or changed gradients fall back to γ·gᵀx."""
+    torch.manual_seed(0)
+    model = Mixed().double()
+    results = {}
+    for mode in ("none", "batched"):
+        m = copy.deepcopy(model)
+        opt = LocoPropOptimizer(m, variant=variant, lr=1e-3, activation_lr=2.0, local_iters=3, inner="sgd",
+                                units=m.units(), parallel=mode)  # fmt: skip
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(m(torch.randn(24, 1, 6, 6, dtype=torch.float64, generator=generator)),
+                            torch.randint(0, 5, (24,), generator=generator)).backward()  # fmt: skip
+            _changed_gradients(m)
+            opt.step()
+        results[mode] = snapshot(m)
+    for name in results["none"]:
+        torch.testing.assert_close(results["batched"][name], results["none"][name], rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("width", [5, 200, 301, 1030])
 def test_lower_gram_fills_the_lower_triangle_that_cholesky_reads(width):
     torch.manual_seed(0)
