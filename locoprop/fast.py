@@ -12,6 +12,8 @@ x̃ = [x, 1], so with C = x̃ᵀx̃ and B = âᵀx̃, computed once per step,
 
 which costs d_out·(d_in+1)² per iteration instead of 2·N·d_in·d_out.
 :func:`gram_is_cheaper` picks the form with fewer FLOPs over the K steps.
+As â = x̃θ^oldᵀ − γ·g, B = θ^old C − γ·Gᵀx̃, where Gᵀx̃ = [gᵀx, Σg] is the
+layer's backprop gradient: the target â is never formed.
 
 Units of equal shape (and transfer function) are solved together with
 batched matmuls (:func:`batched_linear_grads`), one kernel for the group.
@@ -35,6 +37,7 @@ from torch import Tensor
 from locoprop.transfer import Transfer
 
 __all__ = [
+    "backprop_cross",
     "backprop_gradient_mismatch",
     "backprop_grads",
     "batched_linear_grads",
@@ -103,29 +106,64 @@ def _residual_in_place(variant: str, transfer: Transfer, a: Tensor, target: Tens
     return a.sub_(target)
 
 
-def gram_statistics(x: Tensor, target: Tensor, has_bias: bool) -> tuple[Tensor, Tensor]:
-    """C = x̃ᵀx̃ and B = âᵀx̃ for variant S (x̃ = [x, 1] when the unit has a bias)."""
+def backprop_cross(x: Tensor, g: Tensor, has_bias: bool) -> Tensor:
+    """Gᵀx̃ = [gᵀx | Σg] (d_out × d_in+1 with a bias): the backprop gradient of
+    a linear layer as one matrix, without forming x̃."""
+    d_in = x.shape[1]
+    cross = x.new_empty(g.shape[1], d_in + int(has_bias))
+    cross[:, :d_in].addmm_(g.T, x, beta=0.0)
     if has_bias:
-        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-    return x.T @ x, target.T @ x
+        torch.sum(g, 0, out=cross[:, d_in])
+    return cross
 
 
-def gram_grads(covariance: Tensor, cross: Tensor, weight: Tensor, bias: Tensor | None) -> list[Tensor]:
-    """[∇W, ∇b] of ℓ_S from its sufficient statistics: ∇θ = θC − B."""
+def gram_statistics(
+    x: Tensor, weight: Tensor, bias: Tensor | None, cross: Tensor, activation_lr: float
+) -> tuple[Tensor, Tensor]:
+    """C = x̃ᵀx̃ and B = âᵀx̃ = θ^old C − γ·Gᵀx̃ for variant S.
+
+    ``weight`` and ``bias`` are θ^old; ``cross`` is Gᵀx̃ (:func:`backprop_cross`).
+    """
+    rows, d_in = x.shape
+    covariance = x.new_empty(d_in + int(bias is not None), d_in + int(bias is not None))
+    covariance[:d_in, :d_in].addmm_(x.T, x, beta=0.0)
     if bias is None:
-        return [torch.addmm(cross, weight, covariance, alpha=1.0, beta=-1.0)]
+        return covariance, torch.addmm(cross, weight, covariance, beta=-activation_lr)
+    torch.sum(x, 0, out=covariance[d_in, :d_in])
+    covariance[:d_in, d_in] = covariance[d_in, :d_in]
+    covariance[d_in, d_in] = rows
+    theta = torch.cat([weight, bias[:, None]], dim=1)
+    return covariance, torch.addmm(cross, theta, covariance, beta=-activation_lr)
+
+
+def gram_grads(
+    covariance: Tensor, statistic: Tensor, weight: Tensor, bias: Tensor | None, out: list[Tensor]
+) -> list[Tensor]:
+    """``out`` ← [∇W, ∇b] of ℓ_S from its statistics C and B: ∇θ = θC − B.
+
+    With θ = [W | b], written into contiguous buffers without forming θ:
+    ∇W = W C_xx + b ⊗ C_1x − B_x and ∇b = W C_x1 + N·b − B_1.
+    """
+    if bias is None:
+        return [torch.addmm(statistic, weight, covariance, beta=-1.0, out=out[0])]
     d_in = weight.shape[1]
-    # θC − B with θ = [W | b], without materialising θ: two fused kernels
-    # (b ⊗ C_bias − B, then + W C_x) instead of four elementwise passes.
-    grad = torch.addmm(torch.addr(cross, bias, covariance[d_in], beta=-1.0), weight, covariance[:d_in])
-    return [grad[:, :d_in], grad[:, d_in]]
+    torch.addr(statistic[:, :d_in], bias, covariance[d_in, :d_in], beta=-1.0, out=out[0])
+    out[0].addmm_(weight, covariance[:d_in, :d_in])
+    torch.addmv(statistic[:, d_in], weight, covariance[:d_in, d_in], beta=-1.0, out=out[1])
+    out[1].addcmul_(bias, covariance[d_in, d_in])  # + N·b, N read on the device
+    return out
 
 
 def gram_is_cheaper(rows: int, d_in: int, d_out: int, local_iters: int) -> bool:
-    """Whether the Gram form of the S gradient costs fewer FLOPs over K steps."""
+    """Whether the Gram form of the S gradient costs fewer FLOPs over K steps.
+
+    Both forms start from the backprop gradient (their first iteration). The
+    Gram form then costs C and B = θ^old C − γ·Gᵀx̃, and K − 1 products θC;
+    the batch form K − 1 forward and weight-gradient products.
+    """
     d = d_in + 1
-    gram = 2 * rows * d * (d + d_out) + local_iters * 2 * d_out * d * d
-    batch = local_iters * 4 * rows * d_in * d_out
+    gram = 2 * rows * d * d + local_iters * 2 * d_out * d * d
+    batch = (local_iters - 1) * 4 * rows * d_in * d_out
     return gram < batch
 
 
@@ -236,10 +274,7 @@ def exact_s_direction(
         torch.sum(x, 0, out=covariance[d_in, :d_in])
         covariance[d_in, d_in] = rows
     if cross is None:
-        cross = x.new_empty(g.shape[1], d)
-        cross[:, :d_in].addmm_(g.T, x, beta=0.0)
-        if has_bias:
-            torch.sum(g, 0, out=cross[:, d_in])
+        cross = backprop_cross(x, g, has_bias)
     covariance.diagonal().add_(prox)
     factor, info = torch.linalg.cholesky_ex(covariance)
     half = torch.linalg.solve_triangular(factor.mT, cross, upper=True, left=False)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from locoprop import fast
 from locoprop.inner import INNER_SCHEDULES, RMSpropTF, inner_lr, resolve_inner
 from locoprop.local import exact_s_solution, make_target
-from locoprop.solve import PARALLEL_MODES, LocalGradients, backprop_reusable, backprop_rows
+from locoprop.solve import PARALLEL_MODES, LocalGradients, backprop_reusable, backprop_rows, uses_gram_form
 from locoprop.transfer import TRANSFER_NAMES
 from locoprop.units import Unit, discover_units
 
@@ -263,7 +263,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         return problems
 
     def _set_targets(self, problems: list[_LocalProblem]) -> None:
-        """Each unit's (x, g) pairs, and (x, target) pairs for the iterative solve.
+        """Each unit's (x, g) pairs, and (x, target) pairs for the iterative
+        solve (except in the Gram form of S, which needs none).
 
         A unit's records are released as soon as its targets exist, so that
         its pre-activations do not outlive their use.
@@ -275,7 +276,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             problem.activation_lr = self.param_groups[problem.group_index]["activation_lr"]
             problem.backprop = [(r.x, r.g) for r in problem.records]
             problem.param_grads = [p.grad for p in problem.params]
-            if self.solve == "iterative":
+            gram = uses_gram_form(problem, self.variant, self._parallel_mode(), self._iterations(problem))
+            if self.solve == "iterative" and not gram:  # the Gram form needs only x and g
                 problem.batches = [
                     (r.x, make_target(self.variant, unit.transfer, r.a, r.g, problem.activation_lr))
                     for r in problem.records

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from locoprop import fast
 from locoprop.local import local_grads
 
-__all__ = ["PARALLEL_MODES", "LocalGradients"]
+__all__ = ["PARALLEL_MODES", "LocalGradients", "backprop_reusable", "backprop_rows", "uses_gram_form"]
 
 PARALLEL_MODES = ("auto", "batched", "streams", "none")
 
@@ -62,24 +62,24 @@ class LocalGradients:
             self.work = [_Work([p], self._reference(p)) for p in problems]
             return
         batchable: dict[tuple, list[tuple[Any, Tensor, Tensor]]] = {}
+        gram = []
         for problem in problems:
             module = problem.unit.module
             if not isinstance(module, nn.Linear):
                 self.work.append(_Work([problem], self._reference(problem)))
                 continue
+            if uses_gram_form(problem, variant, mode, local_iters[problem]):
+                gram.append(problem)
+                continue
             x = fast.concat_rows([problem.unit.adapter.input_rows(x) for x, _ in problem.batches])
             target = fast.concat_rows([problem.unit.adapter.output_rows(t) for _, t in problem.batches])
-            d_out, d_in = module.weight.shape
-            if variant == "S" and fast.gram_is_cheaper(len(x), d_in, d_out, local_iters[problem]):
-                self.work.append(_Work([problem], self._gram(problem, x, target)))
-                continue
             key = (tuple(module.weight.shape), module.bias is not None, tuple(x.shape), problem.unit.transfer.name,
                    x.dtype, x.device)  # fmt: skip
             batchable.setdefault(key, []).append((problem, x, target))
         # The first iteration's gradients, γ·[gᵀx, Σg]: γ·p.grad where that is
         # still the backprop gradient (one check for all units).
-        firsts = [problem for group in batchable.values() for problem, _, _ in group]
-        reusable = backprop_reusable(firsts)
+        reusable = backprop_reusable(gram + [problem for group in batchable.values() for problem, _, _ in group])
+        self.work += [self._gram(problem, problem in reusable) for problem in gram]
         # Linear units run one after another, except on streams: then one
         # pre-activation buffer serves them all.
         scratch = _Scratch(shared=mode != "streams")
@@ -119,14 +119,25 @@ class LocalGradients:
 
         return _Work([problem], compute, [_backprop_grads(problem, grads, problem in reusable)])
 
-    def _gram(self, problem, x: Tensor, target: Tensor):
+    def _gram(self, problem, reuse: bool) -> _Work:
         module = problem.unit.module
-        covariance, cross = fast.gram_statistics(x, target, module.bias is not None)
+        weight, bias = module.weight.detach(), _bias(module)
+        x, g = backprop_rows(problem)
+        if reuse:  # Gᵀx̃ is the backprop gradient: the backward pass computed it
+            cross = torch.cat([problem.param_grads[0], problem.param_grads[1][:, None]], 1) if bias is not None \
+                else problem.param_grads[0]  # fmt: skip
+        else:
+            cross = fast.backprop_cross(x, g, bias is not None)
+        covariance, statistic = fast.gram_statistics(x, weight, bias, cross, problem.activation_lr)
+        grads = fast.linear_workspace(x, weight, bias)[1:]
+        torch.mul(cross[:, : weight.shape[1]], problem.activation_lr, out=grads[0])  # the first iteration: γ·Gᵀx̃
+        if bias is not None:
+            torch.mul(cross[:, -1], problem.activation_lr, out=grads[1])
 
         def compute():
-            return [fast.gram_grads(covariance, cross, module.weight.detach(), _bias(module))]
+            return [fast.gram_grads(covariance, statistic, module.weight.detach(), _bias(module), grads)]
 
-        return compute
+        return _Work([problem], compute, [grads])
 
     def _batched(self, group: list[tuple[Any, Tensor, Tensor]], scratch: _Scratch, reusable: set) -> _Work:
         problems = [g[0] for g in group]
@@ -172,6 +183,16 @@ def _grads(work: _Work) -> list[list[Tensor]]:
         return work.compute()
     grads, work.initial = work.initial, None  # only for the first iteration
     return grads
+
+
+def uses_gram_form(problem, variant: str, mode: str, local_iters: int) -> bool:
+    """Whether the plan solves ``problem`` in the Gram form of variant S (which
+    needs no targets)."""
+    module = problem.unit.module
+    if variant != "S" or mode == "none" or not isinstance(module, nn.Linear):
+        return False
+    rows = sum(problem.unit.adapter.input_rows(x).shape[0] for x, _ in problem.backprop)
+    return fast.gram_is_cheaper(rows, module.in_features, module.out_features, local_iters)
 
 
 def backprop_rows(problem) -> tuple[Tensor, Tensor]:

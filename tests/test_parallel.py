@@ -81,24 +81,34 @@ def test_batched_group_forms_for_equal_shapes():
     assert sizes == [1, 1, 1, 1, 1, 3]  # conv1, conv2, fc_in, shared, out alone; the three `same` together
 
 
-def test_gram_form_equals_the_batch_form_of_the_s_gradient():
+@pytest.mark.parametrize("bias", [True, False])
+def test_gram_form_equals_the_batch_form_of_the_s_gradient(bias):
+    """C and B = θ^old C − γ·Gᵀx̃ from the backprop record give ∇ℓ_S at any θ,
+    as autograd does on ℓ_S with the target â = a − γ·g written out."""
     torch.manual_seed(0)
-    layer = nn.Linear(6, 4).double()
+    old = nn.Linear(6, 4, bias=bias).double()
+    layer = copy.deepcopy(old)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # θ ≠ θ^old: a later local iteration
     x = torch.randn(50, 6, dtype=torch.float64)
-    target = torch.randn(50, 4, dtype=torch.float64)
+    g = torch.randn(50, 4, dtype=torch.float64)
+    gamma = 0.7
+    with torch.no_grad():
+        target = old(x) - gamma * g
     identity = transfer_by_name("identity")
-    reference = local_grads("S", identity, LinearAdapter(layer).forward, [layer.weight, layer.bias], [(x, target)])
-    covariance, cross = fast.gram_statistics(x, target, has_bias=True)
-    gram = fast.gram_grads(covariance, cross, layer.weight.detach(), layer.bias.detach())
-    direct = fast.linear_grads("S", identity, x, target, layer.weight.detach(), layer.bias.detach())
-    for r, g, d in zip(reference, gram, direct):
-        torch.testing.assert_close(g, r)
+    params = list(layer.parameters())
+    reference = local_grads("S", identity, LinearAdapter(layer).forward, params, [(x, target)])
+    cross = fast.backprop_cross(x, g, has_bias=bias)
+    old_bias = old.bias.detach() if bias else None
+    covariance, statistic = fast.gram_statistics(x, old.weight.detach(), old_bias, cross, gamma)
+    out = [torch.empty_like(p) for p in params]
+    layer_bias = layer.bias.detach() if bias else None
+    gram = fast.gram_grads(covariance, statistic, layer.weight.detach(), layer_bias, out)
+    direct = fast.linear_grads("S", identity, x, target, layer.weight.detach(), layer_bias)
+    for r, gr, d in zip(reference, gram, direct, strict=True):
+        torch.testing.assert_close(gr, r)
         torch.testing.assert_close(d, r)
-    no_bias = nn.Linear(6, 4, bias=False).double()
-    covariance, cross = fast.gram_statistics(x, target, has_bias=False)
-    (gram_w,) = fast.gram_grads(covariance, cross, no_bias.weight.detach(), None)
-    (ref_w,) = local_grads("S", identity, LinearAdapter(no_bias).forward, [no_bias.weight], [(x, target)])
-    torch.testing.assert_close(gram_w, ref_w)
 
 
 @pytest.mark.parametrize("variant, transfer", [("M", "tanh"), ("M", "softmax"), ("S", "relu")])
@@ -178,6 +188,7 @@ def test_lower_gram_fills_the_lower_triangle_that_cholesky_reads(width):
 def test_gram_form_is_chosen_by_flop_count():
     assert fast.gram_is_cheaper(rows=1000, d_in=250, d_out=30, local_iters=10)
     assert not fast.gram_is_cheaper(rows=16, d_in=1000, d_out=500, local_iters=10)
+    assert not fast.gram_is_cheaper(rows=1000, d_in=100, d_out=100, local_iters=1)  # nothing to amortise C over
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
