@@ -20,7 +20,10 @@ batched matmuls (:func:`batched_linear_grads`), one kernel for the group.
 
 The first local iteration needs no forward matmul: at θ^old the residual is
 γ·g exactly (g = ∂L/∂a recorded by backprop), so its gradient is
-:func:`backprop_grads`, [γ·gᵀx, γ·Σg].
+:func:`backprop_grads`, [γ·gᵀx, γ·Σg]. That is γ times the layer's backprop
+gradient, which ``backward()`` already left in ``p.grad``; it is reused when
+:func:`backprop_gradient_mismatch` finds ``p.grad`` unchanged, and computed
+from the records otherwise (clipped gradients, weights used elsewhere).
 
 The exact S solve (:func:`exact_s_direction`) forms only the lower triangle
 of C = x̃ᵀx̃, which is all that Cholesky reads, and applies (C + λI)⁻¹ from
@@ -253,28 +256,25 @@ def lower_gram(x: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def exact_s_direction(
-    x: Tensor, g: Tensor, has_bias: bool, prox: float, cross: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def exact_s_direction(x: Tensor, cross: Tensor, prox: float) -> tuple[Tensor, Tensor]:
     """Δ = Gᵀx̃ (C + λI)⁻¹ (d_out × d_in+1 with a bias) and Cholesky's ``info``.
 
-    The exact S solution is θ_new = θ^old − γ·Δ (SPEC §2), with x̃ = [x, 1]
-    and C = x̃ᵀx̃. The bias entries are sums (C's last row Σx and N, the last
-    column of Gᵀx̃ Σg), so x̃ is never formed. With C + λI = L Lᵀ, Δ solves
-    Δ L Lᵀ = Gᵀx̃: two triangular solves from the right, no transposed
-    copies. ``info`` is nonzero when C + λI did not factor (not positive
-    definite in this precision). ``cross``: Gᵀx̃ when it is known already
-    (the backprop gradient [∇W | ∇b]).
+    The exact S solution is θ_new = θ^old − γ·Δ (SPEC §2), with x̃ = [x, 1],
+    C = x̃ᵀx̃ and ``cross`` = Gᵀx̃ (:func:`backprop_cross`; one column more
+    than x when the layer has a bias). The bias entries of C are sums (Σx and
+    N), so x̃ is never formed. With C + λI = L Lᵀ, Δ solves Δ L Lᵀ = Gᵀx̃: two
+    triangular solves from the right, no transposed copies. ``info`` is
+    nonzero when C + λI did not factor (not positive definite in this
+    precision).
     """
     rows, d_in = x.shape
-    d = d_in + int(has_bias)
+    d = cross.shape[1]
+    has_bias = d == d_in + 1
     covariance = x.new_empty(d, d)
     lower_gram(x, out=covariance[:d_in, :d_in])
     if has_bias:
         torch.sum(x, 0, out=covariance[d_in, :d_in])
         covariance[d_in, d_in] = rows
-    if cross is None:
-        cross = backprop_cross(x, g, has_bias)
     covariance.diagonal().add_(prox)
     factor, info = torch.linalg.cholesky_ex(covariance)
     half = torch.linalg.solve_triangular(factor.mT, cross, upper=True, left=False)

@@ -13,7 +13,14 @@ from torch import Tensor, nn
 from locoprop import fast
 from locoprop.inner import INNER_SCHEDULES, RMSpropTF, inner_lr, resolve_inner
 from locoprop.local import exact_s_solution, make_target
-from locoprop.solve import PARALLEL_MODES, LocalGradients, backprop_reusable, backprop_rows, uses_gram_form
+from locoprop.solve import (
+    PARALLEL_MODES,
+    LocalGradients,
+    backprop_cross,
+    backprop_reusable,
+    backprop_rows,
+    uses_gram_form,
+)
 from locoprop.transfer import TRANSFER_NAMES
 from locoprop.units import Unit, discover_units
 
@@ -361,13 +368,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         directions, infos = [], []
         reusable = backprop_reusable(problems)
         for problem in problems:
-            x, g = backprop_rows(problem)
+            x, _ = backprop_rows(problem)
             prox = self.param_groups[problem.group_index]["prox"]
-            cross = None
-            if problem in reusable:  # Gᵀx̃ is the backprop gradient: the backward pass computed it
-                weight_grad, *bias_grad = problem.param_grads
-                cross = torch.cat([weight_grad, bias_grad[0][:, None]], dim=1) if bias_grad else weight_grad
-            direction, info = fast.exact_s_direction(x, g, len(problem.params) == 2, prox, cross)
+            direction, info = fast.exact_s_direction(x, backprop_cross(problem, problem in reusable), prox)
             directions.append(direction)
             infos.append(info)
         if torch.stack(infos).any():

@@ -27,7 +27,14 @@ from torch import Tensor, nn
 from locoprop import fast
 from locoprop.local import local_grads
 
-__all__ = ["PARALLEL_MODES", "LocalGradients", "backprop_reusable", "backprop_rows", "uses_gram_form"]
+__all__ = [
+    "PARALLEL_MODES",
+    "LocalGradients",
+    "backprop_cross",
+    "backprop_reusable",
+    "backprop_rows",
+    "uses_gram_form",
+]
 
 PARALLEL_MODES = ("auto", "batched", "streams", "none")
 
@@ -122,12 +129,8 @@ class LocalGradients:
     def _gram(self, problem, reuse: bool) -> _Work:
         module = problem.unit.module
         weight, bias = module.weight.detach(), _bias(module)
-        x, g = backprop_rows(problem)
-        if reuse:  # Gᵀx̃ is the backprop gradient: the backward pass computed it
-            cross = torch.cat([problem.param_grads[0], problem.param_grads[1][:, None]], 1) if bias is not None \
-                else problem.param_grads[0]  # fmt: skip
-        else:
-            cross = fast.backprop_cross(x, g, bias is not None)
+        x, _ = backprop_rows(problem)
+        cross = backprop_cross(problem, reuse)
         covariance, statistic = fast.gram_statistics(x, weight, bias, cross, problem.activation_lr)
         grads = fast.linear_workspace(x, weight, bias)[1:]
         torch.mul(cross[:, : weight.shape[1]], problem.activation_lr, out=grads[0])  # the first iteration: γ·Gᵀx̃
@@ -212,6 +215,16 @@ def backprop_reusable(problems: list[Any]) -> set:
     mismatch = torch.stack([fast.backprop_gradient_mismatch(p.param_grads, *backprop_rows(p)) for p in problems])
     tolerances = [fast.reuse_tolerance(p.params[0].dtype) for p in problems]
     return {p for p, m, tol in zip(problems, mismatch.tolist(), tolerances) if m <= tol}
+
+
+def backprop_cross(problem, reuse: bool) -> Tensor:
+    """Gᵀx̃ = [gᵀx | Σg] of a linear unit: from ``param_grads`` when ``reuse``
+    (the backward pass computed it), else from the records."""
+    if not reuse:
+        x, g = backprop_rows(problem)
+        return fast.backprop_cross(x, g, len(problem.params) == 2)
+    weight_grad, *bias_grad = problem.param_grads
+    return torch.cat([weight_grad, bias_grad[0][:, None]], dim=1) if bias_grad else weight_grad
 
 
 def _backprop_grads(problem, out: list[Tensor], reuse: bool) -> list[Tensor]:
