@@ -104,6 +104,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             ``locoprop.fast.exact_s_direction``), "streams" (the same,
             unit groups on separate CUDA streams), "none" (the readable
             reference path) or "auto" (streams on CUDA, batched otherwise).
+            The fast paths take Gᵀx̃, the layer's backprop gradient (γ·Gᵀx̃
+            is the first local gradient, and the exact solve's right-hand
+            side), from ``p.grad`` when a randomised check finds it
+            unchanged, and from the records otherwise: clipping ``p.grad``
+            does not change the local problems.
         compile: fuse the inner update, run K times per step: "rmsprop-tf"
             through ``torch.compile`` (a few seconds once), torch's Adam,
             AdamW, SGD and Adagrad through their ``fused`` kernels.
