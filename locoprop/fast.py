@@ -16,7 +16,8 @@ As â = x̃θ^oldᵀ − γ·g, B = θ^old C − γ·Gᵀx̃, where Gᵀx̃ = [g
 layer's backprop gradient: the target â is never formed.
 
 Units of equal shape (and transfer function) are solved together with
-batched matmuls (:func:`batched_linear_grads`), one kernel for the group.
+batched matmuls (:func:`linear_grads` on stacked tensors), one kernel for
+the group.
 
 The first local iteration needs no forward matmul: at θ^old the residual is
 γ·g exactly (g = ∂L/∂a recorded by backprop), so its gradient is
@@ -43,7 +44,6 @@ __all__ = [
     "backprop_cross",
     "backprop_gradient_mismatch",
     "backprop_grads",
-    "batched_linear_grads",
     "concat_rows",
     "exact_s_direction",
     "gram_grads",
@@ -87,18 +87,22 @@ def linear_grads(
 ) -> list[Tensor]:
     """[∇W, ∇b] of a linear unit's local objective; x and target are 2-D rows.
 
-    ``out`` (from :func:`linear_workspace`) receives the results; the
-    returned gradients are its buffers.
+    For G stacked units of one shape, x is G × N × d_in, weight G × d_out × d_in
+    and bias G × d_out: one batched matmul for the group. ``out`` (from
+    :func:`linear_workspace`) receives the results; the returned gradients
+    are its buffers.
     """
     a, *grads = out if out is not None else linear_workspace(x, weight, bias)
-    if bias is not None:
-        torch.addmm(bias, x, weight.T, out=a)
+    if bias is None:
+        torch.matmul(x, weight.mT, out=a)
+    elif x.dim() == 3:
+        torch.baddbmm(bias.unsqueeze(1), x, weight.mT, out=a)
     else:
-        torch.mm(x, weight.T, out=a)
+        torch.addmm(bias, x, weight.T, out=a)
     residual = _residual_in_place(variant, transfer, a, target)
-    torch.mm(residual.T, x, out=grads[0])
+    torch.matmul(residual.mT, x, out=grads[0])
     if bias is not None:
-        torch.sum(residual, 0, out=grads[1])
+        torch.sum(residual, -2, out=grads[1])
     return grads
 
 
@@ -168,31 +172,6 @@ def gram_is_cheaper(rows: int, d_in: int, d_out: int, local_iters: int) -> bool:
     gram = 2 * rows * d * d + local_iters * 2 * d_out * d * d
     batch = (local_iters - 1) * 4 * rows * d_in * d_out
     return gram < batch
-
-
-def batched_linear_grads(
-    variant: str,
-    transfer: Transfer,
-    x: Tensor,
-    target: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    out: list[Tensor] | None = None,
-) -> list[Tensor]:
-    """[∇W (G × d_out × d_in), ∇b (G × d_out)] for G stacked units of one shape.
-
-    ``out``: buffers from :func:`linear_workspace` of the stacked tensors.
-    """
-    a, *grads = out if out is not None else linear_workspace(x, weight, bias)
-    if bias is not None:
-        torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2), out=a)
-    else:
-        torch.bmm(x, weight.transpose(1, 2), out=a)
-    residual = _residual_in_place(variant, transfer, a, target)
-    torch.bmm(residual.transpose(1, 2), x, out=grads[0])
-    if bias is not None:
-        torch.sum(residual, 1, out=grads[1])
-    return grads
 
 
 def backprop_grads(x: Tensor, g: Tensor, activation_lr: float, out: list[Tensor]) -> list[Tensor]:

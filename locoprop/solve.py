@@ -158,7 +158,7 @@ class LocalGradients:
             torch.stack([m.weight.detach() for m in modules], out=weight)
             if bias is not None:
                 torch.stack([m.bias.detach() for m in modules], out=bias)
-            fast.batched_linear_grads(variant, transfer, x, target, weight, bias, [activation(), *grads])
+            fast.linear_grads(variant, transfer, x, target, weight, bias, [activation(), *grads])
             return [list(unit_grads) for unit_grads in zip(*(g.unbind(0) for g in grads))]
 
         initial = [_backprop_grads(p, [g[i] for g in grads], p in reusable) for i, p in enumerate(problems)]
