@@ -172,13 +172,15 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / records.SUMMARY
     checkpoint_path = run_dir / records.CHECKPOINT
+    requested = dataclasses.asdict(config)
     if resume and summary_path.exists():
         summary = records.read_json(summary_path)
         if summary.get("status") in ("ok", "diverged", "stopped"):
+            _check_same_config(records.read_json(run_dir / records.CONFIG), requested, f"The finished run in {run_dir}")
             return RunResult(run_dir, summary, _history(run_dir))
     checkpoint = records.load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
-    if checkpoint is not None and _without_out(checkpoint["config"]) != _without_out(dataclasses.asdict(config)):
-        raise ValueError(f"The checkpoint in {run_dir} is for another config; use another --out or drop --resume")
+    if checkpoint is not None:
+        _check_same_config(checkpoint["config"], requested, f"The checkpoint in {run_dir}")
     if checkpoint is None and summary_path.exists():
         summary_path.unlink()  # a fresh run must not show an old run's summary
     records.write_json(run_dir / records.CONFIG, dataclasses.asdict(config))
@@ -193,10 +195,20 @@ def train(
     return RunResult(run_dir, summary, history)
 
 
-def _without_out(config: dict) -> dict:
-    # A run directory may be moved or copied (sweep back ends restore trials
-    # into new folders): where it lives is not part of what the run is.
-    return {k: v for k, v in config.items() if k != "out"}
+def _check_same_config(stored: dict, requested: dict, what: str) -> None:
+    """Refuse to resume (or to return) a run made with another config.
+
+    A run directory may be moved or copied (sweep back ends restore trials
+    into new folders): where it lives is not part of what the run is.
+    """
+    keys = sorted((set(stored) | set(requested)) - {"out"})
+    differences = [f"{k}: {stored.get(k)!r} there, {requested.get(k)!r} asked" for k in keys
+                   if stored.get(k) != requested.get(k)]  # fmt: skip
+    if differences:
+        raise ValueError(
+            f"{what} is for another config ({'; '.join(differences)}); use another --out, or remove that run "
+            "directory to run it again"
+        )
 
 
 def _history(run_dir: pathlib.Path) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The training loop, run records and the CLI (SPEC §5–§7)."""
 
 import csv
+import dataclasses
 import gzip
 import json
 import pathlib
@@ -74,9 +75,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch,
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # A finished run is returned as it is.
+    # A finished run is returned as it is, but only for the config it was made with.
     again = train(config, resume=True, progress=False)
     assert again.summary == resumed.summary
+    with pytest.raises(ValueError, match=r"finished run in .* another config \(epochs: 3 there, 1 asked\)"):
+        train(dataclasses.replace(config, epochs=1), resume=True, progress=False)
 
 
 def test_fixed_seed_gives_identical_runs_and_another_seed_does_not(tmp_path):
