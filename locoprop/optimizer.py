@@ -45,6 +45,7 @@ class _LocalProblem:
     backprop: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
     param_grads: list[Tensor | None] = dataclasses.field(default_factory=list)
     activation_lr: float = 0.0
+    gram_form: bool = False  # variant S in its Gram form: no targets
     batches: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
     grads: list[Tensor] = dataclasses.field(default_factory=list)
     records: list = dataclasses.field(default_factory=list)
@@ -288,8 +289,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             problem.activation_lr = self.param_groups[problem.group_index]["activation_lr"]
             problem.backprop = [(r.x, r.g) for r in problem.records]
             problem.param_grads = [p.grad for p in problem.params]
-            gram = uses_gram_form(problem, self.variant, self._parallel_mode(), self._iterations(problem))
-            if self.solve == "iterative" and not gram:  # the Gram form needs only x and g
+            problem.gram_form = self.solve == "iterative" and uses_gram_form(
+                problem, self.variant, self._parallel_mode(), self._iterations(problem)
+            )
+            if self.solve == "iterative" and not problem.gram_form:  # the Gram form needs only x and g
                 problem.batches = [
                     (r.x, make_target(self.variant, unit.transfer, r.a, r.g, problem.activation_lr))
                     for r in problem.records
@@ -310,7 +313,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         for problem in unit_problems:
             if self.param_groups[problem.group_index]["prox"]:
                 problem.old_params = [p.detach().clone() for p in problem.params]
-        plan = LocalGradients(unit_problems, self.variant, self._parallel_mode(), iterations)
+        plan = LocalGradients(unit_problems, self.variant, self._parallel_mode())
         for problem in unit_problems:
             problem.backprop, problem.param_grads = [], []  # the plan holds what it needs
         try:

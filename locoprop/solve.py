@@ -58,10 +58,12 @@ class LocalGradients:
             pairs), ``backprop`` ((x, g) pairs) and ``activation_lr`` (γ).
         variant: "M" or "S".
         mode: "none", "batched" or "streams".
-        local_iters: K of each problem, to choose the Gram form.
+
+    A problem's ``gram_form`` (from :func:`uses_gram_form`, decided when its
+    targets are, since the Gram form needs none) selects the Gram form of S.
     """
 
-    def __init__(self, problems: list[Any], variant: str, mode: str, local_iters: dict[Any, int]):
+    def __init__(self, problems: list[Any], variant: str, mode: str):
         self.variant = variant
         self.mode = mode
         self.work: list[_Work] = []
@@ -75,7 +77,7 @@ class LocalGradients:
             if not isinstance(module, nn.Linear):
                 self.work.append(_Work([problem], self._reference(problem)))
                 continue
-            if uses_gram_form(problem, variant, mode, local_iters[problem]):
+            if problem.gram_form:
                 gram.append(problem)
                 continue
             x = fast.concat_rows([problem.unit.adapter.input_rows(x) for x, _ in problem.batches])

@@ -76,7 +76,7 @@ def test_batched_group_forms_for_equal_shapes():
     F.cross_entropy(model(torch.randn(8, 1, 6, 6, dtype=torch.float64)), torch.randint(0, 5, (8,))).backward()
     problems = [p for p in opt._collect_problems() if p.unit is not None]
     opt._set_targets(problems)
-    plan = LocalGradients(problems, "M", "batched", {p: 5 for p in problems})
+    plan = LocalGradients(problems, "M", "batched")
     sizes = sorted(len(w.problems) for w in plan.work)
     assert sizes == [1, 1, 1, 1, 1, 3]  # conv1, conv2, fc_in, shared, out alone; the three `same` together
 
