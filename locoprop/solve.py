@@ -201,10 +201,16 @@ def uses_gram_form(problem, variant: str, mode: str, local_iters: int) -> bool:
 
 
 def backprop_rows(problem) -> tuple[Tensor, Tensor]:
-    """A linear unit's recorded inputs x and backprop gradients g, as rows."""
+    """A linear unit's recorded inputs x and backprop gradients g, as rows.
+
+    A layer used several times has its records joined once: the joined pair
+    replaces them in ``problem.backprop`` (its objective sums over rows), so
+    the check, Gᵀx̃ and C do not each copy them again.
+    """
     adapter = problem.unit.adapter
     x = fast.concat_rows([adapter.input_rows(x) for x, _ in problem.backprop])
     g = fast.concat_rows([adapter.output_rows(g) for _, g in problem.backprop])
+    problem.backprop = [(x, g)]
     return x, g
 
 
