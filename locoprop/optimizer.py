@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
 from collections.abc import Sequence
 
@@ -140,6 +141,14 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid solve: {solve!r}; expected 'iterative' or 'exact'")
         if parallel not in PARALLEL_MODES:
             raise ValueError(f"Invalid parallel: {parallel!r}; expected one of {', '.join(PARALLEL_MODES)}")
+        if not isinstance(compile, bool):
+            raise ValueError(f"Invalid compile: {compile!r}; expected True or False")
+        meta = [name for name, p in model.named_parameters() if p.is_meta]
+        if meta:
+            raise ValueError(
+                f"Parameters {meta[:3]}{' …' if len(meta) > 3 else ''} are on the meta device, which holds no values; "
+                "materialise the model (model.to_empty(device=...) and initialise it) before building the optimizer"
+            )
         if parallel == "streams" and not torch.cuda.is_available():
             raise ValueError("Invalid parallel: 'streams' needs a CUDA device; use 'batched' or 'auto'")
         defaults = dict(
@@ -210,6 +219,31 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         cannot step any more)."""
         for unit in self.units:
             unit.detach()
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add parameters outside every unit, updated like the model's other
+        non-unit parameters: one inner step at η on γ·∇L per outer step.
+
+        Units come from the model (discovery or ``units=``), so a new group
+        cannot be a unit. Nothing changes when the group is refused.
+        """
+        if not hasattr(self, "inner"):  # torch.optim.Optimizer.__init__ adding the constructor's groups
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise ValueError(f"Invalid param group {param_group!r}: expected a dict with 'params'")
+        if param_group.get("unit") is not None:
+            raise ValueError(
+                f"Cannot add unit {param_group['unit']!r} with add_param_group: units come from the model; "
+                "pass units=[(layer, transfer), ...] to the constructor instead"
+            )
+        group = {**param_group, "unit": None, "transfer": None}
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        _check_hyperparameters({**self.defaults, **group})
+        super().add_param_group(group)  # refuses parameters that already belong to a group
+        self._unit_of_group.append(None)
+        self.inner.add_param_group({"params": group["params"], "lr": group["lr"]})
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
@@ -399,6 +433,12 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if not (isinstance(state_dict, dict) and "inner" in state_dict and "param_groups" in state_dict):
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                f"Not a LocoPropOptimizer state dict (it has {keys}, but no 'inner' optimizer state); "
+                "it was saved by another optimizer"
+            )
         state_dict = dict(state_dict)
         inner = state_dict.pop("inner")
         skipped = state_dict.pop("skipped_steps", 0)
@@ -413,10 +453,12 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
 def _check_hyperparameters(group: dict) -> None:
     lr, activation_lr, local_iters = group["lr"], group["activation_lr"], group["local_iters"]
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not (isinstance(activation_lr, (int, float)) and activation_lr > 0):
-        raise ValueError(f"Invalid activation_lr: {activation_lr}")
+    if isinstance(lr, Tensor):
+        raise ValueError(f"Invalid learning rate: a tensor ({lr!r}); LocoPropOptimizer needs a float lr (lr.item())")
+    if not (_is_real(lr) and 0 < lr < math.inf):
+        raise ValueError(f"Invalid learning rate: {lr!r}; expected a finite number > 0")
+    if not (_is_real(activation_lr) and 0 < activation_lr < math.inf):
+        raise ValueError(f"Invalid activation_lr: {activation_lr!r}; expected a finite number > 0")
     if isinstance(local_iters, bool) or not isinstance(local_iters, int) or local_iters < 1:
         raise ValueError(f"Invalid local_iters: {local_iters}; expected an integer ≥ 1")
     if group["inner_schedule"] not in INNER_SCHEDULES:
@@ -424,8 +466,13 @@ def _check_hyperparameters(group: dict) -> None:
             f"Invalid inner_schedule: {group['inner_schedule']!r}; expected one of {', '.join(INNER_SCHEDULES)}"
         )
     prox = group["prox"]
-    if not (isinstance(prox, (int, float)) and prox >= 0):
-        raise ValueError(f"Invalid prox: {prox}")
+    if not (_is_real(prox) and 0 <= prox < math.inf):
+        raise ValueError(f"Invalid prox: {prox!r}; expected a finite number ≥ 0")
+
+
+def _is_real(value) -> bool:
+    # bool is an int to Python, but lr=True is a mistake, not 1.0.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_unit(unit: Unit, variant: str, solve: str) -> None:

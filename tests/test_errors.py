@@ -32,6 +32,14 @@ CONSTRUCTION_ERRORS = [
     (dict(inner_kwargs={"bogus": 1}), "Invalid inner_kwargs for inner optimizer 'rmsprop'"),
     (dict(inner_schedule="cosine"), "Invalid inner_schedule: 'cosine'"),
     (dict(prox=-1.0), "Invalid prox: -1.0"),
+    (dict(lr=float("inf")), "Invalid learning rate: inf"),
+    (dict(lr=float("nan")), "Invalid learning rate: nan"),
+    (dict(lr=True), "Invalid learning rate: True"),
+    (dict(lr=torch.tensor(1e-3)), "Invalid learning rate: a tensor (tensor(0.0010)); LocoPropOptimizer needs a float"),
+    (dict(activation_lr=float("inf")), "Invalid activation_lr: inf"),
+    (dict(activation_lr=True), "Invalid activation_lr: True"),
+    (dict(prox=float("inf")), "Invalid prox: inf"),
+    (dict(compile="yes"), "Invalid compile: 'yes'; expected True or False"),
     (dict(solve="newton"), "Invalid solve: 'newton'"),
     (dict(solve="exact", variant="M"), "solve='exact' needs variant 'S'"),
     (dict(solve="exact", variant="S", prox=0.0), "solve='exact' needs prox > 0"),
@@ -169,6 +177,75 @@ def test_load_state_dict_for_other_units_is_refused():
     other = LocoPropOptimizer(nn.Sequential(nn.Linear(4, 2)))
     with pytest.raises(ValueError, match=r"State dict is for units \['0'\], but this optimizer has units \['0', '2'\]"):
         opt.load_state_dict(other.state_dict())
+
+
+def test_load_state_dict_of_another_optimizer_is_refused_naming_it():
+    model = _mlp()
+    opt = LocoPropOptimizer(model, inner="adam")
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    before = opt.state_dict()
+    adam = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match=r"Not a LocoPropOptimizer state dict \(it has \['param_groups', 'state'\]"):
+        opt.load_state_dict(adam.state_dict())
+    assert str(opt.state_dict()) == str(before)
+
+
+def test_meta_device_model_is_refused_at_construction():
+    with torch.device("meta"):
+        model = _mlp()
+    with pytest.raises(ValueError, match=r"Parameters \['0.weight', '0.bias', '2.weight'\] … are on the meta device"):
+        LocoPropOptimizer(model)
+
+
+def test_add_param_group_adds_parameters_updated_on_their_gradient():
+    """A group added later is outside every unit: one inner SGD step at η on γ·∇L."""
+    model = _mlp()
+    extra = nn.Parameter(torch.ones(3))
+    opt = LocoPropOptimizer(model, lr=0.1, activation_lr=2.0, local_iters=3, inner="sgd")
+    opt.add_param_group({"params": extra, "lr": 0.05})
+    assert opt.param_groups[-1]["unit"] is None and opt.param_groups[-1]["activation_lr"] == 2.0
+    x = torch.randn(5, 4)
+    for _ in range(2):
+        opt.zero_grad()
+        expected = extra.detach() - 0.05 * 2.0 * torch.autograd.grad((model(x).sum(1, keepdim=True) * extra).sum(),
+                                                                     extra)[0]  # fmt: skip
+        (model(x).sum(1, keepdim=True) * extra).sum().backward()
+        opt.step()
+        torch.testing.assert_close(extra.detach(), expected)
+    # The added group is checkpointed with the rest.
+    state = opt.state_dict()
+    assert len(state["param_groups"]) == len(opt.param_groups)
+
+
+@pytest.mark.parametrize(
+    "group, error, message",
+    [
+        ({"params": [nn.Parameter(torch.ones(2))], "lr": -1.0}, ValueError, "Invalid learning rate: -1.0"),
+        (
+            {"params": [nn.Parameter(torch.ones(2))], "unit": "x"},
+            ValueError,
+            "Cannot add unit 'x' with add_param_group",
+        ),
+        ("params", ValueError, "Invalid param group 'params'"),
+        (None, ValueError, "Invalid param group None"),
+    ],
+    ids=["bad-lr", "unit", "not-a-dict", "none"],
+)
+def test_add_param_group_refusals_change_nothing(group, error, message):
+    opt = LocoPropOptimizer(_mlp())
+    groups, inner_groups = len(opt.param_groups), len(opt.inner.param_groups)
+    with pytest.raises(error, match=_literal(message)):
+        opt.add_param_group(group)
+    assert (len(opt.param_groups), len(opt.inner.param_groups)) == (groups, inner_groups)
+
+
+def test_add_param_group_refuses_a_unit_parameter():
+    model = _mlp()
+    opt = LocoPropOptimizer(model)
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        opt.add_param_group({"params": [model[0].weight]})
+    assert len(opt.param_groups) == 2 and len(opt.inner.param_groups) == 2
 
 
 def _literal(message: str) -> str:
