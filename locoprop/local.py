@@ -32,6 +32,7 @@ from locoprop.transfer import Transfer
 
 __all__ = [
     "exact_s_solution",
+    "layer_backprop_grads",
     "local_grads",
     "local_objective",
     "make_target",
@@ -71,17 +72,34 @@ def local_grads(
     the layer's vector-Jacobian product with the residual ∂ℓ/∂a, so the
     transfer's integral F is never needed.
     """
-    leaves = [p.detach().requires_grad_(True) for p in params]
-    grads = [torch.zeros_like(p) for p in params]
-    with torch.enable_grad():
-        for x, target in batches:
-            a = forward(x, *_weight_and_bias(leaves))
-            residual = preactivation_residual(variant, transfer, a.detach(), target)
-            for total, grad in zip(grads, torch.autograd.grad(a, leaves, residual)):
-                total.add_(grad)
+    grads = _layer_vjp(forward, params, batches, lambda a, target: preactivation_residual(variant, transfer, a, target))
     if prox:
         for total, p, p_old in zip(grads, params, old_params):
             total.add_(p.detach() - p_old, alpha=prox)
+    return grads
+
+
+def layer_backprop_grads(
+    forward: Forward, params: Sequence[Tensor], backprop: Sequence[tuple[Tensor, Tensor]]
+) -> list[Tensor]:
+    """The part of ∇L(θ) that flows through this layer: Σ over the recorded
+    (x, g) pairs of the layer's vector-Jacobian product with g = ∂L/∂a.
+
+    It is the parameters' whole backprop gradient unless they are also used
+    outside the layer (tied weights).
+    """
+    return _layer_vjp(forward, params, backprop, lambda a, g: g)
+
+
+def _layer_vjp(forward: Forward, params: Sequence[Tensor], pairs, output_grad) -> list[Tensor]:
+    """Σ over (x, c) pairs of δᵀ·∂layer_θ(x)/∂θ with δ = output_grad(layer_θ(x), c)."""
+    leaves = [p.detach().requires_grad_(True) for p in params]
+    grads = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for x, c in pairs:
+            a = forward(x, *_weight_and_bias(leaves))
+            for total, grad in zip(grads, torch.autograd.grad(a, leaves, output_grad(a.detach(), c))):
+                total.add_(grad)
     return grads
 
 

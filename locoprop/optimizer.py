@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import math
 import time
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from locoprop import fast
 from locoprop.inner import INNER_SCHEDULES, RMSpropTF, inner_lr, resolve_inner
-from locoprop.local import exact_s_solution, make_target
+from locoprop.local import exact_s_solution, layer_backprop_grads, make_target
 from locoprop.solve import (
     PARALLEL_MODES,
     LocalGradients,
@@ -22,8 +23,8 @@ from locoprop.solve import (
     backprop_rows,
     uses_gram_form,
 )
-from locoprop.transfer import TRANSFER_NAMES
-from locoprop.units import Unit, discover_units
+from locoprop.transfer import TRANSFER_NAMES, transfer_by_name
+from locoprop.units import OutputUnitFinder, Unit, discover_units
 
 __all__ = ["LocoPropOptimizer"]
 
@@ -51,6 +52,8 @@ class _LocalProblem:
     grads: list[Tensor] = dataclasses.field(default_factory=list)
     records: list = dataclasses.field(default_factory=list)
     old_params: list[Tensor] | None = None
+    # (index in params, γ·gradient of the uses outside units) for tied parameters
+    outside_grads: list[tuple[int, Tensor]] = dataclasses.field(default_factory=list)
 
 
 class LocoPropOptimizer(torch.optim.Optimizer):
@@ -80,7 +83,15 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
     There is one parameter group per unit (plus one for the other
     parameters), each with its own ``lr``, ``activation_lr``, ``local_iters``,
-    ``inner_schedule`` and ``prox``; lr schedulers act on ``lr`` (η).
+    ``inner_schedule`` and ``prox``; lr schedulers act on ``lr`` (η). A
+    parameter tied between units sits in the first one's group and follows
+    the sum of their local objectives; a unit parameter that a module outside
+    every unit also holds (an embedding tied to the output layer) adds the
+    linear objective γ·⟨∇L of that use, θ⟩ to its local objective.
+
+    The hooks keep each forward's records as long as its autograd graph; a
+    pre-activation that an in-place operation overwrote (``nn.ReLU(inplace=
+    True)``) is recomputed from the unit's recorded input.
 
     Args:
         model: the network; units are found with module hooks.
@@ -94,10 +105,13 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         inner_kwargs: keyword arguments for the inner optimizer.
         inner_schedule: "linear-floor" or "constant".
         prox: proximal weight λ ≥ 0 of the local objectives.
-        output_activation: transfer function of the last unit (the model
-            usually folds it into the loss): "sigmoid" for BCE with logits,
-            "softmax" for cross-entropy, "identity" for MSE. ``None`` keeps
-            what discovery found.
+        output_activation: transfer function of the unit that produces the
+            model's output (the model usually folds it into the loss):
+            "sigmoid" for BCE with logits, "softmax" for cross-entropy,
+            "identity" for MSE. ``None`` keeps what discovery found. The
+            last unit holds it until the first forward pass shows which unit
+            that is (``locoprop.units.OutputUnitFinder``); a forward that does
+            not tell (two heads) refuses the step: pass ``units=`` then.
         units: explicit ``[(layer, transfer), ...]`` replacing discovery.
         solve: "iterative" or "exact".
         parallel: how the local solves run (``locoprop.solve``): "batched"
@@ -168,13 +182,43 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"Invalid output_activation: {output_activation!r}; expected one of {', '.join(TRANSFER_NAMES)}"
             )
-        found = discover_units(model, units, output_activation)
+        found = discover_units(model, units)
+        # Until the first forward pass shows which unit produces the output,
+        # output_activation goes to the last unit (_output_unit_found moves it).
+        self._output_transfer = transfer_by_name(output_activation) if output_activation is not None else None
+        self._output_unit, self._displaced_transfer = found[-1], found[-1].transfer
+        if self._output_transfer is not None:
+            found[-1].transfer = self._output_transfer
         for unit in found:
             _check_unit(unit, variant, solve)
 
-        in_units = {p for unit in found for p in unit.params}
-        others = [p for p in model.parameters() if p.requires_grad and p not in in_units]
-        groups = [{"params": unit.params, "unit": unit.name, "transfer": unit.transfer.name} for unit in found]
+        self._param_names = {p: name for name, p in model.named_parameters()}
+        # A parameter shared by units (tied weights) belongs to the group of
+        # the first; its local gradient sums theirs. One that a module outside
+        # every unit also holds adds that use's share of ∇L (_set_targets).
+        users: dict[Tensor, list[Unit]] = {}
+        for unit in found:
+            for p in unit.params:
+                users.setdefault(p, []).append(unit)
+        unit_modules = {unit.module for unit in found}
+        # parameter -> the name of a module outside every unit that holds it
+        self._held_outside_units = {
+            p: name or type(module).__name__
+            for name, module in model.named_modules()
+            if module not in unit_modules
+            for p in module.parameters(recurse=False)
+            if p in users
+        }
+        # tied parameter -> the units that use it
+        self._tied = {p: used_by for p, used_by in users.items() if len(used_by) > 1 or p in self._held_outside_units}
+        if solve == "exact" and self._tied:
+            raise ValueError(
+                f"solve='exact' cannot update tied weights ({self._describe_tied()}): its closed form solves each "
+                "unit alone; use solve='iterative'"
+            )
+        others = [p for p in model.parameters() if p.requires_grad and p not in users]
+        owned = [[p for p in unit.params if users[p][0] is unit] for unit in found]
+        groups = [{"params": ps, "unit": u.name, "transfer": u.transfer.name} for u, ps in zip(found, owned)]
         if others:
             groups.append({"params": others, "unit": None, "transfer": None})
         super().__init__(groups, defaults)
@@ -185,7 +229,6 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self.units: list[Unit] = found
         # param_groups[i] belongs to units[i]; a last group, if any, to the rest.
         self._unit_of_group: list[Unit | None] = [*found, None][: len(self.param_groups)]
-        self._param_names = {p: name for name, p in model.named_parameters()}
         inner_groups = [{"params": group["params"], "lr": group["lr"]} for group in self.param_groups]
         inner_kwargs = dict(inner_kwargs or {})
         if compile and "compiled" not in inner_kwargs and "fused" not in inner_kwargs:
@@ -203,22 +246,70 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self.synchronize_timing = False
         for unit in found:
             unit.attach()
+        self._output_unit_error: Exception | None = None
+        self._output_finder: OutputUnitFinder | None = None
+        if self._output_transfer is not None and len(found) > 1:
+            self._output_finder = OutputUnitFinder(model, found, _weak_callback(self._output_unit_found))
 
     # ----------------------------------------------------------------- info
     def parameter_roles(self) -> dict[str, str]:
         """Each trainable parameter's name and the unit that updates it
-        locally, or ``"backprop"`` for parameters outside every unit."""
+        locally, or ``"backprop"`` for parameters outside every unit. A tied
+        parameter lists all its uses: ``"fc1 + fc2"``, ``"head + backprop"``."""
         roles = {}
         for group, unit in zip(self.param_groups, self._unit_of_group):
             for p in group["params"]:
                 roles[self._param_names.get(p, f"<param {id(p)}>")] = unit.name if unit else "backprop"
+        for p, used_by in self._tied.items():
+            uses = [u.name for u in used_by] + (["backprop"] if p in self._held_outside_units else [])
+            roles[self._param_names.get(p, f"<param {id(p)}>")] = " + ".join(uses)
         return roles
+
+    def _describe_tied(self) -> str:
+        """The tied parameters and their users, for messages."""
+        described = []
+        for p, used_by in self._tied.items():
+            uses = [f"unit {u.name!r}" for u in used_by]
+            if p in self._held_outside_units:
+                uses.append(f"module {self._held_outside_units[p]!r}")
+            described.append(f"{self._param_names.get(p, 'a parameter')!r} is shared by {' and '.join(uses)}")
+        return "; ".join(described)
+
+    def _output_unit_found(self, reached: list[Unit]) -> None:
+        """Give ``output_activation`` to the unit that the forward pass showed
+        produces the model's output (:class:`~locoprop.units.OutputUnitFinder`);
+        the unit that held it until then gets back its discovered transfer.
+        An ambiguous forward, or a transfer the unit cannot use, refuses the
+        steps that follow."""
+        if len(reached) != 1:
+            names = [u.name for u in self.units if u in reached]
+            where = f"units {names} all reach it" if reached else "no unit reaches it"
+            self._output_unit_error = RuntimeError(
+                f"output_activation={self._output_transfer.name!r} is the transfer function of the unit that produces "
+                f"the model's output, but the forward pass does not tell which unit that is: {where}. Pass "
+                "units=[(layer, transfer), ...] naming every unit's transfer function instead of output_activation"
+            )
+            return
+        unit, previous = reached[0], self._output_unit
+        if unit is previous:
+            return
+        previous.transfer, self._displaced_transfer = self._displaced_transfer, unit.transfer
+        unit.transfer, self._output_unit = self._output_transfer, unit
+        for changed in (previous, unit):
+            self.param_groups[self._unit_of_group.index(changed)]["transfer"] = changed.transfer.name
+        try:
+            for changed in (previous, unit):
+                _check_unit(changed, self.variant, self.solve)
+        except ValueError as err:
+            self._output_unit_error = err
 
     def remove_hooks(self) -> None:
         """Detach the recording hooks from the model (the optimizer then
         cannot step any more)."""
         for unit in self.units:
             unit.detach()
+        if self._output_finder is not None:
+            self._output_finder.remove()
 
     def add_param_group(self, param_group: dict) -> None:
         """Add parameters outside every unit, updated like the model's other
@@ -246,6 +337,14 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self.inner.add_param_group({"params": group["params"], "lr": group["lr"]})
 
     # ----------------------------------------------------------------- step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients, with the units' records of the backward passes
+        that produced them: a step refused after a backward pass must not
+        solve that batch again after the next one."""
+        super().zero_grad(set_to_none)
+        for unit in self.units:
+            unit.records.clear()
+
     @torch.no_grad()
     def step(self, closure=None):
         """One LocoProp step from the gradients of the last backward pass.
@@ -260,17 +359,20 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             _check_hyperparameters(group)
-        started = self._clock()
-        problems = self._collect_problems()  # may refuse the step: nothing has changed yet
-        self._set_targets(problems)
-        targets_set = self._clock()
-        if not _all_finite(problems):
-            self.skipped_steps += 1
-        elif self.solve == "exact":
-            self._solve_exact([p for p in problems if p.unit is not None])
-            self._solve_iterative([p for p in problems if p.unit is None])
-        else:
-            self._solve_iterative(problems)
+        # The local problems are solved in the parameters' dtype, also when
+        # the forward pass ran under autocast (its records are cast up).
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            started = self._clock()
+            problems = self._collect_problems()  # may refuse the step: nothing has changed yet
+            self._set_targets(problems)
+            targets_set = self._clock()
+            if not _all_finite(problems):
+                self.skipped_steps += 1
+            elif self.solve == "exact":
+                self._solve_exact([p for p in problems if p.unit is not None])
+                self._solve_iterative([p for p in problems if p.unit is None])
+            else:
+                self._solve_iterative(problems)
         for unit in self.units:
             unit.records.clear()
         self.last_step_seconds = {"targets": targets_set - started, "local_solve": self._clock() - targets_set}
@@ -285,7 +387,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
     def _collect_problems(self) -> list[_LocalProblem]:
         """Everything the step needs, checked before any parameter changes."""
-        problems = []
+        if self._output_finder is not None:
+            self._output_finder.decide_now()  # the model's own forward never ran: the last unit to run
+        if self._output_unit_error is not None:
+            raise type(self._output_unit_error)(*self._output_unit_error.args)
+        problems, idle = [], []
         for index, (group, unit) in enumerate(zip(self.param_groups, self._unit_of_group)):
             if unit is None:
                 params = [p for p in group["params"] if p.grad is not None]
@@ -294,14 +400,26 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 continue
             records = unit.backpropagated_records()
             if not records:
-                if any(p.grad is not None for p in unit.params):
-                    raise RuntimeError(
-                        f"Unit {unit.name!r} has a gradient but no forward and backward pass was recorded "
-                        "since the last step(); run the forward pass and loss.backward() before each step() "
-                        "(forwards under torch.no_grad() are not recorded)"
-                    )
-                continue  # the layer took no part in this loss
+                idle.append(unit)  # the layer took no part in this loss
+                continue
+            for record in records:
+                unit.check_record(record)
             problems.append(_LocalProblem(index, unit.params, unit=unit, records=records))
+        covered = set()
+        if idle or self._held_outside_units:  # (not needed in the usual step)
+            covered = {p for problem in problems if problem.unit is not None for p in problem.params}
+        for unit in idle:
+            # A tied parameter gets gradients from its other uses too.
+            if any(p.grad is not None and p not in covered and p not in self._held_outside_units for p in unit.params):
+                raise RuntimeError(
+                    f"Unit {unit.name!r} has a gradient but no forward and backward pass was recorded "
+                    "since the last step(); run the forward pass and loss.backward() before each step() "
+                    "(forwards under torch.no_grad() are not recorded)"
+                )
+        for p in self._held_outside_units:
+            if p.grad is not None and p not in covered:
+                # Its units took no part in this loss: only its use outside them, one step on γ·∇L.
+                problems.append(_LocalProblem(self._group_index(p), [p], grads=[p.grad]))
         if not problems:
             raise RuntimeError(
                 "LocoPropOptimizer.step() called before any backward pass: no parameter has a gradient "
@@ -309,9 +427,14 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             )
         return problems
 
+    def _group_index(self, p: Tensor) -> int:
+        """The index of the param group that holds ``p``."""
+        return next(i for i, group in enumerate(self.param_groups) if any(p is q for q in group["params"]))
+
     def _set_targets(self, problems: list[_LocalProblem]) -> None:
         """Each unit's (x, g) pairs, and (x, target) pairs for the iterative
-        solve (except in the Gram form of S, which needs none).
+        solve (except in the Gram form of S, which needs none); and the share
+        of ∇L from uses outside units of tied parameters.
 
         A unit's records are released as soon as its targets exist, so that
         its pre-activations do not outlive their use.
@@ -321,18 +444,46 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             if unit is None:
                 continue
             problem.activation_lr = self.param_groups[problem.group_index]["activation_lr"]
-            problem.backprop = [(r.x, r.g) for r in problem.records]
+            dtype = problem.params[0].dtype  # records of a forward under autocast are in a lower precision
+            problem.backprop = [(r.x.to(dtype), r.g.to(dtype)) for r in problem.records]
             problem.param_grads = [p.grad for p in problem.params]
             problem.gram_form = self.solve == "iterative" and uses_gram_form(
                 problem, self.variant, self._parallel_mode(), self._iterations(problem)
             )
             if self.solve == "iterative" and not problem.gram_form:  # the Gram form needs only x and g
                 problem.batches = [
-                    (r.x, make_target(self.variant, unit.transfer, r.a, r.g, problem.activation_lr))
-                    for r in problem.records
+                    (
+                        x,
+                        make_target(self.variant, unit.transfer, unit.preactivation(r), g, problem.activation_lr),
+                    )
+                    for r, (x, g) in zip(problem.records, problem.backprop)
                 ]
             problem.records = []
             unit.records.clear()
+        if self._held_outside_units:
+            self._set_outside_shares([problem for problem in problems if problem.unit is not None])
+
+    def _set_outside_shares(self, problems: list[_LocalProblem]) -> None:
+        """For a unit parameter that a module outside every unit holds too
+        (an embedding tied to the output layer), its local objective adds
+        γ·⟨∇L − Σ_units ∇L_unit, θ⟩: the linear objective of the outside use,
+        whose gradient, constant, joins every local iteration. ∇L is its
+        ``.grad``, ∇L_unit the part through each unit's recorded uses."""
+        shares: dict[Tensor, Tensor] = {}
+        first_use: dict[Tensor, tuple[_LocalProblem, int]] = {}
+        for problem in problems:
+            tied = [i for i, p in enumerate(problem.params) if p in self._held_outside_units and p.grad is not None]
+            if not tied:
+                continue
+            through_unit = layer_backprop_grads(problem.unit.adapter.forward, problem.params, problem.backprop)
+            for i in tied:
+                p = problem.params[i]
+                shares[p] = shares.get(p, p.grad) - through_unit[i]
+                first_use.setdefault(p, (problem, i))
+        for p, share in shares.items():
+            problem, i = first_use[p]
+            activation_lr = self.param_groups[self._group_index(p)]["activation_lr"]
+            problem.outside_grads.append((i, share.mul_(activation_lr)))
 
     def _solve_iterative(self, problems: list[_LocalProblem]) -> None:
         """K lockstep iterations of the inner optimizer over all units."""
@@ -350,17 +501,21 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         plan = LocalGradients(unit_problems, self.variant, self._parallel_mode())
         for problem in unit_problems:
             problem.backprop, problem.param_grads = [], []  # the plan holds what it needs
+        # The inner lr of each group that steps: a tied parameter steps in its own group.
+        schedules = {problem.group_index: iterations[problem] for problem in problems}
+        tied = {p for problem in unit_problems for p in problem.params if p in self._tied} if self._tied else set()
+        for p in tied:
+            index = self._group_index(p)
+            schedules.setdefault(index, self.param_groups[index]["local_iters"])
         try:
             for t in range(max(iterations.values())):
-                for problem in unit_problems:
+                for problem in problems:
                     for p in problem.params:
-                        p.grad = None  # last iteration's local gradients: free them first
+                        p.grad = None  # last iteration's gradients: free them first
                 local = plan({problem for problem in unit_problems if t < iterations[problem]})
                 for problem in problems:
                     group = self.param_groups[problem.group_index]
                     if t >= iterations[problem]:
-                        for p in problem.params:
-                            p.grad = None
                         continue
                     if problem.unit is None:
                         # Parameters outside units: one step on γ·∇L.
@@ -370,11 +525,15 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                         if group["prox"]:
                             displacement = torch._foreach_sub([p.detach() for p in problem.params], problem.old_params)
                             torch._foreach_add_(grads, displacement, alpha=group["prox"])
+                        for i, outside in problem.outside_grads:
+                            grads[i].add_(outside)
                     for p, grad in zip(problem.params, grads):
-                        p.grad = grad
-                    self.inner.param_groups[problem.group_index]["lr"] = inner_lr(
-                        group["inner_schedule"], group["lr"], t, iterations[problem]
-                    )
+                        # A tied parameter's local objectives add up.
+                        p.grad = p.grad + grad if tied and p.grad is not None else grad
+                for index, local_iters in schedules.items():
+                    group = self.param_groups[index]
+                    lr = inner_lr(group["inner_schedule"], group["lr"], t, local_iters)
+                    self.inner.param_groups[index]["lr"] = lr
                 self.inner.step()
         finally:
             # Callers see the backprop gradients they computed, not ours.
@@ -499,6 +658,19 @@ def _not_positive_definite(units: list[str], dtype: torch.dtype) -> torch.linalg
     )
 
 
+def _weak_callback(method):
+    """``method``, called through a weak reference: hooks that the model keeps
+    do not keep the optimizer alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args) -> None:
+        alive = ref()
+        if alive is not None:
+            alive(*args)
+
+    return call
+
+
 def _accepts(factory, name: str) -> bool:
     try:
         return name in inspect.signature(factory).parameters
@@ -516,4 +688,5 @@ def _all_finite(problems: list[_LocalProblem]) -> bool:
     """
     tensors = [t for pr in problems for pair in pr.backprop for t in pair]
     tensors += [target for pr in problems for _, target in pr.batches] + [g for pr in problems for g in pr.grads]
+    tensors += [g for pr in problems for _, g in pr.outside_grads]
     return bool(torch.stack([t.sum() for t in tensors]).isfinite().all())

@@ -8,7 +8,8 @@ Units are found by walking the model: every nn.Linear / nn.Conv2d leaf is a
 unit, and its transfer function is the activation module that follows it
 inside an ``nn.Sequential`` (identity otherwise). Each unit records, with a
 forward hook, its input x and pre-activation a, and with a tensor hook on a
-the backprop gradient g = dL/da.
+the backprop gradient g = dL/da. A record lives as long as the autograd graph
+of its forward until its gradient arrives, then until the optimizer's step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from locoprop.transfer import Transfer, transfer_by_name, transfer_from_module
 
-__all__ = ["LayerAdapter", "Unit", "adapter_for", "discover_units"]
+__all__ = ["LayerAdapter", "OutputUnitFinder", "Unit", "adapter_for", "discover_units"]
 
 
 class LayerAdapter:
@@ -104,10 +105,17 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
 
 @dataclasses.dataclass(eq=False)
 class _Record:
-    """One recorded use of a unit: input x, pre-activation a, gradient g."""
+    """One recorded use of a unit: input x, pre-activation a, gradient g.
+
+    ``versions`` are the version counters of x, a and the unit's parameters
+    when the forward ran: an in-place operation after the layer (such as
+    ``nn.ReLU(inplace=True)``) overwrites the memory that ``a`` shares with
+    the layer's output, and the counters tell (see :meth:`Unit.preactivation`).
+    """
 
     x: Tensor
     a: Tensor
+    versions: tuple[int, ...]
     g: Tensor | None = None
 
     def add_grad(self, grad: Tensor) -> None:
@@ -116,16 +124,23 @@ class _Record:
         self.g = grad if self.g is None else self.g + grad
 
 
-def _weak_grad_hook(record: _Record):
-    """A gradient hook that does not keep ``record`` alive.
+def _recording_hook(record: _Record, backpropagated: list[_Record]):
+    """The gradient hook of one recorded forward: it stores g = dL/da in
+    ``record`` and hands the record to ``backpropagated`` (the unit's list).
 
-    The hook lives as long as the autograd graph, and users keep the graph
-    through ``loss`` until their next iteration; a strong reference would
-    keep every unit's x, a and g alive past the step that consumed them.
+    Until its gradient arrives the record lives only in this hook, that is
+    in the autograd graph: a forward that is never backpropagated frees its
+    record with its graph, as plain PyTorch frees its saved tensors. Once
+    handed over, the hook keeps only a weak reference: users keep the graph
+    through ``loss`` until their next iteration, and a strong one would keep
+    x, a and g alive past the step that consumed them.
     """
+    pending = [record]  # the graph's strong reference, until the gradient arrives
     ref = weakref.ref(record)
 
     def add_grad(grad: Tensor) -> None:
+        if pending:
+            backpropagated.append(pending.pop())
         alive = ref()
         if alive is not None:
             alive.add_grad(grad)
@@ -142,6 +157,8 @@ class Unit:
         module: the layer.
         transfer: the transfer function f applied to its output.
         adapter: runs the layer as a pure function of (x, weight, bias).
+        records: the recorded uses that received a gradient since the last
+            step (a forward enters it when its backward pass reaches it).
     """
 
     name: str
@@ -173,13 +190,51 @@ class Unit:
         # torch.no_grad() records nothing.
         if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return
-        record = _Record(x=inputs[0].detach(), a=output.detach())
-        output.register_hook(_weak_grad_hook(record))
-        self.records.append(record)
+        x, bias = inputs[0], module.bias
+        versions = (x._version, output._version, module.weight._version, *(() if bias is None else (bias._version,)))
+        record = _Record(x=x.detach(), a=output.detach(), versions=versions)
+        output.register_hook(_recording_hook(record, self.records))
 
     def backpropagated_records(self) -> list[_Record]:
         """Records since the last step that received a gradient."""
         return [r for r in self.records if r.g is not None]
+
+    def check_record(self, record: _Record) -> None:
+        """Refuse a record whose input, or whose overwritten pre-activation,
+        cannot be restored as the forward pass saw it."""
+        if record.x._version != record.versions[0]:
+            raise RuntimeError(
+                f"The input of unit {self.name!r} was modified in place after its forward pass; its local problem "
+                "needs the input as the layer saw it. Make the operation that changed it out of place "
+                "(for example inplace=False), or run it after opt.step()"
+            )
+        if record.a._version != record.versions[1] and self._param_versions() != record.versions[2:]:
+            raise RuntimeError(
+                f"The output of unit {self.name!r} was modified in place (an in-place operation such as "
+                "nn.ReLU(inplace=True)) and its parameters changed after the forward pass, so its pre-activation "
+                "cannot be recomputed; leave the parameters unchanged until opt.step(), or make the in-place "
+                "operation out of place"
+            )
+
+    def preactivation(self, record: _Record) -> Tensor:
+        """The pre-activation a = layer(x) of a recorded use.
+
+        The recorded ``a`` shares memory with the layer's output. When an
+        in-place operation after the layer (``nn.ReLU(inplace=True)``,
+        ``out += skip``) has overwritten it, a is recomputed from the recorded
+        input with the forward's parameters (unchanged: :meth:`check_record`),
+        one forward of the layer. So it is after a forward under autocast: the
+        local problems run in the parameters' dtype, and a rounded to bfloat16
+        would put its rounding error into the first local gradient. Otherwise
+        it is read as recorded, at no cost.
+        """
+        weight, bias = self.module.weight.detach(), self.module.bias
+        if record.a._version == record.versions[1] and record.a.dtype == weight.dtype:
+            return record.a
+        return self.adapter.forward(record.x.to(weight.dtype), weight, bias.detach() if bias is not None else None)
+
+    def _param_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.params)
 
     def __repr__(self) -> str:
         return f"Unit({self.name!r}, {type(self.module).__name__}, transfer={self.transfer.name!r})"
@@ -219,7 +274,6 @@ def _as_transfer(spec: str | nn.Module | Transfer, unit_name: str) -> Transfer:
 def discover_units(
     model: nn.Module,
     units: Sequence[tuple[nn.Module, str | nn.Module]] | None = None,
-    output_activation: str | None = None,
 ) -> list[Unit]:
     """The units of ``model``, in module registration order.
 
@@ -227,8 +281,6 @@ def discover_units(
         model: any nn.Module.
         units: explicit ``[(layer, transfer), ...]`` pairs replacing discovery;
             a transfer is a name (``"tanh"``) or an activation module.
-        output_activation: transfer function of the last unit, overriding the
-            discovered one (the model usually folds it into the loss).
     """
     names = {module: name for name, module in model.named_modules()}
     if units is None:
@@ -266,7 +318,98 @@ def discover_units(
         raise ValueError(
             f"The model has no trainable nn.Linear or nn.Conv2d layers to use as units: {type(model).__name__}"
         )
-    if output_activation is not None:
-        last = found[-1]
-        last.transfer = transfer_by_name(output_activation)
     return found
+
+
+class OutputUnitFinder:
+    """Finds the unit that produces the model's output, from a forward pass.
+
+    Registration order does not tell it (a module may define its head before
+    its body). At the end of the model's first forward pass with autograd,
+    the graph is walked back from the model's output tensors, stopping at the
+    outputs of units: the units met are those whose output reaches the model's
+    output through no other unit. One unit met is the output unit; several
+    (two heads added, several outputs) or none leave it ambiguous. When the
+    model's own forward never runs (the caller calls its submodules), the
+    last unit to run in the forward pass is taken instead (:meth:`decide_now`).
+
+    ``on_decided(units)`` is called once, with the units met, and the hooks
+    are removed: after that the finder costs nothing.
+    """
+
+    def __init__(self, model: nn.Module, units: Sequence[Unit], on_decided):
+        self._on_decided = on_decided
+        self._unit_of_module = {unit.module: unit for unit in units}
+        self._output_nodes: dict = {}  # grad_fn of a unit output in this model forward -> unit
+        self._depth = 0
+        self.last_run: Unit | None = None
+        self.pending = True
+        self._handles = [
+            model.register_forward_pre_hook(self._enter),
+            model.register_forward_hook(self._leave, always_call=True),
+            *(unit.module.register_forward_hook(self._note) for unit in units),
+        ]
+
+    def _enter(self, module: nn.Module, inputs: tuple) -> None:
+        self._depth += 1
+
+    def _note(self, module: nn.Module, inputs: tuple, output) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.grad_fn is not None):
+            return
+        self.last_run = self._unit_of_module[module]
+        if self._depth:  # only inside the model's forward: a node keeps its graph alive
+            self._output_nodes[output.grad_fn] = self.last_run
+
+    def _leave(self, module: nn.Module, inputs: tuple, output) -> None:
+        self._depth -= 1
+        if self._depth or not self._output_nodes:
+            return
+        roots = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        if roots:
+            self._decide(_units_reaching(roots, self._output_nodes))
+        self._output_nodes.clear()
+
+    def decide_now(self) -> None:
+        """Decide from the last unit that ran, if the model's forward never did."""
+        if self.pending and self.last_run is not None:
+            self._decide([self.last_run])
+
+    def _decide(self, units: list[Unit]) -> None:
+        self.remove()
+        self._on_decided(units)
+
+    def remove(self) -> None:
+        self.pending = False
+        self._output_nodes.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _tensors(value) -> list[Tensor]:
+    """The tensors in a model's output: a tensor, or tuples, lists and dicts of them."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def _units_reaching(roots: list, output_nodes: dict) -> list[Unit]:
+    """The units whose output node is reached from ``roots`` through no other unit's output."""
+    reached: list[Unit] = []
+    seen = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        unit = output_nodes.get(node)
+        if unit is None:
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        elif unit not in reached:
+            reached.append(unit)
+    return reached

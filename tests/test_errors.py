@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_same_params, snapshot
+from conftest import assert_same_params, backprop_sgd_step, snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer
@@ -250,3 +250,26 @@ def test_add_param_group_refuses_a_unit_parameter():
 
 def _literal(message: str) -> str:
     return re.escape(message)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(variant="M"), dict(variant="S"), dict(variant="M", parallel="none"), dict(variant="S", parallel="none")],
+    ids=lambda kw: "-".join(map(str, kw.values())),
+)
+def test_a_forward_under_bf16_autocast_steps_in_the_parameters_dtype(kwargs):
+    """Under autocast the records are bf16; the local problems run in float32
+    and one local SGD step is still the backprop SGD step at η·γ (to bf16 precision)."""
+    model = _mlp()
+    x = torch.randn(64, 4)
+
+    def loss_fn(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(x).float().pow(2).sum(1).mean()
+
+    expected = backprop_sgd_step(model, loss_fn, lr=0.05 * 2.0)
+    opt = LocoPropOptimizer(model, lr=0.05, activation_lr=2.0, local_iters=1, inner="sgd", **kwargs)
+    loss_fn(model).backward()
+    opt.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert_same_params(model, expected, rtol=0, atol=2e-3)

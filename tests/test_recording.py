@@ -1,0 +1,450 @@
+"""What the hooks record is what the step solves: in-place operations after a
+unit, tied weights and the unit that produces the output.
+
+With one local SGD iteration, a LocoProp step is the backprop SGD step at
+lr·γ (SPEC §2); the expected parameters come from autograd on a copy of the
+model, never from locoprop. Local solves of several iterations are checked
+against the summed local objectives written out with autograd here.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_same_params, backprop_sgd_step, snapshot
+from torch import nn
+
+from locoprop import LocoPropOptimizer
+
+ETA, GAMMA = 0.05, 2.0
+PATHS = ["batched", "none"]
+CLOSE = dict(rtol=1e-10, atol=1e-12)
+
+
+def _one_sgd_step(model, loss_fn, **kwargs):
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, local_iters=1, inner="sgd", **kwargs)
+    loss_fn(model).backward()
+    opt.step()
+    return opt
+
+
+def _train(model, loss_fn, steps=2, **kwargs):
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, **kwargs)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model).backward()
+        opt.step()
+    return snapshot(model)
+
+
+# ------------------------------------------------------------ in-place activations
+def _conv_net(inplace):
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)
+    ).double()
+
+
+def _mlp(activation):
+    return nn.Sequential(nn.Linear(6, 8), activation, nn.Linear(8, 8), copy.deepcopy(activation), nn.Linear(8, 4))
+
+
+def _classification_loss(x, y):
+    return lambda m: F.cross_entropy(m(x), y)
+
+
+@pytest.mark.parametrize("parallel", PATHS)
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_in_place_relu_after_a_conv_gives_the_backprop_step(variant, parallel):
+    """The issue's network: the recorded pre-activation shares memory with
+    the output that ReLU(inplace=True) overwrites."""
+    model = _conv_net(inplace=True)
+    loss_fn = _classification_loss(torch.randn(10, 2, 8, 8, dtype=torch.float64), torch.randint(0, 5, (10,)))
+    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
+    _one_sgd_step(model, loss_fn, variant=variant, output_activation="softmax", parallel=parallel)
+    assert_same_params(model, expected, **CLOSE)
+
+
+@pytest.mark.parametrize("parallel", PATHS)
+@pytest.mark.parametrize(
+    "variant, activation", [("M", nn.LeakyReLU(0.1, inplace=True)), ("S", nn.ReLU(inplace=True))], ids=["M", "S"]
+)
+def test_in_place_activation_between_linear_units_gives_the_backprop_step(variant, activation, parallel):
+    model = _mlp(activation).double()
+    loss_fn = _classification_loss(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,)))
+    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
+    _one_sgd_step(model, loss_fn, variant=variant, output_activation="softmax", parallel=parallel)
+    assert_same_params(model, expected, **CLOSE)
+
+
+@pytest.mark.parametrize("parallel", PATHS)
+@pytest.mark.parametrize("variant", ["M", "S"])
+@pytest.mark.parametrize(
+    "make", [_conv_net, lambda inplace: _mlp(nn.LeakyReLU(0.1, inplace=inplace)).double()], ids=["conv", "mlp"]
+)
+def test_in_place_activations_train_as_the_out_of_place_ones(make, variant, parallel):
+    """Several local iterations read the targets (the first one does not)."""
+    out_of_place = make(inplace=False)
+    in_place = make(inplace=True)
+    in_place.load_state_dict(out_of_place.state_dict())
+    inputs = torch.randn(10, 2, 8, 8) if isinstance(out_of_place[0], nn.Conv2d) else torch.randn(10, 6)
+    loss_fn = _classification_loss(inputs.double(), torch.randint(0, 4, (10,)))
+    kwargs = dict(variant=variant, output_activation="softmax", parallel=parallel, local_iters=3, inner="adam")
+    expected = _train(out_of_place, loss_fn, **kwargs)
+    actual = _train(in_place, loss_fn, **kwargs)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], **CLOSE, msg=name)
+
+
+def test_an_input_changed_in_place_before_the_step_is_refused():
+    model = _mlp(nn.Tanh())
+    opt = LocoPropOptimizer(model, lr=1e-2)
+    x = torch.randn(5, 6)
+    model(x).sum().backward()
+    x.mul_(2.0)  # the first unit's input, after autograd stopped watching it
+    before, inner_state = snapshot(model), str(opt.inner.state_dict())
+    with pytest.raises(RuntimeError, match=r"The input of unit '0' was modified in place after its forward pass"):
+        opt.step()
+    assert_same_params(model, before)
+    assert str(opt.inner.state_dict()) == inner_state
+
+
+def test_after_a_refused_step_zero_grad_drops_the_refused_batch():
+    model = _mlp(nn.Tanh()).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, local_iters=1, inner="sgd")
+    model(x).sum().backward()
+    x.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        opt.step()
+    expected = backprop_sgd_step(model, lambda m: m(x).sum(), ETA * GAMMA)
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    assert_same_params(model, expected, **CLOSE)
+
+
+def test_an_overwritten_output_whose_parameters_changed_is_refused():
+    """Its pre-activation could only be recomputed with the old parameters."""
+    model = _mlp(nn.ReLU(inplace=True))
+    opt = LocoPropOptimizer(model, lr=1e-2, variant="S")
+    model(torch.randn(5, 6)).sum().backward()
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"output of unit '0' was modified in place .* parameters changed"):
+        opt.step()
+    assert_same_params(model, before)
+
+
+# -------------------------------------------------------------------- tied weights
+class TiedLanguageModel(nn.Module):
+    """An embedding tied to the output layer: a unit and a module outside
+    every unit share one weight."""
+
+    def __init__(self, vocab=7, width=5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.hidden = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids, use_head=True):
+        h = torch.tanh(self.hidden(self.embed(ids)))
+        return self.head(h) if use_head else h
+
+    def units(self):
+        return [(self.hidden, "tanh"), (self.head, "softmax")]
+
+
+class TiedLayers(nn.Module):
+    """Two linear units sharing a weight; without a bias, the second has no
+    other parameter (an empty parameter group); with one, the two are solved
+    stacked (one shape)."""
+
+    def __init__(self, width=5, second_bias=False):
+        super().__init__()
+        self.first = nn.Linear(width, width)
+        self.second = nn.Linear(width, width, bias=second_bias)
+        self.second.weight = self.first.weight
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x, use_second=True):
+        h = torch.tanh(self.first(x))
+        return self.out(torch.tanh(self.second(h)) if use_second else h)
+
+    def units(self):
+        return [(self.first, "tanh"), (self.second, "tanh"), (self.out, "softmax")]
+
+
+def _backprop_sgd_step_some_unused(model, loss_fn, lr):
+    """As conftest's ``backprop_sgd_step``, leaving parameters the loss does not use alone."""
+    clone = copy.deepcopy(model)
+    params = list(clone.parameters())
+    grads = torch.autograd.grad(loss_fn(clone), params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.sub_(lr * g)
+    return snapshot(clone)
+
+
+def _language_model_data():
+    ids = torch.randint(0, 7, (12,))
+    return ids, torch.randint(0, 7, (12,))
+
+
+@pytest.mark.parametrize("parallel", PATHS)
+@pytest.mark.parametrize("variant", ["M", "S"])
+@pytest.mark.parametrize("use_all", [True, False], ids=["all-uses", "one-use"])
+def test_embedding_tied_to_the_output_layer_gives_the_backprop_step(variant, parallel, use_all):
+    model = TiedLanguageModel().double()
+    ids, labels = _language_model_data()
+
+    def loss_fn(m):  # without the head, the tied weight has only its embedding use
+        return F.cross_entropy(m(ids), labels) if use_all else m(ids, use_head=False).square().sum()
+
+    expected = _backprop_sgd_step_some_unused(model, loss_fn, ETA * GAMMA)
+    opt = _one_sgd_step(model, loss_fn, variant=variant, units=model.units(), parallel=parallel)
+    assert_same_params(model, expected, **CLOSE)
+    assert opt.parameter_roles()["embed.weight"] == "head + backprop"
+
+
+@pytest.mark.parametrize("parallel", PATHS)
+@pytest.mark.parametrize("variant", ["M", "S"])
+@pytest.mark.parametrize("use_all", [True, False], ids=["all-uses", "one-use"])
+def test_two_tied_linear_units_give_the_backprop_step(variant, parallel, use_all):
+    model = TiedLayers().double()
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+
+    def loss_fn(m):
+        return F.cross_entropy(m(x, use_second=use_all), y)
+
+    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
+    opt = _one_sgd_step(model, loss_fn, variant=variant, units=model.units(), parallel=parallel)
+    assert_same_params(model, expected, **CLOSE)
+    assert opt.parameter_roles() == {
+        "first.weight": "first + second",
+        "first.bias": "first",
+        "out.weight": "out",
+        "out.bias": "out",
+    }
+
+
+def _local_term(variant, transfer, a, target):
+    """One unit's local objective without the proximal term (SPEC §2)."""
+    if variant == "S":
+        return 0.5 * (a - target).square().sum()
+    integral = torch.logsumexp(a, 1).sum() if transfer == "softmax" else torch.log(torch.cosh(a)).sum()
+    return integral - (target * a).sum()
+
+
+def _targets(variant, transfers, preactivations, loss):
+    grads = torch.autograd.grad(loss, preactivations)
+    targets = []
+    for transfer, a, g in zip(transfers, preactivations, grads):
+        output = a if variant == "S" else (torch.softmax(a, 1) if transfer == "softmax" else torch.tanh(a))
+        targets.append((output - GAMMA * g).detach())
+    return targets
+
+
+def _sgd_on(objective, params, local_iters):
+    """K plain SGD steps at η_t = η·max(1 − t/K, 0.25) (the linear-floor schedule)."""
+    params = [p.detach().clone().requires_grad_(True) for p in params]
+    for t in range(local_iters):
+        grads = torch.autograd.grad(objective(*params), params)
+        lr = ETA * max(1 - t / local_iters, 0.25)
+        params = [(p - lr * g).detach().requires_grad_(True) for p, g in zip(params, grads)]
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("second_bias, prox", [(False, 0.0), (True, 0.5)])
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_tied_linear_units_minimise_the_sum_of_their_local_objectives(variant, second_bias, prox):
+    """Each unit's objective has its own proximal term: a tied weight's sum has two."""
+    model = TiedLayers(second_bias=second_bias).double()
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    old = [p.detach().clone() for p in model.parameters()]
+    weight, bias, *second_b, out_weight, out_bias = (p.requires_grad_(True) for p in copy.deepcopy(old))
+    a1 = F.linear(x, weight, bias)
+    h1 = torch.tanh(a1)
+    a2 = F.linear(h1, weight, *second_b)
+    h2 = torch.tanh(a2)
+    a3 = F.linear(h2, out_weight, out_bias)
+    transfers = ["tanh", "tanh", "softmax"]
+    targets = _targets(variant, transfers, [a1, a2, a3], F.cross_entropy(a3, y))
+    h1, h2 = h1.detach(), h2.detach()
+
+    def objective(w, b, *rest):
+        *b2, w_out, b_out = rest
+        outputs = [F.linear(x, w, b), F.linear(h1, w, *b2), F.linear(h2, w_out, b_out)]
+        terms = sum(_local_term(variant, f, a, t) for f, a, t in zip(transfers, outputs, targets))
+        unit_params = [(w, b), (w, *b2), (w_out, b_out)]
+        old_params = [(old[0], old[1]), (old[0], *old[2:-2]), (old[-2], old[-1])]
+        displacement = sum((p - q).square().sum() for ps, qs in zip(unit_params, old_params) for p, q in zip(ps, qs))
+        return terms + 0.5 * prox * displacement
+
+    expected = _sgd_on(objective, [weight, bias, *second_b, out_weight, out_bias], local_iters=4)
+    for parallel in PATHS:
+        trained = copy.deepcopy(model)
+        opt = LocoPropOptimizer(
+            trained, variant=variant, lr=ETA, activation_lr=GAMMA, local_iters=4, inner="sgd", prox=prox,
+            units=trained.units(), parallel=parallel,
+        )  # fmt: skip
+        F.cross_entropy(trained(x), y).backward()
+        opt.step()
+        for p, q in zip(trained.parameters(), expected):
+            torch.testing.assert_close(p.detach(), q, **CLOSE, msg=parallel)
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_a_weight_tied_to_an_embedding_adds_the_linear_objective_of_that_use(variant):
+    """ℓ_hidden + ℓ_head + γ⟨∂L/∂E, W⟩, where ∂L/∂E is the gradient of the
+    embedding's use of the shared weight W alone."""
+    model = TiedLanguageModel().double()
+    ids, labels = _language_model_data()
+    table, hidden_w, hidden_b, head_b = (p.detach().clone().requires_grad_(True) for p in model.parameters())
+    embedding_use = table.detach().clone().requires_grad_(True)  # the same values, a separate use
+    x = F.embedding(ids, embedding_use)
+    a1 = F.linear(x, hidden_w, hidden_b)
+    h = torch.tanh(a1)
+    a2 = F.linear(h, table, head_b)
+    loss = F.cross_entropy(a2, labels)
+    (embedding_share,) = torch.autograd.grad(loss, [embedding_use], retain_graph=True)
+    transfers = ["tanh", "softmax"]
+    targets = _targets(variant, transfers, [a1, a2], loss)
+    x, h = x.detach(), h.detach()
+
+    def objective(w_table, w_hidden, b_hidden, b_head):
+        outputs = [F.linear(x, w_hidden, b_hidden), F.linear(h, w_table, b_head)]
+        terms = sum(_local_term(variant, f, a, t) for f, a, t in zip(transfers, outputs, targets))
+        return terms + GAMMA * (embedding_share * w_table).sum()
+
+    expected = _sgd_on(objective, [table, hidden_w, hidden_b, head_b], local_iters=3)
+    for parallel in PATHS:
+        trained = copy.deepcopy(model)
+        opt = LocoPropOptimizer(
+            trained, variant=variant, lr=ETA, activation_lr=GAMMA, local_iters=3, inner="sgd",
+            units=trained.units(), parallel=parallel,
+        )  # fmt: skip
+        F.cross_entropy(trained(ids), labels).backward()
+        opt.step()
+        for p, q in zip(trained.parameters(), expected):
+            torch.testing.assert_close(p.detach(), q, **CLOSE, msg=parallel)
+
+
+def test_exact_solve_refuses_tied_weights_naming_them():
+    with pytest.raises(ValueError, match=r"'first.weight' is shared by unit 'first' and unit 'second'"):
+        LocoPropOptimizer(TiedLayers(), variant="S", solve="exact", prox=1.0)
+    with pytest.raises(ValueError, match=r"'embed.weight' is shared by unit 'head' and module 'embed'"):
+        LocoPropOptimizer(TiedLanguageModel(), variant="S", solve="exact", prox=1.0)
+
+
+# --------------------------------------------------------------------- output unit
+class HeadFirst(nn.Module):
+    """The output layer is registered before the body."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+        self.body = nn.Sequential(nn.Linear(5, 4), nn.Tanh())
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _transfers(opt):
+    names = [(unit.name, unit.transfer.name) for unit in opt.units]
+    assert names == [(group["unit"], group["transfer"]) for group in opt.param_groups]
+    return names
+
+
+def test_output_activation_goes_to_the_unit_that_produces_the_output():
+    model = HeadFirst().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    # The same network with its output layer last, where registration order is right.
+    ordered = nn.Sequential(copy.deepcopy(model.body[0]), nn.Tanh(), copy.deepcopy(model.head))
+    kwargs = dict(variant="M", local_iters=3, inner="sgd", output_activation="softmax")
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, **kwargs)
+    assert _transfers(opt) == [("head", "identity"), ("body.0", "softmax")]  # until a forward pass tells
+    with torch.no_grad():
+        model(x)  # no graph: nothing to tell
+    F.cross_entropy(model(x), y).backward()
+    assert _transfers(opt) == [("head", "softmax"), ("body.0", "tanh")]
+    opt.step()
+    expected = _train(ordered, _classification_loss(x, y), steps=1, **kwargs)
+    torch.testing.assert_close(model.head.weight, expected["2.weight"], **CLOSE)
+    torch.testing.assert_close(model.body[0].weight, expected["0.weight"], **CLOSE)
+
+
+def test_output_unit_of_a_model_whose_forward_is_bypassed_is_the_last_unit_to_run():
+    model = HeadFirst()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="sigmoid")
+    model.head(model.body(torch.randn(4, 5))).sum().backward()
+    opt.step()
+    assert _transfers(opt) == [("head", "sigmoid"), ("body.0", "tanh")]
+
+
+class TwoHeads(nn.Module):
+    def __init__(self, tuple_output):
+        super().__init__()
+        self.body = nn.Linear(5, 4)
+        self.left, self.right = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.tuple_output = tuple_output
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return (self.left(h), self.right(h)) if self.tuple_output else self.left(h) + self.right(h)
+
+
+@pytest.mark.parametrize("tuple_output", [False, True], ids=["sum", "tuple"])
+def test_an_ambiguous_output_unit_refuses_the_step(tuple_output):
+    model = TwoHeads(tuple_output)
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    out = model(torch.randn(4, 5))
+    sum(o.sum() for o in out).backward() if tuple_output else out.sum().backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"units \['left', 'right'\] all reach it\. Pass units=\[\(layer"):
+        opt.step()
+    assert_same_params(model, before)
+
+
+class ConvOutput(nn.Module):
+    """A convolution registered first produces the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3)
+        self.fc = nn.Linear(4, 9)
+
+    def forward(self, x):
+        return self.conv(self.fc(x).view(-1, 1, 3, 3))
+
+
+def test_the_output_unit_is_checked_once_found():
+    model = ConvOutput()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")  # tentatively fc: accepted
+    model(torch.randn(2, 4)).sum().backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="Softmax over the last dimension does not apply to Conv2d unit 'conv'"):
+        opt.step()
+    assert_same_params(model, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_streams_path_handles_tied_weights_and_in_place_activations(variant):
+    class Model(TiedLayers):
+        def forward(self, x, use_second=True):
+            return self.out(torch.relu_(self.second(torch.relu_(self.first(x)))))
+
+    model = Model(second_bias=True).double().cuda()
+    x, y = torch.randn(9, 5, dtype=torch.float64, device="cuda"), torch.randint(0, 3, (9,), device="cuda")
+    results = {}
+    for parallel in ["none", "streams"]:
+        trained = copy.deepcopy(model)
+        units = [(trained.first, "relu"), (trained.second, "relu"), (trained.out, "softmax")]
+        kwargs = dict(variant=variant, local_iters=3, inner="adam", units=units, parallel=parallel)
+        results[parallel] = _train(trained, _classification_loss(x, y), **kwargs)
+    for name in results["none"]:
+        torch.testing.assert_close(results["streams"][name], results["none"][name], rtol=1e-9, atol=1e-11, msg=name)
