@@ -11,6 +11,8 @@ function from it, K-FAC its sampled Fisher.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +23,14 @@ from baselines.combined import CombinedOptimizer
 from baselines.kfac import KFAC
 from locoprop import LocoPropOptimizer, RMSpropTF
 
-__all__ = ["LOSS_OUTPUT_ACTIVATION", "OPTIMIZERS", "OptimizerSpec", "make_optimizer", "optimizer_names"]
+__all__ = [
+    "LOSS_OUTPUT_ACTIVATION",
+    "OPTIMIZERS",
+    "OptimizerSpec",
+    "check_hparams",
+    "make_optimizer",
+    "optimizer_names",
+]
 
 # The transfer function each loss folds into the model's last layer.
 LOSS_OUTPUT_ACTIVATION = {"bce": "sigmoid", "cross_entropy": "softmax", "mse": "identity"}
@@ -37,6 +46,10 @@ class OptimizerSpec:
         defaults: every hyperparameter the entry takes, with its default.
         searched: the hyperparameters a sweep tunes.
         description: one line for ``--help`` and reports.
+        types: the type of each hyperparameter whose default is None (which
+            accepts None too); the others take the type of their default.
+        nullable: hyperparameters with a default that also accept None
+            (for example a clipping that None turns off).
     """
 
     name: str
@@ -44,6 +57,15 @@ class OptimizerSpec:
     defaults: dict[str, Any]
     searched: tuple[str, ...]
     description: str
+    types: dict[str, type] = dataclasses.field(default_factory=dict)
+    nullable: tuple[str, ...] = ()
+
+    def expected_type(self, hparam: str) -> type:
+        default = self.defaults[hparam]
+        return type(default) if default is not None else self.types[hparam]
+
+    def accepts_none(self, hparam: str) -> bool:
+        return self.defaults[hparam] is None or hparam in self.nullable
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -83,17 +105,30 @@ def _kfac(model, loss, h):
     return KFAC(model, loss=loss, **h)
 
 
-def _with_betas(class_name: str):
-    """A pytorch-optimizer class whose flat beta1/beta2 become its ``betas``."""
+def _with_betas(load_class: Callable[[], type]):
+    """An optimizer class (loaded when first built: pytorch_optimizer is slow to
+    import) whose flat beta1/beta2 become its ``betas``."""
 
     def build(model, loss, h):
-        import pytorch_optimizer
-
         h = dict(h)
         betas = (h.pop("beta1"), h.pop("beta2"))
-        return getattr(pytorch_optimizer, class_name)(_trainable(model), betas=betas, **h)
+        return load_class()(_trainable(model), betas=betas, **h)
 
     return build
+
+
+def _soap() -> type:
+    import pytorch_optimizer
+
+    return pytorch_optimizer.SOAP
+
+
+def _shampoo() -> type:
+    # Not pytorch_optimizer.ScalableShampoo itself: its state holds objects
+    # that a weights_only checkpoint cannot load.
+    from baselines.shampoo import Shampoo
+
+    return Shampoo
 
 
 def _muon(model, loss, h):
@@ -163,6 +198,11 @@ _LOCOPROP_DEFAULTS = dict(
     compile=False,
 )
 
+# The types of the LocoProp hyperparameters whose default (None) does not say it.
+_LOCOPROP_TYPES = dict(
+    inner_momentum=float, inner_decay=float, inner_eps=float, inner_kwargs=dict, output_activation=str, units=list
+)
+
 _ADAM_DEFAULTS = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -227,10 +267,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             ),
             ("lr", "damping", "momentum", "factor_decay"),
             "K-FAC with π-split Tikhonov damping and KL clipping (baselines.kfac)",
+            nullable=("kl_clip",),
         ),
         OptimizerSpec(
             "shampoo",
-            _with_betas("ScalableShampoo"),
+            _with_betas(_shampoo),
             dict(
                 lr=1e-3,
                 beta1=0.9,
@@ -246,7 +287,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "soap",
-            _with_betas("SOAP"),
+            _with_betas(_soap),
             dict(lr=3e-3, beta1=0.95, beta2=0.95, weight_decay=0.01, precondition_frequency=10, eps=1e-8),
             ("lr", "beta1", "beta2", "weight_decay"),
             "SOAP: Adam in Shampoo's eigenbasis (pytorch_optimizer.SOAP)",
@@ -274,6 +315,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _LOCOPROP_DEFAULTS,
             ("lr", "activation_lr", "local_iters", "inner_momentum"),
             "LocoProp with post-activation targets (matching losses)",
+            types=_LOCOPROP_TYPES,
         ),
         OptimizerSpec(
             "locoprop-s",
@@ -281,6 +323,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _LOCOPROP_DEFAULTS,
             ("lr", "activation_lr", "local_iters", "inner_momentum"),
             "LocoProp with pre-activation targets (squared losses)",
+            types=_LOCOPROP_TYPES,
         ),
         OptimizerSpec(
             "locoprop-s-exact",
@@ -288,6 +331,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             {**_LOCOPROP_DEFAULTS, "activation_lr": 1.0, "prox": 10.0},
             ("activation_lr", "prox"),
             "LocoProp-S with the closed-form local solve (preconditioned step)",
+            types=_LOCOPROP_TYPES,
         ),
     ]
 }
@@ -303,16 +347,68 @@ def make_optimizer(name: str, model: nn.Module, *, loss: str | None = None, **hp
 
     Raises:
         ValueError: unknown name (the valid ones are listed), unknown
-            hyperparameter for that name, unknown loss, or a bad value.
+            hyperparameter for that name or a value of the wrong type (see
+            :func:`check_hparams`), unknown loss, or a value the optimizer
+            refuses.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer: {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    check_hparams(name, hparams)
     if loss is not None and loss not in LOSS_OUTPUT_ACTIVATION:
         raise ValueError(f"Unknown loss: {loss!r}; expected one of {', '.join(LOSS_OUTPUT_ACTIVATION)}")
     spec = OPTIMIZERS[name]
+    return spec.build(model, loss, {**spec.defaults, **hparams})
+
+
+def check_hparams(name: str, hparams: dict[str, Any]) -> None:
+    """Refuse an unknown optimizer, an unknown hyperparameter, or a value of
+    the wrong type, naming it.
+
+    The type of a hyperparameter is the type of its default (or
+    ``OptimizerSpec.types``): a bool takes only true/false, an integer only
+    integers, a float any finite number (integers included, booleans not), a
+    string only strings. None only where the spec allows it. Ranges (lr > 0,
+    0 ≤ momentum < 1, …) are the optimizers' own checks.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer: {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    spec = OPTIMIZERS[name]
+    if not isinstance(hparams, dict):
+        raise ValueError(f"Invalid hyperparameters for {name!r}: {hparams!r}; expected a dictionary of name: value")
     unknown = sorted(set(hparams) - set(spec.defaults))
     if unknown:
         raise ValueError(
             f"Unknown hyperparameter(s) for {name!r}: {', '.join(unknown)}; it takes {', '.join(sorted(spec.defaults))}"
         )
-    return spec.build(model, loss, {**spec.defaults, **hparams})
+    for hparam, value in hparams.items():
+        if value is None and spec.accepts_none(hparam):
+            continue
+        expected = spec.expected_type(hparam)
+        if not _is_a(value, expected):
+            also = " (or null)" if spec.accepts_none(hparam) else ""
+            raise ValueError(
+                f"Invalid hyperparameter {hparam}={value!r} for {name!r}: expected {_TYPE_NAMES[expected]}{also}"
+            )
+
+
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a finite number",
+    str: "a string",
+    dict: "a dictionary",
+    list: "a list",
+}
+
+
+def _is_a(value: Any, expected: type) -> bool:
+    # bool is an int subclass: True is not a learning rate, nor 1 a switch.
+    if expected is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if expected is float:
+        return isinstance(value, numbers.Real) and math.isfinite(value)
+    if expected is int:
+        return isinstance(value, numbers.Integral)
+    if expected is list:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, expected)

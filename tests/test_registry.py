@@ -1,6 +1,8 @@
 """The optimizer registry serves every name of SPEC §7."""
 
 import copy
+import io
+import math
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines import OPTIMIZERS, CombinedOptimizer, make_optimizer, optimizer_names
+from baselines.registry import check_hparams
 from locoprop import LocoPropOptimizer
 
 SPEC_NAMES = [
@@ -118,3 +121,130 @@ def test_unknown_names_and_hyperparameters_are_refused_with_the_valid_ones():
         make_optimizer("kfac", model, loss="hinge")
     with pytest.raises(ValueError, match="Invalid learning rate: -1"):
         make_optimizer("locoprop-m", model, lr=-1)
+
+
+# Every periodic computation (preconditioners, inverses, the exact solve's
+# statistics) happens both before the save and after the reload.
+CHECKPOINT_PROBLEM = {
+    **SMALL_PROBLEM,
+    "shampoo": dict(lr=1e-2, start_preconditioning_step=2, preconditioning_compute_steps=2),
+    "soap": dict(precondition_frequency=2),
+    "kfac": dict(inv_update_freq=2, fisher="sampled"),  # sampled: the RNG state matters too
+}
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_state_dict_loads_with_weights_only_and_continues_bit_exactly(name):
+    """A checkpoint is data: torch.load(weights_only=True) reads it, and the
+    reloaded optimizer continues exactly as the uninterrupted one."""
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    batches = [(torch.randn(32, 8), torch.randint(0, 3, (32,))) for _ in range(7)]
+    hparams = CHECKPOINT_PROBLEM.get(name, {})
+    model = make()
+    opt = make_optimizer(name, model, loss="cross_entropy", **hparams)
+    train(model, opt, batches[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, buffer)
+    train(model, opt, batches[3:])
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh = make()
+    fresh.load_state_dict(saved["model"])
+    fresh_opt = make_optimizer(name, fresh, loss="cross_entropy", **hparams)
+    fresh_opt.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    train(fresh, fresh_opt, batches[3:])
+    for (key, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), key
+    assert not torch.equal(model[0].weight, make()[0].weight)  # it did train
+
+
+def test_shampoo_state_dict_holds_plain_data_and_refuses_a_mismatch():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = make_optimizer("shampoo", model)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    state = opt.state_dict()["state"][0]
+    assert set(state["pre_conditioner"]) == {"statistics", "pre_conditioners"}
+    assert set(state["graft"]) == {"momentum"}  # the default graft (SGD) has no statistics
+    other_model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    other = make_optimizer("shampoo", other_model)
+    other_model(torch.randn(5, 4)).sum().backward()
+    other.step()
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(
+        ValueError, match=r"Shampoo state \w+\.\w+ does not fit this parameter \(saved a tensor of shape"
+    ):
+        other.load_state_dict(opt.state_dict())
+    assert _same_state(other.state_dict(), before)  # refused before anything changed
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same_state, a, b))
+    return a == b
+
+
+# (optimizer, hyperparameters, message): a value of the wrong type, refused before anything is built.
+HPARAM_TYPE_ERRORS = [
+    (
+        "locoprop-m",
+        dict(compile="yes"),
+        "Invalid hyperparameter compile='yes' for 'locoprop-m': expected true or false",
+    ),
+    ("adam", dict(lr=True), "Invalid hyperparameter lr=True for 'adam': expected a finite number"),
+    ("adam", dict(lr=math.inf), "Invalid hyperparameter lr=inf for 'adam': expected a finite number"),
+    ("sgd", dict(lr=math.nan), "Invalid hyperparameter lr=nan for 'sgd': expected a finite number"),
+    ("locoprop-s", dict(prox=-math.inf), "Invalid hyperparameter prox=-inf for 'locoprop-s'"),
+    ("locoprop-m", dict(lr="1e-3"), "Invalid hyperparameter lr='1e-3' for 'locoprop-m': expected a finite number"),
+    ("sgd", dict(nesterov=1), "Invalid hyperparameter nesterov=1 for 'sgd': expected true or false"),
+    ("kfac", dict(inv_update_freq=2.0), "Invalid hyperparameter inv_update_freq=2.0 for 'kfac': expected an integer"),
+    ("kfac", dict(kl_clip=math.inf), "kl_clip=inf for 'kfac': expected a finite number \\(or null\\)"),
+    ("kfac", dict(fisher=None), "Invalid hyperparameter fisher=None for 'kfac': expected a string"),
+    ("locoprop-s", dict(inner_momentum="0.9"), "inner_momentum='0.9' for 'locoprop-s': expected a finite number"),
+    ("locoprop-m", dict(inner_kwargs="x"), "inner_kwargs='x' for 'locoprop-m': expected a dictionary \\(or null\\)"),
+]
+
+
+@pytest.mark.parametrize("name, hparams, message", HPARAM_TYPE_ERRORS, ids=lambda v: str(v)[:30])
+def test_hyperparameters_of_the_wrong_type_are_refused_naming_them(name, hparams, message):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(name, model, **hparams)
+    assert not any(m._forward_hooks for m in model.modules()), "a refused optimizer left hooks behind"
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_every_float_hyperparameter_refuses_non_finite_and_bool_values_and_every_switch_a_string(name):
+    spec = OPTIMIZERS[name]
+    for hparam in spec.defaults:
+        expected = spec.expected_type(hparam)
+        assert expected in (bool, int, float, str, dict, list), (hparam, expected)  # the types check_hparams knows
+        bad = {float: [math.inf, -math.inf, math.nan, True], int: [1.5, True], bool: ["yes", 1, "false"]}
+        for value in bad.get(expected, []):
+            with pytest.raises(ValueError, match=f"Invalid hyperparameter {hparam}={value!r} for {name!r}"):
+                check_hparams(name, {hparam: value})
+
+
+def test_values_of_the_right_type_pass():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    assert make_optimizer("adam", model, lr=1).param_groups[0]["lr"] == 1  # an integer is a number
+    make_optimizer("kfac", model, kl_clip=None, inv_update_freq=3).remove_hooks()
+    make_optimizer("locoprop-s", model, inner_momentum=None, inner_kwargs={"decay": 0.5}).remove_hooks()
+    for name in SPEC_NAMES:  # every default has its own type
+        check_hparams(name, dict(OPTIMIZERS[name].defaults))
