@@ -2,9 +2,11 @@
 
 Runs LocoProp-M, LocoProp-S and the baselines with tuned presets
 (``sweeps.presets``) over a few seeds, each as an ordinary run directory
-under ``--out``, then writes the report of ``analysis`` (tables and plots)
-to ``--out``/report and prints its results table. Finished runs are
-reused, so an interrupted comparison continues where it stopped.
+under ``--out`` (named after its config by ``sweeps.cli.run_name``), then
+writes the report of ``analysis`` (tables and plots) to ``--out``/report
+and prints its results table. Finished runs are reused (the same command
+names the same directories), so an interrupted comparison continues where
+it stopped.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pathlib
 
 from analysis.report import write_report
 from sweeps import presets
-from sweeps.train import train
+from sweeps.train import loss_text, train
 
 __all__ = ["compare"]
 
@@ -34,14 +36,15 @@ def compare(args) -> int:
     )
     run_dirs = []
     for index, (optimizer, seed) in enumerate(jobs, 1):
-        run_dir = out / run_name(optimizer, args.workload, args.data, seed)
-        config = run_config_from_args(args, optimizer, presets.preset(args.workload, optimizer), seed, run_dir)
+        config = run_config_from_args(args, optimizer, presets.preset(args.workload, optimizer), seed, out)
+        config.out = str(out / run_name(config))
         result = train(config, resume=True, progress=False if args.no_progress else None)
-        run_dirs.append(run_dir)
+        run_dirs.append(result.run_dir)
         s = result.summary
         print(
-            f"[{index}/{len(jobs)}] {optimizer} seed {seed}: {s['status']}, train loss {s['final_train_loss']:.4f}, "
-            f"test loss {s['final_test_loss']:.4f}, {s['train_seconds']:.1f} s",
+            f"[{index}/{len(jobs)}] {optimizer} seed {seed}: {s['status']}, train loss "
+            f"{loss_text(s['final_train_loss'])}, test loss {loss_text(s['final_test_loss'])}, "
+            f"{s['train_seconds']:.1f} s",
             flush=True,
         )
     report = write_report(run_dirs, out / "report")

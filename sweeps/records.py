@@ -1,13 +1,21 @@
 """Run directories (SPEC §6): config.json, metrics.csv, summary.json, checkpoint.pt.
 
 Files are replaced atomically (write, then rename) so that a crash leaves
-either the old or the new version, never half of one.
+either the old or the new version, never half of one; metrics.csv is the
+exception (a row is appended per evaluation), which is why the checkpoint
+holds the rows too and a resumed run rewrites metrics.csv from it.
+
+JSON files are strict JSON: a float that is not finite (a diverged run's
+NaN or infinite loss) is written as null; metrics.csv keeps the exact value
+("nan", "inf"). A file that cannot be read raises :class:`DamagedRecord`,
+a ValueError whose message names the file and what to do.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import pathlib
 import platform
@@ -18,27 +26,82 @@ import torch
 
 __all__ = [
     "CHECKPOINT",
+    "CHECKPOINT_KEYS",
     "CONFIG",
     "METRICS",
+    "RUN_AGAIN",
+    "START_AFRESH",
     "SUMMARY",
+    "DamagedRecord",
     "MetricsWriter",
+    "finite_or_null",
+    "load_checkpoint",
+    "read_history",
     "read_json",
-    "read_metrics",
+    "save_checkpoint",
     "versions",
     "write_json",
 ]
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.csv", "summary.json", "checkpoint.pt"
+# What sweeps.train puts in a checkpoint; a file without one of them is not one of its checkpoints.
+CHECKPOINT_KEYS = (
+    "config",
+    "epoch",
+    "step",
+    "wall_time",
+    "initial_train_loss",
+    "step_times",
+    "metrics",
+    "model",
+    "optimizer",
+    "torch_rng",
+    "cuda_rng",
+)
+# What to do about a damaged record: of a run to resume, of a finished run.
+START_AFRESH = "remove it (or run without --resume) to start the run afresh"
+RUN_AGAIN = "remove the run directory to run it again"
+# The metrics.csv columns every run has (others depend on the workload and optimizer).
+REQUIRED_COLUMNS = ("step", "epoch", "wall_time_s", "train_loss", "test_loss", "lr")
+
+
+class DamagedRecord(ValueError):
+    """A run-directory file that cannot be read or does not fit the run; the
+    message names the file and what to do."""
 
 
 def write_json(path: pathlib.Path, data: dict) -> None:
+    """Write strict JSON atomically; non-finite floats become null (see :func:`finite_or_null`)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    text = json.dumps(finite_or_null(data), indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, ±inf) replaced by None, in nested dicts and lists.
+
+    JSON has no NaN or Infinity; null says "no finite value", and the run's
+    status says why (a diverged run).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
 def read_json(path: pathlib.Path) -> dict:
-    return json.loads(pathlib.Path(path).read_text())
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedRecord(f"{path} is not valid JSON ({err}); repair or remove it") from None
+    if not isinstance(data, dict):
+        raise DamagedRecord(f"{path} holds a JSON {type(data).__name__}, not an object; repair or remove it")
+    return data
 
 
 def _jsonable(value: Any):
@@ -56,35 +119,81 @@ def save_checkpoint(path: pathlib.Path, state: dict) -> None:
 
 
 def load_checkpoint(path: pathlib.Path) -> dict:
-    # weights_only: a checkpoint is data (tensors, numbers, strings), never code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint at ``path``, with every key of :data:`CHECKPOINT_KEYS`.
+
+    Raises:
+        DamagedRecord: the file cannot be loaded (truncated, overwritten, not
+            a checkpoint) or lacks a key.
+    """
+    try:
+        # weights_only: a checkpoint is data (tensors, numbers, strings), never code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises whatever its unpickler meets: EOFError, KeyError, RuntimeError, …
+        raise DamagedRecord(f"{path} cannot be read ({type(err).__name__}: {err}); {START_AFRESH}") from None
+    if not isinstance(state, dict):
+        raise DamagedRecord(f"{path} holds a {type(state).__name__}, not a locoprop checkpoint; {START_AFRESH}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise DamagedRecord(
+            f"{path} lacks {', '.join(missing)} (damaged, or written by an older locoprop); {START_AFRESH}"
+        )
+    return state
 
 
-def read_metrics(path: pathlib.Path) -> list[dict[str, str]]:
+def read_history(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The rows of metrics.csv: integers as int, other numbers as float, empty cells as None.
+
+    Raises:
+        DamagedRecord: the file is missing, lacks a required column, or holds
+            a cell that is not a number, naming the line.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise DamagedRecord(f"{path} is missing; {RUN_AGAIN}")
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DamagedRecord(f"{path} lacks the column(s) {', '.join(missing)}; {RUN_AGAIN}")
+        return [_parse_row(row, path, reader.line_num) for row in reader]
+
+
+def _parse_row(row: dict[str | None, Any], path: pathlib.Path, line: int) -> dict[str, Any]:
+    if None in row or None in row.values():  # more, or fewer, cells than the header has
+        raise DamagedRecord(f"{path}, line {line}: the row does not fit the header; {RUN_AGAIN}")
+    try:
+        return {key: _number(text) for key, text in row.items()}
+    except ValueError:
+        raise DamagedRecord(f"{path}, line {line}: a cell is not a number ({row}); {RUN_AGAIN}") from None
+
+
+def _number(text: str) -> int | float | None:
+    if text == "":
+        return None
+    # MetricsWriter writes ints as ints and floats by repr ("1.0", "nan"), so each comes back as it went in.
+    return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
 class MetricsWriter:
-    """Appends evaluation rows to metrics.csv with a fixed header."""
+    """Writes metrics.csv: the header and ``rows`` (a resumed run's, from its
+    checkpoint), then one appended row per evaluation."""
 
-    def __init__(self, path: pathlib.Path, columns: list[str], keep_until_epoch: int | None = None):
+    def __init__(self, path: pathlib.Path, columns: list[str], rows: list[dict[str, Any]] = ()):
         self.path = path
         self.columns = columns
-        rows = []
-        if keep_until_epoch is not None and path.exists():
-            # Resuming: rows written after the checkpoint are redone.
-            rows = [r for r in read_metrics(path) if int(r["epoch"]) <= keep_until_epoch]
         tmp = path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
-            writer.writerows({c: r.get(c, "") for c in columns} for r in rows)
+            writer.writerows(self._cells(row) for row in rows)
         os.replace(tmp, path)
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=self.columns).writerow({c: _format(row.get(c)) for c in self.columns})
+            csv.DictWriter(handle, fieldnames=self.columns).writerow(self._cells(row))
+
+    def _cells(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {c: _format(row.get(c)) for c in self.columns}
 
 
 def _format(value: Any) -> Any:

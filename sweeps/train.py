@@ -11,17 +11,35 @@ evaluation and budget; optimizers only update. Per run directory:
   backward and targets; local_solve: the local solves);
 - ``summary.json``: final and best losses, status, seconds, peak memory,
   versions, seed;
-- ``checkpoint.pt``: written every epoch; ``resume=True`` continues from it
+- ``checkpoint.pt``: written every epoch, with the metrics rows so far;
+  ``resume=True`` continues from it (rewriting metrics.csv from its rows)
   and gives the same numbers as an uninterrupted run on CPU.
 
 A non-finite loss, or one above ``divergence_factor`` times the initial
 training loss, ends the run with status ``diverged``.
+
+What happens to a run directory that already holds a run:
+
+- a finished run (status ok, diverged or stopped) is never replaced:
+  ``resume=True`` returns it (if it was made with the same config), without
+  it the run is refused (:class:`RunExists`);
+- a failed or interrupted run is continued from its checkpoint with
+  ``resume=True`` and started afresh without it.
+
+Everything that can refuse a run (the config, the data, the model, the
+optimizer's own checks, the checkpoint) is checked before the first write,
+so a refused run leaves the directory as it was. The CLI names each run
+directory after its config (:func:`config_digest`), so different configs
+never share one and the same command finds its own again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import numbers
 import pathlib
 import resource
 import statistics
@@ -33,16 +51,21 @@ from typing import Any
 import torch
 
 from baselines import make_optimizer
-from baselines.registry import OPTIMIZERS
+from baselines.registry import check_hparams
 from locoprop import LocoPropOptimizer
 from sweeps import records
 from sweeps.data import Dataset, load_dataset
 from sweeps.workloads import Workload, get_workload
 
-__all__ = ["SCHEDULES", "RunConfig", "RunResult", "lr_factor", "train"]
+__all__ = ["FINISHED", "SCHEDULES", "RunConfig", "RunExists", "RunResult", "config_digest", "lr_factor", "train"]
 
 SCHEDULES = ("official", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+FINISHED = ("ok", "diverged", "stopped")  # statuses of a run that is over; "failed" can be resumed
+
+
+class RunExists(ValueError):
+    """The run directory holds a finished run that a fresh run would replace."""
 
 
 @dataclasses.dataclass
@@ -78,25 +101,29 @@ class RunConfig:
     out: str = "runs/run"
 
     def validate(self) -> None:
+        """Refuse a bad value, naming it; the checks that need the data set
+        (batch size against its size) are the run's."""
         get_workload(self.workload)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer: {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        check_hparams(self.optimizer, self.hparams)
         for name in ("epochs", "batch_size", "depth_mult", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r}; expected an integer ≥ 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Invalid seed: {self.seed!r}; expected an integer")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule: {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.device not in DEVICES:
             raise ValueError(f"Invalid device: {self.device!r}; expected one of {', '.join(DEVICES)}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("Invalid device: 'cuda'; no CUDA device is available (use --device cpu or auto)")
-        if not self.width_mult > 0:
-            raise ValueError(f"Invalid width_mult: {self.width_mult!r}")
-        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+        if not _finite(self.width_mult) or not self.width_mult > 0:
+            raise ValueError(f"Invalid width_mult: {self.width_mult!r}; expected a finite number > 0")
+        warmup = self.warmup_epochs
+        if warmup is not None and not (_finite(warmup) and 0 <= warmup <= self.epochs):
             raise ValueError(f"Invalid warmup_epochs: {self.warmup_epochs!r}; expected 0..epochs")
-        if not self.divergence_factor > 1:
-            raise ValueError(f"Invalid divergence_factor: {self.divergence_factor!r}; expected > 1")
+        if not _finite(self.divergence_factor) or not self.divergence_factor > 1:
+            raise ValueError(f"Invalid divergence_factor: {self.divergence_factor!r}; expected a finite number > 1")
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
@@ -105,6 +132,37 @@ class RunConfig:
         if unknown:
             raise ValueError(f"Unknown run-config field(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _identity(config: dict[str, Any]) -> dict[str, str]:
+    """What makes a run: every config field but ``out``, each as canonical JSON.
+
+    Where a run directory lives is not part of what the run is (sweep back
+    ends restore trials into new folders). JSON makes a tuple and a list, or
+    a config and its config.json, compare equal.
+    """
+    return {key: json.dumps(value, sort_keys=True, default=repr) for key, value in config.items() if key != "out"}
+
+
+def config_digest(config: RunConfig) -> str:
+    """Eight hex digits of the SHA-256 of the run's identity (every field but ``out``).
+
+    The CLI puts it in the run directory's name: runs that differ in any
+    setting get different directories, and the same command finds its own
+    directory again. (``--lr 1`` and ``--hparam lr=1.0`` or an explicit
+    default count as different settings: they get their own directories.)
+    """
+    text = json.dumps(_identity(dataclasses.asdict(config)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def loss_text(value: float | None) -> str:
+    """A loss of a summary for a one-line message (None: it was not finite)."""
+    return "not finite" if value is None else f"{value:.6g}"
 
 
 @dataclasses.dataclass
@@ -156,66 +214,123 @@ def train(
 
     Args:
         config: the run.
-        resume: continue from the run directory's checkpoint if there is one;
-            a finished run is returned as it is.
+        resume: continue from the run directory's checkpoint if there is one,
+            and return a finished run as it is (both only for the same
+            config). Without it a failed or interrupted run there is started
+            afresh, and a finished one is refused (never replaced).
         on_epoch: called with each evaluation row; returning True stops the
             run early (status "stopped"), as a sweep's pruner does.
         progress: show a progress bar (default: when stderr is a terminal).
         data: an already loaded data set (sweeps load it once per worker).
 
     Raises:
-        ValueError: a bad config. sweeps.data.DataUnavailable: missing data.
+        ValueError: a bad config. RunExists: ``config.out`` holds a finished
+            run and ``resume`` is False. sweeps.records.DamagedRecord: a
+            record of the run to resume or return cannot be read.
+            sweeps.data.DataUnavailable: missing data. Each before anything
+            is written.
         Any exception from training, after summary.json records it as failed.
     """
     config.validate()
     run_dir = pathlib.Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = run_dir / records.SUMMARY
-    checkpoint_path = run_dir / records.CHECKPOINT
-    requested = dataclasses.asdict(config)
-    if resume and summary_path.exists():
-        summary = records.read_json(summary_path)
-        if summary.get("status") in ("ok", "diverged", "stopped"):
-            _check_same_config(records.read_json(run_dir / records.CONFIG), requested, f"The finished run in {run_dir}")
-            return RunResult(run_dir, summary, _history(run_dir))
-    checkpoint = records.load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
-    if checkpoint is not None:
-        _check_same_config(checkpoint["config"], requested, f"The checkpoint in {run_dir}")
-    if checkpoint is None and summary_path.exists():
-        summary_path.unlink()  # a fresh run must not show an old run's summary
-    records.write_json(run_dir / records.CONFIG, dataclasses.asdict(config))
-
-    run = _Run(config, run_dir, data, checkpoint)
+    finished = _finished_run(run_dir, config, resume)
+    if finished is not None:
+        return finished
+    checkpoint = _checkpoint_to_resume(run_dir, config) if resume else None
+    run = _Run(config, run_dir, data, checkpoint)  # may refuse too: nothing is written before this
+    run.open_records()
     try:
         status = run.loop(on_epoch, progress)
     except BaseException as err:
         run.write_summary("failed", error=f"{type(err).__name__}: {err}")
         raise
-    summary, history = run.write_summary(status)
+    summary = run.write_summary(status)
+    return RunResult(run_dir, summary, list(run.rows))
+
+
+def _finished_run(run_dir: pathlib.Path, config: RunConfig, resume: bool) -> RunResult | None:
+    """The finished run in ``run_dir`` if ``resume`` asks for it; None if there is none.
+
+    Raises:
+        RunExists: a finished run is there and ``resume`` is False.
+        ValueError: it was made with another config.
+        DamagedRecord: one of its files cannot be read, or its metrics.csv
+            lacks rows.
+    """
+    summary_path = run_dir / records.SUMMARY
+    if not summary_path.is_file():
+        return None
+    summary = records.read_json(summary_path)
+    status = summary.get("status")
+    if status not in FINISHED:
+        return None
+    if not resume:
+        raise RunExists(
+            f"{run_dir} holds a finished run (status {status}), which a new run would replace; use --resume "
+            "(resume=True in Python) to get it back, or remove that directory to run it again"
+        )
+    _check_same_config(records.read_json(run_dir / records.CONFIG), config, f"The finished run in {run_dir}")
+    metrics_path = run_dir / records.METRICS
+    history = records.read_history(metrics_path)
+    epochs = summary.get("epochs_completed")
+    if not isinstance(epochs, int):
+        raise records.DamagedRecord(f"{summary_path} has no epochs_completed (got {epochs!r}); {records.RUN_AGAIN}")
+    _check_epochs(history, epochs, f"{metrics_path} of the finished run", records.RUN_AGAIN)
     return RunResult(run_dir, summary, history)
 
 
-def _check_same_config(stored: dict, requested: dict, what: str) -> None:
+def _checkpoint_to_resume(run_dir: pathlib.Path, config: RunConfig) -> dict | None:
+    """The checkpoint in ``run_dir``, checked: its config is ``config`` and it
+    holds the metrics rows of every epoch up to its own; None if there is none."""
+    path = run_dir / records.CHECKPOINT
+    if not path.is_file():
+        return None
+    checkpoint = records.load_checkpoint(path)
+    if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["metrics"], list):
+        raise records.DamagedRecord(f"{path} holds no config or no metrics rows; {records.START_AFRESH}")
+    _check_same_config(checkpoint["config"], config, f"The checkpoint in {run_dir}")
+    _check_epochs(checkpoint["metrics"], checkpoint["epoch"], str(path), records.START_AFRESH)
+    return checkpoint
+
+
+def _check_epochs(rows: list[dict], last_epoch: int, what: str, what_to_do: str) -> None:
+    """Refuse records that lack an evaluation: one row per epoch 0..last_epoch, in order."""
+    epochs = [row.get("epoch") if isinstance(row, dict) else None for row in rows]
+    if epochs != list(range(last_epoch + 1)):
+        raise records.DamagedRecord(
+            f"{what} holds rows for epochs {_epoch_ranges(epochs)}, expected one for each epoch 0..{last_epoch}; "
+            f"{what_to_do}"
+        )
+
+
+def _epoch_ranges(epochs: list) -> str:
+    """[0, 1, 2, 5, 6] -> "0-2, 5-6" (what a damaged file holds, in a message)."""
+    if not epochs:
+        return "none"
+    parts, start = [], 0
+    for i in range(1, len(epochs) + 1):
+        if i == len(epochs) or not (isinstance(epochs[i - 1], int) and epochs[i] == epochs[i - 1] + 1):
+            parts.append(f"{epochs[start]}" if start == i - 1 else f"{epochs[start]}-{epochs[i - 1]}")
+            start = i
+    return ", ".join(parts)
+
+
+def _check_same_config(stored: dict, config: RunConfig, what: str) -> None:
     """Refuse to resume (or to return) a run made with another config.
 
     A run directory may be moved or copied (sweep back ends restore trials
     into new folders): where it lives is not part of what the run is.
     """
-    keys = sorted((set(stored) | set(requested)) - {"out"})
+    requested = dataclasses.asdict(config)
+    there, asked = _identity(stored), _identity(requested)
+    keys = sorted(set(there) | set(asked))
     differences = [f"{k}: {stored.get(k)!r} there, {requested.get(k)!r} asked" for k in keys
-                   if stored.get(k) != requested.get(k)]  # fmt: skip
+                   if there.get(k) != asked.get(k)]  # fmt: skip
     if differences:
         raise ValueError(
             f"{what} is for another config ({'; '.join(differences)}); use another --out, or remove that run "
             "directory to run it again"
         )
-
-
-def _history(run_dir: pathlib.Path) -> list[dict[str, Any]]:
-    path = run_dir / records.METRICS
-    if not path.exists():
-        return []
-    return [{k: (float(v) if v not in ("",) else None) for k, v in row.items()} for row in records.read_metrics(path)]
 
 
 def _device(name: str) -> torch.device:
@@ -233,6 +348,12 @@ class _Run:
         self.device = _device(config.device)
         self.workload: Workload = get_workload(config.workload)
         self.data = data if data is not None else load_dataset(config.data, config.data_dir)
+        n = len(self.data.train_x)
+        if config.batch_size > n:
+            raise ValueError(
+                f"Invalid batch_size: {config.batch_size}; the training set of {config.data!r} has {n} examples "
+                f"(use --batch-size {n} or less)"
+            )
         torch.manual_seed(config.seed)
         self.model = self.workload.build_model(self.data, config.width_mult, config.depth_mult).to(self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
@@ -242,29 +363,51 @@ class _Run:
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
         self.test_x, self.test_y = self.data.test_x.to(self.device), self.data.test_y.to(self.device)
-        n = len(self.train_x)
         # Drop the last partial batch: every step sees batch_size examples.
-        self.steps_per_epoch = max(n // config.batch_size, 1)
+        self.steps_per_epoch = n // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
         warmup_epochs = config.warmup_epochs if config.warmup_epochs is not None else 0.05 * config.epochs
         self.warmup_steps = round(warmup_epochs * self.steps_per_epoch)
         self.epoch, self.step, self.wall_time = 0, 0, 0.0
         self.initial_train_loss: float | None = None
         self.step_times: list[float] = []
+        self.rows: list[dict[str, Any]] = []  # the evaluations so far, as metrics.csv holds them
+        self.resumed = checkpoint is not None
+        if checkpoint is not None:
+            try:
+                self._restore(checkpoint)
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+                raise records.DamagedRecord(
+                    f"{run_dir / records.CHECKPOINT} does not fit this run ({type(err).__name__}: {err}); "
+                    f"{records.START_AFRESH}"
+                ) from err
+        self.metrics: records.MetricsWriter | None = None
         self.started = time.perf_counter()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def open_records(self) -> None:
+        """The run's first writes: config.json, and metrics.csv with the
+        checkpoint's rows; a fresh run removes an earlier run's summary and
+        checkpoint, a resumed one its summary (it is running again)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        records.write_json(self.run_dir / records.CONFIG, dataclasses.asdict(self.config))
+        (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
+        if not self.resumed:
+            (self.run_dir / records.CHECKPOINT).unlink(missing_ok=True)
         columns = ["step", "epoch", "wall_time_s", "train_loss", "test_loss", "lr"]
         if self.workload.loss_kind == "cross_entropy":
             columns += ["train_error", "test_error"]
         columns += ["step_time_s"]
         if self.is_locoprop:
             columns += ["targets_time_s", "local_solve_time_s", "skipped_steps"]
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        self.metrics = records.MetricsWriter(
-            run_dir / records.METRICS, columns, keep_until_epoch=self.epoch if checkpoint is not None else None
-        )
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        # Rows after the checkpoint's epoch are redone; the checkpoint's own
+        # rows replace the file's, which may be damaged or cut short.
+        self.metrics = records.MetricsWriter(self.run_dir / records.METRICS, columns, rows=self.rows)
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.metrics.append(row)
 
     # ------------------------------------------------------------ the loop
     def loop(self, on_epoch, progress) -> str:
@@ -272,7 +415,7 @@ class _Run:
         if self.initial_train_loss is None:
             row = self.evaluate(step_times=[], phase_times=[])
             self.initial_train_loss = row["train_loss"]
-            self.metrics.append(row)
+            self.record(row)
             if not math.isfinite(row["train_loss"]):
                 return "diverged"
             self.save_checkpoint()
@@ -292,11 +435,11 @@ class _Run:
                         bar.update(1)
                 except _Diverged:
                     self.epoch += 1
-                    self.metrics.append(self.evaluate(step_times, phase_times))
+                    self.record(self.evaluate(step_times, phase_times))
                     return "diverged"
                 self.epoch += 1
                 row = self.evaluate(step_times, phase_times)
-                self.metrics.append(row)
+                self.record(row)
                 bar.set_postfix(train=f"{row['train_loss']:.4g}", test=f"{row['test_loss']:.4g}")
                 if not self._sane(row["train_loss"]):
                     return "diverged"
@@ -381,6 +524,7 @@ class _Run:
                 "wall_time": self.wall_time,
                 "initial_train_loss": self.initial_train_loss,
                 "step_times": self.step_times,
+                "metrics": self.rows,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
@@ -395,14 +539,16 @@ class _Run:
         self.wall_time = checkpoint["wall_time"]
         self.initial_train_loss = checkpoint["initial_train_loss"]
         self.step_times = list(checkpoint["step_times"])
+        self.rows = list(checkpoint["metrics"])
         torch.set_rng_state(checkpoint["torch_rng"])
         if checkpoint["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
 
     # ----------------------------------------------------------- summary
-    def write_summary(self, status: str, error: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Write summary.json; returns it with the metrics history it was built from."""
-        history = _history(self.run_dir)
+    def write_summary(self, status: str, error: str | None = None) -> dict[str, Any]:
+        """Write summary.json and return what it holds: a loss that is not
+        finite is None there (null in the file), as JSON has no NaN."""
+        history = self.rows
         finals = history[-1] if history else {}
         finite = lambda key: [r[key] for r in history if r.get(key) is not None and math.isfinite(r[key])]  # noqa: E731
         summary = {
@@ -430,8 +576,9 @@ class _Run:
             summary["skipped_steps"] = self.optimizer.skipped_steps
         if error is not None:
             summary["error"] = error
+        summary = records.finite_or_null(summary)
         records.write_json(self.run_dir / records.SUMMARY, summary)
-        return summary, history
+        return summary
 
     def _describe(self) -> str:
         return f"{self.config.optimizer} {self.config.workload}/{self.config.data} seed {self.config.seed}"

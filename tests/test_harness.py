@@ -27,7 +27,7 @@ METRIC_COLUMNS = ["step", "epoch", "wall_time_s", "train_loss", "test_loss", "lr
 def _losses(run_dir):
     return [
         (r["step"], r["epoch"], r["train_loss"], r["test_loss"], r["lr"])
-        for r in records.read_metrics(run_dir / "metrics.csv")
+        for r in records.read_history(run_dir / "metrics.csv")
     ]
 
 
@@ -112,6 +112,16 @@ def test_on_epoch_can_stop_a_run(tmp_path):
     assert [row["epoch"] for row in seen] == [1]
 
 
+def test_a_batch_larger_than_the_training_set_is_refused_and_a_full_batch_runs(tmp_path):
+    with pytest.raises(
+        ValueError, match="Invalid batch_size: 100000; the training set of 'synthetic' has 512 examples"
+    ):
+        train(RunConfig(optimizer="adam", out=str(tmp_path / "big"), **{**TINY, "batch_size": 100000}))
+    assert not (tmp_path / "big").exists()
+    full = train(RunConfig(optimizer="adam", out=str(tmp_path / "full"), **{**TINY, "batch_size": 512}), progress=False)
+    assert full.summary["steps"] == TINY["epochs"]  # one full-batch step per epoch, as config.json says
+
+
 def test_bad_config_values_are_named():
     with pytest.raises(ValueError, match="Invalid batch_size: 0"):
         train(RunConfig(batch_size=0))
@@ -119,6 +129,14 @@ def test_bad_config_values_are_named():
         train(RunConfig(optimizer="lion"))
     with pytest.raises(ValueError, match="Invalid schedule: 'step'"):
         train(RunConfig(schedule="step"))
+    with pytest.raises(ValueError, match="Invalid width_mult: inf; expected a finite number > 0"):
+        train(RunConfig(width_mult=float("inf")))
+    with pytest.raises(ValueError, match="Invalid divergence_factor: nan"):
+        train(RunConfig(divergence_factor=float("nan")))
+    with pytest.raises(ValueError, match="Invalid seed: 1.5; expected an integer"):
+        train(RunConfig(seed=1.5))
+    with pytest.raises(ValueError, match="Invalid hyperparameter compile='yes' for 'locoprop-m'"):
+        train(RunConfig(hparams={"compile": "yes"}))
 
 
 # --------------------------------------------------------------------- data
@@ -187,7 +205,7 @@ def test_cli_train_writes_the_run_directory(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    run_dir = tmp_path / "locoprop-m-mlp-synthetic-seed3"
+    (run_dir,) = tmp_path.glob("locoprop-m-mlp-synthetic-seed3-*")
     assert f"run directory: {run_dir}" in result.stdout
     config = json.loads((run_dir / "config.json").read_text())
     assert config["hparams"] == {"lr": 1e-3, "activation_lr": 1.0, "inner_momentum": 0.9}
@@ -231,7 +249,7 @@ def test_cli_compare_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     for optimizer in ("adam", "locoprop-m"):
         for seed in (0, 1):
-            run_dir = tmp_path / f"{optimizer}-autoencoder-synthetic-seed{seed}"
+            (run_dir,) = tmp_path.glob(f"{optimizer}-autoencoder-synthetic-seed{seed}-*")
             assert (run_dir / "summary.json").exists() and (run_dir / "metrics.csv").exists()
     table = (tmp_path / "report" / "results.md").read_text()
     assert "| autoencoder | synthetic | adam | 2 | 0 |" in table

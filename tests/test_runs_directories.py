@@ -1,0 +1,145 @@
+"""Run directories are never damaged or replaced by a refused or repeated command (SPEC §6, §7)."""
+
+import dataclasses
+import json
+import pathlib
+import re
+
+import pytest
+
+from sweeps import records
+from sweeps.cli import main
+from sweeps.data import synthetic
+from sweeps.train import RunConfig, RunExists, config_digest, train
+
+TINY = dict(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=128, epochs=2)
+T = ["train", "--data", "synthetic", "--width-mult", "0.05", "--batch-size", "128", "--no-progress"]
+DATA = synthetic()
+
+
+def _tree(folder: pathlib.Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _interrupt_after_epoch_1(row):
+    if row["epoch"] == 1:
+        raise KeyboardInterrupt
+
+
+def _interrupted_run(out: pathlib.Path) -> RunConfig:
+    config = RunConfig(optimizer="adam", out=str(out), **TINY)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, on_epoch=_interrupt_after_epoch_1, progress=False, data=DATA)
+    assert records.read_json(out / "summary.json")["status"] == "failed"
+    return config
+
+
+# Each is refused by a different layer: the optimizer's constructor, the
+# registry's type checks, the run config, the data set's size.
+REFUSED = {
+    "negative lr": dict(hparams={"lr": -1.0}),
+    "infinite lr": dict(hparams={"lr": float("inf")}),
+    "bool lr": dict(hparams={"lr": True}),
+    "unknown hparam": dict(hparams={"bogus": 1}),
+    "batch above the training set": dict(batch_size=100_000),
+    "infinite width": dict(width_mult=float("inf")),
+}
+
+
+@pytest.mark.parametrize("change", REFUSED.values(), ids=REFUSED.keys())
+def test_a_refused_run_leaves_an_interrupted_run_byte_for_byte(tmp_path, change):
+    """A valid fresh run would replace the interrupted one; a refused one must not touch it."""
+    config = _interrupted_run(tmp_path / "run")
+    before = _tree(tmp_path / "run")
+    for resume in (False, True):
+        with pytest.raises(ValueError):
+            train(dataclasses.replace(config, **change), resume=resume, progress=False, data=DATA)
+        assert _tree(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("change", REFUSED.values(), ids=REFUSED.keys())
+def test_a_refused_run_creates_nothing(tmp_path, change):
+    config = RunConfig(optimizer="adam", out=str(tmp_path / "new" / "run"), **TINY)
+    with pytest.raises(ValueError):
+        train(dataclasses.replace(config, **change), progress=False, data=DATA)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_finished_run_is_returned_with_resume_and_never_replaced(tmp_path):
+    config = RunConfig(optimizer="adam", out=str(tmp_path / "run"), **TINY)
+    first = train(config, progress=False, data=DATA)
+    before = _tree(tmp_path / "run")
+    message = r"run holds a finished run \(status ok\), which a new run would replace; use --resume .* remove that"
+    with pytest.raises(RunExists, match=message):
+        train(config, progress=False, data=DATA)
+    with pytest.raises(RunExists):  # another config, the same folder: refused too
+        train(dataclasses.replace(config, hparams={"lr": 1e-4}), progress=False, data=DATA)
+    assert _tree(tmp_path / "run") == before
+    again = train(config, resume=True, progress=False, data=DATA)
+    assert again.summary == first.summary and again.history == first.history
+    assert _tree(tmp_path / "run") == before
+
+
+def test_a_failed_run_starts_afresh_without_resume(tmp_path):
+    straight = train(RunConfig(optimizer="adam", out=str(tmp_path / "straight"), **TINY), progress=False, data=DATA)
+    config = _interrupted_run(tmp_path / "run")
+    fresh = train(config, progress=False, data=DATA)
+    assert fresh.status == "ok"
+    losses = lambda rows: [(r["epoch"], r["train_loss"], r["test_loss"]) for r in rows]  # noqa: E731
+    assert losses(fresh.history) == losses(straight.history)
+    assert losses(records.read_history(tmp_path / "run" / "metrics.csv")) == losses(straight.history)
+
+
+def test_config_digest_names_everything_but_the_folder():
+    config = RunConfig(optimizer="adam", hparams={"lr": 1e-3}, out="a", **TINY)
+    digest = config_digest(config)
+    assert re.fullmatch(r"[0-9a-f]{8}", digest)
+    assert config_digest(dataclasses.replace(config, out="elsewhere")) == digest
+    changed = [
+        dict(hparams={"lr": 1e-4}), dict(hparams={}), dict(seed=1), dict(epochs=3), dict(batch_size=64),
+        dict(schedule="constant"), dict(warmup_epochs=0.0), dict(width_mult=0.1), dict(data_dir="x"),
+    ]  # fmt: skip
+    digests = {config_digest(dataclasses.replace(config, **change)) for change in changed}
+    assert digest not in digests and len(digests) == len(changed)
+
+
+def _cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_runs_with_different_settings_get_different_directories(tmp_path, capsys):
+    """The issue's loop: two learning rates, one --out, both runs kept; the same command finds its run again."""
+    folder = tmp_path / "loop"
+    for lr in ("1e-3", "1e-4"):
+        code, out, err = _cli(capsys, *T, "--optimizer", "adam", "--epochs", "1", "--lr", lr, "--out", str(folder))
+        assert code == 0, err
+    runs = sorted(folder.iterdir())
+    assert [re.fullmatch(r"adam-autoencoder-synthetic-seed0-[0-9a-f]{8}", p.name) is not None for p in runs] == [1, 1]
+    assert sorted(json.loads((p / "config.json").read_text())["hparams"]["lr"] for p in runs) == [1e-4, 1e-3]
+    assert all(json.loads((p / "summary.json").read_text())["status"] == "ok" for p in runs)
+    before = _tree(folder)
+
+    command = [*T, "--optimizer", "adam", "--epochs", "1", "--lr", "1e-3", "--out", str(folder)]
+    code, out, err = _cli(capsys, *command)
+    assert code == 2 and "holds a finished run (status ok), which a new run would replace; use --resume" in err
+    code, out, err = _cli(capsys, *command, "--resume")
+    assert code == 0 and out.startswith("ok: adam")
+    (run_dir,) = [p for p in runs if json.loads((p / "config.json").read_text())["hparams"]["lr"] == 1e-3]
+    assert f"run directory: {run_dir}" in out
+    assert _tree(folder) == before
+
+
+def test_cli_refused_command_changes_nothing(tmp_path, capsys):
+    """The issue's commands: a run, then the same with --lr -1; and --lr -1 in a fresh folder."""
+    code, _, err = _cli(capsys, *T, "--epochs", "1", "--out", str(tmp_path / "dl"))
+    assert code == 0, err
+    before = _tree(tmp_path / "dl")
+    code, _, err = _cli(capsys, *T, "--epochs", "1", "--out", str(tmp_path / "dl"), "--lr", "-1")
+    assert code == 2 and "Invalid learning rate: -1.0" in err and len(err.strip().splitlines()) == 1
+    assert _tree(tmp_path / "dl") == before
+    code, _, err = _cli(capsys, *T, "--optimizer", "adam", "--lr", "-1", "--out", str(tmp_path / "mix"))
+    assert code == 2 and "Invalid learning rate: -1.0" in err
+    assert not (tmp_path / "mix").exists()
