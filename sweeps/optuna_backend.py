@@ -1,16 +1,25 @@
 """Optuna back end of ``locoprop sweep`` (SPEC §8).
 
 - Storage: a SQLite file in ``--out`` by default; any RDB URL (PostgreSQL on
-  a cluster); or a journal file (``journal:PATH``, or a path ending in
-  ``.log``/``.journal``).
+  a cluster); or a journal file (``journal:PATH``, or a path without a
+  scheme ending in ``.log``/``.journal``). A string with a scheme is never
+  taken for a file.
 - The same command again continues the same study (``load_if_exists``)
   until ``trials`` trials have *finished* (complete or pruned): after a
   crash it runs the missing ones, never more. Several workers may run the
-  same command against one storage.
+  same command against one storage. The study stores its setup (the base
+  run config, :func:`sweeps.results.sweep_setup`) and refuses another one.
+- Every trial draws its proposals from its own seed, derived from
+  ``sampler_seed`` and its number (:class:`sweeps.spaces.TrialSeededSampler`):
+  a continued study and concurrent workers propose new points.
+- A trial interrupted by Ctrl-C is queued again with the same parameters
+  and resumes its run directory from its last epoch checkpoint when the
+  command runs again.
 - RDB storages (SQLite included) keep a heartbeat: a trial whose worker died
   becomes stale after ``grace_period`` seconds, is marked failed and is
   retried once with the same parameters; the retry resumes the dead trial's
-  run directory from its last epoch checkpoint, so no finished work is lost.
+  run directory in the same way, so no finished work is lost. A trial and
+  its retries are one row of the results table.
 - Each epoch's loss is reported; the pruner (median by default, Hyperband
   on request) may stop a trial, and a diverged run becomes a pruned trial
   with status "diverged", never a silent failure.
@@ -19,6 +28,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -28,27 +38,39 @@ import warnings
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from sweeps.results import export_results, mask_url
-from sweeps.spaces import SearchSpace
+from sweeps.results import JOURNAL_PREFIX, check_same_setup, export_results, hide_secrets, mask_url, sweep_setup
+from sweeps.spaces import SearchSpace, TrialSeededSampler
 from sweeps.train import RunConfig, train
 
-__all__ = ["make_storage", "run_optuna_sweep"]
+__all__ = ["make_storage", "optuna_rows", "run_optuna_sweep"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PRUNERS = ("median", "hyperband", "none")
+JOURNAL_SUFFIXES = (".log", ".journal")
+# A trial whose worker died is retried this often; a trial that keeps
+# killing its worker is then given up. Interrupts (Ctrl-C) do not count.
+MAX_STALE_RETRIES = 1
+STALE_RETRIES = "locoprop_stale_retries"  # system attribute carried from a trial to its retries
+# Optuna ≥ 4.9 names the retry callback RetryHeartbeatStaleTrialCallback (the old name is deprecated).
+_RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
 
 def make_storage(url: str | None, out: pathlib.Path, heartbeat_interval: int = 60, grace_period: int = 120):
-    """An Optuna storage from ``--storage`` (None: SQLite file in ``out``)."""
+    """An Optuna storage from ``--storage`` (None: SQLite file in ``out``).
+
+    Raises:
+        ValueError: a string that is neither an RDB URL nor a journal file,
+            or a storage that cannot be opened; the message masks any password.
+    """
     if url is None:
+        out.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{(out / 'optuna.db').resolve()}"
-    if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        path = pathlib.Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
-        return optuna.storages.JournalStorage(backend)
+    journal = _journal_path(url)
+    if journal is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     if "://" not in url:
         raise ValueError(
             f"Invalid storage {mask_url(url)!r}: expected an RDB URL (sqlite:///FILE, postgresql://USER@HOST/DB) "
@@ -58,36 +80,66 @@ def make_storage(url: str | None, out: pathlib.Path, heartbeat_interval: int = 6
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, **_retry_callback()
+                url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, **_stale_callback_argument()
             )
     except Exception as err:  # SQLAlchemy and drivers raise many types; the URL is what matters
-        message = str(err).replace(url, mask_url(url))
-        raise ValueError(f"Cannot open storage {mask_url(url)}: {type(err).__name__}: {message}") from None
+        raise ValueError(
+            f"Cannot open storage {mask_url(url)}: {type(err).__name__}: {hide_secrets(str(err), url)}"
+        ) from None
 
 
-def _retry_callback() -> dict:
-    # Optuna ≥ 2.8 (experimental) names it heartbeat_stale_trial_callback;
-    # older releases only have failed_trial_callback.
+def _journal_path(url: str) -> pathlib.Path | None:
+    """The journal file ``url`` names, or None where it is not one.
+
+    ``journal:PATH`` always names one, and so does a string without a
+    scheme that ends in .log or .journal; a string with a scheme
+    (``postgresql://…/db.log``) never does. A path that looks like a URL
+    (a scheme, or ``user:password@``) is refused rather than created.
+    """
+    if url.startswith(JOURNAL_PREFIX):
+        path = url.removeprefix(JOURNAL_PREFIX)
+    elif "://" not in url and url.endswith(JOURNAL_SUFFIXES):
+        path = url
+    else:
+        return None
+    if not path or "://" in path or mask_url(path) != path:
+        raise ValueError(
+            f"Invalid journal file {mask_url(path)!r}: expected a file path, not a URL (scheme:// or user:password@); "
+            "pass an RDB URL without journal:, or a plain path as journal:PATH"
+        )
+    return pathlib.Path(path)
+
+
+def _stale_callback_argument() -> dict:
+    # Optuna ≥ 4.9 names it heartbeat_stale_trial_callback; older releases failed_trial_callback.
     parameters = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
-    if "heartbeat_stale_trial_callback" in parameters:
-        return {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
-    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+    name = next(n for n in ("heartbeat_stale_trial_callback", "failed_trial_callback") if n in parameters)
+    return {name: _retry_stale_trial}
 
 
-def _original_number(trial) -> int:
-    """The number of the trial this one retries (its own number if none)."""
-    frozen = trial if isinstance(trial, optuna.trial.FrozenTrial) else trial.study._storage.get_trial(trial._trial_id)
-    callbacks = [
-        getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None),
-        optuna.storages.RetryFailedTrialCallback,
-    ]
+def _retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a dead worker's trial again, unless it already died MAX_STALE_RETRIES times."""
+    stale_retries = trial.system_attrs.get(STALE_RETRIES, 0)
+    if stale_retries < MAX_STALE_RETRIES:
+        _queue_retry(study, trial, {STALE_RETRIES: stale_retries + 1})
+
+
+def _queue_retry(study: optuna.Study, trial: FrozenTrial, system_attrs: dict | None = None) -> None:
+    """Queue the failed ``trial`` again with its parameters; the retry knows its original trial (and run directory)."""
+    retried = copy.deepcopy(trial)
+    retried.system_attrs = {**trial.system_attrs, **(system_attrs or {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for callback in filter(None, callbacks):
-            number = callback.retried_trial_number(frozen)
-            if number is not None:
-                return number
-    return frozen.number
+        _RETRY(max_retry=None)(study, retried)
+
+
+def _original_number(trial: optuna.Trial | FrozenTrial) -> int:
+    """The number of the trial this one retries (its own number if none)."""
+    frozen = trial if isinstance(trial, FrozenTrial) else trial.study._storage.get_trial(trial._trial_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        number = _RETRY.retried_trial_number(frozen)
+    return frozen.number if number is None else number
 
 
 def _pruner(name: str) -> optuna.pruners.BasePruner:
@@ -118,18 +170,19 @@ def run_optuna_sweep(
     storage: str | None = None,
     metric: str = "train_loss",
     pruner: str = "median",
-    sampler_seed: int = 0,
+    sampler_seed: int | None = 0,
     heartbeat_interval: int = 60,
     grace_period: int = 120,
     progress: bool | None = None,
 ) -> pathlib.Path:
     """Run (or continue) the study until ``trials`` trials have finished; export its table.
 
-    Returns the path of the exported CSV table.
+    Returns the path of the exported CSV table. A KeyboardInterrupt is
+    raised again after the interrupted trial is queued to resume.
     """
     if trials < 1:
         raise ValueError(f"Invalid trials: {trials}; expected ≥ 1")
-    out.mkdir(parents=True, exist_ok=True)
+    pruner_object, sampler = _pruner(pruner), TrialSeededSampler(sampler_seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_object = make_storage(storage, out, heartbeat_interval, grace_period)
     # Only RDB storages keep heartbeats; with a journal file a dead worker's
@@ -138,37 +191,15 @@ def run_optuna_sweep(
     study = optuna.create_study(
         study_name=study_name,
         storage=storage_object,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
-        pruner=_pruner(pruner),
+        sampler=sampler,
+        pruner=pruner_object,
         direction="minimize",
         load_if_exists=True,
     )
-    _check_same_sweep(study, base, space)
+    _check_same_setup(study, sweep_setup(base, space))
+    out.mkdir(parents=True, exist_ok=True)
     print(f"optuna study {study_name!r} in {mask_url(storage) if storage else out / 'optuna.db'}", flush=True)
-
-    def objective(trial: optuna.Trial) -> float:
-        params = {name: _suggest(trial, name, dist) for name, dist in space.distributions.items()}
-        number = _original_number(trial)
-        run_dir = out / "trials" / f"trial-{number:04d}"
-        trial.set_user_attr("run_dir", str(run_dir))
-        config = dataclasses.replace(
-            base, optimizer=space.optimizer, hparams=space.to_hparams(params), out=str(run_dir)
-        )
-
-        def on_epoch(row: dict) -> bool:
-            value = row[metric]
-            if math.isfinite(value):
-                trial.report(value, step=int(row["epoch"]))
-            return trial.should_prune()
-
-        result = train(config, resume=True, on_epoch=on_epoch, progress=progress)
-        value = result.summary.get(f"final_{metric}")
-        status = {"ok": "ok", "stopped": "pruned", "diverged": "diverged"}[result.status]
-        trial.set_user_attr("status", status)
-        print(f"trial {trial.number}: {status}, final {metric} {value} ({_short(config.hparams)})", flush=True)
-        if status != "ok":
-            raise optuna.TrialPruned(f"run {status}")
-        return value
+    objective = _Objective(base, space, out, metric, progress)
 
     while True:
         if has_heartbeat:
@@ -189,40 +220,97 @@ def run_optuna_sweep(
             print(f"waiting for {running} running trial(s) held by other workers", flush=True)
             time.sleep(max(1, heartbeat_interval))
             continue
-        study.optimize(objective, n_trials=1)
-    return export_results(optuna_rows(study, space, base), out)
+        objective.number = None
+        try:
+            study.optimize(objective, n_trials=1)
+        except KeyboardInterrupt:
+            _queue_interrupted(study, objective.number)
+            raise
+    return export_results(optuna_rows(study), out)
 
 
-def _check_same_sweep(study: optuna.Study, base: RunConfig, space: SearchSpace) -> None:
-    identity = {"optimizer": space.optimizer, "workload": base.workload, "data": base.data, "epochs": base.epochs}
-    saved = study.user_attrs.get("sweep")
-    if saved is None:
-        study.set_user_attr("sweep", identity)
-    elif saved != identity:
-        raise ValueError(f"Study {study.study_name!r} is a sweep of {saved}, not {identity}; choose another --study")
+class _Objective:
+    """One trial: train its run directory (resuming it if it exists), reporting every epoch to the pruner."""
 
+    def __init__(self, base: RunConfig, space: SearchSpace, out: pathlib.Path, metric: str, progress: bool | None):
+        self.base, self.space, self.out, self.metric, self.progress = base, space, out, metric, progress
+        self.number: int | None = None  # the trial this process is running
 
-def optuna_rows(study: optuna.Study, space: SearchSpace, base: RunConfig) -> list[dict]:
-    """One record per finished trial (a retried trial appears once)."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {_original_number(t) for t in trials if _original_number(t) != t.number}
-    rows = []
-    for trial in trials:
-        if trial.state not in FINISHED and not (trial.state == TrialState.FAIL and trial.number not in retried):
-            continue
-        status = trial.user_attrs.get("status") or ("failed" if trial.state == TrialState.FAIL else "pruned")
-        rows.append(
-            {
-                "trial": trial.number,
-                "run_dir": trial.user_attrs.get("run_dir"),
-                "status": status,
-                "optimizer": space.optimizer,
-                "workload": base.workload,
-                "data": base.data,
-                "seed": base.seed,
-                "hparams": space.to_hparams(trial.params),
-            }
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.number = trial.number
+        trial.set_user_attr("status", "running")  # a retry inherits its original's attributes
+        params = {name: _suggest(trial, name, dist) for name, dist in self.space.distributions.items()}
+        original = _original_number(trial)
+        run_dir = self.out / "trials" / f"trial-{original:04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        config = dataclasses.replace(
+            self.base, optimizer=self.space.optimizer, hparams=self.space.to_hparams(params), out=str(run_dir)
         )
+
+        def on_epoch(row: dict) -> bool:
+            value = row[self.metric]
+            if math.isfinite(value):
+                trial.report(value, step=int(row["epoch"]))
+            return trial.should_prune()
+
+        try:
+            result = train(config, resume=True, on_epoch=on_epoch, progress=self.progress)
+        except KeyboardInterrupt:
+            trial.set_user_attr("status", "interrupted")
+            raise
+        value = result.summary.get(f"final_{self.metric}")
+        status = {"ok": "ok", "stopped": "pruned", "diverged": "diverged"}[result.status]
+        trial.set_user_attr("status", status)
+        name = f"trial {original}" + (f" (continued as trial {trial.number})" if original != trial.number else "")
+        print(f"{name}: {status}, final {self.metric} {value} ({_short(config.hparams)})", flush=True)
+        if status != "ok":
+            raise optuna.TrialPruned(f"run {status}")
+        return value
+
+
+def _queue_interrupted(study: optuna.Study, number: int | None) -> None:
+    """Queue the trial this process was running when interrupted, to resume from its run directory."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state != TrialState.FAIL or trial.user_attrs.get("status") != "interrupted":
+        return  # interrupted between trials: nothing to resume
+    _queue_retry(study, trial)
+    print(
+        f"interrupted: trial {_original_number(trial)} resumes from {trial.user_attrs['run_dir']} "
+        "when the same command runs again",
+        flush=True,
+    )
+
+
+def _check_same_setup(study: optuna.Study, setup: dict) -> None:
+    """Store the setup with a new study; refuse to continue a study with another one."""
+    stored = study.user_attrs.get("setup")
+    if stored is not None:
+        check_same_setup(stored, setup, f"Study {study.study_name!r}")
+        return
+    legacy = study.user_attrs.get("sweep")  # studies made before the whole setup was stored: four fields
+    if legacy is not None:
+        check_same_setup(legacy, {key: setup.get(key) for key in legacy}, f"Study {study.study_name!r}")
+    study.set_user_attr("setup", setup)
+
+
+def optuna_rows(study: optuna.Study) -> list[dict]:
+    """One record per trial that ended: a trial and its retries are one, labelled with the original's number.
+
+    The latest attempt gives the status; a trial whose latest attempt is
+    still running or queued is left out.
+    """
+    latest: dict[int, FrozenTrial] = {}
+    for trial in study.get_trials(deepcopy=False):  # in order of their numbers
+        latest[_original_number(trial)] = trial
+    rows = []
+    for number, trial in sorted(latest.items()):
+        if trial.state in FINISHED:
+            status = trial.user_attrs["status"]  # set before the objective returns or prunes
+        elif trial.state == TrialState.FAIL:
+            status = "interrupted" if trial.user_attrs.get("status") == "interrupted" else "failed"
+        else:
+            continue
+        rows.append({"trial": number, "run_dir": trial.user_attrs.get("run_dir"), "status": status})
     return rows
 
 

@@ -2,43 +2,58 @@
 
 ``ray.tune.Tuner`` over ``tune.with_resources`` (CPUs and fractional GPUs
 per trial), Optuna's TPE sampler through ``OptunaSearch`` (the same search
-space file as the Optuna back end), ``ASHAScheduler`` on the epoch, one
-``tune.report`` with a checkpoint (the trial's run directory) per epoch, and
-``FailureConfig`` retries that resume a trial from its last checkpoint.
-On this machine by default, on an existing cluster with ``--address`` (or
-``RAY_ADDRESS``); the experiment lives under ``--out`` (shared storage on a
-cluster), and running the same command again restores it
-(``Tuner.can_restore`` / ``Tuner.restore``). Only the current ``ray.tune``
-API is used (``tune.RunConfig`` etc., Ray ≥ 2.40).
+space file and the same per-trial seeding as the Optuna back end),
+``ASHAScheduler`` on the epoch, one ``tune.report`` with a checkpoint per
+epoch, and ``FailureConfig`` retries that resume a trial from its last
+checkpoint. On this machine by default, on an existing cluster with
+``--address`` (or ``RAY_ADDRESS``).
+
+A study lives in ``--out``/STUDY (shared storage on a cluster):
+
+- ``sweep.json``: its setup (:func:`sweeps.results.sweep_setup`; another
+  setup is refused) and its parts;
+- ``part-0``, ``part-1``, …: one Tune experiment per part. The first part
+  runs the trials asked for; a later command with a larger ``--trials``
+  adds a part with the missing ones, whose searcher is restored from the
+  previous part so that it knows every earlier result. Running the same
+  command again restores every unfinished part (``Tuner.restore``);
+- ``trials/TRIAL_ID``: each trial's run directory (config, metrics,
+  checkpoint), where a restarted or restored trial resumes.
+
+Only the current ``ray.tune`` API is used (``tune.RunConfig`` etc., Ray ≥ 2.40).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import pathlib
-import tempfile
 
-from sweeps.results import export_results
-from sweeps.spaces import SearchSpace, load_space
+from sweeps import records
+from sweeps.results import check_same_setup, export_results, sweep_setup
+from sweeps.spaces import SearchSpace, TrialSeededSampler, load_space
 from sweeps.train import RunConfig, train
 
 __all__ = ["run_ray_sweep"]
 
+STATE_FILE = "sweep.json"
+TRIALS_DIR = "trials"
 
-def locoprop_trial(params: dict, *, base: dict, space_file: str, metric: str) -> None:
-    """One trial, run inside a Ray worker: train() with a report per epoch."""
+
+def locoprop_trial(params: dict, *, base: dict, space_file: str, metric: str, trials_dir: str) -> None:
+    """One trial, run inside a Ray worker: train() in ``trials_dir/TRIAL_ID`` with a report per epoch."""
     from ray import tune
 
     space = load_space(path=space_file)
-    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="locoprop-trial-"))
+    run_dir = pathlib.Path(trials_dir) / tune.get_context().get_trial_id()
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        # Restarted after a failure (or on restore): continue from the last epoch.
+    if checkpoint is not None and not (run_dir / records.CHECKPOINT).exists():
+        # Restarted on a node that cannot see the run directory: continue from Ray's copy of it.
         checkpoint.to_directory(str(run_dir))
-    config = RunConfig(
-        **{**base, "optimizer": space.optimizer, "hparams": space.to_hparams(params), "out": str(run_dir)}
+    config = RunConfig.from_dict(
+        {**base, "optimizer": space.optimizer, "hparams": space.to_hparams(params), "out": str(run_dir)}
     )
 
     def report(row: dict, status: str) -> None:
@@ -65,22 +80,37 @@ def run_ray_sweep(
     metric: str = "train_loss",
     cpus_per_trial: float = 1.0,
     gpus_per_trial: float = 0.0,
-    sampler_seed: int = 0,
+    sampler_seed: int | None = 0,
     num_cpus: int | None = None,
 ) -> pathlib.Path:
-    """Run or restore the Ray Tune experiment ``out/study_name``; export its table."""
+    """Run, restore or extend the study ``out/study_name`` until it has ``trials`` trials; export its table.
+
+    Raises:
+        ValueError: bad arguments, or a study made with another setup.
+        KeyboardInterrupt: Tune was stopped (Ctrl-C) before its trials
+            finished; the same command continues.
+        RuntimeError: trials failed (after the table of the others is written).
+    """
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     if trials < 1:
         raise ValueError(f"Invalid trials: {trials}; expected ≥ 1")
     if cpus_per_trial <= 0 or gpus_per_trial < 0:
         raise ValueError(f"Invalid resources per trial: {cpus_per_trial} CPU, {gpus_per_trial} GPU")
+    TrialSeededSampler(sampler_seed)  # refuse a bad seed before touching anything
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    experiment = out / study_name
+    study_dir = out / study_name
+    state = _load_state(study_dir, sweep_setup(base, space))
+    planned = sum(part["trials"] for part in state["parts"])
+    if trials > planned:
+        if planned:
+            print(f"extending Ray Tune study {study_dir} from {planned} to {trials} trials", flush=True)
+        state["parts"].append({"name": f"part-{len(state['parts'])}", "trials": trials - planned})
+    elif trials < planned:
+        print(f"Ray Tune study {study_dir} already has {planned} trials; a smaller --trials removes none", flush=True)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+
     address = address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized()
     if started_here:
@@ -89,65 +119,102 @@ def run_ray_sweep(
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                locoprop_trial, base=dataclasses.asdict(base), space_file=str(pathlib.Path(space.source).resolve()),
-                metric=metric,
-            ),
-            {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
-        )  # fmt: skip
-        if tune.Tuner.can_restore(str(experiment)):
-            print(f"restoring Ray Tune experiment {experiment}", flush=True)
-            tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        grids = _fit_parts(base, space, study_dir, state["parts"], metric, cpus_per_trial, gpus_per_trial, sampler_seed)
+    finally:
+        if started_here:
+            ray.shutdown()
+    rows = [row for grid in grids for row in _ray_rows(grid, study_dir, base.epochs)]
+    table = export_results(rows, out)
+    failed = sum(grid.num_errors for grid in grids)
+    if failed:
+        raise RuntimeError(
+            f"{failed} of {sum(len(grid) for grid in grids)} trials failed (see error.txt in their folders under "
+            f"{study_dir}); the others are in {table}; the same command retries the failed ones"
+        )
+    return table
+
+
+def _load_state(study_dir: pathlib.Path, setup: dict) -> dict:
+    """The study's sweep.json (setup and parts), checked against ``setup``; a new one if there is none."""
+    path = study_dir / STATE_FILE
+    if not path.exists():
+        if (study_dir / "tuner.pkl").exists():
+            raise ValueError(
+                f"{study_dir} is a Ray Tune experiment made by an older locoprop (no {STATE_FILE}); "
+                "choose another --study"
+            )
+        return {"setup": setup, "parts": []}
+    state = json.loads(path.read_text())
+    check_same_setup(state["setup"], setup, f"Ray Tune study {study_dir}")
+    return state
+
+
+def _fit_parts(base, space, study_dir, parts, metric, cpus_per_trial, gpus_per_trial, sampler_seed) -> list:
+    """Run or restore every part in order; the ResultGrid of each."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            locoprop_trial, base=dataclasses.asdict(base), space_file=str(pathlib.Path(space.source).resolve()),
+            metric=metric, trials_dir=str(study_dir / TRIALS_DIR),
+        ),
+        {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
+    )  # fmt: skip
+    grids = []
+    for index, part in enumerate(parts):
+        part_dir = study_dir / part["name"]
+        if tune.Tuner.can_restore(str(part_dir)):
+            print(f"restoring Ray Tune experiment {part_dir}", flush=True)
+            tuner = tune.Tuner.restore(str(part_dir), trainable, resume_unfinished=True, resume_errored=True)
         else:
+            searcher = OptunaSearch(
+                space.distributions, metric=metric, mode="min", sampler=TrialSeededSampler(sampler_seed)
+            )
+            if index > 0:
+                # The new part's proposals follow every earlier result (and new trial numbers, hence new seeds).
+                searcher.restore_from_dir(str(study_dir / parts[index - 1]["name"]))
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=OptunaSearch(space.distributions, metric=metric, mode="min", seed=sampler_seed),
+                    search_alg=searcher,
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=1),
-                    num_samples=trials,
+                    num_samples=part["trials"],
                     metric=metric,
                     mode="min",
                 ),
                 run_config=tune.RunConfig(
-                    name=study_name,
-                    storage_path=str(out),
+                    name=part["name"],
+                    storage_path=str(study_dir),
                     failure_config=tune.FailureConfig(max_failures=1),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     verbose=1,
                 ),
             )
         grid = tuner.fit()
-    finally:
-        if started_here:
-            ray.shutdown()
-    return export_results(_ray_rows(grid, space, base), out)
+        grids.append(grid)
+        if len(grid) < part["trials"] or grid.num_terminated + grid.num_errors < len(grid):
+            print(f"interrupted: the same command continues Ray Tune study {study_dir}", flush=True)
+            raise KeyboardInterrupt
+    return grids
 
 
-def _ray_rows(grid, space: SearchSpace, base: RunConfig) -> list[dict]:
+def _ray_rows(grid, study_dir: pathlib.Path, epochs: int) -> list[dict]:
+    """One record per trial that reported at least once."""
     rows = []
-    for index, result in enumerate(grid):
+    for result in grid:
         metrics = result.metrics or {}
-        epochs_done = metrics.get("epoch", 0)
+        if "trial_id" not in metrics:
+            continue  # failed before its first report: nothing to read
         if result.error is not None:
             status = "failed"
-        elif metrics.get("status") in ("diverged",):
+        elif metrics.get("status") == "diverged":
             status = "diverged"
-        elif epochs_done < base.epochs:
+        elif metrics.get("epoch", 0) < epochs:
             status = "pruned"  # stopped early by ASHA
         else:
             status = "ok"
-        params = {k: v for k, v in (result.config or {}).items() if k in space.distributions}
-        rows.append(
-            {
-                "trial": metrics.get("trial_id", index),
-                "run_dir": result.checkpoint.path if result.checkpoint is not None else None,
-                "status": status,
-                "optimizer": space.optimizer,
-                "workload": base.workload,
-                "data": base.data,
-                "seed": base.seed,
-                "hparams": space.to_hparams(params),
-            }
-        )
+        trial_id = metrics["trial_id"]
+        rows.append({"trial": trial_id, "run_dir": str(study_dir / TRIALS_DIR / trial_id), "status": status})
     return rows

@@ -1,53 +1,162 @@
-"""The tidy results table both sweep back ends export (SPEC §8).
+"""What both sweep back ends share (SPEC §8): the study's setup, the results
+table, and storage strings with their credentials masked.
 
-One row per evaluation of every trial, the columns of ``analysis.load``
-plus ``trial`` and ``hp_<name>`` per hyperparameter; written as
-``sweep_results.csv`` and ``sweep_results.parquet`` in the sweep's folder,
-where ``locoprop report`` finds them.
+- The setup of a study is the base run config every trial shares (all of
+  :class:`~sweeps.train.RunConfig` but the searched hyperparameters and the
+  paths), stored with the study on its first run; a later command with
+  another setup is refused, naming the fields that differ.
+- The table has one row per evaluation of every trial, the columns of
+  ``analysis.load`` plus ``trial`` and ``hp_<name>`` per hyperparameter,
+  each trial labelled with the config it ran (its ``config.json``); written
+  as ``sweep_results.csv`` and ``sweep_results.parquet`` in the sweep's
+  folder, where ``locoprop report`` finds them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
+import re
+import urllib.parse
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
-__all__ = ["TABLE_STEM", "export_results", "mask_url"]
+from sweeps import records
+
+if TYPE_CHECKING:
+    from sweeps.spaces import SearchSpace
+    from sweeps.train import RunConfig
+
+__all__ = [
+    "JOURNAL_PREFIX",
+    "TABLE_STEM",
+    "check_same_setup",
+    "export_results",
+    "hide_secrets",
+    "mask_url",
+    "sweep_setup",
+]
 
 TABLE_STEM = "sweep_results"
+JOURNAL_PREFIX = "journal:"  # --storage journal:PATH names an Optuna journal file
+# Run-config fields that are not part of a study's setup: the searched
+# hyperparameters (the space's fixed ones are kept, as fixed_hparams), and
+# where files live (workers on a cluster may mount the data elsewhere).
+NOT_SETUP = ("hparams", "out", "data_dir")
+# The run-config fields every table row is labelled with (as analysis.load does for run directories).
+LABELS = ("optimizer", "workload", "data", "seed")
+QUERY_SECRET = re.compile(r"((?:^|[&;])(?:password|passwd|pwd|secret|token)=)([^&;]*)", re.IGNORECASE)
+
+
+# --------------------------------------------------------------- secrets
+def _split_credentials(url: str) -> tuple[str, str, str] | None:
+    """``(head, password, tail)`` with ``url == head + password + tail``, or None without a password.
+
+    Recognises ``scheme://user:password@host…`` and the scheme-less
+    ``user:password@host…``. The password runs to the last ``@`` before any
+    query string (a raw ``@`` in a password is taken with it); the user name
+    has no ``/``, so a file path such as ``/data/a:b@c.log`` has none.
+    """
+    base = url.partition("?")[0]
+    credentials_end = base.rfind("@")
+    if credentials_end < 0:
+        return None
+    scheme_end = base.find("://")
+    start = scheme_end + 3 if 0 <= scheme_end < credentials_end else 0
+    user, colon, password = base[start:credentials_end].partition(":")
+    if not colon or not password or "/" in user:
+        return None
+    head_end = start + len(user) + 1
+    return url[:head_end], password, url[credentials_end:]
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        # Not an RDB URL; still hide anything that looks like user:password@.
-        head, sep, tail = url.rpartition("@")
-        if not sep or "://" not in head:
-            return url
-        scheme, _, credentials = head.partition("://")
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{tail}"
+    """``url`` with its password (user info or query parameter) replaced by ``***``."""
+    if url.startswith(JOURNAL_PREFIX):  # journal:PATH is a file, unless PATH itself looks like a URL
+        return JOURNAL_PREFIX + mask_url(url.removeprefix(JOURNAL_PREFIX))
+    parts = _split_credentials(url)
+    if parts is not None:
+        url = f"{parts[0]}***{parts[2]}"
+    base, question, query = url.partition("?")
+    return base + question + QUERY_SECRET.sub(r"\1***", query)
 
 
+def _secrets(url: str) -> set[str]:
+    """The passwords in ``url``, as written, decoded and encoded (drivers may print any)."""
+    found = {match.group(2) for match in QUERY_SECRET.finditer(url.partition("?")[2])}
+    parts = _split_credentials(url)
+    if parts is not None:
+        found.add(parts[1])
+    found |= {urllib.parse.unquote(s) for s in found} | {urllib.parse.quote(s, safe="") for s in found}
+    return {s for s in found if s}
+
+
+def hide_secrets(text: str, url: str) -> str:
+    """``text`` (an error message about ``url``) with ``url`` masked and its password nowhere.
+
+    The password is replaced where it stands as a whole token (not inside
+    a longer word), so a short password does not garble the message.
+    """
+    text = text.replace(url, mask_url(url))
+    for secret in sorted(_secrets(url), key=len, reverse=True):
+        text = re.sub(rf"(?<![\w]){re.escape(secret)}(?![\w])", "***", text)
+    return text
+
+
+# ----------------------------------------------------------------- setup
+def sweep_setup(base: RunConfig, space: SearchSpace) -> dict[str, Any]:
+    """The setup every trial of a study shares, as JSON data.
+
+    ``base`` is the trials' run config (its ``hparams`` and paths are
+    ignored); the space's optimizer and fixed hyperparameters are part of
+    the setup, its searched ones are not.
+    """
+    setup = {k: v for k, v in dataclasses.asdict(base).items() if k not in NOT_SETUP}
+    setup["optimizer"] = space.optimizer
+    setup["fixed_hparams"] = dict(space.fixed)
+    return json.loads(json.dumps(setup))  # as stored: tuples become lists
+
+
+def check_same_setup(stored: dict[str, Any], current: dict[str, Any], study: str) -> None:
+    """Refuse to continue ``study`` (stored with setup ``stored``) with another setup."""
+    keys = sorted(set(stored) | set(current))
+    differences = [f"{k}: {stored.get(k)!r} in the study, {current.get(k)!r} now" for k in keys
+                   if stored.get(k) != current.get(k)]  # fmt: skip
+    if differences:
+        raise ValueError(
+            f"{study} was run with another setup ({'; '.join(differences)}); continue it with the same flags, "
+            "or choose another --study"
+        )
+
+
+# ----------------------------------------------------------------- table
 def export_results(trials: list[dict], out: pathlib.Path) -> pathlib.Path:
-    """Write the table for ``trials`` (trial, run_dir, status, optimizer,
-    workload, data, seed, hparams) and return the CSV path."""
+    """Write the table for ``trials`` (dicts with ``trial``, ``run_dir`` and ``status``) and return the CSV path.
+
+    Each trial is labelled from its run directory's ``config.json``: with
+    the optimizer, workload, data, seed and hyperparameters it ran.
+    """
     frames = []
     for trial in trials:
-        metrics = pathlib.Path(trial["run_dir"] or "") / "metrics.csv"
+        run_dir = pathlib.Path(trial["run_dir"] or "")
+        metrics = run_dir / records.METRICS
         if not trial["run_dir"] or not metrics.exists():
             continue  # failed before its first evaluation: nothing to plot
+        config_path = run_dir / records.CONFIG
+        if not config_path.exists():
+            raise ValueError(f"Trial {trial['trial']}: {config_path} is missing, so what the trial ran is unknown")
+        config = json.loads(config_path.read_text())
         frame = pd.read_csv(metrics)
         frame.insert(0, "run_id", trial["trial"])
         frame.insert(1, "trial", trial["trial"])
-        for key in ("optimizer", "workload", "data", "seed", "status", "run_dir"):
-            frame[key] = trial[key]
-        for name, value in trial["hparams"].items():
-            frame[f"hp_{name}"] = value
+        for key in LABELS:
+            frame[key] = config[key]
+        frame["status"] = trial["status"]
+        frame["run_dir"] = str(run_dir)
+        for name, value in config["hparams"].items():
+            frame[f"hp_{name}"] = value if not isinstance(value, (dict, list)) else json.dumps(value)
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "trial"])
     csv_path = out / f"{TABLE_STEM}.csv"

@@ -17,7 +17,8 @@ categorical. A ``one_minus_X`` parameter is searched as 1 − X (momentum
 near 1 is searched on a log scale that way) and sets hyperparameter X;
 ``when`` keeps a parameter only when another one has one of the listed
 values; ``fixed`` hyperparameters are set in every trial. The same Optuna
-distributions feed Optuna directly and Ray Tune through ``OptunaSearch``.
+distributions, and the same sampler (:class:`TrialSeededSampler`), feed Optuna
+directly and Ray Tune through ``OptunaSearch``.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import os
 import pathlib
 from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 
 from baselines.registry import OPTIMIZERS
 
-__all__ = ["SPACES_DIR", "SearchSpace", "SpaceError", "load_space"]
+__all__ = ["SPACES_DIR", "SearchSpace", "SpaceError", "TrialSeededSampler", "load_space"]
 
 SPACES_DIR = pathlib.Path(__file__).parent / "spaces"
 ONE_MINUS = "one_minus_"
@@ -162,3 +164,46 @@ def _distribution(spec: dict, where: str) -> optuna.distributions.BaseDistributi
         return optuna.distributions.FloatDistribution(low, high, log=log, step=spec.get("step"))
     except ValueError as err:
         raise SpaceError(f"{where}: {err}") from None
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Optuna's TPE sampler, with trial k's random draws seeded from (``seed``, k).
+
+    A sampler seeded once per process repeats its first proposals in every
+    process: a study continued by a second command, or shared by several
+    workers, would evaluate the same points again. The storage hands out
+    trial numbers once per study, so seeding each trial from its number
+    gives every trial of every worker its own draws, while the same
+    sequence of commands still proposes the same points. ``seed=None`` seeds
+    from the operating system once per process (not reproducible).
+    """
+
+    def __init__(self, seed: int | None = None):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"Invalid sampler seed: {seed!r}; expected an integer ≥ 0")
+        self.seed = seed
+        self._tpe = optuna.samplers.TPESampler(seed=seed)
+
+    def trial_seed(self, number: int) -> int:
+        """The seed of trial ``number``'s draws (a mix of both, not their sum: no two pairs collide in practice)."""
+        return int(np.random.SeedSequence([self.seed, number]).generate_state(1)[0])
+
+    def before_trial(self, study, trial) -> None:
+        if self.seed is not None:
+            self._tpe = optuna.samplers.TPESampler(seed=self.trial_seed(trial.number))
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._tpe.reseed_rng()

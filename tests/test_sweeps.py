@@ -1,10 +1,14 @@
 """Sweeps on real services: Optuna on SQLite and PostgreSQL, Ray Tune (SPEC §8)."""
 
+import dataclasses
+import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -13,22 +17,31 @@ import pandas as pd
 import pytest
 import sqlalchemy
 
+from sweeps import optuna_backend
 from sweeps.optuna_backend import make_storage, run_optuna_sweep
-from sweeps.spaces import SPACES_DIR, SpaceError, load_space
+from sweeps.ray_backend import run_ray_sweep
+from sweeps.results import export_results, mask_url, sweep_setup
+from sweeps.spaces import SPACES_DIR, SpaceError, TrialSeededSampler, load_space
 from sweeps.train import RunConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = RunConfig(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, epochs=3)
+ONE_EPOCH = dataclasses.replace(TINY, epochs=1)
 POSTGRES_URL = os.environ.get(
     "LOCOPROP_TEST_POSTGRES_URL", "postgresql://locoprop:pg-secret-pw@localhost/locoprop_test"
 )
 
 
-def _sweep_cli(*args, cwd, timeout=600):
+def _sweep_cli(*args, cwd, env=None):
     return subprocess.Popen(
         [sys.executable, "-m", "sweeps.cli", "sweep", "--no-progress", *args],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+
+
+def _params(study_name: str, out: pathlib.Path) -> list[dict]:
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'optuna.db'}")
+    return [t.params for t in study.get_trials()]
 
 
 # ----------------------------------------------------------- search spaces
@@ -37,10 +50,10 @@ def test_space_files_parse_into_both_back_ends_identically(path):
     from ray.tune.search.optuna import OptunaSearch
 
     space = load_space(path.stem)
-    searcher = OptunaSearch(space.distributions, metric="train_loss", mode="min", seed=7)
+    searcher = OptunaSearch(space.distributions, metric="train_loss", mode="min", sampler=TrialSeededSampler(7))
     from_ray = searcher.suggest("trial-a")
 
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=7))
+    study = optuna.create_study(sampler=TrialSeededSampler(7))
     from_optuna = study.ask(space.distributions).params
     assert from_ray == from_optuna
     hparams = space.to_hparams(from_optuna)
@@ -80,12 +93,55 @@ def test_bad_space_files_are_refused_naming_file_and_key(tmp_path, text, message
     assert str(path) in str(info.value)
 
 
-def test_bad_storage_urls_are_refused_without_leaking_the_password(tmp_path):
-    with pytest.raises(ValueError, match="Invalid storage 'nonsense'"):
-        make_storage("nonsense", tmp_path)
-    with pytest.raises(ValueError, match=r"Cannot open storage postgresql://u:\*\*\*@127.0.0.1:9/db") as info:
-        make_storage("postgresql://u:hunter2@127.0.0.1:9/db", tmp_path)
-    assert "hunter2" not in str(info.value)
+STORAGES = [  # (storage string, what the refusal says, with the password masked)
+    ("nonsense", "Invalid storage 'nonsense'"),
+    ("user:secretpw@127.0.0.1/db", "Invalid storage 'user:***@127.0.0.1/db'"),
+    ("postgresql://u:secretpw@127.0.0.1:9/db", "Cannot open storage postgresql://u:***@127.0.0.1:9/db"),
+    # A URL is never a journal file, whatever its suffix: it is opened as a database.
+    ("postgresql://user:secretpw@127.0.0.1:1/db.log", "Cannot open storage postgresql://user:***@127.0.0.1:1/db.log"),
+    ("postgresql://127.0.0.1:1/db?password=secretpw", "Cannot open storage postgresql://127.0.0.1:1/db?password=***"),
+    ("journal:postgresql://user:secretpw@h/x.log", "Invalid journal file 'postgresql://user:***@h/x.log'"),
+    ("user:secretpw@h/x.log", "Invalid journal file 'user:***@h/x.log'"),
+    ("journal:", "Invalid journal file ''"),
+]
+
+
+@pytest.mark.parametrize("storage, message", STORAGES, ids=[s for s, _ in STORAGES])
+def test_bad_storages_are_refused_without_the_password_and_without_creating_files(tmp_path, storage, message):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as info:
+        run_optuna_sweep(TINY, load_space("adam"), study_name="s", out=out, trials=1, storage=storage)
+    assert str(info.value).startswith(message)
+    assert "secretpw" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "url, masked",
+    [
+        ("postgresql+psycopg://u:p%40ss@h:5432/db", "postgresql+psycopg://u:***@h:5432/db"),
+        ("postgresql://user:pa@ss@h/db", "postgresql://user:***@h/db"),  # a raw @ in the password
+        ("u:pw@h/db?sslmode=require&password=pw", "u:***@h/db?sslmode=require&password=***"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("sqlite:////data/a:b@c.db", "sqlite:////data/a:b@c.db"),  # a path, not user info
+        ("journal:/data/a:b@c.log", "journal:/data/a:b@c.log"),
+    ],
+)
+def test_mask_url_hides_every_password_form(url, masked):
+    assert mask_url(url) == masked
+
+
+def test_table_labels_each_trial_with_the_config_it_ran(tmp_path):
+    trials = []
+    for number, seed in enumerate((0, 5)):
+        run_dir = tmp_path / f"trial-{number}"
+        run_dir.mkdir()
+        config = dataclasses.replace(TINY, optimizer="adam", seed=seed, hparams={"lr": 0.1 * (number + 1)})
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+        (run_dir / "metrics.csv").write_text("step,epoch,train_loss,test_loss\n0,0,1.0,1.0\n")
+        trials.append({"trial": number, "run_dir": str(run_dir), "status": "ok"})
+    frame = pd.read_csv(export_results(trials, tmp_path))
+    assert frame[["trial", "seed", "optimizer", "hp_lr"]].values.tolist() == [[0, 0, "adam", 0.1], [1, 5, "adam", 0.2]]
 
 
 # ---------------------------------------------------------------- Optuna
@@ -116,6 +172,131 @@ def test_diverged_run_becomes_a_pruned_trial(tmp_path):
     assert set(pd.read_csv(table)["status"]) == {"diverged"}
 
 
+def test_continuing_a_study_proposes_new_points_reproducibly(tmp_path):
+    space = load_space("adam")
+    for folder in ("a", "b"):
+        for trials in (1, 2, 3):  # the same command, three times, with a larger N
+            run_optuna_sweep(ONE_EPOCH, space, study_name="s", out=tmp_path / folder, trials=trials, pruner="none")
+    proposed = _params("s", tmp_path / "a")
+    assert len(proposed) == 3 and len({json.dumps(p, sort_keys=True) for p in proposed}) == 3
+    assert _params("s", tmp_path / "b") == proposed  # the same --sampler-seed, the same sequence
+
+
+def test_concurrent_workers_on_one_storage_propose_distinct_points(tmp_path, monkeypatch):
+    make_storage(None, tmp_path)  # the database exists before the workers open it
+    both_running = threading.Barrier(2, timeout=60)
+    first_trial = threading.local()
+    real_train = optuna_backend.train
+
+    def train_once_both_run(config, **kwargs):
+        if not getattr(first_trial, "done", False):
+            first_trial.done = True
+            both_running.wait()  # each worker holds a trial before either finishes
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(optuna_backend, "train", train_once_both_run)
+    errors = []
+
+    def worker():
+        try:
+            run_optuna_sweep(ONE_EPOCH, load_space("adam"), study_name="w", out=tmp_path, trials=2, pruner="none",
+                             heartbeat_interval=1, grace_period=30)  # fmt: skip
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=120)
+    assert not errors, errors
+    proposed = _params("w", tmp_path)
+    assert len(proposed) == 2 and proposed[0] != proposed[1]
+
+
+def test_an_interrupted_trial_resumes_from_its_run_directory(tmp_path, monkeypatch):
+    space, kwargs = load_space("adam"), dict(study_name="i", out=tmp_path, pruner="none")
+    real_train = optuna_backend.train
+
+    def ctrl_c_after_epoch_1(config, on_epoch, **kw):
+        def on_epoch_then_interrupt(row):
+            on_epoch(row)
+            if row["epoch"] == 1:
+                raise KeyboardInterrupt
+
+        return real_train(config, on_epoch=on_epoch_then_interrupt, **kw)
+
+    monkeypatch.setattr(optuna_backend, "train", ctrl_c_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_optuna_sweep(TINY, space, trials=2, **kwargs)
+
+    epochs_trained = []
+
+    def recording(config, on_epoch, **kw):
+        def record(row):
+            epochs_trained.append((pathlib.Path(config.out).name, row["epoch"]))
+            return on_epoch(row)
+
+        return real_train(config, on_epoch=record, **kw)
+
+    monkeypatch.setattr(optuna_backend, "train", recording)
+    table = pd.read_csv(run_optuna_sweep(TINY, space, trials=2, **kwargs))
+    # The interrupted trial continued after its last finished epoch, with its parameters, in its run directory.
+    assert epochs_trained == [("trial-0000", 2), ("trial-0000", 3)] + [("trial-0002", e) for e in (1, 2, 3)]
+    study = optuna.load_study(study_name="i", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.COMPLETE] * 2
+    assert study.trials[1].params == study.trials[0].params
+    # One row per trial and evaluation: the interrupted attempt and its continuation are one trial.
+    assert table.groupby("trial")["epoch"].apply(list).to_dict() == {0: [0, 1, 2, 3], 2: [0, 1, 2, 3]}
+    assert set(table["status"]) == {"ok"}
+
+
+def test_interrupts_do_not_use_up_the_retry_of_a_dead_worker():
+    study = optuna.create_study()
+    study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(0, state=optuna.trial.TrialState.FAIL)
+    optuna_backend._queue_retry(study, study.trials[0])  # Ctrl-C: trial 1 continues trial 0
+    for _death in range(2):
+        trial = study.ask()
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        optuna_backend._retry_stale_trial(study, study.trials[trial.number])
+    states = [t.state for t in study.trials]
+    # Retried after its first death (though interrupted before), given up after its second.
+    assert states == [optuna.trial.TrialState.FAIL] * 3
+    assert {t.params["x"] for t in study.trials} == {study.trials[0].params["x"]}
+    assert all(optuna_backend._original_number(t) == 0 for t in study.trials)
+
+
+def test_a_study_refuses_another_setup_naming_each_field(tmp_path):
+    space, kwargs = load_space("adam"), dict(study_name="s", out=tmp_path, pruner="none")
+    run_optuna_sweep(ONE_EPOCH, space, trials=1, **kwargs)
+    changed = dataclasses.replace(ONE_EPOCH, batch_size=32, width_mult=0.1, seed=5)
+    with pytest.raises(ValueError, match="Study 's' was run with another setup") as info:
+        run_optuna_sweep(changed, space, trials=2, **kwargs)
+    for difference in ("batch_size: 64 in the study, 32 now", "seed: 0 in the study, 5 now", "width_mult: 0.05"):
+        assert difference in str(info.value)
+    assert len(_params("s", tmp_path)) == 1
+
+
+def test_a_study_made_before_setups_were_stored_is_still_checked_on_its_four_fields():
+    study = optuna.create_study()
+    study.set_user_attr("sweep", {"optimizer": "sgd", "workload": "autoencoder", "data": "synthetic", "epochs": 3})
+    with pytest.raises(ValueError, match="optimizer: 'sgd' in the study, 'adam' now"):
+        optuna_backend._check_same_setup(study, sweep_setup(TINY, load_space("adam")))
+    assert "setup" not in study.user_attrs
+
+
+def test_a_ray_study_refuses_another_setup_before_starting_ray(tmp_path):
+    space = load_space("adam")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({"setup": sweep_setup(TINY, space), "parts": []}))
+    changed = dataclasses.replace(TINY, epochs=4)
+    with pytest.raises(ValueError, match=re.escape("Ray Tune study") + ".*epochs: 3 in the study, 4 now"):
+        run_ray_sweep(changed, space, study_name="s", out=tmp_path, trials=1)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["sweep.json"]
+
+
 @pytest.fixture
 def postgres_url():
     try:
@@ -135,9 +316,10 @@ def test_killed_worker_on_postgres_loses_and_duplicates_nothing(tmp_path, postgr
         "--storage", postgres_url, "--pruner", "none", "--heartbeat-interval", "1", "--grace-period", "3",
     ]  # fmt: skip
     worker = _sweep_cli(*args, cwd=tmp_path)
-    # Kill the worker in the middle of its second trial, after two epochs of it.
+    # Kill the worker in the middle of its first trial, after two epochs of it
+    # (proposals are seeded by trial number: trial 0 trains, trial 1 diverges at once).
     deadline = time.time() + 300
-    victim = tmp_path / "trials" / "trial-0001"
+    victim = tmp_path / "trials" / "trial-0000"
     while time.time() < deadline:
         metrics = victim / "metrics.csv"
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 4 and not (victim / "summary.json").exists():
@@ -155,39 +337,47 @@ def test_killed_worker_on_postgres_loses_and_duplicates_nothing(tmp_path, postgr
     storage = optuna.storages.RDBStorage(postgres_url)
     trials = optuna.load_study(study_name=study, storage=storage).get_trials()
     states = [t.state for t in trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 3  # none lost, none extra
+    finished = states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED)
+    assert finished == 3  # none lost, none extra
     assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed one, retried once
     frame = pd.read_csv(tmp_path / "sweep_results.csv")
     assert frame["run_id"].nunique() == 3
     # The retry continued the killed trial's run directory: every epoch once.
-    assert frame.groupby("run_id")["epoch"].apply(list).map(lambda e: e == list(range(7))).all()
+    epochs = frame.groupby("run_id")["epoch"].apply(list)
+    assert epochs.map(lambda e: e == list(range(len(e)))).all()  # no run repeats or skips an epoch
+    assert frame[frame["trial"] == 0]["epoch"].tolist() == list(range(7))
     for text in (first_output, output, (tmp_path / "sweep_results.csv").read_text()):
         assert "pg-secret-pw" not in text
 
 
 # ---------------------------------------------------------------- Ray Tune
-def test_ray_sweep_is_interrupted_and_restored(tmp_path):
+def test_ray_sweep_is_interrupted_restored_and_extended(tmp_path):
+    out, temp = tmp_path / "out", tmp_path / "tmp"
+    temp.mkdir()
+    # Trials must leave nothing in the temp folder (Ray's own session folder, with its sockets, stays in /tmp).
+    env = {**os.environ, "TMPDIR": str(temp), "RAY_TMPDIR": "/tmp"}
     args = [
         "--backend", "ray", "--num-cpus", "2", "--optimizer", "adam", "--data", "synthetic", "--width-mult", "0.05",
-        "--batch-size", "64", "--epochs", "3", "--trials", "4", "--study", "ray-study", "--out", str(tmp_path),
+        "--batch-size", "64", "--epochs", "3", "--study", "ray-study", "--out", str(out),
     ]  # fmt: skip
-    first = _sweep_cli(*args, cwd=tmp_path)
+    first = _sweep_cli(*args, "--trials", "3", cwd=tmp_path, env=env)
     deadline = time.time() + 300
-    experiment = tmp_path / "ray-study"
+    part = out / "ray-study" / "part-0"
     while time.time() < deadline and first.poll() is None:
-        finished = [p for p in experiment.glob("*/result.json") if len(p.read_text().splitlines()) >= 1]
-        if finished:
+        if any(p.read_text().strip() for p in part.glob("*/result.json")):
             break
         time.sleep(0.2)
     first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
     first_output, _ = first.communicate(timeout=300)
-    assert (experiment / "tuner.pkl").exists(), first_output
+    assert first.returncode == 130 and (part / "tuner.pkl").exists(), first_output
 
-    second = _sweep_cli(*args, cwd=tmp_path)
+    second = _sweep_cli(*args, "--trials", "4", cwd=tmp_path, env=env)  # a larger N extends the study
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
-    assert "restoring Ray Tune experiment" in output
-    frame = pd.read_csv(tmp_path / "sweep_results.csv")
-    assert frame["run_id"].nunique() == 4
+    assert "restoring Ray Tune experiment" in output and "from 3 to 4 trials" in output
+    frame = pd.read_csv(out / "sweep_results.csv")
+    assert frame["run_id"].nunique() == 4 and frame["hp_lr"].nunique() == 4
     assert set(frame["status"]) <= {"ok", "pruned"}
     assert (frame.groupby("run_id")["epoch"].apply(lambda e: e.is_unique)).all()
+    assert {pathlib.Path(d).parent for d in frame["run_dir"]} == {out / "ray-study" / "trials"}
+    assert not list(temp.glob("locoprop-trial-*"))
