@@ -35,6 +35,7 @@ COLUMNS = [
 ]
 TABLE_SUFFIXES = (".csv", ".parquet")
 SWEEP_TABLE = "sweep_results"  # the stem sweeps.results writes
+_SKIP_IT = "leave it out of the inputs, or fix or remove it"  # what to do about an unreadable run file
 
 
 class RunsNotFound(ValueError):
@@ -91,11 +92,11 @@ def _read_run(run_dir: pathlib.Path) -> pd.DataFrame:
     metrics = run_dir / "metrics.csv"
     if not metrics.exists():
         raise RunsNotFound(f"Run directory {run_dir} has no metrics.csv (the run never evaluated)")
-    config = json.loads((run_dir / "config.json").read_text())
+    config = _read_json(run_dir / "config.json", required=("optimizer", "workload", "data", "seed"))
     summary_path = run_dir / "summary.json"
     # A run without summary.json is still going, or was killed hard.
-    status = json.loads(summary_path.read_text())["status"] if summary_path.exists() else "running"
-    frame = pd.read_csv(metrics)
+    status = _read_json(summary_path, required=("status",))["status"] if summary_path.exists() else "running"
+    frame = _read_file(metrics, pd.read_csv)
     if frame.empty:
         raise RunsNotFound(f"Run directory {run_dir} has an empty metrics.csv")
     frame["run_id"] = str(run_dir)
@@ -104,11 +105,30 @@ def _read_run(run_dir: pathlib.Path) -> pd.DataFrame:
     frame["status"] = status
     for name, value in config.get("hparams", {}).items():
         frame[f"hp_{name}"] = value if not isinstance(value, (dict, list)) else json.dumps(value)
-    return _with_columns(frame, run_dir)
+    return _with_columns(frame, metrics)
+
+
+def _read_file(path: pathlib.Path, reader):
+    """``reader(path)``, with a parse error turned into RunsNotFound naming the file."""
+    try:
+        return reader(path)
+    except ValueError as err:  # JSON, CSV, Parquet and UTF-8 decoding errors are all ValueErrors
+        raise RunsNotFound(f"{path} cannot be read ({type(err).__name__}: {err}); {_SKIP_IT}") from None
+
+
+def _read_json(path: pathlib.Path, required: tuple[str, ...]) -> dict:
+    """A run file's JSON object, which must hold the ``required`` keys."""
+    data = _read_file(path, lambda p: json.loads(p.read_text()))
+    if not isinstance(data, dict):
+        raise RunsNotFound(f"{path} holds a JSON {type(data).__name__}, not an object; {_SKIP_IT}")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise RunsNotFound(f"{path} lacks the key(s) {', '.join(missing)}; {_SKIP_IT}")
+    return data
 
 
 def _read_table(path: pathlib.Path) -> pd.DataFrame:
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    frame = _read_file(path, pd.read_parquet if path.suffix == ".parquet" else pd.read_csv)
     if frame.empty:
         raise RunsNotFound(f"Results table {path} has no rows")
     if "run_id" not in frame.columns:
@@ -122,6 +142,12 @@ def _with_columns(frame: pd.DataFrame, source: pathlib.Path) -> pd.DataFrame:
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise RunsNotFound(f"{source} lacks the column(s) {', '.join(missing)}")
+    # Empty cells (a loss not evaluated) are NaN; anything else must be a number.
+    numbers = {c: pd.to_numeric(frame[c], errors="coerce") for c in required}
+    text = [c for c in required if numbers[c].isna().sum() > frame[c].isna().sum()]
+    if text:
+        raise RunsNotFound(f"{source}: column(s) {', '.join(text)} hold values that are not numbers; {_SKIP_IT}")
+    frame = frame.assign(**numbers)
     for column in COLUMNS:
         if column not in frame.columns:
             frame[column] = None

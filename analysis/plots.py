@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.load import final_rows
-from analysis.tables import time_to_target
+from analysis.tables import performance_ratios
 
 __all__ = ["loss_curves", "performance_profile", "save", "sensitivity"]
 
@@ -119,18 +119,12 @@ def performance_profile(
     """Dolan–Moré performance profile of time-to-target across workloads.
 
     For optimizer o and workload w, r = t(o, w) / min_o' t(o', w), with t
-    the median training seconds to reach the target (∞ if never reached);
-    the curve is ρ_o(τ) = fraction of workloads with r ≤ τ, for τ ∈ [1, τ_max].
+    the median training seconds to reach the target over o's runs, by the
+    summary table's rule (:data:`analysis.tables.TIME_TO_TARGET_RULE`: a
+    run that never reached it counts as ∞); the curve is ρ_o(τ) = fraction
+    of workloads with r ≤ τ, for τ ∈ [1, τ_max].
     """
-    reach = time_to_target(frame, targets)
-    times = (
-        reach.assign(seconds=reach["seconds_to_target"].fillna(math.inf))
-        .groupby(["workload", "data", "optimizer"])["seconds"]
-        .median()
-        .unstack("optimizer")
-    )
-    best = times.min(axis=1)
-    ratios = times.div(best, axis=0)
+    ratios = performance_ratios(frame, targets)
     taus = np.logspace(0, math.log10(tau_max), 200)
     figure = Figure(figsize=(6.0, 4.0))
     ax = figure.add_subplot()

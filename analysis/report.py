@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from analysis import plots
 from analysis.load import load_results
-from analysis.tables import default_target, format_markdown, summary_table, time_to_target
+from analysis.tables import TIME_TO_TARGET_RULE, default_target, format_markdown, summary_table, time_to_target
 
 __all__ = ["write_report"]
 
@@ -32,7 +32,7 @@ def write_report(
     time_to_target(frame, targets).to_csv(out / "time_to_target.csv", index=False)
     frame.to_csv(out / "all_runs.csv", index=False)
 
-    sections = ["# Results", "", _target_note(targets), "", markdown, ""]
+    sections = ["# Results", "", _target_note(targets), "", markdown, "", TIME_TO_TARGET_RULE, ""]
     for x, metric, title in [
         ("epoch", "train_loss", "Training loss per epoch"),
         ("wall_time_s", "train_loss", "Training loss against training time"),
@@ -51,7 +51,15 @@ def write_report(
             sections += [f"![sensitivity of {optimizer}](sensitivity_{optimizer}.png)", ""]
     if not (isinstance(targets, dict) and not targets):
         plots.save(plots.performance_profile(frame, targets), out / "performance_profile")
-        sections += ["## Performance profile", "", "![performance profile](performance_profile.png)", ""]
+        sections += [
+            "## Performance profile",
+            "",
+            "Fraction of workloads on which an optimizer's median time to target is within a factor τ of the "
+            "fastest optimizer's (the table's seconds to target; 'not reached' counts as never).",
+            "",
+            "![performance profile](performance_profile.png)",
+            "",
+        ]
     report = out / "report.md"
     report.write_text("\n".join(sections))
     return report

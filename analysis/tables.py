@@ -2,11 +2,17 @@
 
 - :func:`time_to_target`: per run, the first evaluation at or below a
   target loss (step and training seconds), NaN where it was never reached.
+- :func:`median_to_target`: per workload, data set and optimizer, the
+  median steps and seconds to the target by :data:`TIME_TO_TARGET_RULE`;
+  the summary table and the performance profile both read it, so that
+  they agree.
 - :func:`summary_table`: per workload, data set and optimizer: runs,
   diverged runs, final and best train/test loss as mean ± std over the
-  runs that finished ("ok"), steps and seconds to the target (median over
-  the runs that reached it, with how many did), median step time and its
-  ratio to Adam's on the same workload.
+  runs that finished ("ok"), how many runs reached the target and the
+  median steps and seconds to it, median step time and its ratio to
+  Adam's on the same workload.
+- :func:`performance_ratios`: the ratios r = t / (best t) of a
+  performance profile, from the same medians.
 - :func:`default_target`: the mean final training loss of the best
   first-order baseline, per workload and data set.
 """
@@ -22,14 +28,25 @@ from analysis.load import final_rows
 
 __all__ = [
     "FIRST_ORDER",
+    "TIME_TO_TARGET_RULE",
     "default_target",
     "format_markdown",
+    "median_to_target",
+    "performance_ratios",
     "summary_table",
     "time_to_target",
 ]
 
 FIRST_ORDER = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "rmsprop-tf", "adagrad")
 GROUP = ["workload", "data"]
+ENTRY = ["workload", "data", "optimizer"]
+TO_TARGET = ["steps_to_target", "seconds_to_target"]
+
+TIME_TO_TARGET_RULE = (
+    "Steps and seconds to target are medians over all runs of an optimizer on a workload, a run that never "
+    "reached the target counting as infinitely slow: they are given only when more than half of the runs reached "
+    "it (column 'reached'), and are 'not reached' otherwise. The performance profile uses these same medians."
+)
 
 
 def default_target(frame: pd.DataFrame, metric: str = "train_loss") -> dict[tuple[str, str], float]:
@@ -72,12 +89,11 @@ def summary_table(frame: pd.DataFrame, targets: dict[tuple[str, str], float] | f
     if targets is None:
         targets = default_target(frame)
     finals = final_rows(frame)
-    reach = time_to_target(frame, targets).set_index("run_id")
+    reach = time_to_target(frame, targets)
+    medians = median_to_target(reach).replace(math.inf, math.nan)  # NaN: "not reached"
     step_times = frame.groupby("run_id")["step_time_s"].median()
     finals = finals.assign(
-        steps_to_target=finals["run_id"].map(reach["steps_to_target"]),
-        seconds_to_target=finals["run_id"].map(reach["seconds_to_target"]),
-        target=finals["run_id"].map(reach["target"]),
+        target=finals["run_id"].map(reach.set_index("run_id")["target"]),
         run_step_time=finals["run_id"].map(step_times),
     )
     best = frame.groupby("run_id")[["train_loss", "test_loss"]].min()
@@ -85,9 +101,9 @@ def summary_table(frame: pd.DataFrame, targets: dict[tuple[str, str], float] | f
         best_train=finals["run_id"].map(best["train_loss"]), best_test=finals["run_id"].map(best["test_loss"])
     )
     rows = []
-    for (workload, data, optimizer), runs in finals.groupby(["workload", "data", "optimizer"], sort=True):
+    for (workload, data, optimizer), runs in finals.groupby(ENTRY, sort=True):
         ok = runs[runs["status"] == "ok"]
-        reached = runs.dropna(subset=["steps_to_target"])
+        to_target = medians.loc[(workload, data, optimizer)]
         rows.append(
             {
                 "workload": workload,
@@ -102,9 +118,9 @@ def summary_table(frame: pd.DataFrame, targets: dict[tuple[str, str], float] | f
                 "best_train_loss_mean": ok["best_train"].mean(),
                 "best_test_loss_mean": ok["best_test"].mean(),
                 "target_loss": runs["target"].iloc[0],
-                "reached_target": f"{len(reached)}/{len(runs)}",
-                "steps_to_target": reached["steps_to_target"].median() if len(reached) else math.nan,
-                "seconds_to_target": reached["seconds_to_target"].median() if len(reached) else math.nan,
+                "reached_target": f"{int(to_target['reached'])}/{len(runs)}",
+                "steps_to_target": to_target["steps_to_target"],
+                "seconds_to_target": to_target["seconds_to_target"],
                 "step_time_s": runs["run_step_time"].median(),
             }
         )
@@ -116,6 +132,40 @@ def summary_table(frame: pd.DataFrame, targets: dict[tuple[str, str], float] | f
         row.step_time_s / adam.get((row.workload, row.data), np.nan) for row in table.itertuples()
     ]
     return table
+
+
+def median_to_target(reach: pd.DataFrame) -> pd.DataFrame:
+    """Per (workload, data, optimizer): runs, reached, and the median steps and seconds to the target.
+
+    ``reach`` is :func:`time_to_target`'s table. The rule
+    (:data:`TIME_TO_TARGET_RULE`): the median over all runs, a run that
+    never reached the target counting as ∞, so the median is finite only
+    when more than half of the runs reached the target; ∞ otherwise. An
+    optimizer that reaches the target in a minority of its seeds is thus not
+    drawn as competitive, and the table says how many runs did.
+    """
+    grouped = reach.assign(**{c: reach[c].fillna(math.inf) for c in TO_TARGET}).groupby(ENTRY, sort=True)
+    medians = grouped[TO_TARGET].median()
+    medians["runs"] = grouped.size()
+    medians["reached"] = reach.groupby(ENTRY, sort=True)["seconds_to_target"].count()
+    return medians
+
+
+def performance_ratios(frame: pd.DataFrame, targets: dict[tuple[str, str], float] | float) -> pd.DataFrame:
+    """Performance-profile ratios: rows (workload, data), one column per optimizer.
+
+    r(w, o) = t(w, o) / min_o' t(w, o'), with t the median seconds to target
+    of :func:`median_to_target` (the summary table's number); r = ∞ where t
+    is ∞ (the median run did not reach the target) or where the optimizer
+    did not run on that workload.
+    """
+    seconds = median_to_target(time_to_target(frame, targets))["seconds_to_target"].unstack("optimizer")
+    seconds = seconds.fillna(math.inf)
+    best = seconds.min(axis=1)
+    ratios = seconds.div(best, axis=0)
+    ratios[seconds.eq(best, axis=0)] = 1.0  # also when the best time is 0 (reached before the first step)
+    ratios[np.isinf(seconds)] = math.inf
+    return ratios
 
 
 def _std(values: pd.Series) -> float:

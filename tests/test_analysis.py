@@ -13,7 +13,7 @@ import pytest
 from analysis import plots
 from analysis.load import RunsNotFound, load_results
 from analysis.report import write_report
-from analysis.tables import default_target, summary_table, time_to_target
+from analysis.tables import TIME_TO_TARGET_RULE, default_target, performance_ratios, summary_table, time_to_target
 
 # optimizer, seed, status, train losses per epoch, seconds per epoch, step time
 RUNS = [
@@ -69,8 +69,9 @@ def test_table_values(runs):
     assert loco["final_train_loss_mean"] == pytest.approx(2.1)
     assert loco["final_test_loss_mean"] == pytest.approx(3.1)
     assert loco["final_train_loss_std"] == pytest.approx(np.std([2, 2.2], ddof=1))
-    # Time to target 3.25: adam seed 0 at epoch 3 (step 30, 3 s), seed 1 never.
-    assert (adam["reached_target"], adam["steps_to_target"], adam["seconds_to_target"]) == ("1/2", 30, 3.0)
+    # Time to target 3.25: adam seed 0 at epoch 3 (step 30, 3 s), seed 1 never: the median of (3 s, ∞) is ∞.
+    assert adam["reached_target"] == "1/2"
+    assert math.isnan(adam["steps_to_target"]) and math.isnan(adam["seconds_to_target"])
     # LocoProp: both seeds at epoch 2 (step 20, 4 s).
     assert (loco["reached_target"], loco["steps_to_target"], loco["seconds_to_target"]) == ("2/2", 20, 4.0)
     assert loco["step_time_ratio_to_adam"] == pytest.approx(2.0)
@@ -144,6 +145,54 @@ def test_performance_profile_fractions(tmp_path):
     assert ax.get_xscale() == "log"
 
 
+def _table_rows(run_id, optimizer, seed, losses, seconds_per_epoch, workload="mlp"):
+    return [
+        dict(run_id=run_id, optimizer=optimizer, workload=workload, data="synthetic", seed=seed, status="ok",
+             step=10 * epoch, epoch=epoch, wall_time_s=seconds_per_epoch * epoch, train_loss=loss, test_loss=loss)
+        for epoch, loss in enumerate(losses)
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def partly_reached(tmp_path):
+    """A sweep-style run table where some optimizers reach the target 1.0 in only some runs."""
+    runs = [
+        ("locoprop-s", 0, [10, 1], 2.0),  # reaches at 2 s
+        ("locoprop-s", 1, [10, 5, 1], 1.5),  # at 3 s: median 2.5 s
+        ("adam", 0, [10, 1], 2.0),  # at 2 s
+        ("adam", 1, [10, 5, 1], 2.0),  # at 4 s
+        ("adam", 2, [10, 5, 5], 2.0),  # never: median of (2, 4, ∞) = 4 s
+        ("rmsprop", 0, [10, 5, 1], 2.75),  # at 5.5 s
+        ("rmsprop", 1, [10, 5, 5], 2.75),  # never: median of (5.5, ∞) = ∞
+    ]
+    rows = [row for i, run in enumerate(runs) for row in _table_rows(i, *run)]
+    path = tmp_path / "sweep_results.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return load_results([path])
+
+
+def test_table_and_performance_profile_agree_on_partly_reached_targets(partly_reached):
+    table = summary_table(partly_reached, 1.0).set_index("optimizer")
+    assert table["reached_target"].to_dict() == {"adam": "2/3", "locoprop-s": "2/2", "rmsprop": "1/2"}
+    assert table.loc["locoprop-s", "seconds_to_target"] == 2.5
+    assert table.loc["adam", "seconds_to_target"] == 4.0
+    assert table.loc["adam", "steps_to_target"] == 20  # the same rule for steps
+    assert math.isnan(table.loc["rmsprop", "seconds_to_target"])  # one of two runs is not a median
+
+    ratios = performance_ratios(partly_reached, 1.0).loc[("mlp", "synthetic")]
+    assert ratios.to_dict() == {"adam": 1.6, "locoprop-s": 1.0, "rmsprop": math.inf}
+    # The profile's times are the table's, 'not reached' counting as never.
+    table_seconds = table["seconds_to_target"].fillna(math.inf)
+    assert (table_seconds / table_seconds.min()).to_dict() == ratios.to_dict()
+
+    figure = plots.performance_profile(partly_reached, targets=1.0, tau_max=4.0)
+    curves = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    tau = curves["adam"].get_xdata()
+    at = lambda name, t: curves[name].get_ydata()[np.searchsorted(tau, t)]  # noqa: E731
+    assert (at("locoprop-s", 1.0), at("adam", 1.5), at("adam", 1.7)) == (1.0, 0.0, 1.0)
+    assert not curves["rmsprop"].get_ydata().any()
+
+
 def test_report_command_writes_tables_plots_and_index(runs, tmp_path):
     out = tmp_path / "report"
     result = subprocess.run(
@@ -156,6 +205,7 @@ def test_report_command_writes_tables_plots_and_index(runs, tmp_path):
         assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").exists()
         assert f"({name}.png)" in index
     assert "| autoencoder | mnist5k | locoprop-m | 2 | 0 | 2.1 ± 0.14 |" in (out / "results.md").read_text()
+    assert TIME_TO_TARGET_RULE in index  # the report states how partly reached targets count
     assert pd.read_csv(out / "results.csv").shape[0] == 3
 
 
@@ -176,3 +226,22 @@ def test_bad_inputs_give_clear_messages(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr and "No run directories" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("config.json", "{not json", r"config.json cannot be read \(JSONDecodeError"),
+        ("config.json", '{"optimizer": "adam"}', "config.json lacks the key.s. workload, data, seed"),
+        ("summary.json", "", r"summary.json cannot be read \(JSONDecodeError"),
+        ("summary.json", "[1, 2]", "summary.json holds a JSON list, not an object"),
+        ("metrics.csv", "step,epoch,train_loss,test_loss\n0,0,abc,1\n", "metrics.csv.*train_loss hold values that"),
+        ("metrics.csv", "\x00\xff\xfe", "metrics.csv cannot be read"),
+    ],
+)
+def test_a_bad_run_file_is_named(tmp_path, name, content, message):
+    run_dir = make_run(tmp_path, *RUNS[0])
+    (run_dir / name).write_bytes(content.encode("latin-1"))
+    with pytest.raises(RunsNotFound, match=message) as raised:
+        load_results([tmp_path])
+    assert str(run_dir / name) in str(raised.value)
