@@ -2,7 +2,7 @@
 
 Exit status: 0 done; 1 a run failed (its summary.json records it as
 failed, and one line on stderr says why); 2 bad input: a bad flag value,
-file or folder, or missing data, said in one line on stderr starting with
+file or folder, missing data or a missing extra (sweeps/extras.py), said in one line on stderr starting with
 ``locoprop:`` (or argparse's usage error); 130 interrupted by Ctrl-C (one
 line with the command that continues). Other errors are bugs and keep
 their traceback.
@@ -25,6 +25,7 @@ from baselines.registry import OPTIMIZERS
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps import presets
 from sweeps.data import DATA_DIR_ENV, DATASETS, DataUnavailable
+from sweeps.extras import MissingExtra
 from sweeps.train import DEVICES, SCHEDULES, RunConfig, train
 from sweeps.workloads import WORKLOADS, check_width_mult
 
@@ -510,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     except torch.linalg.LinAlgError as err:  # the exact solve's "not positive definite … raise prox"
         return _fail(f"the run failed and is recorded as failed in its summary.json: {err}{_prox_now(args)}",
                      EXIT_RUN_FAILED)  # fmt: skip
-    except (DataUnavailable, RunsNotFound, ValueError) as err:
+    except (DataUnavailable, RunsNotFound, MissingExtra, ValueError) as err:
         return _fail(str(err), EXIT_BAD_INPUT)
     except OSError as err:
         return _fail(_os_error(err, getattr(args, "out", None)), EXIT_BAD_INPUT)

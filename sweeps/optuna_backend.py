@@ -40,6 +40,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeps.extras import require
 from sweeps.results import JOURNAL_PREFIX, check_same_setup, export_results, hide_secrets, mask_url, sweep_setup
 from sweeps.spaces import SearchSpace, TrialSeededSampler
 from sweeps.train import RunConfig, train
@@ -49,6 +50,8 @@ __all__ = ["make_storage", "optuna_rows", "run_optuna_sweep"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PRUNERS = ("median", "hyperband", "none")
 JOURNAL_SUFFIXES = (".log", ".journal")
+# URL schemes SQLAlchemy (≥ 2.1) opens with psycopg 3, which the 'postgres' extra installs.
+PSYCOPG_SCHEMES = ("postgresql", "postgresql+psycopg")
 # A trial whose worker died is retried this often; a trial that keeps
 # killing its worker is then given up. Interrupts (Ctrl-C) do not count.
 MAX_STALE_RETRIES = 1
@@ -63,6 +66,7 @@ def make_storage(url: str | None, out: pathlib.Path, heartbeat_interval: int = 6
     Raises:
         ValueError: a string that is neither an RDB URL nor a journal file,
             or a storage that cannot be opened; the message masks any password.
+        MissingExtra: a PostgreSQL URL without psycopg (the 'postgres' extra).
     """
     if url is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +80,8 @@ def make_storage(url: str | None, out: pathlib.Path, heartbeat_interval: int = 6
             f"Invalid storage {mask_url(url)!r}: expected an RDB URL (sqlite:///FILE, postgresql://USER@HOST/DB) "
             "or a journal file (journal:PATH)"
         )
+    if url.split("://", 1)[0] in PSYCOPG_SCHEMES:
+        require("psycopg", "postgres")
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

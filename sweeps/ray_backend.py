@@ -32,6 +32,7 @@ import os
 import pathlib
 
 from sweeps import records
+from sweeps.extras import require
 from sweeps.results import check_same_setup, export_results, sweep_setup
 from sweeps.spaces import SearchSpace, TrialSeededSampler, load_space
 from sweeps.train import RunConfig, train
@@ -90,7 +91,9 @@ def run_ray_sweep(
         KeyboardInterrupt: Tune was stopped (Ctrl-C) before its trials
             finished; the same command continues.
         RuntimeError: trials failed (after the table of the others is written).
+        MissingExtra: Ray Tune is not installed (the 'ray' extra).
     """
+    require("ray.tune", "ray")  # before anything is written
     import ray
 
     if trials < 1:
