@@ -43,7 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeps.extras import require
 from sweeps.results import JOURNAL_PREFIX, check_same_setup, export_results, hide_secrets, mask_url, sweep_setup
 from sweeps.spaces import SearchSpace, TrialSeededSampler
-from sweeps.train import RunConfig, train
+from sweeps.train import RunConfig, check_fits_data, train
 
 __all__ = ["make_storage", "optuna_rows", "run_optuna_sweep"]
 
@@ -189,6 +189,7 @@ def run_optuna_sweep(
     if trials < 1:
         raise ValueError(f"Invalid trials: {trials}; expected ≥ 1")
     pruner_object, sampler = _pruner(pruner), TrialSeededSampler(sampler_seed)
+    check_fits_data(base)  # a setup no trial can run is refused before the study stores it
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_object = make_storage(storage, out, heartbeat_interval, grace_period)
     # Only RDB storages keep heartbeats; with a journal file a dead worker's

@@ -35,7 +35,7 @@ from sweeps import records
 from sweeps.extras import require
 from sweeps.results import check_same_setup, export_results, sweep_setup
 from sweeps.spaces import SearchSpace, TrialSeededSampler, load_space
-from sweeps.train import RunConfig, train
+from sweeps.train import RunConfig, check_fits_data, train
 
 __all__ = ["run_ray_sweep"]
 
@@ -101,6 +101,7 @@ def run_ray_sweep(
     if cpus_per_trial <= 0 or gpus_per_trial < 0:
         raise ValueError(f"Invalid resources per trial: {cpus_per_trial} CPU, {gpus_per_trial} GPU")
     TrialSeededSampler(sampler_seed)  # refuse a bad seed before touching anything
+    check_fits_data(base)  # a setup no trial can run is refused before the study stores it
     out = out.resolve()
     study_dir = out / study_name
     state = _load_state(study_dir, sweep_setup(base, space))

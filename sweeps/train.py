@@ -57,7 +57,17 @@ from sweeps import records
 from sweeps.data import Dataset, load_dataset
 from sweeps.workloads import Workload, get_workload
 
-__all__ = ["FINISHED", "SCHEDULES", "RunConfig", "RunExists", "RunResult", "config_digest", "lr_factor", "train"]
+__all__ = [
+    "FINISHED",
+    "SCHEDULES",
+    "RunConfig",
+    "RunExists",
+    "RunResult",
+    "check_fits_data",
+    "config_digest",
+    "lr_factor",
+    "train",
+]
 
 SCHEDULES = ("official", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -333,6 +343,22 @@ def _check_same_config(stored: dict, config: RunConfig, what: str) -> None:
         )
 
 
+def check_fits_data(config: RunConfig, data: Dataset | None = None) -> Dataset:
+    """Refuse a config that its data set cannot run (a batch larger than the
+    training set); returns the data set, loaded if not given. Sweeps call it
+    before they record a study, so that a setup no trial can run is refused
+    before it is stored."""
+    config.validate()
+    data = data if data is not None else load_dataset(config.data, config.data_dir)
+    n = len(data.train_x)
+    if config.batch_size > n:
+        raise ValueError(
+            f"Invalid batch_size: {config.batch_size}; the training set of {config.data!r} has {n} examples "
+            f"(use --batch-size {n} or less)"
+        )
+    return data
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -348,12 +374,7 @@ class _Run:
         self.device = _device(config.device)
         self.workload: Workload = get_workload(config.workload)
         self.data = data if data is not None else load_dataset(config.data, config.data_dir)
-        n = len(self.data.train_x)
-        if config.batch_size > n:
-            raise ValueError(
-                f"Invalid batch_size: {config.batch_size}; the training set of {config.data!r} has {n} examples "
-                f"(use --batch-size {n} or less)"
-            )
+        check_fits_data(config, self.data)
         torch.manual_seed(config.seed)
         self.model = self.workload.build_model(self.data, config.width_mult, config.depth_mult).to(self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
@@ -364,7 +385,7 @@ class _Run:
         self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
         self.test_x, self.test_y = self.data.test_x.to(self.device), self.data.test_y.to(self.device)
         # Drop the last partial batch: every step sees batch_size examples.
-        self.steps_per_epoch = n // config.batch_size
+        self.steps_per_epoch = len(self.data.train_x) // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
         warmup_epochs = config.warmup_epochs if config.warmup_epochs is not None else 0.05 * config.epochs
         self.warmup_steps = round(warmup_epochs * self.steps_per_epoch)

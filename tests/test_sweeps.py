@@ -279,6 +279,18 @@ def test_a_study_refuses_another_setup_naming_each_field(tmp_path):
     assert len(_params("s", tmp_path)) == 1
 
 
+@pytest.mark.parametrize("backend", ["optuna", "ray"])
+def test_a_setup_no_trial_can_run_is_refused_before_a_study_is_stored(tmp_path, backend):
+    too_large = dataclasses.replace(ONE_EPOCH, batch_size=100_000)
+    sweep = run_optuna_sweep if backend == "optuna" else run_ray_sweep
+    with pytest.raises(ValueError, match="Invalid batch_size: 100000; the training set of 'synthetic' has"):
+        sweep(too_large, load_space("adam"), study_name="s", out=tmp_path / "out", trials=1)
+    assert not (tmp_path / "out").exists()
+    # Mended, the same study starts: nothing of the refused setup was kept.
+    if backend == "optuna":
+        run_optuna_sweep(ONE_EPOCH, load_space("adam"), study_name="s", out=tmp_path / "out", trials=1, pruner="none")
+
+
 def test_a_study_made_before_setups_were_stored_is_still_checked_on_its_four_fields():
     study = optuna.create_study()
     study.set_user_attr("sweep", {"optimizer": "sgd", "workload": "autoencoder", "data": "synthetic", "epochs": 3})
