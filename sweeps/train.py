@@ -246,6 +246,11 @@ def train(
     finished = _finished_run(run_dir, config, resume)
     if finished is not None:
         return finished
+    if not resume and (run_dir / records.CHECKPOINT).is_file():
+        raise RunExists(
+            f"{run_dir} holds an unfinished run with a checkpoint (interrupted, or failed), which a new run would "
+            "replace; use --resume (resume=True in Python) to continue it, or remove that directory to start afresh"
+        )
     checkpoint = _checkpoint_to_resume(run_dir, config) if resume else None
     run = _Run(config, run_dir, data, checkpoint)  # may refuse too: nothing is written before this
     run.open_records()

@@ -81,14 +81,25 @@ def test_a_finished_run_is_returned_with_resume_and_never_replaced(tmp_path):
     assert _tree(tmp_path / "run") == before
 
 
-def test_a_failed_run_starts_afresh_without_resume(tmp_path):
+def test_an_interrupted_run_is_never_restarted_from_zero_without_resume(tmp_path):
+    """Its finished epochs are work: the same command without --resume is refused, unchanged."""
     straight = train(RunConfig(optimizer="adam", out=str(tmp_path / "straight"), **TINY), progress=False, data=DATA)
     config = _interrupted_run(tmp_path / "run")
-    fresh = train(config, progress=False, data=DATA)
-    assert fresh.status == "ok"
+    before = _tree(tmp_path / "run")
+    with pytest.raises(RunExists, match="holds an unfinished run with a checkpoint .* use --resume"):
+        train(config, progress=False, data=DATA)
+    assert _tree(tmp_path / "run") == before
+    resumed = train(config, resume=True, progress=False, data=DATA)
     losses = lambda rows: [(r["epoch"], r["train_loss"], r["test_loss"]) for r in rows]  # noqa: E731
-    assert losses(fresh.history) == losses(straight.history)
+    assert losses(resumed.history) == losses(straight.history)
     assert losses(records.read_history(tmp_path / "run" / "metrics.csv")) == losses(straight.history)
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_starts_afresh(tmp_path):
+    config = RunConfig(optimizer="adam", out=str(tmp_path / "run"), **TINY)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text('{"status": "failed"}')
+    assert train(config, progress=False, data=DATA).status == "ok"
 
 
 def test_config_digest_names_everything_but_the_folder():
