@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 import math
 import pathlib
 import time
@@ -166,6 +167,15 @@ def _suggest(trial: optuna.Trial, name: str, dist) -> Any:
     return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
+class QuietInterrupts(logging.Filter):
+    """Drop Optuna's log of a trial stopped by Ctrl-C: its traceback says
+    nothing, the trial is queued to resume, and the CLI says in one line how
+    to continue. Other failed trials keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
 def run_optuna_sweep(
     base: RunConfig,
     space: SearchSpace,
@@ -191,6 +201,9 @@ def run_optuna_sweep(
     pruner_object, sampler = _pruner(pruner), TrialSeededSampler(sampler_seed)
     check_fits_data(base)  # a setup no trial can run is refused before the study stores it
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, QuietInterrupts) for f in handler.filters):
+            handler.addFilter(QuietInterrupts())
     storage_object = make_storage(storage, out, heartbeat_interval, grace_period)
     # Only RDB storages keep heartbeats; with a journal file a dead worker's
     # trial stays "running", so there only finished trials are counted.

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import re
@@ -393,3 +394,34 @@ def test_ray_sweep_is_interrupted_restored_and_extended(tmp_path):
     assert (frame.groupby("run_id")["epoch"].apply(lambda e: e.is_unique)).all()
     assert {pathlib.Path(d).parent for d in frame["run_dir"]} == {out / "ray-study" / "trials"}
     assert not list(temp.glob("locoprop-trial-*"))
+
+
+def test_ctrl_c_in_a_trial_logs_no_traceback_but_other_failures_do(tmp_path, monkeypatch):
+    """Optuna logs a failed trial with its traceback; for Ctrl-C the CLI's one line says it all."""
+    emitted: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            emitted.append(record)
+
+    handler = Collect()
+    logging.getLogger("optuna").addHandler(handler)
+    try:
+
+        def interrupted(config, on_epoch, **kw):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(optuna_backend, "train", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_optuna_sweep(TINY, load_space("adam"), study_name="q", out=tmp_path, trials=1, pruner="none")
+
+        def broken(config, on_epoch, **kw):
+            raise RuntimeError("a real failure")
+
+        monkeypatch.setattr(optuna_backend, "train", broken)
+        with pytest.raises(RuntimeError, match="a real failure"):
+            run_optuna_sweep(TINY, load_space("adam"), study_name="q2", out=tmp_path, trials=1, pruner="none")
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    failures = [r.exc_info[1] for r in emitted if r.exc_info]
+    assert [type(e) for e in failures] == [RuntimeError]
