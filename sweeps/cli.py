@@ -97,6 +97,8 @@ def _key_value(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     key, parsed = key.strip().replace("-", "_"), _parse_value(value)
+    if not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a hyperparameter name as KEY, got {text!r}")
     if key.endswith("_kwargs") and not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError(
             f"{key} takes a JSON object of keyword arguments, e.g. {key}='{{\"momentum\": 0.9}}'; got {value!r}"
@@ -246,7 +248,10 @@ def cmd_train(args) -> int:
     from sweeps.train import loss_text
 
     hparams = {name: getattr(args, name) for name in HPARAM_FLAGS if getattr(args, name) is not None}
-    hparams.update(dict(args.hparam or []))
+    for key, value in args.hparam or []:
+        if key in hparams and hparams[key] != value:  # two values for one hyperparameter: which one was meant?
+            raise ValueError(f"Hyperparameter {key} is given twice ({hparams[key]!r} and {value!r}); give it once")
+        hparams[key] = value
     config = run_config_from_args(args, args.optimizer, hparams, args.seed, pathlib.Path(args.out))
     config.out = str(pathlib.Path(args.out) / run_name(config))
     result = train(config, resume=args.resume, progress=False if args.no_progress else None)
@@ -367,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batch order (default: 0)")
     p.add_argument(
         "--out", default="runs",
-        help="folder in which the run directory OPTIMIZER-WORKLOAD-DATA-seedSEED is created (default: %(default)s)",
+        help="folder in which the run directory OPTIMIZER-WORKLOAD-DATA-seedSEED-HASH is created; HASH: 8 hex digits "
+        "of the whole config (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--resume", action="store_true",
