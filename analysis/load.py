@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 from collections.abc import Iterable
 
 import pandas as pd
 
-__all__ = ["COLUMNS", "RunsNotFound", "final_rows", "load_results"]
+__all__ = ["COLUMNS", "RunSkipped", "RunsNotFound", "final_rows", "load_results"]
 
 COLUMNS = [
     "run_id",
@@ -42,6 +43,10 @@ class RunsNotFound(ValueError):
     """Nothing readable was found; the message names the path and why."""
 
 
+class RunSkipped(UserWarning):
+    """A damaged run in a folder of runs was left out; the message names it and why."""
+
+
 def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """Every run under ``paths`` (run directories, folders of them, tables)."""
     frames = []
@@ -59,13 +64,31 @@ def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
                 f"No run directories (with config.json) or results tables found in {path}; "
                 "point to the --out folder of locoprop train, compare or sweep"
             )
-        frames += [_read_run(run) if run.is_dir() else _read_table(run) for run in found]
+        frames += _read_found(found)
     if not frames:
         raise RunsNotFound("No inputs given")
     frame = pd.concat(frames, ignore_index=True)
     hp_columns = sorted(c for c in frame.columns if c.startswith("hp_"))
     others = [c for c in frame.columns if c not in COLUMNS and c not in hp_columns]
     return frame[COLUMNS + others + hp_columns]
+
+
+def _read_found(found: list[pathlib.Path]) -> list[pd.DataFrame]:
+    """The runs and tables found in a folder. A damaged one among readable
+    ones is skipped with a :class:`RunSkipped` warning naming it, so that one
+    broken run does not hide the others; if none can be read, the first
+    reason is the error."""
+    frames, skipped = [], []
+    for run in found:
+        try:
+            frames.append(_read_run(run) if run.is_dir() else _read_table(run))
+        except RunsNotFound as err:
+            skipped.append(err)
+    if skipped and not frames:
+        raise skipped[0]
+    for err in skipped:
+        warnings.warn(f"skipped: {err}", RunSkipped, stacklevel=3)
+    return frames
 
 
 def final_rows(frame: pd.DataFrame) -> pd.DataFrame:

@@ -15,6 +15,7 @@ import json
 import pathlib
 import shlex
 import sys
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -333,9 +334,17 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from analysis.load import RunSkipped
     from analysis.report import write_report
 
-    report = write_report(args.inputs, args.out, target_loss=args.target_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RunSkipped)
+        report = write_report(args.inputs, args.out, target_loss=args.target_loss)
+    for warning in caught:
+        if issubclass(warning.category, RunSkipped):
+            print(f"locoprop: {warning.message}", file=sys.stderr)
+        else:  # not ours to swallow
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     print(f"report: {report}")
     return 0
 

@@ -245,3 +245,17 @@ def test_a_bad_run_file_is_named(tmp_path, name, content, message):
     with pytest.raises(RunsNotFound, match=message) as raised:
         load_results([tmp_path])
     assert str(run_dir / name) in str(raised.value)
+
+
+def test_a_damaged_run_in_a_folder_is_skipped_with_a_warning_naming_it(tmp_path):
+    from analysis.load import RunSkipped
+
+    make_run(tmp_path, *RUNS[0])
+    broken = make_run(tmp_path, *RUNS[1])
+    (broken / "summary.json").write_text("[]")
+    with pytest.warns(RunSkipped, match=f"skipped: {broken / 'summary.json'} holds a JSON list"):
+        frame = load_results([tmp_path])
+    assert frame["run_id"].nunique() == 1 and str(broken) not in set(frame["run_id"])
+    # Named directly, the damaged run is still an error.
+    with pytest.raises(RunsNotFound, match="holds a JSON list"):
+        load_results([broken])

@@ -234,3 +234,14 @@ def test_main_keeps_os_errors_to_one_line(monkeypatch, tmp_path, capsys):
         err == f"locoprop: cannot use {tmp_path / 'runs' / 'metrics.csv'} (Permission denied); check that path "
         "and its permissions\n"
     )
+
+
+def test_report_over_a_folder_with_one_damaged_run_reports_the_others(tmp_path, capsys):
+    make_run(tmp_path / "runs", *RUNS[0])
+    broken = make_run(tmp_path / "runs", *RUNS[1])
+    (broken / "config.json").write_text("{not json")
+    status, _, err = run_cli(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")], capsys)
+    assert status == 0, err
+    assert err.startswith(f"locoprop: skipped: {broken / 'config.json'} cannot be read (JSONDecodeError")
+    assert len(err.splitlines()) == 1
+    assert (tmp_path / "report" / "report.md").exists()
