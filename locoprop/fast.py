@@ -46,12 +46,15 @@ __all__ = [
     "backprop_grads",
     "concat_rows",
     "exact_s_direction",
+    "freivalds_direction",
     "gram_grads",
     "gram_is_cheaper",
     "gram_statistics",
     "linear_grads",
     "linear_workspace",
     "lower_gram",
+    "outside_use_tolerance",
+    "relative_mismatch",
     "reuse_tolerance",
 ]
 
@@ -201,15 +204,27 @@ def backprop_gradient_mismatch(grads: list[Tensor | None], x: Tensor, g: Tensor)
     if any(grad is None for grad in grads):
         return x.new_tensor(float("inf"))
     d_in = x.shape[1]
-    generator = torch.Generator().manual_seed(d_in)  # fixed: a pure function, the global RNG untouched
-    v = torch.randn(d_in + 1, generator=generator, dtype=x.dtype).to(x.device)
+    v = freivalds_direction(d_in + 1, x)
     projected_x = torch.mv(x, v[:d_in])
     projected = torch.mv(grads[0], v[:d_in])
     if len(grads) == 2:
         projected_x.add_(v[d_in])
         projected.add_(grads[1] * v[d_in])
-    expected = torch.mv(g.T, projected_x)
-    return (projected - expected).norm() / expected.norm()  # NaN (not reused) for 0/0
+    return relative_mismatch(projected, torch.mv(g.T, projected_x))
+
+
+def freivalds_direction(size: int, like: Tensor) -> Tensor:
+    """The fixed random direction v of Freivalds' checks, ``size`` entries in
+    ``like``'s dtype and device: seeded by its size, so the check is a pure
+    function and the global RNG is left untouched."""
+    generator = torch.Generator().manual_seed(size)
+    return torch.randn(size, generator=generator, dtype=like.dtype).to(like.device)
+
+
+def relative_mismatch(projected: Tensor, expected: Tensor) -> Tensor:
+    """‖projected − expected‖ / ‖expected‖ of two Freivalds projections; NaN for 0/0
+    (which no tolerance accepts as a mismatch, nor as a match)."""
+    return (projected - expected).norm() / expected.norm()
 
 
 def reuse_tolerance(dtype: torch.dtype) -> float:
@@ -217,6 +232,15 @@ def reuse_tolerance(dtype: torch.dtype) -> float:
     1000 ulp (the measured mismatch of equal float32 gradients is ~1e-6),
     for float32 and float64; zero (never reuse) in lower precisions."""
     return 1000 * torch.finfo(dtype).eps if dtype in (torch.float32, torch.float64) else 0.0
+
+
+def outside_use_tolerance(dtype: torch.dtype) -> float:
+    """The largest relative mismatch between a parameter's backward gradient
+    and its recorded uses' part of it that is rounding only, for records in
+    ``dtype``: :func:`reuse_tolerance` in float32 and float64; in 16-bit
+    precisions (a forward under autocast, whose matmul rounds the gradient to
+    about eps/2 relative) 10 eps, which rounding never reaches."""
+    return reuse_tolerance(dtype) or 10 * torch.finfo(dtype).eps
 
 
 def lower_gram(x: Tensor, out: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from locoprop.solve import (
     uses_gram_form,
 )
 from locoprop.transfer import TRANSFER_NAMES, transfer_by_name
-from locoprop.units import OutputUnitFinder, Unit, discover_units
+from locoprop.units import GradientSketch, OutputUnitFinder, Unit, discover_units
 
 __all__ = ["LocoPropOptimizer"]
 
@@ -52,6 +52,8 @@ class _LocalProblem:
     grads: list[Tensor] = dataclasses.field(default_factory=list)
     records: list = dataclasses.field(default_factory=list)
     old_params: list[Tensor] | None = None
+    # indices in params of the parameters with a use outside every unit's records
+    outside_uses: list[int] = dataclasses.field(default_factory=list)
     # (index in params, γ·gradient of the uses outside units) for tied parameters
     outside_grads: list[tuple[int, Tensor]] = dataclasses.field(default_factory=list)
 
@@ -86,8 +88,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
     ``inner_schedule`` and ``prox``; lr schedulers act on ``lr`` (η). A
     parameter tied between units sits in the first one's group and follows
     the sum of their local objectives; a unit parameter that a module outside
-    every unit also holds (an embedding tied to the output layer) adds the
-    linear objective γ·⟨∇L of that use, θ⟩ to its local objective.
+    every unit also holds (an embedding tied to the output layer), or that a
+    function call also uses (``F.embedding(t, head.weight)``, found because
+    its backward gradient differs from the part through the unit's recorded
+    uses), adds the linear objective γ·⟨∇L of that use, θ⟩ to its local
+    objective (``solve="exact"`` refuses such a step).
 
     The hooks keep each forward's records as long as its autograd graph; a
     pre-activation that an in-place operation overwrote (``nn.ReLU(inplace=
@@ -246,6 +251,15 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self.synchronize_timing = False
         for unit in found:
             unit.attach()
+        # The backward gradient of every unit parameter, sketched, shows a use
+        # that no unit recorded, through a function call (_find_outside_uses).
+        self._sketches = {
+            p: GradientSketch(p)
+            for unit in found
+            if GradientSketch.supports(unit)
+            for p in unit.params
+            if p not in self._held_outside_units
+        }
         self._output_unit_error: Exception | None = None
         self._output_finder: OutputUnitFinder | None = None
         if self._output_transfer is not None and len(found) > 1:
@@ -308,6 +322,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         cannot step any more)."""
         for unit in self.units:
             unit.detach()
+        for sketch in self._sketches.values():
+            sketch.remove()
         if self._output_finder is not None:
             self._output_finder.remove()
 
@@ -344,6 +360,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         for unit in self.units:
             unit.records.clear()
+        for sketch in self._sketches.values():
+            sketch.reset()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -375,6 +393,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 self._solve_iterative(problems)
         for unit in self.units:
             unit.records.clear()
+        for sketch in self._sketches.values():
+            sketch.reset()
         self.last_step_seconds = {"targets": targets_set - started, "local_solve": self._clock() - targets_set}
         return loss
 
@@ -420,12 +440,57 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             if p.grad is not None and p not in covered:
                 # Its units took no part in this loss: only its use outside them, one step on γ·∇L.
                 problems.append(_LocalProblem(self._group_index(p), [p], grads=[p.grad]))
+        self._find_outside_uses([problem for problem in problems if problem.unit is not None])
         if not problems:
             raise RuntimeError(
                 "LocoPropOptimizer.step() called before any backward pass: no parameter has a gradient "
                 "and no unit recorded one; call loss.backward() first"
             )
         return problems
+
+    def _find_outside_uses(self, problems: list[_LocalProblem]) -> None:
+        """Mark in ``problem.outside_uses`` each unit parameter with a gradient
+        from a use outside the units: held by a module outside them (known
+        from the model), or used through a function call such as
+        ``F.embedding(t, head.weight)``, which shows as a backward gradient
+        (:class:`~locoprop.units.GradientSketch`) that the unit's recorded uses
+        do not account for (one device sync). The exact solve refuses those."""
+        expected: dict[Tensor, Tensor] = {}
+        tolerances: dict[Tensor, float] = {}
+        for problem in problems:
+            for p in problem.params:
+                sketch = self._sketches.get(p)
+                if sketch is None or sketch.total is None:
+                    continue
+                pairs = [(r.x.to(p.dtype), r.g.to(p.dtype)) for r in problem.records]
+                part = sketch.through_records(problem.unit, pairs)
+                expected[p] = expected[p] + part if p in expected else part
+                # records of a forward under autocast round the gradient more
+                rounding = max(fast.outside_use_tolerance(r.g.dtype) for r in problem.records)
+                tolerances[p] = max(tolerances.get(p, 0.0), rounding)
+        unrecorded = set()
+        if expected:
+            mismatch = torch.stack([self._sketches[p].mismatch(e) for p, e in expected.items()]).tolist()
+            unrecorded = {p for p, m in zip(expected, mismatch) if m > tolerances[p]}
+        for problem in problems:
+            problem.outside_uses = [
+                i
+                for i, p in enumerate(problem.params)
+                if p.grad is not None and (p in unrecorded or p in self._held_outside_units)
+            ]
+        if self.solve == "exact" and unrecorded:
+            used = [
+                (problem.unit.name, self._param_names.get(p, "a parameter"))
+                for problem in problems
+                for p in problem.params
+                if p in unrecorded
+            ]
+            raise RuntimeError(
+                f"solve='exact' cannot update {', '.join(f'{name!r} of unit {unit!r}' for unit, name in used)}: the "
+                "backward pass gave it a gradient from a use that the unit did not record (a function call such as "
+                "F.embedding(tokens, layer.weight)), and the closed form solves each unit alone. Use "
+                "solve='iterative', or pass units= without that layer; no parameter was changed"
+            )
 
     def _group_index(self, p: Tensor) -> int:
         """The index of the param group that holds ``p``."""
@@ -460,19 +525,20 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 ]
             problem.records = []
             unit.records.clear()
-        if self._held_outside_units:
+        if any(problem.outside_uses for problem in problems):
             self._set_outside_shares([problem for problem in problems if problem.unit is not None])
 
     def _set_outside_shares(self, problems: list[_LocalProblem]) -> None:
-        """For a unit parameter that a module outside every unit holds too
-        (an embedding tied to the output layer), its local objective adds
+        """For a unit parameter used outside every unit too (held by a module,
+        such as an embedding tied to the output layer, or passed to a function
+        such as ``F.embedding``), its local objective adds
         γ·⟨∇L − Σ_units ∇L_unit, θ⟩: the linear objective of the outside use,
         whose gradient, constant, joins every local iteration. ∇L is its
         ``.grad``, ∇L_unit the part through each unit's recorded uses."""
         shares: dict[Tensor, Tensor] = {}
         first_use: dict[Tensor, tuple[_LocalProblem, int]] = {}
         for problem in problems:
-            tied = [i for i, p in enumerate(problem.params) if p in self._held_outside_units and p.grad is not None]
+            tied = problem.outside_uses
             if not tied:
                 continue
             through_unit = layer_backprop_grads(problem.unit.adapter.forward, problem.params, problem.backprop)

@@ -8,6 +8,8 @@ against the summed local objectives written out with autograd here.
 """
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -338,6 +340,156 @@ def test_exact_solve_refuses_tied_weights_naming_them():
         LocoPropOptimizer(TiedLayers(), variant="S", solve="exact", prox=1.0)
     with pytest.raises(ValueError, match=r"'embed.weight' is shared by unit 'head' and module 'embed'"):
         LocoPropOptimizer(TiedLanguageModel(), variant="S", solve="exact", prox=1.0)
+
+
+# ------------------------------------------------------------ uses through a function
+class FunctionalEmbedding(nn.Module):
+    """The output layer's weight is also the embedding table, read with
+    ``F.embedding``: a use of a unit parameter that no module makes."""
+
+    def __init__(self, vocab=7, width=5):
+        super().__init__()
+        self.hidden = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids):
+        h = F.embedding(ids, self.head.weight)
+        return self.head(h + torch.tanh(self.hidden(h)))
+
+    def units(self):
+        return [(self.hidden, "tanh"), (self.head, "softmax")]
+
+
+class FunctionalTranspose(nn.Module):
+    """A unit's weight used again, transposed, through ``F.linear``, with its bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.c = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.c(h) + F.linear(h, self.a.weight.t())[:, :3] + self.a.bias[:3]
+
+    def units(self):
+        return [(self.a, "tanh"), (self.c, "softmax")]
+
+
+class FunctionalConv(nn.Module):
+    """A convolution's kernel used a second time through ``F.conv2d``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.out = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        return self.out(F.conv2d(h, self.conv.weight, padding=1).flatten(1))
+
+    def units(self):
+        return [(self.conv, "tanh"), (self.out, "softmax")]
+
+
+def _functional_cases():
+    ids, labels = _language_model_data()
+    x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
+    images = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    return {
+        "embedding": (FunctionalEmbedding, lambda m: F.cross_entropy(m(ids), labels)),
+        "transpose": (FunctionalTranspose, lambda m: F.cross_entropy(m(x), y)),
+        "conv": (FunctionalConv, lambda m: F.cross_entropy(m(images), y[:4])),
+    }
+
+
+@pytest.mark.parametrize("parallel", PATHS)
+@pytest.mark.parametrize("variant", ["M", "S"])
+@pytest.mark.parametrize("case", ["embedding", "transpose", "conv"])
+def test_a_unit_weight_also_used_through_a_function_gives_the_backprop_step(case, variant, parallel):
+    """The use that no unit records joins the local objective as
+    γ·⟨∇L of that use, θ⟩, so the step is still the backprop step."""
+    model_class, loss_fn = _functional_cases()[case]
+    model = model_class().double()
+    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
+    _one_sgd_step(model, loss_fn, variant=variant, units=model.units(), parallel=parallel)
+    assert_same_params(model, expected, **CLOSE)
+
+
+@pytest.mark.parametrize("repeat", ["accumulated", "retain_graph"])
+def test_a_weight_used_through_a_function_over_several_backward_passes_gives_the_backprop_step(repeat):
+    """Two backward passes before one step (of two batches, or of one graph
+    kept with retain_graph) add up in the unrecorded use as in ``.grad``."""
+    model_class, loss_fn = _functional_cases()["embedding"]
+    model = model_class().double()
+    expected = backprop_sgd_step(model, lambda m: 2 * loss_fn(m), ETA * GAMMA)
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, local_iters=1, inner="sgd", units=model.units())
+    if repeat == "accumulated":
+        loss_fn(model).backward()
+        loss_fn(model).backward()
+    else:
+        loss = loss_fn(model)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    opt.step()
+    assert_same_params(model, expected, **CLOSE)
+
+
+def test_the_sketch_of_each_step_holds_only_its_own_backward_passes():
+    """zero_grad() and step() drop the sketched backward passes with the
+    records: a stale sketch would look like an unrecorded use, which the
+    exact solve refuses."""
+    model = _mlp(nn.Tanh()).double()
+    loss_fn = _classification_loss(torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 4, (10,)))
+    opt = LocoPropOptimizer(model, variant="S", solve="exact", prox=1.0)
+    loss_fn(model).backward()
+    opt.zero_grad()  # a batch given up
+    for _ in range(2):
+        model.zero_grad()  # the model's, which leaves the optimizer alone
+        loss_fn(model).backward()
+        opt.step()
+
+
+def test_exact_solve_refuses_a_weight_used_through_a_function_changing_nothing():
+    model = FunctionalTranspose().double()
+    _, loss_fn = _functional_cases()["transpose"]
+    opt = LocoPropOptimizer(model, variant="S", solve="exact", prox=1.0, units=model.units())
+    loss_fn(model).backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"'a.weight' of unit 'a', 'a.bias' of unit 'a'.*solve='iterative'"):
+        opt.step()
+    assert_same_params(model, before)
+
+
+@pytest.mark.parametrize("model_fn", [lambda: _conv_net(inplace=False), lambda: _mlp(nn.Tanh()).double()])
+def test_clipped_gradients_of_a_usual_model_are_not_a_use_outside_the_units(model_fn):
+    """The sketch sees each backward pass's gradient before clipping changes
+    ``.grad``: the exact solve, which refuses unrecorded uses, still steps."""
+    model = model_fn()
+    x = torch.randn(10, 2, 8, 8) if isinstance(model[0], nn.Conv2d) else torch.randn(10, 6)
+    y = torch.randint(0, 4, (10,))
+    units = [(m, "identity") for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for solve in ["iterative", "exact"] if not isinstance(model[0], nn.Conv2d) else ["iterative"]:
+        opt = LocoPropOptimizer(model, variant="S", solve=solve, prox=1.0, units=units)
+        F.cross_entropy(model(x.double()), y).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        problems = opt._collect_problems()
+        assert all(not problem.outside_uses for problem in problems), solve
+        opt.step()
+        opt.remove_hooks()
+
+
+def test_remove_hooks_removes_the_gradient_sketches_and_they_keep_no_optimizer_alive():
+    model = FunctionalEmbedding()
+    opt = LocoPropOptimizer(model, units=model.units())
+    assert model.head.weight._backward_hooks
+    opt.remove_hooks()
+    assert not model.head.weight._backward_hooks
+    opt = LocoPropOptimizer(model, units=model.units())
+    collected = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert collected() is None
 
 
 # --------------------------------------------------------------------- output unit
