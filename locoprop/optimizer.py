@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import numbers
 import time
 import weakref
 from collections.abc import Sequence
@@ -171,11 +172,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         if parallel == "streams" and not torch.cuda.is_available():
             raise ValueError("Invalid parallel: 'streams' needs a CUDA device; use 'batched' or 'auto'")
         defaults = dict(
-            lr=lr,
-            activation_lr=activation_lr,
+            lr=_plain_float(lr),
+            activation_lr=_plain_float(activation_lr),
             local_iters=local_iters,
             inner_schedule=inner_schedule,
-            prox=prox,
+            prox=_plain_float(prox),
         )
         _check_hyperparameters(defaults)
         if solve == "exact" and variant != "S":
@@ -678,8 +679,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
 def _check_hyperparameters(group: dict) -> None:
     lr, activation_lr, local_iters = group["lr"], group["activation_lr"], group["local_iters"]
-    if isinstance(lr, Tensor):
-        raise ValueError(f"Invalid learning rate: a tensor ({lr!r}); LocoPropOptimizer needs a float lr (lr.item())")
+    for name, value in (("learning rate", lr), ("activation_lr", activation_lr), ("prox", group["prox"])):
+        if isinstance(value, Tensor):
+            raise ValueError(f"Invalid {name}: a tensor ({value!r}); LocoPropOptimizer needs a float (.item())")
     if not (_is_real(lr) and 0 < lr < math.inf):
         raise ValueError(f"Invalid learning rate: {lr!r}; expected a finite number > 0")
     if not (_is_real(activation_lr) and 0 < activation_lr < math.inf):
@@ -693,6 +695,15 @@ def _check_hyperparameters(group: dict) -> None:
     prox = group["prox"]
     if not (_is_real(prox) and 0 <= prox < math.inf):
         raise ValueError(f"Invalid prox: {prox!r}; expected a finite number ≥ 0")
+
+
+def _plain_float(value):
+    """A NumPy scalar as a float (torch.optim takes them too): param_groups
+    then hold plain numbers, which a weights_only checkpoint loads."""
+    # (np.float64 is a float subclass, np.float32 is not: test the exact type.)
+    if isinstance(value, numbers.Real) and type(value) not in (bool, int, float) and not isinstance(value, Tensor):
+        return float(value)
+    return value
 
 
 def _is_real(value) -> bool:

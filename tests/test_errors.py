@@ -36,6 +36,7 @@ CONSTRUCTION_ERRORS = [
     (dict(lr=float("nan")), "Invalid learning rate: nan"),
     (dict(lr=True), "Invalid learning rate: True"),
     (dict(lr=torch.tensor(1e-3)), "Invalid learning rate: a tensor (tensor(0.0010)); LocoPropOptimizer needs a float"),
+    (dict(activation_lr=torch.tensor(2.0)), "Invalid activation_lr: a tensor (tensor(2.)); LocoPropOptimizer needs a"),
     (dict(activation_lr=float("inf")), "Invalid activation_lr: inf"),
     (dict(activation_lr=True), "Invalid activation_lr: True"),
     (dict(prox=float("inf")), "Invalid prox: inf"),
@@ -273,3 +274,11 @@ def test_a_forward_under_bf16_autocast_steps_in_the_parameters_dtype(kwargs):
     opt.step()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert_same_params(model, expected, rtol=0, atol=2e-3)
+
+
+def test_numpy_scalar_hyperparameters_are_taken_as_floats():
+    np = pytest.importorskip("numpy")
+    opt = LocoPropOptimizer(_mlp(), lr=np.float32(1e-3), activation_lr=np.float64(2.0), prox=np.float32(0.5))
+    group = opt.param_groups[0]
+    assert [type(group[k]) for k in ("lr", "activation_lr", "prox")] == [float, float, float]
+    assert group["lr"] == pytest.approx(1e-3) and group["activation_lr"] == 2.0 and group["prox"] == 0.5
