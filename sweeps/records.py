@@ -34,6 +34,7 @@ __all__ = [
     "SUMMARY",
     "DamagedRecord",
     "MetricsWriter",
+    "field_differences",
     "finite_or_null",
     "load_checkpoint",
     "read_history",
@@ -68,6 +69,14 @@ REQUIRED_COLUMNS = ("step", "epoch", "wall_time_s", "train_loss", "test_loss", "
 class DamagedRecord(ValueError):
     """A run-directory file that cannot be read or does not fit the run; the
     message names the file and what to do."""
+
+
+def field_differences(stored: dict, current: dict, labels: tuple[str, str], normalise=None) -> list[str]:
+    """``"key: A <stored label>, B <current label>"`` for every key whose value
+    differs, compared after ``normalise`` (a function of the whole dict)."""
+    a, b = (normalise(stored), normalise(current)) if normalise else (stored, current)
+    return [f"{k}: {stored.get(k)!r} {labels[0]}, {current.get(k)!r} {labels[1]}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]  # fmt: skip
 
 
 def write_json(path: pathlib.Path, data: dict) -> None:

@@ -121,9 +121,7 @@ def sweep_setup(base: RunConfig, space: SearchSpace) -> dict[str, Any]:
 
 def check_same_setup(stored: dict[str, Any], current: dict[str, Any], study: str) -> None:
     """Refuse to continue ``study`` (stored with setup ``stored``) with another setup."""
-    keys = sorted(set(stored) | set(current))
-    differences = [f"{k}: {stored.get(k)!r} in the study, {current.get(k)!r} now" for k in keys
-                   if stored.get(k) != current.get(k)]  # fmt: skip
+    differences = records.field_differences(stored, current, ("in the study", "now"))
     if differences:
         raise ValueError(
             f"{study} was run with another setup ({'; '.join(differences)}); continue it with the same flags, "

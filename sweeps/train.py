@@ -336,11 +336,7 @@ def _check_same_config(stored: dict, config: RunConfig, what: str) -> None:
     A run directory may be moved or copied (sweep back ends restore trials
     into new folders): where it lives is not part of what the run is.
     """
-    requested = dataclasses.asdict(config)
-    there, asked = _identity(stored), _identity(requested)
-    keys = sorted(set(there) | set(asked))
-    differences = [f"{k}: {stored.get(k)!r} there, {requested.get(k)!r} asked" for k in keys
-                   if there.get(k) != asked.get(k)]  # fmt: skip
+    differences = records.field_differences(stored, dataclasses.asdict(config), ("there", "asked"), _identity)
     if differences:
         raise ValueError(
             f"{what} is for another config ({'; '.join(differences)}); use another --out, or remove that run "
