@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 import pandas as pd
 
+from sweeps.schema import CONFIG, METRICS, RUNNING, SUMMARY, SWEEP_TABLE
+
 __all__ = ["COLUMNS", "RunSkipped", "RunsNotFound", "final_rows", "load_results"]
 
 COLUMNS = [
@@ -35,7 +37,6 @@ COLUMNS = [
     "step_time_s",
 ]
 TABLE_SUFFIXES = (".csv", ".parquet")
-SWEEP_TABLE = "sweep_results"  # the stem sweeps.results writes
 _SKIP_IT = "leave it out of the inputs, or fix or remove it"  # what to do about an unreadable run file
 
 
@@ -98,13 +99,13 @@ def final_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _find_runs(folder: pathlib.Path) -> list[pathlib.Path]:
-    if (folder / "config.json").exists():
+    if (folder / CONFIG).exists():
         return [folder]
     # A sweep folder's table already holds its trials' runs: read the table,
     # not the run directories beneath it, so nothing is counted twice.
     tables = sorted(folder.rglob(f"{SWEEP_TABLE}.csv"))
     sweep_folders = {t.parent for t in tables}
-    runs = sorted(p.parent for p in folder.rglob("config.json"))
+    runs = sorted(p.parent for p in folder.rglob(CONFIG))
     runs = [r for r in runs if not any(parent in sweep_folders for parent in r.parents)]
     # Keep the outermost run directory where back ends nest copies inside one.
     runs = [r for r in runs if not any(parent in runs for parent in r.parents)]
@@ -112,13 +113,13 @@ def _find_runs(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _read_run(run_dir: pathlib.Path) -> pd.DataFrame:
-    metrics = run_dir / "metrics.csv"
+    metrics = run_dir / METRICS
     if not metrics.exists():
         raise RunsNotFound(f"Run directory {run_dir} has no metrics.csv (the run never evaluated)")
-    config = _read_json(run_dir / "config.json", required=("optimizer", "workload", "data", "seed"))
-    summary_path = run_dir / "summary.json"
+    config = _read_json(run_dir / CONFIG, required=("optimizer", "workload", "data", "seed"))
+    summary_path = run_dir / SUMMARY
     # A run without summary.json is still going, or was killed hard.
-    status = _read_json(summary_path, required=("status",))["status"] if summary_path.exists() else "running"
+    status = _read_json(summary_path, required=("status",))["status"] if summary_path.exists() else RUNNING
     frame = _read_file(metrics, pd.read_csv)
     if frame.empty:
         raise RunsNotFound(f"Run directory {run_dir} has an empty metrics.csv")

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from sweeps.schema import CHECKPOINT, CONFIG, METRIC_COLUMNS, METRICS, SUMMARY  # re-exported for the runner
+
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_KEYS",
@@ -44,7 +46,6 @@ __all__ = [
     "write_json",
 ]
 
-CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.csv", "summary.json", "checkpoint.pt"
 # What sweeps.train puts in a checkpoint; a file without one of them is not one of its checkpoints.
 CHECKPOINT_KEYS = (
     "config",
@@ -63,7 +64,7 @@ CHECKPOINT_KEYS = (
 START_AFRESH = "remove it (or run without --resume) to start the run afresh"
 RUN_AGAIN = "remove the run directory to run it again"
 # The metrics.csv columns every run has (others depend on the workload and optimizer).
-REQUIRED_COLUMNS = ("step", "epoch", "wall_time_s", "train_loss", "test_loss", "lr")
+REQUIRED_COLUMNS = METRIC_COLUMNS
 
 
 class DamagedRecord(ValueError):

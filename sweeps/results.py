@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from sweeps import records
+from sweeps import records, schema
 
 if TYPE_CHECKING:
     from sweeps.spaces import SearchSpace
@@ -39,7 +39,7 @@ __all__ = [
     "sweep_setup",
 ]
 
-TABLE_STEM = "sweep_results"
+TABLE_STEM = schema.SWEEP_TABLE
 JOURNAL_PREFIX = "journal:"  # --storage journal:PATH names an Optuna journal file
 # Run-config fields that are not part of a study's setup: the searched
 # hyperparameters (the space's fixed ones are kept, as fixed_hparams), and

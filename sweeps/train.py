@@ -53,7 +53,7 @@ import torch
 from baselines import make_optimizer
 from baselines.registry import check_hparams
 from locoprop import LocoPropOptimizer
-from sweeps import records
+from sweeps import records, schema
 from sweeps.data import Dataset, load_dataset
 from sweeps.workloads import Workload, get_workload
 
@@ -71,7 +71,7 @@ __all__ = [
 
 SCHEDULES = ("official", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-FINISHED = ("ok", "diverged", "stopped")  # statuses of a run that is over; "failed" can be resumed
+FINISHED = schema.FINISHED  # statuses of a run that is over; "failed" can be resumed
 
 
 class RunExists(ValueError):
@@ -417,12 +417,7 @@ class _Run:
         (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
         if not self.resumed:
             (self.run_dir / records.CHECKPOINT).unlink(missing_ok=True)
-        columns = ["step", "epoch", "wall_time_s", "train_loss", "test_loss", "lr"]
-        if self.workload.loss_kind == "cross_entropy":
-            columns += ["train_error", "test_error"]
-        columns += ["step_time_s"]
-        if self.is_locoprop:
-            columns += ["targets_time_s", "local_solve_time_s", "skipped_steps"]
+        columns = schema.metric_columns(self.workload.loss_kind == "cross_entropy", self.is_locoprop)
         # Rows after the checkpoint's epoch are redone; the checkpoint's own
         # rows replace the file's, which may be damaged or cut short.
         self.metrics = records.MetricsWriter(self.run_dir / records.METRICS, columns, rows=self.rows)

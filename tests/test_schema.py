@@ -1,0 +1,38 @@
+"""One torch-free schema module owns the record formats (SPEC §4, §6)."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+from sweeps import schema
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The literals the schema owns: file names, the sweep table's stem.
+OWNED = [schema.CONFIG, schema.METRICS, schema.SUMMARY, schema.CHECKPOINT, schema.SWEEP_TABLE]
+
+
+def test_the_record_names_are_written_only_in_the_schema():
+    for path in [*ROOT.glob("sweeps/**/*.py"), *ROOT.glob("analysis/**/*.py")]:
+        if path.name == "schema.py":
+            continue
+        text = path.read_text()
+        for literal in OWNED:
+            assert not re.search(rf"[\"']{re.escape(literal)}[\"']", text), f"{path.name} spells {literal!r} itself"
+
+
+def test_analysis_and_the_schema_import_neither_torch_nor_the_runner():
+    code = (
+        "import sys; import sweeps.schema, analysis.load, analysis.tables, analysis.plots, analysis.report; "
+        "print(sorted(m for m in ('torch', 'sweeps.train', 'sweeps.records') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_metric_columns_of_each_kind_of_run():
+    assert schema.metric_columns(classifier=False, locoprop=False) == [*schema.METRIC_COLUMNS, "step_time_s"]
+    columns = schema.metric_columns(classifier=True, locoprop=True)
+    assert columns[: len(schema.METRIC_COLUMNS)] == list(schema.METRIC_COLUMNS)
+    assert set(schema.CLASSIFIER_COLUMNS) | set(schema.LOCOPROP_COLUMNS) <= set(columns)
