@@ -425,7 +425,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 continue
             for record in records:
                 unit.check_record(record)
-            problems.append(_LocalProblem(index, unit.params, unit=unit, records=records))
+            # (x, g) in the parameters' dtype: records of a forward under autocast are in a lower precision.
+            dtype = unit.params[0].dtype
+            backprop = [(r.x.to(dtype), r.g.to(dtype)) for r in records]
+            problems.append(_LocalProblem(index, unit.params, unit=unit, records=records, backprop=backprop))
         covered = set()
         if idle or self._held_outside_units:  # (not needed in the usual step)
             covered = {p for problem in problems if problem.unit is not None for p in problem.params}
@@ -463,8 +466,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 sketch = self._sketches.get(p)
                 if sketch is None or sketch.total is None:
                     continue
-                pairs = [(r.x.to(p.dtype), r.g.to(p.dtype)) for r in problem.records]
-                part = sketch.through_records(problem.unit, pairs)
+                part = sketch.through_records(problem.unit, problem.backprop)
                 expected[p] = expected[p] + part if p in expected else part
                 # records of a forward under autocast round the gradient more
                 rounding = max(fast.outside_use_tolerance(r.g.dtype) for r in problem.records)
@@ -498,9 +500,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         return next(i for i, group in enumerate(self.param_groups) if any(p is q for q in group["params"]))
 
     def _set_targets(self, problems: list[_LocalProblem]) -> None:
-        """Each unit's (x, g) pairs, and (x, target) pairs for the iterative
-        solve (except in the Gram form of S, which needs none); and the share
-        of ∇L from uses outside units of tied parameters.
+        """Each unit's (x, target) pairs for the iterative solve (except in
+        the Gram form of S, which needs none), from the (x, g) pairs that
+        :meth:`_collect_problems` gathered; and the share of ∇L from uses
+        outside units of tied parameters.
 
         A unit's records are released as soon as its targets exist, so that
         its pre-activations do not outlive their use.
@@ -510,8 +513,6 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             if unit is None:
                 continue
             problem.activation_lr = self.param_groups[problem.group_index]["activation_lr"]
-            dtype = problem.params[0].dtype  # records of a forward under autocast are in a lower precision
-            problem.backprop = [(r.x.to(dtype), r.g.to(dtype)) for r in problem.records]
             problem.param_grads = [p.grad for p in problem.params]
             problem.gram_form = self.solve == "iterative" and uses_gram_form(
                 problem, self.variant, self._parallel_mode(), self._iterations(problem)
