@@ -250,6 +250,20 @@ def _targets(variant, transfers, preactivations, loss):
     return targets
 
 
+def _assert_one_step_gives(model, expected, inputs, labels, **kwargs):
+    """One LocoProp step (inner SGD at η, γ, cross-entropy) of a copy of ``model``
+    on each solve path gives the ``expected`` parameters."""
+    for parallel in PATHS:
+        trained = copy.deepcopy(model)
+        opt = LocoPropOptimizer(
+            trained, lr=ETA, activation_lr=GAMMA, inner="sgd", units=trained.units(), parallel=parallel, **kwargs
+        )
+        F.cross_entropy(trained(inputs), labels).backward()
+        opt.step()
+        for p, q in zip(trained.parameters(), expected):
+            torch.testing.assert_close(p.detach(), q, **CLOSE, msg=parallel)
+
+
 def _sgd_on(objective, params, local_iters):
     """K plain SGD steps at η_t = η·max(1 − t/K, 0.25) (the linear-floor schedule)."""
     params = [p.detach().clone().requires_grad_(True) for p in params]
@@ -287,16 +301,7 @@ def test_tied_linear_units_minimise_the_sum_of_their_local_objectives(variant, s
         return terms + 0.5 * prox * displacement
 
     expected = _sgd_on(objective, [weight, bias, *second_b, out_weight, out_bias], local_iters=4)
-    for parallel in PATHS:
-        trained = copy.deepcopy(model)
-        opt = LocoPropOptimizer(
-            trained, variant=variant, lr=ETA, activation_lr=GAMMA, local_iters=4, inner="sgd", prox=prox,
-            units=trained.units(), parallel=parallel,
-        )  # fmt: skip
-        F.cross_entropy(trained(x), y).backward()
-        opt.step()
-        for p, q in zip(trained.parameters(), expected):
-            torch.testing.assert_close(p.detach(), q, **CLOSE, msg=parallel)
+    _assert_one_step_gives(model, expected, x, y, variant=variant, local_iters=4, prox=prox)
 
 
 @pytest.mark.parametrize("variant", ["M", "S"])
@@ -323,16 +328,7 @@ def test_a_weight_tied_to_an_embedding_adds_the_linear_objective_of_that_use(var
         return terms + GAMMA * (embedding_share * w_table).sum()
 
     expected = _sgd_on(objective, [table, hidden_w, hidden_b, head_b], local_iters=3)
-    for parallel in PATHS:
-        trained = copy.deepcopy(model)
-        opt = LocoPropOptimizer(
-            trained, variant=variant, lr=ETA, activation_lr=GAMMA, local_iters=3, inner="sgd",
-            units=trained.units(), parallel=parallel,
-        )  # fmt: skip
-        F.cross_entropy(trained(ids), labels).backward()
-        opt.step()
-        for p, q in zip(trained.parameters(), expected):
-            torch.testing.assert_close(p.detach(), q, **CLOSE, msg=parallel)
+    _assert_one_step_gives(model, expected, ids, labels, variant=variant, local_iters=3)
 
 
 def test_exact_solve_refuses_tied_weights_naming_them():
