@@ -11,16 +11,16 @@ import sys
 
 from sweeps.extras import missing, missing_message
 
-EXIT_BAD_INPUT = 2  # sweeps.cli's status for bad input or setup; that module needs the extra, so not imported here
+EXIT_BAD_INPUT = 2  # sweeps.commands.cli's status for bad input or setup; that module needs the extra, so not imported here
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI (``sweeps.cli.main``); without the harness extra, one line on stderr and status 2."""
+    """Run the CLI (``sweeps.commands.cli.main``); without the harness extra, one line on stderr and status 2."""
     absent = missing("harness")
     if absent:
         print(f"locoprop: {missing_message('harness', absent)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from sweeps.cli import main as cli_main
+    from sweeps.commands.cli import main as cli_main
 
     return cli_main(argv)
 

@@ -15,7 +15,7 @@ import numbers
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sweeps.data import Dataset
+from sweeps.runner.data import Dataset
 
 __all__ = ["WORKLOADS", "Workload", "check_width_mult", "get_workload"]
 

@@ -24,11 +24,11 @@ import locoprop
 from analysis.load import RunsNotFound
 from baselines.registry import OPTIMIZERS
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
-from sweeps import presets
-from sweeps.data import DATA_DIR_ENV, DATASETS, DataUnavailable
+from sweeps.commands import presets
+from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.extras import MissingExtra
-from sweeps.train import DEVICES, SCHEDULES, RunConfig, train
-from sweeps.workloads import WORKLOADS, check_width_mult
+from sweeps.runner.train import DEVICES, SCHEDULES, RunConfig, train
+from sweeps.runner.workloads import WORKLOADS, check_width_mult
 
 EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -237,16 +237,16 @@ def run_name(config: RunConfig) -> str:
     """The name of a run's directory: what it trains, readable, then its config's digest.
 
     For example ``adam-autoencoder-synthetic-seed0-1a2b3c4d``: runs that differ
-    in any setting (sweeps.train.config_digest) get different directories,
+    in any setting (sweeps.runner.train.config_digest) get different directories,
     and the same command finds its own directory again (``--resume``).
     """
-    from sweeps.train import config_digest
+    from sweeps.runner.train import config_digest
 
     return f"{config.optimizer}-{config.workload}-{config.data}-seed{config.seed}-{config_digest(config)}"
 
 
 def cmd_train(args) -> int:
-    from sweeps.train import loss_text
+    from sweeps.runner.train import loss_text
 
     hparams = {name: getattr(args, name) for name in HPARAM_FLAGS if getattr(args, name) is not None}
     for key, value in args.hparam or []:
@@ -267,13 +267,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from sweeps.compare import compare
+    from sweeps.commands.compare import compare
 
     return compare(args)
 
 
 def cmd_sweep(args) -> int:
-    from sweeps.spaces import load_space
+    from sweeps.search.spaces import load_space
 
     space = load_space(args.optimizer, args.space)
     out = pathlib.Path(args.out).resolve()
@@ -282,7 +282,7 @@ def cmd_sweep(args) -> int:
         base.data_dir = str(pathlib.Path(args.data_dir).resolve())  # trials may run elsewhere
     progress = False if args.no_progress else None
     if args.backend == "optuna":
-        from sweeps.optuna_backend import run_optuna_sweep
+        from sweeps.search.optuna_backend import run_optuna_sweep
 
         table = run_optuna_sweep(
             base, space, study_name=args.study, out=out, trials=args.trials, storage=args.storage,
@@ -290,7 +290,7 @@ def cmd_sweep(args) -> int:
             heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period, progress=progress,
         )  # fmt: skip
     else:
-        from sweeps.ray_backend import run_ray_sweep
+        from sweeps.search.ray_backend import run_ray_sweep
 
         try:
             table = run_ray_sweep(
@@ -305,7 +305,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from sweeps.bench import BenchConfig, bench
+    from sweeps.commands.bench import BenchConfig, bench
 
     names = list(dict.fromkeys(args.optimizers))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(p)
     p.add_argument("--backend", default="optuna", choices=["optuna", "ray"], help="back end (default: %(default)s)")
     p.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS), help="the optimizer to tune (required)")
-    p.add_argument("--space", default=None, help="search-space YAML file (default: sweeps/spaces/OPTIMIZER.yaml)")
+    p.add_argument("--space", default=None, help="search-space YAML file (default: sweeps/search/spaces/OPTIMIZER.yaml)")
     p.add_argument("--trials", type=int, required=True, help="the study's total number of finished trials (required)")
     p.add_argument("--study", required=True, help="study name; the same name continues the same study (required)")
     p.add_argument(
@@ -566,7 +566,7 @@ def _interrupted(args, argv: list[str]) -> str:
     """What Ctrl-C left, and the command that continues from there."""
     storage = getattr(args, "storage", None)
     if storage:  # a storage URL may hold a password: never print it
-        from sweeps.results import mask_url
+        from sweeps.search.results import mask_url
 
         argv = [a.replace(storage, mask_url(storage)) for a in argv]
     command = shlex.join(["locoprop", *argv])

@@ -10,7 +10,7 @@ checkpoint. On this machine by default, on an existing cluster with
 
 A study lives in ``--out``/STUDY (shared storage on a cluster):
 
-- ``sweep.json``: its setup (:func:`sweeps.results.sweep_setup`; another
+- ``sweep.json``: its setup (:func:`sweeps.search.results.sweep_setup`; another
   setup is refused) and its parts;
 - ``part-0``, ``part-1``, …: one Tune experiment per part. The first part
   runs the trials asked for; a later command with a larger ``--trials``
@@ -31,11 +31,11 @@ import math
 import os
 import pathlib
 
-from sweeps import records
+from sweeps.runner import records
 from sweeps.extras import require
-from sweeps.results import check_same_setup, export_results, sweep_setup
-from sweeps.spaces import SearchSpace, TrialSeededSampler, load_space
-from sweeps.train import RunConfig, check_fits_data, train
+from sweeps.search.results import check_same_setup, export_results, sweep_setup
+from sweeps.search.spaces import SearchSpace, TrialSeededSampler, load_space
+from sweeps.runner.train import RunConfig, check_fits_data, train
 
 __all__ = ["run_ray_sweep"]
 

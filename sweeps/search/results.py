@@ -2,7 +2,7 @@
 table, and storage strings with their credentials masked.
 
 - The setup of a study is the base run config every trial shares (all of
-  :class:`~sweeps.train.RunConfig` but the searched hyperparameters and the
+  :class:`~sweeps.runner.train.RunConfig` but the searched hyperparameters and the
   paths), stored with the study on its first run; a later command with
   another setup is refused, naming the fields that differ.
 - The table has one row per evaluation of every trial, the columns of
@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from sweeps import records, schema
+from sweeps import schema
+from sweeps.runner import records
 
 if TYPE_CHECKING:
-    from sweeps.spaces import SearchSpace
-    from sweeps.train import RunConfig
+    from sweeps.search.spaces import SearchSpace
+    from sweeps.runner.train import RunConfig
 
 __all__ = [
     "JOURNAL_PREFIX",

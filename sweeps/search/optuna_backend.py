@@ -8,9 +8,9 @@
   until ``trials`` trials have *finished* (complete or pruned): after a
   crash it runs the missing ones, never more. Several workers may run the
   same command against one storage. The study stores its setup (the base
-  run config, :func:`sweeps.results.sweep_setup`) and refuses another one.
+  run config, :func:`sweeps.search.results.sweep_setup`) and refuses another one.
 - Every trial draws its proposals from its own seed, derived from
-  ``sampler_seed`` and its number (:class:`sweeps.spaces.TrialSeededSampler`):
+  ``sampler_seed`` and its number (:class:`sweeps.search.spaces.TrialSeededSampler`):
   a continued study and concurrent workers propose new points.
 - A trial interrupted by Ctrl-C is queued again with the same parameters
   and resumes its run directory from its last epoch checkpoint when the
@@ -42,9 +42,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.extras import require
-from sweeps.results import JOURNAL_PREFIX, check_same_setup, export_results, hide_secrets, mask_url, sweep_setup
-from sweeps.spaces import SearchSpace, TrialSeededSampler
-from sweeps.train import RunConfig, check_fits_data, train
+from sweeps.search.results import JOURNAL_PREFIX, check_same_setup, export_results, hide_secrets, mask_url, sweep_setup
+from sweeps.search.spaces import SearchSpace, TrialSeededSampler
+from sweeps.runner.train import RunConfig, check_fits_data, train
 
 __all__ = ["make_storage", "optuna_rows", "run_optuna_sweep"]
 

@@ -46,7 +46,7 @@ __all__ = [
     "write_json",
 ]
 
-# What sweeps.train puts in a checkpoint; a file without one of them is not one of its checkpoints.
+# What sweeps.runner.train puts in a checkpoint; a file without one of them is not one of its checkpoints.
 CHECKPOINT_KEYS = (
     "config",
     "epoch",

@@ -6,7 +6,7 @@ with half the epochs; the preset is the point with the lowest final
 training loss (the autoencoder benchmark reports training loss). Re-run it
 with::
 
-    python -m sweeps.presets --workload autoencoder --data mnist5k --out runs/presets
+    python -m sweeps.commands.presets --workload autoencoder --data mnist5k --out runs/presets
 
 which prints every grid point and the winners. The numbers in
 :data:`PRESETS` were measured that way on a 2-core CPU (2026-11-24).
@@ -37,7 +37,7 @@ GRID = {
 }
 
 # (workload, optimizer) -> hyperparameters over the registry defaults, from
-# `python -m sweeps.presets` (10 epochs, batch 250, seed 0, final training loss):
+# `python -m sweeps.commands.presets` (10 epochs, batch 250, seed 0, final training loss):
 #   adam        lr 1e-4: 208.3, 3e-4: 193.1, 1e-3: 190.2, 3e-3: 191.0
 #   rmsprop     lr 1e-4: 192.4, 3e-4: 146.2, 1e-3: 199.3, 3e-3: 206.5
 #   kfac        lr {0.03, 0.1, 0.3} × damping {1e-3: ~330, 1e-2: ~219, 1e-1: ~239}; lr barely matters
@@ -66,7 +66,7 @@ def _grid_points(grid: dict[str, list]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sweeps.train import RunConfig, train
+    from sweeps.runner.train import RunConfig, train
 
     parser = argparse.ArgumentParser(description="Grid-search the compare presets.")
     parser.add_argument("--workload", default="autoencoder")

@@ -1,8 +1,8 @@
 """``locoprop compare``: the main job.
 
 Runs LocoProp-M, LocoProp-S and the baselines with tuned presets
-(``sweeps.presets``) over a few seeds, each as an ordinary run directory
-under ``--out`` (named after its config by ``sweeps.cli.run_name``), then
+(``sweeps.commands.presets``) over a few seeds, each as an ordinary run directory
+under ``--out`` (named after its config by ``sweeps.commands.cli.run_name``), then
 writes the report of ``analysis`` (tables and plots) to ``--out``/report
 and prints its results table. Finished runs are reused (the same command
 names the same directories), so an interrupted comparison continues where
@@ -14,14 +14,14 @@ from __future__ import annotations
 import pathlib
 
 from analysis.report import write_report
-from sweeps import presets
-from sweeps.train import loss_text, train
+from sweeps.commands import presets
+from sweeps.runner.train import loss_text, train
 
 __all__ = ["compare"]
 
 
 def compare(args) -> int:
-    from sweeps.cli import run_config_from_args, run_name
+    from sweeps.commands.cli import run_config_from_args, run_name
 
     defaults = presets.COMPARE_DEFAULTS.get(args.workload, dict(batch_size=250, epochs=10))
     args.epochs = args.epochs or defaults["epochs"]

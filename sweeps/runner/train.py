@@ -53,9 +53,10 @@ import torch
 from baselines import make_optimizer
 from baselines.registry import check_hparams
 from locoprop import LocoPropOptimizer
-from sweeps import records, schema
-from sweeps.data import Dataset, load_dataset
-from sweeps.workloads import Workload, get_workload
+from sweeps import schema
+from sweeps.runner import records
+from sweeps.runner.data import Dataset, load_dataset
+from sweeps.runner.workloads import Workload, get_workload
 
 __all__ = [
     "FINISHED",
@@ -235,9 +236,9 @@ def train(
 
     Raises:
         ValueError: a bad config. RunExists: ``config.out`` holds a finished
-            run and ``resume`` is False. sweeps.records.DamagedRecord: a
+            run and ``resume`` is False. sweeps.runner.records.DamagedRecord: a
             record of the run to resume or return cannot be read.
-            sweeps.data.DataUnavailable: missing data. Each before anything
+            sweeps.runner.data.DataUnavailable: missing data. Each before anything
             is written.
         Any exception from training, after summary.json records it as failed.
     """

@@ -56,7 +56,7 @@ class BenchConfig:
     def validate(self) -> None:
         """Refuse a config that cannot be measured, naming the bad value."""
         from baselines.registry import OPTIMIZERS
-        from sweeps.workloads import check_width_mult, get_workload
+        from sweeps.runner.workloads import check_width_mult, get_workload
 
         get_workload(self.workload)
         if self.optimizer not in OPTIMIZERS:
@@ -112,8 +112,8 @@ def _matmul_throughput(units, device: torch.device, repeats: int = 5) -> tuple[f
 def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hparams: dict):
     """(model, optimizer, step function) for one optimizer on the bench batch."""
     from baselines import make_optimizer
-    from sweeps.data import Dataset
-    from sweeps.workloads import get_workload
+    from sweeps.runner.data import Dataset
+    from sweeps.runner.workloads import get_workload
 
     torch.manual_seed(0)
     workload = get_workload(config.workload)
@@ -223,7 +223,7 @@ def measure(config: BenchConfig) -> dict:
 
 
 def _run_worker(config: BenchConfig, env: dict | None = None) -> dict:
-    command = [sys.executable, "-m", "sweeps.bench", json.dumps(dataclasses.asdict(config))]
+    command = [sys.executable, "-m", "sweeps.commands.bench", json.dumps(dataclasses.asdict(config))]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark of {config.optimizer} failed:\n{result.stderr[-3000:]}")

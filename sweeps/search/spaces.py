@@ -79,7 +79,7 @@ class SearchSpace:
 
 
 def load_space(optimizer: str | None = None, path: str | os.PathLike | None = None) -> SearchSpace:
-    """The search space of ``optimizer`` (from sweeps/spaces/) or of the file ``path``."""
+    """The search space of ``optimizer`` (from sweeps/search/spaces/) or of the file ``path``."""
     if path is None:
         if optimizer is None:
             raise SpaceError("load_space needs an optimizer name or a file")

@@ -1,0 +1,12 @@
+"""Hyperparameter search (SPEC §8): search spaces, the Optuna and Ray Tune back ends, the results table.
+
+- :mod:`~sweeps.search.spaces`: one YAML space per optimizer (``spaces/``),
+  the only record of what a sweep searches, read by both back ends;
+- :mod:`~sweeps.search.optuna_backend`: resumable Optuna studies (SQLite,
+  any RDB URL, journal files);
+- :mod:`~sweeps.search.ray_backend`: Ray Tune with Optuna's sampler;
+- :mod:`~sweeps.search.results`: the study setup, secrets in storage URLs,
+  and the tidy table both back ends export.
+
+Imports :mod:`sweeps.runner` (each trial is a run), never :mod:`sweeps.commands`.
+"""
