@@ -11,7 +11,9 @@ import sys
 
 from sweeps.extras import missing, missing_message
 
-EXIT_BAD_INPUT = 2  # sweeps.commands.cli's status for bad input or setup; that module needs the extra, so not imported here
+EXIT_BAD_INPUT = (
+    2  # sweeps.commands.cli's status for bad input or setup; that module needs the extra, so not imported here
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,7 +196,9 @@ def test_table_and_performance_profile_agree_on_partly_reached_targets(partly_re
 def test_report_command_writes_tables_plots_and_index(runs, tmp_path):
     out = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, "-m", "sweeps.cli", "report", str(runs), "--out", str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "sweeps.commands.cli", "report", str(runs), "--out", str(out)],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     index = (out / "report.md").read_text()
@@ -222,7 +224,7 @@ def test_bad_inputs_give_clear_messages(tmp_path):
     with pytest.raises(RunsNotFound, match="does not exist"):
         write_report([tmp_path / "nope"], tmp_path / "out")
     result = subprocess.run(
-        [sys.executable, "-m", "sweeps.cli", "report", str(empty), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "sweeps.commands.cli", "report", str(empty), "--out", str(tmp_path / "o")],
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr and "No run directories" in result.stderr

@@ -1,7 +1,7 @@
 """The command line's contract (SPEC §7): every flag explained, and bad input
 ending in one line that names it, never in a traceback.
 
-Most cases call ``sweeps.cli.main`` in-process (fast); Ctrl-C needs a real
+Most cases call ``sweeps.commands.cli.main`` in-process (fast); Ctrl-C needs a real
 process to interrupt.
 """
 
@@ -20,10 +20,10 @@ import pytest
 import torch
 from test_analysis import RUNS, make_run
 
-from sweeps.bench import BenchConfig, bench
-from sweeps.cli import EXAMPLES, build_parser, main
-from sweeps.data import synthetic
-from sweeps.workloads import get_workload
+from sweeps.commands.bench import BenchConfig, bench
+from sweeps.commands.cli import EXAMPLES, build_parser, main
+from sweeps.runner.data import DataShape
+from sweeps.runner.workloads import get_workload
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -142,14 +142,14 @@ def test_bad_input_ends_in_one_line_with_status_2(argv, message, tmp_path, capsy
 )
 def test_bench_refuses_a_bad_config_before_running_any(field, value, message, monkeypatch):
     """The Python API checks what the flags check, for every config before the first subprocess."""
-    monkeypatch.setattr("sweeps.bench._run_worker", lambda *a, **k: pytest.fail("a benchmark ran"))
+    monkeypatch.setattr("sweeps.commands.bench._run_worker", lambda *a, **k: pytest.fail("a benchmark ran"))
     with pytest.raises(ValueError, match=re.escape(message)):
         bench([BenchConfig(), BenchConfig(**{field: value})])
 
 
 def test_a_workload_refuses_a_width_mult_that_is_not_finite():
     with pytest.raises(ValueError, match="Invalid width_mult: inf; expected a finite number > 0"):
-        get_workload("mlp").build_model(synthetic(n_train=8, n_test=8), width_mult=math.inf)
+        get_workload("mlp").build_model(DataShape(), width_mult=math.inf)
 
 
 def test_an_exact_solve_that_fails_is_one_line_and_a_failed_run(tmp_path, capsys):
@@ -171,7 +171,7 @@ def test_ctrl_c_during_train_prints_the_command_that_resumes(tmp_path):
     # 128 steps per epoch, about 0.1-0.3 s: time to interrupt epoch 1, and a quick resume.
     argv = ["train", "--workload", "mlp", "--data", "synthetic", "--optimizer", "adam", "--batch-size", "4",
             "--epochs", "3", "--out", str(tmp_path / "runs"), "--no-progress"]  # fmt: skip
-    cli = [sys.executable, "-m", "sweeps.cli"]
+    cli = [sys.executable, "-m", "sweeps.commands.cli"]
     # One thread: on a busy machine, spinning intra-op threads make small steps 100× slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
@@ -199,11 +199,11 @@ def test_ctrl_c_during_train_prints_the_command_that_resumes(tmp_path):
 
 
 def test_an_interrupted_compare_says_the_same_command_continues(monkeypatch, capsys):
-    def interrupt(args):
+    def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     argv = ["compare", "--seeds", "0", "--out", "runs/x y"]
-    monkeypatch.setattr("sweeps.compare.compare", interrupt)
+    monkeypatch.setattr("sweeps.commands.compare.compare", interrupt)
     status, _, err = run_cli(argv, capsys)
     assert status == 130
     command = shlex.join(["locoprop", *argv])
@@ -214,7 +214,7 @@ def test_an_interrupted_sweep_prints_its_command_without_the_storage_password(mo
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sweeps.optuna_backend.run_optuna_sweep", interrupt)
+    monkeypatch.setattr("sweeps.search.optuna_backend.run_optuna_sweep", interrupt)
     url = "postgresql://user:secretpw@db.example/sweeps"
     argv = ["sweep", "--optimizer", "adam", "--trials", "2", "--study", "s", "--out", "x", "--storage", url]
     status, out, err = run_cli(argv, capsys)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import missing_system_dependency
 
-from sweeps import data as data_module
-from sweeps import records
-from sweeps.data import DataUnavailable, load_dataset, read_idx
-from sweeps.train import RunConfig, lr_factor, train
+from sweeps.runner import RunConfig, records, train
+from sweeps.runner import data as data_module
+from sweeps.runner.data import DataUnavailable, load_dataset, read_idx
+from sweeps.runner.train import lr_factor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, epochs=3)
@@ -33,7 +33,7 @@ def _losses(run_dir):
 
 def _cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "sweeps.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "sweeps.commands.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
     )
 
 

@@ -162,7 +162,7 @@ def test_the_entry_names_only_the_missing_harness_modules(monkeypatch, capsys):
 
 def test_the_entry_exits_like_the_cli_on_bad_setup():
     from sweeps import __main__ as entry
-    from sweeps import cli
+    from sweeps.commands import cli
 
     assert entry.EXIT_BAD_INPUT == cli.EXIT_BAD_INPUT
 
@@ -181,7 +181,7 @@ SWEEP += ["--batch-size", "64"]  # fits the 512 synthetic examples: the missing 
 def test_a_sweep_without_its_extra_says_which_to_install_and_writes_nothing(
     monkeypatch, capsys, tmp_path, module, extra, flags
 ):
-    from sweeps.cli import main
+    from sweeps.commands.cli import main
 
     _uninstall(monkeypatch, module)
     out = tmp_path / "sweep"

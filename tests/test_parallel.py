@@ -230,7 +230,7 @@ def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "sweeps.cli", "bench", "--batch-size", "64", "--width-mult", "0.05",
+        [sys.executable, "-m", "sweeps.commands.cli", "bench", "--batch-size", "64", "--width-mult", "0.05",
          "--optimizers", "adam,locoprop-m,locoprop-s-exact", "--steps", "2", "--warmup", "1", "--json",
          "--device", "cpu"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,

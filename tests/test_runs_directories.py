@@ -7,10 +7,9 @@ import re
 
 import pytest
 
-from sweeps import records
-from sweeps.cli import main
-from sweeps.data import synthetic
-from sweeps.train import RunConfig, RunExists, config_digest, train
+from sweeps.commands.cli import main
+from sweeps.runner import RunConfig, RunExists, config_digest, records, train
+from sweeps.runner.data import synthetic
 
 TINY = dict(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=128, epochs=2)
 T = ["train", "--data", "synthetic", "--width-mult", "0.05", "--batch-size", "128", "--no-progress"]

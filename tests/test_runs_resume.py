@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from baselines import optimizer_names
-from sweeps import records
-from sweeps.cli import main
-from sweeps.data import synthetic
-from sweeps.train import RunConfig, train
+from sweeps.commands.cli import main
+from sweeps.runner import RunConfig, records, train
+from sweeps.runner.data import synthetic
 
 TINY = dict(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=128, epochs=3)
 DATA = synthetic()

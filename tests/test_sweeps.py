@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 import sqlalchemy
 
-from sweeps import optuna_backend
-from sweeps.optuna_backend import make_storage, run_optuna_sweep
-from sweeps.ray_backend import run_ray_sweep
-from sweeps.results import export_results, mask_url, sweep_setup
-from sweeps.spaces import SPACES_DIR, SpaceError, TrialSeededSampler, load_space
-from sweeps.train import RunConfig
+from sweeps.runner import RunConfig
+from sweeps.search import optuna_backend
+from sweeps.search.optuna_backend import make_storage, run_optuna_sweep
+from sweeps.search.ray_backend import run_ray_sweep
+from sweeps.search.results import export_results, mask_url, sweep_setup
+from sweeps.search.spaces import SPACES_DIR, SpaceError, TrialSeededSampler, load_space
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = RunConfig(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, epochs=3)
@@ -35,7 +35,7 @@ POSTGRES_URL = os.environ.get(
 
 def _sweep_cli(*args, cwd, env=None):
     return subprocess.Popen(
-        [sys.executable, "-m", "sweeps.cli", "sweep", "--no-progress", *args],
+        [sys.executable, "-m", "sweeps.commands.cli", "sweep", "--no-progress", *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 

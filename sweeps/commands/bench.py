@@ -42,6 +42,7 @@ __all__ = ["BenchConfig", "bench", "measure"]
 class BenchConfig:
     optimizer: str = "adam"
     workload: str = "autoencoder"
+    data: str = "mnist5k"  # only its shape: the batch is random pixels and labels
     batch_size: int = 1000
     width_mult: float = 1.0
     depth_mult: int = 1
@@ -56,9 +57,11 @@ class BenchConfig:
     def validate(self) -> None:
         """Refuse a config that cannot be measured, naming the bad value."""
         from baselines.registry import OPTIMIZERS
+        from sweeps.runner.data import data_shape
         from sweeps.runner.workloads import check_width_mult, get_workload
 
         get_workload(self.workload)
+        data_shape(self.data)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Unknown optimizer: {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         for name, least in (("batch_size", 1), ("depth_mult", 1), ("local_iters", 1), ("steps", 1), ("warmup", 0)):
@@ -112,15 +115,15 @@ def _matmul_throughput(units, device: torch.device, repeats: int = 5) -> tuple[f
 def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hparams: dict):
     """(model, optimizer, step function) for one optimizer on the bench batch."""
     from baselines import make_optimizer
-    from sweeps.runner.data import Dataset
+    from sweeps.runner.data import data_shape
     from sweeps.runner.workloads import get_workload
 
     torch.manual_seed(0)
     workload = get_workload(config.workload)
-    x = torch.rand(config.batch_size, 784)
-    y = torch.randint(0, 10, (config.batch_size,))
-    shapes = Dataset("bench", x[:1], y[:1], x[:1], y[:1])
-    model = workload.build_model(shapes, config.width_mult, config.depth_mult).to(device)
+    shape = data_shape(config.data)
+    x = torch.rand(config.batch_size, shape.num_features)
+    y = torch.randint(0, shape.num_classes, (config.batch_size,))
+    model = workload.build_model(shape, config.width_mult, config.depth_mult).to(device)
     x, y = x.to(device), y.to(device)
     target = workload.target(x, y)
     optimizer = make_optimizer(optimizer_name, model, loss=workload.loss_kind, **hparams)

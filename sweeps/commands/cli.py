@@ -25,9 +25,10 @@ from analysis.load import RunsNotFound
 from baselines.registry import OPTIMIZERS
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps.commands import presets
-from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.extras import MissingExtra
-from sweeps.runner.train import DEVICES, SCHEDULES, RunConfig, train
+from sweeps.runner.config import DEVICES, SCHEDULES, RunConfig, run_dir_name
+from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
+from sweeps.runner.train import loss_text, train
 from sweeps.runner.workloads import WORKLOADS, check_width_mult
 
 EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -233,28 +234,14 @@ def run_config_from_args(args, optimizer: str, hparams: dict, seed: int, out: pa
     )
 
 
-def run_name(config: RunConfig) -> str:
-    """The name of a run's directory: what it trains, readable, then its config's digest.
-
-    For example ``adam-autoencoder-synthetic-seed0-1a2b3c4d``: runs that differ
-    in any setting (sweeps.runner.train.config_digest) get different directories,
-    and the same command finds its own directory again (``--resume``).
-    """
-    from sweeps.runner.train import config_digest
-
-    return f"{config.optimizer}-{config.workload}-{config.data}-seed{config.seed}-{config_digest(config)}"
-
-
 def cmd_train(args) -> int:
-    from sweeps.runner.train import loss_text
-
     hparams = {name: getattr(args, name) for name in HPARAM_FLAGS if getattr(args, name) is not None}
     for key, value in args.hparam or []:
         if key in hparams and hparams[key] != value:  # two values for one hyperparameter: which one was meant?
             raise ValueError(f"Hyperparameter {key} is given twice ({hparams[key]!r} and {value!r}); give it once")
         hparams[key] = value
     config = run_config_from_args(args, args.optimizer, hparams, args.seed, pathlib.Path(args.out))
-    config.out = str(pathlib.Path(args.out) / run_name(config))
+    config.out = str(pathlib.Path(args.out) / run_dir_name(config))
     result = train(config, resume=args.resume, progress=False if args.no_progress else None)
     s = result.summary
     print(
@@ -269,7 +256,15 @@ def cmd_train(args) -> int:
 def cmd_compare(args) -> int:
     from sweeps.commands.compare import compare
 
-    return compare(args)
+    defaults = presets.COMPARE_DEFAULTS.get(args.workload, dict(batch_size=250, epochs=10))
+    args.epochs = args.epochs or defaults["epochs"]
+    args.batch_size = args.batch_size or defaults["batch_size"]
+    out = pathlib.Path(args.out)
+    base = run_config_from_args(args, "adam", {}, 0, out)  # optimizer, hparams and seed are set per run
+    base.validate()  # refuse a bad flag before the first run
+    optimizers = args.optimizers or presets.COMPARE_OPTIMIZERS
+    compare(base, optimizers, args.seeds, out, progress=False if args.no_progress else None)
+    return 0
 
 
 def cmd_sweep(args) -> int:
@@ -423,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(p)
     p.add_argument("--backend", default="optuna", choices=["optuna", "ray"], help="back end (default: %(default)s)")
     p.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS), help="the optimizer to tune (required)")
-    p.add_argument("--space", default=None, help="search-space YAML file (default: sweeps/search/spaces/OPTIMIZER.yaml)")
+    p.add_argument(
+        "--space", default=None, help="search-space YAML file (default: sweeps/search/spaces/OPTIMIZER.yaml)"
+    )
     p.add_argument("--trials", type=int, required=True, help="the study's total number of finished trials (required)")
     p.add_argument("--study", required=True, help="study name; the same name continues the same study (required)")
     p.add_argument(

@@ -1,9 +1,9 @@
 """``locoprop compare``: the main job.
 
 Runs LocoProp-M, LocoProp-S and the baselines with tuned presets
-(``sweeps.commands.presets``) over a few seeds, each as an ordinary run directory
-under ``--out`` (named after its config by ``sweeps.commands.cli.run_name``), then
-writes the report of ``analysis`` (tables and plots) to ``--out``/report
+(:mod:`sweeps.commands.presets`) over a few seeds, each as an ordinary run
+directory under ``out`` (named by :func:`sweeps.runner.config.run_dir_name`),
+then writes the report of ``analysis`` (tables and plots) to ``out``/report
 and prints its results table. Finished runs are reused (the same command
 names the same directories), so an interrupted comparison continues where
 it stopped.
@@ -11,34 +11,51 @@ it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+from collections.abc import Callable, Sequence
 
 from analysis.report import write_report
 from sweeps.commands import presets
+from sweeps.runner.config import RunConfig, run_dir_name
 from sweeps.runner.train import loss_text, train
 
 __all__ = ["compare"]
 
 
-def compare(args) -> int:
-    from sweeps.commands.cli import run_config_from_args, run_name
+def compare(
+    base: RunConfig,
+    optimizers: Sequence[str],
+    seeds: Sequence[int],
+    out: pathlib.Path,
+    *,
+    hparams_of: Callable[[str, str], dict] = presets.preset,
+    progress: bool | None = None,
+) -> pathlib.Path:
+    """Train every optimizer over every seed, then write the report; returns report.md's path.
 
-    defaults = presets.COMPARE_DEFAULTS.get(args.workload, dict(batch_size=250, epochs=10))
-    args.epochs = args.epochs or defaults["epochs"]
-    args.batch_size = args.batch_size or defaults["batch_size"]
-    optimizers = args.optimizers or presets.COMPARE_OPTIMIZERS
-    out = pathlib.Path(args.out)
-    jobs = [(optimizer, seed) for optimizer in optimizers for seed in args.seeds]
+    Args:
+        base: what every run shares (workload, data, epochs, batch size, …);
+            its optimizer, hparams, seed and out are set per run.
+        optimizers: registry names.
+        seeds: training seeds, one run per optimizer and seed.
+        out: folder of the run directories and of report/.
+        hparams_of: (workload, optimizer) -> hyperparameters over the registry
+            defaults (default: the compare presets).
+        progress: progress bars (default: when stderr is a terminal).
+    """
+    out = pathlib.Path(out)
+    jobs = [(optimizer, seed) for optimizer in optimizers for seed in seeds]
     print(
-        f"compare: {', '.join(optimizers)} on {args.workload}/{args.data}, {args.epochs} epochs, "
-        f"batch {args.batch_size}, seeds {', '.join(map(str, args.seeds))} -> {out}",
+        f"compare: {', '.join(optimizers)} on {base.workload}/{base.data}, {base.epochs} epochs, "
+        f"batch {base.batch_size}, seeds {', '.join(map(str, seeds))} -> {out}",
         flush=True,
     )
     run_dirs = []
     for index, (optimizer, seed) in enumerate(jobs, 1):
-        config = run_config_from_args(args, optimizer, presets.preset(args.workload, optimizer), seed, out)
-        config.out = str(out / run_name(config))
-        result = train(config, resume=True, progress=False if args.no_progress else None)
+        config = dataclasses.replace(base, optimizer=optimizer, hparams=hparams_of(base.workload, optimizer), seed=seed)
+        config.out = str(out / run_dir_name(config))
+        result = train(config, resume=True, progress=progress)
         run_dirs.append(result.run_dir)
         s = result.summary
         print(
@@ -51,4 +68,4 @@ def compare(args) -> int:
     print()
     print((report.parent / "results.md").read_text())
     print(f"report with tables and plots: {report}")
-    return 0
+    return report

@@ -66,7 +66,7 @@ def _grid_points(grid: dict[str, list]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sweeps.runner.train import RunConfig, train
+    from sweeps.runner import RunConfig, train
 
     parser = argparse.ArgumentParser(description="Grid-search the compare presets.")
     parser.add_argument("--workload", default="autoencoder")

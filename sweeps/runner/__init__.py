@@ -1,12 +1,18 @@
 """The runner: data sets, workloads, ``train(config) -> RunResult`` and run records (SPEC §5, §6).
 
-- :mod:`~sweeps.runner.data`: the data sets and their validation splits;
+- :mod:`~sweeps.runner.data`: the data sets and their splits;
 - :mod:`~sweeps.runner.workloads`: models and losses;
-- :mod:`~sweeps.runner.config`: ``RunConfig``, what defines a run, and the
-  name of its directory;
+- :mod:`~sweeps.runner.config`: :class:`RunConfig`, what defines a run, and
+  the name of its directory;
 - :mod:`~sweeps.runner.train`: the training loop (time, evaluation, budget);
 - :mod:`~sweeps.runner.records`: reading and writing run directories.
 
 Imports ``locoprop``, ``baselines`` and :mod:`sweeps.schema`; never
 :mod:`sweeps.search`, :mod:`sweeps.commands` or ``analysis``.
 """
+
+from sweeps.runner.config import RunConfig, config_digest, run_dir_name
+from sweeps.runner.data import Dataset, load_dataset
+from sweeps.runner.train import RunExists, RunResult, train
+
+__all__ = ["Dataset", "RunConfig", "RunExists", "RunResult", "config_digest", "load_dataset", "run_dir_name", "train"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import pathlib
 import struct
@@ -17,7 +18,7 @@ import struct
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DataUnavailable", "Dataset", "load_dataset", "read_idx"]
+__all__ = ["DATASETS", "DataShape", "DataUnavailable", "Dataset", "data_shape", "load_dataset", "read_idx"]
 
 DATASETS = ("mnist5k", "fashion-mnist", "mnist", "synthetic")
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -29,6 +30,30 @@ class DataUnavailable(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class DataShape:
+    """What a model needs to know of its data: the shape of one image and the number of classes."""
+
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    num_classes: int = 10
+
+    @property
+    def num_features(self) -> int:
+        """Values per (flattened) example."""
+        return math.prod(self.image_shape)
+
+
+# Every data set here holds 28×28 grey images of 10 classes.
+_SHAPES = dict.fromkeys(DATASETS, DataShape())
+
+
+def data_shape(name: str) -> DataShape:
+    """The shape of data set ``name``, known without loading it."""
+    if name not in _SHAPES:
+        raise ValueError(f"Unknown data set: {name!r}; expected one of {', '.join(DATASETS)}")
+    return _SHAPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
 class Dataset:
     """Train and test splits; x in [0, 1] of shape (n, 784), y integer labels."""
 
@@ -37,12 +62,10 @@ class Dataset:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    image_shape: tuple[int, int, int] = (1, 28, 28)
-    num_classes: int = 10
 
     @property
-    def num_features(self) -> int:
-        return self.train_x.shape[1]
+    def shape(self) -> DataShape:
+        return data_shape(self.name)
 
     def __repr__(self) -> str:
         return f"Dataset({self.name!r}, train={len(self.train_x)}, test={len(self.test_x)})"

@@ -15,7 +15,7 @@ import numbers
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sweeps.runner.data import Dataset
+from sweeps.runner.data import DataShape
 
 __all__ = ["WORKLOADS", "Workload", "check_width_mult", "get_workload"]
 
@@ -38,7 +38,7 @@ class Workload:
     loss_kind: str
     description: str
 
-    def build_model(self, data: Dataset, width_mult: float = 1.0, depth_mult: int = 1) -> nn.Module:
+    def build_model(self, shape: DataShape, width_mult: float = 1.0, depth_mult: int = 1) -> nn.Module:
         raise NotImplementedError
 
     def target(self, x: Tensor, y: Tensor) -> Tensor:
@@ -87,11 +87,11 @@ class Autoencoder(Workload):
     repeats each hidden layer of the encoder and decoder that many times.
     """
 
-    def build_model(self, data: Dataset, width_mult: float = 1.0, depth_mult: int = 1) -> nn.Module:
+    def build_model(self, shape: DataShape, width_mult: float = 1.0, depth_mult: int = 1) -> nn.Module:
         widths = [_scaled(w, width_mult) for w in AUTOENCODER_WIDTHS for _ in range(depth_mult)]
         code = _scaled(AUTOENCODER_CODE, width_mult)
         layers: list[nn.Module] = []
-        previous = data.num_features
+        previous = shape.num_features
         for width in widths:
             layers += [nn.Linear(previous, width), nn.Tanh()]
             previous = width
@@ -100,21 +100,21 @@ class Autoencoder(Workload):
         for width in reversed(widths):
             layers += [nn.Linear(previous, width), nn.Tanh()]
             previous = width
-        layers.append(nn.Linear(previous, data.num_features))
+        layers.append(nn.Linear(previous, shape.num_features))
         return _glorot_uniform_(nn.Sequential(*layers))
 
 
 class MLPClassifier(Workload):
     """A tanh MLP classifier: 784-500-250-classes (widths × width_mult)."""
 
-    def build_model(self, data: Dataset, width_mult: float = 1.0, depth_mult: int = 1) -> nn.Module:
+    def build_model(self, shape: DataShape, width_mult: float = 1.0, depth_mult: int = 1) -> nn.Module:
         layers: list[nn.Module] = []
-        previous = data.num_features
+        previous = shape.num_features
         for width in (500, 250):
             for _ in range(depth_mult):
                 layers += [nn.Linear(previous, _scaled(width, width_mult)), nn.Tanh()]
                 previous = _scaled(width, width_mult)
-        layers.append(nn.Linear(previous, data.num_classes))
+        layers.append(nn.Linear(previous, shape.num_classes))
         return _glorot_uniform_(nn.Sequential(*layers))
 
 
@@ -122,13 +122,11 @@ class CNNClassifier(Workload):
     """A small ReLU CNN: two 5×5 conv layers with stride 2 (more of stride 1
     with ``depth_mult``), then a linear head."""
 
-    def build_model(self, data: Dataset, width_mult: float = 1.0, depth_mult: int = 1) -> nn.Module:
-        channels, height, width = data.image_shape
-        if channels * height * width != data.num_features:
-            raise ValueError(f"The cnn workload needs images; data set {data.name!r} has {data.num_features} features")
+    def build_model(self, shape: DataShape, width_mult: float = 1.0, depth_mult: int = 1) -> nn.Module:
+        channels, height, width = shape.image_shape
         c1, c2 = _scaled(16, width_mult), _scaled(32, width_mult)
         layers: list[nn.Module] = [
-            nn.Unflatten(1, data.image_shape),
+            nn.Unflatten(1, shape.image_shape),
             nn.Conv2d(channels, c1, 5, stride=2, padding=2),
             nn.ReLU(),
             nn.Conv2d(c1, c2, 5, stride=2, padding=2),
@@ -136,8 +134,9 @@ class CNNClassifier(Workload):
         ]
         for _ in range(depth_mult - 1):
             layers += [nn.Conv2d(c2, c2, 5, padding=2), nn.ReLU()]
-        spatial = math.ceil(math.ceil(height / 2) / 2)
-        layers += [nn.Flatten(), nn.Linear(c2 * spatial * spatial, data.num_classes)]
+        # Each stride-2 convolution (padding 2, kernel 5) halves a side, rounding up.
+        positions = math.ceil(height / 4) * math.ceil(width / 4)
+        layers += [nn.Flatten(), nn.Linear(c2 * positions, shape.num_classes)]
         return _glorot_uniform_(nn.Sequential(*layers))
 
 

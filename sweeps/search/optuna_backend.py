@@ -42,9 +42,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.extras import require
+from sweeps.runner.config import RunConfig
+from sweeps.runner.train import check_fits_data, train
 from sweeps.search.results import JOURNAL_PREFIX, check_same_setup, export_results, hide_secrets, mask_url, sweep_setup
 from sweeps.search.spaces import SearchSpace, TrialSeededSampler
-from sweeps.runner.train import RunConfig, check_fits_data, train
 
 __all__ = ["make_storage", "optuna_rows", "run_optuna_sweep"]
 

@@ -31,11 +31,12 @@ import math
 import os
 import pathlib
 
-from sweeps.runner import records
 from sweeps.extras import require
+from sweeps.runner import records
+from sweeps.runner.config import RunConfig
+from sweeps.runner.train import check_fits_data, train
 from sweeps.search.results import check_same_setup, export_results, sweep_setup
 from sweeps.search.spaces import SearchSpace, TrialSeededSampler, load_space
-from sweeps.runner.train import RunConfig, check_fits_data, train
 
 __all__ = ["run_ray_sweep"]
 

@@ -27,8 +27,8 @@ from sweeps import schema
 from sweeps.runner import records
 
 if TYPE_CHECKING:
+    from sweeps.runner.config import RunConfig
     from sweeps.search.spaces import SearchSpace
-    from sweeps.runner.train import RunConfig
 
 __all__ = [
     "JOURNAL_PREFIX",

@@ -1,0 +1,122 @@
+"""What defines a run: :class:`RunConfig` (saved as config.json) and the name of its directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import numbers
+from typing import Any
+
+import torch
+
+from baselines.registry import check_hparams
+from sweeps.runner.workloads import get_workload
+
+__all__ = ["DEVICES", "SCHEDULES", "RunConfig", "config_digest", "run_dir_name", "run_identity"]
+
+SCHEDULES = ("official", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a run; saved as config.json.
+
+    Attributes:
+        out: the run directory.
+        hparams: optimizer hyperparameters (registry names), over its defaults.
+        schedule: "official" (linear warmup, then linear decay to zero, as
+            the official code), "cosine" (after the same warmup) or "constant".
+        warmup_epochs: warmup length; default 5% of the epochs (5 of the
+            official 100).
+        divergence_factor: a training loss above this times the initial one
+            counts as diverged.
+    """
+
+    workload: str = "autoencoder"
+    data: str = "mnist5k"
+    optimizer: str = "locoprop-m"
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 1000
+    seed: int = 0
+    schedule: str = "official"
+    warmup_epochs: float | None = None
+    width_mult: float = 1.0
+    depth_mult: int = 1
+    device: str = "auto"
+    data_dir: str | None = None
+    divergence_factor: float = 10.0
+    eval_batch_size: int = 1000
+    out: str = "runs/run"
+
+    def validate(self) -> None:
+        """Refuse a bad value, naming it; the checks that need the data set
+        (batch size against its size) are the run's."""
+        get_workload(self.workload)
+        check_hparams(self.optimizer, self.hparams)
+        for name in ("epochs", "batch_size", "depth_mult", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r}; expected an integer ≥ 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Invalid seed: {self.seed!r}; expected an integer")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Invalid schedule: {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"Invalid device: {self.device!r}; expected one of {', '.join(DEVICES)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("Invalid device: 'cuda'; no CUDA device is available (use --device cpu or auto)")
+        if not _finite(self.width_mult) or not self.width_mult > 0:
+            raise ValueError(f"Invalid width_mult: {self.width_mult!r}; expected a finite number > 0")
+        warmup = self.warmup_epochs
+        if warmup is not None and not (_finite(warmup) and 0 <= warmup <= self.epochs):
+            raise ValueError(f"Invalid warmup_epochs: {self.warmup_epochs!r}; expected 0..epochs")
+        if not _finite(self.divergence_factor) or not self.divergence_factor > 1:
+            raise ValueError(f"Invalid divergence_factor: {self.divergence_factor!r}; expected a finite number > 1")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown run-config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def run_identity(config: dict[str, Any]) -> dict[str, str]:
+    """What makes a run: every config field but ``out``, each as canonical JSON.
+
+    Where a run directory lives is not part of what the run is (sweep back
+    ends restore trials into new folders). JSON makes a tuple and a list, or
+    a config and its config.json, compare equal.
+    """
+    return {key: json.dumps(value, sort_keys=True, default=repr) for key, value in config.items() if key != "out"}
+
+
+def config_digest(config: RunConfig) -> str:
+    """Eight hex digits of the SHA-256 of the run's identity (every field but ``out``).
+
+    The CLI puts it in the run directory's name: runs that differ in any
+    setting get different directories, and the same command finds its own
+    directory again. (``--lr 1`` and ``--hparam lr=1.0`` or an explicit
+    default count as different settings: they get their own directories.)
+    """
+    text = json.dumps(run_identity(dataclasses.asdict(config)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_dir_name(config: RunConfig) -> str:
+    """The name of a run's directory: what it trains, readable, then its config's digest.
+
+    For example ``adam-autoencoder-synthetic-seed0-1a2b3c4d``: runs that differ
+    in any setting (:func:`config_digest`) get different directories, and
+    the same command finds its own directory again (``--resume``).
+    """
+    return f"{config.optimizer}-{config.workload}-{config.data}-seed{config.seed}-{config_digest(config)}"
