@@ -17,25 +17,25 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-from sweeps.schema import CONFIG, METRICS, RUNNING, SUMMARY, SWEEP_TABLE
+from sweeps.schema import (
+    CONFIG,
+    HPARAM_PREFIX,
+    METRIC_COLUMNS,
+    METRICS,
+    RUN_ID,
+    RUN_LABELS,
+    RUNNING,
+    STATUS,
+    STEP_TIME_COLUMN,
+    SUMMARY,
+    SWEEP_TABLE,
+    run_labels,
+)
 
 __all__ = ["COLUMNS", "RunSkipped", "RunsNotFound", "final_rows", "load_results"]
 
-COLUMNS = [
-    "run_id",
-    "optimizer",
-    "workload",
-    "data",
-    "seed",
-    "status",
-    "step",
-    "epoch",
-    "wall_time_s",
-    "train_loss",
-    "test_loss",
-    "lr",
-    "step_time_s",
-]
+# Every loaded frame has these columns (None where a record lacks one).
+COLUMNS = [RUN_ID, *RUN_LABELS, STATUS, *METRIC_COLUMNS, STEP_TIME_COLUMN]
 TABLE_SUFFIXES = (".csv", ".parquet")
 _SKIP_IT = "leave it out of the inputs, or fix or remove it"  # what to do about an unreadable run file
 
@@ -69,7 +69,7 @@ def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     if not frames:
         raise RunsNotFound("No inputs given")
     frame = pd.concat(frames, ignore_index=True)
-    hp_columns = sorted(c for c in frame.columns if c.startswith("hp_"))
+    hp_columns = sorted(c for c in frame.columns if c.startswith(HPARAM_PREFIX))
     others = [c for c in frame.columns if c not in COLUMNS and c not in hp_columns]
     return frame[COLUMNS + others + hp_columns]
 
@@ -116,19 +116,15 @@ def _read_run(run_dir: pathlib.Path) -> pd.DataFrame:
     metrics = run_dir / METRICS
     if not metrics.exists():
         raise RunsNotFound(f"Run directory {run_dir} has no metrics.csv (the run never evaluated)")
-    config = _read_json(run_dir / CONFIG, required=("optimizer", "workload", "data", "seed"))
+    config = _read_json(run_dir / CONFIG, required=RUN_LABELS)
     summary_path = run_dir / SUMMARY
     # A run without summary.json is still going, or was killed hard.
-    status = _read_json(summary_path, required=("status",))["status"] if summary_path.exists() else RUNNING
+    status = _read_json(summary_path, required=(STATUS,))[STATUS] if summary_path.exists() else RUNNING
     frame = _read_file(metrics, pd.read_csv)
     if frame.empty:
         raise RunsNotFound(f"Run directory {run_dir} has an empty metrics.csv")
-    frame["run_id"] = str(run_dir)
-    for key in ("optimizer", "workload", "data", "seed"):
-        frame[key] = config[key]
-    frame["status"] = status
-    for name, value in config.get("hparams", {}).items():
-        frame[f"hp_{name}"] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+    frame[RUN_ID] = str(run_dir)
+    frame = frame.assign(**run_labels(config, status))
     return _with_columns(frame, metrics)
 
 
@@ -155,14 +151,14 @@ def _read_table(path: pathlib.Path) -> pd.DataFrame:
     frame = _read_file(path, pd.read_parquet if path.suffix == ".parquet" else pd.read_csv)
     if frame.empty:
         raise RunsNotFound(f"Results table {path} has no rows")
-    if "run_id" not in frame.columns:
-        raise RunsNotFound(f"Results table {path} has no run_id column; is it a locoprop sweep table?")
-    frame["run_id"] = str(path) + "#" + frame["run_id"].astype(str)
+    if RUN_ID not in frame.columns:
+        raise RunsNotFound(f"Results table {path} has no {RUN_ID} column; is it a locoprop sweep table?")
+    frame[RUN_ID] = str(path) + "#" + frame[RUN_ID].astype(str)
     return _with_columns(frame, path)
 
 
 def _with_columns(frame: pd.DataFrame, source: pathlib.Path) -> pd.DataFrame:
-    required = ["step", "epoch", "train_loss", "test_loss"]
+    required = ["step", "epoch", "train_loss", "test_loss"]  # what the tables and plots need
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise RunsNotFound(f"{source} lacks the column(s) {', '.join(missing)}")

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from analysis.load import final_rows
 from analysis.tables import performance_ratios
+from sweeps.schema import DIVERGED, STATUS
 
 __all__ = ["loss_curves", "performance_profile", "save", "sensitivity"]
 
@@ -50,8 +51,8 @@ def loss_curves(frame: pd.DataFrame, x: str = "epoch", metric: str = "train_loss
         ax = figure.add_subplot()
         plotted = []
         for optimizer, runs in group.groupby("optimizer", sort=True):
-            diverged = runs.loc[runs["status"] == "diverged", "run_id"].nunique()
-            usable = runs[runs["status"] != "diverged"]
+            diverged = runs.loc[runs[STATUS] == DIVERGED, "run_id"].nunique()
+            usable = runs[runs[STATUS] != DIVERGED]
             label = optimizer + (f" ({diverged} diverged)" if diverged else "")
             if usable.empty:
                 ax.plot([], [], label=label)
@@ -95,7 +96,7 @@ def sensitivity(frame: pd.DataFrame, metric: str = "train_loss") -> dict[str, Fi
             continue
         figure = Figure(figsize=(3.2 * len(varied), 3.0))
         axes = figure.subplots(1, len(varied), squeeze=False)[0]
-        ok = runs[(runs["status"] != "diverged") & np.isfinite(runs[metric].astype(float))]
+        ok = runs[(runs[STATUS] != DIVERGED) & np.isfinite(runs[metric].astype(float))]
         bad = runs.drop(ok.index)
         for ax, column in zip(axes, varied):
             ax.scatter(ok[column], ok[metric], s=18, label="final")

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import final_rows
+from sweeps.schema import DIVERGED, OK, STATUS
 
 __all__ = [
     "FIRST_ORDER",
@@ -52,7 +53,7 @@ TIME_TO_TARGET_RULE = (
 def default_target(frame: pd.DataFrame, metric: str = "train_loss") -> dict[tuple[str, str], float]:
     """Target per (workload, data): the best first-order baseline's mean final loss."""
     finals = final_rows(frame)
-    finals = finals[(finals["status"] == "ok") & finals["optimizer"].isin(FIRST_ORDER)]
+    finals = finals[(finals[STATUS] == OK) & finals["optimizer"].isin(FIRST_ORDER)]
     targets = {}
     for key, group in finals.groupby(GROUP):
         means = group.groupby("optimizer")[metric].mean()
@@ -102,7 +103,7 @@ def summary_table(frame: pd.DataFrame, targets: dict[tuple[str, str], float] | f
     )
     rows = []
     for (workload, data, optimizer), runs in finals.groupby(ENTRY, sort=True):
-        ok = runs[runs["status"] == "ok"]
+        ok = runs[runs[STATUS] == OK]
         to_target = medians.loc[(workload, data, optimizer)]
         rows.append(
             {
@@ -110,7 +111,7 @@ def summary_table(frame: pd.DataFrame, targets: dict[tuple[str, str], float] | f
                 "data": data,
                 "optimizer": optimizer,
                 "runs": len(runs),
-                "diverged": int((runs["status"] == "diverged").sum()),
+                "diverged": int((runs[STATUS] == DIVERGED).sum()),
                 "final_train_loss_mean": ok["train_loss"].mean(),
                 "final_train_loss_std": _std(ok["train_loss"]),
                 "final_test_loss_mean": ok["test_loss"].mean(),

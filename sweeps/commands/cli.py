@@ -24,6 +24,7 @@ import locoprop
 from analysis.load import RunsNotFound
 from baselines.registry import OPTIMIZERS
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
+from sweeps import schema
 from sweeps.commands import presets
 from sweeps.extras import MissingExtra
 from sweeps.runner.config import DEVICES, SCHEDULES, RunConfig, run_dir_name
@@ -250,7 +251,7 @@ def cmd_train(args) -> int:
         f"{s['train_seconds']:.1f} s training"
     )
     print(f"run directory: {result.run_dir}")
-    return 0 if result.status in ("ok", "diverged") else 1
+    return 0 if result.status in (schema.OK, schema.DIVERGED) else 1
 
 
 def cmd_compare(args) -> int:

@@ -159,7 +159,7 @@ def train(
     try:
         status = run.loop(on_epoch, progress)
     except BaseException as err:
-        run.write_summary("failed", error=f"{type(err).__name__}: {err}")
+        run.write_summary(schema.FAILED, error=f"{type(err).__name__}: {err}")
         raise
     summary = run.write_summary(status)
     return RunResult(run_dir, summary, list(run.rows))
@@ -336,7 +336,7 @@ class _Run:
             self.initial_train_loss = row["train_loss"]
             self.record(row)
             if not math.isfinite(row["train_loss"]):
-                return "diverged"
+                return schema.DIVERGED
             self.save_checkpoint()
         bar = _progress_bar(progress, total=self.total_steps, initial=self.step, desc=self._describe())
         try:
@@ -355,19 +355,19 @@ class _Run:
                 except _Diverged:
                     self.epoch += 1
                     self.record(self.evaluate(step_times, phase_times))
-                    return "diverged"
+                    return schema.DIVERGED
                 self.epoch += 1
                 row = self.evaluate(step_times, phase_times)
                 self.record(row)
                 bar.set_postfix(train=f"{row['train_loss']:.4g}", test=f"{row['test_loss']:.4g}")
                 if not self._sane(row["train_loss"]):
-                    return "diverged"
+                    return schema.DIVERGED
                 self.save_checkpoint()
                 if on_epoch is not None and on_epoch(row):
-                    return "stopped"
+                    return schema.STOPPED
         finally:
             bar.close()
-        return "ok"
+        return schema.OK
 
     def train_step(self, x, y) -> tuple[float, dict[str, float]]:
         factor = lr_factor(self.config.schedule, self.step, self.total_steps, self.warmup_steps)

@@ -46,8 +46,6 @@ JOURNAL_PREFIX = "journal:"  # --storage journal:PATH names an Optuna journal fi
 # hyperparameters (the space's fixed ones are kept, as fixed_hparams), and
 # where files live (workers on a cluster may mount the data elsewhere).
 NOT_SETUP = ("hparams", "out", "data_dir")
-# The run-config fields every table row is labelled with (as analysis.load does for run directories).
-LABELS = ("optimizer", "workload", "data", "seed")
 QUERY_SECRET = re.compile(r"((?:^|[&;])(?:password|passwd|pwd|secret|token)=)([^&;]*)", re.IGNORECASE)
 
 
@@ -148,16 +146,11 @@ def export_results(trials: list[dict], out: pathlib.Path) -> pathlib.Path:
             raise ValueError(f"Trial {trial['trial']}: {config_path} is missing, so what the trial ran is unknown")
         config = json.loads(config_path.read_text())
         frame = pd.read_csv(metrics)
-        frame.insert(0, "run_id", trial["trial"])
+        frame.insert(0, schema.RUN_ID, trial["trial"])
         frame.insert(1, "trial", trial["trial"])
-        for key in LABELS:
-            frame[key] = config[key]
-        frame["status"] = trial["status"]
-        frame["run_dir"] = str(run_dir)
-        for name, value in config["hparams"].items():
-            frame[f"hp_{name}"] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+        frame = frame.assign(**schema.run_labels(config, trial["status"]), run_dir=str(run_dir))
         frames.append(frame)
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "trial"])
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[schema.RUN_ID, "trial"])
     csv_path = out / f"{TABLE_STEM}.csv"
     table.to_csv(csv_path, index=False)
     table.to_parquet(out / f"{TABLE_STEM}.parquet", index=False)
