@@ -378,6 +378,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             _check_hyperparameters(group)
+        _check_not_meta(self.units)
         # The local problems are solved in the parameters' dtype, also when
         # the forward pass ran under autocast (its records are cast up).
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
@@ -696,6 +697,19 @@ def _check_hyperparameters(group: dict) -> None:
     prox = group["prox"]
     if not (_is_real(prox) and 0 <= prox < math.inf):
         raise ValueError(f"Invalid prox: {prox!r}; expected a finite number ≥ 0")
+
+
+def _check_not_meta(units: list[Unit]) -> None:
+    """Refuse units whose layers were moved to the meta device after the optimizer was built.
+
+    (``model.to("meta")`` gives the modules new parameters: look at theirs.)
+    """
+    meta = [f"{unit.name}.{name}" for unit in units for name, p in unit.module.named_parameters() if p.is_meta]
+    if meta:
+        raise RuntimeError(
+            f"Parameters {meta[:3]}{' …' if len(meta) > 3 else ''} are on the meta device, which holds no values, "
+            "so there is nothing to step; move the model to a real device before training"
+        )
 
 
 def _plain_float(value):

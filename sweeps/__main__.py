@@ -11,9 +11,8 @@ import sys
 
 from sweeps.extras import missing, missing_message
 
-EXIT_BAD_INPUT = (
-    2  # sweeps.commands.cli's status for bad input or setup; that module needs the extra, so not imported here
-)
+# The statuses of sweeps.commands.cli, which is not imported here: it needs the extra.
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     if absent:
         print(f"locoprop: {missing_message('harness', absent)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    try:
+        return _cli()(argv)
+    except KeyboardInterrupt:  # before the CLI could take it: while torch, pandas and Optuna import
+        print("locoprop: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _cli():
+    """The CLI's ``main`` (importing it takes seconds)."""
     from sweeps.commands.cli import main as cli_main
 
-    return cli_main(argv)
+    return cli_main
 
 
 if __name__ == "__main__":

@@ -88,8 +88,18 @@ BAD_INPUT = [
     ("train --out {file}/sub", "{file} is a file, not a directory"),
     ("train --optimizer adam --data synthetic --batch-size 64 --out /proc/locoprop-test", "cannot write /proc/"),
     ("train --optimizer adam --data synthetic --batch-size 64 --out /sys/locoprop-test", "cannot write /sys/"),
-    ("train --width-mult inf --out {out}", "argument --width-mult: expected a finite number > 0, got 'inf'"),
-    ("train --width-mult 0 --out {out}", "argument --width-mult: expected a finite number > 0, got '0'"),
+    (
+        "train --width-mult inf --out {out}",
+        "--width-mult: expected a finite number > 0 and at most 100, got 'inf'",
+    ),
+    (
+        "train --width-mult 0 --out {out}",
+        "--width-mult: expected a finite number > 0 and at most 100, got '0'",
+    ),
+    (
+        "train --width-mult 1e308 --out {out}",
+        "--width-mult: expected a finite number > 0 and at most 100, got '1e308'",
+    ),
     ("train --epochs 0 --out {out}", "Invalid epochs: 0"),
     ("train --data mnist --out {out}", "pass --data-dir DIR"),
     ("train --hparam inner_kwargs=notjson --out {out}", "inner_kwargs takes a JSON object"),
@@ -104,7 +114,7 @@ BAD_INPUT = [
     ("bench --batch-size 64,0", "Invalid batch_size: 0; expected an integer ≥ 1"),
     ("bench --local-iters 0", "Invalid local_iters: 0; expected an integer ≥ 1"),
     ("bench --optimizers ,", "argument --optimizers: expected one or more comma-separated values, got ','"),
-    ("bench --width-mult 1,inf", "argument --width-mult: expected a finite number > 0, got 'inf'"),
+    ("bench --width-mult 1,inf", "--width-mult: expected a finite number > 0 and at most 100, got 'inf'"),
     pytest.param(
         "bench --device cuda",
         "Invalid device: 'cuda'; no CUDA device is available",

@@ -199,6 +199,15 @@ def test_meta_device_model_is_refused_at_construction():
         LocoPropOptimizer(model)
 
 
+def test_a_step_after_the_model_moved_to_meta_is_refused_naming_it():
+    model = _mlp()
+    opt = LocoPropOptimizer(model)
+    model.to("meta")
+    model(torch.randn(8, 4, device="meta")).sum().backward()
+    with pytest.raises(RuntimeError, match=r"Parameters \['0.weight', '0.bias', '2.weight'\] … are on the meta device"):
+        opt.step()
+
+
 def test_add_param_group_adds_parameters_updated_on_their_gradient():
     """A group added later is outside every unit: one inner SGD step at η on γ·∇L."""
     model = _mlp()
@@ -255,7 +264,12 @@ def _literal(message: str) -> str:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(variant="M"), dict(variant="S"), dict(variant="M", parallel="none"), dict(variant="S", parallel="none")],
+    [
+        dict(variant="M"),
+        dict(variant="S"),
+        dict(variant="M", parallel="none"),
+        dict(variant="S", parallel="none"),
+    ],
     ids=lambda kw: "-".join(map(str, kw.values())),
 )
 def test_a_forward_under_bf16_autocast_steps_in_the_parameters_dtype(kwargs):
@@ -274,6 +288,27 @@ def test_a_forward_under_bf16_autocast_steps_in_the_parameters_dtype(kwargs):
     opt.step()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert_same_params(model, expected, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("parallel", ["batched", "none"])
+def test_the_exact_solve_under_bf16_autocast_solves_in_the_parameters_dtype(parallel):
+    """The same exact step as without autocast, to bf16 rounding of the records."""
+    x = torch.randn(64, 4)
+    steps = []
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = LocoPropOptimizer(model, variant="S", solve="exact", prox=1.0, activation_lr=2.0, parallel=parallel)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = model(x).float().pow(2).sum(1).mean()
+        loss.backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        steps.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+    for exact, autocast in zip(*steps):
+        assert exact.abs().max() > 1e-3  # a real step
+        torch.testing.assert_close(autocast, exact, rtol=0, atol=2e-2 * exact.abs().max().item())
 
 
 def test_numpy_scalar_hyperparameters_are_taken_as_floats():

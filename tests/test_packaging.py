@@ -164,7 +164,19 @@ def test_the_entry_exits_like_the_cli_on_bad_setup():
     from sweeps import __main__ as entry
     from sweeps.commands import cli
 
-    assert entry.EXIT_BAD_INPUT == cli.EXIT_BAD_INPUT
+    assert (entry.EXIT_BAD_INPUT, entry.EXIT_INTERRUPTED) == (cli.EXIT_BAD_INPUT, cli.EXIT_INTERRUPTED)
+
+
+def test_ctrl_c_while_the_cli_imports_prints_one_line(monkeypatch, capsys):
+    """Importing torch, pandas and Optuna takes seconds, before the CLI can catch Ctrl-C."""
+    from sweeps import __main__ as entry
+
+    def interrupted_import():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry, "_cli", interrupted_import)
+    assert entry.main(["train"]) == entry.EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "locoprop: interrupted\n"
 
 
 SWEEP = ["sweep", "--optimizer", "adam", "--workload", "autoencoder", "--data", "synthetic", "--trials", "1"]

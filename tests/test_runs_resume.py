@@ -147,13 +147,18 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_changing_nothing(tm
     assert _tree(tmp_path / "run") == before
 
 
-def test_cli_damaged_checkpoint_gives_one_line_and_exit_code_2(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "content",
+    [b"PK\x03\x04 not really a zip file", bytes(range(256)) * 20],  # torch's error for the second is 6 lines long
+    ids=["zip header", "random bytes"],
+)
+def test_cli_damaged_checkpoint_gives_one_line_and_exit_code_2(tmp_path, capsys, content):
     args = ["train", "--data", "synthetic", "--width-mult", "0.05", "--batch-size", "128", "--epochs", "1",
             "--optimizer", "adam", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     (run_dir,) = tmp_path.iterdir()
     (run_dir / "summary.json").unlink()  # as after a kill -9
-    (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip file")
+    (run_dir / "checkpoint.pt").write_bytes(content)
     capsys.readouterr()
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err

@@ -30,7 +30,7 @@ from sweeps.extras import MissingExtra
 from sweeps.runner.config import DEVICES, SCHEDULES, RunConfig, run_dir_name
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.runner.train import loss_text, train
-from sweeps.runner.workloads import WORKLOADS, check_width_mult
+from sweeps.runner.workloads import MAX_WIDTH_MULT, WORKLOADS, check_width_mult
 
 EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -113,7 +113,9 @@ def _width_mult(text: str) -> float:
     try:
         return check_width_mult(float(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number > 0 and at most {MAX_WIDTH_MULT:g}, got {text!r}"
+        ) from None
 
 
 def _width_mult_list(text: str) -> list[float]:

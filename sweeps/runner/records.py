@@ -38,6 +38,7 @@ __all__ = [
     "MetricsWriter",
     "field_differences",
     "finite_or_null",
+    "first_line",
     "load_checkpoint",
     "read_history",
     "read_json",
@@ -122,6 +123,13 @@ def _jsonable(value: Any):
     return repr(value)
 
 
+def first_line(err: BaseException) -> str:
+    """An exception as one line for a message: its type and the first line of its text
+    (torch's loading errors run to several lines of advice that does not apply here)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
 def save_checkpoint(path: pathlib.Path, state: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(state, tmp)
@@ -139,7 +147,7 @@ def load_checkpoint(path: pathlib.Path) -> dict:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises whatever its unpickler meets: EOFError, KeyError, RuntimeError, …
-        raise DamagedRecord(f"{path} cannot be read ({type(err).__name__}: {err}); {START_AFRESH}") from None
+        raise DamagedRecord(f"{path} cannot be read ({first_line(err)}); {START_AFRESH}") from None
     if not isinstance(state, dict):
         raise DamagedRecord(f"{path} holds a {type(state).__name__}, not a locoprop checkpoint; {START_AFRESH}")
     missing = [key for key in CHECKPOINT_KEYS if key not in state]

@@ -262,6 +262,19 @@ def check_fits_data(config: RunConfig, data: Dataset | None = None) -> Dataset:
     return data
 
 
+def _build_model(workload: Workload, data: Dataset, config: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The run's model on ``device``; a model too large for its memory is bad input, said in one line."""
+    try:
+        return workload.build_model(data.shape, config.width_mult, config.depth_mult).to(device)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+            raise
+        raise ValueError(
+            f"The {config.workload} model with width_mult={config.width_mult} and depth_mult={config.depth_mult} does "
+            f"not fit in the memory of {device} ({records.first_line(err)}); lower --width-mult or --depth-mult"
+        ) from None
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -279,7 +292,7 @@ class _Run:
         self.data = data if data is not None else load_dataset(config.data, config.data_dir)
         check_fits_data(config, self.data)
         torch.manual_seed(config.seed)
-        self.model = self.workload.build_model(self.data.shape, config.width_mult, config.depth_mult).to(self.device)
+        self.model = _build_model(self.workload, self.data, config, self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
         self.is_locoprop = isinstance(self.optimizer, LocoPropOptimizer)
         if self.is_locoprop:
@@ -302,7 +315,7 @@ class _Run:
                 self._restore(checkpoint)
             except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
                 raise records.DamagedRecord(
-                    f"{run_dir / records.CHECKPOINT} does not fit this run ({type(err).__name__}: {err}); "
+                    f"{run_dir / records.CHECKPOINT} does not fit this run ({records.first_line(err)}); "
                     f"{records.START_AFRESH}"
                 ) from err
         self.metrics: records.MetricsWriter | None = None

@@ -58,10 +58,17 @@ class Workload:
         return {}
 
 
+# Beyond it the reference autoencoder's widest layer has over 100,000 units
+# (billions of weights): a mistyped value, not an experiment.
+MAX_WIDTH_MULT = 100.0
+
+
 def check_width_mult(width_mult: float) -> float:
-    """``width_mult`` if it is a finite number > 0; a ValueError naming it otherwise."""
+    """``width_mult`` if it is a number in (0, MAX_WIDTH_MULT]; a ValueError naming it otherwise."""
     if isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Real) or not 0 < width_mult < math.inf:
         raise ValueError(f"Invalid width_mult: {width_mult!r}; expected a finite number > 0")
+    if width_mult > MAX_WIDTH_MULT:
+        raise ValueError(f"Invalid width_mult: {width_mult!r}; at most {MAX_WIDTH_MULT:g} (layers 100× the reference)")
     return width_mult
 
 
