@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from locoprop.units import Unit, discover_units
+from locoprop.layers import RecordedLayer, find_layers, no_backward_error, unrecorded_gradient_error
 
 __all__ = ["FISHER_TYPES", "KFAC", "SAMPLED_LOSSES"]
 
@@ -91,7 +91,11 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError(
                 f"Invalid loss for the sampled Fisher: {loss!r}; expected one of {', '.join(SAMPLED_LOSSES)}"
             )
-        layers = discover_units(model)
+        layers = find_layers(model)
+        if not layers:
+            raise ValueError(
+                f"The model has no trainable nn.Linear or nn.Conv2d layers for K-FAC: {type(model).__name__}"
+            )
         for layer in layers:
             if isinstance(layer.module, nn.Conv2d):
                 # Fails now, not at the first step, for layouts unfold cannot express.
@@ -100,7 +104,7 @@ class KFAC(torch.optim.Optimizer):
         self.model = model
         self.fisher = fisher
         self.loss = loss
-        self.layers: list[Unit] = layers
+        self.layers: list[RecordedLayer] = layers
         self._layer_params = {p for layer in layers for p in layer.params}
         self._last_inputs: tuple[tuple, dict] | None = None
         self._handles = []
@@ -134,13 +138,10 @@ class KFAC(torch.optim.Optimizer):
             if layer.backpropagated_records():
                 active.append(layer)
             elif any(p.grad is not None for p in layer.params):
-                raise RuntimeError(
-                    f"Layer {layer.name!r} has a gradient but no forward and backward pass was recorded since "
-                    "the last step(); run the forward pass and loss.backward() before each step()"
-                )
+                raise unrecorded_gradient_error("Layer", layer.name)
         others = [p for p in group["params"] if p not in self._layer_params and p.grad is not None]
         if not active and not others:
-            raise RuntimeError("KFAC.step() called before any backward pass; call loss.backward() first")
+            raise no_backward_error("KFAC")
         if self.fisher == "sampled" and active:
             self._resample_output_gradients(active)
 
@@ -176,7 +177,7 @@ class KFAC(torch.optim.Optimizer):
             direction = state["momentum_buffer"]
         p.sub_(direction, alpha=group["lr"])
 
-    def _update_factors(self, layer: Unit, group: dict) -> None:
+    def _update_factors(self, layer: RecordedLayer, group: dict) -> None:
         records = layer.backpropagated_records()
         adapter = layer.adapter
         x_rows = torch.cat([adapter.input_rows(r.x) for r in records])
@@ -201,7 +202,7 @@ class KFAC(torch.optim.Optimizer):
             state["pi"] = _pi(state["A"], state["G"])
         state["factor_steps"] += 1
 
-    def _precondition(self, layer: Unit, group: dict) -> Tensor:
+    def _precondition(self, layer: RecordedLayer, group: dict) -> Tensor:
         state = self.state[layer.module.weight]
         root = math.sqrt(group["damping"])
         damp_a, damp_g = state["pi"] * root, root / state["pi"]
@@ -210,7 +211,7 @@ class KFAC(torch.optim.Optimizer):
         v /= (state["dG"][:, None] + damp_g) * (state["dA"][None, :] + damp_a)
         return state["QG"] @ v @ state["QA"].T
 
-    def _resample_output_gradients(self, active: list[Unit]) -> None:
+    def _resample_output_gradients(self, active: list[RecordedLayer]) -> None:
         """Replace the recorded g by those of a loss on sampled labels."""
         if self._last_inputs is None:
             raise RuntimeError("The sampled Fisher needs the model's inputs; no forward pass was recorded")
@@ -237,7 +238,7 @@ def _sampled_loss(kind: str, logits: Tensor) -> Tensor:
     return 0.5 * (logits - labels).square().sum() / logits.shape[0]
 
 
-def _grad_matrix(layer: Unit) -> Tensor:
+def _grad_matrix(layer: RecordedLayer) -> Tensor:
     weight, bias = layer.module.weight, layer.module.bias
     grad = weight.grad.reshape(weight.shape[0], -1)
     return torch.cat([grad, bias.grad[:, None]], dim=1) if bias is not None else grad

@@ -31,7 +31,7 @@ from torch import Tensor
 from locoprop.transfer import Transfer
 
 __all__ = [
-    "exact_s_solution",
+    "add_prox_grad_",
     "layer_backprop_grads",
     "local_grads",
     "local_objective",
@@ -62,21 +62,22 @@ def local_grads(
     forward: Forward,
     params: Sequence[Tensor],
     batches: Sequence[tuple[Tensor, Tensor]],
-    prox: float = 0.0,
-    old_params: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
-    """∇ℓ(θ) for θ = ``params`` (weight[, bias]).
+    """∇ℓ(θ) for θ = ``params`` (weight[, bias]), without the proximal term
+    (:func:`add_prox_grad_` adds it, on every path).
 
     ``batches`` holds one (x, target) pair per recorded use of the layer
     (usually one); their local objectives add up. The parameter gradient is
     the layer's vector-Jacobian product with the residual ∂ℓ/∂a, so the
     transfer's integral F is never needed.
     """
-    grads = _layer_vjp(forward, params, batches, lambda a, target: preactivation_residual(variant, transfer, a, target))
-    if prox:
-        for total, p, p_old in zip(grads, params, old_params):
-            total.add_(p.detach() - p_old, alpha=prox)
-    return grads
+    return _layer_vjp(forward, params, batches, lambda a, target: preactivation_residual(variant, transfer, a, target))
+
+
+def add_prox_grad_(grads: list[Tensor], params: Sequence[Tensor], old_params: Sequence[Tensor], prox: float) -> None:
+    """``grads`` += λ(θ − θ^old): the gradient of the proximal term (λ/2)‖θ − θ^old‖², in place."""
+    displacement = torch._foreach_sub([p.detach() for p in params], list(old_params))
+    torch._foreach_add_(grads, displacement, alpha=prox)
 
 
 def layer_backprop_grads(
@@ -128,40 +129,6 @@ def local_objective(
     if prox:
         total = total + 0.5 * prox * sum((p - q).square().sum() for p, q in zip(params, old_params))
     return total
-
-
-def exact_s_solution(
-    params: Sequence[Tensor],
-    batches: Sequence[tuple[Tensor, Tensor]],
-    activation_lr: float,
-    prox: float,
-) -> list[Tensor]:
-    """Closed-form minimiser of ℓ_S for a linear layer (SPEC §2).
-
-    With x̃ = [x, 1] and C = Σ x̃ᵀx̃, the minimiser is
-    θ_new = θ_old − γ·Gᵀx̃ (C + λI)⁻¹, where G stacks the gradients g.
-    Here ``batches`` holds (x, g) pairs: inputs and backprop gradients.
-    It is the input-covariance (A) factor of K-FAC applied to the gradient.
-    """
-    weight = params[0]
-    has_bias = len(params) == 2
-    d_in = weight.shape[1] + int(has_bias)
-    covariance = weight.new_zeros(d_in, d_in)
-    grad_x = weight.new_zeros(weight.shape[0], d_in)
-    for x, g in batches:
-        x = x.reshape(-1, x.shape[-1])
-        g = g.reshape(-1, g.shape[-1])
-        if has_bias:
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        covariance += x.T @ x
-        grad_x += g.T @ x
-    covariance.diagonal().add_(prox)
-    # Solve (C + λI) Δᵀ = (Gᵀx̃)ᵀ; C + λI is symmetric positive definite.
-    factor = torch.linalg.cholesky(covariance)
-    step = torch.cholesky_solve(grad_x.T, factor).T
-    theta = torch.cat([p.detach().reshape(p.shape[0], -1) for p in params], dim=1) - activation_lr * step
-    new_weight = theta[:, : weight.shape[1]]
-    return [new_weight, theta[:, -1]] if has_bias else [new_weight]
 
 
 def _weight_and_bias(params: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:

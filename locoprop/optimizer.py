@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import numbers
@@ -13,10 +12,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from locoprop import fast
+from locoprop.exact import exact_s_direction, exact_s_solution
+from locoprop.gradient_checks import outside_use_tolerance
 from locoprop.inner import INNER_SCHEDULES, RMSpropTF, inner_lr, resolve_inner
-from locoprop.local import exact_s_solution, layer_backprop_grads, make_target
-from locoprop.solve import (
+from locoprop.layers import no_backward_error, unrecorded_gradient_error
+from locoprop.local import add_prox_grad_, layer_backprop_grads, make_target
+from locoprop.local_gradients import (
     PARALLEL_MODES,
     LocalGradients,
     backprop_cross,
@@ -24,6 +25,7 @@ from locoprop.solve import (
     backprop_rows,
     uses_gram_form,
 )
+from locoprop.problem import LocalProblem
 from locoprop.transfer import TRANSFER_NAMES, transfer_by_name
 from locoprop.units import GradientSketch, OutputUnitFinder, Unit, discover_units
 
@@ -31,32 +33,6 @@ __all__ = ["LocoPropOptimizer"]
 
 VARIANTS = ("M", "S")
 SOLVES = ("iterative", "exact")
-
-
-@dataclasses.dataclass(eq=False)
-class _LocalProblem:
-    """What one parameter group solves in this step.
-
-    For a unit: its recorded (x, g) pairs, γ, and for the iterative solve
-    its (x, target) pairs. For the parameters outside every unit: their
-    ordinary gradients.
-    """
-
-    group_index: int
-    params: list[Tensor]
-    unit: Unit | None = None
-    backprop: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
-    param_grads: list[Tensor | None] = dataclasses.field(default_factory=list)
-    activation_lr: float = 0.0
-    gram_form: bool = False  # variant S in its Gram form: no targets
-    batches: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
-    grads: list[Tensor] = dataclasses.field(default_factory=list)
-    records: list = dataclasses.field(default_factory=list)
-    old_params: list[Tensor] | None = None
-    # indices in params of the parameters with a use outside every unit's records
-    outside_uses: list[int] = dataclasses.field(default_factory=list)
-    # (index in params, γ·gradient of the uses outside units) for tied parameters
-    outside_grads: list[tuple[int, Tensor]] = dataclasses.field(default_factory=list)
 
 
 class LocoPropOptimizer(torch.optim.Optimizer):
@@ -120,10 +96,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             not tell (two heads) refuses the step: pass ``units=`` then.
         units: explicit ``[(layer, transfer), ...]`` replacing discovery.
         solve: "iterative" or "exact".
-        parallel: how the local solves run (``locoprop.solve``): "batched"
+        parallel: how the local solves run (``locoprop.local_gradients``): "batched"
             (no autograd for linear units, Gram form of S, equal-shape units
             in batched matmuls, foreach inner updates; for the exact solve,
-            ``locoprop.fast.exact_s_direction``), "streams" (the same,
+            ``locoprop.exact.exact_s_direction``), "streams" (the same,
             unit groups on separate CUDA streams), "none" (the readable
             reference path) or "auto" (streams on CUDA, batched otherwise).
             The fast paths take Gᵀx̃, the layer's backprop gradient (γ·Gᵀx̃
@@ -407,7 +383,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def _collect_problems(self) -> list[_LocalProblem]:
+    def _collect_problems(self) -> list[LocalProblem]:
         """Everything the step needs, checked before any parameter changes."""
         if self._output_finder is not None:
             self._output_finder.decide_now()  # the model's own forward never ran: the last unit to run
@@ -418,7 +394,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             if unit is None:
                 params = [p for p in group["params"] if p.grad is not None]
                 if params:
-                    problems.append(_LocalProblem(index, params, grads=[p.grad for p in params]))
+                    problems.append(LocalProblem(index, params, grads=[p.grad for p in params]))
                 continue
             records = unit.backpropagated_records()
             if not records:
@@ -429,31 +405,24 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             # (x, g) in the parameters' dtype: records of a forward under autocast are in a lower precision.
             dtype = unit.params[0].dtype
             backprop = [(r.x.to(dtype), r.g.to(dtype)) for r in records]
-            problems.append(_LocalProblem(index, unit.params, unit=unit, records=records, backprop=backprop))
+            problems.append(LocalProblem(index, unit.params, unit=unit, records=records, backprop=backprop))
         covered = set()
         if idle or self._held_outside_units:  # (not needed in the usual step)
             covered = {p for problem in problems if problem.unit is not None for p in problem.params}
         for unit in idle:
             # A tied parameter gets gradients from its other uses too.
             if any(p.grad is not None and p not in covered and p not in self._held_outside_units for p in unit.params):
-                raise RuntimeError(
-                    f"Unit {unit.name!r} has a gradient but no forward and backward pass was recorded "
-                    "since the last step(); run the forward pass and loss.backward() before each step() "
-                    "(forwards under torch.no_grad() are not recorded)"
-                )
+                raise unrecorded_gradient_error("Unit", unit.name)
         for p in self._held_outside_units:
             if p.grad is not None and p not in covered:
                 # Its units took no part in this loss: only its use outside them, one step on γ·∇L.
-                problems.append(_LocalProblem(self._group_index(p), [p], grads=[p.grad]))
+                problems.append(LocalProblem(self._group_index(p), [p], grads=[p.grad]))
         self._find_outside_uses([problem for problem in problems if problem.unit is not None])
         if not problems:
-            raise RuntimeError(
-                "LocoPropOptimizer.step() called before any backward pass: no parameter has a gradient "
-                "and no unit recorded one; call loss.backward() first"
-            )
+            raise no_backward_error("LocoPropOptimizer")
         return problems
 
-    def _find_outside_uses(self, problems: list[_LocalProblem]) -> None:
+    def _find_outside_uses(self, problems: list[LocalProblem]) -> None:
         """Mark in ``problem.outside_uses`` each unit parameter with a gradient
         from a use outside the units: held by a module outside them (known
         from the model), or used through a function call such as
@@ -470,7 +439,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 part = sketch.through_records(problem.unit, problem.backprop)
                 expected[p] = expected[p] + part if p in expected else part
                 # records of a forward under autocast round the gradient more
-                rounding = max(fast.outside_use_tolerance(r.g.dtype) for r in problem.records)
+                rounding = max(outside_use_tolerance(r.g.dtype) for r in problem.records)
                 tolerances[p] = max(tolerances.get(p, 0.0), rounding)
         unrecorded = set()
         if expected:
@@ -500,7 +469,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         """The index of the param group that holds ``p``."""
         return next(i for i, group in enumerate(self.param_groups) if any(p is q for q in group["params"]))
 
-    def _set_targets(self, problems: list[_LocalProblem]) -> None:
+    def _set_targets(self, problems: list[LocalProblem]) -> None:
         """Each unit's (x, target) pairs for the iterative solve (except in
         the Gram form of S, which needs none), from the (x, g) pairs that
         :meth:`_collect_problems` gathered; and the share of ∇L from uses
@@ -522,7 +491,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 problem.batches = [
                     (
                         x,
-                        make_target(self.variant, unit.transfer, unit.preactivation(r), g, problem.activation_lr),
+                        make_target(self.variant, unit.transfer, unit.output(r), g, problem.activation_lr),
                     )
                     for r, (x, g) in zip(problem.records, problem.backprop)
                 ]
@@ -531,7 +500,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         if any(problem.outside_uses for problem in problems):
             self._set_outside_shares([problem for problem in problems if problem.unit is not None])
 
-    def _set_outside_shares(self, problems: list[_LocalProblem]) -> None:
+    def _set_outside_shares(self, problems: list[LocalProblem]) -> None:
         """For a unit parameter used outside every unit too (held by a module,
         such as an embedding tied to the output layer, or passed to a function
         such as ``F.embedding``), its local objective adds
@@ -539,7 +508,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         whose gradient, constant, joins every local iteration. ∇L is its
         ``.grad``, ∇L_unit the part through each unit's recorded uses."""
         shares: dict[Tensor, Tensor] = {}
-        first_use: dict[Tensor, tuple[_LocalProblem, int]] = {}
+        first_use: dict[Tensor, tuple[LocalProblem, int]] = {}
         for problem in problems:
             tied = problem.outside_uses
             if not tied:
@@ -554,7 +523,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             activation_lr = self.param_groups[self._group_index(p)]["activation_lr"]
             problem.outside_grads.append((i, share.mul_(activation_lr)))
 
-    def _solve_iterative(self, problems: list[_LocalProblem]) -> None:
+    def _solve_iterative(self, problems: list[LocalProblem]) -> None:
         """K lockstep iterations of the inner optimizer over all units."""
         if not problems:
             return
@@ -592,8 +561,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                     else:
                         grads = local[problem]
                         if group["prox"]:
-                            displacement = torch._foreach_sub([p.detach() for p in problem.params], problem.old_params)
-                            torch._foreach_add_(grads, displacement, alpha=group["prox"])
+                            add_prox_grad_(grads, problem.params, problem.old_params, group["prox"])
                         for i, outside in problem.outside_grads:
                             grads[i].add_(outside)
                     for p, grad in zip(problem.params, grads):
@@ -615,11 +583,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         on_cuda = any(unit.module.weight.is_cuda for unit in self.units)
         return "streams" if on_cuda else "batched"
 
-    def _iterations(self, problem: _LocalProblem) -> int:
+    def _iterations(self, problem: LocalProblem) -> int:
         # Parameters outside units have no local problem: one step on γ·∇L.
         return self.param_groups[problem.group_index]["local_iters"] if problem.unit is not None else 1
 
-    def _solve_exact(self, problems: list[_LocalProblem]) -> None:
+    def _solve_exact(self, problems: list[LocalProblem]) -> None:
         """θ ← θ^old − γ·Gᵀx̃(C + λI)⁻¹ for every unit, all solved before any changes."""
         if self._parallel_mode() == "none":
             solutions, failed = [], []
@@ -640,7 +608,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         for problem in problems:
             x, _ = backprop_rows(problem)
             prox = self.param_groups[problem.group_index]["prox"]
-            direction, info = fast.exact_s_direction(x, backprop_cross(problem, problem in reusable), prox)
+            direction, info = exact_s_direction(x, backprop_cross(problem, problem in reusable), prox)
             directions.append(direction)
             infos.append(info)
         if torch.stack(infos).any():
@@ -770,7 +738,7 @@ def _accepts(factory, name: str) -> bool:
         return False
 
 
-def _all_finite(problems: list[_LocalProblem]) -> bool:
+def _all_finite(problems: list[LocalProblem]) -> bool:
     """Whether every stored input, target and gradient is finite.
 
     A sum is NaN or ±inf as soon as one term is, and costs one fast pass

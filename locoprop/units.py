@@ -1,241 +1,43 @@
-"""Units: a parametrised layer (nn.Linear, nn.Conv2d) and its transfer function.
+"""Units: a recorded layer (nn.Linear, nn.Conv2d) and its transfer function.
 
-Two things are kept apart here, as in kfac-pytorch: a *layer adapter* per
-module type knows how to run the layer's forward with given parameters;
-the LocoProp math (``locoprop.local``) never looks at module types.
+A unit is a :class:`~locoprop.layers.RecordedLayer` (its input x, its
+pre-activation a and the backprop gradient g = dL/da of every recorded use)
+with the transfer function f that follows it. Units are found by walking
+the model: every trainable nn.Linear / nn.Conv2d is a unit, and its transfer
+function is the activation module that follows it inside an
+``nn.Sequential`` (identity otherwise). The LocoProp math
+(``locoprop.local``) never looks at module types.
 
-Units are found by walking the model: every nn.Linear / nn.Conv2d leaf is a
-unit, and its transfer function is the activation module that follows it
-inside an ``nn.Sequential`` (identity otherwise). Each unit records, with a
-forward hook, its input x and pre-activation a, and with a tensor hook on a
-the backprop gradient g = dL/da. A record lives as long as the autograd graph
-of its forward until its gradient arrives, then until the optimizer's step.
+Also here: :class:`GradientSketch`, which finds uses of a unit's weight that
+no unit recorded, and :class:`OutputUnitFinder`, which finds the unit that
+produces the model's output.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from locoprop.fast import freivalds_direction, relative_mismatch
+from locoprop.gradient_checks import freivalds_direction, relative_mismatch
+from locoprop.layers import RecordedLayer, adapter_for, find_layers
 from locoprop.transfer import Transfer, transfer_by_name, transfer_from_module
 
-__all__ = ["GradientSketch", "LayerAdapter", "OutputUnitFinder", "Unit", "adapter_for", "discover_units"]
-
-
-class LayerAdapter:
-    """Shapes and tensor plumbing of one layer type.
-
-    ``forward`` runs the layer as a pure function of its parameters. The
-    layer is an affine map per *row*: ``input_rows(x)`` (one row per example
-    and position: an unfolded patch for Conv2d) times the weight matrix
-    ``weight.reshape(d_out, -1)`` gives ``output_rows(a)``. Curvature
-    methods (K-FAC, the exact S solve) work on those rows.
-    """
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        raise NotImplementedError
-
-    def input_rows(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def output_rows(self, a: Tensor) -> Tensor:
-        raise NotImplementedError
-
-
-class LinearAdapter(LayerAdapter):
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.linear(x, weight, bias)
-
-    def input_rows(self, x: Tensor) -> Tensor:
-        return x.reshape(-1, x.shape[-1])
-
-    def output_rows(self, a: Tensor) -> Tensor:
-        return a.reshape(-1, a.shape[-1])
-
-
-class Conv2dAdapter(LayerAdapter):
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        m = self.module
-        if m.padding_mode != "zeros":
-            return F.conv2d(self._pad(x), weight, bias, m.stride, 0, m.dilation, m.groups)
-        return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
-
-    def input_rows(self, x: Tensor) -> Tensor:
-        """Patches (N·positions, C_in·kh·kw), in the weight's flattening order."""
-        m = self.module
-        if m.groups != 1:
-            raise ValueError(f"Grouped convolutions have no single patch matrix (groups={m.groups})")
-        padding = 0 if m.padding_mode != "zeros" else m.padding
-        if isinstance(padding, str):
-            raise ValueError(f"padding={padding!r} has no unfold equivalent; give the padding as numbers")
-        x = self._pad(x) if m.padding_mode != "zeros" else x
-        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-    def output_rows(self, a: Tensor) -> Tensor:
-        return a.flatten(2).transpose(1, 2).reshape(-1, a.shape[1])
-
-    def _pad(self, x: Tensor) -> Tensor:
-        # As nn.Conv2d does for non-zero padding modes: pad, then convolve unpadded.
-        return F.pad(x, self.module._reversed_padding_repeated_twice, mode=self.module.padding_mode)
-
-
-_ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
-    nn.Linear: LinearAdapter,
-    nn.Conv2d: Conv2dAdapter,
-}
-
-
-def adapter_for(module: nn.Module) -> LayerAdapter | None:
-    """The adapter for ``module``'s layer type, or ``None`` if unsupported."""
-    for layer_type, adapter in _ADAPTERS.items():
-        if isinstance(module, layer_type):
-            return adapter(module)
-    return None
+__all__ = ["GradientSketch", "OutputUnitFinder", "Unit", "discover_units"]
 
 
 @dataclasses.dataclass(eq=False)
-class _Record:
-    """One recorded use of a unit: input x, pre-activation a, gradient g.
+class Unit(RecordedLayer):
+    """A recorded layer and its transfer function f (LocoProp's unit, SPEC §2).
 
-    ``versions`` are the version counters of x, a and the unit's parameters
-    when the forward ran: an in-place operation after the layer (such as
-    ``nn.ReLU(inplace=True)``) overwrites the memory that ``a`` shares with
-    the layer's output, and the counters tell (see :meth:`Unit.preactivation`).
+    Attributes (beside :class:`~locoprop.layers.RecordedLayer`'s):
+        transfer: the transfer function f applied to the layer's output.
     """
 
-    x: Tensor
-    a: Tensor
-    versions: tuple[int, ...]
-    g: Tensor | None = None
-
-    def add_grad(self, grad: Tensor) -> None:
-        # A graph backpropagated twice (retain_graph) sums, like .grad does.
-        grad = grad.detach()
-        self.g = grad if self.g is None else self.g + grad
-
-
-def _recording_hook(record: _Record, backpropagated: list[_Record]):
-    """The gradient hook of one recorded forward: it stores g = dL/da in
-    ``record`` and hands the record to ``backpropagated`` (the unit's list).
-
-    Until its gradient arrives the record lives only in this hook, that is
-    in the autograd graph: a forward that is never backpropagated frees its
-    record with its graph, as plain PyTorch frees its saved tensors. Once
-    handed over, the hook keeps only a weak reference: users keep the graph
-    through ``loss`` until their next iteration, and a strong one would keep
-    x, a and g alive past the step that consumed them.
-    """
-    pending = [record]  # the graph's strong reference, until the gradient arrives
-    ref = weakref.ref(record)
-
-    def add_grad(grad: Tensor) -> None:
-        if pending:
-            backpropagated.append(pending.pop())
-        alive = ref()
-        if alive is not None:
-            alive.add_grad(grad)
-
-    return add_grad
-
-
-@dataclasses.dataclass(eq=False)
-class Unit:
-    """A layer and its transfer function, with what its hooks recorded.
-
-    Attributes:
-        name: the layer's qualified name in the model (``"encoder.0"``).
-        module: the layer.
-        transfer: the transfer function f applied to its output.
-        adapter: runs the layer as a pure function of (x, weight, bias).
-        records: the recorded uses that received a gradient since the last
-            step (a forward enters it when its backward pass reaches it).
-    """
-
-    name: str
-    module: nn.Module
-    transfer: Transfer
-    adapter: LayerAdapter
-    records: list[_Record] = dataclasses.field(default_factory=list)
-    _handle: torch.utils.hooks.RemovableHandle | None = None
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """The unit's parameters θ: weight, then bias if the layer has one."""
-        return [p for p in (self.module.weight, self.module.bias) if p is not None]
-
-    @property
-    def trainable(self) -> bool:
-        return all(p.requires_grad for p in self.params)
-
-    def attach(self) -> None:
-        self._handle = self.module.register_forward_hook(self._record_forward)
-
-    def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def _record_forward(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        # Only forwards that can be backpropagated matter; evaluation under
-        # torch.no_grad() records nothing.
-        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
-            return
-        x, bias = inputs[0], module.bias
-        versions = (x._version, output._version, module.weight._version, *(() if bias is None else (bias._version,)))
-        record = _Record(x=x.detach(), a=output.detach(), versions=versions)
-        output.register_hook(_recording_hook(record, self.records))
-
-    def backpropagated_records(self) -> list[_Record]:
-        """Records since the last step that received a gradient."""
-        return [r for r in self.records if r.g is not None]
-
-    def check_record(self, record: _Record) -> None:
-        """Refuse a record whose input, or whose overwritten pre-activation,
-        cannot be restored as the forward pass saw it."""
-        if record.x._version != record.versions[0]:
-            raise RuntimeError(
-                f"The input of unit {self.name!r} was modified in place after its forward pass; its local problem "
-                "needs the input as the layer saw it. Make the operation that changed it out of place "
-                "(for example inplace=False), or run it after opt.step()"
-            )
-        if record.a._version != record.versions[1] and self._param_versions() != record.versions[2:]:
-            raise RuntimeError(
-                f"The output of unit {self.name!r} was modified in place (an in-place operation such as "
-                "nn.ReLU(inplace=True)) and its parameters changed after the forward pass, so its pre-activation "
-                "cannot be recomputed; leave the parameters unchanged until opt.step(), or make the in-place "
-                "operation out of place"
-            )
-
-    def preactivation(self, record: _Record) -> Tensor:
-        """The pre-activation a = layer(x) of a recorded use.
-
-        The recorded ``a`` shares memory with the layer's output. When an
-        in-place operation after the layer (``nn.ReLU(inplace=True)``,
-        ``out += skip``) has overwritten it, a is recomputed from the recorded
-        input with the forward's parameters (unchanged: :meth:`check_record`),
-        one forward of the layer. So it is after a forward under autocast: the
-        local problems run in the parameters' dtype, and a rounded to bfloat16
-        would put its rounding error into the first local gradient. Otherwise
-        it is read as recorded, at no cost.
-        """
-        weight, bias = self.module.weight.detach(), self.module.bias
-        if record.a._version == record.versions[1] and record.a.dtype == weight.dtype:
-            return record.a
-        return self.adapter.forward(record.x.to(weight.dtype), weight, bias.detach() if bias is not None else None)
-
-    def _param_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.params)
+    transfer: Transfer = dataclasses.field(kw_only=True)
 
     def __repr__(self) -> str:
         return f"Unit({self.name!r}, {type(self.module).__name__}, transfer={self.transfer.name!r})"
@@ -252,7 +54,7 @@ class GradientSketch:
     the sum with the same projection of the recorded uses' gradient,
     Σ gᵀ(x·v), obtained by running the layer with the one-row weight vᵀ, so a
     convolution needs no unfolded patches. A real difference shows as in
-    Freivalds' check (:func:`locoprop.fast.backprop_gradient_mismatch`).
+    Freivalds' check (:func:`locoprop.gradient_checks.backprop_gradient_mismatch`).
 
     The hook keeps only the sketch, never the gradient, which can be the very
     tensor that becomes ``.grad``. Grouped convolutions are not sketched.
@@ -342,42 +144,53 @@ def discover_units(
         units: explicit ``[(layer, transfer), ...]`` pairs replacing discovery;
             a transfer is a name (``"tanh"``) or an activation module.
     """
-    names = {module: name for name, module in model.named_modules()}
     if units is None:
         following = _following_transfer(model)
-        pairs: Iterable[tuple[nn.Module, Transfer]] = [
-            (m, following.get(m) or transfer_by_name("identity")) for m in names if adapter_for(m) is not None
+        identity = transfer_by_name("identity")
+        # A layer with a frozen weight or bias has no local problem of its own
+        # (find_layers leaves it out): its trainable parameters are updated on their ordinary gradient.
+        found = [
+            Unit(
+                name=layer.name,
+                module=layer.module,
+                adapter=layer.adapter,
+                transfer=following.get(layer.module, identity),
+            )
+            for layer in find_layers(model)
         ]
     else:
-        pairs = []
-        for item in units:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise ValueError(f"Invalid unit {item!r}: expected a (module, transfer) pair")
-            layer, spec = item
-            if not isinstance(layer, nn.Module) or layer not in names:
-                raise ValueError(f"Unit layer {layer!r} is not a submodule of the model")
-            if adapter_for(layer) is None:
-                raise ValueError(
-                    f"Unit {names[layer] or type(layer).__name__!r} is a {type(layer).__name__}; "
-                    "only nn.Linear and nn.Conv2d layers can be units"
-                )
-            pairs.append((layer, _as_transfer(spec, names[layer])))
-        seen = [layer for layer, _ in pairs]
-        duplicates = {names[m] for m in seen if seen.count(m) > 1}
-        if duplicates:
-            raise ValueError(f"Units listed more than once: {sorted(duplicates)}")
-
-    found = [Unit(name=names[m] or type(m).__name__, module=m, transfer=t, adapter=adapter_for(m)) for m, t in pairs]
-    # A layer with a frozen weight or bias has no local problem of its own:
-    # its trainable parameters are updated on their ordinary gradient.
-    frozen = [u.name for u in found if not u.trainable]
-    if units is not None and frozen:
-        raise ValueError(f"Units with frozen parameters (requires_grad=False): {frozen}")
-    found = [u for u in found if u.trainable]
+        found = _listed_units(model, units)
     if not found:
         raise ValueError(
             f"The model has no trainable nn.Linear or nn.Conv2d layers to use as units: {type(model).__name__}"
         )
+    return found
+
+
+def _listed_units(model: nn.Module, units: Sequence[tuple[nn.Module, str | nn.Module]]) -> list[Unit]:
+    """The units of an explicit ``[(layer, transfer), ...]`` list, checked."""
+    names = {module: name for name, module in model.named_modules()}
+    found = []
+    for item in units:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(f"Invalid unit {item!r}: expected a (module, transfer) pair")
+        layer, spec = item
+        if not isinstance(layer, nn.Module) or layer not in names:
+            raise ValueError(f"Unit layer {layer!r} is not a submodule of the model")
+        adapter = adapter_for(layer)
+        name = names[layer] or type(layer).__name__
+        if adapter is None:
+            raise ValueError(
+                f"Unit {name!r} is a {type(layer).__name__}; only nn.Linear and nn.Conv2d layers can be units"
+            )
+        found.append(Unit(name=name, module=layer, adapter=adapter, transfer=_as_transfer(spec, names[layer])))
+    seen = [unit.module for unit in found]
+    duplicates = {names[m] for m in seen if seen.count(m) > 1}
+    if duplicates:
+        raise ValueError(f"Units listed more than once: {sorted(duplicates)}")
+    frozen = [unit.name for unit in found if not unit.trainable]
+    if frozen:
+        raise ValueError(f"Units with frozen parameters (requires_grad=False): {frozen}")
     return found
 
 

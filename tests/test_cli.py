@@ -255,3 +255,24 @@ def test_report_over_a_folder_with_one_damaged_run_reports_the_others(tmp_path, 
     assert err.startswith(f"locoprop: skipped: {broken / 'config.json'} cannot be read (JSONDecodeError")
     assert len(err.splitlines()) == 1
     assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.commands.cli", "bench", "--batch-size", "64", "--width-mult", "0.05",
+         "--optimizers", "adam,locoprop-m,locoprop-s-exact", "--steps", "2", "--warmup", "1", "--json",
+         "--device", "cpu"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["optimizer"] for r in records] == ["adam", "locoprop-m", "locoprop-s-exact"]
+    for record in records:
+        assert {"optimizer", "step_time_s", "ratio_to_adam", "flop_bound_ratio", "peak_mem_bytes"} <= set(record)
+        assert record["step_time_s"] > 0 and record["peak_mem_bytes"] > 0
+    adam, loco, exact = records
+    assert adam["ratio_to_adam"] == 1.0 and adam["flop_bound_ratio"] is None
+    # Each ratio uses the Adam steps taken side by side in the same process.
+    assert loco["ratio_to_adam"] == pytest.approx(loco["step_time_s"] / loco["adam_step_time_s"])
+    assert loco["flop_bound_ratio"] == pytest.approx(loco["step_time_s"] / loco["flop_bound_s"])
+    assert exact["flop_bound_ratio"] is None  # no K local iterations to price

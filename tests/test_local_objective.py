@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locoprop.local import local_grads, local_objective, make_target
+from locoprop.layers import LinearAdapter
+from locoprop.local import add_prox_grad_, local_grads, local_objective, make_target
 from locoprop.transfer import transfer_by_name, transfer_from_module
-from locoprop.units import LinearAdapter
 
 GAMMA = 0.7
 
@@ -140,15 +140,18 @@ def test_log_cosh_integral_is_stable_for_large_inputs():
     assert transfer_by_name("tanh").integral(a).item() == pytest.approx(expected)
 
 
-def test_prox_term_adds_lambda_times_displacement():
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_prox_gradient_completes_the_gradient_of_the_objective_with_prox(variant):
+    """local_grads + add_prox_grad_ equals autograd on ℓ(θ) + (λ/2)‖θ − θ^old‖²."""
     unit = nn.Linear(3, 2).double()
     x = torch.randn(5, 3, dtype=torch.float64)
-    target = torch.randn(5, 2, dtype=torch.float64)
+    target = torch.rand(5, 2, dtype=torch.float64)
+    transfer, forward = transfer_by_name("sigmoid"), LinearAdapter(unit).forward
     params = [unit.weight, unit.bias]
-    old = [p.detach() + 0.5 for p in params]
-    plain = local_grads("S", transfer_by_name("identity"), LinearAdapter(unit).forward, params, [(x, target)])
-    with_prox = local_grads(
-        "S", transfer_by_name("identity"), LinearAdapter(unit).forward, params, [(x, target)], 2.0, old
-    )
-    for p, q, w in zip(plain, with_prox, params):
-        torch.testing.assert_close(q, p + 2.0 * (w.detach() - (w.detach() + 0.5)))
+    old = [p.detach() + torch.randn_like(p) for p in params]
+    grads = local_grads(variant, transfer, forward, params, [(x, target)])
+    add_prox_grad_(grads, params, old, 2.0)
+    leaves = [p.detach().requires_grad_() for p in params]
+    objective = local_objective(variant, transfer, forward, leaves, [(x, target)], prox=2.0, old_params=old)
+    for grad, expected in zip(grads, torch.autograd.grad(objective, leaves)):
+        torch.testing.assert_close(grad, expected)

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from conftest import snapshot
 from torch import nn
 
-from locoprop import LocoPropOptimizer, fast
+from locoprop import LocoPropOptimizer, kernels
+from locoprop.exact import lower_gram
+from locoprop.gradient_checks import backprop_gradient_mismatch, reuse_tolerance
+from locoprop.layers import LinearAdapter
 from locoprop.local import local_grads, make_target
 from locoprop.transfer import transfer_by_name
-from locoprop.units import LinearAdapter
 
 
 class Mixed(nn.Module):
@@ -68,17 +70,23 @@ def test_batched_path_equals_reference_path(variant, inner, prox):
         torch.testing.assert_close(batched[name], reference[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_batched_group_forms_for_equal_shapes():
-    from locoprop.solve import LocalGradients
+def test_batched_path_stacks_linear_units_of_equal_shape_into_one_kernel(monkeypatch):
+    """Each local iteration after the first runs one batched kernel for the three
+    `same` layers and one kernel each for fc_in, shared and out (the convolutions
+    take the reference path)."""
+    calls = []
+    linear_grads = kernels.linear_grads
 
+    def counting(variant, transfer, x, *args, **kwargs):
+        calls.append(x.shape[0] if x.dim() == 3 else 1)
+        return linear_grads(variant, transfer, x, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "linear_grads", counting)
     model = Mixed().double()
-    opt = LocoPropOptimizer(model, variant="M", units=model.units(), parallel="batched")
+    opt = LocoPropOptimizer(model, variant="M", local_iters=3, units=model.units(), parallel="batched")
     F.cross_entropy(model(torch.randn(8, 1, 6, 6, dtype=torch.float64)), torch.randint(0, 5, (8,))).backward()
-    problems = [p for p in opt._collect_problems() if p.unit is not None]
-    opt._set_targets(problems)
-    plan = LocalGradients(problems, "M", "batched")
-    sizes = sorted(len(w.problems) for w in plan.work)
-    assert sizes == [1, 1, 1, 1, 1, 3]  # conv1, conv2, fc_in, shared, out alone; the three `same` together
+    opt.step()
+    assert sorted(calls) == [1, 1, 1, 1, 1, 1, 3, 3]  # 2 iterations × (fc_in, shared, out and the stacked three)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -99,13 +107,13 @@ def test_gram_form_equals_the_batch_form_of_the_s_gradient(bias):
     identity = transfer_by_name("identity")
     params = list(layer.parameters())
     reference = local_grads("S", identity, LinearAdapter(layer).forward, params, [(x, target)])
-    cross = fast.backprop_cross(x, g, has_bias=bias)
+    cross = kernels.backprop_cross(x, g, has_bias=bias)
     old_bias = old.bias.detach() if bias else None
-    covariance, statistic = fast.gram_statistics(x, old.weight.detach(), old_bias, cross, gamma)
+    covariance, statistic = kernels.gram_statistics(x, old.weight.detach(), old_bias, cross, gamma)
     out = [torch.empty_like(p) for p in params]
     layer_bias = layer.bias.detach() if bias else None
-    gram = fast.gram_grads(covariance, statistic, layer.weight.detach(), layer_bias, out)
-    direct = fast.linear_grads("S", identity, x, target, layer.weight.detach(), layer_bias)
+    gram = kernels.gram_grads(covariance, statistic, layer.weight.detach(), layer_bias, out)
+    direct = kernels.linear_grads("S", identity, x, target, layer.weight.detach(), layer_bias)
     for r, gr, d in zip(reference, gram, direct, strict=True):
         torch.testing.assert_close(gr, r)
         torch.testing.assert_close(d, r)
@@ -124,7 +132,7 @@ def test_first_iteration_gradient_from_the_backprop_record_equals_autograd(varia
         target = make_target(variant, f, layer(x), g, gamma)
     reference = local_grads(variant, f, LinearAdapter(layer).forward, [layer.weight, layer.bias], [(x, target)])
     out = [torch.empty_like(layer.weight), torch.empty_like(layer.bias)]
-    for fast_grad, ref in zip(fast.backprop_grads(x, g, gamma, out), reference, strict=True):
+    for fast_grad, ref in zip(kernels.backprop_grads(x, g, gamma, out), reference, strict=True):
         torch.testing.assert_close(fast_grad, ref)
 
 
@@ -132,15 +140,15 @@ def test_backprop_gradient_check_accepts_rounding_and_rejects_real_differences()
     torch.manual_seed(0)
     x, g = torch.randn(500, 40), torch.randn(500, 30)
     exact = [g.T @ x, g.sum(0)]
-    assert fast.backprop_gradient_mismatch(exact, x, g) <= fast.reuse_tolerance(torch.float32)
+    assert backprop_gradient_mismatch(exact, x, g) <= reuse_tolerance(torch.float32)
     clipped = [0.999 * t for t in exact]
-    assert fast.backprop_gradient_mismatch(clipped, x, g) > fast.reuse_tolerance(torch.float32)
+    assert backprop_gradient_mismatch(clipped, x, g) > reuse_tolerance(torch.float32)
     one_entry = [exact[0].clone(), exact[1]]
     one_entry[0][3, 7] += 0.05 * exact[0].norm()
-    assert fast.backprop_gradient_mismatch(one_entry, x, g) > fast.reuse_tolerance(torch.float32)
-    assert fast.backprop_gradient_mismatch([exact[0], exact[1] + 1.0], x, g) > fast.reuse_tolerance(torch.float32)
-    assert fast.backprop_gradient_mismatch([exact[0], None], x, g) == float("inf")
-    assert fast.reuse_tolerance(torch.bfloat16) == 0.0
+    assert backprop_gradient_mismatch(one_entry, x, g) > reuse_tolerance(torch.float32)
+    assert backprop_gradient_mismatch([exact[0], exact[1] + 1.0], x, g) > reuse_tolerance(torch.float32)
+    assert backprop_gradient_mismatch([exact[0], None], x, g) == float("inf")
+    assert reuse_tolerance(torch.bfloat16) == 0.0
 
 
 def _changed_gradients(model):
@@ -177,7 +185,7 @@ def test_lower_gram_fills_the_lower_triangle_that_cholesky_reads(width):
     torch.manual_seed(0)
     x = torch.randn(width + 20, width, dtype=torch.float64)
     out = torch.full((width, width), float("nan"), dtype=torch.float64)
-    fast.lower_gram(x, out=out)
+    lower_gram(x, out=out)
     full = x.T @ x
     lower = torch.ones(width, width, dtype=torch.bool).tril()
     torch.testing.assert_close(out[lower], full[lower])
@@ -186,9 +194,9 @@ def test_lower_gram_fills_the_lower_triangle_that_cholesky_reads(width):
 
 
 def test_gram_form_is_chosen_by_flop_count():
-    assert fast.gram_is_cheaper(rows=1000, d_in=250, d_out=30, local_iters=10)
-    assert not fast.gram_is_cheaper(rows=16, d_in=1000, d_out=500, local_iters=10)
-    assert not fast.gram_is_cheaper(rows=1000, d_in=100, d_out=100, local_iters=1)  # nothing to amortise C over
+    assert kernels.gram_is_cheaper(rows=1000, d_in=250, d_out=30, local_iters=10)
+    assert not kernels.gram_is_cheaper(rows=16, d_in=1000, d_out=500, local_iters=10)
+    assert not kernels.gram_is_cheaper(rows=1000, d_in=100, d_out=100, local_iters=1)  # nothing to amortise C over
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
@@ -222,28 +230,3 @@ def test_streams_without_cuda_is_refused():
         LocoPropOptimizer(nn.Linear(3, 2), parallel="streams")
     with pytest.raises(ValueError, match="Invalid parallel: 'threads'"):
         LocoPropOptimizer(nn.Linear(3, 2), parallel="threads")
-
-
-def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-m", "sweeps.commands.cli", "bench", "--batch-size", "64", "--width-mult", "0.05",
-         "--optimizers", "adam,locoprop-m,locoprop-s-exact", "--steps", "2", "--warmup", "1", "--json",
-         "--device", "cpu"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["optimizer"] for r in records] == ["adam", "locoprop-m", "locoprop-s-exact"]
-    for record in records:
-        assert {"optimizer", "step_time_s", "ratio_to_adam", "flop_bound_ratio", "peak_mem_bytes"} <= set(record)
-        assert record["step_time_s"] > 0 and record["peak_mem_bytes"] > 0
-    adam, loco, exact = records
-    assert adam["ratio_to_adam"] == 1.0 and adam["flop_bound_ratio"] is None
-    # Each ratio uses the Adam steps taken side by side in the same process.
-    assert loco["ratio_to_adam"] == pytest.approx(loco["step_time_s"] / loco["adam_step_time_s"])
-    assert loco["flop_bound_ratio"] == pytest.approx(loco["step_time_s"] / loco["flop_bound_s"])
-    assert exact["flop_bound_ratio"] is None  # no K local iterations to price

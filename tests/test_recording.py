@@ -460,18 +460,29 @@ def test_exact_solve_refuses_a_weight_used_through_a_function_changing_nothing()
 @pytest.mark.parametrize("model_fn", [lambda: _conv_net(inplace=False), lambda: _mlp(nn.Tanh()).double()])
 def test_clipped_gradients_of_a_usual_model_are_not_a_use_outside_the_units(model_fn):
     """The sketch sees each backward pass's gradient before clipping changes
-    ``.grad``: the exact solve, which refuses unrecorded uses, still steps."""
+    ``.grad``: the exact solve, which refuses unrecorded uses, still steps, and
+    one local SGD step is the backprop step on the unclipped gradient (an
+    unrecorded use would add the clipped-away part as a linear term)."""
     model = model_fn()
-    x = torch.randn(10, 2, 8, 8) if isinstance(model[0], nn.Conv2d) else torch.randn(10, 6)
+    x = (torch.randn(10, 2, 8, 8) if isinstance(model[0], nn.Conv2d) else torch.randn(10, 6)).double()
     y = torch.randint(0, 4, (10,))
     units = [(m, "identity") for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
-    for solve in ["iterative", "exact"] if not isinstance(model[0], nn.Conv2d) else ["iterative"]:
-        opt = LocoPropOptimizer(model, variant="S", solve=solve, prox=1.0, units=units)
-        F.cross_entropy(model(x.double()), y).backward()
+
+    def loss_fn(m):
+        return F.cross_entropy(m(x), y)
+
+    expected = backprop_sgd_step(model, loss_fn, lr=0.1 * 2.0)
+    opt = LocoPropOptimizer(model, variant="S", lr=0.1, activation_lr=2.0, local_iters=1, inner="sgd", units=units)
+    loss_fn(model).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    opt.step()
+    opt.remove_hooks()
+    assert_same_params(model, expected, rtol=1e-9, atol=1e-12)
+    if not isinstance(model[0], nn.Conv2d):
+        opt = LocoPropOptimizer(model, variant="S", solve="exact", prox=1.0, units=units)
+        loss_fn(model).backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-        problems = opt._collect_problems()
-        assert all(not problem.outside_uses for problem in problems), solve
-        opt.step()
+        opt.step()  # refuses a step with a use that no unit recorded
         opt.remove_hooks()
 
 

@@ -6,7 +6,7 @@ current parameters, K times. Three ways (``parallel``):
 
 - "none": the readable reference, :func:`locoprop.local.local_grads` (the
   layer's vector-Jacobian product by autograd), one unit after the other;
-- "batched": linear units without autograd (:mod:`locoprop.fast`), their
+- "batched": linear units without autograd (:mod:`locoprop.kernels`), their
   first iteration from the backprop record (no forward matmul); variant S
   through its Gram statistics where that costs fewer FLOPs; linear units of
   equal shape and transfer function stacked into batched matmuls;
@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from locoprop import fast
+from locoprop import kernels
+from locoprop.gradient_checks import backprop_gradient_mismatch, reuse_tolerance
 from locoprop.local import local_grads
+from locoprop.problem import LocalProblem
 
 __all__ = [
     "PARALLEL_MODES",
@@ -43,7 +44,7 @@ PARALLEL_MODES = ("auto", "batched", "streams", "none")
 class _Work:
     """Computes the local gradients of one or more units: problems -> grads."""
 
-    problems: list[Any]
+    problems: list[LocalProblem]
     compute: Callable[[], list[list[Tensor]]]
     # The gradients at θ^old from the recorded backprop pass, used by the
     # first iteration instead of ``compute`` (fast paths only).
@@ -54,8 +55,8 @@ class LocalGradients:
     """The local gradients of a step's unit problems, by the chosen method.
 
     Args:
-        problems: objects with ``unit``, ``params``, ``batches`` ((x, target)
-            pairs), ``backprop`` ((x, g) pairs) and ``activation_lr`` (γ).
+        problems: the units' problems of this step (their ``params``,
+            ``batches`` of (x, target), ``backprop`` of (x, g), γ).
         variant: "M" or "S".
         mode: "none", "batched" or "streams".
 
@@ -63,14 +64,14 @@ class LocalGradients:
     targets are, since the Gram form needs none) selects the Gram form of S.
     """
 
-    def __init__(self, problems: list[Any], variant: str, mode: str):
+    def __init__(self, problems: list[LocalProblem], variant: str, mode: str):
         self.variant = variant
         self.mode = mode
         self.work: list[_Work] = []
         if mode == "none":
             self.work = [_Work([p], self._reference(p)) for p in problems]
             return
-        batchable: dict[tuple, list[tuple[Any, Tensor, Tensor]]] = {}
+        batchable: dict[tuple, list[tuple[LocalProblem, Tensor, Tensor]]] = {}
         gram = []
         for problem in problems:
             module = problem.unit.module
@@ -80,8 +81,8 @@ class LocalGradients:
             if problem.gram_form:
                 gram.append(problem)
                 continue
-            x = fast.concat_rows([problem.unit.adapter.input_rows(x) for x, _ in problem.batches])
-            target = fast.concat_rows([problem.unit.adapter.output_rows(t) for _, t in problem.batches])
+            x = kernels.concat_rows([problem.unit.adapter.input_rows(x) for x, _ in problem.batches])
+            target = kernels.concat_rows([problem.unit.adapter.output_rows(t) for _, t in problem.batches])
             key = (tuple(module.weight.shape), module.bias is not None, tuple(x.shape), problem.unit.transfer.name,
                    x.dtype, x.device)  # fmt: skip
             batchable.setdefault(key, []).append((problem, x, target))
@@ -98,7 +99,7 @@ class LocalGradients:
             else:
                 self.work.append(self._batched(group, scratch, reusable))
 
-    def __call__(self, active: set) -> dict[Any, list[Tensor]]:
+    def __call__(self, active: set) -> dict[LocalProblem, list[Tensor]]:
         """Local gradients of the ``active`` problems at the current parameters."""
         todo = [w for w in self.work if any(p in active for p in w.problems)]
         if self.mode == "streams" and len(todo) > 1:
@@ -109,7 +110,7 @@ class LocalGradients:
     # The kernels capture what they need, not ``self``: a plan -> kernel ->
     # plan cycle would keep every buffer of a step alive until the garbage
     # collector ran, into the next step.
-    def _reference(self, problem) -> Callable[[], list[list[Tensor]]]:
+    def _reference(self, problem: LocalProblem) -> Callable[[], list[list[Tensor]]]:
         unit, variant = problem.unit, self.variant
 
         def compute():
@@ -117,34 +118,34 @@ class LocalGradients:
 
         return compute
 
-    def _linear(self, problem, x: Tensor, target: Tensor, scratch: _Scratch, reusable: set) -> _Work:
+    def _linear(self, problem: LocalProblem, x: Tensor, target: Tensor, scratch: _Scratch, reusable: set) -> _Work:
         module, transfer, variant = problem.unit.module, problem.unit.transfer, self.variant
         activation = scratch.reserve((x.shape[0], module.out_features), x)
-        grads = fast.linear_workspace(x, module.weight, module.bias)[1:]
+        grads = kernels.linear_workspace(x, module.weight, module.bias)[1:]
 
         def compute():
             out = [activation(), *grads]
-            return [fast.linear_grads(variant, transfer, x, target, module.weight.detach(), _bias(module), out)]
+            return [kernels.linear_grads(variant, transfer, x, target, module.weight.detach(), _bias(module), out)]
 
         return _Work([problem], compute, [_backprop_grads(problem, grads, problem in reusable)])
 
-    def _gram(self, problem, reuse: bool) -> _Work:
+    def _gram(self, problem: LocalProblem, reuse: bool) -> _Work:
         module = problem.unit.module
         weight, bias = module.weight.detach(), _bias(module)
         x, _ = backprop_rows(problem)
         cross = backprop_cross(problem, reuse)
-        covariance, statistic = fast.gram_statistics(x, weight, bias, cross, problem.activation_lr)
-        grads = fast.linear_workspace(x, weight, bias)[1:]
+        covariance, statistic = kernels.gram_statistics(x, weight, bias, cross, problem.activation_lr)
+        grads = kernels.linear_workspace(x, weight, bias)[1:]
         torch.mul(cross[:, : weight.shape[1]], problem.activation_lr, out=grads[0])  # the first iteration: γ·Gᵀx̃
         if bias is not None:
             torch.mul(cross[:, -1], problem.activation_lr, out=grads[1])
 
         def compute():
-            return [fast.gram_grads(covariance, statistic, module.weight.detach(), _bias(module), grads)]
+            return [kernels.gram_grads(covariance, statistic, module.weight.detach(), _bias(module), grads)]
 
         return _Work([problem], compute, [grads])
 
-    def _batched(self, group: list[tuple[Any, Tensor, Tensor]], scratch: _Scratch, reusable: set) -> _Work:
+    def _batched(self, group: list[tuple[LocalProblem, Tensor, Tensor]], scratch: _Scratch, reusable: set) -> _Work:
         problems = [g[0] for g in group]
         modules = [p.unit.module for p in problems]
         transfer, variant = problems[0].unit.transfer, self.variant
@@ -153,22 +154,22 @@ class LocalGradients:
         weight = torch.stack([m.weight.detach() for m in modules])
         bias = torch.stack([m.bias.detach() for m in modules]) if modules[0].bias is not None else None
         activation = scratch.reserve((*x.shape[:2], weight.shape[1]), x)
-        grads = fast.linear_workspace(x, weight, bias)[1:]
+        grads = kernels.linear_workspace(x, weight, bias)[1:]
 
         def compute():
             # The current parameters, stacked into the same buffers each time.
             torch.stack([m.weight.detach() for m in modules], out=weight)
             if bias is not None:
                 torch.stack([m.bias.detach() for m in modules], out=bias)
-            fast.linear_grads(variant, transfer, x, target, weight, bias, [activation(), *grads])
+            kernels.linear_grads(variant, transfer, x, target, weight, bias, [activation(), *grads])
             return [list(unit_grads) for unit_grads in zip(*(g.unbind(0) for g in grads))]
 
         initial = [_backprop_grads(p, [g[i] for g in grads], p in reusable) for i, p in enumerate(problems)]
         return _Work(problems, compute, initial)
 
-    def _on_streams(self, todo: list[_Work]) -> dict[Any, list[Tensor]]:
+    def _on_streams(self, todo: list[_Work]) -> dict[LocalProblem, list[Tensor]]:
         main = torch.cuda.current_stream()
-        results: dict[Any, list[Tensor]] = {}
+        results: dict[LocalProblem, list[Tensor]] = {}
         streams = [torch.cuda.Stream() for _ in todo]
         for work, stream in zip(todo, streams):
             stream.wait_stream(main)  # inputs written on the main stream
@@ -190,17 +191,17 @@ def _grads(work: _Work) -> list[list[Tensor]]:
     return grads
 
 
-def uses_gram_form(problem, variant: str, mode: str, local_iters: int) -> bool:
+def uses_gram_form(problem: LocalProblem, variant: str, mode: str, local_iters: int) -> bool:
     """Whether the plan solves ``problem`` in the Gram form of variant S (which
     needs no targets)."""
     module = problem.unit.module
     if variant != "S" or mode == "none" or not isinstance(module, nn.Linear):
         return False
     rows = sum(problem.unit.adapter.input_rows(x).shape[0] for x, _ in problem.backprop)
-    return fast.gram_is_cheaper(rows, module.in_features, module.out_features, local_iters)
+    return kernels.gram_is_cheaper(rows, module.in_features, module.out_features, local_iters)
 
 
-def backprop_rows(problem) -> tuple[Tensor, Tensor]:
+def backprop_rows(problem: LocalProblem) -> tuple[Tensor, Tensor]:
     """A linear unit's recorded inputs x and backprop gradients g, as rows.
 
     A layer used several times has its records joined once: the joined pair
@@ -208,39 +209,39 @@ def backprop_rows(problem) -> tuple[Tensor, Tensor]:
     the check, Gᵀx̃ and C do not each copy them again.
     """
     adapter = problem.unit.adapter
-    x = fast.concat_rows([adapter.input_rows(x) for x, _ in problem.backprop])
-    g = fast.concat_rows([adapter.output_rows(g) for _, g in problem.backprop])
+    x = kernels.concat_rows([adapter.input_rows(x) for x, _ in problem.backprop])
+    g = kernels.concat_rows([adapter.output_rows(g) for _, g in problem.backprop])
     problem.backprop = [(x, g)]
     return x, g
 
 
-def backprop_reusable(problems: list[Any]) -> set:
+def backprop_reusable(problems: list[LocalProblem]) -> set:
     """The linear-unit problems whose ``param_grads`` (the parameters' ``.grad``
     at the start of the step) still equal their backprop gradient [gᵀx, Σg],
-    by :func:`locoprop.fast.backprop_gradient_mismatch` (one device sync)."""
+    by :func:`locoprop.gradient_checks.backprop_gradient_mismatch` (one device sync)."""
     if not problems:
         return set()
-    mismatch = torch.stack([fast.backprop_gradient_mismatch(p.param_grads, *backprop_rows(p)) for p in problems])
-    tolerances = [fast.reuse_tolerance(p.params[0].dtype) for p in problems]
+    mismatch = torch.stack([backprop_gradient_mismatch(p.param_grads, *backprop_rows(p)) for p in problems])
+    tolerances = [reuse_tolerance(p.params[0].dtype) for p in problems]
     return {p for p, m, tol in zip(problems, mismatch.tolist(), tolerances) if m <= tol}
 
 
-def backprop_cross(problem, reuse: bool) -> Tensor:
+def backprop_cross(problem: LocalProblem, reuse: bool) -> Tensor:
     """Gᵀx̃ = [gᵀx | Σg] of a linear unit: from ``param_grads`` when ``reuse``
     (the backward pass computed it), else from the records."""
     if not reuse:
         x, g = backprop_rows(problem)
-        return fast.backprop_cross(x, g, len(problem.params) == 2)
+        return kernels.backprop_cross(x, g, len(problem.params) == 2)
     weight_grad, *bias_grad = problem.param_grads
     return torch.cat([weight_grad, bias_grad[0][:, None]], dim=1) if bias_grad else weight_grad
 
 
-def _backprop_grads(problem, out: list[Tensor], reuse: bool) -> list[Tensor]:
+def _backprop_grads(problem: LocalProblem, out: list[Tensor], reuse: bool) -> list[Tensor]:
     if reuse:  # the backward pass computed them already
         for buffer, grad in zip(out, problem.param_grads):
             torch.mul(grad, problem.activation_lr, out=buffer)
         return out
-    return fast.backprop_grads(*backprop_rows(problem), problem.activation_lr, out)
+    return kernels.backprop_grads(*backprop_rows(problem), problem.activation_lr, out)
 
 
 class _Scratch:

@@ -23,17 +23,12 @@ The first local iteration needs no forward matmul: at θ^old the residual is
 γ·g exactly (g = ∂L/∂a recorded by backprop), so its gradient is
 :func:`backprop_grads`, [γ·gᵀx, γ·Σg]. That is γ times the layer's backprop
 gradient, which ``backward()`` already left in ``p.grad``; it is reused when
-:func:`backprop_gradient_mismatch` finds ``p.grad`` unchanged, and computed
-from the records otherwise (clipped gradients, weights used elsewhere).
-
-The exact S solve (:func:`exact_s_direction`) forms only the lower triangle
-of C = x̃ᵀx̃, which is all that Cholesky reads, and applies (C + λI)⁻¹ from
-the right with two triangular solves.
+:func:`locoprop.gradient_checks.backprop_gradient_mismatch` finds ``p.grad``
+unchanged, and computed from the records otherwise (clipped gradients,
+weights used elsewhere).
 """
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 from torch import Tensor
@@ -42,26 +37,14 @@ from locoprop.transfer import Transfer
 
 __all__ = [
     "backprop_cross",
-    "backprop_gradient_mismatch",
     "backprop_grads",
     "concat_rows",
-    "exact_s_direction",
-    "freivalds_direction",
     "gram_grads",
     "gram_is_cheaper",
     "gram_statistics",
     "linear_grads",
     "linear_workspace",
-    "lower_gram",
-    "outside_use_tolerance",
-    "relative_mismatch",
-    "reuse_tolerance",
 ]
-
-# lower_gram: the width of its column blocks (narrower ones run the matmul
-# less efficiently) and their largest number (measured on a 2-core CPU).
-_GRAM_BLOCK_WIDTH = 128
-_GRAM_MAX_BLOCKS = 8
 
 
 def concat_rows(parts: list[Tensor]) -> Tensor:
@@ -187,98 +170,3 @@ def backprop_grads(x: Tensor, g: Tensor, activation_lr: float, out: list[Tensor]
     if len(out) == 2:
         torch.sum(g, 0, out=out[1]).mul_(activation_lr)
     return out
-
-
-def backprop_gradient_mismatch(grads: list[Tensor | None], x: Tensor, g: Tensor) -> Tensor:
-    """How far ``grads`` ([∇W] or [∇W, ∇b], usually ``p.grad``) is from the
-    layer's backprop gradient [gᵀx, Σg], relative, on a fixed random direction.
-
-    Freivalds' check: with P = [∇W | ∇b], x̃ = [x, 1] and a random v, compare
-    P·v with gᵀ(x̃·v), three matrix-vector products instead of one matrix
-    product. A real difference D shows unless ‖D·v‖ is below the tolerance,
-    which a random v makes about as unlikely as ‖D‖ being that small. The
-    gradient differs from the backprop one when the user changed it after
-    ``backward()`` (clipping, added weight decay) or the parameter is also used
-    outside the unit. ``inf`` when a gradient is missing.
-    """
-    if any(grad is None for grad in grads):
-        return x.new_tensor(float("inf"))
-    d_in = x.shape[1]
-    v = freivalds_direction(d_in + 1, x)
-    projected_x = torch.mv(x, v[:d_in])
-    projected = torch.mv(grads[0], v[:d_in])
-    if len(grads) == 2:
-        projected_x.add_(v[d_in])
-        projected.add_(grads[1] * v[d_in])
-    return relative_mismatch(projected, torch.mv(g.T, projected_x))
-
-
-def freivalds_direction(size: int, like: Tensor) -> Tensor:
-    """The fixed random direction v of Freivalds' checks, ``size`` entries in
-    ``like``'s dtype and device: seeded by its size, so the check is a pure
-    function and the global RNG is left untouched."""
-    generator = torch.Generator().manual_seed(size)
-    return torch.randn(size, generator=generator, dtype=like.dtype).to(like.device)
-
-
-def relative_mismatch(projected: Tensor, expected: Tensor) -> Tensor:
-    """‖projected − expected‖ / ‖expected‖ of two Freivalds projections; NaN for 0/0
-    (which no tolerance accepts as a mismatch, nor as a match)."""
-    return (projected - expected).norm() / expected.norm()
-
-
-def reuse_tolerance(dtype: torch.dtype) -> float:
-    """The largest :func:`backprop_gradient_mismatch` that is rounding only:
-    1000 ulp (the measured mismatch of equal float32 gradients is ~1e-6),
-    for float32 and float64; zero (never reuse) in lower precisions."""
-    return 1000 * torch.finfo(dtype).eps if dtype in (torch.float32, torch.float64) else 0.0
-
-
-def outside_use_tolerance(dtype: torch.dtype) -> float:
-    """The largest relative mismatch between a parameter's backward gradient
-    and its recorded uses' part of it that is rounding only, for records in
-    ``dtype``: :func:`reuse_tolerance` in float32 and float64; in 16-bit
-    precisions (a forward under autocast, whose matmul rounds the gradient to
-    about eps/2 relative) 10 eps, which rounding never reaches."""
-    return reuse_tolerance(dtype) or 10 * torch.finfo(dtype).eps
-
-
-def lower_gram(x: Tensor, out: Tensor) -> Tensor:
-    """``out`` ← xᵀx, with only its lower triangle (diagonal included) computed.
-
-    The entries above the diagonal are left unset: Cholesky reads only the
-    lower triangle. Computed in b block rows, it costs (b+1)/2b of the full
-    product's FLOPs; blocks about 128 columns wide keep the matmuls efficient.
-    """
-    d = x.shape[1]
-    blocks = min(max(round(d / _GRAM_BLOCK_WIDTH), 1), _GRAM_MAX_BLOCKS)
-    edges = [round(i * d / blocks) for i in range(blocks + 1)]
-    for start, stop in itertools.pairwise(edges):
-        # beta=0: the unset entries of ``out`` are ignored, even NaN ones.
-        out[start:stop, :stop].addmm_(x[:, start:stop].T, x[:, :stop], beta=0.0)
-    return out
-
-
-def exact_s_direction(x: Tensor, cross: Tensor, prox: float) -> tuple[Tensor, Tensor]:
-    """Δ = Gᵀx̃ (C + λI)⁻¹ (d_out × d_in+1 with a bias) and Cholesky's ``info``.
-
-    The exact S solution is θ_new = θ^old − γ·Δ (SPEC §2), with x̃ = [x, 1],
-    C = x̃ᵀx̃ and ``cross`` = Gᵀx̃ (:func:`backprop_cross`; one column more
-    than x when the layer has a bias). The bias entries of C are sums (Σx and
-    N), so x̃ is never formed. With C + λI = L Lᵀ, Δ solves Δ L Lᵀ = Gᵀx̃: two
-    triangular solves from the right, no transposed copies. ``info`` is
-    nonzero when C + λI did not factor (not positive definite in this
-    precision).
-    """
-    rows, d_in = x.shape
-    d = cross.shape[1]
-    has_bias = d == d_in + 1
-    covariance = x.new_empty(d, d)
-    lower_gram(x, out=covariance[:d_in, :d_in])
-    if has_bias:
-        torch.sum(x, 0, out=covariance[d_in, :d_in])
-        covariance[d_in, d_in] = rows
-    covariance.diagonal().add_(prox)
-    factor, info = torch.linalg.cholesky_ex(covariance)
-    half = torch.linalg.solve_triangular(factor.mT, cross, upper=True, left=False)
-    return torch.linalg.solve_triangular(factor, half, upper=False, left=False), info

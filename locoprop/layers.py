@@ -1,0 +1,270 @@
+"""Layer records: what an nn.Linear or nn.Conv2d layer saw in the forward pass
+and received in the backward pass, shared by LocoProp and K-FAC.
+
+Two things are kept apart here, as in kfac-pytorch: a *layer adapter* per
+module type knows how to run the layer's forward with given parameters and
+how to see it as an affine map of rows; the algorithms built on the records
+(:mod:`locoprop.units` adds transfer functions; ``baselines.kfac`` its
+curvature factors) never look at module types.
+
+A :class:`RecordedLayer` records, with a forward hook, its input x and output
+a, and with a tensor hook on a the backprop gradient g = dL/da. A record lives
+as long as the autograd graph of its forward until its gradient arrives, then
+until the optimizer's step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LayerAdapter",
+    "LayerRecord",
+    "RecordedLayer",
+    "adapter_for",
+    "find_layers",
+    "no_backward_error",
+    "unrecorded_gradient_error",
+]
+
+
+class LayerAdapter:
+    """Shapes and tensor plumbing of one layer type.
+
+    ``forward`` runs the layer as a pure function of its parameters. The
+    layer is an affine map per *row*: ``input_rows(x)`` (one row per example
+    and position: an unfolded patch for Conv2d) times the weight matrix
+    ``weight.reshape(d_out, -1)`` gives ``output_rows(a)``. Curvature
+    methods (K-FAC, the exact S solve) work on those rows.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class LinearAdapter(LayerAdapter):
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, x.shape[-1])
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        return a.reshape(-1, a.shape[-1])
+
+
+class Conv2dAdapter(LayerAdapter):
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        m = self.module
+        if m.padding_mode != "zeros":
+            return F.conv2d(self._pad(x), weight, bias, m.stride, 0, m.dilation, m.groups)
+        return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        """Patches (N·positions, C_in·kh·kw), in the weight's flattening order."""
+        m = self.module
+        if m.groups != 1:
+            raise ValueError(f"Grouped convolutions have no single patch matrix (groups={m.groups})")
+        padding = 0 if m.padding_mode != "zeros" else m.padding
+        if isinstance(padding, str):
+            raise ValueError(f"padding={padding!r} has no unfold equivalent; give the padding as numbers")
+        x = self._pad(x) if m.padding_mode != "zeros" else x
+        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        return a.flatten(2).transpose(1, 2).reshape(-1, a.shape[1])
+
+    def _pad(self, x: Tensor) -> Tensor:
+        # As nn.Conv2d does for non-zero padding modes: pad, then convolve unpadded.
+        return F.pad(x, self.module._reversed_padding_repeated_twice, mode=self.module.padding_mode)
+
+
+_ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
+    nn.Linear: LinearAdapter,
+    nn.Conv2d: Conv2dAdapter,
+}
+
+
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    """The adapter for ``module``'s layer type, or ``None`` if unsupported."""
+    for layer_type, adapter in _ADAPTERS.items():
+        if isinstance(module, layer_type):
+            return adapter(module)
+    return None
+
+
+@dataclasses.dataclass(eq=False)
+class LayerRecord:
+    """One recorded use of a unit: input x, pre-activation a, gradient g.
+
+    ``versions`` are the version counters of x, a and the unit's parameters
+    when the forward ran: an in-place operation after the layer (such as
+    ``nn.ReLU(inplace=True)``) overwrites the memory that ``a`` shares with
+    the layer's output, and the counters tell (see :meth:`RecordedLayer.output`).
+    """
+
+    x: Tensor
+    a: Tensor
+    versions: tuple[int, ...]
+    g: Tensor | None = None
+
+    def add_grad(self, grad: Tensor) -> None:
+        # A graph backpropagated twice (retain_graph) sums, like .grad does.
+        grad = grad.detach()
+        self.g = grad if self.g is None else self.g + grad
+
+
+def _recording_hook(record: LayerRecord, backpropagated: list[LayerRecord]):
+    """The gradient hook of one recorded forward: it stores g = dL/da in
+    ``record`` and hands the record to ``backpropagated`` (the unit's list).
+
+    Until its gradient arrives the record lives only in this hook, that is
+    in the autograd graph: a forward that is never backpropagated frees its
+    record with its graph, as plain PyTorch frees its saved tensors. Once
+    handed over, the hook keeps only a weak reference: users keep the graph
+    through ``loss`` until their next iteration, and a strong one would keep
+    x, a and g alive past the step that consumed them.
+    """
+    pending = [record]  # the graph's strong reference, until the gradient arrives
+    ref = weakref.ref(record)
+
+    def add_grad(grad: Tensor) -> None:
+        if pending:
+            backpropagated.append(pending.pop())
+        alive = ref()
+        if alive is not None:
+            alive.add_grad(grad)
+
+    return add_grad
+
+
+@dataclasses.dataclass(eq=False)
+class RecordedLayer:
+    """A layer (nn.Linear or nn.Conv2d) with what its hooks recorded.
+
+    Attributes:
+        name: the layer's qualified name in the model (``"encoder.0"``).
+        module: the layer.
+        adapter: runs the layer as a pure function of (x, weight, bias).
+        records: the recorded uses that received a gradient since the last
+            step (a forward enters it when its backward pass reaches it).
+    """
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    records: list[LayerRecord] = dataclasses.field(default_factory=list)
+    _handle: torch.utils.hooks.RemovableHandle | None = None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The unit's parameters θ: weight, then bias if the layer has one."""
+        return [p for p in (self.module.weight, self.module.bias) if p is not None]
+
+    @property
+    def trainable(self) -> bool:
+        return all(p.requires_grad for p in self.params)
+
+    def attach(self) -> None:
+        self._handle = self.module.register_forward_hook(self._record_forward)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _record_forward(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        # Only forwards that can be backpropagated matter; evaluation under
+        # torch.no_grad() records nothing.
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return
+        x, bias = inputs[0], module.bias
+        versions = (x._version, output._version, module.weight._version, *(() if bias is None else (bias._version,)))
+        record = LayerRecord(x=x.detach(), a=output.detach(), versions=versions)
+        output.register_hook(_recording_hook(record, self.records))
+
+    def backpropagated_records(self) -> list[LayerRecord]:
+        """Records since the last step that received a gradient."""
+        return [r for r in self.records if r.g is not None]
+
+    def check_record(self, record: LayerRecord) -> None:
+        """Refuse a record whose input, or whose overwritten pre-activation,
+        cannot be restored as the forward pass saw it."""
+        if record.x._version != record.versions[0]:
+            raise RuntimeError(
+                f"The input of unit {self.name!r} was modified in place after its forward pass; its local problem "
+                "needs the input as the layer saw it. Make the operation that changed it out of place "
+                "(for example inplace=False), or run it after opt.step()"
+            )
+        if record.a._version != record.versions[1] and self._param_versions() != record.versions[2:]:
+            raise RuntimeError(
+                f"The output of unit {self.name!r} was modified in place (an in-place operation such as "
+                "nn.ReLU(inplace=True)) and its parameters changed after the forward pass, so its pre-activation "
+                "cannot be recomputed; leave the parameters unchanged until opt.step(), or make the in-place "
+                "operation out of place"
+            )
+
+    def output(self, record: LayerRecord) -> Tensor:
+        """The output a = layer(x) of a recorded use (a unit's pre-activation).
+
+        The recorded ``a`` shares memory with the layer's output. When an
+        in-place operation after the layer (``nn.ReLU(inplace=True)``,
+        ``out += skip``) has overwritten it, a is recomputed from the recorded
+        input with the forward's parameters (unchanged: :meth:`check_record`),
+        one forward of the layer. So it is after a forward under autocast: the
+        local problems run in the parameters' dtype, and a rounded to bfloat16
+        would put its rounding error into the first local gradient. Otherwise
+        it is read as recorded, at no cost.
+        """
+        weight, bias = self.module.weight.detach(), self.module.bias
+        if record.a._version == record.versions[1] and record.a.dtype == weight.dtype:
+            return record.a
+        return self.adapter.forward(record.x.to(weight.dtype), weight, bias.detach() if bias is not None else None)
+
+    def _param_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.params)
+
+    def __repr__(self) -> str:
+        return f"RecordedLayer({self.name!r}, {type(self.module).__name__})"
+
+
+def find_layers(model: nn.Module) -> list[RecordedLayer]:
+    """Every trainable nn.Linear / nn.Conv2d of ``model``, in registration order (not yet attached)."""
+    return [
+        RecordedLayer(name=name or type(module).__name__, module=module, adapter=adapter)
+        for name, module in model.named_modules()
+        if (adapter := adapter_for(module)) is not None
+        if all(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+
+
+def unrecorded_gradient_error(kind: str, name: str) -> RuntimeError:
+    """A layer whose parameters have a gradient that no recorded backward pass explains."""
+    return RuntimeError(
+        f"{kind} {name!r} has a gradient but no forward and backward pass was recorded since the last step(); "
+        "run the forward pass and loss.backward() before each step() (forwards under torch.no_grad() are not "
+        "recorded)"
+    )
+
+
+def no_backward_error(optimizer: str) -> RuntimeError:
+    """``step()`` with nothing to step: no gradient, nothing recorded."""
+    return RuntimeError(
+        f"{optimizer}.step() called before any backward pass: no parameter has a gradient and no layer recorded "
+        "one; call loss.backward() first"
+    )
