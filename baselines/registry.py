@@ -1,9 +1,9 @@
-"""The optimizer registry: every name of SPEC §7, its defaults and its search.
+"""The optimizer registry: every name of SPEC §7 and its defaults.
 
 ``make_optimizer(name, model, loss=..., **hparams)`` returns a ready
 ``torch.optim.Optimizer``. Hyperparameters are flat scalars (``beta1``, not
-``betas``) so that one search-space file per optimizer can name them;
-``searched`` lists the ones a sweep should tune. ``loss`` is the workload's
+``betas``) so that one search-space file per optimizer can name them (what a
+sweep searches lives only there: ``sweeps/search/spaces/NAME.yaml``). ``loss`` is the workload's
 loss ("bce", "cross_entropy" or "mse"): LocoProp takes its output transfer
 function from it, K-FAC its sampled Fisher.
 """
@@ -44,8 +44,6 @@ class OptimizerSpec:
         name: the registry name (``"adam"``).
         build: (model, loss, hparams) -> optimizer, hparams complete.
         defaults: every hyperparameter the entry takes, with its default.
-        searched: the hyperparameters a sweep tunes.
-        description: one line for ``--help`` and reports.
         types: the type of each hyperparameter whose default is None (which
             accepts None too); the others take the type of their default.
         nullable: hyperparameters with a default that also accept None
@@ -55,8 +53,6 @@ class OptimizerSpec:
     name: str
     build: Callable[[nn.Module, str | None, dict[str, Any]], torch.optim.Optimizer]
     defaults: dict[str, Any]
-    searched: tuple[str, ...]
-    description: str
     types: dict[str, type] = dataclasses.field(default_factory=dict)
     nullable: tuple[str, ...] = ()
 
@@ -212,46 +208,34 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "sgd",
             _sgd,
             dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0),
-            ("lr",),
-            "plain SGD (torch.optim.SGD)",
         ),
         OptimizerSpec(
             "momentum",
             _sgd,
             dict(lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0),
-            ("lr", "momentum"),
-            "SGD with heavy-ball momentum",
         ),
         OptimizerSpec(
             "nesterov",
             _sgd,
             dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.0),
-            ("lr", "momentum"),
-            "SGD with Nesterov momentum",
         ),
-        OptimizerSpec("adam", _adam(torch.optim.Adam), _ADAM_DEFAULTS, ("lr", "beta1", "beta2", "eps"), "Adam"),
+        OptimizerSpec("adam", _adam(torch.optim.Adam), _ADAM_DEFAULTS),
         OptimizerSpec(
             "adamw",
             _adam(torch.optim.AdamW),
             {**_ADAM_DEFAULTS, "weight_decay": 0.01},
-            ("lr", "beta1", "beta2", "eps", "weight_decay"),
-            "AdamW (decoupled weight decay)",
         ),
         OptimizerSpec(
             "rmsprop",
             _rmsprop,
             dict(lr=1e-3, alpha=0.99, eps=1e-8, momentum=0.0, centered=False),
-            ("lr", "alpha", "eps", "momentum"),
-            "RMSProp (torch.optim.RMSprop)",
         ),
         OptimizerSpec(
             "rmsprop-tf",
             _rmsprop_tf,
             dict(lr=1e-3, decay=0.9, momentum=0.0, eps=1e-10),
-            ("lr", "decay", "momentum", "eps"),
-            "TensorFlow-1 RMSProp (ms starts at 1, eps inside the root)",
         ),
-        OptimizerSpec("adagrad", _adagrad, dict(lr=1e-2, eps=1e-10, weight_decay=0.0), ("lr", "eps"), "Adagrad"),
+        OptimizerSpec("adagrad", _adagrad, dict(lr=1e-2, eps=1e-10, weight_decay=0.0)),
         OptimizerSpec(
             "kfac",
             _kfac,
@@ -265,8 +249,6 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 inv_update_freq=10,
                 fisher="empirical",
             ),
-            ("lr", "damping", "momentum", "factor_decay"),
-            "K-FAC with π-split Tikhonov damping and KL clipping (baselines.kfac)",
             nullable=("kl_clip",),
         ),
         OptimizerSpec(
@@ -282,15 +264,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 preconditioning_compute_steps=10,
                 block_size=512,
             ),
-            ("lr", "beta1", "beta2", "matrix_eps"),
-            "Shampoo with grafting (Anil et al.; pytorch_optimizer.ScalableShampoo)",
         ),
         OptimizerSpec(
             "soap",
             _with_betas(_soap),
             dict(lr=3e-3, beta1=0.95, beta2=0.95, weight_decay=0.01, precondition_frequency=10, eps=1e-8),
-            ("lr", "beta1", "beta2", "weight_decay"),
-            "SOAP: Adam in Shampoo's eigenbasis (pytorch_optimizer.SOAP)",
         ),
         OptimizerSpec(
             "muon",
@@ -306,31 +284,23 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 adamw_beta2=0.95,
                 adamw_weight_decay=0.0,
             ),
-            ("lr", "momentum", "adamw_lr"),
-            "Muon on 2-D weights, AdamW on the rest (torch.optim.Muon)",
         ),
         OptimizerSpec(
             "locoprop-m",
             _locoprop("M"),
             _LOCOPROP_DEFAULTS,
-            ("lr", "activation_lr", "local_iters", "inner_momentum"),
-            "LocoProp with post-activation targets (matching losses)",
             types=_LOCOPROP_TYPES,
         ),
         OptimizerSpec(
             "locoprop-s",
             _locoprop("S"),
             _LOCOPROP_DEFAULTS,
-            ("lr", "activation_lr", "local_iters", "inner_momentum"),
-            "LocoProp with pre-activation targets (squared losses)",
             types=_LOCOPROP_TYPES,
         ),
         OptimizerSpec(
             "locoprop-s-exact",
             _locoprop("S", solve="exact"),
             {**_LOCOPROP_DEFAULTS, "activation_lr": 1.0, "prox": 10.0},
-            ("activation_lr", "prox"),
-            "LocoProp-S with the closed-form local solve (preconditioned step)",
             types=_LOCOPROP_TYPES,
         ),
     ]

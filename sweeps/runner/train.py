@@ -89,10 +89,6 @@ class RunResult:
     def status(self) -> str:
         return self.summary["status"]
 
-    @property
-    def final_test_loss(self) -> float | None:
-        return self.summary.get("final_test_loss")
-
 
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based).
