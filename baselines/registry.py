@@ -1,7 +1,9 @@
 """The optimizer registry: every name of SPEC §7 and its defaults.
 
 ``make_optimizer(name, model, loss=..., **hparams)`` returns a ready
-``torch.optim.Optimizer``. Hyperparameters are flat scalars (``beta1``, not
+``torch.optim.Optimizer`` that skips (and counts in ``skipped_steps``) a
+step whose gradients are not all finite (:mod:`baselines.finite`; LocoProp
+does so by itself). Hyperparameters are flat scalars (``beta1``, not
 ``betas``) so that one search-space file per optimizer can name them (what a
 sweep searches lives only there: ``sweeps/search/spaces/NAME.yaml``). ``loss`` is the workload's
 loss ("bce", "cross_entropy" or "mse"): LocoProp takes its output transfer
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from baselines.combined import CombinedOptimizer
+from baselines.finite import finite_steps
 from baselines.kfac import KFAC
 from locoprop import LocoPropOptimizer, RMSpropTF
 
@@ -69,14 +72,14 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _sgd(model, loss, h):
-    return torch.optim.SGD(
+    return finite_steps(torch.optim.SGD)(
         _trainable(model), lr=h["lr"], momentum=h["momentum"], nesterov=h["nesterov"], weight_decay=h["weight_decay"]
     )
 
 
 def _adam(cls):
     def build(model, loss, h):
-        return cls(
+        return finite_steps(cls)(
             _trainable(model), lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"], weight_decay=h["weight_decay"]
         )
 
@@ -84,21 +87,25 @@ def _adam(cls):
 
 
 def _rmsprop(model, loss, h):
-    return torch.optim.RMSprop(
+    return finite_steps(torch.optim.RMSprop)(
         _trainable(model), lr=h["lr"], alpha=h["alpha"], eps=h["eps"], momentum=h["momentum"], centered=h["centered"]
     )
 
 
 def _rmsprop_tf(model, loss, h):
-    return RMSpropTF(_trainable(model), lr=h["lr"], decay=h["decay"], momentum=h["momentum"], eps=h["eps"])
+    return finite_steps(RMSpropTF)(
+        _trainable(model), lr=h["lr"], decay=h["decay"], momentum=h["momentum"], eps=h["eps"]
+    )
 
 
 def _adagrad(model, loss, h):
-    return torch.optim.Adagrad(_trainable(model), lr=h["lr"], eps=h["eps"], weight_decay=h["weight_decay"])
+    return finite_steps(torch.optim.Adagrad)(
+        _trainable(model), lr=h["lr"], eps=h["eps"], weight_decay=h["weight_decay"]
+    )
 
 
 def _kfac(model, loss, h):
-    return KFAC(model, loss=loss, **h)
+    return finite_steps(KFAC)(model, loss=loss, **h)
 
 
 def _with_betas(load_class: Callable[[], type]):
@@ -108,7 +115,7 @@ def _with_betas(load_class: Callable[[], type]):
     def build(model, loss, h):
         h = dict(h)
         betas = (h.pop("beta1"), h.pop("beta2"))
-        return load_class()(_trainable(model), betas=betas, **h)
+        return finite_steps(load_class())(_trainable(model), betas=betas, **h)
 
     return build
 
@@ -153,7 +160,7 @@ def _muon(model, loss, h):
                 weight_decay=h["adamw_weight_decay"],
             )
         )
-    return CombinedOptimizer(parts)
+    return finite_steps(CombinedOptimizer)(parts)
 
 
 def _locoprop(variant: str, solve: str = "iterative"):

@@ -112,6 +112,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             AdamW, SGD and Adagrad through their ``fused`` kernels.
     """
 
+    # The phases of a step it times (``last_step_seconds``), for the runner.
+    step_phases = ("targets", "local_solve")
+
     def __init__(
         self,
         model: nn.Module,

@@ -20,19 +20,20 @@ __all__ = [
     "FAILED",
     "FINISHED",
     "HPARAM_PREFIX",
-    "LOCOPROP_COLUMNS",
     "METRICS",
     "METRIC_COLUMNS",
     "OK",
     "RUNNING",
     "RUN_ID",
     "RUN_LABELS",
+    "SKIPPED_COLUMN",
     "STATUS",
     "STEP_TIME_COLUMN",
     "STOPPED",
     "SUMMARY",
     "SWEEP_TABLE",
     "metric_columns",
+    "phase_column",
     "run_labels",
 ]
 
@@ -41,11 +42,13 @@ CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.csv", "summary.js
 
 # metrics.csv: one row per evaluation. Every run has these columns, in this order...
 METRIC_COLUMNS = ("step", "epoch", "wall_time_s", "train_loss", "test_loss", "lr")
-# ...classifiers add their error rates, every run its mean step time, and
-# LocoProp the per-step seconds of its phases and its count of skipped steps.
+# ...classifiers add their error rates; every run its mean seconds per step,
+# per phase of a step (forward_backward, then the optimizer's own phases,
+# such as LocoProp's targets and local_solve: PHASE_time_s) and its count of
+# steps skipped for non-finite values.
 CLASSIFIER_COLUMNS = ("train_error", "test_error")
 STEP_TIME_COLUMN = "step_time_s"
-LOCOPROP_COLUMNS = ("targets_time_s", "local_solve_time_s", "skipped_steps")
+SKIPPED_COLUMN = "skipped_steps"
 
 # summary.json "status": a run that is over (a "failed" one can be resumed);
 # a run directory without summary.json is still running, or was killed hard.
@@ -65,10 +68,15 @@ STATUS = "status"
 HPARAM_PREFIX = "hp_"
 
 
-def metric_columns(classifier: bool, locoprop: bool) -> list[str]:
-    """The metrics.csv header of a run."""
+def phase_column(phase: str) -> str:
+    """The metrics.csv column of a step phase's mean seconds."""
+    return f"{phase}_time_s"
+
+
+def metric_columns(classifier: bool, phases: tuple[str, ...]) -> list[str]:
+    """The metrics.csv header of a run whose steps are timed in ``phases``."""
     columns = [*METRIC_COLUMNS, *(CLASSIFIER_COLUMNS if classifier else ()), STEP_TIME_COLUMN]
-    return columns + list(LOCOPROP_COLUMNS if locoprop else ())
+    return columns + [phase_column(phase) for phase in phases] + [SKIPPED_COLUMN]
 
 
 def run_labels(config: dict[str, Any], status: str) -> dict[str, Any]:

@@ -212,9 +212,12 @@ def test_cli_train_writes_the_run_directory(tmp_path):
     with open(run_dir / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
-    for column in [*METRIC_COLUMNS, "train_error", "test_error", "targets_time_s", "local_solve_time_s"]:
+    phases = ["forward_backward_time_s", "targets_time_s", "local_solve_time_s"]
+    for column in [*METRIC_COLUMNS, "train_error", "test_error", *phases, "skipped_steps"]:
         assert column in rows[0], column
     assert float(rows[2]["local_solve_time_s"]) > 0
+    # The phases are parts of the step: their sum is at most the step's time.
+    assert sum(float(rows[2][column]) for column in phases) <= float(rows[2]["step_time_s"]) * (1 + 1e-9)
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in [
         "final_train_loss",

@@ -14,7 +14,7 @@ from sweeps.runner.data import synthetic
 
 TINY = dict(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=128, epochs=3)
 DATA = synthetic()
-TIMING_COLUMNS = {"wall_time_s", "step_time_s", "targets_time_s", "local_solve_time_s"}
+TIMING_COLUMNS = {"wall_time_s", "step_time_s", "forward_backward_time_s", "targets_time_s", "local_solve_time_s"}
 # Small enough that every optimizer's periodic work (preconditioners,
 # inverses) happens both before the interruption and after it.
 RESUME_HPARAMS = {

@@ -32,7 +32,12 @@ def test_analysis_and_the_schema_import_neither_torch_nor_the_runner():
 
 
 def test_metric_columns_of_each_kind_of_run():
-    assert schema.metric_columns(classifier=False, locoprop=False) == [*schema.METRIC_COLUMNS, "step_time_s"]
-    columns = schema.metric_columns(classifier=True, locoprop=True)
+    assert schema.metric_columns(classifier=False, phases=("forward_backward",)) == [
+        *schema.METRIC_COLUMNS,
+        "step_time_s",
+        "forward_backward_time_s",
+        "skipped_steps",
+    ]
+    columns = schema.metric_columns(classifier=True, phases=("forward_backward", "targets", "local_solve"))
     assert columns[: len(schema.METRIC_COLUMNS)] == list(schema.METRIC_COLUMNS)
-    assert set(schema.CLASSIFIER_COLUMNS) | set(schema.LOCOPROP_COLUMNS) <= set(columns)
+    assert {*schema.CLASSIFIER_COLUMNS, "targets_time_s", "local_solve_time_s"} <= set(columns)

@@ -6,9 +6,8 @@ evaluation and budget; optimizers only update. Per run directory:
 - ``config.json``: the :class:`RunConfig`;
 - ``metrics.csv``: one row per evaluation (before training and after every
   epoch): step, epoch, wall_time_s (training time, evaluation excluded),
-  train_loss and test_loss on the whole splits, lr, mean step time, and for
-  LocoProp the per-step seconds of its two phases (targets: forward,
-  backward and targets; local_solve: the local solves);
+  train_loss and test_loss on the whole splits, lr, mean seconds per step
+  and per phase of a step, and the count of skipped steps;
 - ``summary.json``: final and best losses, status, seconds, peak memory,
   versions, seed;
 - ``checkpoint.pt``: written every epoch, with the metrics rows so far;
@@ -17,6 +16,16 @@ evaluation and budget; optimizers only update. Per run directory:
 
 A non-finite loss, or one above ``divergence_factor`` times the initial
 training loss, ends the run with status ``diverged``.
+
+The loop talks to every optimizer (the registry's, ``baselines``) through
+one small protocol, beside ``zero_grad`` and ``step``; each part is optional:
+
+- ``skipped_steps``: how many steps it refused for non-finite values;
+- ``step_phases`` and ``last_step_seconds``: the names of the phases of its
+  step it times, and their seconds in the last step (LocoProp: "targets",
+  "local_solve"); the loop times the forward and backward pass itself;
+- ``synchronize_timing``: set to True on CUDA, so that the phases it times
+  wait for their kernels.
 
 What happens to a run directory that already holds a run:
 
@@ -48,7 +57,6 @@ from typing import Any
 import torch
 
 from baselines import make_optimizer
-from locoprop import LocoPropOptimizer
 from sweeps import schema
 from sweeps.runner import records
 from sweeps.runner.config import RunConfig, run_identity
@@ -290,8 +298,9 @@ class _Run:
         torch.manual_seed(config.seed)
         self.model = _build_model(self.workload, self.data, config, self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
-        self.is_locoprop = isinstance(self.optimizer, LocoPropOptimizer)
-        if self.is_locoprop:
+        # The optimizer protocol (module docstring): what it times, and a GPU sync for honest timings.
+        self.phases = ("forward_backward", *getattr(self.optimizer, "step_phases", ()))
+        if hasattr(self.optimizer, "synchronize_timing"):
             self.optimizer.synchronize_timing = self.device.type == "cuda"
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
@@ -328,7 +337,7 @@ class _Run:
         (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
         if not self.resumed:
             (self.run_dir / records.CHECKPOINT).unlink(missing_ok=True)
-        columns = schema.metric_columns(self.workload.loss_kind == "cross_entropy", self.is_locoprop)
+        columns = schema.metric_columns(self.workload.loss_kind == "cross_entropy", self.phases)
         # Rows after the checkpoint's epoch are redone; the checkpoint's own
         # rows replace the file's, which may be damaged or cut short.
         self.metrics = records.MetricsWriter(self.run_dir / records.METRICS, columns, rows=self.rows)
@@ -396,10 +405,7 @@ class _Run:
         finished = time.perf_counter()
         self.wall_time += finished - started
         self.step += 1
-        phases = {}
-        if self.is_locoprop:
-            split = self.optimizer.last_step_seconds
-            phases = {"targets": backward_done - started + split["targets"], "local_solve": split["local_solve"]}
+        phases = {"forward_backward": backward_done - started, **getattr(self.optimizer, "last_step_seconds", {})}
         return finished - started, phases
 
     def _sane(self, loss: float) -> bool:
@@ -433,11 +439,10 @@ class _Run:
             for key, value in extra.items():
                 row[f"{split}_{key}"] = value / len(x)
         self.model.train()
-        row["step_time_s"] = statistics.mean(step_times) if step_times else None
-        if self.is_locoprop:
-            row["targets_time_s"] = statistics.mean(p["targets"] for p in phase_times) if phase_times else None
-            row["local_solve_time_s"] = statistics.mean(p["local_solve"] for p in phase_times) if phase_times else None
-            row["skipped_steps"] = self.optimizer.skipped_steps
+        row[schema.STEP_TIME_COLUMN] = statistics.mean(step_times) if step_times else None
+        for phase in self.phases:
+            row[schema.phase_column(phase)] = statistics.mean(p[phase] for p in phase_times) if phase_times else None
+        row[schema.SKIPPED_COLUMN] = getattr(self.optimizer, "skipped_steps", 0)
         self.step_times.extend(step_times)
         return row
 
@@ -500,8 +505,7 @@ class _Run:
         }
         if self.workload.loss_kind == "cross_entropy":
             summary["final_test_error"] = finals.get("test_error")
-        if self.is_locoprop:
-            summary["skipped_steps"] = self.optimizer.skipped_steps
+        summary["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0)
         if error is not None:
             summary["error"] = error
         summary = records.finite_or_null(summary)
