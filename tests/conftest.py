@@ -1,6 +1,7 @@
 """Shared helpers for the tests."""
 
 import copy
+import io
 import os
 
 import pytest
@@ -55,3 +56,51 @@ def missing_system_dependency(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI must provide it: see .ci/run)")
     pytest.skip(f"{reason}; .ci/run installs it")
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches, loss_fn, scheduler=None) -> None:
+    """The plain loop: per batch, ``zero_grad``, ``loss_fn(model, batch).backward()``, ``step`` (then the scheduler)."""
+    for batch in batches:
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def assert_round_trip_continues(make_model, make_optimizer, batches, loss_fn, make_scheduler=None, saved_at=3):
+    """The state_dict contract: train on ``batches[:saved_at]``, save model, optimizer
+    (scheduler) and RNG state through bytes as a checkpoint file would, and
+    continue; a fresh model and optimizer loaded with ``weights_only=True``
+    continue bit-for-bit. Returns the reloaded optimizer."""
+    model = make_model()
+    opt = make_optimizer(model)
+    scheduler = make_scheduler(opt) if make_scheduler else None
+    train_steps(model, opt, batches[:saved_at], loss_fn, scheduler)
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "rng": torch.get_rng_state(),  # a sampled Fisher draws labels
+        },
+        buffer,
+    )
+    train_steps(model, opt, batches[saved_at:], loss_fn, scheduler)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh = make_model()
+    fresh.load_state_dict(saved["model"])
+    fresh_opt = make_optimizer(fresh)
+    fresh_opt.load_state_dict(saved["optimizer"])
+    fresh_scheduler = make_scheduler(fresh_opt) if make_scheduler else None
+    if fresh_scheduler is not None:
+        fresh_scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    train_steps(fresh, fresh_opt, batches[saved_at:], loss_fn, fresh_scheduler)
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), f"{name} differs after the reload"
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), make_model().parameters())), "it trained"
+    return fresh_opt

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import snapshot
+from conftest import snapshot, train_steps
 from torch import nn
 
 from locoprop import LocoPropOptimizer, kernels
@@ -50,12 +50,14 @@ def _train(model, mode, variant, inner, prox, steps=4):
         units=model.units(), parallel=mode,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(24, 1, 6, 6, dtype=torch.float64, generator=generator)
-        y = torch.randint(0, 5, (24,), generator=generator)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    batches = [
+        (
+            torch.randn(24, 1, 6, 6, dtype=torch.float64, generator=generator),
+            torch.randint(0, 5, (24,), generator=generator),
+        )
+        for _ in range(steps)
+    ]
+    train_steps(model, opt, batches, lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]))
     return snapshot(model), opt
 
 

@@ -14,7 +14,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_params, backprop_sgd_step, snapshot
+from conftest import assert_same_params, backprop_sgd_step, snapshot, train_steps
 from torch import nn
 
 from locoprop import LocoPropOptimizer
@@ -33,10 +33,7 @@ def _one_sgd_step(model, loss_fn, **kwargs):
 
 def _train(model, loss_fn, steps=2, **kwargs):
     opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, **kwargs)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(model).backward()
-        opt.step()
+    train_steps(model, opt, range(steps), lambda m, _: loss_fn(m))
     return snapshot(model)
 
 

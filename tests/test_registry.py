@@ -1,12 +1,14 @@
-"""The optimizer registry serves every name of SPEC §7."""
+"""The optimizer registry serves every name of SPEC §7, and every name passes one contract table."""
 
 import copy
-import io
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_round_trip_continues, assert_same_params, snapshot, train_steps
 from torch import nn
 
 from baselines import OPTIMIZERS, CombinedOptimizer, make_optimizer, optimizer_names
@@ -18,41 +20,142 @@ SPEC_NAMES = [
     "soap", "muon", "locoprop-m", "locoprop-s", "locoprop-s-exact",
 ]  # fmt: skip
 
-# The registry defaults suit the reference autoencoder at batch 1000; a tiny
-# classifier needs larger steps from some of them.
-SMALL_PROBLEM = {
-    "locoprop-m": dict(lr=1e-3, activation_lr=1.0, inner_momentum=0.9),
-    "locoprop-s": dict(lr=1e-3, activation_lr=1.0, inner_momentum=0.9),
-    "rmsprop-tf": dict(lr=1e-2),  # ms starts at 1: small first steps
-    "shampoo": dict(lr=1e-2, start_preconditioning_step=2, preconditioning_compute_steps=2),
-}
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerInfo:
+    """How the contract checks run one registry optimizer (torch's OptimizerInfo, in small).
+
+    Attributes:
+        name: the registry name.
+        small_problem: hyperparameters over the registry defaults for the tiny
+            classifier (the defaults suit the reference autoencoder at batch 1000).
+        checkpoint: hyperparameters under which every periodic computation
+            (preconditioners, inverses) happens before the save and after the reload.
+    """
+
+    name: str
+    small_problem: dict = dataclasses.field(default_factory=dict)
+    checkpoint: dict = dataclasses.field(default_factory=dict)
+
+
+_LOCOPROP_SMALL = dict(lr=1e-3, activation_lr=1.0, inner_momentum=0.9)
+_SHAMPOO_OFTEN = dict(lr=1e-2, start_preconditioning_step=2, preconditioning_compute_steps=2)
+OPTIMIZER_INFOS = [
+    OptimizerInfo("sgd"),
+    OptimizerInfo("momentum"),
+    OptimizerInfo("nesterov"),
+    OptimizerInfo("adam"),
+    OptimizerInfo("adamw"),
+    OptimizerInfo("rmsprop"),
+    OptimizerInfo("rmsprop-tf", dict(lr=1e-2), dict(lr=1e-2)),  # ms starts at 1: small first steps
+    OptimizerInfo("adagrad"),
+    OptimizerInfo("kfac", checkpoint=dict(inv_update_freq=2, fisher="sampled")),  # sampled: the RNG matters too
+    OptimizerInfo("shampoo", _SHAMPOO_OFTEN, _SHAMPOO_OFTEN),
+    OptimizerInfo("soap", checkpoint=dict(precondition_frequency=2)),
+    OptimizerInfo("muon"),
+    OptimizerInfo("locoprop-m", _LOCOPROP_SMALL, _LOCOPROP_SMALL),
+    OptimizerInfo("locoprop-s", _LOCOPROP_SMALL, _LOCOPROP_SMALL),
+    OptimizerInfo("locoprop-s-exact"),
+]
+CONTRACT = pytest.mark.parametrize("info", OPTIMIZER_INFOS, ids=lambda info: info.name)
+
+
+def _classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _batches(count: int, poisoned: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Classification batches; batch ``poisoned`` holds an infinite input, so its loss and gradients are NaN."""
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.randn(8, 3, generator=generator)
+    batches = []
+    for index in range(count):
+        x = torch.randn(32, 8, generator=generator)
+        y = (x[:, :3] @ mixing[:3]).argmax(1)
+        if index == poisoned:
+            x[0, 0] = math.inf
+        batches.append((x, y))
+    return batches
+
+
+def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
 
 
 def test_registry_names_are_the_spec_names_and_each_has_a_search_space():
     from sweeps.search.spaces import load_space
 
-    assert optimizer_names() == SPEC_NAMES
+    assert optimizer_names() == SPEC_NAMES == [info.name for info in OPTIMIZER_INFOS]
     for name in SPEC_NAMES:
         assert load_space(name).optimizer == name  # it parses: every parameter is one the optimizer takes
 
 
-@pytest.mark.parametrize("name", SPEC_NAMES)
-def test_every_optimizer_builds_and_lowers_the_loss(name):
-    torch.manual_seed(0)
-    x = torch.randn(128, 8)
-    y = (x[:, :3] @ torch.randn(3, 3)).argmax(1)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-    opt = make_optimizer(name, model, loss="cross_entropy", **SMALL_PROBLEM.get(name, {}))
+@CONTRACT
+def test_every_optimizer_lowers_the_loss(info):
+    model = _classifier()
+    opt = make_optimizer(info.name, model, loss="cross_entropy", **info.small_problem)
     assert isinstance(opt, torch.optim.Optimizer)
+    (batch,) = _batches(1)
     with torch.no_grad():
-        initial = F.cross_entropy(model(x), y).item()
-    for _ in range(15):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        initial = _cross_entropy(model, batch).item()
+    train_steps(model, opt, [batch] * 15, _cross_entropy)
     with torch.no_grad():
-        final = F.cross_entropy(model(x), y).item()
+        final = _cross_entropy(model, batch).item()
     assert final < initial - 0.01, (initial, final)
+
+
+@CONTRACT
+def test_every_state_dict_loads_with_weights_only_and_continues_bit_exactly(info):
+    """A checkpoint is data: torch.load(weights_only=True) reads it, and the
+    reloaded optimizer continues exactly as the uninterrupted one."""
+    assert_round_trip_continues(
+        _classifier,
+        lambda model: make_optimizer(info.name, model, loss="cross_entropy", **info.checkpoint),
+        _batches(7),
+        _cross_entropy,
+    )
+
+
+@CONTRACT
+def test_an_lr_scheduler_moves_every_groups_lr(info):
+    model = _classifier()
+    opt = make_optimizer(info.name, model, loss="cross_entropy", **info.small_problem)
+    initial = [group["lr"] for group in opt.param_groups]
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    train_steps(model, opt, _batches(2), _cross_entropy, scheduler)
+    assert [group["lr"] for group in opt.param_groups] == pytest.approx([0.25 * lr for lr in initial])
+
+
+@CONTRACT
+def test_an_unknown_hyperparameter_is_refused_naming_the_valid_ones(info):
+    model = _classifier()
+    valid = ", ".join(sorted(OPTIMIZERS[info.name].defaults))
+    with pytest.raises(
+        ValueError, match=re.escape(f"Unknown hyperparameter(s) for {info.name!r}: betta; it takes {valid}")
+    ):
+        make_optimizer(info.name, model, betta=0.9)
+    assert not any(m._forward_hooks for m in model.modules()), "a refused optimizer left hooks behind"
+
+
+@CONTRACT
+def test_a_non_finite_gradient_neither_crashes_nor_changes_anything(info):
+    """The step of a batch whose gradients are NaN is skipped and counted;
+    parameters and optimizer state stay as they were, and training goes on."""
+    model = _classifier()
+    opt = make_optimizer(info.name, model, loss="cross_entropy", **info.checkpoint)
+    batches = _batches(4, poisoned=2)
+    train_steps(model, opt, batches[:2], _cross_entropy)
+    params, state = snapshot(model), copy.deepcopy(opt.state_dict())
+    train_steps(model, opt, batches[2:3], _cross_entropy)
+    assert_same_params(model, params)
+    assert opt.skipped_steps == 1 and opt.state_dict().pop("skipped_steps") == 1
+    state.pop("skipped_steps")
+    assert _same_state({k: v for k, v in opt.state_dict().items() if k != "skipped_steps"}, state)
+    train_steps(model, opt, batches[3:], _cross_entropy)
+    assert all(p.isfinite().all() for p in model.parameters())
+    assert any(not torch.equal(p, params[name]) for name, p in model.named_parameters())
 
 
 def test_locoprop_entries_take_the_output_transfer_from_the_loss_and_flat_inner_kwargs():
@@ -84,33 +187,6 @@ def test_muon_takes_matrices_and_adamw_the_rest():
     assert adamw.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
-def test_combined_optimizer_state_dict_round_trip():
-    def make():
-        torch.manual_seed(3)
-        return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
-
-    batches = [torch.randn(8, 4) for _ in range(4)]
-
-    def train(m, opt, xs):
-        for x in xs:
-            opt.zero_grad()
-            m(x).pow(2).sum().backward()
-            opt.step()
-
-    model = make()
-    opt = make_optimizer("muon", model)
-    train(model, opt, batches[:2])
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
-    train(model, opt, batches[2:])
-    fresh = make()
-    fresh.load_state_dict(saved[0])
-    fresh_opt = make_optimizer("muon", fresh)
-    fresh_opt.load_state_dict(saved[1])
-    train(fresh, fresh_opt, batches[2:])
-    for p, q in zip(model.parameters(), fresh.parameters()):
-        assert torch.equal(p, q)
-
-
 def test_unknown_names_and_hyperparameters_are_refused_with_the_valid_ones():
     model = nn.Linear(3, 2)
     with pytest.raises(
@@ -123,53 +199,6 @@ def test_unknown_names_and_hyperparameters_are_refused_with_the_valid_ones():
         make_optimizer("kfac", model, loss="hinge")
     with pytest.raises(ValueError, match="Invalid learning rate: -1"):
         make_optimizer("locoprop-m", model, lr=-1)
-
-
-# Every periodic computation (preconditioners, inverses, the exact solve's
-# statistics) happens both before the save and after the reload.
-CHECKPOINT_PROBLEM = {
-    **SMALL_PROBLEM,
-    "shampoo": dict(lr=1e-2, start_preconditioning_step=2, preconditioning_compute_steps=2),
-    "soap": dict(precondition_frequency=2),
-    "kfac": dict(inv_update_freq=2, fisher="sampled"),  # sampled: the RNG state matters too
-}
-
-
-@pytest.mark.parametrize("name", SPEC_NAMES)
-def test_state_dict_loads_with_weights_only_and_continues_bit_exactly(name):
-    """A checkpoint is data: torch.load(weights_only=True) reads it, and the
-    reloaded optimizer continues exactly as the uninterrupted one."""
-
-    def make():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-
-    def train(model, opt, batches):
-        for x, y in batches:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-    batches = [(torch.randn(32, 8), torch.randint(0, 3, (32,))) for _ in range(7)]
-    hparams = CHECKPOINT_PROBLEM.get(name, {})
-    model = make()
-    opt = make_optimizer(name, model, loss="cross_entropy", **hparams)
-    train(model, opt, batches[:3])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, buffer)
-    train(model, opt, batches[3:])
-
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    fresh = make()
-    fresh.load_state_dict(saved["model"])
-    fresh_opt = make_optimizer(name, fresh, loss="cross_entropy", **hparams)
-    fresh_opt.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["rng"])
-    train(fresh, fresh_opt, batches[3:])
-    for (key, p), q in zip(model.named_parameters(), fresh.parameters()):
-        assert torch.equal(p, q), key
-    assert not torch.equal(model[0].weight, make()[0].weight)  # it did train
 
 
 def test_shampoo_state_dict_holds_plain_data_and_refuses_a_mismatch():

@@ -3,7 +3,7 @@
 import copy
 
 import torch
-from conftest import bce_sum_mean
+from conftest import bce_sum_mean, train_steps
 from torch import nn
 
 from locoprop import LocoPropOptimizer
@@ -14,11 +14,8 @@ def _autoencoder():
 
 
 def _train(model, opt, data, steps):
-    for step in range(steps):
-        x = data[(step * 64) % len(data) :][:64]
-        opt.zero_grad()
-        bce_sum_mean(model(x), x).backward()
-        opt.step()
+    batches = [data[(step * 64) % len(data) :][:64] for step in range(steps)]
+    train_steps(model, opt, batches, lambda m, x: bce_sum_mean(m(x), x))
     with torch.no_grad():
         return bce_sum_mean(model(data), data).item()
 
