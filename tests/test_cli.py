@@ -107,6 +107,14 @@ BAD_INPUT = [
     ("train --lr 1e-3 --hparam lr=1e-2 --out {out}", "Hyperparameter lr is given twice (0.001 and 0.01); give it once"),
     ("train --hparam lr=1e-3 --hparam lr=1e-2 --out {out}", "Hyperparameter lr is given twice (0.001 and 0.01)"),
     ("report {runs} --out {file}", "--out {file}: {file} is a file, not a directory"),
+    (
+        "sweep --backend ray --storage postgresql://u:pw@host/db --optimizer adam --trials 1 --study s --out {out}",
+        "--storage is an Optuna storage; --backend ray keeps its state under --out",
+    ),
+    (
+        "sweep --address localhost:6379 --optimizer adam --trials 1 --study s --out {out}",
+        "--address is a Ray cluster's; with --backend optuna share a --storage URL",
+    ),
     ("report {bad_config} --out {out}", "config.json cannot be read (JSONDecodeError"),
     ("report {bad_summary} --out {out}", "summary.json holds a JSON list, not an object"),
     ("bench --steps 0", "Invalid steps: 0; expected an integer ≥ 1"),

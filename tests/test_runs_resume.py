@@ -104,11 +104,34 @@ DAMAGED_METRICS = {
 def test_resume_rebuilds_a_damaged_metrics_csv_from_the_checkpoint(tmp_path, straight_adam, damage):
     config = _interrupted_adam(tmp_path / "run")
     damage(tmp_path / "run" / "metrics.csv")
-    resumed = train(config, resume=True, progress=False, data=DATA)
+    with pytest.warns(records.RecordRebuilt, match=r"metrics.csv .*; rebuilt it from the checkpoint's rows") as caught:
+        resumed = train(config, resume=True, progress=False, data=DATA)
+    assert len(caught) == 1
     assert resumed.status == "ok"
     expected = _numbers(straight_adam.history)
     assert _same(_numbers(resumed.history), expected)
     assert _same(_numbers(records.read_history(tmp_path / "run" / "metrics.csv")), expected)
+
+
+def test_resume_of_intact_records_says_nothing(tmp_path, recwarn):
+    config = _interrupted_adam(tmp_path / "run")
+    assert train(config, resume=True, progress=False, data=DATA).status == "ok"
+    assert not [w for w in recwarn if issubclass(w.category, records.RecordRebuilt)]
+
+
+def test_cli_says_in_one_line_that_it_rebuilt_metrics(tmp_path, capsys):
+    args = ["train", "--data", "synthetic", "--width-mult", "0.05", "--batch-size", "128", "--epochs", "2",
+            "--optimizer", "adam", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    (run_dir,) = tmp_path.iterdir()
+    (run_dir / "summary.json").unlink()  # as after a kill -9 …
+    (run_dir / "metrics.csv").write_text("")  # … that emptied metrics.csv
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert capsys.readouterr().err == (
+        f"locoprop: {run_dir / 'metrics.csv'} lacks the column(s) step, epoch, wall_time_s, train_loss, test_loss, "
+        "lr; rebuilt it from the checkpoint's rows\n"
+    )
 
 
 def _tree(folder):

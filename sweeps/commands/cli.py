@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 import locoprop
-from analysis.load import RunsNotFound
+from analysis.load import RunSkipped, RunsNotFound
 from baselines.registry import OPTIMIZERS
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps import schema
@@ -29,6 +29,7 @@ from sweeps.commands import presets
 from sweeps.extras import MissingExtra
 from sweeps.runner.config import DEVICES, SCHEDULES, RunConfig, run_dir_name
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
+from sweeps.runner.records import RecordRebuilt
 from sweeps.runner.train import loss_text, train
 from sweeps.runner.workloads import MAX_WIDTH_MULT, WORKLOADS, check_width_mult
 
@@ -273,6 +274,11 @@ def cmd_compare(args) -> int:
 def cmd_sweep(args) -> int:
     from sweeps.search.spaces import load_space
 
+    if args.backend == "ray" and args.storage:
+        raise ValueError("--storage is an Optuna storage; --backend ray keeps its state under --out (drop --storage)")
+    if args.backend == "optuna" and args.address:
+        raise ValueError("--address is a Ray cluster's; with --backend optuna share a --storage URL between workers")
+
     space = load_space(args.optimizer, args.space)
     out = pathlib.Path(args.out).resolve()
     base = run_config_from_args(args, args.optimizer, {}, args.seed, out)
@@ -332,19 +338,25 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from analysis.load import RunSkipped
     from analysis.report import write_report
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RunSkipped)
-        report = write_report(args.inputs, args.out, target_loss=args.target_loss)
-    for warning in caught:
-        if issubclass(warning.category, RunSkipped):
-            print(f"locoprop: {warning.message}", file=sys.stderr)
-        else:  # not ours to swallow
-            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    report = write_report(args.inputs, args.out, target_loss=args.target_loss)
     print(f"report: {report}")
     return 0
+
+
+# Warnings that tell the user what happened to their records: one line each, no source line.
+NOTICES = (RunSkipped, RecordRebuilt)
+
+
+def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, NOTICES):
+        print(f"locoprop: {message}", file=sys.stderr)
+    else:  # not ours to reword
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
 
 
 def _add_command(commands, name: str, summary: str) -> argparse.ArgumentParser:
@@ -520,7 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "out", None) is not None:
             _check_out(pathlib.Path(args.out))
-        return args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_notice
+            for category in NOTICES:
+                warnings.simplefilter("always", category)
+            return args.handler(args)
     except KeyboardInterrupt:
         return _fail(_interrupted(args, argv), EXIT_INTERRUPTED)
     except torch.linalg.LinAlgError as err:  # the exact solve's "not positive definite … raise prox"

@@ -36,10 +36,12 @@ __all__ = [
     "SUMMARY",
     "DamagedRecord",
     "MetricsWriter",
+    "RecordRebuilt",
     "field_differences",
     "finite_or_null",
     "first_line",
     "load_checkpoint",
+    "metrics_damage",
     "read_history",
     "read_json",
     "save_checkpoint",
@@ -190,6 +192,35 @@ def _number(text: str) -> int | float | None:
         return None
     # MetricsWriter writes ints as ints and floats by repr ("1.0", "nan"), so each comes back as it went in.
     return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+class RecordRebuilt(UserWarning):
+    """A damaged record of a run being resumed was rebuilt from its checkpoint; the message names it."""
+
+
+def metrics_damage(path: pathlib.Path, rows: list[dict[str, Any]]) -> str | None:
+    """Why metrics.csv at ``path`` does not begin with ``rows`` (a checkpoint's), or None if it does.
+
+    Rows after them are fine: the evaluation of an epoch whose checkpoint was
+    not written yet, which the resumed run redoes.
+    """
+    try:
+        history = read_history(path)
+    except DamagedRecord as err:
+        return str(err).split("; ")[0].removeprefix(f"{path} ").removeprefix(f"{path}, ")
+    if len(history) < len(rows):
+        return f"holds {len(history)} of the checkpoint's {len(rows)} evaluations"
+    for line, (found, saved) in enumerate(zip(history, rows), start=2):
+        differing = [key for key, value in saved.items() if not _same_number(found.get(key), value)]
+        if differing:
+            return f"line {line} differs from the checkpoint ({', '.join(differing)})"
+    return None
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
 
 
 class MetricsWriter:

@@ -51,6 +51,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -158,8 +159,14 @@ def train(
             "replace; use --resume (resume=True in Python) to continue it, or remove that directory to start afresh"
         )
     checkpoint = _checkpoint_to_resume(run_dir, config) if resume else None
+    metrics_path = run_dir / records.METRICS
+    damage = records.metrics_damage(metrics_path, checkpoint["metrics"]) if checkpoint is not None else None
     run = _Run(config, run_dir, data, checkpoint)  # may refuse too: nothing is written before this
     run.open_records()
+    if damage is not None:
+        warnings.warn(
+            records.RecordRebuilt(f"{metrics_path} {damage}; rebuilt it from the checkpoint's rows"), stacklevel=2
+        )
     try:
         status = run.loop(on_epoch, progress)
     except BaseException as err:
