@@ -19,6 +19,10 @@ __all__ = [
     "DIVERGED",
     "FAILED",
     "FINISHED",
+    "BUDGET",
+    "BUDGET_FIELDS",
+    "BUDGET_KIND",
+    "CALIBRATION",
     "HPARAM_PREFIX",
     "METRICS",
     "METRIC_COLUMNS",
@@ -32,6 +36,7 @@ __all__ = [
     "STOPPED",
     "SUMMARY",
     "SWEEP_TABLE",
+    "budget_of",
     "metric_columns",
     "phase_column",
     "run_labels",
@@ -41,12 +46,12 @@ __all__ = [
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.csv", "summary.json", "checkpoint.pt"
 
 # metrics.csv: one row per evaluation. Every run has these columns, in this order...
-METRIC_COLUMNS = ("step", "epoch", "wall_time_s", "train_loss", "test_loss", "lr")
+METRIC_COLUMNS = ("step", "epoch", "wall_time_s", "train_loss", "valid_loss", "test_loss", "lr")
 # ...classifiers add their error rates; every run its mean seconds per step,
 # per phase of a step (forward_backward, then the optimizer's own phases,
 # such as LocoProp's targets and local_solve: PHASE_time_s) and its count of
 # steps skipped for non-finite values.
-CLASSIFIER_COLUMNS = ("train_error", "test_error")
+CLASSIFIER_COLUMNS = ("train_error", "valid_error", "test_error")
 STEP_TIME_COLUMN = "step_time_s"
 SKIPPED_COLUMN = "skipped_steps"
 
@@ -60,10 +65,18 @@ RUNNING = "running"
 # The stem of the table a sweep exports (.csv and .parquet).
 SWEEP_TABLE = "sweep_results"
 
+# A run's budget (config.json): exactly one of these fields is set. "time" is
+# training seconds, converted once into a step count recorded in config.json
+# under CALIBRATION ({"step_time_s": seconds, "steps": count}).
+BUDGET_FIELDS = {"epochs": "epochs", "steps": "steps", "time_budget": "time"}
+CALIBRATION = "calibration"
+
 # The tidy results table: each metrics.csv row labelled with its run's id,
-# these config.json fields, its status and one hp_<name> column per hyperparameter.
+# these config.json fields, its budget (BUDGET_KIND: epochs, steps or time,
+# BUDGET: its value), its status and one hp_<name> column per hyperparameter.
 RUN_ID = "run_id"
 RUN_LABELS = ("optimizer", "workload", "data", "seed")
+BUDGET_KIND, BUDGET = "budget_kind", "budget"
 STATUS = "status"
 HPARAM_PREFIX = "hp_"
 
@@ -79,6 +92,17 @@ def metric_columns(classifier: bool, phases: tuple[str, ...]) -> list[str]:
     return columns + [phase_column(phase) for phase in phases] + [SKIPPED_COLUMN]
 
 
+def budget_of(config: dict[str, Any]) -> tuple[str | None, float | None]:
+    """(kind, value) of a run's budget from its config.json: ("time", 30.0), ("steps", 500), ("epochs", 20).
+
+    (None, None) for a config that sets none of them (written by hand, or by an older locoprop).
+    """
+    for field, kind in BUDGET_FIELDS.items():
+        if config.get(field) is not None:
+            return kind, config[field]
+    return None, None
+
+
 def run_labels(config: dict[str, Any], status: str) -> dict[str, Any]:
     """The label columns of a run's rows in the tidy table, from its config.json and status.
 
@@ -86,6 +110,7 @@ def run_labels(config: dict[str, Any], status: str) -> dict[str, Any]:
     that every cell is a scalar (Parquet, groupby).
     """
     labels: dict[str, Any] = {key: config[key] for key in RUN_LABELS}
+    labels[BUDGET_KIND], labels[BUDGET] = budget_of(config)
     labels[STATUS] = status
     for name, value in config.get("hparams", {}).items():
         labels[HPARAM_PREFIX + name] = json.dumps(value) if isinstance(value, (dict, list)) else value
