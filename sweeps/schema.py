@@ -13,16 +13,16 @@ import json
 from typing import Any
 
 __all__ = [
+    "BUDGET",
+    "BUDGET_FIELDS",
+    "BUDGET_KIND",
+    "CALIBRATION",
     "CHECKPOINT",
     "CLASSIFIER_COLUMNS",
     "CONFIG",
     "DIVERGED",
     "FAILED",
     "FINISHED",
-    "BUDGET",
-    "BUDGET_FIELDS",
-    "BUDGET_KIND",
-    "CALIBRATION",
     "HPARAM_PREFIX",
     "METRICS",
     "METRIC_COLUMNS",
