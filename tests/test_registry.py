@@ -275,7 +275,7 @@ def test_every_float_hyperparameter_refuses_non_finite_and_bool_values_and_every
 def test_values_of_the_right_type_pass():
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     assert make_optimizer("adam", model, lr=1).param_groups[0]["lr"] == 1  # an integer is a number
-    make_optimizer("kfac", model, kl_clip=None, inv_update_freq=3).remove_hooks()
+    make_optimizer("kfac", model, loss="cross_entropy", kl_clip=None, inv_update_freq=3).remove_hooks()
     make_optimizer("locoprop-s", model, inner_momentum=None, inner_kwargs={"decay": 0.5}).remove_hooks()
     for name in SPEC_NAMES:  # every default has its own type
         check_hparams(name, dict(OPTIMIZERS[name].defaults))

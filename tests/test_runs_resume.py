@@ -27,11 +27,11 @@ RESUME_HPARAMS = {
 
 
 def _interrupt_after_epoch(epoch):
-    def on_epoch(row):
+    def on_evaluation(row):
         if row["epoch"] == epoch:
             raise KeyboardInterrupt
 
-    return on_epoch
+    return on_evaluation
 
 
 def _numbers(rows):
@@ -58,7 +58,7 @@ def straight_adam(tmp_path_factory):
 def _interrupted_adam(out: pathlib.Path, epoch: int = 2) -> RunConfig:
     config = RunConfig(optimizer="adam", out=str(out), **TINY)
     with pytest.raises(KeyboardInterrupt):
-        train(config, on_epoch=_interrupt_after_epoch(epoch), progress=False, data=DATA)
+        train(config, on_evaluation=_interrupt_after_epoch(epoch), progress=False, data=DATA)
     return config
 
 
@@ -68,7 +68,7 @@ def test_every_optimizer_resumes_exactly_after_an_interrupt(tmp_path, name):
     straight = train(RunConfig(out=str(tmp_path / "straight"), **config), progress=False, data=DATA)
     interrupted = RunConfig(out=str(tmp_path / "interrupted"), **config)
     with pytest.raises(KeyboardInterrupt):
-        train(interrupted, on_epoch=_interrupt_after_epoch(1), progress=False, data=DATA)
+        train(interrupted, on_evaluation=_interrupt_after_epoch(1), progress=False, data=DATA)
     resumed = train(interrupted, resume=True, progress=False, data=DATA)
     assert resumed.status == straight.status == "ok"
     assert _same(_numbers(resumed.history), _numbers(straight.history))
@@ -129,8 +129,8 @@ def test_cli_says_in_one_line_that_it_rebuilt_metrics(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--resume"]) == 0
     assert capsys.readouterr().err == (
-        f"locoprop: {run_dir / 'metrics.csv'} lacks the column(s) step, epoch, wall_time_s, train_loss, test_loss, "
-        "lr; rebuilt it from the checkpoint's rows\n"
+        f"locoprop: {run_dir / 'metrics.csv'} lacks the column(s) step, epoch, wall_time_s, train_loss, valid_loss, "
+        "test_loss, lr; rebuilt it from the checkpoint's rows\n"
     )
 
 
@@ -156,7 +156,7 @@ DAMAGED_CHECKPOINTS = {
     "garbage": (lambda path: path.write_bytes(b"\x80\x02}q\x00(K\x65" * 50), "cannot be read"),
     "not a dict": (lambda path: torch.save([1, 2], path), "holds a list, not a locoprop checkpoint"),
     "no metrics": (_save_without_metrics, "lacks metrics"),
-    "a row missing": (_drop_a_row, r"holds rows for epochs 0, 2, expected one for each epoch 0..2"),
+    "a row missing": (_drop_a_row, r"holds rows for steps 0, 6, expected 0-6 every 3"),
 }
 
 
@@ -189,7 +189,7 @@ def test_cli_damaged_checkpoint_gives_one_line_and_exit_code_2(tmp_path, capsys,
 
 
 DAMAGED_FINISHED = {
-    "truncated": (_truncate, r"holds rows for epochs 0, expected one for each epoch 0..3"),
+    "truncated": (_truncate, r"holds rows for steps 0, expected 0-9 every 3"),
     "garbage": (lambda path: path.write_text("not,a\nmetrics,file\n"), "lacks the column"),
     "a bad cell": (lambda path: path.write_text(path.read_text().replace(".", "x", 3)), "line 2: a cell is not"),
     "missing": (lambda path: path.unlink(), "is missing"),

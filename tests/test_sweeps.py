@@ -219,13 +219,13 @@ def test_an_interrupted_trial_resumes_from_its_run_directory(tmp_path, monkeypat
     space, kwargs = load_space("adam"), dict(study_name="i", out=tmp_path, pruner="none")
     real_train = optuna_backend.train
 
-    def ctrl_c_after_epoch_1(config, on_epoch, **kw):
-        def on_epoch_then_interrupt(row):
-            on_epoch(row)
+    def ctrl_c_after_epoch_1(config, on_evaluation, **kw):
+        def on_evaluation_then_interrupt(row):
+            on_evaluation(row)
             if row["epoch"] == 1:
                 raise KeyboardInterrupt
 
-        return real_train(config, on_epoch=on_epoch_then_interrupt, **kw)
+        return real_train(config, on_evaluation=on_evaluation_then_interrupt, **kw)
 
     monkeypatch.setattr(optuna_backend, "train", ctrl_c_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
@@ -233,12 +233,12 @@ def test_an_interrupted_trial_resumes_from_its_run_directory(tmp_path, monkeypat
 
     epochs_trained = []
 
-    def recording(config, on_epoch, **kw):
+    def recording(config, on_evaluation, **kw):
         def record(row):
             epochs_trained.append((pathlib.Path(config.out).name, row["epoch"]))
-            return on_epoch(row)
+            return on_evaluation(row)
 
-        return real_train(config, on_epoch=record, **kw)
+        return real_train(config, on_evaluation=record, **kw)
 
     monkeypatch.setattr(optuna_backend, "train", recording)
     table = pd.read_csv(run_optuna_sweep(TINY, space, trials=2, **kwargs))
@@ -284,7 +284,7 @@ def test_a_study_refuses_another_setup_naming_each_field(tmp_path):
 def test_a_setup_no_trial_can_run_is_refused_before_a_study_is_stored(tmp_path, backend):
     too_large = dataclasses.replace(ONE_EPOCH, batch_size=100_000)
     sweep = run_optuna_sweep if backend == "optuna" else run_ray_sweep
-    with pytest.raises(ValueError, match="Invalid batch_size: 100000; the training set of 'synthetic' has"):
+    with pytest.raises(ValueError, match="Invalid batch_size: 100000; the training split of 'synthetic' has"):
         sweep(too_large, load_space("adam"), study_name="s", out=tmp_path / "out", trials=1)
     assert not (tmp_path / "out").exists()
     # Mended, the same study starts: nothing of the refused setup was kept.
@@ -408,14 +408,14 @@ def test_ctrl_c_in_a_trial_logs_no_traceback_but_other_failures_do(tmp_path, mon
     logging.getLogger("optuna").addHandler(handler)
     try:
 
-        def interrupted(config, on_epoch, **kw):
+        def interrupted(config, on_evaluation, **kw):
             raise KeyboardInterrupt
 
         monkeypatch.setattr(optuna_backend, "train", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run_optuna_sweep(TINY, load_space("adam"), study_name="q", out=tmp_path, trials=1, pruner="none")
 
-        def broken(config, on_epoch, **kw):
+        def broken(config, on_evaluation, **kw):
             raise RuntimeError("a real failure")
 
         monkeypatch.setattr(optuna_backend, "train", broken)

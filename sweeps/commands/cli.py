@@ -27,7 +27,7 @@ from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps import schema
 from sweeps.commands import presets
 from sweeps.extras import MissingExtra
-from sweeps.runner.config import DEVICES, SCHEDULES, RunConfig, run_dir_name
+from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, run_dir_name
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.runner.records import RecordRebuilt
 from sweeps.runner.train import loss_text, train
@@ -68,7 +68,8 @@ HPARAM_FLAGS = {
 EXAMPLES = {
     "train": "locoprop train --workload autoencoder --data mnist5k --optimizer locoprop-m --epochs 10 "
     "--lr 1e-5 --activation-lr 10 --local-iters 10 --out runs",
-    "compare": "locoprop compare --workload autoencoder --data mnist5k --seeds 0,1 --out runs/compare",
+    "compare": "locoprop compare --workload autoencoder --data mnist5k --tune 8 --time-budget 30 --seeds 1,2 "
+    "--out runs/compare-tuned",
     "sweep": "locoprop sweep --backend optuna --optimizer locoprop-m --workload mlp --data mnist5k --epochs 5 "
     "--trials 20 --study mlp-locoprop-m --out sweeps/mlp-locoprop-m",
     "bench": "locoprop bench --workload autoencoder --batch-size 250,1000 --optimizers adam,locoprop-m --json",
@@ -138,8 +139,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _name_list(choices):
+def _name_list(choices, allow_all: bool = False):
     def parse(text: str) -> list[str]:
+        if allow_all and text.strip() == "all":
+            return list(choices)
         names = _items(text)
         bad = [n for n in names if n not in choices]
         if bad:
@@ -149,15 +152,16 @@ def _name_list(choices):
     return parse
 
 
-def add_run_flags(parser: argparse.ArgumentParser, epochs: int | None = 10, batch_size: int | None = 1000) -> None:
+def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> None:
     """Flags shared by train, compare and sweep: what to train and how.
 
-    ``epochs`` or ``batch_size`` None: the workload's compare preset decides.
+    For ``compare`` the budget and batch size default to the workload's compare preset.
     """
     preset = "the workload's compare preset: " + ", ".join(
-        f"{workload} {defaults['epochs']} epochs, batch {defaults['batch_size']}"
+        f"{workload} {defaults['time_budget']:g} s, batch {defaults['batch_size']}"
         for workload, defaults in presets.COMPARE_DEFAULTS.items()
     )
+    no_budget = preset if compare else f"{DEFAULT_EPOCHS} epochs when no budget is given"
     add_workload_flag(parser)
     parser.add_argument(
         "--data", default="mnist5k", choices=list(DATASETS),
@@ -168,14 +172,29 @@ def add_run_flags(parser: argparse.ArgumentParser, epochs: int | None = 10, batc
         "--data-dir", default=None,
         help=f"directory of the IDX files for --data mnist (default: the {DATA_DIR_ENV} environment variable)",
     )  # fmt: skip
-    parser.add_argument(
-        "--epochs", type=int, default=epochs,
-        help="training length in epochs, passes over the training split (default: "
-        + ("%(default)s)" if epochs is not None else f"{preset})"),
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--epochs", type=int, default=None,
+        help=f"budget: passes over the training split (one budget of three; default: {no_budget})",
+    )  # fmt: skip
+    budget.add_argument("--steps", type=int, default=None, help="budget: optimizer steps (default: as --epochs)")
+    budget.add_argument(
+        "--time-budget", type=float, default=None, metavar="SECONDS",
+        help="budget: seconds of training time, evaluation excluded; the run times its own steps first and runs "
+        "that many steps, recorded in config.json (default: as --epochs)",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-size", type=int, default=batch_size,
-        help="examples per training step (default: " + ("%(default)s)" if batch_size is not None else "as --epochs)"),
+        "--batch-size", type=int, default=None if compare else 1000,
+        help="examples per training step (default: " + ("as --epochs)" if compare else "%(default)s)"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--valid-fraction", type=float, default=0.1,
+        help="share of the training split held out for validation, the same examples in every run; tuning and "
+        "selection read it (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--eval-every", type=int, default=None, metavar="STEPS",
+        help="steps between evaluations of the whole splits (default: once per epoch, at most 50 per run)",
     )  # fmt: skip
     parser.add_argument(
         "--schedule", default="official", choices=SCHEDULES,
@@ -184,7 +203,7 @@ def add_run_flags(parser: argparse.ArgumentParser, epochs: int | None = 10, batc
     )  # fmt: skip
     parser.add_argument(
         "--warmup-epochs", type=float, default=None, help="length of the linear warmup in epochs, fractions allowed "
-        "(default: 5%% of --epochs)",
+        "(default: 5%% of the run's steps)",
     )  # fmt: skip
     parser.add_argument(
         "--width-mult", type=_width_mult, default=1.0,
@@ -226,7 +245,11 @@ def run_config_from_args(args, optimizer: str, hparams: dict, seed: int, out: pa
         optimizer=optimizer,
         hparams=hparams,
         epochs=args.epochs,
+        steps=args.steps,
+        time_budget=args.time_budget,
         batch_size=args.batch_size,
+        valid_fraction=args.valid_fraction,
+        eval_every=args.eval_every,
         seed=seed,
         schedule=args.schedule,
         warmup_epochs=args.warmup_epochs,
@@ -249,25 +272,32 @@ def cmd_train(args) -> int:
     result = train(config, resume=args.resume, progress=False if args.no_progress else None)
     s = result.summary
     print(
-        f"{s['status']}: {args.optimizer} on {args.workload}/{args.data}, {s['epochs_completed']} epochs, "
-        f"train loss {loss_text(s['final_train_loss'])}, test loss {loss_text(s['final_test_loss'])}, "
-        f"{s['train_seconds']:.1f} s training"
+        f"{s['status']}: {args.optimizer} on {args.workload}/{args.data}, {s['steps']} steps ({s['epochs']:.3g} "
+        f"epochs), train loss {loss_text(s['final_train_loss'])}, valid loss {loss_text(s['final_valid_loss'])}, "
+        f"test loss {loss_text(s['final_test_loss'])}, {s['train_seconds']:.1f} s training"
     )
     print(f"run directory: {result.run_dir}")
     return 0 if result.status in (schema.OK, schema.DIVERGED) else 1
 
 
 def cmd_compare(args) -> int:
-    from sweeps.commands.compare import compare
+    from sweeps.commands.compare import Tuning, compare
 
-    defaults = presets.COMPARE_DEFAULTS.get(args.workload, dict(batch_size=250, epochs=10))
-    args.epochs = args.epochs or defaults["epochs"]
+    defaults = presets.COMPARE_DEFAULTS[args.workload]
+    if args.epochs is None and args.steps is None and args.time_budget is None:
+        args.time_budget = defaults["time_budget"]
     args.batch_size = args.batch_size or defaults["batch_size"]
     out = pathlib.Path(args.out)
     base = run_config_from_args(args, "adam", {}, 0, out)  # optimizer, hparams and seed are set per run
     base.validate()  # refuse a bad flag before the first run
     optimizers = args.optimizers or presets.COMPARE_OPTIMIZERS
-    compare(base, optimizers, args.seeds, out, progress=False if args.no_progress else None)
+    tuning = None
+    if args.tune is not None:
+        tuning = Tuning(args.tune, args.tune_seed, args.backend, args.storage, args.address)
+    elif args.storage or args.address or args.backend != "optuna":
+        raise ValueError("--backend, --storage and --address are for the tuning studies: pass --tune N too")
+    compare(base, optimizers, args.seeds, out, tuning=tuning, progress=False if args.no_progress else None,
+            command=shlex.join(_command_line(args, args.argv)))  # fmt: skip
     return 0
 
 
@@ -414,18 +444,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_train)
 
-    p = _add_command(commands, "compare", "the main job: LocoProp and baselines with tuned presets, then a report")
-    add_run_flags(p, epochs=None, batch_size=None)
+    p = _add_command(
+        commands, "compare", "the main job: LocoProp and baselines under one budget, tuned on validation, then a report"
+    )
+    add_run_flags(p, compare=True)
     p.add_argument(
-        "--optimizers", type=_name_list(list(OPTIMIZERS)), default=None,
-        help=f"comma-separated registry names (default: {','.join(presets.COMPARE_OPTIMIZERS)})",
+        "--optimizers", type=_name_list(list(OPTIMIZERS), allow_all=True), default=None,
+        help=f"comma-separated registry names, or all (default: {','.join(presets.COMPARE_OPTIMIZERS)})",
     )  # fmt: skip
     p.add_argument(
-        "--seeds", type=_int_list, default=[0, 1], help="comma-separated training seeds, one run each (default: 0,1)"
+        "--seeds", type=_int_list, default=[1, 2, 3],
+        help="comma-separated training seeds of the final runs, one run each; with --tune they must differ from "
+        "--tune-seed (default: 1,2,3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tune", type=int, default=None, metavar="N",
+        help="tune every optimizer first: an N-trial study of its search space under the same budget, selected on "
+        "the validation loss (default: no tuning; the presets, which this protocol produced)",
+    )  # fmt: skip
+    p.add_argument("--tune-seed", type=int, default=0, help="training seed of the tuning trials (default: %(default)s)")
+    p.add_argument(
+        "--backend", default="optuna", choices=["optuna", "ray"], help="back end of the tuning (default: %(default)s)"
     )
     p.add_argument(
+        "--storage", default=None,
+        help="Optuna storage of the tuning studies: an RDB URL such as postgresql://… shared by workers "
+        "(default: SQLite files under --out)",
+    )  # fmt: skip
+    p.add_argument("--address", default=None, help="Ray cluster address for --backend ray (default: a local Ray)")
+    p.add_argument(
         "--out", default="runs/compare",
-        help="folder for the run directories, and the report in its report/ (default: %(default)s)",
+        help="folder of the comparison: tuning/, runs/, protocol.json and report/ (default: %(default)s)",
     )  # fmt: skip
     p.set_defaults(handler=cmd_compare)
 
@@ -445,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler-seed", type=int, default=0,
                    help="sampler seed; trial k draws from a seed made of it and k (default: %(default)s)")  # fmt: skip
     p.add_argument(
-        "--metric", default="train_loss", choices=["train_loss", "test_loss"],
-        help="the final loss the search minimises (default: %(default)s)",
+        "--metric", default="valid_loss", choices=["valid_loss", "train_loss"],
+        help="the final loss the search minimises; never the test loss, which only final runs report "
+        "(default: %(default)s)",
     )  # fmt: skip
     p.add_argument("--storage", default=None, help="Optuna storage: RDB URL or journal:PATH (default: SQLite in --out)")
     p.add_argument(
@@ -526,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # for the commands that record or repeat their own command line
     if args.command is None:
         parser.print_help()
         return 0
@@ -578,17 +629,23 @@ def _inside(path, folder) -> bool:
     return path == folder or folder in path.parents
 
 
-def _interrupted(args, argv: list[str]) -> str:
-    """What Ctrl-C left, and the command that continues from there."""
+def _command_line(args, argv: list[str]) -> list[str]:
+    """The command as typed, with a storage URL's password masked (it must never be printed or recorded)."""
     storage = getattr(args, "storage", None)
-    if storage:  # a storage URL may hold a password: never print it
+    if storage:
         from sweeps.search.results import mask_url
 
         argv = [a.replace(storage, mask_url(storage)) for a in argv]
+    return ["locoprop", *argv]
+
+
+def _interrupted(args, argv: list[str]) -> str:
+    """What Ctrl-C left, and the command that continues from there."""
+    argv = _command_line(args, argv)[1:]
     command = shlex.join(["locoprop", *argv])
     if args.command == "train":
         again = command if args.resume else shlex.join(["locoprop", *argv, "--resume"])
-        return f"interrupted; the run keeps its last finished epoch and continues with: {again}"
+        return f"interrupted; the run keeps its last evaluation and continues with: {again}"
     if args.command in ("compare", "sweep"):
         return f"interrupted; finished runs are kept, and the same command continues: {command}"
     return "interrupted"

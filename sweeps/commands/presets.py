@@ -1,20 +1,19 @@
-"""Tuned hyperparameter presets for ``locoprop compare``.
+"""Tuned hyperparameter presets for ``locoprop compare`` without ``--tune``.
 
-Where they come from: a grid search (the grids and results below), one
-seed (0), the compare defaults of the workload, the "official" schedule
-with half the epochs; the preset is the point with the lowest final
-training loss, measured on a 2-core CPU (2026-11-24). What a sweep searches
-is defined only by the search spaces (``sweeps/search/spaces``).
+What a sweep searches is defined only by the search spaces
+(``sweeps/search/spaces``); these are the configurations that
+``locoprop compare --tune`` selected, recorded with its command and output.
 """
 
 from __future__ import annotations
 
-# Compare defaults per workload: batch size and epochs that finish the
-# whole comparison (5 optimizers × 2 seeds) in about ten minutes on 2 cores.
+# Compare defaults per workload: batch size and the training-time budget of
+# every run, which finish the whole comparison (5 optimizers × 3 seeds) in
+# about ten minutes on 2 cores.
 COMPARE_DEFAULTS = {
-    "autoencoder": dict(batch_size=250, epochs=20),
-    "mlp": dict(batch_size=250, epochs=20),
-    "cnn": dict(batch_size=250, epochs=10),
+    "autoencoder": dict(batch_size=250, time_budget=30.0),
+    "mlp": dict(batch_size=250, time_budget=30.0),
+    "cnn": dict(batch_size=250, time_budget=30.0),
 }
 COMPARE_OPTIMIZERS = ["locoprop-m", "locoprop-s", "adam", "rmsprop", "kfac"]
 
@@ -35,6 +34,12 @@ PRESETS: dict[tuple[str, str], dict] = {
     ("autoencoder", "locoprop-m"): {"lr": 1e-5, "inner_momentum": 0.999},
     ("autoencoder", "locoprop-s"): {"lr": 1e-4, "inner_momentum": 0.999},
 }
+
+
+PROVENANCE = (
+    "a grid search of 2026-11-24 on training loss at 10 epochs (not yet the validation protocol); "
+    "optimizers without a preset use the registry defaults"
+)
 
 
 def preset(workload: str, optimizer: str) -> dict:

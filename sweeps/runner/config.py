@@ -12,12 +12,14 @@ from typing import Any
 import torch
 
 from baselines.registry import check_hparams
+from sweeps import schema
 from sweeps.runner.workloads import get_workload
 
 __all__ = ["DEVICES", "SCHEDULES", "RunConfig", "config_digest", "run_dir_name", "run_identity"]
 
 SCHEDULES = ("official", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_EPOCHS = 10  # the budget of a config that gives none
 
 
 @dataclasses.dataclass
@@ -29,8 +31,17 @@ class RunConfig:
         hparams: optimizer hyperparameters (registry names), over its defaults.
         schedule: "official" (linear warmup, then linear decay to zero, as
             the official code), "cosine" (after the same warmup) or "constant".
-        warmup_epochs: warmup length; default 5% of the epochs (5 of the
-            official 100).
+        epochs, steps, time_budget: the budget, exactly one of them: passes
+            over the training split, optimizer steps, or seconds of training
+            time (evaluation excluded), which the run converts once into a
+            step count by timing its own steps (``sweeps.runner.budget``).
+            With none given, 10 epochs.
+        warmup_epochs: warmup length; default 5% of the run's steps (5 of the
+            official 100 epochs).
+        valid_fraction: the share of the training split held out as the
+            validation split (the same examples for every run).
+        eval_every: steps between evaluations; default once per epoch, but
+            at most 50 evaluations a run. The last step is always evaluated.
         divergence_factor: a training loss above this times the initial one
             counts as diverged.
     """
@@ -39,7 +50,9 @@ class RunConfig:
     data: str = "mnist5k"
     optimizer: str = "locoprop-m"
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
-    epochs: int = 10
+    epochs: int | None = None
+    steps: int | None = None
+    time_budget: float | None = None
     batch_size: int = 1000
     seed: int = 0
     schedule: str = "official"
@@ -48,19 +61,35 @@ class RunConfig:
     depth_mult: int = 1
     device: str = "auto"
     data_dir: str | None = None
+    valid_fraction: float = 0.1
+    eval_every: int | None = None
     divergence_factor: float = 10.0
     eval_batch_size: int = 1000
     out: str = "runs/run"
+
+    def __post_init__(self):
+        if self.epochs is None and self.steps is None and self.time_budget is None:
+            self.epochs = DEFAULT_EPOCHS
 
     def validate(self) -> None:
         """Refuse a bad value, naming it; the checks that need the data set
         (batch size against its size) are the run's."""
         get_workload(self.workload)
         check_hparams(self.optimizer, self.hparams)
-        for name in ("epochs", "batch_size", "depth_mult", "eval_batch_size"):
+        for name in ("epochs", "steps", "batch_size", "depth_mult", "eval_every", "eval_batch_size"):
             value = getattr(self, name)
+            if value is None and name in ("epochs", "steps", "eval_every"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r}; expected an integer ≥ 1")
+        budgets = [name for name in schema.BUDGET_FIELDS if getattr(self, name) is not None]
+        if len(budgets) != 1:
+            given = ", ".join(f"{name}={getattr(self, name)!r}" for name in budgets)
+            raise ValueError(f"Give the run one budget (epochs, steps or time_budget), not several: {given}")
+        if self.time_budget is not None and not (_finite(self.time_budget) and self.time_budget > 0):
+            raise ValueError(f"Invalid time_budget: {self.time_budget!r}; expected seconds, a finite number > 0")
+        if not (_finite(self.valid_fraction) and 0 < self.valid_fraction <= 0.5):
+            raise ValueError(f"Invalid valid_fraction: {self.valid_fraction!r}; expected a number in (0, 0.5]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"Invalid seed: {self.seed!r}; expected an integer")
         if self.schedule not in SCHEDULES:
@@ -72,13 +101,22 @@ class RunConfig:
         if not _finite(self.width_mult) or not self.width_mult > 0:
             raise ValueError(f"Invalid width_mult: {self.width_mult!r}; expected a finite number > 0")
         warmup = self.warmup_epochs
-        if warmup is not None and not (_finite(warmup) and 0 <= warmup <= self.epochs):
+        if warmup is not None and not (
+            _finite(warmup) and 0 <= warmup and (self.epochs is None or warmup <= self.epochs)
+        ):
             raise ValueError(f"Invalid warmup_epochs: {self.warmup_epochs!r}; expected 0..epochs")
         if not _finite(self.divergence_factor) or not self.divergence_factor > 1:
             raise ValueError(f"Invalid divergence_factor: {self.divergence_factor!r}; expected a finite number > 1")
 
+    @property
+    def budget(self) -> tuple[str, float]:
+        """(kind, value): ("epochs", 20), ("steps", 500) or ("time", 30.0)."""
+        return schema.budget_of(dataclasses.asdict(self))
+
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
+        """The config of a config.json (which may hold the calibration of a time budget too)."""
+        data = {key: value for key, value in data.items() if key != schema.CALIBRATION}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -91,13 +129,17 @@ def _finite(value) -> bool:
 
 
 def run_identity(config: dict[str, Any]) -> dict[str, str]:
-    """What makes a run: every config field but ``out``, each as canonical JSON.
+    """What makes a run: every config field but ``out`` (and a time budget's calibration), each as canonical JSON.
 
     Where a run directory lives is not part of what the run is (sweep back
     ends restore trials into new folders). JSON makes a tuple and a list, or
     a config and its config.json, compare equal.
     """
-    return {key: json.dumps(value, sort_keys=True, default=repr) for key, value in config.items() if key != "out"}
+    return {
+        key: json.dumps(value, sort_keys=True, default=repr)
+        for key, value in config.items()
+        if key not in ("out", schema.CALIBRATION)
+    }
 
 
 def config_digest(config: RunConfig) -> str:

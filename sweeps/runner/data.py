@@ -23,6 +23,7 @@ __all__ = ["DATASETS", "DataShape", "DataUnavailable", "Dataset", "data_shape", 
 DATASETS = ("mnist5k", "fashion-mnist", "mnist", "synthetic")
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 DATA_DIR_ENV = "LOCOPROP_DATA_DIR"
+VALID_SPLIT_SEED = 20_221  # the fixed held-out validation examples (Dataset.with_validation)
 
 
 class DataUnavailable(RuntimeError):
@@ -55,20 +56,57 @@ def data_shape(name: str) -> DataShape:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Train and test splits; x in [0, 1] of shape (n, 784), y integer labels."""
+    """Train, validation and test splits; x in [0, 1] of shape (n, 784), y integer labels.
+
+    Loaders return the data set's own train and test splits and no
+    validation split; :meth:`with_validation` carves one from the training
+    split. Tuning and selection read validation, final runs report test.
+    """
 
     name: str
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    valid_x: torch.Tensor | None = None
+    valid_y: torch.Tensor | None = None
 
     @property
     def shape(self) -> DataShape:
         return data_shape(self.name)
 
+    def split_sizes(self) -> dict[str, int]:
+        valid = 0 if self.valid_x is None else len(self.valid_x)
+        return {"train": len(self.train_x), "valid": valid, "test": len(self.test_x)}
+
+    def with_validation(self, fraction: float) -> Dataset:
+        """This data set with ``fraction`` of its training split held out as the validation split.
+
+        The held-out examples are fixed: a permutation seeded by
+        :data:`VALID_SPLIT_SEED`, the same for every run, seed and optimizer,
+        so that every run is selected on the same examples and trained on the others.
+        """
+        if self.valid_x is not None:
+            raise ValueError(f"{self!r} has a validation split already")
+        if not 0 < fraction < 1:
+            raise ValueError(f"Invalid valid_fraction: {fraction!r}; expected a number between 0 and 1")
+        n = len(self.train_x)
+        held_out = round(n * fraction)
+        if not 0 < held_out < n:
+            raise ValueError(f"valid_fraction={fraction} of the {n} training examples of {self.name!r} leaves no split")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(VALID_SPLIT_SEED))
+        valid, train = order[:held_out].sort().values, order[held_out:].sort().values
+        return dataclasses.replace(
+            self,
+            train_x=self.train_x[train],
+            train_y=self.train_y[train],
+            valid_x=self.train_x[valid],
+            valid_y=self.train_y[valid],
+        )
+
     def __repr__(self) -> str:
-        return f"Dataset({self.name!r}, train={len(self.train_x)}, test={len(self.test_x)})"
+        sizes = ", ".join(f"{split}={size}" for split, size in self.split_sizes().items())
+        return f"Dataset({self.name!r}, {sizes})"
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options) -> Dataset:

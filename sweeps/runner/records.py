@@ -52,7 +52,8 @@ __all__ = [
 # What sweeps.runner.train puts in a checkpoint; a file without one of them is not one of its checkpoints.
 CHECKPOINT_KEYS = (
     "config",
-    "epoch",
+    "calibration",
+    "horizon",
     "step",
     "wall_time",
     "initial_train_loss",

@@ -3,16 +3,22 @@
 The one loop used by the CLI, Optuna and Ray Tune. It owns time,
 evaluation and budget; optimizers only update. Per run directory:
 
-- ``config.json``: the :class:`RunConfig`;
-- ``metrics.csv``: one row per evaluation (before training and after every
-  epoch): step, epoch, wall_time_s (training time, evaluation excluded),
-  train_loss and test_loss on the whole splits, lr, mean seconds per step
-  and per phase of a step, and the count of skipped steps;
-- ``summary.json``: final and best losses, status, seconds, peak memory,
-  versions, seed;
-- ``checkpoint.pt``: written every epoch, with the metrics rows so far;
-  ``resume=True`` continues from it (rewriting metrics.csv from its rows)
-  and gives the same numbers as an uninterrupted run on CPU.
+- ``config.json``: the :class:`RunConfig`, and for a time budget the
+  calibration that converted it into steps (:mod:`sweeps.runner.budget`);
+- ``metrics.csv``: one row per evaluation (at step 0, then every
+  ``eval_every`` steps and at the last step): step, epoch (fractional),
+  wall_time_s (training time: the clock pauses during evaluation),
+  train_loss, valid_loss and test_loss on the whole splits, lr, mean seconds
+  per step and per phase of a step, and the count of skipped steps;
+- ``summary.json``: final and best losses, status, seconds, split sizes,
+  budget and horizon, peak memory, versions, seed;
+- ``checkpoint.pt``: written at every evaluation, with the metrics rows so
+  far; ``resume=True`` continues from it (rewriting metrics.csv from its
+  rows) and gives the same numbers as an uninterrupted run on CPU.
+
+The validation split is carved from the training split
+(``valid_fraction``, the same examples for every run); the run trains on
+the rest.
 
 A non-finite loss, or one above ``divergence_factor`` times the initial
 training loss, ends the run with status ``diverged``.
@@ -60,21 +66,23 @@ import torch
 from baselines import make_optimizer
 from sweeps import schema
 from sweeps.runner import records
+from sweeps.runner.budget import Calibration, Horizon, calibrate, lr_factor
 from sweeps.runner.config import RunConfig, run_identity
 from sweeps.runner.data import Dataset, load_dataset
 from sweeps.runner.workloads import Workload, get_workload
 
 __all__ = [
+    "BUDGET_PERCENT",
     "FINISHED",
     "RunExists",
     "RunResult",
     "check_fits_data",
     "loss_text",
-    "lr_factor",
     "train",
 ]
 
 FINISHED = schema.FINISHED  # statuses of a run that is over; "failed" can be resumed
+BUDGET_PERCENT = "budget_percent"  # in the rows given to on_evaluation
 
 
 class RunExists(ValueError):
@@ -99,23 +107,6 @@ class RunResult:
         return self.summary["status"]
 
 
-def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based).
-
-    Warmup rises linearly to 1 over ``warmup_steps`` (never 0: the first
-    step already moves); then "official" decays linearly towards 0 at
-    ``total_steps``, "cosine" follows a half cosine, "constant" stays at 1.
-    """
-    if schedule == "constant":
-        return 1.0
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    remaining = (total_steps - step) / max(total_steps - warmup_steps, 1)
-    if schedule == "official":
-        return remaining
-    return 0.5 * (1.0 - math.cos(math.pi * remaining))
-
-
 class _Diverged(Exception):
     pass
 
@@ -123,7 +114,7 @@ class _Diverged(Exception):
 def train(
     config: RunConfig,
     resume: bool = False,
-    on_epoch: Callable[[dict[str, Any]], bool | None] | None = None,
+    on_evaluation: Callable[[dict[str, Any]], bool | None] | None = None,
     progress: bool | None = None,
     data: Dataset | None = None,
 ) -> RunResult:
@@ -135,8 +126,11 @@ def train(
             and return a finished run as it is (both only for the same
             config). Without it a failed or interrupted run there is started
             afresh, and a finished one is refused (never replaced).
-        on_epoch: called with each evaluation row; returning True stops the
-            run early (status "stopped"), as a sweep's pruner does.
+        on_evaluation: called with each evaluation row after the first, and
+            its ``budget_percent`` (how much of the run's steps are done, 0..100:
+            what sweeps compare trials of different step counts at);
+            returning True stops the run early (status "stopped"), as a
+            sweep's pruner does.
         progress: show a progress bar (default: when stderr is a terminal).
         data: an already loaded data set (sweeps load it once per worker).
 
@@ -168,7 +162,7 @@ def train(
             records.RecordRebuilt(f"{metrics_path} {damage}; rebuilt it from the checkpoint's rows"), stacklevel=2
         )
     try:
-        status = run.loop(on_epoch, progress)
+        status = run.loop(on_evaluation, progress)
     except BaseException as err:
         run.write_summary(schema.FAILED, error=f"{type(err).__name__}: {err}")
         raise
@@ -200,16 +194,17 @@ def _finished_run(run_dir: pathlib.Path, config: RunConfig, resume: bool) -> Run
     _check_same_config(records.read_json(run_dir / records.CONFIG), config, f"The finished run in {run_dir}")
     metrics_path = run_dir / records.METRICS
     history = records.read_history(metrics_path)
-    epochs = summary.get("epochs_completed")
-    if not isinstance(epochs, int):
-        raise records.DamagedRecord(f"{summary_path} has no epochs_completed (got {epochs!r}); {records.RUN_AGAIN}")
-    _check_epochs(history, epochs, f"{metrics_path} of the finished run", records.RUN_AGAIN)
+    try:
+        horizon, steps = Horizon(**summary["horizon"]), summary["steps"]
+    except (KeyError, TypeError) as err:
+        raise records.DamagedRecord(f"{summary_path} has no horizon or steps ({err}); {records.RUN_AGAIN}") from None
+    _check_evaluations(history, horizon, steps, f"{metrics_path} of the finished run", records.RUN_AGAIN)
     return RunResult(run_dir, summary, history)
 
 
 def _checkpoint_to_resume(run_dir: pathlib.Path, config: RunConfig) -> dict | None:
     """The checkpoint in ``run_dir``, checked: its config is ``config`` and it
-    holds the metrics rows of every epoch up to its own; None if there is none."""
+    holds the metrics rows of every evaluation up to its own step; None if there is none."""
     path = run_dir / records.CHECKPOINT
     if not path.is_file():
         return None
@@ -217,28 +212,39 @@ def _checkpoint_to_resume(run_dir: pathlib.Path, config: RunConfig) -> dict | No
     if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["metrics"], list):
         raise records.DamagedRecord(f"{path} holds no config or no metrics rows; {records.START_AFRESH}")
     _check_same_config(checkpoint["config"], config, f"The checkpoint in {run_dir}")
-    _check_epochs(checkpoint["metrics"], checkpoint["epoch"], str(path), records.START_AFRESH)
+    try:
+        horizon = Horizon(**checkpoint["horizon"])
+    except TypeError as err:
+        raise records.DamagedRecord(f"{path} holds no horizon ({err}); {records.START_AFRESH}") from None
+    _check_evaluations(checkpoint["metrics"], horizon, checkpoint["step"], str(path), records.START_AFRESH)
     return checkpoint
 
 
-def _check_epochs(rows: list[dict], last_epoch: int, what: str, what_to_do: str) -> None:
-    """Refuse records that lack an evaluation: one row per epoch 0..last_epoch, in order."""
-    epochs = [row.get("epoch") if isinstance(row, dict) else None for row in rows]
-    if epochs != list(range(last_epoch + 1)):
+def _check_evaluations(rows: list[dict], horizon: Horizon, last_step: int, what: str, what_to_do: str) -> None:
+    """Refuse records that lack an evaluation: one row per evaluation step up
+    to ``last_step``, in order (a run that diverged or stopped early ends with
+    a row at the step where it ended)."""
+    expected = horizon.evaluation_steps(until=last_step)
+    if expected[-1] != last_step:
+        expected.append(last_step)
+    steps = [row.get("step") if isinstance(row, dict) else None for row in rows]
+    if steps != expected:
         raise records.DamagedRecord(
-            f"{what} holds rows for epochs {_epoch_ranges(epochs)}, expected one for each epoch 0..{last_epoch}; "
-            f"{what_to_do}"
+            f"{what} holds rows for steps {_ranges(steps, horizon.eval_every)}, expected "
+            f"{_ranges(expected, horizon.eval_every)}; {what_to_do}"
         )
 
 
-def _epoch_ranges(epochs: list) -> str:
-    """[0, 1, 2, 5, 6] -> "0-2, 5-6" (what a damaged file holds, in a message)."""
-    if not epochs:
+def _ranges(steps: list, every: int) -> str:
+    """[0, 10, 20, 50, 60], every=10 -> "0-20 every 10, 50-60 every 10": what a damaged file holds, in a message."""
+    if not steps:
         return "none"
     parts, start = [], 0
-    for i in range(1, len(epochs) + 1):
-        if i == len(epochs) or not (isinstance(epochs[i - 1], int) and epochs[i] == epochs[i - 1] + 1):
-            parts.append(f"{epochs[start]}" if start == i - 1 else f"{epochs[start]}-{epochs[i - 1]}")
+    for i in range(1, len(steps) + 1):
+        ends = i == len(steps) or not (isinstance(steps[i - 1], int) and steps[i] == steps[i - 1] + every)
+        if ends:
+            span = f"{steps[start]}-{steps[i - 1]}" + (f" every {every}" if every > 1 else "")
+            parts.append(f"{steps[start]}" if start == i - 1 else span)
             start = i
     return ", ".join(parts)
 
@@ -264,11 +270,11 @@ def check_fits_data(config: RunConfig, data: Dataset | None = None) -> Dataset:
     before it is stored."""
     config.validate()
     data = data if data is not None else load_dataset(config.data, config.data_dir)
-    n = len(data.train_x)
+    n = data.with_validation(config.valid_fraction).split_sizes()["train"]
     if config.batch_size > n:
         raise ValueError(
-            f"Invalid batch_size: {config.batch_size}; the training set of {config.data!r} has {n} examples "
-            f"(use --batch-size {n} or less)"
+            f"Invalid batch_size: {config.batch_size}; the training split of {config.data!r} has {n} examples "
+            f"once the validation split is held out (use --batch-size {n} or less)"
         )
     return data
 
@@ -293,15 +299,35 @@ def _device(name: str) -> torch.device:
 
 
 class _Run:
-    """The state of one run between epochs; everything a checkpoint holds."""
+    """The state of one run between evaluations; everything a checkpoint holds."""
 
     def __init__(self, config: RunConfig, run_dir: pathlib.Path, data: Dataset | None, checkpoint: dict | None):
         self.config = config
         self.run_dir = run_dir
         self.device = _device(config.device)
         self.workload: Workload = get_workload(config.workload)
-        self.data = data if data is not None else load_dataset(config.data, config.data_dir)
-        check_fits_data(config, self.data)
+        data = check_fits_data(config, data)
+        self.data = data.with_validation(config.valid_fraction)
+        self.steps_per_epoch = len(self.data.train_x) // config.batch_size  # the last partial batch is dropped
+        self.splits = {
+            split: (getattr(self.data, f"{split}_x").to(self.device), getattr(self.data, f"{split}_y").to(self.device))
+            for split in ("train", "valid", "test")
+        }
+        self.calibration: Calibration | None = None
+        self.calibration_seconds = 0.0
+        if checkpoint is not None and checkpoint["calibration"] is not None:
+            self.calibration = Calibration(**checkpoint["calibration"])
+        elif config.time_budget is not None:
+            started = time.perf_counter()
+            self.calibration = self._calibrate()
+            self.calibration_seconds = time.perf_counter() - started
+        self.horizon = Horizon.of(
+            config.budget,
+            self.steps_per_epoch,
+            config.warmup_epochs,
+            config.eval_every,
+            self.calibration.steps if self.calibration else None,
+        )
         torch.manual_seed(config.seed)
         self.model = _build_model(self.workload, self.data, config, self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
@@ -310,14 +336,8 @@ class _Run:
         if hasattr(self.optimizer, "synchronize_timing"):
             self.optimizer.synchronize_timing = self.device.type == "cuda"
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
-        self.test_x, self.test_y = self.data.test_x.to(self.device), self.data.test_y.to(self.device)
-        # Drop the last partial batch: every step sees batch_size examples.
-        self.steps_per_epoch = len(self.data.train_x) // config.batch_size
-        self.total_steps = self.steps_per_epoch * config.epochs
-        warmup_epochs = config.warmup_epochs if config.warmup_epochs is not None else 0.05 * config.epochs
-        self.warmup_steps = round(warmup_epochs * self.steps_per_epoch)
-        self.epoch, self.step, self.wall_time = 0, 0, 0.0
+        self.step, self.wall_time, self.eval_seconds = 0, 0.0, 0.0
+        self._order, self._order_epoch = None, -1  # the batch order of the current epoch
         self.initial_train_loss: float | None = None
         self.step_times: list[float] = []
         self.rows: list[dict[str, Any]] = []  # the evaluations so far, as metrics.csv holds them
@@ -335,17 +355,45 @@ class _Run:
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
+    def _calibrate(self) -> Calibration:
+        """The time budget as a step count, from steps of a throwaway model and optimizer of this config."""
+        config = self.config
+        model = _build_model(self.workload, self.data, config, self.device)
+        optimizer = make_optimizer(config.optimizer, model, loss=self.workload.loss_kind, **config.hparams)
+        x, y = self.splits["train"]
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed)).to(self.device)
+
+        def step(i: int) -> None:
+            start = (i % self.steps_per_epoch) * config.batch_size
+            batch = order[start : start + config.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            self.workload.loss(model(x[batch]), self.workload.target(x[batch], y[batch])).backward()
+            optimizer.step()
+
+        calibration = calibrate(config.time_budget, step, self._sync)
+        if hasattr(optimizer, "remove_hooks"):  # the hooks would keep the throwaway model alive
+            optimizer.remove_hooks()
+        return calibration
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done: passes over the training split, fractional."""
+        return self.step / self.steps_per_epoch
+
     def open_records(self) -> None:
         """The run's first writes: config.json, and metrics.csv with the
         checkpoint's rows; a fresh run removes an earlier run's summary and
         checkpoint, a resumed one its summary (it is running again)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        records.write_json(self.run_dir / records.CONFIG, dataclasses.asdict(self.config))
+        config = dataclasses.asdict(self.config)
+        if self.calibration is not None:
+            config[schema.CALIBRATION] = self.calibration.as_dict()
+        records.write_json(self.run_dir / records.CONFIG, config)
         (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
         if not self.resumed:
             (self.run_dir / records.CHECKPOINT).unlink(missing_ok=True)
         columns = schema.metric_columns(self.workload.loss_kind == "cross_entropy", self.phases)
-        # Rows after the checkpoint's epoch are redone; the checkpoint's own
+        # Rows after the checkpoint's step are redone; the checkpoint's own
         # rows replace the file's, which may be damaged or cut short.
         self.metrics = records.MetricsWriter(self.run_dir / records.METRICS, columns, rows=self.rows)
 
@@ -354,8 +402,7 @@ class _Run:
         self.metrics.append(row)
 
     # ------------------------------------------------------------ the loop
-    def loop(self, on_epoch, progress) -> str:
-        config = self.config
+    def loop(self, on_evaluation, progress) -> str:
         if self.initial_train_loss is None:
             row = self.evaluate(step_times=[], phase_times=[])
             self.initial_train_loss = row["train_loss"]
@@ -363,39 +410,49 @@ class _Run:
             if not math.isfinite(row["train_loss"]):
                 return schema.DIVERGED
             self.save_checkpoint()
-        bar = _progress_bar(progress, total=self.total_steps, initial=self.step, desc=self._describe())
+        bar = _progress_bar(progress, total=self.horizon.total_steps, initial=self.step, desc=self._describe())
+        step_times, phase_times = [], []
         try:
-            while self.epoch < config.epochs:
-                step_times, phase_times = [], []
-                order = torch.randperm(
-                    len(self.train_x), generator=torch.Generator().manual_seed(config.seed * 100_003 + self.epoch)
-                ).to(self.device)
+            while self.step < self.horizon.total_steps:
+                x, y = self.batch(self.step)
                 try:
-                    for i in range(self.steps_per_epoch):
-                        batch = order[i * config.batch_size : (i + 1) * config.batch_size]
-                        seconds, phases = self.train_step(self.train_x[batch], self.train_y[batch])
-                        step_times.append(seconds)
-                        phase_times.append(phases)
-                        bar.update(1)
+                    seconds, phases = self.train_step(x, y)
                 except _Diverged:
-                    self.epoch += 1
                     self.record(self.evaluate(step_times, phase_times))
                     return schema.DIVERGED
-                self.epoch += 1
+                step_times.append(seconds)
+                phase_times.append(phases)
+                bar.update(1)
+                if not self.horizon.evaluates_after(self.step):
+                    continue
                 row = self.evaluate(step_times, phase_times)
+                step_times, phase_times = [], []
                 self.record(row)
-                bar.set_postfix(train=f"{row['train_loss']:.4g}", test=f"{row['test_loss']:.4g}")
+                bar.set_postfix(train=f"{row['train_loss']:.4g}", valid=f"{row['valid_loss']:.4g}")
                 if not self._sane(row["train_loss"]):
                     return schema.DIVERGED
                 self.save_checkpoint()
-                if on_epoch is not None and on_epoch(row):
+                progress_row = {**row, BUDGET_PERCENT: round(100 * self.step / self.horizon.total_steps)}
+                if on_evaluation is not None and on_evaluation(progress_row):
                     return schema.STOPPED
         finally:
             bar.close()
         return schema.OK
 
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of ``step``: each epoch visits the training split in its own seeded order."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._order_epoch != epoch:
+            generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+            self._order = torch.randperm(len(self.data.train_x), generator=generator).to(self.device)
+            self._order_epoch = epoch
+        batch = self._order[index * self.config.batch_size : (index + 1) * self.config.batch_size]
+        x, y = self.splits["train"]
+        return x[batch], y[batch]
+
     def train_step(self, x, y) -> tuple[float, dict[str, float]]:
-        factor = lr_factor(self.config.schedule, self.step, self.total_steps, self.warmup_steps)
+        horizon = self.horizon
+        factor = lr_factor(self.config.schedule, self.step, horizon.total_steps, horizon.warmup_steps)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         self._sync()
@@ -426,6 +483,8 @@ class _Run:
 
     @torch.no_grad()
     def evaluate(self, step_times: list[float], phase_times: list[dict[str, float]]) -> dict[str, Any]:
+        """The metrics row at this step: losses on the whole splits, and the mean times of the steps since the last."""
+        started = time.perf_counter()
         self.model.eval()
         row: dict[str, Any] = {
             "step": self.step,
@@ -433,7 +492,7 @@ class _Run:
             "wall_time_s": self.wall_time,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
-        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+        for split, (x, y) in self.splits.items():
             total, extra = 0.0, {}
             for start in range(0, len(x), self.config.eval_batch_size):
                 xb, yb = x[start : start + self.config.eval_batch_size], y[start : start + self.config.eval_batch_size]
@@ -451,6 +510,7 @@ class _Run:
             row[schema.phase_column(phase)] = statistics.mean(p[phase] for p in phase_times) if phase_times else None
         row[schema.SKIPPED_COLUMN] = getattr(self.optimizer, "skipped_steps", 0)
         self.step_times.extend(step_times)
+        self.eval_seconds += time.perf_counter() - started
         return row
 
     # ------------------------------------------------------- checkpoints
@@ -459,7 +519,8 @@ class _Run:
             self.run_dir / records.CHECKPOINT,
             {
                 "config": dataclasses.asdict(self.config),
-                "epoch": self.epoch,
+                "calibration": self.calibration.as_dict() if self.calibration else None,
+                "horizon": dataclasses.asdict(self.horizon),
                 "step": self.step,
                 "wall_time": self.wall_time,
                 "initial_train_loss": self.initial_train_loss,
@@ -475,7 +536,11 @@ class _Run:
     def _restore(self, checkpoint: dict) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+        if Horizon(**checkpoint["horizon"]) != self.horizon:
+            raise ValueError(
+                f"its horizon {checkpoint['horizon']} is not this run's {dataclasses.asdict(self.horizon)}"
+            )
+        self.step = checkpoint["step"]
         self.wall_time = checkpoint["wall_time"]
         self.initial_train_loss = checkpoint["initial_train_loss"]
         self.step_times = list(checkpoint["step_times"])
@@ -490,6 +555,7 @@ class _Run:
         finite is None there (null in the file), as JSON has no NaN."""
         history = self.rows
         finals = history[-1] if history else {}
+        kind, value = self.config.budget
         finite = lambda key: [r[key] for r in history if r.get(key) is not None and math.isfinite(r[key])]  # noqa: E731
         summary = {
             "status": status,
@@ -497,21 +563,26 @@ class _Run:
             "workload": self.config.workload,
             "data": self.config.data,
             "seed": self.config.seed,
-            "epochs_completed": self.epoch,
             "steps": self.step,
-            "final_train_loss": finals.get("train_loss"),
-            "final_test_loss": finals.get("test_loss"),
-            "best_train_loss": min(finite("train_loss"), default=None),
-            "best_test_loss": min(finite("test_loss"), default=None),
+            "epochs": self.epoch,
+            "budget": {"kind": kind, "value": value, "steps": self.horizon.total_steps},
+            "horizon": dataclasses.asdict(self.horizon),
+            "split_sizes": self.data.split_sizes(),
+            **{f"final_{split}_loss": finals.get(f"{split}_loss") for split in self.splits},
+            **{f"best_{split}_loss": min(finite(f"{split}_loss"), default=None) for split in self.splits},
             "train_seconds": self.wall_time,
+            "eval_seconds": self.eval_seconds,
+            "calibration_seconds": self.calibration_seconds,
             "total_seconds": time.perf_counter() - self.started,
             "median_step_time_s": statistics.median(self.step_times) if self.step_times else None,
             **_peak_memory(self.device),
             "device": str(self.device),
             "versions": records.versions(),
         }
+        if self.calibration is not None:
+            summary[schema.CALIBRATION] = self.calibration.as_dict()
         if self.workload.loss_kind == "cross_entropy":
-            summary["final_test_error"] = finals.get("test_error")
+            summary.update({f"final_{split}_error": finals.get(f"{split}_error") for split in self.splits})
         summary["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0)
         if error is not None:
             summary["error"] = error

@@ -43,7 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.extras import require
 from sweeps.runner.config import RunConfig
-from sweeps.runner.train import check_fits_data, train
+from sweeps.runner.train import BUDGET_PERCENT, check_fits_data, train
 from sweeps.search.results import JOURNAL_PREFIX, check_same_setup, export_results, hide_secrets, mask_url, sweep_setup
 from sweeps.search.spaces import SearchSpace, TrialSeededSampler
 
@@ -185,7 +185,7 @@ def run_optuna_sweep(
     out: pathlib.Path,
     trials: int,
     storage: str | None = None,
-    metric: str = "train_loss",
+    metric: str = "valid_loss",
     pruner: str = "median",
     sampler_seed: int | None = 0,
     heartbeat_interval: int = 60,
@@ -251,7 +251,7 @@ def run_optuna_sweep(
 
 
 class _Objective:
-    """One trial: train its run directory (resuming it if it exists), reporting every epoch to the pruner."""
+    """One trial: train its run directory (resuming it if it exists), reporting every evaluation to the pruner."""
 
     def __init__(self, base: RunConfig, space: SearchSpace, out: pathlib.Path, metric: str, progress: bool | None):
         self.base, self.space, self.out, self.metric, self.progress = base, space, out, metric, progress
@@ -268,14 +268,15 @@ class _Objective:
             self.base, optimizer=self.space.optimizer, hparams=self.space.to_hparams(params), out=str(run_dir)
         )
 
-        def on_epoch(row: dict) -> bool:
+        def on_evaluation(row: dict) -> bool:
             value = row[self.metric]
             if math.isfinite(value):
-                trial.report(value, step=int(row["epoch"]))
+                # Trials of one study may run different step counts (a time budget): compare them at equal shares.
+                trial.report(value, step=row[BUDGET_PERCENT])
             return trial.should_prune()
 
         try:
-            result = train(config, resume=True, on_epoch=on_epoch, progress=self.progress)
+            result = train(config, resume=True, on_evaluation=on_evaluation, progress=self.progress)
         except KeyboardInterrupt:
             trial.set_user_attr("status", "interrupted")
             raise

@@ -3,8 +3,8 @@
 ``ray.tune.Tuner`` over ``tune.with_resources`` (CPUs and fractional GPUs
 per trial), Optuna's TPE sampler through ``OptunaSearch`` (the same search
 space file and the same per-trial seeding as the Optuna back end),
-``ASHAScheduler`` on the epoch, one ``tune.report`` with a checkpoint per
-epoch, and ``FailureConfig`` retries that resume a trial from its last
+``ASHAScheduler`` on the share of the budget done, one ``tune.report`` with a checkpoint per
+evaluation, and ``FailureConfig`` retries that resume a trial from its last
 checkpoint. On this machine by default, on an existing cluster with
 ``--address`` (or ``RAY_ADDRESS``).
 
@@ -34,7 +34,7 @@ import pathlib
 from sweeps.extras import require
 from sweeps.runner import records
 from sweeps.runner.config import RunConfig
-from sweeps.runner.train import check_fits_data, train
+from sweeps.runner.train import BUDGET_PERCENT, check_fits_data, train
 from sweeps.search.results import check_same_setup, export_results, sweep_setup
 from sweeps.search.spaces import SearchSpace, TrialSeededSampler, load_space
 
@@ -45,7 +45,7 @@ TRIALS_DIR = "trials"
 
 
 def locoprop_trial(params: dict, *, base: dict, space_file: str, metric: str, trials_dir: str) -> None:
-    """One trial, run inside a Ray worker: train() in ``trials_dir/TRIAL_ID`` with a report per epoch."""
+    """One trial, run inside a Ray worker: train() in ``trials_dir/TRIAL_ID`` with a report per evaluation."""
     from ray import tune
 
     space = load_space(path=space_file)
@@ -66,9 +66,10 @@ def locoprop_trial(params: dict, *, base: dict, space_file: str, metric: str, tr
         metrics["status"] = status
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
 
-    result = train(config, resume=True, on_epoch=lambda row: report(row, "running"), progress=False)
+    result = train(config, resume=True, on_evaluation=lambda row: report(row, "running"), progress=False)
     if result.status != "ok":
-        report(result.history[-1], result.status)
+        done = round(100 * result.summary["steps"] / result.summary["budget"]["steps"])
+        report({**result.history[-1], BUDGET_PERCENT: done}, result.status)
 
 
 def run_ray_sweep(
@@ -79,7 +80,7 @@ def run_ray_sweep(
     out: pathlib.Path,
     trials: int,
     address: str | None = None,
-    metric: str = "train_loss",
+    metric: str = "valid_loss",
     cpus_per_trial: float = 1.0,
     gpus_per_trial: float = 0.0,
     sampler_seed: int | None = 0,
@@ -128,7 +129,7 @@ def run_ray_sweep(
     finally:
         if started_here:
             ray.shutdown()
-    rows = [row for grid in grids for row in _ray_rows(grid, study_dir, base.epochs)]
+    rows = [row for grid in grids for row in _ray_rows(grid, study_dir)]
     table = export_results(rows, out)
     failed = sum(grid.num_errors for grid in grids)
     if failed:
@@ -184,7 +185,7 @@ def _fit_parts(base, space, study_dir, parts, metric, cpus_per_trial, gpus_per_t
                 trainable,
                 tune_config=tune.TuneConfig(
                     search_alg=searcher,
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=1),
+                    scheduler=ASHAScheduler(time_attr=BUDGET_PERCENT, max_t=100, grace_period=10),
                     num_samples=part["trials"],
                     metric=metric,
                     mode="min",
@@ -205,7 +206,7 @@ def _fit_parts(base, space, study_dir, parts, metric, cpus_per_trial, gpus_per_t
     return grids
 
 
-def _ray_rows(grid, study_dir: pathlib.Path, epochs: int) -> list[dict]:
+def _ray_rows(grid, study_dir: pathlib.Path) -> list[dict]:
     """One record per trial that reported at least once."""
     rows = []
     for result in grid:
@@ -216,7 +217,7 @@ def _ray_rows(grid, study_dir: pathlib.Path, epochs: int) -> list[dict]:
             status = "failed"
         elif metrics.get("status") == "diverged":
             status = "diverged"
-        elif metrics.get("epoch", 0) < epochs:
+        elif metrics.get(BUDGET_PERCENT, 0) < 100:
             status = "pruned"  # stopped early by ASHA
         else:
             status = "ok"

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "JOURNAL_PREFIX",
     "TABLE_STEM",
+    "best_trial",
     "check_same_setup",
     "export_results",
     "hide_secrets",
@@ -126,6 +127,32 @@ def check_same_setup(stored: dict[str, Any], current: dict[str, Any], study: str
             f"{study} was run with another setup ({'; '.join(differences)}); continue it with the same flags, "
             "or choose another --study"
         )
+
+
+# ------------------------------------------------------------- selection
+def best_trial(table: pathlib.Path, metric: str = "valid_loss") -> dict[str, Any] | None:
+    """The finished trial of an exported table with the lowest final ``metric``, or None if no trial finished.
+
+    Only trials that ran their whole budget (status ok) compete: a pruned
+    trial's loss is from part of the budget, a diverged one has none.
+    Returns ``{"trial", "run_dir", "hparams", metric}``, the hyperparameters
+    read from the trial's config.json (what it ran).
+    """
+    frame = pd.read_csv(table)
+    if frame.empty or metric not in frame.columns:
+        return None
+    finals = frame.sort_values("step").groupby(schema.RUN_ID, sort=False).tail(1)
+    finals = finals[(finals[schema.STATUS] == schema.OK) & finals[metric].notna()]
+    if finals.empty:
+        return None
+    best = finals.loc[finals[metric].idxmin()]
+    config = json.loads((pathlib.Path(best["run_dir"]) / schema.CONFIG).read_text())
+    return {
+        "trial": best["trial"].item() if hasattr(best["trial"], "item") else best["trial"],  # NumPy -> JSON-able
+        "run_dir": best["run_dir"],
+        "hparams": config["hparams"],
+        metric: float(best[metric]),
+    }
 
 
 # ----------------------------------------------------------------- table
