@@ -1,7 +1,13 @@
 """Load run directories and sweep tables into one tidy DataFrame (SPEC §9).
 
 One row per evaluation of one run, with the columns of :data:`COLUMNS` and
-one ``hp_<name>`` column per hyperparameter. A *run* is a run directory
+one ``hp_<name>`` column per hyperparameter. Besides the metrics.csv
+columns (validation loss, and error rates for classifiers, included), each
+row carries its run's labels: optimizer, workload, data, seed, budget
+(``budget_kind``: time, steps or epochs, and ``budget``: its value), status,
+and the facts of :data:`RUN_FACTS` from summary.json (split sizes, the step
+count the budget became, training seconds). A record that lacks one of them
+(an older run, a sweep table) has NaN or None there. A *run* is a run directory
 (config.json + metrics.csv + summary.json) or one trial of a sweep table
 (CSV or Parquet with the same columns plus ``run_id``). Analysis reads only
 these files: it never re-runs code.
@@ -10,6 +16,7 @@ these files: it never re-runs code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import warnings
@@ -18,6 +25,9 @@ from collections.abc import Iterable
 import pandas as pd
 
 from sweeps.schema import (
+    BUDGET,
+    BUDGET_KIND,
+    CLASSIFIER_COLUMNS,
     CONFIG,
     HPARAM_PREFIX,
     METRIC_COLUMNS,
@@ -32,10 +42,18 @@ from sweeps.schema import (
     run_labels,
 )
 
-__all__ = ["COLUMNS", "RunSkipped", "RunsNotFound", "final_rows", "load_results"]
+__all__ = ["COLUMNS", "RUN_FACTS", "RunSkipped", "RunsNotFound", "final_rows", "load_results"]
 
-# Every loaded frame has these columns (None where a record lacks one).
-COLUMNS = [RUN_ID, *RUN_LABELS, STATUS, *METRIC_COLUMNS, STEP_TIME_COLUMN]
+# Per-run facts from summary.json: the sizes of the splits, the step count the
+# budget was converted to, and the seconds of training (evaluation excluded).
+RUN_FACTS = ("train_size", "valid_size", "test_size", "budget_steps", "train_seconds")
+# Every loaded frame has these columns (None or NaN where a record lacks one).
+COLUMNS = [
+    RUN_ID, *RUN_LABELS, BUDGET_KIND, BUDGET, STATUS, *METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN,
+    *RUN_FACTS,
+]  # fmt: skip
+# Numeric columns: a value that is not a number is a damaged record; a missing column is NaN.
+NUMERIC = [*METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN, BUDGET, *RUN_FACTS]
 TABLE_SUFFIXES = (".csv", ".parquet")
 _SKIP_IT = "leave it out of the inputs, or fix or remove it"  # what to do about an unreadable run file
 
@@ -119,13 +137,26 @@ def _read_run(run_dir: pathlib.Path) -> pd.DataFrame:
     config = _read_json(run_dir / CONFIG, required=RUN_LABELS)
     summary_path = run_dir / SUMMARY
     # A run without summary.json is still going, or was killed hard.
-    status = _read_json(summary_path, required=(STATUS,))[STATUS] if summary_path.exists() else RUNNING
+    summary = _read_json(summary_path, required=(STATUS,)) if summary_path.exists() else {STATUS: RUNNING}
     frame = _read_file(metrics, pd.read_csv)
     if frame.empty:
         raise RunsNotFound(f"Run directory {run_dir} has an empty metrics.csv")
     frame[RUN_ID] = str(run_dir)
-    frame = frame.assign(**run_labels(config, status))
+    frame = frame.assign(**run_labels(config, summary[STATUS]), **_run_facts(summary))
     return _with_columns(frame, metrics)
+
+
+def _run_facts(summary: dict) -> dict:
+    """The :data:`RUN_FACTS` of a summary.json (None for those it lacks, as an older run's does)."""
+    sizes = summary.get("split_sizes")
+    sizes = sizes if isinstance(sizes, dict) else {}
+    budget = summary.get("budget")
+    budget = budget if isinstance(budget, dict) else {}
+    return {
+        **{f"{split}_size": sizes.get(split) for split in ("train", "valid", "test")},
+        "budget_steps": budget.get("steps"),
+        "train_seconds": summary.get("train_seconds"),
+    }
 
 
 def _read_file(path: pathlib.Path, reader):
@@ -163,12 +194,13 @@ def _with_columns(frame: pd.DataFrame, source: pathlib.Path) -> pd.DataFrame:
     if missing:
         raise RunsNotFound(f"{source} lacks the column(s) {', '.join(missing)}")
     # Empty cells (a loss not evaluated) are NaN; anything else must be a number.
-    numbers = {c: pd.to_numeric(frame[c], errors="coerce") for c in required}
-    text = [c for c in required if numbers[c].isna().sum() > frame[c].isna().sum()]
+    present = [c for c in NUMERIC if c in frame.columns]
+    numbers = {c: pd.to_numeric(frame[c], errors="coerce") for c in present}
+    text = [c for c in present if numbers[c].isna().sum() > frame[c].isna().sum()]
     if text:
         raise RunsNotFound(f"{source}: column(s) {', '.join(text)} hold values that are not numbers; {_SKIP_IT}")
     frame = frame.assign(**numbers)
     for column in COLUMNS:
         if column not in frame.columns:
-            frame[column] = None
+            frame[column] = math.nan if column in NUMERIC else None
     return frame

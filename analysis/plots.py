@@ -15,13 +15,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.load import final_rows
-from analysis.tables import performance_ratios
-from sweeps.schema import DIVERGED, STATUS
+from analysis.tables import performance_ratios, selection_metric
+from analysis.text import METRIC_NAMES
+from sweeps.schema import BUDGET, BUDGET_KIND, DIVERGED, STATUS
 
-__all__ = ["loss_curves", "performance_profile", "save", "sensitivity"]
+__all__ = ["loss_curves", "median_curve", "performance_profile", "save", "sensitivity"]
 
-X_LABELS = {"epoch": "epoch", "wall_time_s": "training time (s)", "step": "step"}
-METRIC_LABELS = {"train_loss": "training loss", "test_loss": "test loss"}
+X_LABELS = {"epoch": "epoch", "wall_time_s": "training time (s)", "step": "optimizer step"}
+METRIC_LABELS = METRIC_NAMES
 
 
 def save(figure: Figure, stem: pathlib.Path) -> list[pathlib.Path]:
@@ -37,13 +38,33 @@ def _spans_decades(values: np.ndarray) -> bool:
     return len(values) > 0 and values.min() > 0 and values.max() / values.min() > 10
 
 
-def loss_curves(frame: pd.DataFrame, x: str = "epoch", metric: str = "train_loss") -> dict[tuple[str, str], Figure]:
-    """Loss against ``x`` ("epoch" or "wall_time_s"), one figure per (workload, data).
+def median_curve(runs: pd.DataFrame, x: str, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(xs, median, min, max) of ``metric`` against ``x`` over the runs (seeds).
 
-    One line per optimizer: the median over its runs (seeds), with the
-    min–max spread shaded. Diverged runs are left out of the line and
-    counted in the legend. The y axis is logarithmic when the plotted
-    losses span more than a decade.
+    Seeds evaluate at different x (a time budget gives each run its own
+    steps and times), so each run's curve is interpolated linearly onto the
+    union of all runs' x. Past its last evaluation a run keeps its final
+    value (its result at the budget), so that a seed ending a fraction of a
+    second early does not make the median jump at the end.
+    """
+    curves = []
+    for _, run in runs.groupby("run_id", sort=True):
+        run = run[[x, metric]].astype(float).dropna().sort_values(x)
+        if len(run):
+            curves.append((run[x].to_numpy(), run[metric].to_numpy()))
+    grid = np.unique(np.concatenate([xs for xs, _ in curves]))
+    values = np.array([np.interp(grid, xs, ys) for xs, ys in curves])  # constant beyond either end
+    return grid, np.median(values, axis=0), values.min(axis=0), values.max(axis=0)
+
+
+def loss_curves(frame: pd.DataFrame, x: str = "epoch", metric: str = "train_loss") -> dict[tuple[str, str], Figure]:
+    """Loss against ``x`` ("epoch", "step" or "wall_time_s"), one figure per (workload, data).
+
+    One line per optimizer: the median over its runs (seeds, by
+    :func:`median_curve`), with the min–max spread shaded. Diverged runs
+    are left out of the line and counted in the legend. Against training
+    time, a dashed line marks a time budget the runs share. The y axis is
+    logarithmic when the plotted losses span more than a decade.
     """
     figures = {}
     for (workload, data), group in frame.groupby(["workload", "data"], sort=True):
@@ -52,20 +73,19 @@ def loss_curves(frame: pd.DataFrame, x: str = "epoch", metric: str = "train_loss
         plotted = []
         for optimizer, runs in group.groupby("optimizer", sort=True):
             diverged = runs.loc[runs[STATUS] == DIVERGED, "run_id"].nunique()
-            usable = runs[runs[STATUS] != DIVERGED]
+            usable = runs[(runs[STATUS] != DIVERGED) & runs[metric].notna()]
             label = optimizer + (f" ({diverged} diverged)" if diverged else "")
             if usable.empty:
                 ax.plot([], [], label=label)
                 continue
-            values = usable.pivot_table(index="epoch", columns="run_id", values=metric)
-            xs = values.index.to_numpy(dtype=float)
-            if x != "epoch":  # seeds differ in time per epoch: use the median
-                xs = usable.pivot_table(index="epoch", columns="run_id", values=x).median(axis=1).to_numpy()
-            median = values.median(axis=1).to_numpy()
+            xs, median, low, high = median_curve(usable, x, metric)
             (line,) = ax.plot(xs, median, label=label, linewidth=1.6)
-            if values.shape[1] > 1:
-                ax.fill_between(xs, values.min(axis=1), values.max(axis=1), color=line.get_color(), alpha=0.2)
+            if usable["run_id"].nunique() > 1:
+                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
             plotted.append(median)
+        budgets = set(zip(group[BUDGET_KIND], group[BUDGET]))
+        if x == "wall_time_s" and len(budgets) == 1 and (budget := budgets.pop())[0] == "time":
+            ax.axvline(budget[1], color="grey", linestyle="--", linewidth=0.8, label="time budget")
         if plotted and _spans_decades(np.concatenate(plotted)):
             ax.set_yscale("log")
         ax.set_xlabel(X_LABELS.get(x, x))
@@ -77,13 +97,15 @@ def loss_curves(frame: pd.DataFrame, x: str = "epoch", metric: str = "train_loss
     return figures
 
 
-def sensitivity(frame: pd.DataFrame, metric: str = "train_loss") -> dict[str, Figure]:
+def sensitivity(frame: pd.DataFrame, metric: str | None = None) -> dict[str, Figure]:
     """Final loss against each hyperparameter that varies, one figure per optimizer.
 
     Each searched hyperparameter (an ``hp_`` column with several numeric
     values) gets a panel of the final ``metric`` of every run; diverged runs
-    are drawn as crosses at the top of the panel.
+    are drawn as crosses at the top of the panel. ``metric`` defaults to
+    the validation loss (:func:`analysis.tables.selection_metric`).
     """
+    metric = metric or selection_metric(frame)
     finals = final_rows(frame)
     figures = {}
     for optimizer, runs in finals.groupby("optimizer", sort=True):
@@ -115,7 +137,7 @@ def sensitivity(frame: pd.DataFrame, metric: str = "train_loss") -> dict[str, Fi
 
 
 def performance_profile(
-    frame: pd.DataFrame, targets: dict[tuple[str, str], float] | float, tau_max: float = 10.0
+    frame: pd.DataFrame, targets: dict[tuple[str, str], float] | float, tau_max: float = 10.0, metric: str | None = None
 ) -> Figure:
     """Dolan–Moré performance profile of time-to-target across workloads.
 
@@ -125,7 +147,7 @@ def performance_profile(
     run that never reached it counts as ∞); the curve is ρ_o(τ) = fraction
     of workloads with r ≤ τ, for τ ∈ [1, τ_max].
     """
-    ratios = performance_ratios(frame, targets)
+    ratios = performance_ratios(frame, targets, metric)
     taus = np.logspace(0, math.log10(tau_max), 200)
     figure = Figure(figsize=(6.0, 4.0))
     ax = figure.add_subplot()

@@ -1,20 +1,23 @@
-"""Comparison tables from the tidy results frame (SPEC §9).
+"""Time-to-target and detail tables from the tidy results frame (SPEC §9).
 
+- :func:`selection_metric`: the loss that targets and comparisons use:
+  validation loss, or training loss for runs that recorded none.
+- :func:`best_first_order`: per workload and data set, the first-order
+  baseline with the lowest mean final loss over its finished runs.
+- :func:`budget_targets`: the targets, that baseline's loss at 25%, 50% and
+  100% of its training time; :func:`default_target` is the 100% one.
 - :func:`time_to_target`: per run, the first evaluation at or below a
   target loss (step and training seconds), NaN where it was never reached.
 - :func:`median_to_target`: per workload, data set and optimizer, the
   median steps and seconds to the target by :data:`TIME_TO_TARGET_RULE`;
-  the summary table and the performance profile both read it, so that
-  they agree.
-- :func:`summary_table`: per workload, data set and optimizer: runs,
-  diverged runs, final and best train/test loss as mean ± std over the
-  runs that finished ("ok"), how many runs reached the target and the
-  median steps and seconds to it, median step time and its ratio to
-  Adam's on the same workload.
+  :func:`target_table`, :func:`summary_table` and the performance profile
+  all read it, so that they agree.
+- :func:`summary_table`: the details per workload, data set and optimizer:
+  runs, diverged runs, final and best train/valid/test loss as mean ± std
+  over the runs that finished ("ok"), time to one target, median step time
+  and its ratio to Adam's on the same workload.
 - :func:`performance_ratios`: the ratios r = t / (best t) of a
   performance profile, from the same medians.
-- :func:`default_target`: the mean final training loss of the best
-  first-order baseline, per workload and data set.
 """
 
 from __future__ import annotations
@@ -25,16 +28,24 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import final_rows
+from analysis.text import markdown_table, num
 from sweeps.schema import DIVERGED, OK, STATUS
 
 __all__ = [
     "FIRST_ORDER",
+    "TARGET_FRACTIONS",
     "TIME_TO_TARGET_RULE",
+    "best_first_order",
+    "budget_targets",
     "default_target",
     "format_markdown",
+    "format_target_table",
+    "given_targets",
     "median_to_target",
     "performance_ratios",
+    "selection_metric",
     "summary_table",
+    "target_table",
     "time_to_target",
 ]
 
@@ -42,6 +53,7 @@ FIRST_ORDER = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "rmspr
 GROUP = ["workload", "data"]
 ENTRY = ["workload", "data", "optimizer"]
 TO_TARGET = ["steps_to_target", "seconds_to_target"]
+TARGET_FRACTIONS = (0.25, 0.5, 1.0)
 
 TIME_TO_TARGET_RULE = (
     "Steps and seconds to target are medians over all runs of an optimizer on a workload, a run that never "
@@ -49,22 +61,98 @@ TIME_TO_TARGET_RULE = (
     "it (column 'reached'), and are 'not reached' otherwise. The performance profile uses these same medians."
 )
 
+Targets = dict[tuple[str, str], float] | float
 
-def default_target(frame: pd.DataFrame, metric: str = "train_loss") -> dict[tuple[str, str], float]:
-    """Target per (workload, data): the best first-order baseline's mean final loss."""
+
+def selection_metric(frame: pd.DataFrame) -> str:
+    """The loss to compare: "valid_loss" when any run recorded one, else "train_loss" (older runs)."""
+    if "valid_loss" in frame.columns and pd.to_numeric(frame["valid_loss"], errors="coerce").notna().any():
+        return "valid_loss"
+    return "train_loss"
+
+
+def _ok_finals(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The final evaluation of every finished ("ok") run with a finite ``metric``."""
     finals = final_rows(frame)
-    finals = finals[(finals[STATUS] == OK) & finals["optimizer"].isin(FIRST_ORDER)]
-    targets = {}
-    for key, group in finals.groupby(GROUP):
-        means = group.groupby("optimizer")[metric].mean()
-        targets[tuple(key)] = float(means.min())
-    return targets
+    return finals[(finals[STATUS] == OK) & np.isfinite(finals[metric].astype(float))]
 
 
-def time_to_target(
-    frame: pd.DataFrame, targets: dict[tuple[str, str], float] | float, metric: str = "train_loss"
+def best_first_order(frame: pd.DataFrame, metric: str | None = None) -> dict[tuple[str, str], str]:
+    """Per (workload, data): the first-order baseline (:data:`FIRST_ORDER`) with the lowest mean final
+    ``metric`` over its finished runs; a tie goes to the name first in alphabetical order."""
+    metric = metric or selection_metric(frame)
+    finals = _ok_finals(frame, metric)
+    finals = finals[finals["optimizer"].isin(FIRST_ORDER)]
+    best = {}
+    for key, group in finals.groupby(GROUP, sort=True):
+        means = group.groupby("optimizer", sort=True)[metric].mean()
+        best[tuple(key)] = str(means.idxmin())
+    return best
+
+
+def budget_targets(
+    frame: pd.DataFrame, metric: str | None = None, fractions: tuple[float, ...] = TARGET_FRACTIONS
 ) -> pd.DataFrame:
-    """One row per run: run_id, optimizer, workload, data, target, steps_to_target, seconds_to_target."""
+    """The targets of the time-to-target table: per (workload, data) and fraction f, the loss that the best
+    first-order baseline (:func:`best_first_order`) reached at f of its training time.
+
+    Each of its finished runs gives its loss at its last evaluation within the
+    first f of its own training time (at f = 1: its final evaluation). The
+    target is the median over these runs; with an even number of runs, the
+    upper of the two middle values: the loss that more than half of the
+    baseline's runs reached by then, the majority the time-to-target rule
+    asks for, so the baseline reaches each of its own targets in time.
+    Columns: workload, data, baseline, fraction, seconds (f × the
+    baseline's median training time), target.
+    """
+    metric = metric or selection_metric(frame)
+    rows = []
+    for (workload, data), baseline in best_first_order(frame, metric).items():
+        runs = frame[(frame["workload"] == workload) & (frame["data"] == data) & (frame["optimizer"] == baseline)]
+        runs = [run for _, run in runs[runs[STATUS] == OK].groupby("run_id", sort=True)]
+        ends = [float(run["wall_time_s"].max()) for run in runs]
+        for fraction in fractions:
+            losses = [_loss_at_fraction(run, metric, fraction) for run in runs]
+            rows.append(
+                {"workload": workload, "data": data, "baseline": baseline, "fraction": fraction,
+                 "seconds": fraction * float(np.median(ends)), "target": _upper_median(losses)}
+            )  # fmt: skip
+    return pd.DataFrame(rows, columns=["workload", "data", "baseline", "fraction", "seconds", "target"])
+
+
+def _loss_at_fraction(run: pd.DataFrame, metric: str, fraction: float) -> float:
+    """The run's ``metric`` at its last evaluation within the first ``fraction`` of its training time."""
+    run = run.dropna(subset=[metric, "wall_time_s"]).sort_values("step")
+    seen = run[run["wall_time_s"] <= fraction * run["wall_time_s"].max()]
+    return float(seen[metric].iloc[-1]) if len(seen) else math.nan
+
+
+def _upper_median(values: list[float]) -> float:
+    """The ⌊n/2⌋+1-th smallest finite value: the median for odd n, the upper middle value for even n."""
+    finite = sorted(v for v in values if math.isfinite(v))
+    return finite[len(finite) // 2] if finite else math.nan
+
+
+def given_targets(frame: pd.DataFrame, target: float) -> pd.DataFrame:
+    """One given target (``--target-loss``) for every (workload, data): :func:`budget_targets`'s columns."""
+    keys = frame[GROUP].drop_duplicates().sort_values(GROUP)
+    return keys.assign(baseline=None, fraction=math.nan, seconds=math.nan, target=float(target)).reset_index(drop=True)
+
+
+def default_target(frame: pd.DataFrame, metric: str | None = None) -> dict[tuple[str, str], float]:
+    """Target per (workload, data): the best first-order baseline's final loss (the 100% target of
+    :func:`budget_targets`: the median over its runs, the upper middle value for an even count)."""
+    targets = budget_targets(frame, metric, fractions=(1.0,))
+    return {(row.workload, row.data): float(row.target) for row in targets.itertuples()}
+
+
+def time_to_target(frame: pd.DataFrame, targets: Targets, metric: str | None = None) -> pd.DataFrame:
+    """One row per run: run_id, optimizer, workload, data, target, steps_to_target, seconds_to_target.
+
+    The first evaluation whose ``metric`` is at or below the target; NaN
+    where no evaluation reached it (a target of NaN is never reached).
+    """
+    metric = metric or selection_metric(frame)
     rows = []
     for run_id, run in frame.sort_values(["run_id", "step"]).groupby("run_id", sort=False):
         first = run.iloc[0]
@@ -85,56 +173,6 @@ def time_to_target(
     return pd.DataFrame(rows)
 
 
-def summary_table(frame: pd.DataFrame, targets: dict[tuple[str, str], float] | float | None = None) -> pd.DataFrame:
-    """The comparison table; see the module docstring for its columns."""
-    if targets is None:
-        targets = default_target(frame)
-    finals = final_rows(frame)
-    reach = time_to_target(frame, targets)
-    medians = median_to_target(reach).replace(math.inf, math.nan)  # NaN: "not reached"
-    step_times = frame.groupby("run_id")["step_time_s"].median()
-    finals = finals.assign(
-        target=finals["run_id"].map(reach.set_index("run_id")["target"]),
-        run_step_time=finals["run_id"].map(step_times),
-    )
-    best = frame.groupby("run_id")[["train_loss", "test_loss"]].min()
-    finals = finals.assign(
-        best_train=finals["run_id"].map(best["train_loss"]), best_test=finals["run_id"].map(best["test_loss"])
-    )
-    rows = []
-    for (workload, data, optimizer), runs in finals.groupby(ENTRY, sort=True):
-        ok = runs[runs[STATUS] == OK]
-        to_target = medians.loc[(workload, data, optimizer)]
-        rows.append(
-            {
-                "workload": workload,
-                "data": data,
-                "optimizer": optimizer,
-                "runs": len(runs),
-                "diverged": int((runs[STATUS] == DIVERGED).sum()),
-                "final_train_loss_mean": ok["train_loss"].mean(),
-                "final_train_loss_std": _std(ok["train_loss"]),
-                "final_test_loss_mean": ok["test_loss"].mean(),
-                "final_test_loss_std": _std(ok["test_loss"]),
-                "best_train_loss_mean": ok["best_train"].mean(),
-                "best_test_loss_mean": ok["best_test"].mean(),
-                "target_loss": runs["target"].iloc[0],
-                "reached_target": f"{int(to_target['reached'])}/{len(runs)}",
-                "steps_to_target": to_target["steps_to_target"],
-                "seconds_to_target": to_target["seconds_to_target"],
-                "step_time_s": runs["run_step_time"].median(),
-            }
-        )
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table
-    adam = table[table["optimizer"] == "adam"].set_index(["workload", "data"])["step_time_s"]
-    table["step_time_ratio_to_adam"] = [
-        row.step_time_s / adam.get((row.workload, row.data), np.nan) for row in table.itertuples()
-    ]
-    return table
-
-
 def median_to_target(reach: pd.DataFrame) -> pd.DataFrame:
     """Per (workload, data, optimizer): runs, reached, and the median steps and seconds to the target.
 
@@ -152,15 +190,81 @@ def median_to_target(reach: pd.DataFrame) -> pd.DataFrame:
     return medians
 
 
-def performance_ratios(frame: pd.DataFrame, targets: dict[tuple[str, str], float] | float) -> pd.DataFrame:
+def target_table(frame: pd.DataFrame, targets: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Time to each target of ``targets`` (:func:`budget_targets` or :func:`given_targets`).
+
+    One row per (workload, data, optimizer, target): the target's fraction
+    and loss, runs, reached, and the median steps and seconds by
+    :func:`median_to_target` (NaN: not reached). A workload without targets
+    (no first-order baseline finished) has no rows.
+    """
+    metric = metric or selection_metric(frame)
+    parts = []
+    for target in targets.itertuples():
+        runs = frame[(frame["workload"] == target.workload) & (frame["data"] == target.data)]
+        medians = median_to_target(time_to_target(runs, float(target.target), metric)).reset_index()
+        parts.append(medians.assign(fraction=target.fraction, target=target.target, baseline=target.baseline))
+    if not parts:
+        return pd.DataFrame(columns=[*ENTRY, "fraction", "target", "baseline", "runs", "reached", *TO_TARGET])
+    table = pd.concat(parts, ignore_index=True)
+    table[TO_TARGET] = table[TO_TARGET].replace(math.inf, math.nan)
+    return table[[*ENTRY, "fraction", "target", "baseline", "runs", "reached", *TO_TARGET]]
+
+
+def summary_table(frame: pd.DataFrame, targets: Targets | None = None, metric: str | None = None) -> pd.DataFrame:
+    """The details table; see the module docstring for its columns. ``targets`` default to :func:`default_target`."""
+    metric = metric or selection_metric(frame)
+    if targets is None:
+        targets = default_target(frame, metric)
+    reach = time_to_target(frame, targets, metric)
+    medians = median_to_target(reach).replace(math.inf, math.nan)  # NaN: "not reached"
+    finals = final_rows(frame)
+    best = frame.groupby("run_id")[["train_loss", "valid_loss", "test_loss"]].min()
+    finals = finals.assign(
+        target=finals["run_id"].map(reach.set_index("run_id")["target"]),
+        run_step_time=finals["run_id"].map(frame.groupby("run_id")["step_time_s"].median()),
+        **{f"best_{split}": finals["run_id"].map(best[f"{split}_loss"]) for split in ("train", "valid", "test")},
+    )
+    rows = [
+        _summary_row(key, runs, medians.loc[key]) for key, runs in finals.groupby(ENTRY, sort=True)
+    ]  # fmt: skip
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    adam = table[table["optimizer"] == "adam"].set_index(["workload", "data"])["step_time_s"]
+    table["step_time_ratio_to_adam"] = [
+        row.step_time_s / adam.get((row.workload, row.data), np.nan) for row in table.itertuples()
+    ]
+    return table
+
+
+def _summary_row(key: tuple, runs: pd.DataFrame, to_target: pd.Series) -> dict:
+    """One optimizer's row of :func:`summary_table`: its final rows, its medians to the target."""
+    ok = runs[runs[STATUS] == OK]
+    row = dict(zip(ENTRY, key), runs=len(runs), diverged=int((runs[STATUS] == DIVERGED).sum()))
+    for split in ("train", "valid", "test"):
+        row[f"final_{split}_loss_mean"] = ok[f"{split}_loss"].astype(float).mean()
+        row[f"final_{split}_loss_std"] = _std(ok[f"{split}_loss"].astype(float).dropna())
+        row[f"best_{split}_loss_mean"] = ok[f"best_{split}"].astype(float).mean()
+    row.update(
+        target_loss=runs["target"].iloc[0],
+        reached_target=f"{int(to_target['reached'])}/{len(runs)}",
+        steps_to_target=to_target["steps_to_target"],
+        seconds_to_target=to_target["seconds_to_target"],
+        step_time_s=runs["run_step_time"].median(),
+    )
+    return row
+
+
+def performance_ratios(frame: pd.DataFrame, targets: Targets, metric: str | None = None) -> pd.DataFrame:
     """Performance-profile ratios: rows (workload, data), one column per optimizer.
 
     r(w, o) = t(w, o) / min_o' t(w, o'), with t the median seconds to target
-    of :func:`median_to_target` (the summary table's number); r = ∞ where t
-    is ∞ (the median run did not reach the target) or where the optimizer
-    did not run on that workload.
+    of :func:`median_to_target` (the tables' number); r = ∞ where t is ∞
+    (the median run did not reach the target) or where the optimizer did
+    not run on that workload.
     """
-    seconds = median_to_target(time_to_target(frame, targets))["seconds_to_target"].unstack("optimizer")
+    seconds = median_to_target(time_to_target(frame, targets, metric))["seconds_to_target"].unstack("optimizer")
     seconds = seconds.fillna(math.inf)
     best = seconds.min(axis=1)
     ratios = seconds.div(best, axis=0)
@@ -174,43 +278,60 @@ def _std(values: pd.Series) -> float:
 
 
 def format_markdown(table: pd.DataFrame) -> str:
-    """The summary table as Markdown, mean ± std in one cell, 'not reached' spelled out."""
+    """The details table as Markdown: final losses as mean ± std over finished runs, step time."""
     if table.empty:
         return "(no runs)"
     headers = [
-        "workload", "data", "optimizer", "runs", "diverged", "final train loss", "final test loss",
-        "best test loss", "target", "reached", "steps to target", "seconds to target", "step time (s)",
-        "step / Adam",
+        "workload", "data", "optimizer", "runs", "diverged", "final train loss", "final valid loss",
+        "final test loss", "best valid loss", "step time (s)", "step / Adam",
     ]  # fmt: skip
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for row in table.itertuples():
-        cells = [
-            row.workload,
-            row.data,
-            row.optimizer,
-            str(row.runs),
-            str(row.diverged),
-            _pm(row.final_train_loss_mean, row.final_train_loss_std),
-            _pm(row.final_test_loss_mean, row.final_test_loss_std),
-            _num(row.best_test_loss_mean),
-            _num(row.target_loss),
-            row.reached_target,
-            _num(row.steps_to_target, "not reached"),
-            _num(row.seconds_to_target, "not reached"),
-            _num(row.step_time_s),
-            _num(row.step_time_ratio_to_adam),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(headers, [_detail_cells(row) for row in table.itertuples()])
 
 
-def _num(value, missing: str = "–") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return missing
-    return f"{value:.4g}"
+def _detail_cells(row) -> list[str]:
+    return [
+        row.workload, row.data, row.optimizer, str(row.runs), str(row.diverged),
+        _pm(row.final_train_loss_mean, row.final_train_loss_std),
+        _pm(row.final_valid_loss_mean, row.final_valid_loss_std),
+        _pm(row.final_test_loss_mean, row.final_test_loss_std),
+        num(row.best_valid_loss_mean), num(row.step_time_s), num(row.step_time_ratio_to_adam),
+    ]  # fmt: skip
 
 
 def _pm(mean, std) -> str:
     if mean is None or math.isnan(mean):
         return "–"
     return f"{mean:.4g} ± {std:.2g}"
+
+
+def format_target_table(table: pd.DataFrame, targets: pd.DataFrame, workload: str, data: str) -> str:
+    """Time to each target on one (workload, data) as Markdown: one column per target, one row per optimizer;
+    a cell is "median seconds, median steps (reached/runs)" or "not reached (reached/runs)"."""
+    mine = table[(table["workload"] == workload) & (table["data"] == data)]
+    columns = targets[(targets["workload"] == workload) & (targets["data"] == data)]
+    headers = ["optimizer", *(_target_header(t) for t in columns.itertuples())]
+    rows = []
+    for optimizer, cells in mine.groupby("optimizer", sort=True):
+        row = [optimizer]
+        for target in columns.itertuples():
+            cell = cells[(cells["target"] == target.target) & _same_fraction(cells["fraction"], target.fraction)]
+            row.append(_reach_cell(cell.iloc[0]) if len(cell) else "–")
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def _same_fraction(fractions: pd.Series, fraction: float) -> pd.Series:
+    return fractions.isna() if math.isnan(fraction) else fractions == fraction
+
+
+def _target_header(target) -> str:
+    if math.isnan(target.fraction):
+        return f"target {num(target.target)} (given)"
+    return f"target {num(target.target)} ({target.fraction:.0%} of {target.baseline}'s time, {num(target.seconds)} s)"
+
+
+def _reach_cell(row: pd.Series) -> str:
+    reached = f"({int(row['reached'])}/{int(row['runs'])})"
+    if math.isnan(row["seconds_to_target"]):
+        return f"not reached {reached}"
+    return f"{num(row['seconds_to_target'])} s, {num(row['steps_to_target'])} steps {reached}"

@@ -42,7 +42,7 @@ class Calibration:
 
     step_time_s: float
     steps: int
-    timed_steps: int = CALIBRATION_STEPS
+    timed_steps: int
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,4 +135,6 @@ def calibrate(time_budget: float, step: Callable[[int], None], sync: Callable[[]
     finally:
         torch.set_rng_state(rng)
     step_time = statistics.fmean(seconds)
-    return Calibration(step_time_s=step_time, steps=max(1, math.floor(time_budget / step_time)))
+    return Calibration(
+        step_time_s=step_time, steps=max(1, math.floor(time_budget / step_time)), timed_steps=len(seconds)
+    )
