@@ -1,0 +1,124 @@
+"""``locoprop compare``: the protocol of SPEC §7/§9 end to end (tuning on validation, fresh seeds, resume)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from sweeps.commands import compare as compare_module
+from sweeps.commands.compare import Tuning, compare
+from sweeps.runner import RunConfig
+from sweeps.search import optuna_backend
+from sweeps.search.results import best_trial
+
+BASE = RunConfig(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, steps=6, eval_every=3)
+
+
+def _trial_summaries(study_dir: pathlib.Path) -> dict[str, dict]:
+    return {
+        path.parent.name: {
+            "summary": json.loads(path.read_text()),
+            "hparams": json.loads((path.parent / "config.json").read_text())["hparams"],
+        }
+        for path in sorted(study_dir.glob("trials/*/summary.json"))
+    }
+
+
+def test_tuned_compare_selects_on_validation_reruns_fresh_seeds_and_resumes_without_repeats(tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    tuning = Tuning(trials=3, seed=0)
+    real_final_run = compare_module._final_run
+    calls = []
+
+    def crash_in_the_second_final_run(*args, **kwargs):
+        calls.append(args[1:4])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a crash after tuning, during the final runs
+        return real_final_run(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "_final_run", crash_in_the_second_final_run)
+    with pytest.raises(KeyboardInterrupt):
+        compare(BASE, ["adam", "sgd"], [1, 2], out, tuning=tuning, progress=False)
+    studies = {name: _trial_summaries(out / "tuning" / name) for name in ("adam", "sgd")}
+    assert [len(trials) for trials in studies.values()] == [3, 3]
+    stamps = {path: path.stat().st_mtime_ns for path in out.glob("tuning/*/trials/*/summary.json")}
+
+    # The same command again: no trial runs again, the final runs finish.
+    monkeypatch.setattr(optuna_backend, "train", lambda *a, **k: pytest.fail("a tuning trial ran again"))
+    monkeypatch.setattr(compare_module, "_final_run", real_final_run)
+    report = compare(BASE, ["adam", "sgd"], [1, 2], out, tuning=tuning, progress=False)
+    assert {path: path.stat().st_mtime_ns for path in out.glob("tuning/*/trials/*/summary.json")} == stamps
+    finals = sorted(out.glob("runs/*/summary.json"))
+    assert len(finals) == 4 and report.exists()
+
+    protocol = json.loads((out / "protocol.json").read_text())
+    for name, trials in studies.items():
+        # Selection: the finished trial with the lowest final validation loss (computed here from its files).
+        finished = {t: v for t, v in trials.items() if v["summary"]["status"] == "ok"}
+        chosen = min(finished.values(), key=lambda v: v["summary"]["final_valid_loss"])
+        tuned = protocol["tuning"]["optimizers"][name]
+        assert tuned["best"]["valid_loss"] == pytest.approx(chosen["summary"]["final_valid_loss"])
+        assert tuned["best"]["hparams"] == chosen["hparams"]
+        assert tuned["trials"] == 3 and tuned["finished"] == len(finished)
+        assert tuned["train_seconds"] == pytest.approx(sum(v["summary"]["train_seconds"] for v in trials.values()))
+        # The final runs use the selection, with the fresh seeds only.
+        runs = [json.loads(p.parent.joinpath("config.json").read_text()) for p in finals]
+        mine = [run for run in runs if run["optimizer"] == name]
+        assert sorted(run["seed"] for run in mine) == [1, 2]
+        assert all(run["hparams"] == chosen["hparams"] for run in mine)
+    assert protocol["budget"] == {"kind": "steps", "value": 6} and protocol["seeds"] == [1, 2]
+    assert protocol["split_sizes"] == {"train": 461, "valid": 51, "test": 128}
+    assert "Tuning" in report.read_text() or "tuning" in report.read_text()
+
+
+def test_the_tuning_seed_is_not_a_final_seed():
+    with pytest.raises(ValueError, match=r"final seeds \[0, 1\] include the tuning seed 0"):
+        compare(BASE, ["adam"], [0, 1], pathlib.Path("unused"), tuning=Tuning(trials=2, seed=0))
+
+
+def test_best_trial_reads_validation_and_only_finished_trials(tmp_path):
+    """Trial 1 has the best test loss and trial 2 the best validation loss of a pruned run: trial 0 wins."""
+    rows = []
+    for trial, status, valid, test in [(0, "ok", 5.0, 9.0), (1, "ok", 6.0, 1.0), (2, "pruned", 2.0, 2.0)]:
+        run_dir = tmp_path / f"trial-{trial}"
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps({"hparams": {"lr": 10.0**-trial}}))
+        for step, scale in ((0, 3.0), (5, 1.0)):
+            rows.append(dict(run_id=trial, trial=trial, step=step, status=status, run_dir=str(run_dir),
+                             valid_loss=valid * scale, test_loss=test * scale))  # fmt: skip
+    table = tmp_path / "sweep_results.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    assert best_trial(table) == {"trial": 0, "run_dir": str(tmp_path / "trial-0"), "hparams": {"lr": 1.0},
+                                 "valid_loss": 5.0}  # fmt: skip
+    pd.DataFrame([{**r, "status": "diverged"} for r in rows]).to_csv(table, index=False)
+    assert best_trial(table) is None
+
+
+def test_cli_compare_with_presets_writes_runs_protocol_and_report(tmp_path):
+    args = [
+        "compare", "--data", "synthetic", "--steps", "4", "--batch-size", "64", "--width-mult", "0.05",
+        "--seeds", "1,2", "--optimizers", "adam,locoprop-m", "--out", str(tmp_path), "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "sweeps.commands.cli", *args], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for optimizer in ("adam", "locoprop-m"):
+        for seed in (1, 2):
+            (run_dir,) = tmp_path.glob(f"runs/{optimizer}-autoencoder-synthetic-seed{seed}-*")
+            assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    protocol = json.loads((tmp_path / "protocol.json").read_text())
+    assert protocol["tuning"] is None and protocol["presets"]["source"] == "sweeps.commands.presets"
+    assert protocol["command"] == "locoprop " + " ".join(args)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "not an equal-time comparison" in report  # a steps budget never headlines as equal time
+    assert (tmp_path / "report" / "results.md").read_text() in result.stdout
+
+
+def test_cli_compare_refuses_tuning_flags_without_tune(tmp_path, capsys):
+    from sweeps.commands.cli import main
+
+    assert main(["compare", "--storage", "sqlite:///x.db", "--out", str(tmp_path)]) == 2
+    assert "pass --tune N too" in capsys.readouterr().err
