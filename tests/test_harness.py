@@ -243,23 +243,3 @@ def test_cli_train_diverges_cleanly(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout.startswith("diverged")
-
-
-def test_cli_compare_runs_end_to_end(tmp_path):
-    args = [
-        "compare", "--data", "synthetic", "--epochs", "1", "--batch-size", "64", "--width-mult", "0.05",
-        "--seeds", "0,1", "--optimizers", "adam,locoprop-m", "--out", str(tmp_path), "--no-progress",
-    ]  # fmt: skip
-    result = _cli(*args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    for optimizer in ("adam", "locoprop-m"):
-        for seed in (0, 1):
-            (run_dir,) = tmp_path.glob(f"{optimizer}-autoencoder-synthetic-seed{seed}-*")
-            assert (run_dir / "summary.json").exists() and (run_dir / "metrics.csv").exists()
-    table = (tmp_path / "report" / "results.md").read_text()
-    assert "| autoencoder | synthetic | adam | 2 | 0 |" in table
-    assert "| autoencoder | synthetic | locoprop-m | 2 | 0 |" in table
-    assert "step / Adam" in result.stdout and (tmp_path / "report" / "report.md").exists()
-    # Running it again reuses the finished runs.
-    again = _cli(*args, cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count(": ok,") == 4

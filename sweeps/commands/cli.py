@@ -564,8 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.md, its tables and figures (required)")
     p.add_argument(
         "--target-loss", type=float, default=None,
-        help="training loss that counts as reaching the target (default: per workload, the mean final training "
-        "loss of the best first-order baseline)",
+        help="validation loss that counts as reaching the target, one target for every workload (default: three "
+        "targets per workload, the validation loss the best first-order baseline reaches at 25%%, 50%% and 100%% of "
+        "the budget; the training loss for runs that recorded no validation loss)",
     )  # fmt: skip
     p.set_defaults(handler=cmd_report)
     return parser
