@@ -356,8 +356,11 @@ def test_killed_worker_on_postgres_loses_and_duplicates_nothing(tmp_path, postgr
     frame = pd.read_csv(tmp_path / "sweep_results.csv")
     assert frame["run_id"].nunique() == 3
     # The retry continued the killed trial's run directory: every epoch once.
-    epochs = frame.groupby("run_id")["epoch"].apply(list)
+    # Evaluations are once per epoch; a run that diverged ends with one more, at the step where it did.
+    epochs = frame[frame["status"] != "diverged"].groupby("run_id")["epoch"].apply(list)
     assert epochs.map(lambda e: e == list(range(len(e)))).all()  # no run repeats or skips an epoch
+    steps = frame.groupby("run_id")["step"].apply(list)
+    assert steps.map(lambda s: s == sorted(set(s))).all()
     assert frame[frame["trial"] == 0]["epoch"].tolist() == list(range(7))
     for text in (first_output, output, (tmp_path / "sweep_results.csv").read_text()):
         assert "pg-secret-pw" not in text
