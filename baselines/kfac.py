@@ -253,8 +253,14 @@ def _split(direction: Tensor, params: list[Tensor]) -> list[Tensor]:
 
 
 def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    return eigenvalues.clamp_(min=0.0), eigenvectors
+    """Eigenvalues (clamped at 0) and eigenvectors of a factor, computed in float64.
+
+    A factor often has many zero eigenvalues (MNIST's border pixels are always
+    0), and float32 eigh (MKL) then returns NaN for some batches; float64
+    does not, at about twice the cost of a refresh that runs every few steps.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix.double())
+    return eigenvalues.clamp_(min=0.0).to(matrix.dtype), eigenvectors.to(matrix.dtype)
 
 
 def _pi(a_factor: Tensor, g_factor: Tensor) -> float:

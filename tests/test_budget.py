@@ -146,3 +146,16 @@ def test_a_batch_above_the_training_split_is_refused_before_anything_is_written(
     with pytest.raises(ValueError, match="has 461 examples once the validation split is held out"):
         train(config, data=DATA)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_calibration_that_timed_skipped_steps_says_so(tmp_path, monkeypatch):
+    """A batch with an infinite input makes Adam skip its steps; those are cheaper than real ones."""
+    monkeypatch.setattr(budget, "CALIBRATION_STEPS", 3)
+    poisoned = synthetic()
+    poisoned.train_x[:, 0] = float("inf")  # every batch
+    config = RunConfig(time_budget=0.05, out=str(tmp_path), **TINY)
+    with pytest.warns(budget.CalibrationSkipped, match="6 of the 6 steps that timed the budget were skipped"):
+        run = _Run(config, tmp_path, poisoned, None)
+    assert run.calibration.skipped_steps == 6
+    clean = _Run(config, tmp_path, DATA, None)
+    assert clean.calibration.skipped_steps == 0

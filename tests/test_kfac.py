@@ -199,3 +199,20 @@ def test_step_before_backward_is_refused():
     with pytest.raises(RuntimeError, match="before any backward pass"):
         opt.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_factor_with_many_zero_directions_gives_a_finite_step():
+    """MNIST's border pixels are always 0, so A has hundreds of zero eigenvalues; float32 eigh (MKL) returns NaN
+    for some such batches (this one among them), which made the step NaN."""
+    from sweeps.runner.data import load_dataset
+
+    data = load_dataset("mnist5k").with_validation(0.1)
+    x = data.train_x[torch.randperm(3600, generator=torch.Generator().manual_seed(1))[:250]]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 784))
+    opt = KFAC(model, lr=0.01, damping=0.03, kl_clip=None, momentum=0.0)
+    before = snapshot(model)
+    F.binary_cross_entropy_with_logits(model(x), x, reduction="none").sum(1).mean().backward()
+    opt.step()
+    assert all(p.isfinite().all() for p in model.parameters())
+    assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())

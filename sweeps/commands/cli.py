@@ -27,6 +27,7 @@ from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps import schema
 from sweeps.commands import presets
 from sweeps.extras import MissingExtra
+from sweeps.runner.budget import CalibrationSkipped
 from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, run_dir_name
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.runner.records import RecordRebuilt
@@ -376,7 +377,7 @@ def cmd_report(args) -> int:
 
 
 # Warnings that tell the user what happened to their records: one line each, no source line.
-NOTICES = (RunSkipped, RecordRebuilt)
+NOTICES = (RunSkipped, RecordRebuilt, CalibrationSkipped)
 
 
 def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:

@@ -8,9 +8,9 @@ learning-rate schedule knows where it ends and the run is reproducible:
 - epochs: epochs × steps per epoch (the last partial batch is dropped);
 - steps: as given;
 - time: the run first times its own steps (:func:`calibrate`: a fresh
-  model and optimizer of the same config, a few untimed steps, then the
-  mean of :data:`CALIBRATION_STEPS` timed ones, which includes the periodic
-  work of K-FAC or Shampoo), and runs ⌊budget / step time⌋ steps. The
+  model and optimizer of the same config, a few untimed steps, then the mean of :data:`CALIBRATION_STEPS` timed ones,
+  which includes the periodic work of K-FAC or Shampoo), and runs
+  ⌊budget / step time⌋ steps. The
   calibration is recorded in config.json and in the checkpoint, so a
   resumed run keeps its step count; a fresh run on another machine
   calibrates again.
@@ -29,11 +29,23 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["CALIBRATION_STEPS", "MAX_EVALUATIONS", "Calibration", "Horizon", "calibrate", "lr_factor"]
+__all__ = [
+    "CALIBRATION_STEPS",
+    "MAX_EVALUATIONS",
+    "Calibration",
+    "CalibrationSkipped",
+    "Horizon",
+    "calibrate",
+    "lr_factor",
+]
 
 MAX_EVALUATIONS = 50
 CALIBRATION_WARMUP = 3  # untimed: first-call allocations, lazy state
 CALIBRATION_STEPS = 20  # timed: K-FAC and Shampoo refresh their inverses every 10 steps by default
+
+
+class CalibrationSkipped(UserWarning):
+    """Steps of a calibration were skipped as non-finite, so it may have timed the budget short."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +55,7 @@ class Calibration:
     step_time_s: float
     steps: int
     timed_steps: int
+    skipped_steps: int = 0  # steps the throwaway optimizer skipped as non-finite: their times are not real steps
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -66,7 +66,7 @@ import torch
 from baselines import make_optimizer
 from sweeps import schema
 from sweeps.runner import records
-from sweeps.runner.budget import Calibration, Horizon, calibrate, lr_factor
+from sweeps.runner.budget import CALIBRATION_WARMUP, Calibration, CalibrationSkipped, Horizon, calibrate, lr_factor
 from sweeps.runner.config import RunConfig, run_identity
 from sweeps.runner.data import Dataset, load_dataset
 from sweeps.runner.workloads import Workload, get_workload
@@ -356,24 +356,40 @@ class _Run:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _calibrate(self) -> Calibration:
-        """The time budget as a step count, from steps of a throwaway model and optimizer of this config."""
+        """The time budget as a step count, from steps of a throwaway model and optimizer of this config.
+
+        Its own RNG stream, seeded by the run's seed, leaves the run's untouched and makes it repeatable.
+        Steps that the throwaway optimizer skipped as non-finite cost less than real ones: a warning says so.
+        """
         config = self.config
-        model = _build_model(self.workload, self.data, config, self.device)
-        optimizer = make_optimizer(config.optimizer, model, loss=self.workload.loss_kind, **config.hparams)
-        x, y = self.splits["train"]
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed)).to(self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(config.seed)
+            model = _build_model(self.workload, self.data, config, self.device)
+            optimizer = make_optimizer(config.optimizer, model, loss=self.workload.loss_kind, **config.hparams)
+            x, y = self.splits["train"]
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed)).to(self.device)
 
-        def step(i: int) -> None:
-            start = (i % self.steps_per_epoch) * config.batch_size
-            batch = order[start : start + config.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            self.workload.loss(model(x[batch]), self.workload.target(x[batch], y[batch])).backward()
-            optimizer.step()
+            def step(i: int) -> None:
+                start = (i % self.steps_per_epoch) * config.batch_size
+                batch = order[start : start + config.batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                self.workload.loss(model(x[batch]), self.workload.target(x[batch], y[batch])).backward()
+                optimizer.step()
 
-        calibration = calibrate(config.time_budget, step, self._sync)
+            calibration = calibrate(config.time_budget, step, self._sync)
         if hasattr(optimizer, "remove_hooks"):  # the hooks would keep the throwaway model alive
             optimizer.remove_hooks()
-        return calibration
+        skipped = getattr(optimizer, "skipped_steps", 0)
+        if skipped:
+            warnings.warn(
+                CalibrationSkipped(
+                    f"{self.run_dir}: {skipped} of the {CALIBRATION_WARMUP + calibration.timed_steps} steps that "
+                    "timed the budget were skipped as non-finite, so the step count may overrun the time budget"
+                ),
+                stacklevel=3,
+            )
+        return dataclasses.replace(calibration, skipped_steps=skipped)
 
     @property
     def epoch(self) -> float:
