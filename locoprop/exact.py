@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["exact_s_direction", "exact_s_solution", "lower_gram"]
+__all__ = ["exact_s_direction", "exact_s_solution", "lower_covariance", "lower_gram", "solve_covariance"]
 
 
 def exact_s_solution(
@@ -79,26 +79,44 @@ def lower_gram(x: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def exact_s_direction(x: Tensor, cross: Tensor, prox: float) -> tuple[Tensor, Tensor]:
-    """Δ = Gᵀx̃ (C + λI)⁻¹ (d_out × d_in+1 with a bias) and Cholesky's ``info``.
+def lower_covariance(x: Tensor, has_bias: bool, zero_upper: bool = False) -> Tensor:
+    """C = x̃ᵀx̃ with x̃ = [x, 1], lower triangle only (what Cholesky reads).
 
-    The exact S solution is θ_new = θ^old − γ·Δ (SPEC §2), with x̃ = [x, 1],
-    C = x̃ᵀx̃ and ``cross`` = Gᵀx̃ (:func:`locoprop.kernels.backprop_cross`; one column more
-    than x when the layer has a bias). The bias entries of C are sums (Σx and
-    N), so x̃ is never formed. With C + λI = L Lᵀ, Δ solves Δ L Lᵀ = Gᵀx̃: two
-    triangular solves from the right, no transposed copies. ``info`` is
-    nonzero when C + λI did not factor (not positive definite in this
-    precision).
+    The bias entries of C are sums (Σx and N), so x̃ is never formed. Some
+    entries above the diagonal are left unset, or zero with ``zero_upper``
+    (a C that is summed over ranks must not carry unset memory).
     """
     rows, d_in = x.shape
-    d = cross.shape[1]
-    has_bias = d == d_in + 1
-    covariance = x.new_empty(d, d)
+    d = d_in + int(has_bias)
+    covariance = x.new_zeros(d, d) if zero_upper else x.new_empty(d, d)
     lower_gram(x, out=covariance[:d_in, :d_in])
     if has_bias:
         torch.sum(x, 0, out=covariance[d_in, :d_in])
         covariance[d_in, d_in] = rows
+    return covariance
+
+
+def solve_covariance(covariance: Tensor, cross: Tensor, prox: float) -> tuple[Tensor, Tensor]:
+    """Δ = Gᵀx̃ (C + λI)⁻¹ from the lower triangle of C, and Cholesky's ``info``.
+
+    With C + λI = L Lᵀ, Δ solves Δ L Lᵀ = Gᵀx̃: two triangular solves from
+    the right, no transposed copies. ``info`` is nonzero when C + λI did not
+    factor (not positive definite in this precision). ``covariance`` is changed
+    (λ is added to its diagonal).
+    """
     covariance.diagonal().add_(prox)
     factor, info = torch.linalg.cholesky_ex(covariance)
     half = torch.linalg.solve_triangular(factor.mT, cross, upper=True, left=False)
     return torch.linalg.solve_triangular(factor, half, upper=False, left=False), info
+
+
+def exact_s_direction(x: Tensor, cross: Tensor, prox: float) -> tuple[Tensor, Tensor]:
+    """Δ = Gᵀx̃ (C + λI)⁻¹ (d_out × d_in+1 with a bias) and Cholesky's ``info``.
+
+    The exact S solution is θ_new = θ^old − γ·Δ (SPEC §2), with x̃ = [x, 1],
+    C = x̃ᵀx̃ (:func:`lower_covariance`) and ``cross`` = Gᵀx̃
+    (:func:`locoprop.kernels.backprop_cross`; one column more than x when the
+    layer has a bias), solved by :func:`solve_covariance`.
+    """
+    has_bias = cross.shape[1] == x.shape[1] + 1
+    return solve_covariance(lower_covariance(x, has_bias), cross, prox)

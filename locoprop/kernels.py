@@ -39,8 +39,10 @@ __all__ = [
     "backprop_cross",
     "backprop_grads",
     "concat_rows",
+    "gram_covariance",
     "gram_grads",
     "gram_is_cheaper",
+    "gram_statistic",
     "gram_statistics",
     "linear_grads",
     "linear_workspace",
@@ -117,16 +119,28 @@ def gram_statistics(
 
     ``weight`` and ``bias`` are θ^old; ``cross`` is Gᵀx̃ (:func:`backprop_cross`).
     """
+    covariance = gram_covariance(x, bias is not None)
+    return covariance, gram_statistic(covariance, weight, bias, cross, activation_lr)
+
+
+def gram_covariance(x: Tensor, has_bias: bool) -> Tensor:
+    """C = x̃ᵀx̃ with x̃ = [x, 1], whole (the Gram form multiplies by it), without forming x̃."""
     rows, d_in = x.shape
-    covariance = x.new_empty(d_in + int(bias is not None), d_in + int(bias is not None))
+    covariance = x.new_empty(d_in + int(has_bias), d_in + int(has_bias))
     covariance[:d_in, :d_in].addmm_(x.T, x, beta=0.0)
-    if bias is None:
-        return covariance, torch.addmm(cross, weight, covariance, beta=-activation_lr)
-    torch.sum(x, 0, out=covariance[d_in, :d_in])
-    covariance[:d_in, d_in] = covariance[d_in, :d_in]
-    covariance[d_in, d_in] = rows
-    theta = torch.cat([weight, bias[:, None]], dim=1)
-    return covariance, torch.addmm(cross, theta, covariance, beta=-activation_lr)
+    if has_bias:
+        torch.sum(x, 0, out=covariance[d_in, :d_in])
+        covariance[:d_in, d_in] = covariance[d_in, :d_in]
+        covariance[d_in, d_in] = rows
+    return covariance
+
+
+def gram_statistic(
+    covariance: Tensor, weight: Tensor, bias: Tensor | None, cross: Tensor, activation_lr: float
+) -> Tensor:
+    """B = θ^old C − γ·Gᵀx̃, from C and ``cross`` = Gᵀx̃ (of one rank, or summed over ranks)."""
+    theta = weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)
+    return torch.addmm(cross, theta, covariance, beta=-activation_lr)
 
 
 def gram_grads(

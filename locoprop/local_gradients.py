@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from locoprop import kernels
+from locoprop.distributed import Communicator
 from locoprop.gradient_checks import backprop_gradient_mismatch, reuse_tolerance
 from locoprop.local import local_grads
 from locoprop.problem import LocalProblem
@@ -49,6 +50,9 @@ class _Work:
     # The gradients at θ^old from the recorded backprop pass, used by the
     # first iteration instead of ``compute`` (fast paths only).
     initial: list[list[Tensor]] | None = None
+    # On several ranks: whether ``compute`` gives the whole batch's gradients
+    # already (the Gram form, from statistics summed once), not this rank's part.
+    whole_batch: bool = False
 
 
 class LocalGradients:
@@ -59,14 +63,19 @@ class LocalGradients:
             ``batches`` of (x, target), ``backprop`` of (x, g), γ).
         variant: "M" or "S".
         mode: "none", "batched" or "streams".
+        comm: the ranks (:mod:`locoprop.distributed`): each rank computes its
+            examples' part of every local gradient, and the parts are summed
+            over ranks in one bucket per iteration; the Gram form sums its
+            statistics once instead.
 
     A problem's ``gram_form`` (from :func:`uses_gram_form`, decided when its
     targets are, since the Gram form needs none) selects the Gram form of S.
     """
 
-    def __init__(self, problems: list[LocalProblem], variant: str, mode: str):
+    def __init__(self, problems: list[LocalProblem], variant: str, mode: str, comm: Communicator | None = None):
         self.variant = variant
         self.mode = mode
+        self.comm = comm if comm is not None else Communicator()
         self.work: list[_Work] = []
         if mode == "none":
             self.work = [_Work([p], self._reference(p)) for p in problems]
@@ -88,7 +97,9 @@ class LocalGradients:
             batchable.setdefault(key, []).append((problem, x, target))
         # The first iteration's gradients, γ·[gᵀx, Σg]: γ·p.grad where that is
         # still the backprop gradient (one check for all units).
-        reusable = backprop_reusable(gram + [problem for group in batchable.values() for problem, _, _ in group])
+        reusable = set()
+        if not self.comm.distributed:  # on several ranks p.grad is not this rank's part (DDP averaged it)
+            reusable = backprop_reusable(gram + [problem for group in batchable.values() for problem, _, _ in group])
         self.work += [self._gram(problem, problem in reusable) for problem in gram]
         # Linear units run one after another, except on streams: then one
         # pre-activation buffer serves them all.
@@ -103,8 +114,12 @@ class LocalGradients:
         """Local gradients of the ``active`` problems at the current parameters."""
         todo = [w for w in self.work if any(p in active for p in w.problems)]
         if self.mode == "streams" and len(todo) > 1:
-            return self._on_streams(todo)
-        return {p: g for w in todo for p, g in zip(w.problems, _grads(w))}
+            grads = self._on_streams(todo)
+        else:
+            grads = {p: g for w in todo for p, g in zip(w.problems, _grads(w))}
+        if self.comm.distributed:
+            self.comm.sum_([g for w in todo if not w.whole_batch for p in w.problems for g in grads[p]])
+        return grads
 
     # ------------------------------------------------------------ kernels
     # The kernels capture what they need, not ``self``: a plan -> kernel ->
@@ -134,7 +149,9 @@ class LocalGradients:
         weight, bias = module.weight.detach(), _bias(module)
         x, _ = backprop_rows(problem)
         cross = backprop_cross(problem, reuse)
-        covariance, statistic = kernels.gram_statistics(x, weight, bias, cross, problem.activation_lr)
+        covariance = kernels.gram_covariance(x, bias is not None)
+        self.comm.sum_([covariance, cross])  # the whole batch's C and Gᵀx̃, once per step
+        statistic = kernels.gram_statistic(covariance, weight, bias, cross, problem.activation_lr)
         grads = kernels.linear_workspace(x, weight, bias)[1:]
         torch.mul(cross[:, : weight.shape[1]], problem.activation_lr, out=grads[0])  # the first iteration: γ·Gᵀx̃
         if bias is not None:
@@ -143,7 +160,7 @@ class LocalGradients:
         def compute():
             return [kernels.gram_grads(covariance, statistic, module.weight.detach(), _bias(module), grads)]
 
-        return _Work([problem], compute, [grads])
+        return _Work([problem], compute, [grads], whole_batch=True)
 
     def _batched(self, group: list[tuple[LocalProblem, Tensor, Tensor]], scratch: _Scratch, reusable: set) -> _Work:
         problems = [g[0] for g in group]

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from locoprop.exact import exact_s_direction, exact_s_solution
+from locoprop.distributed import Communicator, greedy_owners
+from locoprop.exact import exact_s_direction, exact_s_solution, lower_covariance, solve_covariance
 from locoprop.gradient_checks import outside_use_tolerance
 from locoprop.inner import INNER_SCHEDULES, RMSpropTF, inner_lr, resolve_inner
 from locoprop.layers import no_backward_error, unrecorded_gradient_error
@@ -110,6 +111,16 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         compile: fuse the inner update, run K times per step: "rmsprop-tf"
             through ``torch.compile`` (a few seconds once), torch's Adam,
             AdamW, SGD and Adagrad through their ``fused`` kernels.
+        process_group: the ranks that train together (default: the default
+            group of torch.distributed when it is initialised). On W ranks,
+            each with its shard of the batch and its own mean loss, one step
+            equals the single-process step on the concatenated batch with the
+            mean loss, for M, S and the exact solve, with or without DDP
+            around the model; every rank ends with the same parameters and
+            inner state. The recorded g is divided by W to put it on the
+            footing of DDP's averaged gradients; a rank whose loss is a sum
+            over its examples multiplies it by W to get the global sum's step.
+            What is communicated, per variant: :mod:`locoprop.distributed`.
     """
 
     # The phases of a step it times (``last_step_seconds``), for the runner.
@@ -131,6 +142,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         solve: str = "iterative",
         parallel: str = "auto",
         compile: bool = False,
+        process_group=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LocoPropOptimizer needs the model (an nn.Module), got {type(model).__name__}")
@@ -196,6 +208,14 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         }
         # tied parameter -> the units that use it
         self._tied = {p: used_by for p, used_by in users.items() if len(used_by) > 1 or p in self._held_outside_units}
+        self.comm = Communicator(process_group)
+        # DDP averages the parameter gradients over ranks itself.
+        self._grads_averaged = isinstance(model, nn.parallel.DistributedDataParallel)
+        if self.comm.distributed and self._tied:
+            raise ValueError(
+                f"Tied weights are not supported on {self.comm.world_size} ranks yet ({self._describe_tied()}): "
+                "their outside share needs the global gradient of each use; train them in one process"
+            )
         if solve == "exact" and self._tied:
             raise ValueError(
                 f"solve='exact' cannot update tied weights ({self._describe_tied()}): its closed form solves each "
@@ -365,8 +385,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             problems = self._collect_problems()  # may refuse the step: nothing has changed yet
             self._set_targets(problems)
             targets_set = self._clock()
-            if not _all_finite(problems):
-                self.skipped_steps += 1
+            if not self.comm.all_true(_all_finite(problems), self.units[0].module.weight.device):
+                self.skipped_steps += 1  # on every rank: the ranks must stay identical
             elif self.solve == "exact":
                 self._solve_exact([p for p in problems if p.unit is not None])
                 self._solve_iterative([p for p in problems if p.unit is None])
@@ -423,7 +443,29 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self._find_outside_uses([problem for problem in problems if problem.unit is not None])
         if not problems:
             raise no_backward_error("LocoPropOptimizer")
+        if self.comm.distributed:
+            self._to_global_footing(problems)
         return problems
+
+    def _to_global_footing(self, problems: list[LocalProblem]) -> None:
+        """On W ranks: each recorded g divided by W (its share of the global mean loss, see
+        :mod:`locoprop.distributed`), and the ordinary gradients of the parameters outside units averaged
+        over ranks, unless DDP averaged them already."""
+        if any(problem.outside_uses for problem in problems):
+            raise RuntimeError(
+                "A unit's weight is also used outside the units (a function call such as F.embedding(tokens, "
+                f"layer.weight)); that is not supported on {self.comm.world_size} ranks yet"
+            )
+        scale = 1.0 / self.comm.world_size
+        for problem in problems:
+            problem.backprop = [(x, g * scale) for x, g in problem.backprop]
+        if not self._grads_averaged:
+            outside = [problem for problem in problems if problem.unit is None]
+            problem_grads = [g for problem in outside for g in problem.grads]
+            averaged = [g.clone() for g in problem_grads]  # p.grad itself stays the user's
+            self.comm.mean_(averaged)
+            for problem in outside:
+                problem.grads, averaged = averaged[: len(problem.grads)], averaged[len(problem.grads) :]
 
     def _find_outside_uses(self, problems: list[LocalProblem]) -> None:
         """Mark in ``problem.outside_uses`` each unit parameter with a gradient
@@ -539,7 +581,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         for problem in unit_problems:
             if self.param_groups[problem.group_index]["prox"]:
                 problem.old_params = [p.detach().clone() for p in problem.params]
-        plan = LocalGradients(unit_problems, self.variant, self._parallel_mode())
+        plan = LocalGradients(unit_problems, self.variant, self._parallel_mode(), self.comm)
         for problem in unit_problems:
             problem.backprop, problem.param_grads = [], []  # the plan holds what it needs
         # The inner lr of each group that steps: a tied parameter steps in its own group.
@@ -592,6 +634,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
     def _solve_exact(self, problems: list[LocalProblem]) -> None:
         """θ ← θ^old − γ·Gᵀx̃(C + λI)⁻¹ for every unit, all solved before any changes."""
+        if self.comm.distributed:
+            self._solve_exact_distributed(problems)
+            return
         if self._parallel_mode() == "none":
             solutions, failed = [], []
             for problem in problems:
@@ -616,6 +661,39 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             infos.append(info)
         if torch.stack(infos).any():
             failed = [problem.unit.name for problem, info in zip(problems, infos) if info]
+            raise _not_positive_definite(failed, directions[0].dtype)
+        for problem, direction in zip(problems, directions):
+            weight, *bias = problem.params
+            weight.add_(direction[:, : weight.shape[1]], alpha=-problem.activation_lr)
+            if bias:
+                bias[0].add_(direction[:, -1], alpha=-problem.activation_lr)
+
+    def _solve_exact_distributed(self, problems: list[LocalProblem]) -> None:
+        """The exact step on W ranks: C = Σx̃ᵀx̃ and Gᵀx̃ summed over ranks once (one bucket), each unit's
+        Cholesky solve on one owner rank (greedy by d³), its Δ broadcast to the others."""
+        statistics = []
+        for problem in problems:
+            x, _ = backprop_rows(problem)
+            cross = backprop_cross(problem, reuse=False)  # this rank's part (p.grad may be DDP's average)
+            statistics += [lower_covariance(x, has_bias=len(problem.params) == 2, zero_upper=True), cross]
+        self.comm.sum_(statistics)
+        owners = greedy_owners([float(problem.params[0].shape[1] + 1) ** 3 for problem in problems],
+                               self.comm.world_size)  # fmt: skip
+        directions, infos = [], []
+        for problem, covariance, cross, owner in zip(problems, statistics[::2], statistics[1::2], owners):
+            if owner == self.comm.rank:
+                prox = self.param_groups[problem.group_index]["prox"]
+                direction, info = solve_covariance(covariance, cross, prox)
+                direction = direction.contiguous()  # a broadcast sends memory as it lies: the receivers' layout
+            else:
+                direction, info = torch.empty_like(cross), cross.new_zeros((), dtype=torch.int32)
+            directions.append(direction)
+            infos.append(info.reshape(1).to(cross.dtype))
+        for direction, info, owner in zip(directions, infos, owners):
+            self.comm.broadcast_(direction, owner)
+            self.comm.broadcast_(info, owner)
+        if torch.cat(infos).any():
+            failed = [problem.unit.name for problem, info in zip(problems, infos) if info.item()]
             raise _not_positive_definite(failed, directions[0].dtype)
         for problem, direction in zip(problems, directions):
             weight, *bias = problem.params

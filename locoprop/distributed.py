@@ -1,0 +1,123 @@
+"""LocoProp on W ranks of torch.distributed: one step equals the step on the concatenated batch (SPEC §11).
+
+Every local objective is a sum over the examples of the *global* batch, and
+each rank records only its shard's inputs x and output gradients g. Scaled
+to the footing of the global mean loss (below), each rank's part of a local
+gradient is a sum over its examples, so the sum over ranks is the local
+gradient of the whole batch. The optimizer therefore keeps parameters and
+inner-optimizer state identical on every rank by giving every rank the same
+summed gradients, and communicates per variant (the cost model, per unit of
+shape d_out × d with d = d_in + 1, K local iterations, W ranks; an all-reduce
+of n numbers moves about 2n(W−1)/W of them per rank):
+
+- M (and S in its batch form): the K local gradients are all-reduced once
+  per inner iteration, every unit in one flat bucket: K·d_out·d numbers.
+  (Solving a unit on one owner rank instead would need its (x, target) rows,
+  B·(d_in + d_out) numbers, gathered, and its inner state broadcast after,
+  about 2·d_out·d for RMSProp; with the batch sizes that make LocoProp worth
+  it, B ≫ K·d_out, the all-reduce is cheaper, and it keeps every rank's inner
+  state identical without a broadcast.)
+- S in its Gram form: C = x̃ᵀx̃ and Gᵀx̃ are all-reduced once per step,
+  d² + d_out·d numbers; the K iterations θC − B then need no communication.
+- exact S: the same two statistics once per step; each unit's Cholesky
+  solve (d³/3 FLOPs) runs on one owner rank, chosen by a greedy
+  longest-processing-time assignment by d³, which broadcasts the step
+  Δ (d_out·d numbers).
+
+The parameters outside every unit take their ordinary gradient, averaged
+over ranks (DDP has averaged it already when the model is wrapped in it).
+A batch that is not finite on any rank is skipped on every rank.
+
+**Scaling of g.** With the usual per-rank mean loss L_r = (W/B)·Σ_{i∈r} ℓ_i,
+the recorded g = ∂L_r/∂a is W times ∂L/∂a of the global mean loss
+L = (1/B)·Σ_i ℓ_i, which is what DDP's averaged parameter gradients
+correspond to. The optimizer divides the recorded g by W, so that W ranks
+with equal shards take exactly the single-process step on the B examples:
+whatever each rank's loss, the step is the one of (1/W)·Σ_r L_r, the loss
+whose gradient DDP computes. A user whose per-rank loss is a *sum* over its
+examples and who wants the step of the global sum multiplies each rank's
+loss by W, as with DDP. With unequal shards, per-rank means weight every
+rank equally, not every example.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+__all__ = ["Communicator", "greedy_owners"]
+
+
+class Communicator:
+    """The ranks of one process group, and the collectives the optimizer needs.
+
+    With one rank (no process group, or a group of size 1) every method is a
+    no-op, so the single-process optimizer pays nothing for it.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if self.world_size > 1 else 0
+        self.bytes_sent = 0  # per rank, by the cost model of the module docstring: what `locoprop bench` reports
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def sum_(self, tensors: list[Tensor]) -> None:
+        """All-reduce ``tensors`` in place (sum over ranks), in one flat bucket per dtype and device."""
+        if not self.distributed or not tensors:
+            return
+        buckets: dict[tuple, list[Tensor]] = {}
+        for t in tensors:
+            buckets.setdefault((t.dtype, t.device), []).append(t)
+        for bucket in buckets.values():
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            self.bytes_sent += _ring_bytes(flat, self.world_size)
+            for t, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                t.copy_(reduced)
+
+    def mean_(self, tensors: list[Tensor]) -> None:
+        """All-reduce ``tensors`` in place to their mean over ranks."""
+        if not self.distributed:
+            return
+        self.sum_(tensors)
+        torch._foreach_div_(tensors, self.world_size)
+
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on every rank."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([0.0 if flag else 1.0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return value.item() == 0.0
+
+    def broadcast_(self, tensor: Tensor, owner: int) -> None:
+        """Overwrite ``tensor`` on every rank with the ``owner`` rank's (a rank of this group)."""
+        if not self.distributed:
+            return
+        if not tensor.is_contiguous():
+            raise ValueError("broadcast_ needs a contiguous tensor: a strided one would arrive in another layout")
+        source = dist.get_global_rank(self.group, owner) if self.group is not None else owner
+        dist.broadcast(tensor, src=source, group=self.group)
+        self.bytes_sent += tensor.numel() * tensor.element_size() if self.rank == owner else 0
+
+
+def greedy_owners(costs: list[float], ranks: int) -> list[int]:
+    """The rank that does each job: longest job first, to the least-loaded rank (the LPT rule)."""
+    load = [0.0] * ranks
+    owners = [0] * len(costs)
+    for job in sorted(range(len(costs)), key=lambda j: -costs[j]):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owners[job] = rank
+        load[rank] += costs[job]
+    return owners
+
+
+def _ring_bytes(flat: Tensor, world_size: int) -> int:
+    """Bytes a rank sends in a ring all-reduce of ``flat``: 2(W−1)/W of it."""
+    return 2 * (world_size - 1) * flat.numel() * flat.element_size() // world_size

@@ -1,0 +1,167 @@
+"""LocoProp on W gloo ranks in spawned CPU processes equals one process on the concatenated batch (SPEC §11)."""
+
+import pathlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import bce_sum_mean, snapshot
+from torch import nn
+
+from locoprop import LocoPropOptimizer
+from locoprop.distributed import greedy_owners
+
+GLOBAL_BATCH = 24  # 12 per rank on 2 ranks, 8 on 3
+STEPS = 3
+
+# name -> (optimizer keyword arguments, wrap the model in DDP)
+CASES = {
+    "M": (dict(variant="M", inner="rmsprop-tf", output_activation="sigmoid"), False),
+    "M-adam-ddp": (dict(variant="M", inner="adam", output_activation="sigmoid"), True),
+    "S-gram": (dict(variant="S", inner="rmsprop-tf"), False),
+    "S-reference": (dict(variant="S", inner="momentum", parallel="none", prox=0.1), False),
+    "S-exact": (dict(variant="S", solve="exact", prox=0.5), False),
+    "S-exact-ddp": (dict(variant="S", solve="exact", prox=0.5), True),
+}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    # A LayerNorm: parameters outside every unit, whose gradients must be averaged over ranks.
+    return nn.Sequential(
+        nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3), nn.LayerNorm(3), nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 12)
+    ).double()
+
+
+def _batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.randn(4, 12, generator=generator, dtype=torch.float64)
+    return [torch.sigmoid(torch.randn(GLOBAL_BATCH, 4, generator=generator, dtype=torch.float64) @ mixing)
+            for _ in range(STEPS + 1)]  # fmt: skip
+
+
+def _optimizer(model, kwargs) -> LocoPropOptimizer:
+    return LocoPropOptimizer(model, lr=1e-3, activation_lr=2.0, local_iters=4, **kwargs)
+
+
+def _step(model, opt, x) -> None:
+    opt.zero_grad()
+    bce_sum_mean(model(x), x).backward()
+    opt.step()
+
+
+def _worker(rank: int, world_size: int, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world_size)
+    try:
+        shard = GLOBAL_BATCH // world_size
+        for name, (kwargs, ddp) in CASES.items():
+            model = _model()
+            net = nn.parallel.DistributedDataParallel(model) if ddp else model
+            opt = _optimizer(net, kwargs)
+            for x in _batches()[:STEPS]:
+                _step(net, opt, x[rank * shard : (rank + 1) * shard])
+            torch.save({"params": snapshot(model), "state": opt.state_dict(), "skipped": opt.skipped_steps},
+                       f"{folder}/{name}-rank{rank}.pt")  # fmt: skip
+        # A non-finite batch on rank 1 only: every rank skips the step.
+        model = _model()
+        opt = _optimizer(model, CASES["M"][0])
+        x = _batches()[0][rank * shard : (rank + 1) * shard].clone()
+        if rank == 1:
+            x[0, 0] = float("nan")
+        _step(model, opt, x)
+        torch.save({"params": snapshot(model), "skipped": opt.skipped_steps}, f"{folder}/nonfinite-rank{rank}.pt")
+        tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+        tied[2].weight = tied[0].weight
+        try:
+            LocoPropOptimizer(tied)
+        except ValueError as err:
+            pathlib.Path(f"{folder}/tied-rank{rank}.txt").write_text(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W={w}")
+def ranks(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"ranks{request.param}")
+    mp.spawn(_worker, args=(request.param, str(folder)), nprocs=request.param, join=True)
+    return request.param, folder
+
+
+def _load(folder: pathlib.Path, name: str, rank: int) -> dict:
+    return torch.load(folder / f"{name}-rank{rank}.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_w_ranks_take_the_step_of_one_process_on_the_whole_batch(ranks, case):
+    world_size, folder = ranks
+    kwargs, _ = CASES[case]
+    model = _model()
+    opt = _optimizer(model, kwargs)
+    start = snapshot(model)
+    for x in _batches()[:STEPS]:
+        _step(model, opt, x)
+    expected = snapshot(model)
+    for rank in range(world_size):
+        got = _load(folder, case, rank)
+        assert got["skipped"] == 0
+        for name in expected:
+            moved = (expected[name] - start[name]).abs().max()
+            assert moved > 1e-4, name  # the steps are real
+            torch.testing.assert_close(got["params"][name], expected[name], rtol=1e-9, atol=1e-12 * (1 + moved))
+    # Every rank holds the same parameters and inner state, bit for bit.
+    first = _load(folder, case, 0)
+    for rank in range(1, world_size):
+        other = _load(folder, case, rank)
+        assert all(torch.equal(first["params"][n], other["params"][n]) for n in expected)
+        assert str(first["state"]) == str(other["state"])
+
+
+@pytest.mark.parametrize("case", ["M", "S-exact"])
+def test_the_state_dict_of_rank_0_continues_in_one_process(ranks, case):
+    """Rank 0's checkpoint after 3 distributed steps, reloaded in one process, takes the same 4th step."""
+    _, folder = ranks
+    kwargs, _ = CASES[case]
+    saved = _load(folder, case, 0)
+    reference = _model()
+    reference_opt = _optimizer(reference, kwargs)
+    batches = _batches()
+    for x in batches:
+        _step(reference, reference_opt, x)
+    model = _model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(saved["params"][name])
+    opt = _optimizer(model, kwargs)
+    opt.load_state_dict(saved["state"])
+    _step(model, opt, batches[STEPS])
+    for name, p in snapshot(reference).items():
+        torch.testing.assert_close(snapshot(model)[name], p, rtol=1e-9, atol=1e-12)
+
+
+def test_a_non_finite_batch_on_one_rank_skips_the_step_on_every_rank(ranks):
+    world_size, folder = ranks
+    start = snapshot(_model())
+    for rank in range(world_size):
+        got = _load(folder, "nonfinite", rank)
+        assert got["skipped"] == 1
+        assert all(torch.equal(got["params"][n], start[n]) for n in start)
+
+
+def test_greedy_owners_balance_the_largest_solves_first():
+    assert greedy_owners([1.0, 8.0, 3.0, 3.0, 2.0], ranks=2) == [0, 0, 1, 1, 1]  # loads 9 and 8
+    assert greedy_owners([5.0], ranks=3) == [0]
+
+
+def test_a_single_process_pays_nothing_for_the_communicator():
+    model = _model()
+    opt = _optimizer(model, CASES["M"][0])
+    assert not opt.comm.distributed and opt.comm.world_size == 1
+    _step(model, opt, _batches()[0])
+    assert opt.comm.bytes_sent == 0
+
+
+def test_tied_weights_are_refused_on_several_ranks(ranks):
+    world_size, folder = ranks
+    message = (folder / "tied-rank0.txt").read_text()
+    assert message.startswith(f"Tied weights are not supported on {world_size} ranks yet ('0.weight' is shared by")
