@@ -83,7 +83,7 @@ class Communicator:
 
     def mean_(self, tensors: list[Tensor]) -> None:
         """All-reduce ``tensors`` in place to their mean over ranks."""
-        if not self.distributed:
+        if not self.distributed or not tensors:
             return
         self.sum_(tensors)
         torch._foreach_div_(tensors, self.world_size)

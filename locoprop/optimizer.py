@@ -125,6 +125,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
     # The phases of a step it times (``last_step_seconds``), for the runner.
     step_phases = ("targets", "local_solve")
+    # It communicates over the ranks itself (locoprop.distributed): a runner gives it the model without DDP.
+    data_parallel = True
 
     def __init__(
         self,

@@ -1,6 +1,8 @@
 """LocoProp on W gloo ranks in spawned CPU processes equals one process on the concatenated batch (SPEC §11)."""
 
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 from locoprop import LocoPropOptimizer
 from locoprop.distributed import greedy_owners
+from sweeps.runner import records
 
 GLOBAL_BATCH = 24  # 12 per rank on 2 ranks, 8 on 3
 STEPS = 3
@@ -165,3 +168,60 @@ def test_tied_weights_are_refused_on_several_ranks(ranks):
     world_size, folder = ranks
     message = (folder / "tied-rank0.txt").read_text()
     assert message.startswith(f"Tied weights are not supported on {world_size} ranks yet ('0.weight' is shared by")
+
+
+# ------------------------------------------------------------- the runner
+TRAIN = ["train", "--data", "synthetic", "--width-mult", "0.05", "--batch-size", "64", "--steps", "12",
+         "--eval-every", "6", "--no-progress"]  # fmt: skip
+
+
+def _run_losses(folder: pathlib.Path) -> list[tuple]:
+    (run_dir,) = folder.iterdir()
+    rows = records.read_history(run_dir / "metrics.csv")
+    return [(r["step"], r["train_loss"], r["valid_loss"], r["test_loss"]) for r in rows]
+
+
+def _cli(*args, cwd, launcher=()):
+    return subprocess.run([sys.executable, *launcher, "-m", "sweeps", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("optimizer", ["locoprop-m", "locoprop-s-exact", "adam"])
+def test_train_on_two_processes_follows_the_one_process_run(tmp_path, optimizer):
+    """The same global batch of 64 on 2 ranks of 32: the same losses at every evaluation (float32 sums
+    in another order: to 1e-5). Adam is averaged by DDP, LocoProp communicates itself."""
+    one = _cli(*TRAIN, "--optimizer", optimizer, "--out", str(tmp_path / "one"), cwd=tmp_path)
+    two = _cli(*TRAIN, "--optimizer", optimizer, "--nproc", "2", "--out", str(tmp_path / "two"), cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout.count("run directory:") == 1  # rank 0 reports
+    expected, got = _run_losses(tmp_path / "one"), _run_losses(tmp_path / "two")
+    assert [row[0] for row in got] == [0, 6, 12]
+    assert got[-1][1] < got[0][1] - 1  # it trained
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, rel=1e-5)
+    (run_dir,) = (tmp_path / "two").iterdir()
+    assert records.read_json(run_dir / "summary.json")["world_size"] == 2
+
+
+def test_torchrun_launches_the_same_run(tmp_path):
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = _cli(*TRAIN, "--optimizer", "locoprop-m", "--out", str(tmp_path / "tr"), cwd=tmp_path,
+                  launcher=torchrun)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    one = _cli(*TRAIN, "--optimizer", "locoprop-m", "--out", str(tmp_path / "one"), cwd=tmp_path)
+    assert one.returncode == 0
+    for g, e in zip(_run_losses(tmp_path / "tr"), _run_losses(tmp_path / "one")):
+        assert g == pytest.approx(e, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optimizer", "kfac"], "K-FAC is not data-parallel here"),
+        (["--optimizer", "adam", "--batch-size", "63"], "does not split into 2 equal shards"),
+    ],
+)
+def test_a_run_two_processes_cannot_share_is_refused_in_one_line(tmp_path, args, message):
+    result = _cli(*TRAIN, *args, "--nproc", "2", "--out", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

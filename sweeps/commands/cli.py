@@ -27,11 +27,13 @@ from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps import schema
 from sweeps.commands import presets
 from sweeps.extras import MissingExtra
+from sweeps.runner import records
 from sweeps.runner.budget import CalibrationSkipped
 from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, run_dir_name
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
+from sweeps.runner.ranks import Ranks, init_from_environment, launch
 from sweeps.runner.records import RecordRebuilt
-from sweeps.runner.train import loss_text, train
+from sweeps.runner.train import RunResult, check_data_parallel, check_fits_data, loss_text, train
 from sweeps.runner.workloads import MAX_WIDTH_MULT, WORKLOADS, check_width_mult
 
 EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -270,7 +272,14 @@ def cmd_train(args) -> int:
         hparams[key] = value
     config = run_config_from_args(args, args.optimizer, hparams, args.seed, pathlib.Path(args.out))
     config.out = str(pathlib.Path(args.out) / run_dir_name(config))
-    result = train(config, resume=args.resume, progress=False if args.no_progress else None)
+    progress = False if args.no_progress else None
+    if args.nproc > 1:
+        result = _train_on_ranks(args.nproc, config, args.resume, progress)
+    else:
+        if init_from_environment(args.device) and Ranks().rank != 0:  # under torchrun: rank 0 reports
+            train(config, resume=args.resume, progress=False)
+            return 0
+        result = train(config, resume=args.resume, progress=progress)
     s = result.summary
     print(
         f"{s['status']}: {args.optimizer} on {args.workload}/{args.data}, {s['steps']} steps ({s['epochs']:.3g} "
@@ -279,6 +288,21 @@ def cmd_train(args) -> int:
     )
     print(f"run directory: {result.run_dir}")
     return 0 if result.status in (schema.OK, schema.DIVERGED) else 1
+
+
+def _train_on_ranks(nproc: int, config: RunConfig, resume: bool, progress: bool | None) -> RunResult:
+    """``--nproc N``: train in N new processes (one group); what rank 0 wrote."""
+    config.validate()
+    check_fits_data(config)  # refuse a bad setup here, in one line, not in N tracebacks
+    check_data_parallel(config, nproc)
+    launch(nproc, config.device, _train_rank, config, resume, progress)
+    run_dir = pathlib.Path(config.out)
+    summary, history = records.read_json(run_dir / records.SUMMARY), records.read_history(run_dir / records.METRICS)
+    return RunResult(run_dir, summary, history)
+
+
+def _train_rank(config: RunConfig, resume: bool, progress: bool | None) -> None:
+    train(config, resume=resume, progress=progress)
 
 
 def cmd_compare(args) -> int:
@@ -424,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="runs",
         help="folder in which the run directory OPTIMIZER-WORKLOAD-DATA-seedSEED-HASH is created; HASH: 8 hex digits "
         "of the whole config (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--nproc", type=int, default=1,
+        help="data-parallel processes: the global --batch-size is split over them, one step equals the step of "
+        "one process on the whole batch; gloo on CPU, NCCL on CUDA (one GPU each); torchrun --nproc-per-node N "
+        "works too (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--resume", action="store_true",

@@ -31,7 +31,10 @@ one small protocol, beside ``zero_grad`` and ``step``; each part is optional:
   step it times, and their seconds in the last step (LocoProp: "targets",
   "local_solve"); the loop times the forward and backward pass itself;
 - ``synchronize_timing``: set to True on CUDA, so that the phases it times
-  wait for their kernels.
+  wait for their kernels;
+- ``data_parallel``: True when it communicates over the ranks of a
+  data-parallel run itself (LocoProp); the others get their model in DDP
+  (:mod:`sweeps.runner.ranks`).
 
 What happens to a run directory that already holds a run:
 
@@ -69,6 +72,7 @@ from sweeps.runner import records
 from sweeps.runner.budget import CALIBRATION_WARMUP, Calibration, CalibrationSkipped, Horizon, calibrate, lr_factor
 from sweeps.runner.config import RunConfig, run_identity
 from sweeps.runner.data import Dataset, load_dataset
+from sweeps.runner.ranks import Ranks
 from sweeps.runner.workloads import Workload, get_workload
 
 __all__ = [
@@ -76,6 +80,7 @@ __all__ = [
     "FINISHED",
     "RunExists",
     "RunResult",
+    "check_data_parallel",
     "check_fits_data",
     "loss_text",
     "train",
@@ -157,7 +162,7 @@ def train(
     damage = records.metrics_damage(metrics_path, checkpoint["metrics"]) if checkpoint is not None else None
     run = _Run(config, run_dir, data, checkpoint)  # may refuse too: nothing is written before this
     run.open_records()
-    if damage is not None:
+    if damage is not None and run.ranks.writes:
         warnings.warn(
             records.RecordRebuilt(f"{metrics_path} {damage}; rebuilt it from the checkpoint's rows"), stacklevel=2
         )
@@ -292,6 +297,19 @@ def _build_model(workload: Workload, data: Dataset, config: RunConfig, device: t
         ) from None
 
 
+def check_data_parallel(config: RunConfig, world_size: int) -> None:
+    """Refuse a run that W ranks cannot share, naming why."""
+    if config.batch_size % world_size:
+        raise ValueError(
+            f"Invalid batch_size: {config.batch_size} does not split into {world_size} equal shards; "
+            f"use a multiple of {world_size}"
+        )
+    if config.optimizer == "kfac":
+        raise ValueError(
+            "K-FAC is not data-parallel here: its curvature factors would differ between ranks; train it in one process"
+        )
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -307,6 +325,9 @@ class _Run:
         self.device = _device(config.device)
         self.workload: Workload = get_workload(config.workload)
         data = check_fits_data(config, data)
+        self.ranks = Ranks()
+        if self.ranks.many:
+            check_data_parallel(config, self.ranks.size)
         self.data = data.with_validation(config.valid_fraction)
         self.steps_per_epoch = len(self.data.train_x) // config.batch_size  # the last partial batch is dropped
         self.splits = {
@@ -328,9 +349,10 @@ class _Run:
             config.eval_every,
             self.calibration.steps if self.calibration else None,
         )
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same on every rank: the ranks start from one model
         self.model = _build_model(self.workload, self.data, config, self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
+        self.net = self._data_parallel(self.model, self.optimizer)
         # The optimizer protocol (module docstring): what it times, and a GPU sync for honest timings.
         self.phases = ("forward_backward", *getattr(self.optimizer, "step_phases", ()))
         if hasattr(self.optimizer, "synchronize_timing"):
@@ -367,17 +389,23 @@ class _Run:
             torch.manual_seed(config.seed)
             model = _build_model(self.workload, self.data, config, self.device)
             optimizer = make_optimizer(config.optimizer, model, loss=self.workload.loss_kind, **config.hparams)
+            net = self._data_parallel(model, optimizer)  # its steps cost what the run's will, communication included
             x, y = self.splits["train"]
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed)).to(self.device)
 
             def step(i: int) -> None:
                 start = (i % self.steps_per_epoch) * config.batch_size
-                batch = order[start : start + config.batch_size]
+                batch = order[start : start + config.batch_size][self.ranks.shard(config.batch_size)]
                 optimizer.zero_grad(set_to_none=True)
-                self.workload.loss(model(x[batch]), self.workload.target(x[batch], y[batch])).backward()
+                self.workload.loss(net(x[batch]), self.workload.target(x[batch], y[batch])).backward()
                 optimizer.step()
 
             calibration = calibrate(config.time_budget, step, self._sync)
+        if self.ranks.many:  # every rank must run the same steps: those of the slowest
+            step_time = self.ranks.max(calibration.step_time_s, self.device)
+            calibration = dataclasses.replace(
+                calibration, step_time_s=step_time, steps=max(1, math.floor(config.time_budget / step_time))
+            )
         if hasattr(optimizer, "remove_hooks"):  # the hooks would keep the throwaway model alive
             optimizer.remove_hooks()
         skipped = getattr(optimizer, "skipped_steps", 0)
@@ -391,6 +419,13 @@ class _Run:
             )
         return dataclasses.replace(calibration, skipped_steps=skipped)
 
+    def _data_parallel(self, model: torch.nn.Module, optimizer) -> torch.nn.Module:
+        """What the forward pass runs: the model, in DDP on several ranks unless the optimizer communicates
+        itself (the protocol's ``data_parallel``, as LocoProp's)."""
+        if not self.ranks.many or getattr(optimizer, "data_parallel", False):
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model)
+
     @property
     def epoch(self) -> float:
         """Epochs done: passes over the training split, fractional."""
@@ -399,7 +434,9 @@ class _Run:
     def open_records(self) -> None:
         """The run's first writes: config.json, and metrics.csv with the
         checkpoint's rows; a fresh run removes an earlier run's summary and
-        checkpoint, a resumed one its summary (it is running again)."""
+        checkpoint, a resumed one its summary (it is running again). Only rank 0 writes."""
+        if not self.ranks.writes:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config = dataclasses.asdict(self.config)
         if self.calibration is not None:
@@ -415,7 +452,8 @@ class _Run:
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        self.metrics.append(row)
+        if self.ranks.writes:
+            self.metrics.append(row)
 
     # ------------------------------------------------------------ the loop
     def loop(self, on_evaluation, progress) -> str:
@@ -426,7 +464,10 @@ class _Run:
             if not math.isfinite(row["train_loss"]):
                 return schema.DIVERGED
             self.save_checkpoint()
-        bar = _progress_bar(progress, total=self.horizon.total_steps, initial=self.step, desc=self._describe())
+        bar = _progress_bar(
+            progress if self.ranks.writes else False, total=self.horizon.total_steps, initial=self.step,
+            desc=self._describe(),
+        )  # fmt: skip
         step_times, phase_times = [], []
         try:
             while self.step < self.horizon.total_steps:
@@ -474,10 +515,12 @@ class _Run:
         self._sync()
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.workload.loss(self.model(x), self.workload.target(x, y))
+        x, y = x[self.ranks.shard(len(x))], y[self.ranks.shard(len(y))]
+        loss = self.workload.loss(self.net(x), self.workload.target(x, y))
         loss.backward()
         backward_done = time.perf_counter()
-        loss_value = loss.item()  # one sync per step; the loop needs it to detect divergence
+        # One sync per step (over ranks too: every rank must take the same decision); it detects divergence.
+        loss_value = self.ranks.mean(loss.item(), self.device)
         if not self._sane(loss_value):
             raise _Diverged
         self.optimizer.step()
@@ -531,6 +574,8 @@ class _Run:
 
     # ------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
+        if not self.ranks.writes:
+            return
         records.save_checkpoint(
             self.run_dir / records.CHECKPOINT,
             {
@@ -602,8 +647,10 @@ class _Run:
         summary["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0)
         if error is not None:
             summary["error"] = error
+        summary["world_size"] = self.ranks.size
         summary = records.finite_or_null(summary)
-        records.write_json(self.run_dir / records.SUMMARY, summary)
+        if self.ranks.writes:
+            records.write_json(self.run_dir / records.SUMMARY, summary)
         return summary
 
     def _describe(self) -> str:
