@@ -81,6 +81,20 @@ class Communicator:
             for t, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 t.copy_(reduced)
 
+    def sum_lower_(self, squares: list[Tensor], tensors: list[Tensor], mirror: bool = False) -> None:
+        """Sum over ranks, in one bucket: the lower triangles of the symmetric ``squares`` (about half their
+        numbers) and ``tensors``, in place. With ``mirror`` each square's upper triangle is filled from its
+        lower one; without it, it is left as it was (Cholesky reads the lower triangle only)."""
+        if not self.distributed:
+            return
+        lower = [tuple(torch.tril_indices(len(square), len(square), device=square.device)) for square in squares]
+        packed = [square[indices] for square, indices in zip(squares, lower)]
+        self.sum_(packed + list(tensors))
+        for square, (rows, columns), values in zip(squares, lower, packed):
+            square[rows, columns] = values
+            if mirror:
+                square[columns, rows] = values
+
     def mean_(self, tensors: list[Tensor]) -> None:
         """All-reduce ``tensors`` in place to their mean over ranks."""
         if not self.distributed or not tensors:

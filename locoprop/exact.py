@@ -79,16 +79,14 @@ def lower_gram(x: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def lower_covariance(x: Tensor, has_bias: bool, zero_upper: bool = False) -> Tensor:
-    """C = x̃ᵀx̃ with x̃ = [x, 1], lower triangle only (what Cholesky reads).
+def lower_covariance(x: Tensor, has_bias: bool) -> Tensor:
+    """C = x̃ᵀx̃ with x̃ = [x, 1], lower triangle only (what Cholesky reads); entries above it are unset.
 
-    The bias entries of C are sums (Σx and N), so x̃ is never formed. Some
-    entries above the diagonal are left unset, or zero with ``zero_upper``
-    (a C that is summed over ranks must not carry unset memory).
+    The bias entries of C are sums (Σx and N), so x̃ is never formed.
     """
     rows, d_in = x.shape
     d = d_in + int(has_bias)
-    covariance = x.new_zeros(d, d) if zero_upper else x.new_empty(d, d)
+    covariance = x.new_empty(d, d)
     lower_gram(x, out=covariance[:d_in, :d_in])
     if has_bias:
         torch.sum(x, 0, out=covariance[d_in, :d_in])

@@ -161,14 +161,21 @@ def gram_grads(
     return out
 
 
-def gram_is_cheaper(rows: int, d_in: int, d_out: int, local_iters: int) -> bool:
-    """Whether the Gram form of the S gradient costs fewer FLOPs over K steps.
+def gram_is_cheaper(rows: int, d_in: int, d_out: int, local_iters: int, ranks: int = 1) -> bool:
+    """Whether the Gram form of the S gradient costs less over K steps.
 
-    Both forms start from the backprop gradient (their first iteration). The
-    Gram form then costs C and B = θ^old C − γ·Gᵀx̃, and K − 1 products θC;
-    the batch form K − 1 forward and weight-gradient products.
+    In one process, by FLOPs: both forms start from the backprop gradient
+    (their first iteration); the Gram form then costs C and
+    B = θ^old C − γ·Gᵀx̃, and K − 1 products θC; the batch form K − 1 forward
+    and weight-gradient products. On several ``ranks``, by the numbers
+    communicated, which cost far more than FLOPs (tens of FLOPs a byte over
+    gloo, about a thousand over NCCL): the Gram form sums the lower triangle
+    of C and Gᵀx̃ once, d(d+1)/2 + d_out·d; the batch form sums every
+    iteration's gradient, K·d_out·d.
     """
     d = d_in + 1
+    if ranks > 1:
+        return d * (d + 1) // 2 + d_out * d < local_iters * d_out * d
     gram = 2 * rows * d * d + local_iters * 2 * d_out * d * d
     batch = (local_iters - 1) * 4 * rows * d_in * d_out
     return gram < batch

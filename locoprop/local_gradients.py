@@ -150,7 +150,7 @@ class LocalGradients:
         x, _ = backprop_rows(problem)
         cross = backprop_cross(problem, reuse)
         covariance = kernels.gram_covariance(x, bias is not None)
-        self.comm.sum_([covariance, cross])  # the whole batch's C and Gᵀx̃, once per step
+        self.comm.sum_lower_([covariance], [cross], mirror=True)  # the whole batch's C and Gᵀx̃, once a step
         statistic = kernels.gram_statistic(covariance, weight, bias, cross, problem.activation_lr)
         grads = kernels.linear_workspace(x, weight, bias)[1:]
         torch.mul(cross[:, : weight.shape[1]], problem.activation_lr, out=grads[0])  # the first iteration: γ·Gᵀx̃
@@ -208,14 +208,14 @@ def _grads(work: _Work) -> list[list[Tensor]]:
     return grads
 
 
-def uses_gram_form(problem: LocalProblem, variant: str, mode: str, local_iters: int) -> bool:
+def uses_gram_form(problem: LocalProblem, variant: str, mode: str, local_iters: int, ranks: int = 1) -> bool:
     """Whether the plan solves ``problem`` in the Gram form of variant S (which
-    needs no targets)."""
+    needs no targets), on ``ranks`` ranks (:func:`locoprop.kernels.gram_is_cheaper`)."""
     module = problem.unit.module
     if variant != "S" or mode == "none" or not isinstance(module, nn.Linear):
         return False
     rows = sum(problem.unit.adapter.input_rows(x).shape[0] for x, _ in problem.backprop)
-    return kernels.gram_is_cheaper(rows, module.in_features, module.out_features, local_iters)
+    return kernels.gram_is_cheaper(rows, module.in_features, module.out_features, local_iters, ranks)
 
 
 def backprop_rows(problem: LocalProblem) -> tuple[Tensor, Tensor]:

@@ -532,7 +532,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             problem.activation_lr = self.param_groups[problem.group_index]["activation_lr"]
             problem.param_grads = [p.grad for p in problem.params]
             problem.gram_form = self.solve == "iterative" and uses_gram_form(
-                problem, self.variant, self._parallel_mode(), self._iterations(problem)
+                problem, self.variant, self._parallel_mode(), self._iterations(problem), self.comm.world_size
             )
             if self.solve == "iterative" and not problem.gram_form:  # the Gram form needs only x and g
                 problem.batches = [
@@ -673,16 +673,16 @@ class LocoPropOptimizer(torch.optim.Optimizer):
     def _solve_exact_distributed(self, problems: list[LocalProblem]) -> None:
         """The exact step on W ranks: C = Σx̃ᵀx̃ and Gᵀx̃ summed over ranks once (one bucket), each unit's
         Cholesky solve on one owner rank (greedy by d³), its Δ broadcast to the others."""
-        statistics = []
+        covariances, crosses = [], []
         for problem in problems:
             x, _ = backprop_rows(problem)
-            cross = backprop_cross(problem, reuse=False)  # this rank's part (p.grad may be DDP's average)
-            statistics += [lower_covariance(x, has_bias=len(problem.params) == 2, zero_upper=True), cross]
-        self.comm.sum_(statistics)
+            crosses.append(backprop_cross(problem, reuse=False))  # this rank's part (p.grad may be DDP's average)
+            covariances.append(lower_covariance(x, has_bias=len(problem.params) == 2))
+        self.comm.sum_lower_(covariances, crosses)
         owners = greedy_owners([float(problem.params[0].shape[1] + 1) ** 3 for problem in problems],
                                self.comm.world_size)  # fmt: skip
         directions, infos = [], []
-        for problem, covariance, cross, owner in zip(problems, statistics[::2], statistics[1::2], owners):
+        for problem, covariance, cross, owner in zip(problems, covariances, crosses, owners):
             if owner == self.comm.rank:
                 prox = self.param_groups[problem.group_index]["prox"]
                 direction, info = solve_covariance(covariance, cross, prox)

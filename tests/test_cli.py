@@ -284,3 +284,25 @@ def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):
     assert loco["ratio_to_adam"] == pytest.approx(loco["step_time_s"] / loco["adam_step_time_s"])
     assert loco["flop_bound_ratio"] == pytest.approx(loco["step_time_s"] / loco["flop_bound_s"])
     assert exact["flop_bound_ratio"] is None  # no K local iterations to price
+
+
+def test_bench_on_two_processes_counts_the_bytes_each_sends(tmp_path):
+    """Adam under DDP sends its gradient once per step (ring all-reduce on 2 ranks: 2n(W−1)/W = n bytes);
+    LocoProp-M sends every unit's local gradient in each of its K = 3 iterations."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.commands.cli", "bench", "--batch-size", "64", "--width-mult", "0.05",
+         "--optimizers", "adam,locoprop-m,locoprop-s", "--local-iters", "3", "--steps", "2", "--warmup", "1",
+         "--nproc", "2", "--json", "--device", "cpu"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    adam, loco_m, loco_s = [json.loads(line) for line in result.stdout.splitlines()]
+    model = get_workload("autoencoder").build_model(DataShape(), width_mult=0.05)
+    gradient_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert adam["nproc"] == 2 and adam["comm_bytes_per_step"] == gradient_bytes
+    assert loco_m["comm_bytes_per_step"] == 3 * gradient_bytes
+    # S on 2 ranks in its Gram form where that sends less: C's lower triangle and Gᵀx̃ once per step.
+    layers = [m for m in model if isinstance(m, torch.nn.Linear)]
+    gram = [(m.in_features + 1) * (m.in_features + 2) // 2 + m.out_features * (m.in_features + 1) for m in layers]
+    batch = [3 * m.out_features * (m.in_features + 1) for m in layers]
+    assert loco_s["comm_bytes_per_step"] == 4 * sum(min(g, b) for g, b in zip(gram, batch))

@@ -199,6 +199,10 @@ def test_gram_form_is_chosen_by_flop_count():
     assert kernels.gram_is_cheaper(rows=1000, d_in=250, d_out=30, local_iters=10)
     assert not kernels.gram_is_cheaper(rows=16, d_in=1000, d_out=500, local_iters=10)
     assert not kernels.gram_is_cheaper(rows=1000, d_in=100, d_out=100, local_iters=1)  # nothing to amortise C over
+    # On several ranks by the numbers sent: C's lower triangle and Gᵀx̃ once, against K gradients.
+    assert not kernels.gram_is_cheaper(rows=125, d_in=784, d_out=1000, local_iters=10)  # few rows: FLOPs say batch
+    assert kernels.gram_is_cheaper(rows=125, d_in=784, d_out=1000, local_iters=10, ranks=2)  # 1.1M < 7.9M numbers
+    assert not kernels.gram_is_cheaper(rows=125, d_in=1000, d_out=30, local_iters=10, ranks=2)  # 0.53M > 0.30M
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")

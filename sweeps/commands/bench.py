@@ -14,6 +14,10 @@ optimizer:
   separate two-step run in which glibc returns every large block at once
   (``MALLOC_MMAP_THRESHOLD_``), so that the peak is live memory rather than
   allocator caching (that setting would slow the timed run);
+- ``comm_bytes_per_step`` (with ``nproc`` ranks): the bytes a rank sends per
+  step, counted at the collectives (LocoProp's communicator; a DDP
+  communication hook for the others), a ring all-reduce of n bytes sending
+  2n(W−1)/W;
 - ``flop_bound_ratio`` (iterative LocoProp): the measured step time over the
   FLOP-proportional bound, one backprop step (3 × the forward FLOPs) plus
   K × (unit forward + weight gradient) = (3 + 2K) × forward FLOPs, priced at
@@ -26,14 +30,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 from torch import nn
+
+from sweeps.runner.ranks import Ranks, launch
 
 __all__ = ["BenchConfig", "bench", "measure"]
 
@@ -52,6 +60,7 @@ class BenchConfig:
     device: str = "cpu"
     hparams: dict = dataclasses.field(default_factory=dict)
     parallel: str | None = None
+    nproc: int = 1  # data-parallel ranks: batch_size is the global batch
     memory_only: bool = False  # the separate memory run: no Adam twin, no probe
 
     def validate(self) -> None:
@@ -64,7 +73,8 @@ class BenchConfig:
         data_shape(self.data)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Unknown optimizer: {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
-        for name, least in (("batch_size", 1), ("depth_mult", 1), ("local_iters", 1), ("steps", 1), ("warmup", 0)):
+        for name, least in (("batch_size", 1), ("depth_mult", 1), ("local_iters", 1), ("steps", 1), ("warmup", 0),
+                            ("nproc", 1)):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"Invalid {name}: {value!r}; expected an integer ≥ {least}")
@@ -77,6 +87,8 @@ class BenchConfig:
             raise ValueError(f"Invalid device: {self.device!r}; no CUDA device is available (use --device cpu or auto)")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"Invalid device: {self.device!r}; expected cpu or cuda")
+        if self.batch_size % self.nproc:
+            raise ValueError(f"Invalid batch_size: {self.batch_size} does not split into {self.nproc} equal shards")
 
 
 def _rss_bytes() -> int:
@@ -124,23 +136,48 @@ def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hpara
     x = torch.rand(config.batch_size, shape.num_features)
     y = torch.randint(0, shape.num_classes, (config.batch_size,))
     model = workload.build_model(shape, config.width_mult, config.depth_mult).to(device)
-    x, y = x.to(device), y.to(device)
+    ranks = Ranks()
+    x, y = x[ranks.shard(len(x))].to(device), y[ranks.shard(len(y))].to(device)
     target = workload.target(x, y)
     optimizer = make_optimizer(optimizer_name, model, loss=workload.loss_kind, **hparams)
+    net, counter = model, None
+    if ranks.many and not getattr(optimizer, "data_parallel", False):
+        net, counter = _counted_ddp(model)
 
     def step() -> float:
         _sync(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        workload.loss(model(x), target).backward()
+        workload.loss(net(x), target).backward()
         optimizer.step()
         _sync(device)
         return time.perf_counter() - start
 
     def forward_backward() -> None:
-        workload.loss(model(x), target).backward()
+        workload.loss(net(x), target).backward()
 
-    return optimizer, step, forward_backward
+    def bytes_sent() -> int:
+        """Bytes this rank has sent so far (the ring all-reduce's 2(W−1)/W of each bucket)."""
+        return counter[0] if counter is not None else getattr(getattr(optimizer, "comm", None), "bytes_sent", 0)
+
+    return optimizer, step, forward_backward, bytes_sent
+
+
+def _counted_ddp(model: nn.Module) -> tuple[nn.Module, list[int]]:
+    """``model`` in DDP, with a communication hook that counts the bytes of its all-reduces."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    counter = [0]
+    world = dist.get_world_size()
+
+    def counting_hook(state, bucket):
+        counter[0] += 2 * (world - 1) * bucket.buffer().numel() * bucket.buffer().element_size() // world
+        return allreduce_hook(state, bucket)
+
+    net = nn.parallel.DistributedDataParallel(model)
+    net.register_comm_hook(None, counting_hook)
+    return net, counter
 
 
 def measure(config: BenchConfig) -> dict:
@@ -164,19 +201,20 @@ def measure(config: BenchConfig) -> dict:
             hparams.setdefault("local_iters", config.local_iters)
         if config.parallel:
             hparams.setdefault("parallel", config.parallel)
-    optimizer, step, forward_backward = _setup(config, config.optimizer, device, hparams)
+    optimizer, step, forward_backward, bytes_sent = _setup(config, config.optimizer, device, hparams)
     is_locoprop = isinstance(optimizer, LocoPropOptimizer)
     if is_locoprop:
         optimizer.synchronize_timing = device.type == "cuda"
     reference_step = None
     if config.optimizer != "adam" and not config.memory_only:
-        _, reference_step, _ = _setup(config, "adam", device, {})
+        _, reference_step, _, _ = _setup(config, "adam", device, {})
 
     for _ in range(config.warmup):
         step()
         if reference_step is not None:
             reference_step()
     times, reference_times, phases, probes = [], [], [], []
+    sent_before = bytes_sent()
     for _ in range(config.steps):
         times.append(step())
         if is_locoprop:
@@ -199,6 +237,8 @@ def measure(config: BenchConfig) -> dict:
         "step_time_s": statistics.median(times),
         "step_time_min_s": min(times),
         "steps": len(times),
+        "nproc": config.nproc,
+        "comm_bytes_per_step": (bytes_sent() - sent_before) / len(times),
     }
     if reference_times:
         record["adam_step_time_s"] = statistics.median(reference_times)
@@ -225,6 +265,23 @@ def measure(config: BenchConfig) -> dict:
     return record
 
 
+def _measure_on_ranks(config: BenchConfig, out: str) -> None:
+    """One rank of a data-parallel measurement; rank 0 writes the record to ``out``."""
+    record = measure(config)
+    if Ranks().writes:
+        pathlib.Path(out).write_text(json.dumps(record))
+
+
+def _main(config: BenchConfig) -> dict:
+    """The measurement of ``config`` in this process, or on ``config.nproc`` new ones."""
+    if config.nproc == 1:
+        return measure(config)
+    with tempfile.TemporaryDirectory() as folder:
+        out = pathlib.Path(folder) / "record.json"
+        launch(config.nproc, config.device, _measure_on_ranks, config, str(out))
+        return json.loads(out.read_text())
+
+
 def _run_worker(config: BenchConfig, env: dict | None = None) -> dict:
     command = [sys.executable, "-m", "sweeps.commands.bench", json.dumps(dataclasses.asdict(config))]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -244,7 +301,7 @@ def bench(configs: list[BenchConfig]) -> list[dict]:
     records = []
     for config in configs:
         record = _run_worker(config)
-        if config.device == "cpu":
+        if config.device == "cpu" and config.nproc == 1:
             memory_run = dataclasses.replace(config, steps=1, warmup=1, memory_only=True)
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
             record["peak_mem_bytes"] = _run_worker(memory_run, env)["peak_mem_bytes"]
@@ -255,4 +312,4 @@ def bench(configs: list[BenchConfig]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(BenchConfig(**json.loads(sys.argv[1])))))
+    print(json.dumps(_main(BenchConfig(**json.loads(sys.argv[1])))))

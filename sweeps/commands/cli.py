@@ -369,7 +369,7 @@ def cmd_bench(args) -> int:
     names = list(dict.fromkeys(args.optimizers))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     shared = dict(workload=args.workload, depth_mult=args.depth_mult, local_iters=args.local_iters, steps=args.steps,
-                  warmup=args.warmup, device=device, parallel=args.parallel,
+                  warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
                   hparams={"compile": True} if args.compile else {})  # fmt: skip
     configs = [
         BenchConfig(optimizer=name, batch_size=batch, width_mult=width, **shared)
@@ -383,12 +383,14 @@ def cmd_bench(args) -> int:
             print(json.dumps(record))
         return 0
     print(f"{'optimizer':18s} {'batch':>6s} {'width':>6s} {'step (s)':>10s} {'/ Adam':>7s} {'/ FLOP bound':>13s} "
-          f"{'peak MiB':>9s}")  # fmt: skip
+          f"{'peak MiB':>9s}" + (f" {'sent MiB/step':>14s}" if args.nproc > 1 else ""))  # fmt: skip
     for r in records:
         bound = f"{r['flop_bound_ratio']:.3f}" if r["flop_bound_ratio"] is not None else "–"
+        sent = f" {r['comm_bytes_per_step'] / 2**20:14.2f}" if args.nproc > 1 else ""
         print(f"{r['optimizer']:18s} {r['batch_size']:6d} {r['width_mult']:6g} {r['step_time_s']:10.4f} "
-              f"{r['ratio_to_adam']:7.2f} {bound:>13s} {r['peak_mem_bytes'] / 2**20:9.1f}")  # fmt: skip
-    print(f"device: {records[0]['device']}, {records[0]['threads']} threads; median of {args.steps} steps")
+              f"{r['ratio_to_adam']:7.2f} {bound:>13s} {r['peak_mem_bytes'] / 2**20:9.1f}{sent}")  # fmt: skip
+    ranks = f", {args.nproc} processes (Adam under DDP)" if args.nproc > 1 else ""
+    print(f"device: {records[0]['device']}, {records[0]['threads']} threads{ranks}; median of {args.steps} steps")
     return 0
 
 
@@ -582,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="LocoProp: fused (compiled) inner updates (default: not compiled)"
     )
     p.add_argument("--steps", type=int, default=10, help="timed steps, ≥ 1; the median is reported (default: 10)")
+    p.add_argument(
+        "--nproc", type=int, default=1,
+        help="data-parallel processes sharing the global --batch-size; adds the bytes each sends per step, and the "
+        "ratio is to DDP+Adam on the same ranks (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones, ≥ 0 (default: 3)")
     add_device_flag(p, "where to run")
     p.add_argument("--json", action="store_true", help="print one JSON object per optimizer (default: a table)")

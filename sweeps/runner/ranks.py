@@ -13,6 +13,7 @@ environment) or from :func:`launch` (``--nproc N``). NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
 import tempfile
@@ -102,4 +103,7 @@ def _rank_main(rank: int, nproc: int, rendezvous: str, device: str, function: Ca
     try:
         function(*args)
     finally:
+        # DDP objects left in reference cycles must go before their process group does:
+        # destroyed after it, they abort the process.
+        gc.collect()
         dist.destroy_process_group()
