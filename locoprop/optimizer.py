@@ -15,6 +15,13 @@ from torch import Tensor, nn
 from locoprop.distributed import Communicator, greedy_owners
 from locoprop.exact import exact_s_direction, exact_s_solution, lower_covariance, solve_covariance
 from locoprop.gradient_checks import outside_use_tolerance
+from locoprop.hypergrad import (
+    HYPERGRAD_MODES,
+    adapted_activation_lr,
+    implicit_sensitivity,
+    inner_tangent,
+    unrolled_sensitivity,
+)
 from locoprop.inner import INNER_SCHEDULES, RMSpropTF, inner_lr, resolve_inner
 from locoprop.layers import no_backward_error, unrecorded_gradient_error
 from locoprop.local import add_prox_grad_, layer_backprop_grads, make_target
@@ -121,6 +128,23 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             footing of DDP's averaged gradients; a rank whose loss is a sum
             over its examples multiplies it by W to get the global sum's step.
             What is communicated, per variant: :mod:`locoprop.distributed`.
+        hypergrad_lr: β ≥ 0. With β > 0 each unit's γ adapts online by
+            hypergradient descent (:mod:`locoprop.hypergrad`): at every step,
+            h = ⟨∇L(θ), ∂θ/∂γ⟩ with the sensitivity ∂θ/∂γ of the unit's last
+            local solve, then γ ← γ·exp(−β·h·γ), the factor clipped to [½, 2].
+            The adapted γ are the groups' ``activation_lr`` (logged,
+            checkpointed, resumed), the sensitivities are in ``state_dict``,
+            ``last_hypergradients`` maps unit name to its last h. β = 0
+            (the default) computes nothing. The γ of the parameters outside
+            every unit stays as set. Not yet on several ranks, nor with tied
+            weights.
+        hypergrad: how ∂θ/∂γ is computed for the iterative solve:
+            "implicit" (the implicit function theorem at the local optimum,
+            ``hypergrad_iters`` conjugate-gradient steps on Hessian-vector
+            products) or "unrolled" (the exact derivative of the K inner
+            steps, by forward mode; about as costly as the solve itself).
+            The exact S solve always uses its closed form.
+        hypergrad_iters: conjugate-gradient steps of "implicit" (≥ 1).
     """
 
     # The phases of a step it times (``last_step_seconds``), for the runner.
@@ -145,6 +169,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         parallel: str = "auto",
         compile: bool = False,
         process_group=None,
+        hypergrad_lr: float = 0.0,
+        hypergrad: str = "implicit",
+        hypergrad_iters: int = 3,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LocoPropOptimizer needs the model (an nn.Module), got {type(model).__name__}")
@@ -170,8 +197,13 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             local_iters=local_iters,
             inner_schedule=inner_schedule,
             prox=_plain_float(prox),
+            hypergrad_lr=_plain_float(hypergrad_lr),
         )
         _check_hyperparameters(defaults)
+        if hypergrad not in HYPERGRAD_MODES:
+            raise ValueError(f"Invalid hypergrad: {hypergrad!r}; expected one of {', '.join(HYPERGRAD_MODES)}")
+        if isinstance(hypergrad_iters, bool) or not isinstance(hypergrad_iters, int) or hypergrad_iters < 1:
+            raise ValueError(f"Invalid hypergrad_iters: {hypergrad_iters!r}; expected an integer ≥ 1")
         if solve == "exact" and variant != "S":
             raise ValueError(f"solve='exact' needs variant 'S', got variant {variant!r}")
         if solve == "exact" and not prox > 0:
@@ -247,6 +279,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             self.inner = inner_factory(inner_groups, **inner_kwargs)
         except TypeError as err:
             raise ValueError(f"Invalid inner_kwargs for inner optimizer {inner!r}: {inner_kwargs!r} ({err})") from err
+        self.hypergrad, self.hypergrad_iters = hypergrad, hypergrad_iters
+        # unit name -> h of the last step (units with a sensitivity from the step before)
+        self.last_hypergradients: dict[str, float] = {}
+        self._check_hypergrad_supported()
         self.skipped_steps = 0
         # Seconds of the last step's phases: setting targets, local solves.
         self.last_step_seconds: dict[str, float] = {}
@@ -385,21 +421,134 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             started = self._clock()
             problems = self._collect_problems()  # may refuse the step: nothing has changed yet
-            self._set_targets(problems)
-            targets_set = self._clock()
-            if not self.comm.all_true(_all_finite(problems), self.units[0].module.weight.device):
-                self.skipped_steps += 1  # on every rank: the ranks must stay identical
-            elif self.solve == "exact":
-                self._solve_exact([p for p in problems if p.unit is not None])
-                self._solve_iterative([p for p in problems if p.unit is None])
-            else:
-                self._solve_iterative(problems)
+            adapting = self._adapting(problems)
+            gammas = [group["activation_lr"] for group in self.param_groups]
+            try:
+                # h of the last step's γ, and the new γ that this step's targets use
+                hypergradients = self._adapt_activation_lrs(adapting) if adapting else {}
+                self._set_targets(problems)
+                targets_set = self._clock()
+                finite = all(map(math.isfinite, hypergradients.values()))
+                if not self.comm.all_true(finite and _all_finite(problems), self.units[0].module.weight.device):
+                    self._restore_activation_lrs(gammas)
+                    self.skipped_steps += 1  # on every rank: the ranks must stay identical
+                else:
+                    before = self._before_solve(adapting) if adapting else {}
+                    if self.solve == "exact":
+                        self._solve_exact([p for p in problems if p.unit is not None])
+                        self._solve_iterative([p for p in problems if p.unit is None])
+                    else:
+                        self._solve_iterative(problems)
+                    if adapting or any("gamma_sensitivity" in state for state in self.state.values()):
+                        self._record_sensitivities(adapting, before)
+                    self.last_hypergradients = hypergradients
+            except BaseException:
+                self._restore_activation_lrs(gammas)  # a refused step changes nothing
+                raise
         for unit in self.units:
             unit.records.clear()
         for sketch in self._sketches.values():
             sketch.reset()
         self.last_step_seconds = {"targets": targets_set - started, "local_solve": self._clock() - targets_set}
         return loss
+
+    # ------------------------------------------------------ hypergradients
+    def _check_hypergrad_supported(self) -> None:
+        """Refuse β > 0 where the sensitivities are not computed yet: several ranks, tied weights, and
+        (for "unrolled") inner optimizers whose update rule :mod:`locoprop.hypergrad` does not know."""
+        if not any(group["hypergrad_lr"] > 0 for group, unit in zip(self.param_groups, self._unit_of_group) if unit):
+            return
+        if self.comm.distributed:
+            raise ValueError(
+                f"hypergrad_lr > 0 is not supported on {self.comm.world_size} ranks yet: the sensitivities need the "
+                "global batch's local problems; train with hypergrad_lr=0 or in one process"
+            )
+        if self._tied:
+            raise ValueError(
+                f"hypergrad_lr > 0 is not supported with tied weights ({self._describe_tied()}): a tied parameter's "
+                "update depends on several units' γ"
+            )
+        if self.hypergrad == "unrolled" and self.solve == "iterative":
+            for index, unit in enumerate(self._unit_of_group):
+                if unit is not None:
+                    inner_tangent(self.inner, index)
+
+    def _adapting(self, problems: list[LocalProblem]) -> list[LocalProblem]:
+        """The units' problems whose γ adapts (β > 0) in this step."""
+        adapting = [p for p in problems if p.unit is not None and self.param_groups[p.group_index]["hypergrad_lr"] > 0]
+        if adapting:
+            self._check_hypergrad_supported()  # β may have been raised in param_groups since construction
+            if any(problem.outside_uses for problem in adapting):
+                raise RuntimeError(
+                    "hypergrad_lr > 0 is not supported for a unit whose weight is also used outside the units (a "
+                    "function call such as F.embedding(tokens, layer.weight)); no parameter was changed"
+                )
+        return adapting
+
+    def _adapt_activation_lrs(self, adapting: list[LocalProblem]) -> dict[str, float]:
+        """h = ⟨∇L, ∂θ/∂γ⟩ of each adapting unit that has a sensitivity from its last solve; its group's γ
+        moves to γ·exp(−β·h·γ) (clipped) if every h is finite. One device sync."""
+        measured = []
+        for problem in adapting:
+            pairs = [(p.grad, self.state[p].get("gamma_sensitivity")) for p in problem.params if p.grad is not None]
+            if pairs and all(s is not None for _, s in pairs):
+                h = sum(torch.vdot(g.reshape(-1), s.reshape(-1)) for g, s in pairs)
+                measured.append((problem, h))
+        if not measured:
+            return {}
+        values = torch.stack([h for _, h in measured]).tolist()
+        hypergradients = {problem.unit.name: h for (problem, _), h in zip(measured, values)}
+        if all(map(math.isfinite, values)):
+            for (problem, _), h in zip(measured, values):
+                group = self.param_groups[problem.group_index]
+                group["activation_lr"] = adapted_activation_lr(group["activation_lr"], h, group["hypergrad_lr"])
+        return hypergradients
+
+    def _restore_activation_lrs(self, gammas: list[float]) -> None:
+        for group, gamma in zip(self.param_groups, gammas):
+            group["activation_lr"] = gamma
+
+    def _before_solve(self, adapting: list[LocalProblem]) -> dict[LocalProblem, dict]:
+        """What the sensitivities need from before the solve changes it: the (x, g) pairs, and for
+        "unrolled" θ^old, the inner state and the K inner learning rates."""
+        before = {}
+        for problem in adapting:
+            saved = {"backprop": problem.backprop}
+            if self.solve == "iterative" and self.hypergrad == "unrolled":
+                group, index = self.param_groups[problem.group_index], problem.group_index
+                rule = inner_tangent(self.inner, index)
+                k = group["local_iters"]
+                saved.update(
+                    old=[p.detach().clone() for p in problem.params],
+                    rule=rule,
+                    states=[rule.start(self.inner.state.get(p, {}), p) for p in problem.params],
+                    lrs=[inner_lr(group["inner_schedule"], group["lr"], t, k) for t in range(k)],
+                )
+            before[problem] = saved
+        return before
+
+    def _record_sensitivities(self, adapting: list[LocalProblem], before: dict[LocalProblem, dict]) -> None:
+        """∂θ/∂γ of this step's solve for every adapting unit, into ``state[p]["gamma_sensitivity"]``; the
+        other parameters lose theirs (their θ did not move with γ)."""
+        for state in self.state.values():
+            state.pop("gamma_sensitivity", None)
+        for problem in adapting:
+            group, unit = self.param_groups[problem.group_index], problem.unit
+            linear = isinstance(unit.module, nn.Linear)
+            saved = before[problem]
+            if self.solve == "exact":
+                sensitivity = problem.sensitivity
+            elif self.hypergrad == "implicit":
+                params = [p.detach() for p in problem.params]
+                sensitivity = implicit_sensitivity(self.variant, unit.transfer, unit.adapter.forward, params,
+                                                   saved["backprop"], group["prox"], self.hypergrad_iters, linear)  # fmt: skip
+            else:
+                sensitivity, _ = unrolled_sensitivity(
+                    self.variant, unit.transfer, unit.adapter.forward, saved["old"], saved["backprop"],
+                    problem.activation_lr, group["prox"], saved["rule"], saved["states"], saved["lrs"], linear,
+                )  # fmt: skip
+            for p, s in zip(problem.params, sensitivity):
+                self.state[p]["gamma_sensitivity"] = s.reshape(p.shape)
 
     def _clock(self) -> float:
         # Kernels run asynchronously on a GPU: wait for them when asked to,
@@ -650,6 +799,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             if failed:
                 raise _not_positive_definite(failed, problems[0].params[0].dtype)
             for problem, solution in zip(problems, solutions):
+                # θ* = θ^old − γ·Δ: the sensitivity −Δ is the step over γ
+                problem.sensitivity = [(new.reshape(p.shape) - p) / problem.activation_lr
+                                       for p, new in zip(problem.params, solution)]  # fmt: skip
                 for p, new in zip(problem.params, solution):
                     p.copy_(new.reshape(p.shape))
             return
@@ -666,6 +818,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             raise _not_positive_definite(failed, directions[0].dtype)
         for problem, direction in zip(problems, directions):
             weight, *bias = problem.params
+            problem.sensitivity = [-direction[:, : weight.shape[1]], *([-direction[:, -1]] if bias else [])]
             weight.add_(direction[:, : weight.shape[1]], alpha=-problem.activation_lr)
             if bias:
                 bias[0].add_(direction[:, -1], alpha=-problem.activation_lr)
@@ -726,6 +879,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         if saved_units != units:
             raise ValueError(f"State dict is for units {saved_units}, but this optimizer has units {units}")
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("hypergrad_lr", 0.0)  # a state dict from before hypergradients
         self.inner.load_state_dict(inner)
         self.skipped_steps = skipped
 
@@ -748,6 +903,9 @@ def _check_hyperparameters(group: dict) -> None:
     prox = group["prox"]
     if not (_is_real(prox) and 0 <= prox < math.inf):
         raise ValueError(f"Invalid prox: {prox!r}; expected a finite number ≥ 0")
+    beta = group.get("hypergrad_lr", 0.0)
+    if isinstance(beta, Tensor) or not (_is_real(beta) and 0 <= beta < math.inf):
+        raise ValueError(f"Invalid hypergrad_lr: {beta!r}; expected a finite number ≥ 0")
 
 
 def _check_not_meta(units: list[Unit]) -> None:

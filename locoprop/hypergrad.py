@@ -1,0 +1,354 @@
+r"""Hypergradients of the activation learning rate γ (SPEC §12).
+
+At step t the backprop gradient ∇L_t(θ_t) is known. θ_{t,m} came out of
+step t−1's local solve of unit m with γ_{t−1,m}; no other unit's γ moves it
+(each local problem has its own target). The hypergradient of unit m is
+
+    h_{t,m} = ∂L_t(θ_t)/∂γ_{t−1,m} = ⟨∇_{θ_m}L_t(θ_t), s_m⟩,   s_m = ∂θ_{t,m}/∂γ_{t−1,m},
+
+with the sensitivity s_m computed during step t−1 (Baydin et al.'s
+hypergradient descent, with LocoProp's update in place of the last
+gradient), in one of three ways:
+
+- exact S: θ* = θ^old − γ·Gᵀx̃(C + λI)⁻¹, linear in γ, so s = −Gᵀx̃(C + λI)⁻¹;
+- ``"implicit"``: at a local optimum ∇ℓ(θ*; γ) = 0, so s = −H⁻¹∂_γ∇ℓ with
+  H = Jᵀ D J + λI the local objective's Hessian (D = f′(a) for M, the
+  identity for S; J the layer's Jacobian in θ, a constant: the layers are
+  affine in θ) and ∂_γ∇ℓ = Jᵀg (the target moves by −g per unit of γ), the
+  layer's backprop gradient. :func:`implicit_sensitivity` solves
+  H s = −Jᵀg by conjugate gradients on Hessian-vector products, never
+  forming H, evaluated at the parameters the K inner steps reached;
+- ``"unrolled"``: the exact derivative of the K inner steps that ran,
+  inner-optimizer state included, by forward-mode differentiation written
+  out per inner optimizer (:func:`unrolled_sensitivity`); the reference the
+  other two are checked against.
+
+γ then moves multiplicatively, a step of size β on log γ:
+γ ← γ·exp(−β·h·γ) (h·γ = ∂L/∂log γ), the factor clipped to
+[1/``MAX_FACTOR``, ``MAX_FACTOR``], γ kept in ``GAMMA_RANGE``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from locoprop.inner import RMSpropTF
+from locoprop.local import layer_backprop_grads
+from locoprop.transfer import Transfer
+
+__all__ = [
+    "GAMMA_RANGE",
+    "HYPERGRAD_MODES",
+    "MAX_FACTOR",
+    "InnerTangent",
+    "adapted_activation_lr",
+    "implicit_sensitivity",
+    "inner_tangent",
+    "unrolled_sensitivity",
+]
+
+HYPERGRAD_MODES = ("implicit", "unrolled")
+# γ changes by at most this factor per step: one noisy hypergradient cannot throw it far.
+MAX_FACTOR = 2.0
+# ...and stays inside this range, so that a long drift cannot reach 0 or overflow.
+GAMMA_RANGE = (1e-8, 1e8)
+
+Forward = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def adapted_activation_lr(gamma: float, hypergradient: float, hypergrad_lr: float) -> float:
+    """γ·exp(−β·h·γ), the factor clipped to [1/MAX_FACTOR, MAX_FACTOR] and γ to GAMMA_RANGE."""
+    limit = math.log(MAX_FACTOR)
+    exponent = min(max(-hypergrad_lr * hypergradient * gamma, -limit), limit)
+    return min(max(gamma * math.exp(exponent), GAMMA_RANGE[0]), GAMMA_RANGE[1])
+
+
+# ------------------------------------------------------------------ implicit
+def implicit_sensitivity(
+    variant: str,
+    transfer: Transfer,
+    forward: Forward,
+    params: Sequence[Tensor],
+    backprop: Sequence[tuple[Tensor, Tensor]],
+    prox: float,
+    iters: int,
+    linear: bool,
+) -> list[Tensor]:
+    """s = −H⁻¹Jᵀg by ``iters`` conjugate-gradient steps from 0, H = Jᵀ D J + λI at ``params``.
+
+    ``backprop`` holds the unit's (x, g) pairs of the step; ``linear`` says the
+    layer is an nn.Linear, whose J and Jᵀ are two matrix products (other
+    layers go through autograd). Starting from 0 keeps s in the row space
+    of J when λ = 0 and H is singular (fewer rows than inputs): the
+    minimum-norm solution, which the local solve's steps also stay in.
+    """
+    xs = [x for x, _ in backprop]
+    # D at the reached parameters (M only): f′(a) elementwise, or for softmax the point a of its Jacobian.
+    elementwise = not transfer.name.startswith("softmax")
+    curvature = []
+    if variant == "M":
+        for x in xs:
+            a = forward(x, *_weight_and_bias(params))
+            curvature.append(_derivative(transfer, a, None) if elementwise else a)
+
+    def hessian_vector(v: list[Tensor]) -> list[Tensor]:
+        total = [u.mul(prox) for u in v] if prox else [torch.zeros_like(u) for u in v]
+        for i, x in enumerate(xs):
+            jv = forward(x, *_weight_and_bias(v))  # the layer is linear in θ: J·v is the layer with parameters v
+            if variant == "M":
+                jv = jv * curvature[i] if elementwise else _derivative(transfer, curvature[i], jv)
+            for t, part in zip(total, _layer_transpose(forward, params, x, jv, linear)):
+                t.add_(part)
+        return total
+
+    rhs = [-b for b in _backprop_gradient(forward, params, backprop, linear)]
+    return conjugate_gradient(hessian_vector, rhs, iters)
+
+
+def conjugate_gradient(matvec: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], iters: int) -> list[Tensor]:
+    """``iters`` steps of conjugate gradients on A s = b from s = 0 (A symmetric positive semi-definite).
+
+    No early stop (it would cost a device sync per step); a zero residual
+    gives zero steps instead of 0/0.
+    """
+    s = [torch.zeros_like(t) for t in b]
+    r = [t.clone() for t in b]
+    p = [t.clone() for t in b]
+    rs = _dot(r, r)
+    tiny = torch.finfo(rs.dtype).tiny
+    for _ in range(iters):
+        ap = matvec(p)
+        alpha = rs / _dot(p, ap).clamp_min(tiny)
+        torch._foreach_add_(s, torch._foreach_mul(p, alpha))
+        torch._foreach_sub_(r, torch._foreach_mul(ap, alpha))
+        rs_new = _dot(r, r)
+        beta = rs_new / rs.clamp_min(tiny)
+        p = torch._foreach_add(r, torch._foreach_mul(p, beta))
+        rs = rs_new
+    return s
+
+
+# ------------------------------------------------------------------ unrolled
+class InnerTangent:
+    """One inner optimizer's update rule with its forward-mode derivative, for one param group.
+
+    ``start`` copies a parameter's inner state as the step found it (so the
+    real solve can change it); ``update`` applies one inner step to θ, the
+    state and their tangents (derivatives in γ), out of place for the state.
+    The rules are torch.optim's (``SGD``, ``Adam``, ``RMSprop``, ``Adagrad``)
+    and :class:`~locoprop.inner.RMSpropTF`'s, for the options they support;
+    :func:`inner_tangent` refuses the others.
+    """
+
+    def __init__(self, kind: str, group: dict):
+        self.kind, self.group = kind, group
+
+    def start(self, state: dict, p: Tensor) -> dict:
+        kind, group, s = self.kind, self.group, {}
+        if kind == "sgd":
+            buf = state.get("momentum_buffer")
+            s["buf"] = None if buf is None else buf.clone()
+        elif kind == "adam":
+            s["step"] = float(state["step"]) if "step" in state else 0.0
+            s["m"] = state["exp_avg"].clone() if "exp_avg" in state else torch.zeros_like(p)
+            s["v"] = state["exp_avg_sq"].clone() if "exp_avg_sq" in state else torch.zeros_like(p)
+        elif kind == "rmsprop":
+            s["v"] = state["square_avg"].clone() if "square_avg" in state else torch.zeros_like(p)
+            s["buf"] = state["momentum_buffer"].clone() if "momentum_buffer" in state else torch.zeros_like(p)
+        elif kind == "adagrad":
+            s["step"] = float(state["step"]) if "step" in state else 0.0
+            initial = group["initial_accumulator_value"]
+            s["v"] = state["sum"].clone() if "sum" in state else torch.full_like(p, initial)
+        else:  # rmsprop-tf
+            s["v"] = state["ms"].clone() if "ms" in state else torch.ones_like(p)
+            s["buf"] = state["mom"].clone() if "mom" in state else torch.zeros_like(p)
+        tangents = {k: (torch.zeros_like(p) if isinstance(v, Tensor) else None) for k, v in s.items()}
+        return {"value": s, "tangent": tangents}
+
+    def update(self, p: Tensor, dp: Tensor, g: Tensor, dg: Tensor, state: dict, lr: float) -> tuple[Tensor, Tensor]:
+        """One step: the new (θ, dθ); ``state`` is replaced by the new one."""
+        kind, group = self.kind, self.group
+        s, ds = state["value"], state["tangent"]
+        decay = group.get("weight_decay", 0.0)
+        if decay and not group.get("decoupled_weight_decay", False):
+            g, dg = g + decay * p, dg + decay * dp
+        if kind == "sgd":
+            momentum = group["momentum"]
+            direction, d_direction = g, dg
+            if momentum:
+                if s["buf"] is None:
+                    s["buf"], ds["buf"] = g.clone(), dg.clone()
+                else:
+                    keep = 1.0 - group["dampening"]
+                    s["buf"], ds["buf"] = momentum * s["buf"] + keep * g, momentum * ds["buf"] + keep * dg
+                if group["nesterov"]:
+                    direction, d_direction = g + momentum * s["buf"], dg + momentum * ds["buf"]
+                else:
+                    direction, d_direction = s["buf"], ds["buf"]
+            return p - lr * direction, dp - lr * d_direction
+        if kind == "adam":
+            beta1, beta2 = group["betas"]
+            if decay and group.get("decoupled_weight_decay", False):
+                p, dp = p * (1 - lr * decay), dp * (1 - lr * decay)
+            s["step"] += 1
+            s["m"], ds["m"] = beta1 * s["m"] + (1 - beta1) * g, beta1 * ds["m"] + (1 - beta1) * dg
+            s["v"], ds["v"] = beta2 * s["v"] + (1 - beta2) * g * g, beta2 * ds["v"] + 2 * (1 - beta2) * g * dg
+            root, d_root = _sqrt_and_tangent(s["v"], ds["v"])
+            correction = math.sqrt(1 - beta2 ** s["step"])
+            denominator, d_denominator = root / correction + group["eps"], d_root / correction
+            step_size = lr / (1 - beta1 ** s["step"])
+            quotient, d_quotient = _quotient(s["m"], ds["m"], denominator, d_denominator)
+            return p - step_size * quotient, dp - step_size * d_quotient
+        if kind == "rmsprop":
+            alpha = group["alpha"]
+            s["v"], ds["v"] = alpha * s["v"] + (1 - alpha) * g * g, alpha * ds["v"] + 2 * (1 - alpha) * g * dg
+            root, d_root = _sqrt_and_tangent(s["v"], ds["v"])
+            quotient, d_quotient = _quotient(g, dg, root + group["eps"], d_root)
+            if group["momentum"] > 0:
+                momentum = group["momentum"]
+                s["buf"], ds["buf"] = momentum * s["buf"] + quotient, momentum * ds["buf"] + d_quotient
+                quotient, d_quotient = s["buf"], ds["buf"]
+            return p - lr * quotient, dp - lr * d_quotient
+        if kind == "adagrad":
+            s["step"] += 1
+            s["v"], ds["v"] = s["v"] + g * g, ds["v"] + 2 * g * dg
+            root, d_root = _sqrt_and_tangent(s["v"], ds["v"])
+            step_size = lr / (1 + (s["step"] - 1) * group["lr_decay"])
+            quotient, d_quotient = _quotient(g, dg, root + group["eps"], d_root)
+            return p - step_size * quotient, dp - step_size * d_quotient
+        # rmsprop-tf: ms ← decay·ms + (1 − decay)·g²; mom ← momentum·mom + lr·g/√(ms + eps); θ ← θ − mom
+        rate, momentum = group["decay"], group["momentum"]
+        s["v"], ds["v"] = rate * s["v"] + (1 - rate) * g * g, rate * ds["v"] + 2 * (1 - rate) * g * dg
+        root, d_root = _sqrt_and_tangent(s["v"] + group["eps"], ds["v"])
+        quotient, d_quotient = _quotient(g, dg, root, d_root)
+        s["buf"], ds["buf"] = momentum * s["buf"] + lr * quotient, momentum * ds["buf"] + lr * d_quotient
+        return p - s["buf"], dp - ds["buf"]
+
+
+def inner_tangent(inner: torch.optim.Optimizer, group_index: int) -> InnerTangent:
+    """The forward-mode rule of ``inner``'s group ``group_index``; ValueError for what it does not cover."""
+    kinds = {
+        torch.optim.SGD: "sgd",
+        torch.optim.Adam: "adam",
+        torch.optim.RMSprop: "rmsprop",
+        torch.optim.Adagrad: "adagrad",
+        RMSpropTF: "rmsprop-tf",
+    }
+    kind = kinds.get(type(inner))
+    if kind is None:
+        raise ValueError(
+            f"hypergrad='unrolled' differentiates the inner optimizer's update rule, which it knows for "
+            f"{', '.join(sorted(c.__name__ for c in kinds))}; {type(inner).__name__} is none of them. "
+            "Use hypergrad='implicit'"
+        )
+    group = inner.param_groups[group_index]
+    unsupported = [
+        option for option in ("amsgrad", "centered", "maximize", "differentiable") if group.get(option, False)
+    ]
+    if unsupported:
+        raise ValueError(
+            f"hypergrad='unrolled' does not differentiate {type(inner).__name__} with "
+            f"{', '.join(f'{o}=True' for o in unsupported)}; use hypergrad='implicit'"
+        )
+    return InnerTangent(kind, group)
+
+
+def unrolled_sensitivity(
+    variant: str,
+    transfer: Transfer,
+    forward: Forward,
+    old_params: Sequence[Tensor],
+    backprop: Sequence[tuple[Tensor, Tensor]],
+    activation_lr: float,
+    prox: float,
+    rule: InnerTangent,
+    states: Sequence[dict],
+    lrs: Sequence[float],
+    linear: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """(s, θ_K): the derivative in γ of the K inner steps at learning rates ``lrs``, and where they end.
+
+    Re-runs the local solve from θ^old = ``old_params`` and the inner state
+    ``states`` (one :meth:`InnerTangent.start` per parameter) with the
+    tangents carried along: the targets move by −g per unit of γ, so the
+    residual r = ∂ℓ/∂a of each (x, g) pair has tangent D·J·dθ + g, and
+    the local gradient Jᵀr + λ(θ − θ^old) has tangent Jᵀ(D·J·dθ + g) + λdθ.
+    """
+    params = [p.clone() for p in old_params]
+    tangents = [torch.zeros_like(p) for p in old_params]
+    weight_bias = _weight_and_bias(old_params)
+    start = [forward(x, *weight_bias) for x, _ in backprop]
+    targets = [(a if variant == "S" else transfer.fn(a)) - activation_lr * g for a, (_, g) in zip(start, backprop)]
+    for lr in lrs:
+        residuals, d_residuals = [], []
+        for (x, g), target in zip(backprop, targets):
+            a = forward(x, *_weight_and_bias(params))
+            ja = forward(x, *_weight_and_bias(tangents))  # linear in θ: J·dθ
+            if variant == "S":
+                residuals.append(a - target)
+                d_residuals.append(ja + g)
+            else:
+                residuals.append(transfer.fn(a) - target)
+                d_residuals.append(_derivative(transfer, a, ja) + g)
+        grads = _sum_transposes(forward, params, backprop, residuals, linear)
+        d_grads = _sum_transposes(forward, params, backprop, d_residuals, linear)
+        if prox:
+            grads = [gr + prox * (p - q) for gr, p, q in zip(grads, params, old_params)]
+            d_grads = [dgr + prox * dp for dgr, dp in zip(d_grads, tangents)]
+        stepped = [rule.update(p, dp, gr, dgr, st, lr) for p, dp, gr, dgr, st in
+                   zip(params, tangents, grads, d_grads, states)]  # fmt: skip
+        params, tangents = [new for new, _ in stepped], [d for _, d in stepped]
+    return tangents, params
+
+
+# ------------------------------------------------------------------ helpers
+def _weight_and_bias(params: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    return params[0], (params[1] if len(params) > 1 else None)
+
+
+def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    return sum((torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)), start=a[0].new_zeros(()))
+
+
+def _derivative(transfer: Transfer, a: Tensor, tangent: Tensor | None) -> Tensor:
+    """f′(a)·tangent (a Jacobian-vector product, softmax included); f′(a) itself when ``tangent`` is None."""
+    with torch.enable_grad():
+        return torch.func.jvp(transfer.fn, (a,), (torch.ones_like(a) if tangent is None else tangent,))[1]
+
+
+def _layer_transpose(forward: Forward, params: Sequence[Tensor], x: Tensor, u: Tensor, linear: bool) -> list[Tensor]:
+    """Jᵀu for one input x: the layer's parameter gradient for output gradient u."""
+    if linear:
+        rows_x, rows_u = x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
+        weight = rows_u.T @ rows_x
+        return [weight, rows_u.sum(0)] if len(params) > 1 else [weight]
+    return layer_backprop_grads(forward, params, [(x, u)])
+
+
+def _sum_transposes(forward, params, backprop, outputs, linear) -> list[Tensor]:
+    total = None
+    for (x, _), u in zip(backprop, outputs):
+        parts = _layer_transpose(forward, params, x, u, linear)
+        total = parts if total is None else [t + q for t, q in zip(total, parts)]
+    return total
+
+
+def _backprop_gradient(forward, params, backprop, linear) -> list[Tensor]:
+    """Jᵀg summed over the (x, g) pairs: the layer's part of ∇L, ∂_γ∇ℓ."""
+    return _sum_transposes(forward, params, backprop, [g for _, g in backprop], linear)
+
+
+def _sqrt_and_tangent(v: Tensor, dv: Tensor) -> tuple[Tensor, Tensor]:
+    """(√v, dv/(2√v)), with tangent 0 where v = 0 (there dv = 0 too: v is a sum of squares of zero gradients)."""
+    root = v.sqrt()
+    safe = torch.where(root > 0, root, torch.ones_like(root))
+    return root, torch.where(root > 0, dv / (2 * safe), torch.zeros_like(dv))
+
+
+def _quotient(n: Tensor, dn: Tensor, d: Tensor, dd: Tensor) -> tuple[Tensor, Tensor]:
+    """(n/d, its tangent dn/d − n·dd/d²)."""
+    return n / d, dn / d - n * dd / (d * d)
