@@ -199,6 +199,10 @@ _LOCOPROP_DEFAULTS = dict(
     units=None,
     parallel="auto",
     compile=False,
+    # β > 0: γ adapts online by hypergradients (activation_lr is then where it starts); SPEC §12.
+    hypergrad_lr=0.0,
+    hypergrad="implicit",
+    hypergrad_iters=3,
 )
 
 # The types of the LocoProp hyperparameters whose default (None) does not say it.

@@ -317,6 +317,14 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             roles[self._param_names.get(p, f"<param {id(p)}>")] = " + ".join(uses)
         return roles
 
+    def adapted_hyperparameters(self) -> dict[str, float]:
+        """The γ that hypergradients adapt, by metrics column ``gamma/UNIT`` (empty when β = 0 everywhere)."""
+        return {
+            f"gamma/{unit.name}": group["activation_lr"]
+            for group, unit in zip(self.param_groups, self._unit_of_group)
+            if unit is not None and group["hypergrad_lr"] > 0
+        }
+
     def _describe_tied(self) -> str:
         """The tied parameters and their users, for messages."""
         described = []

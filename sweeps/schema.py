@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 __all__ = [
+    "ADAPTED_GAMMA_PREFIX",
     "BUDGET",
     "BUDGET_FIELDS",
     "BUDGET_KIND",
@@ -62,6 +63,9 @@ FINISHED = (OK, DIVERGED, STOPPED)
 FAILED = "failed"
 RUNNING = "running"
 
+# metrics.csv: the column of a unit's activation learning rate γ when the optimizer adapts it (hypergradients).
+ADAPTED_GAMMA_PREFIX = "gamma/"
+
 # The stem of the table a sweep exports (.csv and .parquet).
 SWEEP_TABLE = "sweep_results"
 
@@ -86,10 +90,11 @@ def phase_column(phase: str) -> str:
     return f"{phase}_time_s"
 
 
-def metric_columns(classifier: bool, phases: tuple[str, ...]) -> list[str]:
-    """The metrics.csv header of a run whose steps are timed in ``phases``."""
+def metric_columns(classifier: bool, phases: tuple[str, ...], adapted: tuple[str, ...] = ()) -> list[str]:
+    """The metrics.csv header of a run whose steps are timed in ``phases`` and whose optimizer adapts the
+    hyperparameters ``adapted`` itself (LocoProp's γ per unit: ``gamma/UNIT``, :data:`ADAPTED_GAMMA_PREFIX`)."""
     columns = [*METRIC_COLUMNS, *(CLASSIFIER_COLUMNS if classifier else ()), STEP_TIME_COLUMN]
-    return columns + [phase_column(phase) for phase in phases] + [SKIPPED_COLUMN]
+    return columns + [phase_column(phase) for phase in phases] + [SKIPPED_COLUMN, *adapted]
 
 
 def budget_of(config: dict[str, Any]) -> tuple[str | None, float | None]:

@@ -24,6 +24,7 @@ import locoprop
 from analysis.load import RunSkipped, RunsNotFound
 from baselines.registry import OPTIMIZERS
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
+from locoprop.hypergrad import HYPERGRAD_MODES
 from sweeps import schema
 from sweeps.commands import presets
 from sweeps.extras import MissingExtra
@@ -62,6 +63,12 @@ HPARAM_FLAGS = {
         INNER_SCHEDULES,
     ),
     "prox": HparamFlag(float, "LocoProp proximal weight λ of (λ/2)‖θ − θ_old‖²; the exact solve needs λ > 0"),
+    "hypergrad_lr": HparamFlag(
+        float, "LocoProp hypergradient step β: > 0 adapts each unit's γ online from --activation-lr, 0 keeps it"
+    ),
+    "hypergrad": HparamFlag(
+        str, "LocoProp sensitivity ∂θ/∂γ of the iterative solve: implicit (CG) or unrolled (exact)", HYPERGRAD_MODES
+    ),
     "momentum": HparamFlag(float, "momentum coefficient (LocoProp's inner one: --hparam inner_momentum=X)"),
     "damping": HparamFlag(float, "K-FAC Tikhonov damping added to the curvature factors"),
     "weight_decay": HparamFlag(float, "weight decay coefficient (L2 penalty per step)"),

@@ -32,6 +32,9 @@ one small protocol, beside ``zero_grad`` and ``step``; each part is optional:
   "local_solve"); the loop times the forward and backward pass itself;
 - ``synchronize_timing``: set to True on CUDA, so that the phases it times
   wait for their kernels;
+- ``adapted_hyperparameters()``: the hyperparameters it adapts itself, by
+  metrics.csv column (LocoProp with hypergradients: each unit's γ as
+  ``gamma/UNIT``), recorded at every evaluation;
 - ``data_parallel``: True when it communicates over the ranks of a
   data-parallel run itself (LocoProp); the others get their model in DDP
   (:mod:`sweeps.runner.ranks`).
@@ -445,7 +448,7 @@ class _Run:
         (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
         if not self.resumed:
             (self.run_dir / records.CHECKPOINT).unlink(missing_ok=True)
-        columns = schema.metric_columns(self.workload.loss_kind == "cross_entropy", self.phases)
+        columns = schema.metric_columns(self.workload.loss_kind == "cross_entropy", self.phases, self.adapted_columns)
         # Rows after the checkpoint's step are redone; the checkpoint's own
         # rows replace the file's, which may be damaged or cut short.
         self.metrics = records.MetricsWriter(self.run_dir / records.METRICS, columns, rows=self.rows)
@@ -568,9 +571,18 @@ class _Run:
         for phase in self.phases:
             row[schema.phase_column(phase)] = statistics.mean(p[phase] for p in phase_times) if phase_times else None
         row[schema.SKIPPED_COLUMN] = getattr(self.optimizer, "skipped_steps", 0)
+        row.update(self.adapted_hyperparameters())
         self.step_times.extend(step_times)
         self.eval_seconds += time.perf_counter() - started
         return row
+
+    def adapted_hyperparameters(self) -> dict[str, float]:
+        adapted = getattr(self.optimizer, "adapted_hyperparameters", None)
+        return adapted() if adapted is not None else {}
+
+    @property
+    def adapted_columns(self) -> tuple[str, ...]:
+        return tuple(self.adapted_hyperparameters())
 
     # ------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
