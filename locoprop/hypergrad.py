@@ -77,12 +77,16 @@ def implicit_sensitivity(
     prox: float,
     iters: int,
     linear: bool,
+    backprop_gradient: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """s = −H⁻¹Jᵀg by ``iters`` conjugate-gradient steps from 0, H = Jᵀ D J + λI at ``params``.
 
     ``backprop`` holds the unit's (x, g) pairs of the step; ``linear`` says the
     layer is an nn.Linear, whose J and Jᵀ are two matrix products (other
-    layers go through autograd). Starting from 0 keeps s in the row space
+    layers go through autograd); ``backprop_gradient`` is Jᵀg when the
+    caller has it (the backward pass computed it), else it is computed.
+    Each step costs one Hessian-vector product: J·v and Jᵀu, about one
+    local-solve iteration. Starting from 0 keeps s in the row space
     of J when λ = 0 and H is singular (fewer rows than inputs): the
     minimum-norm solution, which the local solve's steps also stay in.
     """
@@ -105,7 +109,9 @@ def implicit_sensitivity(
                 t.add_(part)
         return total
 
-    rhs = [-b for b in _backprop_gradient(forward, params, backprop, linear)]
+    if backprop_gradient is None:
+        backprop_gradient = _backprop_gradient(forward, params, backprop, linear)
+    rhs = [-b for b in backprop_gradient]
     return conjugate_gradient(hessian_vector, rhs, iters)
 
 

@@ -100,6 +100,8 @@ class LocalGradients:
         reusable = set()
         if not self.comm.distributed:  # on several ranks p.grad is not this rank's part (DDP averaged it)
             reusable = backprop_reusable(gram + [problem for group in batchable.values() for problem, _, _ in group])
+        for problem in reusable:
+            problem.grads_are_backprop = True
         self.work += [self._gram(problem, problem in reusable) for problem in gram]
         # Linear units run one after another, except on streams: then one
         # pre-activation buffer serves them all.

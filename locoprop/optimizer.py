@@ -171,7 +171,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         process_group=None,
         hypergrad_lr: float = 0.0,
         hypergrad: str = "implicit",
-        hypergrad_iters: int = 3,
+        hypergrad_iters: int = 2,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LocoPropOptimizer needs the model (an nn.Module), got {type(model).__name__}")
@@ -521,7 +521,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         "unrolled" θ^old, the inner state and the K inner learning rates."""
         before = {}
         for problem in adapting:
-            saved = {"backprop": problem.backprop}
+            saved = {"backprop": problem.backprop, "param_grads": problem.param_grads}
             if self.solve == "iterative" and self.hypergrad == "unrolled":
                 group, index = self.param_groups[problem.group_index], problem.group_index
                 rule = inner_tangent(self.inner, index)
@@ -548,8 +548,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 sensitivity = problem.sensitivity
             elif self.hypergrad == "implicit":
                 params = [p.detach() for p in problem.params]
+                known = saved["param_grads"] if problem.grads_are_backprop else None  # Jᵀg from the backward pass
                 sensitivity = implicit_sensitivity(self.variant, unit.transfer, unit.adapter.forward, params,
-                                                   saved["backprop"], group["prox"], self.hypergrad_iters, linear)  # fmt: skip
+                                                   saved["backprop"], group["prox"], self.hypergrad_iters, linear,
+                                                   known)  # fmt: skip
             else:
                 sensitivity, _ = unrolled_sensitivity(
                     self.variant, unit.transfer, unit.adapter.forward, saved["old"], saved["backprop"],

@@ -41,6 +41,8 @@ class LocalProblem:
         outside_uses: indices in ``params`` of parameters also used outside
             every unit's records (tied weights, function calls).
         outside_grads: (index in ``params``, γ·gradient of those uses).
+        grads_are_backprop: ``param_grads`` were checked to equal the
+            backprop gradient [gᵀx, Σg] (the plan's randomised check).
         sensitivity: ∂θ/∂γ of the exact solve (−Δ per parameter), for
             the hypergradient of the next step.
     """
@@ -58,4 +60,5 @@ class LocalProblem:
     old_params: list[Tensor] | None = None
     outside_uses: list[int] = dataclasses.field(default_factory=list)
     outside_grads: list[tuple[int, Tensor]] = dataclasses.field(default_factory=list)
+    grads_are_backprop: bool = False
     sensitivity: list[Tensor] | None = None

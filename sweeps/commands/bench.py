@@ -18,6 +18,10 @@ optimizer:
   step, counted at the collectives (LocoProp's communicator; a DDP
   communication hook for the others), a ring all-reduce of n bytes sending
   2n(W−1)/W;
+- ``hypergrad_overhead`` (LocoProp with ``hypergrad`` "implicit" or
+  "unrolled", β > 0): the median step time over the median step of the same
+  LocoProp with β = 0 on an identical model, its steps alternating with
+  these, minus one (``plain_step_time_s`` is that median);
 - ``flop_bound_ratio`` (iterative LocoProp): the measured step time over the
   FLOP-proportional bound, one backprop step (3 × the forward FLOPs) plus
   K × (unit forward + weight gradient) = (3 + 2K) × forward FLOPs, priced at
@@ -61,6 +65,7 @@ class BenchConfig:
     hparams: dict = dataclasses.field(default_factory=dict)
     parallel: str | None = None
     nproc: int = 1  # data-parallel ranks: batch_size is the global batch
+    hypergrad: str | None = None  # LocoProp: γ adapted by hypergradients of this mode (None: β = 0)
     memory_only: bool = False  # the separate memory run: no Adam twin, no probe
 
     def validate(self) -> None:
@@ -87,6 +92,13 @@ class BenchConfig:
             raise ValueError(f"Invalid device: {self.device!r}; no CUDA device is available (use --device cpu or auto)")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"Invalid device: {self.device!r}; expected cpu or cuda")
+        if self.hypergrad is not None:
+            from locoprop.hypergrad import HYPERGRAD_MODES
+
+            if self.hypergrad not in HYPERGRAD_MODES:
+                raise ValueError(f"Invalid hypergrad: {self.hypergrad!r}; expected one of {', '.join(HYPERGRAD_MODES)}")
+            if not self.optimizer.startswith("locoprop"):
+                raise ValueError(f"hypergrad={self.hypergrad!r} is for LocoProp, not {self.optimizer!r}")
         if self.batch_size % self.nproc:
             raise ValueError(f"Invalid batch_size: {self.batch_size} does not split into {self.nproc} equal shards")
 
@@ -201,6 +213,12 @@ def measure(config: BenchConfig) -> dict:
             hparams.setdefault("local_iters", config.local_iters)
         if config.parallel:
             hparams.setdefault("parallel", config.parallel)
+    plain_step = None
+    if config.hypergrad is not None:
+        if not config.memory_only:  # the same LocoProp with β = 0, for the overhead
+            _, plain_step, _, _ = _setup(config, config.optimizer, device, hparams)
+        # β's size does not change the cost; small, so that γ stays near its start on the random batch.
+        hparams = {**hparams, "hypergrad": config.hypergrad, "hypergrad_lr": 1e-3}
     optimizer, step, forward_backward, bytes_sent = _setup(config, config.optimizer, device, hparams)
     is_locoprop = isinstance(optimizer, LocoPropOptimizer)
     if is_locoprop:
@@ -213,10 +231,14 @@ def measure(config: BenchConfig) -> dict:
         step()
         if reference_step is not None:
             reference_step()
-    times, reference_times, phases, probes = [], [], [], []
+        if plain_step is not None:
+            plain_step()
+    times, reference_times, plain_times, phases, probes = [], [], [], [], []
     sent_before = bytes_sent()
     for _ in range(config.steps):
         times.append(step())
+        if plain_step is not None:
+            plain_times.append(plain_step())
         if is_locoprop:
             phases.append(optimizer.last_step_seconds)
             if optimizer.solve == "iterative" and not config.memory_only:
@@ -240,6 +262,11 @@ def measure(config: BenchConfig) -> dict:
         "nproc": config.nproc,
         "comm_bytes_per_step": (bytes_sent() - sent_before) / len(times),
     }
+    if config.hypergrad is not None:
+        record["hypergrad"] = config.hypergrad
+    if plain_times:
+        record["plain_step_time_s"] = statistics.median(plain_times)
+        record["hypergrad_overhead"] = record["step_time_s"] / record["plain_step_time_s"] - 1
     if reference_times:
         record["adam_step_time_s"] = statistics.median(reference_times)
         record["ratio_to_adam"] = record["step_time_s"] / record["adam_step_time_s"]
@@ -308,6 +335,7 @@ def bench(configs: list[BenchConfig]) -> list[dict]:
         records.append(record)
     for record in records:
         record.setdefault("flop_bound_ratio", None)
+        record.setdefault("hypergrad_overhead", None)
     return records
 
 

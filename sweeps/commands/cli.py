@@ -379,23 +379,31 @@ def cmd_bench(args) -> int:
                   warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
                   hparams={"compile": True} if args.compile else {})  # fmt: skip
     configs = [
-        BenchConfig(optimizer=name, batch_size=batch, width_mult=width, **shared)
+        BenchConfig(optimizer=name, batch_size=batch, width_mult=width, hypergrad=mode, **shared)
         for batch in args.batch_size
         for width in args.width_mult
         for name in names
+        # (the exact solve has one sensitivity, its closed form, whatever the mode)
+        for mode in [None, *(args.hypergrad[:1] if name == "locoprop-s-exact" else args.hypergrad if
+                             name.startswith("locoprop") else [])]  # fmt: skip
     ]
     records = bench(configs)  # checks every config before the first one runs
     if args.json:
         for record in records:
             print(json.dumps(record))
         return 0
-    print(f"{'optimizer':18s} {'batch':>6s} {'width':>6s} {'step (s)':>10s} {'/ Adam':>7s} {'/ FLOP bound':>13s} "
-          f"{'peak MiB':>9s}" + (f" {'sent MiB/step':>14s}" if args.nproc > 1 else ""))  # fmt: skip
+    hypergrad = bool(args.hypergrad)
+    print(f"{'optimizer':38s} {'batch':>6s} {'width':>6s} {'step (s)':>10s} {'/ Adam':>7s} {'/ FLOP bound':>13s} "
+          f"{'peak MiB':>9s}" + (f" {'sent MiB/step':>14s}" if args.nproc > 1 else "")
+          + (f" {'hypergrad overhead':>19s}" if hypergrad else ""))  # fmt: skip
     for r in records:
         bound = f"{r['flop_bound_ratio']:.3f}" if r["flop_bound_ratio"] is not None else "–"
         sent = f" {r['comm_bytes_per_step'] / 2**20:14.2f}" if args.nproc > 1 else ""
-        print(f"{r['optimizer']:18s} {r['batch_size']:6d} {r['width_mult']:6g} {r['step_time_s']:10.4f} "
-              f"{r['ratio_to_adam']:7.2f} {bound:>13s} {r['peak_mem_bytes'] / 2**20:9.1f}{sent}")  # fmt: skip
+        name = r["optimizer"] + (f" (hypergrad {r['hypergrad']})" if r.get("hypergrad") else "")
+        overhead = r["hypergrad_overhead"]
+        extra = (f" {overhead:19.1%}" if overhead is not None else f" {'–':>19s}") if hypergrad else ""
+        print(f"{name:38s} {r['batch_size']:6d} {r['width_mult']:6g} {r['step_time_s']:10.4f} "
+              f"{r['ratio_to_adam']:7.2f} {bound:>13s} {r['peak_mem_bytes'] / 2**20:9.1f}{sent}{extra}")  # fmt: skip
     ranks = f", {args.nproc} processes (Adam under DDP)" if args.nproc > 1 else ""
     print(f"device: {records[0]['device']}, {records[0]['threads']} threads{ranks}; median of {args.steps} steps")
     return 0
@@ -590,6 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile", action="store_true", help="LocoProp: fused (compiled) inner updates (default: not compiled)"
     )
+    p.add_argument(
+        "--hypergrad", type=_name_list(HYPERGRAD_MODES), default=[],
+        help="LocoProp optimizers also run with γ adapted by hypergradients of these modes (comma-separated: "
+        "implicit, unrolled), each reporting its overhead over the same LocoProp at β = 0 (default: none)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="timed steps, ≥ 1; the median is reported (default: 10)")
     p.add_argument(
         "--nproc", type=int, default=1,
