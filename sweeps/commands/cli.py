@@ -340,6 +340,11 @@ def cmd_sweep(args) -> int:
         raise ValueError("--storage is an Optuna storage; --backend ray keeps its state under --out (drop --storage)")
     if args.backend == "optuna" and args.address:
         raise ValueError("--address is a Ray cluster's; with --backend optuna share a --storage URL between workers")
+    if args.backend == "optuna" and args.workers_per_trial != 1:
+        raise ValueError(
+            "--workers-per-trial runs each trial on Ray Train workers: use it with --backend ray (an Optuna trial "
+            "trains in one process)"
+        )
 
     space = load_space(args.optimizer, args.space)
     out = pathlib.Path(args.out).resolve()
@@ -362,7 +367,7 @@ def cmd_sweep(args) -> int:
             table = run_ray_sweep(
                 base, space, study_name=args.study, out=out, trials=args.trials, address=args.address,
                 metric=args.metric, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                sampler_seed=args.sampler_seed, num_cpus=args.num_cpus,
+                sampler_seed=args.sampler_seed, num_cpus=args.num_cpus, workers_per_trial=args.workers_per_trial,
             )  # fmt: skip
         except RuntimeError as err:  # trials failed; the table of the others is written
             return _fail(str(err), EXIT_RUN_FAILED)
@@ -565,10 +570,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray: CPUs per trial (default: %(default)s)")
     p.add_argument(
-        "--gpus-per-trial", type=float, default=0.0, help="Ray: GPUs per trial, fractions share (default: %(default)s)"
-    )
+        "--cpus-per-trial", type=float, default=None,
+        help="Ray: CPUs per trial, shared equally by its workers (default: 1 per worker)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpus-per-trial", type=float, default=0.0,
+        help="Ray: GPUs per trial, shared equally by its workers; fractions share a GPU between trials of one worker "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workers-per-trial", type=int, default=1,
+        help="Ray: data-parallel Ray Train workers per trial (TorchTrainer): the global --batch-size is split over "
+        "them, one step equals the step of one process on the whole batch; gloo on CPU, NCCL on GPU "
+        "(default: %(default)s, the trial trains in its Tune worker)",
+    )  # fmt: skip
     p.set_defaults(handler=cmd_sweep)
 
     p = _add_command(commands, "bench", "step time, ratio to Adam, FLOP-bound ratio and peak memory per optimizer")

@@ -8,6 +8,17 @@ evaluation, and ``FailureConfig`` retries that resume a trial from its last
 checkpoint. On this machine by default, on an existing cluster with
 ``--address`` (or ``RAY_ADDRESS``).
 
+With ``workers_per_trial`` W > 1 (``--workers-per-trial``) a trial trains
+data-parallel (SPEC §11) on W Ray Train workers, as Ray Train V2 runs Train
+inside Tune: the Tune function only drives a ``TorchTrainer`` (it reserves
+nothing; the workers reserve the trial's CPUs and GPUs, shared equally, in
+their own placement group), Ray Train makes the process group (gloo on CPU,
+NCCL on GPU) in which every worker runs the same ``train()``, and
+``TuneReportCallback`` passes rank 0's report of each evaluation on to Tune,
+so that ASHA stops trials as before. Tune gets no checkpoint then: every
+rank resumes from rank 0's checkpoint in the trial's run directory, which
+must be on storage all workers share. The study records W in its setup.
+
 A study lives in ``--out``/STUDY (shared storage on a cluster):
 
 - ``sweep.json``: its setup (:func:`sweeps.search.results.sweep_setup`; another
@@ -30,11 +41,12 @@ import json
 import math
 import os
 import pathlib
+from collections.abc import Callable
 
 from sweeps.extras import require
 from sweeps.runner import records
 from sweeps.runner.config import RunConfig
-from sweeps.runner.train import BUDGET_PERCENT, check_fits_data, train
+from sweeps.runner.train import BUDGET_PERCENT, check_data_parallel, check_fits_data, train
 from sweeps.search.results import check_same_setup, export_results, sweep_setup
 from sweeps.search.spaces import SearchSpace, TrialSeededSampler, load_space
 
@@ -42,32 +54,68 @@ __all__ = ["run_ray_sweep"]
 
 STATE_FILE = "sweep.json"
 TRIALS_DIR = "trials"
+TRAIN_DIR = "train"  # Ray Train's own records of the trials that run on several workers
+WORKERS = "workers_per_trial"  # in the study's setup
+DRIVER_MEMORY = 2**20  # bytes reserved by the Tune function of a trial on several workers, which only drives them
 
 
 def locoprop_trial(params: dict, *, base: dict, space_file: str, metric: str, trials_dir: str) -> None:
     """One trial, run inside a Ray worker: train() in ``trials_dir/TRIAL_ID`` with a report per evaluation."""
     from ray import tune
 
-    space = load_space(path=space_file)
     run_dir = pathlib.Path(trials_dir) / tune.get_context().get_trial_id()
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None and not (run_dir / records.CHECKPOINT).exists():
         # Restarted on a node that cannot see the run directory: continue from Ray's copy of it.
         checkpoint.to_directory(str(run_dir))
-    config = RunConfig.from_dict(
+    config = _trial_config(params, base, space_file, run_dir)
+
+    def send(metrics: dict) -> bool:
+        try:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
+        except SystemExit:  # how tune.report ends a trial that Tune stops: let the run end and record it
+            return True
+        return False
+
+    _train_reporting(config, metric, send)
+
+
+def _trial_config(params: dict, base: dict, space_file: str, run_dir: pathlib.Path) -> RunConfig:
+    """The run config of the trial with sampled ``params``, trained in ``run_dir``."""
+    space = load_space(path=space_file)
+    return RunConfig.from_dict(
         {**base, "optimizer": space.optimizer, "hparams": space.to_hparams(params), "out": str(run_dir)}
     )
 
-    def report(row: dict, status: str) -> None:
+
+def _train_reporting(config: RunConfig, metric: str, send: Callable[[dict], bool]) -> None:
+    """train(config), resumed from its run directory, with ``send(metrics)`` at each evaluation and at the end.
+
+    The metrics are the evaluation's row, its ``budget_percent`` (ASHA's time)
+    and the run's status; ``metric`` is +inf where the loss is not finite.
+    ``send`` returns whether Tune stopped the trial (ASHA): the run then ends
+    as "stopped", unless its budget is done. A run that ended early, or that
+    was over before this call, reports its last row once more with its status.
+    """
+    sent = stopped = False
+
+    def report(row: dict, status: str) -> bool:
+        nonlocal sent
         metrics = {k: v for k, v in row.items() if v is not None}
         value = metrics.get(metric)
         # Schedulers and searchers need a number: a diverged loss counts as +inf.
         metrics[metric] = value if value is not None and math.isfinite(value) else math.inf
         metrics["status"] = status
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
+        sent = True
+        return send(metrics)
 
-    result = train(config, resume=True, on_evaluation=lambda row: report(row, "running"), progress=False)
-    if result.status != "ok":
+    def on_evaluation(row: dict) -> bool:
+        nonlocal stopped
+        stopped = report(row, "running")
+        return stopped and row[BUDGET_PERCENT] < 100  # a stop at the end of the budget is no stop
+
+    result = train(config, resume=True, on_evaluation=on_evaluation, progress=False)
+    if not stopped and (result.status != "ok" or not sent):
         done = round(100 * result.summary["steps"] / result.summary["budget"]["steps"])
         report({**result.history[-1], BUDGET_PERCENT: done}, result.status)
 
@@ -81,12 +129,17 @@ def run_ray_sweep(
     trials: int,
     address: str | None = None,
     metric: str = "valid_loss",
-    cpus_per_trial: float = 1.0,
+    cpus_per_trial: float | None = None,
     gpus_per_trial: float = 0.0,
     sampler_seed: int | None = 0,
     num_cpus: int | None = None,
+    workers_per_trial: int = 1,
 ) -> pathlib.Path:
     """Run, restore or extend the study ``out/study_name`` until it has ``trials`` trials; export its table.
+
+    A trial reserves ``cpus_per_trial`` CPUs (default: one per worker) and
+    ``gpus_per_trial`` GPUs; with ``workers_per_trial`` > 1 it trains
+    data-parallel on that many Ray Train workers, which share them equally.
 
     Raises:
         ValueError: bad arguments, or a study made with another setup.
@@ -100,13 +153,17 @@ def run_ray_sweep(
 
     if trials < 1:
         raise ValueError(f"Invalid trials: {trials}; expected ≥ 1")
+    _check_workers(workers_per_trial, gpus_per_trial)
+    cpus_per_trial = float(workers_per_trial) if cpus_per_trial is None else cpus_per_trial
     if cpus_per_trial <= 0 or gpus_per_trial < 0:
         raise ValueError(f"Invalid resources per trial: {cpus_per_trial} CPU, {gpus_per_trial} GPU")
     TrialSeededSampler(sampler_seed)  # refuse a bad seed before touching anything
     check_fits_data(base)  # a setup no trial can run is refused before the study stores it
+    if workers_per_trial > 1:
+        check_data_parallel(dataclasses.replace(base, optimizer=space.optimizer), workers_per_trial)
     out = out.resolve()
     study_dir = out / study_name
-    state = _load_state(study_dir, sweep_setup(base, space))
+    state = _load_state(study_dir, {**sweep_setup(base, space), WORKERS: workers_per_trial})
     planned = sum(part["trials"] for part in state["parts"])
     if trials > planned:
         if planned:
@@ -125,7 +182,9 @@ def run_ray_sweep(
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        grids = _fit_parts(base, space, study_dir, state["parts"], metric, cpus_per_trial, gpus_per_trial, sampler_seed)
+        trainable = _trainable(base, space, study_dir, metric, workers_per_trial, cpus_per_trial, gpus_per_trial)
+        concurrent = _concurrent_trials(workers_per_trial, cpus_per_trial, gpus_per_trial)
+        grids = _fit_parts(trainable, space, study_dir, state["parts"], metric, sampler_seed, concurrent)
     finally:
         if started_here:
             ray.shutdown()
@@ -140,6 +199,19 @@ def run_ray_sweep(
     return table
 
 
+def _check_workers(workers: int, gpus_per_trial: float) -> None:
+    """Refuse a worker count, or GPUs that its workers cannot share, naming the flag."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"Invalid --workers-per-trial: {workers!r}; expected an integer ≥ 1")
+    per_worker = gpus_per_trial / workers
+    if workers > 1 and gpus_per_trial and (per_worker < 1 or per_worker != int(per_worker)):
+        # NCCL refuses two ranks on one GPU.
+        raise ValueError(
+            f"Invalid --gpus-per-trial: {gpus_per_trial:g} for --workers-per-trial {workers}; each worker needs whole "
+            f"GPUs of its own: use --gpus-per-trial {workers} (one each)"
+        )
+
+
 def _load_state(study_dir: pathlib.Path, setup: dict) -> dict:
     """The study's sweep.json (setup and parts), checked against ``setup``; a new one if there is none."""
     path = study_dir / STATE_FILE
@@ -151,23 +223,52 @@ def _load_state(study_dir: pathlib.Path, setup: dict) -> dict:
             )
         return {"setup": setup, "parts": []}
     state = json.loads(path.read_text())
+    state["setup"].setdefault(WORKERS, 1)  # recorded since --workers-per-trial; before it, every trial had one
     check_same_setup(state["setup"], setup, f"Ray Tune study {study_dir}")
     return state
 
 
-def _fit_parts(base, space, study_dir, parts, metric, cpus_per_trial, gpus_per_trial, sampler_seed) -> list:
+def _trainable(base, space, study_dir, metric, workers: int, cpus_per_trial: float, gpus_per_trial: float):
+    """The Tune trainable of a trial and the resources it reserves: on one worker all of the trial's; on several
+    none (the Tune function only drives them), since Ray Train reserves its workers' own."""
+    from ray import tune
+
+    common = dict(
+        base=dataclasses.asdict(base), space_file=str(pathlib.Path(space.source).resolve()), metric=metric,
+        trials_dir=str(study_dir / TRIALS_DIR),
+    )  # fmt: skip
+    if workers == 1:
+        return tune.with_resources(
+            tune.with_parameters(locoprop_trial, **common), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+        )
+    from sweeps.search.ray_workers import WorkersTrial
+
+    trainable = tune.with_parameters(WorkersTrial, **common, workers=workers, cpus=cpus_per_trial, gpus=gpus_per_trial)
+    # Tune schedules no trial that asks for nothing: the trial's actor asks for no CPU, only a token of memory.
+    return tune.with_resources(trainable, {"cpu": 0, "memory": DRIVER_MEMORY})
+
+
+def _concurrent_trials(workers: int, cpus_per_trial: float, gpus_per_trial: float) -> int | None:
+    """How many trials on several workers the cluster fits at once (None: a trial on one worker, which Tune
+    schedules on its own resources). Without this cap every trial's Tune function would start, and those
+    whose workers do not fit would wait for them."""
+    import ray
+
+    if workers == 1:
+        return None
+    available = ray.cluster_resources()
+    fits = [available.get("CPU", 0.0) / cpus_per_trial]
+    if gpus_per_trial:
+        fits.append(available.get("GPU", 0.0) / gpus_per_trial)
+    return max(1, math.floor(min(fits)))
+
+
+def _fit_parts(trainable, space, study_dir, parts, metric, sampler_seed, concurrent: int | None) -> list:
     """Run or restore every part in order; the ResultGrid of each."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            locoprop_trial, base=dataclasses.asdict(base), space_file=str(pathlib.Path(space.source).resolve()),
-            metric=metric, trials_dir=str(study_dir / TRIALS_DIR),
-        ),
-        {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
-    )  # fmt: skip
     grids = []
     for index, part in enumerate(parts):
         part_dir = study_dir / part["name"]
@@ -187,6 +288,7 @@ def _fit_parts(base, space, study_dir, parts, metric, cpus_per_trial, gpus_per_t
                     search_alg=searcher,
                     scheduler=ASHAScheduler(time_attr=BUDGET_PERCENT, max_t=100, grace_period=10),
                     num_samples=part["trials"],
+                    max_concurrent_trials=concurrent,
                     metric=metric,
                     mode="min",
                 ),
