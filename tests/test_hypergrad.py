@@ -292,3 +292,44 @@ def test_conv_units_take_the_generic_jacobian_path():
         results[mode] = opt.last_hypergradients
     for name, h in results["unrolled"].items():
         assert results["implicit"][name] == pytest.approx(h, rel=1e-3), results
+
+
+# ------------------------------------------------------------ in the harness
+@pytest.mark.parametrize("optimizer", ["locoprop-m", "locoprop-s", "locoprop-s-exact"])
+def test_the_hypergrad_spaces_search_beta_and_fix_gamma(optimizer):
+    import optuna
+
+    from baselines import make_optimizer
+    from sweeps.search.spaces import SPACES_DIR, load_space
+
+    space = load_space(optimizer, SPACES_DIR / "hypergrad" / f"{optimizer}.yaml")
+    assert "hypergrad_lr" in space.distributions and "activation_lr" not in space.distributions
+    params = optuna.create_study().ask(space.distributions).params
+    opt = make_optimizer(optimizer, _model().float(), loss="bce", **space.to_hparams(params))
+    assert opt.param_groups[0]["hypergrad_lr"] == params["hypergrad_lr"] > 0
+    assert opt.param_groups[0]["activation_lr"] == 10.0
+
+
+def test_a_sweep_searches_beta_and_records_gamma_per_unit(tmp_path):
+    from sweeps.commands.cli import main
+    from sweeps.runner import records
+    from sweeps.search.spaces import SPACES_DIR
+
+    optimizer = "locoprop-m"
+    space = SPACES_DIR / "hypergrad" / f"{optimizer}.yaml"
+    code = main(["sweep", "--backend", "optuna", "--optimizer", optimizer, "--space", str(space),
+                 "--workload", "autoencoder", "--data", "synthetic", "--width-mult", "0.05", "--batch-size", "64",
+                 "--epochs", "1", "--trials", "2", "--study", "hg", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 0
+    runs = [path.parent for path in tmp_path.rglob(records.CONFIG)]
+    assert len(runs) == 2
+    betas = set()
+    for run in runs:
+        config = records.read_json(run / records.CONFIG)
+        assert config["hparams"]["activation_lr"] == 10.0  # γ starts where the space fixes it...
+        betas.add(config["hparams"]["hypergrad_lr"])  # ...and β is what the sweep draws
+        history = records.read_history(run / records.METRICS)
+        gammas = [{k: v for k, v in row.items() if k.startswith("gamma/")} for row in history]
+        assert gammas[0] and all(set(g) == set(gammas[0]) for g in gammas)  # a column per unit, every row
+        assert any(v != 10.0 for v in gammas[-1].values())  # ...and γ moved
+    assert len(betas) == 2
