@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 from analysis.load import final_rows
 from analysis.tables import performance_ratios, selection_metric
 from analysis.text import METRIC_NAMES
-from sweeps.schema import BUDGET, BUDGET_KIND, DIVERGED, STATUS
+from sweeps.schema import ADAPTED_GAMMA_PREFIX, BUDGET, BUDGET_KIND, DIVERGED, STATUS
 
-__all__ = ["loss_curves", "median_curve", "performance_profile", "save", "sensitivity"]
+__all__ = ["adapted_gammas", "loss_curves", "median_curve", "performance_profile", "save", "sensitivity"]
 
 X_LABELS = {"epoch": "epoch", "wall_time_s": "training time (s)", "step": "optimizer step"}
 METRIC_LABELS = METRIC_NAMES
@@ -94,6 +94,36 @@ def loss_curves(frame: pd.DataFrame, x: str = "epoch", metric: str = "train_loss
         ax.grid(True, alpha=0.3)
         ax.legend(frameon=False, fontsize="small")
         figures[(workload, data)] = figure
+    return figures
+
+
+def adapted_gammas(frame: pd.DataFrame) -> dict[tuple[str, str, str], Figure]:
+    """γ of each unit against optimizer steps, for the runs whose optimizer adapted it (hypergradients,
+    metrics columns ``gamma/UNIT``): one figure per (workload, data, optimizer), one line per unit (the
+    median over its runs, shaded from the lowest to the highest), on a logarithmic axis (γ moves by factors)."""
+    columns = [c for c in frame.columns if c.startswith(ADAPTED_GAMMA_PREFIX)]
+    figures = {}
+    if not columns:
+        return figures
+    adapted = frame[frame[columns].notna().any(axis=1)]
+    for (workload, data, optimizer), runs in adapted.groupby(["workload", "data", "optimizer"], sort=True):
+        figure = Figure(figsize=(6.0, 4.0))
+        ax = figure.add_subplot()
+        for column in columns:
+            usable = runs[runs[column].notna()]
+            if usable.empty:
+                continue
+            xs, median, low, high = median_curve(usable, "step", column)
+            (line,) = ax.plot(xs, median, label=column.removeprefix(ADAPTED_GAMMA_PREFIX), linewidth=1.4)
+            if usable["run_id"].nunique() > 1:
+                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
+        ax.set_yscale("log")
+        ax.set_xlabel(X_LABELS["step"])
+        ax.set_ylabel("activation learning rate γ")
+        ax.set_title(f"{optimizer}: γ per unit, {workload} on {data}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(frameon=False, fontsize="small", title="unit", ncol=2)
+        figures[(workload, data, optimizer)] = figure
     return figures
 
 

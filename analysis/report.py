@@ -78,7 +78,7 @@ def write_report(
 
     sections = [_title(protocol), "", *protocol_section(frame, protocol)]
     sections += [format_headline(headline, pairs, metric), *_target_section(frame, targets, metric, out)]
-    sections += _curves_section(frame, metric, out)
+    sections += _curves_section(frame, metric, out) + _gamma_section(frame, out)
     sections += ["## Details: final and best losses, step time", "", format_markdown(details), ""]
     sections += _sensitivity_section(frame, metric, out) + _profile_section(frame, profile_targets, metric, out)
     report = out / "report.md"
@@ -158,6 +158,25 @@ def _curves_section(frame: pd.DataFrame, metric: str, out: pathlib.Path) -> list
             stem = f"{y}_vs_{'time' if x == 'wall_time_s' else x}_{workload}_{data}"
             plots.save(figure, out / stem)
             lines += [f"![{title}: {workload} on {data}]({stem}.png)", ""]
+    return lines
+
+
+def _gamma_section(frame: pd.DataFrame, out: pathlib.Path) -> list[str]:
+    """γ over training, for runs that adapted it by hypergradients (nothing otherwise)."""
+    figures = plots.adapted_gammas(frame)
+    if not figures:
+        return []
+    lines = [
+        "## Activation learning rates adapted by hypergradients",
+        "",
+        "Each unit's γ against optimizer steps (γ ← γ·exp(−β·h·γ) every step, SPEC §12): the median over seeds, "
+        "shaded from the lowest to the highest seed.",
+        "",
+    ]
+    for (workload, data, optimizer), figure in figures.items():
+        stem = f"gamma_vs_step_{optimizer}_{workload}_{data}"
+        plots.save(figure, out / stem)
+        lines += [f"![γ per unit: {optimizer}, {workload} on {data}]({stem}.png)", ""]
     return lines
 
 

@@ -11,7 +11,10 @@ shape d_out × d with d = d_in + 1, K local iterations, W ranks; an all-reduce
 of n numbers moves about 2n(W−1)/W of them per rank):
 
 - M (and S in its batch form): the K local gradients are all-reduced once
-  per inner iteration, every unit in one flat bucket: K·d_out·d numbers.
+  per inner iteration: K·d_out·d numbers. Each unit's (or batched group's)
+  gradients go in one flat bucket, started asynchronously as soon as they
+  are computed, so that their transfer overlaps the computation of the
+  next units' gradients; the inner step waits for all of them.
   (Solving a unit on one owner rank instead would need its (x, target) rows,
   B·(d_in + d_out) numbers, gathered, and its inner state broadcast after,
   about 2·d_out·d for RMSProp; with the batch sizes that make LocoProp worth
@@ -47,7 +50,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["Communicator", "greedy_owners"]
+__all__ = ["Communicator", "PendingSum", "greedy_owners"]
 
 
 class Communicator:
@@ -80,6 +83,16 @@ class Communicator:
             self.bytes_sent += _ring_bytes(flat, self.world_size)
             for t, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 t.copy_(reduced)
+
+    def sum_start(self, tensors: list[Tensor]) -> "PendingSum":
+        """Start the all-reduce (sum over ranks) of ``tensors`` in one flat bucket without waiting for it;
+        ``.wait()`` on the result writes the sums into ``tensors``. (One dtype and device.)"""
+        if not self.distributed or not tensors:
+            return PendingSum(None, None, [])
+        flat = _flatten_dense_tensors(tensors)
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        self.bytes_sent += _ring_bytes(flat, self.world_size)
+        return PendingSum(work, flat, tensors)
 
     def sum_lower_(self, squares: list[Tensor], tensors: list[Tensor], mirror: bool = False) -> None:
         """Sum over ranks, in one bucket: the lower triangles of the symmetric ``squares`` (about half their
@@ -119,6 +132,22 @@ class Communicator:
         source = dist.get_global_rank(self.group, owner) if self.group is not None else owner
         dist.broadcast(tensor, src=source, group=self.group)
         self.bytes_sent += tensor.numel() * tensor.element_size() if self.rank == owner else 0
+
+
+class PendingSum:
+    """An all-reduce in flight (:meth:`Communicator.sum_start`)."""
+
+    def __init__(self, work, flat: Tensor | None, tensors: list[Tensor]):
+        self.work, self.flat, self.tensors = work, flat, tensors
+
+    def wait(self) -> None:
+        """Wait for the sums and write them into the tensors."""
+        if self.work is None:
+            return
+        self.work.wait()
+        for t, reduced in zip(self.tensors, _unflatten_dense_tensors(self.flat, self.tensors)):
+            t.copy_(reduced)
+        self.work = None
 
 
 def greedy_owners(costs: list[float], ranks: int) -> list[int]:

@@ -117,10 +117,17 @@ class LocalGradients:
         todo = [w for w in self.work if any(p in active for p in w.problems)]
         if self.mode == "streams" and len(todo) > 1:
             grads = self._on_streams(todo)
-        else:
-            grads = {p: g for w in todo for p, g in zip(w.problems, _grads(w))}
-        if self.comm.distributed:
-            self.comm.sum_([g for w in todo if not w.whole_batch for p in w.problems for g in grads[p]])
+            if self.comm.distributed:
+                self.comm.sum_([g for w in todo if not w.whole_batch for p in w.problems for g in grads[p]])
+            return grads
+        grads, pending = {}, []
+        for w in todo:
+            grads.update(zip(w.problems, _grads(w)))
+            if self.comm.distributed and not w.whole_batch:
+                # On its way while the next units compute theirs (gloo and NCCL run it beside this thread).
+                pending.append(self.comm.sum_start([g for p in w.problems for g in grads[p]]))
+        for transfer in pending:
+            transfer.wait()
         return grads
 
     # ------------------------------------------------------------ kernels

@@ -377,3 +377,29 @@ def test_runs_of_several_configurations_are_not_passed_off_as_seeds(runs, tmp_pa
     (runs / "adam-seed2" / "config.json").write_text(json.dumps({**config, "hparams": {"lr": 0.01}}))
     report = write_report([runs], tmp_path / "two").read_text()
     assert "Warning: the runs of adam have several hyperparameter configurations" in report
+
+
+def test_adapted_gammas_are_plotted_per_unit_as_the_median_over_seeds(runs, tmp_path):
+    from analysis import plots
+
+    # Give locoprop-m's runs γ columns, as a run with hypergrad_lr > 0 writes them; γ of unit "0" per seed.
+    gammas = {1: [1.0, 2.0, 4.0, 4.0, 4.0, 4.0], 2: [1.0, 1.0, 2.0, 2.0, 2.0, 2.0], 3: [1.0, 2.0, 2.0, 8.0, 8.0, 8.0]}
+    for seed, values in gammas.items():
+        path = runs / f"locoprop-m-seed{seed}" / "metrics.csv"
+        frame = pd.read_csv(path)
+        frame["gamma/0"], frame["gamma/2"] = values, 10.0
+        frame.to_csv(path, index=False)
+    figures = plots.adapted_gammas(load_results([runs]))
+    assert list(figures) == [("autoencoder", "mnist5k", "locoprop-m")]  # the other optimizers adapt nothing
+    axes = figures[("autoencoder", "mnist5k", "locoprop-m")].axes[0]
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert set(lines) == {"0", "2"} and axes.get_yscale() == "log"
+    assert lines["0"].get_ydata()[-1] == pytest.approx(4.0)  # median of 4, 2, 8 at the last step
+    report = write_report([runs], tmp_path / "report").read_text()
+    assert "## Activation learning rates adapted by hypergradients" in report
+    assert (tmp_path / "report" / "gamma_vs_step_locoprop-m_autoencoder_mnist5k.png").exists()
+
+
+def test_no_gamma_section_without_adapted_gammas(runs, tmp_path):
+    report = write_report([runs], tmp_path / "report").read_text()
+    assert "Activation learning rates adapted" not in report
