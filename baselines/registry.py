@@ -202,7 +202,7 @@ _LOCOPROP_DEFAULTS = dict(
     # β > 0: γ adapts online by hypergradients (activation_lr is then where it starts); SPEC §12.
     hypergrad_lr=0.0,
     hypergrad="implicit",
-    hypergrad_iters=2,
+    hypergrad_iters=1,
 )
 
 # The types of the LocoProp hyperparameters whose default (None) does not say it.

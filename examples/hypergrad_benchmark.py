@@ -73,8 +73,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     tuned = PRESETS[(WORKLOAD, args.optimizer)]
     gamma = tuned["activation_lr"]
+    batch_size = COMPARE_DEFAULTS[WORKLOAD]["batch_size"]
     base = RunConfig(workload=WORKLOAD, data=DATA, optimizer=args.optimizer, hparams=dict(tuned),
-                     batch_size=COMPARE_DEFAULTS[WORKLOAD]["batch_size"], time_budget=args.time_budget, device="cpu")  # fmt: skip
+                     batch_size=batch_size, time_budget=args.time_budget, device="cpu")  # fmt: skip
 
     def adapted(start: float, beta: float) -> dict:
         return {"activation_lr": start * gamma, "hypergrad_lr": beta, "hypergrad": args.hypergrad}
@@ -100,8 +101,15 @@ def main() -> None:
                 run(base, out / "final", f"adapted from {start:g}×γ", seed=seed, hparams=adapted(start, beta))
             )
             finals.setdefault(f"γ₀ = {start:g}× tuned, β = {beta:g}, equal steps", []).append(
-                run(base, out / "final", f"adapted from {start:g}×γ, equal steps", seed=seed,
-                    hparams=adapted(start, beta), time_budget=None, steps=reference["steps"])  # fmt: skip
+                run(
+                    base,
+                    out / "final",
+                    f"adapted from {start:g}×γ, equal steps",
+                    seed=seed,
+                    hparams=adapted(start, beta),
+                    time_budget=None,
+                    steps=reference["steps"],
+                )
             )
 
     print(f"\n{args.optimizer}, hypergrad {args.hypergrad}, β chosen on seed {args.tune_seed}: {beta:g}; "

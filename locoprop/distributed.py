@@ -11,10 +11,13 @@ shape d_out × d with d = d_in + 1, K local iterations, W ranks; an all-reduce
 of n numbers moves about 2n(W−1)/W of them per rank):
 
 - M (and S in its batch form): the K local gradients are all-reduced once
-  per inner iteration: K·d_out·d numbers. Each unit's (or batched group's)
-  gradients go in one flat bucket, started asynchronously as soon as they
+  per inner iteration: K·d_out·d numbers, in one flat bucket. On CUDA
+  (``Communicator.overlap``) each unit's (or batched group's) gradients go
+  in a bucket of their own instead, started asynchronously as soon as they
   are computed, so that their transfer overlaps the computation of the
-  next units' gradients; the inner step waits for all of them.
+  next units' gradients; the inner step waits for all of them. On CPU the
+  collective's threads would take the cores the computation uses, so one
+  bucket (fewer messages) is the better choice there.
   (Solving a unit on one owner rank instead would need its (x, target) rows,
   B·(d_in + d_out) numbers, gathered, and its inner state broadcast after,
   about 2·d_out·d for RMSProp; with the batch sizes that make LocoProp worth
@@ -65,6 +68,14 @@ class Communicator:
         self.world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if self.world_size > 1 else 0
         self.bytes_sent = 0  # per rank, by the cost model of the module docstring: what `locoprop bench` reports
+        # Per-unit asynchronous all-reduces of the local gradients (None: on CUDA, where they overlap compute).
+        self.overlap: bool | None = None
+
+    def overlaps(self, problems) -> bool:
+        """Whether the local gradients of ``problems`` go in per-unit asynchronous buckets."""
+        if self.overlap is not None:
+            return self.overlap
+        return any(p.params[0].is_cuda for p in problems)
 
     @property
     def distributed(self) -> bool:
@@ -84,7 +95,7 @@ class Communicator:
             for t, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 t.copy_(reduced)
 
-    def sum_start(self, tensors: list[Tensor]) -> "PendingSum":
+    def sum_start(self, tensors: list[Tensor]) -> PendingSum:
         """Start the all-reduce (sum over ranks) of ``tensors`` in one flat bucket without waiting for it;
         ``.wait()`` on the result writes the sums into ``tensors``. (One dtype and device.)"""
         if not self.distributed or not tensors:

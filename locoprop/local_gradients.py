@@ -76,6 +76,7 @@ class LocalGradients:
         self.variant = variant
         self.mode = mode
         self.comm = comm if comm is not None else Communicator()
+        self.overlap = self.comm.distributed and self.comm.overlaps(problems)
         self.work: list[_Work] = []
         if mode == "none":
             self.work = [_Work([p], self._reference(p)) for p in problems]
@@ -120,11 +121,16 @@ class LocalGradients:
             if self.comm.distributed:
                 self.comm.sum_([g for w in todo if not w.whole_batch for p in w.problems for g in grads[p]])
             return grads
+        if not self.overlap:
+            grads = {p: g for w in todo for p, g in zip(w.problems, _grads(w))}
+            if self.comm.distributed:
+                self.comm.sum_([g for w in todo if not w.whole_batch for p in w.problems for g in grads[p]])
+            return grads
         grads, pending = {}, []
         for w in todo:
             grads.update(zip(w.problems, _grads(w)))
-            if self.comm.distributed and not w.whole_batch:
-                # On its way while the next units compute theirs (gloo and NCCL run it beside this thread).
+            if not w.whole_batch:
+                # On its way while the next units compute theirs (NCCL runs it on its own stream).
                 pending.append(self.comm.sum_start([g for p in w.problems for g in grads[p]]))
         for transfer in pending:
             transfer.wait()

@@ -144,7 +144,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             products) or "unrolled" (the exact derivative of the K inner
             steps, by forward mode; about as costly as the solve itself).
             The exact S solve always uses its closed form.
-        hypergrad_iters: conjugate-gradient steps of "implicit" (≥ 1).
+        hypergrad_iters: conjugate-gradient steps of "implicit" (≥ 1). One
+            (the default) gives s = −(bᵀb / bᵀHb)·b with b = Jᵀg, the best
+            multiple of the backprop gradient; each more step costs about
+            one local iteration (on the reference autoencoder the step costs
+            +19% with 1, +27% with 2, +49% with 4) and changed little here.
     """
 
     # The phases of a step it times (``last_step_seconds``), for the runner.
@@ -171,7 +175,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         process_group=None,
         hypergrad_lr: float = 0.0,
         hypergrad: str = "implicit",
-        hypergrad_iters: int = 2,
+        hypergrad_iters: int = 1,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LocoPropOptimizer needs the model (an nn.Module), got {type(model).__name__}")

@@ -23,8 +23,8 @@ import torch
 import locoprop
 from analysis.load import RunSkipped, RunsNotFound
 from baselines.registry import OPTIMIZERS
-from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from locoprop.hypergrad import HYPERGRAD_MODES
+from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps import schema
 from sweeps.commands import presets
 from sweeps.extras import MissingExtra
@@ -375,6 +375,14 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _hypergrad_modes(optimizer: str, modes: list[str]) -> list[str]:
+    """The ``--hypergrad`` modes ``optimizer`` is benchmarked with: LocoProp's only, one for the exact
+    solve (its sensitivity is the closed form whatever the mode)."""
+    if optimizer == "locoprop-s-exact":
+        return modes[:1]
+    return modes if optimizer.startswith("locoprop") else []
+
+
 def cmd_bench(args) -> int:
     from sweeps.commands.bench import BenchConfig, bench
 
@@ -388,9 +396,7 @@ def cmd_bench(args) -> int:
         for batch in args.batch_size
         for width in args.width_mult
         for name in names
-        # (the exact solve has one sensitivity, its closed form, whatever the mode)
-        for mode in [None, *(args.hypergrad[:1] if name == "locoprop-s-exact" else args.hypergrad if
-                             name.startswith("locoprop") else [])]  # fmt: skip
+        for mode in [None, *_hypergrad_modes(name, args.hypergrad)]
     ]
     records = bench(configs)  # checks every config before the first one runs
     if args.json:

@@ -41,20 +41,19 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Callable
 
 from sweeps.extras import require
 from sweeps.runner import records
 from sweeps.runner.config import RunConfig
-from sweeps.runner.train import BUDGET_PERCENT, check_data_parallel, check_fits_data, train
+from sweeps.runner.train import BUDGET_PERCENT, check_data_parallel, check_fits_data
+from sweeps.search.ray_trial import train_reporting, trial_config
 from sweeps.search.results import check_same_setup, export_results, sweep_setup
-from sweeps.search.spaces import SearchSpace, TrialSeededSampler, load_space
+from sweeps.search.spaces import SearchSpace, TrialSeededSampler
 
 __all__ = ["run_ray_sweep"]
 
 STATE_FILE = "sweep.json"
 TRIALS_DIR = "trials"
-TRAIN_DIR = "train"  # Ray Train's own records of the trials that run on several workers
 WORKERS = "workers_per_trial"  # in the study's setup
 DRIVER_MEMORY = 2**20  # bytes reserved by the Tune function of a trial on several workers, which only drives them
 
@@ -68,7 +67,7 @@ def locoprop_trial(params: dict, *, base: dict, space_file: str, metric: str, tr
     if checkpoint is not None and not (run_dir / records.CHECKPOINT).exists():
         # Restarted on a node that cannot see the run directory: continue from Ray's copy of it.
         checkpoint.to_directory(str(run_dir))
-    config = _trial_config(params, base, space_file, run_dir)
+    config = trial_config(params, base, space_file, run_dir)
 
     def send(metrics: dict) -> bool:
         try:
@@ -77,47 +76,7 @@ def locoprop_trial(params: dict, *, base: dict, space_file: str, metric: str, tr
             return True
         return False
 
-    _train_reporting(config, metric, send)
-
-
-def _trial_config(params: dict, base: dict, space_file: str, run_dir: pathlib.Path) -> RunConfig:
-    """The run config of the trial with sampled ``params``, trained in ``run_dir``."""
-    space = load_space(path=space_file)
-    return RunConfig.from_dict(
-        {**base, "optimizer": space.optimizer, "hparams": space.to_hparams(params), "out": str(run_dir)}
-    )
-
-
-def _train_reporting(config: RunConfig, metric: str, send: Callable[[dict], bool]) -> None:
-    """train(config), resumed from its run directory, with ``send(metrics)`` at each evaluation and at the end.
-
-    The metrics are the evaluation's row, its ``budget_percent`` (ASHA's time)
-    and the run's status; ``metric`` is +inf where the loss is not finite.
-    ``send`` returns whether Tune stopped the trial (ASHA): the run then ends
-    as "stopped", unless its budget is done. A run that ended early, or that
-    was over before this call, reports its last row once more with its status.
-    """
-    sent = stopped = False
-
-    def report(row: dict, status: str) -> bool:
-        nonlocal sent
-        metrics = {k: v for k, v in row.items() if v is not None}
-        value = metrics.get(metric)
-        # Schedulers and searchers need a number: a diverged loss counts as +inf.
-        metrics[metric] = value if value is not None and math.isfinite(value) else math.inf
-        metrics["status"] = status
-        sent = True
-        return send(metrics)
-
-    def on_evaluation(row: dict) -> bool:
-        nonlocal stopped
-        stopped = report(row, "running")
-        return stopped and row[BUDGET_PERCENT] < 100  # a stop at the end of the budget is no stop
-
-    result = train(config, resume=True, on_evaluation=on_evaluation, progress=False)
-    if not stopped and (result.status != "ok" or not sent):
-        done = round(100 * result.summary["steps"] / result.summary["budget"]["steps"])
-        report({**result.history[-1], BUDGET_PERCENT: done}, result.status)
+    train_reporting(config, metric, send)
 
 
 def run_ray_sweep(

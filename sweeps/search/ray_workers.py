@@ -36,6 +36,7 @@ from ray.util.queue import Empty, Queue
 from sweeps.runner.config import RunConfig
 from sweeps.runner.ranks import Ranks
 from sweeps.runner.train import BUDGET_PERCENT
+from sweeps.search.ray_trial import TRAIN_DIR, train_reporting, trial_config
 
 __all__ = ["WorkersTrial"]
 
@@ -52,9 +53,7 @@ class WorkersTrial(tune.Trainable):
 
     def setup(self, params: dict, *, base: dict, space_file: str, metric: str, trials_dir: str, workers: int,
               cpus: float, gpus: float) -> None:  # fmt: skip
-        from sweeps.search.ray_backend import TRAIN_DIR, _trial_config
-
-        config = _trial_config(params, base, space_file, pathlib.Path(trials_dir) / self.trial_id)
+        config = trial_config(params, base, space_file, pathlib.Path(trials_dir) / self.trial_id)
         # Owned by this actor, they go with it; they take no CPU from the workers.
         self._results, self._replies = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
         per_worker = {"CPU": cpus / workers, **({"GPU": gpus / workers} if gpus else {})}
@@ -129,8 +128,6 @@ def _train_worker(loop_config: dict) -> None:
     Rank 0 sends each evaluation's metrics to the trial and, unless they are
     the run's last, waits for its answer, which every rank then follows.
     """
-    from sweeps.search.ray_backend import _train_reporting
-
     if loop_config["gpu"]:
         # Ray Train shows every worker all the GPUs of its node: without this each rank would use the first.
         torch.cuda.set_device(ray.train.torch.get_device())
@@ -146,4 +143,4 @@ def _train_worker(loop_config: dict) -> None:
         dist.broadcast_object_list(answer, src=0)  # every rank must stop at the same step
         return answer[0]
 
-    _train_reporting(RunConfig.from_dict(loop_config["config"]), loop_config["metric"], send)
+    train_reporting(RunConfig.from_dict(loop_config["config"]), loop_config["metric"], send)
