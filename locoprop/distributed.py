@@ -89,11 +89,7 @@ class Communicator:
         for t in tensors:
             buckets.setdefault((t.dtype, t.device), []).append(t)
         for bucket in buckets.values():
-            flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-            self.bytes_sent += _ring_bytes(flat, self.world_size)
-            for t, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                t.copy_(reduced)
+            self.sum_start(bucket).wait()
 
     def sum_start(self, tensors: list[Tensor]) -> PendingSum:
         """Start the all-reduce (sum over ranks) of ``tensors`` in one flat bucket without waiting for it;

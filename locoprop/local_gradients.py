@@ -118,19 +118,21 @@ class LocalGradients:
         todo = [w for w in self.work if any(p in active for p in w.problems)]
         if self.mode == "streams" and len(todo) > 1:
             grads = self._on_streams(todo)
-            if self.comm.distributed:
-                self.comm.sum_([g for w in todo if not w.whole_batch for p in w.problems for g in grads[p]])
-            return grads
-        if not self.overlap:
+        elif self.overlap:
+            return self._overlapped(todo)
+        else:
             grads = {p: g for w in todo for p, g in zip(w.problems, _grads(w))}
-            if self.comm.distributed:
-                self.comm.sum_([g for w in todo if not w.whole_batch for p in w.problems for g in grads[p]])
-            return grads
+        if self.comm.distributed:
+            self.comm.sum_([g for w in todo if not w.whole_batch for p in w.problems for g in grads[p]])
+        return grads
+
+    def _overlapped(self, todo: list[_Work]) -> dict[LocalProblem, list[Tensor]]:
+        """The local gradients, each work item's summed over ranks in its own asynchronous bucket, on its way
+        while the next items compute theirs (NCCL runs it on its own stream)."""
         grads, pending = {}, []
         for w in todo:
             grads.update(zip(w.problems, _grads(w)))
             if not w.whole_batch:
-                # On its way while the next units compute theirs (NCCL runs it on its own stream).
                 pending.append(self.comm.sum_start([g for p in w.problems for g in grads[p]]))
         for transfer in pending:
             transfer.wait()

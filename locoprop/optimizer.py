@@ -549,7 +549,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             linear = isinstance(unit.module, nn.Linear)
             saved = before[problem]
             if self.solve == "exact":
-                sensitivity = problem.sensitivity
+                sensitivity = [-d for d in problem.exact_direction]  # θ* = θ^old − γ·Δ
             elif self.hypergrad == "implicit":
                 params = [p.detach() for p in problem.params]
                 known = saved["param_grads"] if problem.grads_are_backprop else None  # Jᵀg from the backward pass
@@ -813,9 +813,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             if failed:
                 raise _not_positive_definite(failed, problems[0].params[0].dtype)
             for problem, solution in zip(problems, solutions):
-                # θ* = θ^old − γ·Δ: the sensitivity −Δ is the step over γ
-                problem.sensitivity = [(new.reshape(p.shape) - p) / problem.activation_lr
-                                       for p, new in zip(problem.params, solution)]  # fmt: skip
+                if self.param_groups[problem.group_index]["hypergrad_lr"] > 0:  # Δ = (θ^old − θ*)/γ, for h
+                    problem.exact_direction = [(p - new.reshape(p.shape)) / problem.activation_lr
+                                               for p, new in zip(problem.params, solution)]  # fmt: skip
                 for p, new in zip(problem.params, solution):
                     p.copy_(new.reshape(p.shape))
             return
@@ -830,12 +830,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         if torch.stack(infos).any():
             failed = [problem.unit.name for problem, info in zip(problems, infos) if info]
             raise _not_positive_definite(failed, directions[0].dtype)
-        for problem, direction in zip(problems, directions):
-            weight, *bias = problem.params
-            problem.sensitivity = [-direction[:, : weight.shape[1]], *([-direction[:, -1]] if bias else [])]
-            weight.add_(direction[:, : weight.shape[1]], alpha=-problem.activation_lr)
-            if bias:
-                bias[0].add_(direction[:, -1], alpha=-problem.activation_lr)
+        _apply_directions(problems, directions)
 
     def _solve_exact_distributed(self, problems: list[LocalProblem]) -> None:
         """The exact step on W ranks: C = Σx̃ᵀx̃ and Gᵀx̃ summed over ranks once (one bucket), each unit's
@@ -864,11 +859,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         if torch.cat(infos).any():
             failed = [problem.unit.name for problem, info in zip(problems, infos) if info.item()]
             raise _not_positive_definite(failed, directions[0].dtype)
-        for problem, direction in zip(problems, directions):
-            weight, *bias = problem.params
-            weight.add_(direction[:, : weight.shape[1]], alpha=-problem.activation_lr)
-            if bias:
-                bias[0].add_(direction[:, -1], alpha=-problem.activation_lr)
+        _apply_directions(problems, directions)
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -897,6 +888,17 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             group.setdefault("hypergrad_lr", 0.0)  # a state dict from before hypergradients
         self.inner.load_state_dict(inner)
         self.skipped_steps = skipped
+
+
+def _apply_directions(problems: list[LocalProblem], directions: list[Tensor]) -> None:
+    """θ ← θ^old − γ·Δ for each unit's [weight | bias] direction Δ, kept on the problem (views, no copy) for
+    the sensitivity ∂θ/∂γ = −Δ of the next step's hypergradient."""
+    for problem, direction in zip(problems, directions):
+        weight, *bias = problem.params
+        problem.exact_direction = [direction[:, : weight.shape[1]], *([direction[:, -1]] if bias else [])]
+        weight.add_(problem.exact_direction[0], alpha=-problem.activation_lr)
+        if bias:
+            bias[0].add_(problem.exact_direction[1], alpha=-problem.activation_lr)
 
 
 def _check_hyperparameters(group: dict) -> None:

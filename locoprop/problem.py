@@ -43,8 +43,9 @@ class LocalProblem:
         outside_grads: (index in ``params``, γ·gradient of those uses).
         grads_are_backprop: ``param_grads`` were checked to equal the
             backprop gradient [gᵀx, Σg] (the plan's randomised check).
-        sensitivity: ∂θ/∂γ of the exact solve (−Δ per parameter), for
-            the hypergradient of the next step.
+        exact_direction: Δ per parameter of the exact solve's step
+            θ* = θ^old − γ·Δ; −Δ is its sensitivity ∂θ/∂γ, for the next
+            step's hypergradient.
     """
 
     group_index: int
@@ -61,4 +62,4 @@ class LocalProblem:
     outside_uses: list[int] = dataclasses.field(default_factory=list)
     outside_grads: list[tuple[int, Tensor]] = dataclasses.field(default_factory=list)
     grads_are_backprop: bool = False
-    sensitivity: list[Tensor] | None = None
+    exact_direction: list[Tensor] | None = None
