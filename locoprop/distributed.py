@@ -1,49 +1,52 @@
 """LocoProp on W ranks of torch.distributed: one step equals the step on the concatenated batch (SPEC §11).
 
-Every local objective is a sum over the examples of the *global* batch, and
-each rank records only its shard's inputs x and output gradients g. Scaled
-to the footing of the global mean loss (below), each rank's part of a local
-gradient is a sum over its examples, so the sum over ranks is the local
-gradient of the whole batch. The optimizer therefore keeps parameters and
-inner-optimizer state identical on every rank by giving every rank the same
-summed gradients, and communicates per variant (the cost model, per unit of
-shape d_out × d with d = d_in + 1, K local iterations, W ranks; an all-reduce
-of n numbers moves about 2n(W−1)/W of them per rank):
+Every local objective Σ D(Δa) + γ·⟨G, Δθ⟩ (:mod:`locoprop.local`) has a
+divergence that is a sum over the examples of the *global* batch, of which
+each rank records only its shard's inputs, and a linear term in the gradient
+G of the global mean loss. G is the mean of the ranks' ``.grad`` (one
+all-reduce of the gradients, which DDP has done already when it wraps the
+model); each rank's part of a divergence gradient is a sum over its
+examples, so the sum over ranks is the whole batch's. The optimizer keeps
+parameters and inner-optimizer state identical on every rank by giving every
+rank the same summed gradients, and communicates per variant (the cost
+model, per unit of shape d_out × d with d = d_in + 1, K local iterations, W
+ranks; an all-reduce of n numbers moves about 2n(W−1)/W of them per rank),
+besides G (d_out·d numbers, none under DDP):
 
-- M (and S in its batch form): the K local gradients are all-reduced once
-  per inner iteration: K·d_out·d numbers, in one flat bucket. On CUDA
-  (``Communicator.overlap``) each unit's (or batched group's) gradients go
-  in a bucket of their own instead, started asynchronously as soon as they
-  are computed, so that their transfer overlaps the computation of the
-  next units' gradients; the inner step waits for all of them. On CPU the
-  collective's threads would take the cores the computation uses, so one
-  bucket (fewer messages) is the better choice there.
-  (Solving a unit on one owner rank instead would need its (x, target) rows,
-  B·(d_in + d_out) numbers, gathered, and its inner state broadcast after,
-  about 2·d_out·d for RMSProp; with the batch sizes that make LocoProp worth
-  it, B ≫ K·d_out, the all-reduce is cheaper, and it keeps every rank's inner
-  state identical without a broadcast.)
-- S in its Gram form: C = x̃ᵀx̃ and Gᵀx̃ are all-reduced once per step,
-  d² + d_out·d numbers; the K iterations θC − B then need no communication.
-- exact S: the same two statistics once per step; each unit's Cholesky
-  solve (d³/3 FLOPs) runs on one owner rank, chosen by a greedy
-  longest-processing-time assignment by d³, which broadcasts the step
-  Δ (d_out·d numbers).
+- M (and S in its batch form): the first iteration's local gradient is γ·G,
+  the same on every rank; the K − 1 later divergence gradients are
+  all-reduced once per inner iteration: (K − 1)·d_out·d numbers, in one flat
+  bucket. On CUDA (``Communicator.overlap``) each unit's (or batched
+  group's) gradients go in a bucket of their own instead, started
+  asynchronously as soon as they are computed, so that their transfer
+  overlaps the computation of the next units' gradients; the inner step
+  waits for all of them. On CPU the collective's threads would take the
+  cores the computation uses, so one bucket (fewer messages) is the better
+  choice there.
+  (Solving a unit on one owner rank instead would need its inputs and
+  anchors, B·(d_in + d_out) numbers, gathered, and its inner state broadcast
+  after, about 2·d_out·d for RMSProp; with the batch sizes that make LocoProp
+  worth it, B ≫ K·d_out, the all-reduce is cheaper, and it keeps every rank's
+  inner state identical without a broadcast.)
+- S in its Gram form: C = x̃ᵀx̃ is all-reduced once per step, d(d+1)/2
+  numbers (its lower triangle); the iterations Δθ·C + γ·G then need no
+  communication.
+- exact S: C once per step; each unit's Cholesky solve (d³/3 FLOPs) runs on
+  one owner rank, chosen by a greedy longest-processing-time assignment by
+  d³, which broadcasts the step Δ (d_out·d numbers).
 
 The parameters outside every unit take their ordinary gradient, averaged
-over ranks (DDP has averaged it already when the model is wrapped in it).
-A batch that is not finite on any rank is skipped on every rank.
+over ranks in the same bucket as G. A batch that is not finite on any rank
+is skipped on every rank.
 
-**Scaling of g.** With the usual per-rank mean loss L_r = (W/B)·Σ_{i∈r} ℓ_i,
-the recorded g = ∂L_r/∂a is W times ∂L/∂a of the global mean loss
-L = (1/B)·Σ_i ℓ_i, which is what DDP's averaged parameter gradients
-correspond to. The optimizer divides the recorded g by W, so that W ranks
-with equal shards take exactly the single-process step on the B examples:
-whatever each rank's loss, the step is the one of (1/W)·Σ_r L_r, the loss
-whose gradient DDP computes. A user whose per-rank loss is a *sum* over its
-examples and who wants the step of the global sum multiplies each rank's
-loss by W, as with DDP. With unequal shards, per-rank means weight every
-rank equally, not every example.
+**Scaling.** With the usual per-rank mean loss L_r = (W/B)·Σ_{i∈r} ℓ_i, the
+mean of the ranks' gradients is the gradient of the global mean loss
+L = (1/B)·Σ_i ℓ_i, which is what DDP's averaged parameter gradients are, so
+W ranks with equal shards take exactly the single-process step on the B
+examples. A user whose per-rank loss is a *sum* over its examples and who
+wants the step of the global sum multiplies each rank's loss by W, as with
+DDP. With unequal shards, per-rank means weight every rank equally, not
+every example.
 """
 
 from __future__ import annotations

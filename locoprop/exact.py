@@ -1,8 +1,10 @@
 """The exact S solve (SPEC §2): the closed-form minimiser of ℓ_S for a linear unit.
 
-With x̃ = [x, 1], C = Σ x̃ᵀx̃ and G the stacked backprop gradients g = dL/da,
+With x̃ = [x, 1], C = Σ x̃ᵀx̃ and G = [∇W | ∇b] the gradient handed over in
+``p.grad`` (unchanged, the layer's backprop gradient, gᵀx̃ summed over the
+batch with g = dL/da; see :mod:`locoprop.local` for the form of ℓ_S solved),
 
-    θ_new = θ_old − γ · Gᵀx̃ (C + λI)⁻¹,
+    θ_new = θ_old − γ · G (C + λI)⁻¹,
 
 a preconditioned gradient step with the input-covariance (A) factor of
 K-FAC. :func:`exact_s_solution` is the readable reference (Cholesky of the
@@ -25,31 +27,30 @@ __all__ = ["exact_s_direction", "exact_s_solution", "lower_covariance", "lower_g
 
 def exact_s_solution(
     params: Sequence[Tensor],
-    batches: Sequence[tuple[Tensor, Tensor]],
+    inputs: Sequence[Tensor],
+    linear_term: Sequence[Tensor],
     activation_lr: float,
     prox: float,
 ) -> list[Tensor]:
     """Closed-form minimiser of ℓ_S for a linear layer (SPEC §2).
 
-    With x̃ = [x, 1] and C = Σ x̃ᵀx̃, the minimiser is
-    θ_new = θ_old − γ·Gᵀx̃ (C + λI)⁻¹, where G stacks the gradients g.
-    Here ``batches`` holds (x, g) pairs: inputs and backprop gradients.
-    It is the input-covariance (A) factor of K-FAC applied to the gradient.
+    With x̃ = [x, 1] over the recorded ``inputs`` and C = Σ x̃ᵀx̃, the
+    minimiser is θ_new = θ_old − γ·G (C + λI)⁻¹, where G = [∇W | ∇b] is
+    ``linear_term``. It is the input-covariance (A) factor of K-FAC applied
+    to the gradient.
     """
     weight = params[0]
     has_bias = len(params) == 2
     d_in = weight.shape[1] + int(has_bias)
     covariance = weight.new_zeros(d_in, d_in)
-    grad_x = weight.new_zeros(weight.shape[0], d_in)
-    for x, g in batches:
+    for x in inputs:
         x = x.reshape(-1, x.shape[-1])
-        g = g.reshape(-1, g.shape[-1])
         if has_bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         covariance += x.T @ x
-        grad_x += g.T @ x
+    grad_x = torch.cat([linear_term[0], linear_term[1][:, None]], dim=1) if has_bias else linear_term[0]
     covariance.diagonal().add_(prox)
-    # Solve (C + λI) Δᵀ = (Gᵀx̃)ᵀ; C + λI is symmetric positive definite.
+    # Solve (C + λI) Δᵀ = Gᵀ; C + λI is symmetric positive definite.
     factor = torch.linalg.cholesky(covariance)
     step = torch.cholesky_solve(grad_x.T, factor).T
     theta = torch.cat([p.detach().reshape(p.shape[0], -1) for p in params], dim=1) - activation_lr * step
@@ -95,9 +96,9 @@ def lower_covariance(x: Tensor, has_bias: bool) -> Tensor:
 
 
 def solve_covariance(covariance: Tensor, cross: Tensor, prox: float) -> tuple[Tensor, Tensor]:
-    """Δ = Gᵀx̃ (C + λI)⁻¹ from the lower triangle of C, and Cholesky's ``info``.
+    """Δ = G (C + λI)⁻¹ from the lower triangle of C, and Cholesky's ``info``.
 
-    With C + λI = L Lᵀ, Δ solves Δ L Lᵀ = Gᵀx̃: two triangular solves from
+    With C + λI = L Lᵀ, Δ solves Δ L Lᵀ = G: two triangular solves from
     the right, no transposed copies. ``info`` is nonzero when C + λI did not
     factor (not positive definite in this precision). ``covariance`` is changed
     (λ is added to its diagonal).
@@ -109,12 +110,12 @@ def solve_covariance(covariance: Tensor, cross: Tensor, prox: float) -> tuple[Te
 
 
 def exact_s_direction(x: Tensor, cross: Tensor, prox: float) -> tuple[Tensor, Tensor]:
-    """Δ = Gᵀx̃ (C + λI)⁻¹ (d_out × d_in+1 with a bias) and Cholesky's ``info``.
+    """Δ = G (C + λI)⁻¹ (d_out × d_in+1 with a bias) and Cholesky's ``info``.
 
     The exact S solution is θ_new = θ^old − γ·Δ (SPEC §2), with x̃ = [x, 1],
-    C = x̃ᵀx̃ (:func:`lower_covariance`) and ``cross`` = Gᵀx̃
-    (:func:`locoprop.kernels.backprop_cross`; one column more than x when the
-    layer has a bias), solved by :func:`solve_covariance`.
+    C = x̃ᵀx̃ (:func:`lower_covariance`) and ``cross`` = G = [∇W | ∇b] (one
+    column more than x when the layer has a bias), solved by
+    :func:`solve_covariance`.
     """
     has_bias = cross.shape[1] == x.shape[1] + 1
     return solve_covariance(lower_covariance(x, has_bias), cross, prox)

@@ -10,13 +10,13 @@ with the sensitivity s_m computed during step t−1 (Baydin et al.'s
 hypergradient descent, with LocoProp's update in place of the last
 gradient), in one of three ways:
 
-- exact S: θ* = θ^old − γ·Gᵀx̃(C + λI)⁻¹, linear in γ, so s = −Gᵀx̃(C + λI)⁻¹;
+- exact S: θ* = θ^old − γ·G(C + λI)⁻¹, linear in γ, so s = −G(C + λI)⁻¹;
 - ``"implicit"``: at a local optimum ∇ℓ(θ*; γ) = 0, so s = −H⁻¹∂_γ∇ℓ with
   H = Jᵀ D J + λI the local objective's Hessian (D = f′(a) for M, the
   identity for S; J the layer's Jacobian in θ, a constant: the layers are
-  affine in θ) and ∂_γ∇ℓ = Jᵀg (the target moves by −g per unit of γ), the
-  layer's backprop gradient. :func:`implicit_sensitivity` solves
-  H s = −Jᵀg by conjugate gradients on Hessian-vector products, never
+  affine in θ) and ∂_γ∇ℓ = G, the gradient handed over (the linear term of
+  ℓ, :mod:`locoprop.local`). :func:`implicit_sensitivity` solves
+  H s = −G by conjugate gradients on Hessian-vector products, never
   forming H, evaluated at the parameters the K inner steps reached;
 - ``"unrolled"``: the exact derivative of the K inner steps that ran,
   inner-optimizer state included, by forward-mode differentiation written
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from locoprop.inner import RMSpropTF
-from locoprop.local import layer_backprop_grads
+from locoprop.local import layer_transpose, residual
 from locoprop.transfer import Transfer
 
 __all__ = [
@@ -73,35 +73,33 @@ def implicit_sensitivity(
     transfer: Transfer,
     forward: Forward,
     params: Sequence[Tensor],
-    backprop: Sequence[tuple[Tensor, Tensor]],
+    inputs: Sequence[Tensor],
+    linear_term: Sequence[Tensor],
     prox: float,
     iters: int,
     linear: bool,
-    backprop_gradient: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
-    """s = −H⁻¹Jᵀg by ``iters`` conjugate-gradient steps from 0, H = Jᵀ D J + λI at ``params``.
+    """s = −H⁻¹G by ``iters`` conjugate-gradient steps from 0, H = Jᵀ D J + λI at ``params``.
 
-    ``backprop`` holds the unit's (x, g) pairs of the step; ``linear`` says the
-    layer is an nn.Linear, whose J and Jᵀ are two matrix products (other
-    layers go through autograd); ``backprop_gradient`` is Jᵀg when the
-    caller has it (the backward pass computed it), else it is computed.
-    Each step costs one Hessian-vector product: J·v and Jᵀu, about one
-    local-solve iteration. Starting from 0 keeps s in the row space
-    of J when λ = 0 and H is singular (fewer rows than inputs): the
-    minimum-norm solution, which the local solve's steps also stay in.
+    ``inputs`` holds the unit's recorded x of the step, ``linear_term`` is G;
+    ``linear`` says the layer is an nn.Linear, whose J and Jᵀ are two matrix
+    products (other layers go through autograd). Each step costs one
+    Hessian-vector product: J·v and Jᵀu, about one local-solve iteration.
+    Starting from 0 keeps s in the row space of J when λ = 0 and H is
+    singular (fewer rows than inputs): the minimum-norm solution, which the
+    local solve's steps also stay in.
     """
-    xs = [x for x, _ in backprop]
     # D at the reached parameters (M only): f′(a) elementwise, or for softmax the point a of its Jacobian.
     elementwise = not transfer.name.startswith("softmax")
     curvature = []
     if variant == "M":
-        for x in xs:
+        for x in inputs:
             a = forward(x, *_weight_and_bias(params))
             curvature.append(_derivative(transfer, a, None) if elementwise else a)
 
     def hessian_vector(v: list[Tensor]) -> list[Tensor]:
         total = [u.mul(prox) for u in v] if prox else [torch.zeros_like(u) for u in v]
-        for i, x in enumerate(xs):
+        for i, x in enumerate(inputs):
             jv = forward(x, *_weight_and_bias(v))  # the layer is linear in θ: J·v is the layer with parameters v
             if variant == "M":
                 jv = jv * curvature[i] if elementwise else _derivative(transfer, curvature[i], jv)
@@ -109,10 +107,7 @@ def implicit_sensitivity(
                 t.add_(part)
         return total
 
-    if backprop_gradient is None:
-        backprop_gradient = _backprop_gradient(forward, params, backprop, linear)
-    rhs = [-b for b in backprop_gradient]
-    return conjugate_gradient(hessian_vector, rhs, iters)
+    return conjugate_gradient(hessian_vector, [-g for g in linear_term], iters)
 
 
 def conjugate_gradient(matvec: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], iters: int) -> list[Tensor]:
@@ -268,7 +263,8 @@ def unrolled_sensitivity(
     transfer: Transfer,
     forward: Forward,
     old_params: Sequence[Tensor],
-    backprop: Sequence[tuple[Tensor, Tensor]],
+    uses: Sequence[tuple[Tensor, tuple[Tensor, ...]]],
+    linear_term: Sequence[Tensor],
     activation_lr: float,
     prox: float,
     rule: InnerTangent,
@@ -280,30 +276,29 @@ def unrolled_sensitivity(
 
     Re-runs the local solve from θ^old = ``old_params`` and the inner state
     ``states`` (one :meth:`InnerTangent.start` per parameter) with the
-    tangents carried along: the targets move by −g per unit of γ, so the
-    residual r = ∂ℓ/∂a of each (x, g) pair has tangent D·J·dθ + g, and
-    the local gradient Jᵀr + λ(θ − θ^old) has tangent Jᵀ(D·J·dθ + g) + λdθ.
+    tangents carried along. The local gradient Σ Jᵀr + γ·G + λΔθ
+    (:mod:`locoprop.local`; ``uses`` holds (x, anchor) pairs, ``linear_term``
+    is G) has tangent Σ Jᵀ(D·J·dθ) + G + λdθ, D = f′(a) for M and the
+    identity for S.
     """
     params = [p.clone() for p in old_params]
     tangents = [torch.zeros_like(p) for p in old_params]
-    weight_bias = _weight_and_bias(old_params)
-    start = [forward(x, *weight_bias) for x, _ in backprop]
-    targets = [(a if variant == "S" else transfer.fn(a)) - activation_lr * g for a, (_, g) in zip(start, backprop)]
     for lr in lrs:
+        delta = [p - q for p, q in zip(params, old_params)]
         residuals, d_residuals = [], []
-        for (x, g), target in zip(backprop, targets):
-            a = forward(x, *_weight_and_bias(params))
+        for x, anchor in uses:
+            residuals.append(residual(variant, transfer, anchor, forward(x, *_weight_and_bias(delta))))
             ja = forward(x, *_weight_and_bias(tangents))  # linear in θ: J·dθ
-            if variant == "S":
-                residuals.append(a - target)
-                d_residuals.append(ja + g)
-            else:
-                residuals.append(transfer.fn(a) - target)
-                d_residuals.append(_derivative(transfer, a, ja) + g)
-        grads = _sum_transposes(forward, params, backprop, residuals, linear)
-        d_grads = _sum_transposes(forward, params, backprop, d_residuals, linear)
+            if variant == "M":
+                ja = _derivative(transfer, forward(x, *_weight_and_bias(params)), ja)
+            d_residuals.append(ja)
+        inputs = [x for x, _ in uses]
+        grads = _sum_transposes(forward, params, inputs, residuals, linear)
+        d_grads = _sum_transposes(forward, params, inputs, d_residuals, linear)
+        grads = [gr + activation_lr * g for gr, g in zip(grads, linear_term)]
+        d_grads = [dgr + g for dgr, g in zip(d_grads, linear_term)]
         if prox:
-            grads = [gr + prox * (p - q) for gr, p, q in zip(grads, params, old_params)]
+            grads = [gr + prox * d for gr, d in zip(grads, delta)]
             d_grads = [dgr + prox * dp for dgr, dp in zip(d_grads, tangents)]
         stepped = [rule.update(p, dp, gr, dgr, st, lr) for p, dp, gr, dgr, st in
                    zip(params, tangents, grads, d_grads, states)]  # fmt: skip
@@ -332,20 +327,15 @@ def _layer_transpose(forward: Forward, params: Sequence[Tensor], x: Tensor, u: T
         rows_x, rows_u = x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
         weight = rows_u.T @ rows_x
         return [weight, rows_u.sum(0)] if len(params) > 1 else [weight]
-    return layer_backprop_grads(forward, params, [(x, u)])
+    return layer_transpose(forward, params, x, u)
 
 
-def _sum_transposes(forward, params, backprop, outputs, linear) -> list[Tensor]:
+def _sum_transposes(forward, params, inputs, outputs, linear) -> list[Tensor]:
     total = None
-    for (x, _), u in zip(backprop, outputs):
+    for x, u in zip(inputs, outputs):
         parts = _layer_transpose(forward, params, x, u, linear)
         total = parts if total is None else [t + q for t, q in zip(total, parts)]
     return total
-
-
-def _backprop_gradient(forward, params, backprop, linear) -> list[Tensor]:
-    """Jᵀg summed over the (x, g) pairs: the layer's part of ∇L, ∂_γ∇ℓ."""
-    return _sum_transposes(forward, params, backprop, [g for _, g in backprop], linear)
 
 
 def _sqrt_and_tangent(v: Tensor, dv: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,31 +1,30 @@
 """Fast local-gradient kernels for linear units (SPEC §10).
 
-The same math as :func:`locoprop.local.local_grads`, without autograd:
-for a linear unit with rows x (N × d_in) and residual δ = ∂ℓ/∂a (N × d_out),
+The same math as :func:`locoprop.local.divergence_grads`, without autograd:
+for a linear unit with rows x (N × d_in), the change of its parameters
+Δθ = θ − θ^old = [ΔW | Δb] and the residual r = ∂D/∂Δa (N × d_out) of
+Δa = x ΔWᵀ + Δb,
 
-    ∇W = δᵀ x,    ∇b = Σ_rows δ.
+    ∇W = rᵀ x,    ∇b = Σ_rows r
 
-Variant S has a cheaper form. Its residual is a − â = x̃θᵀ − â with
-x̃ = [x, 1], so with C = x̃ᵀx̃ and B = âᵀx̃, computed once per step,
+plus the linear term's s·G, fused into the products (s = γ, or 0 on the
+ranks that leave it to rank 0: the ranks' parts are summed). Δa comes from
+Δθ, never as layer_θ(x) − a^old, so nothing cancels.
 
-    ∇θ = θ C − B,
+Variant S has a cheaper form. Its residual is Δa = x̃Δθᵀ with x̃ = [x, 1],
+so with C = x̃ᵀx̃, computed once per step,
 
-which costs d_out·(d_in+1)² per iteration instead of 2·N·d_in·d_out.
+    ∇θ = Δθ C + γ·G,
+
+which costs d_out·(d_in+1)² per iteration instead of 4·N·d_in·d_out.
 :func:`gram_is_cheaper` picks the form with fewer FLOPs over the K steps.
-As â = x̃θ^oldᵀ − γ·g, B = θ^old C − γ·Gᵀx̃, where Gᵀx̃ = [gᵀx, Σg] is the
-layer's backprop gradient: the target â is never formed.
 
 Units of equal shape (and transfer function) are solved together with
-batched matmuls (:func:`linear_grads` on stacked tensors), one kernel for
-the group.
+batched matmuls (:func:`divergence_grads` on stacked tensors), one kernel
+for the group.
 
-The first local iteration needs no forward matmul: at θ^old the residual is
-γ·g exactly (g = ∂L/∂a recorded by backprop), so its gradient is
-:func:`backprop_grads`, [γ·gᵀx, γ·Σg]. That is γ times the layer's backprop
-gradient, which ``backward()`` already left in ``p.grad``; it is reused when
-:func:`locoprop.gradient_checks.backprop_gradient_mismatch` finds ``p.grad``
-unchanged, and computed from the records otherwise (clipped gradients,
-weights used elsewhere).
+The first local iteration needs no kernel at all: at θ^old, Δθ = 0 and the
+local gradient is γ·G, the gradient handed over in ``p.grad``.
 """
 
 from __future__ import annotations
@@ -36,15 +35,11 @@ from torch import Tensor
 from locoprop.transfer import Transfer
 
 __all__ = [
-    "backprop_cross",
-    "backprop_grads",
     "concat_rows",
+    "divergence_grads",
     "gram_covariance",
     "gram_grads",
     "gram_is_cheaper",
-    "gram_statistic",
-    "gram_statistics",
-    "linear_grads",
     "linear_workspace",
 ]
 
@@ -55,7 +50,7 @@ def concat_rows(parts: list[Tensor]) -> Tensor:
 
 
 def linear_workspace(x: Tensor, weight: Tensor, bias: Tensor | None) -> list[Tensor]:
-    """Buffers [a, ∇W(, ∇b)] for :func:`linear_grads`, one set per step.
+    """Buffers [Δa, ∇W(, ∇b)] for :func:`divergence_grads`, one set per step.
 
     Reused by every local iteration: freshly allocated outputs would cost
     page faults on every iteration (matmul outputs are large).
@@ -64,63 +59,43 @@ def linear_workspace(x: Tensor, weight: Tensor, bias: Tensor | None) -> list[Ten
     return out + ([torch.empty_like(bias)] if bias is not None else [])
 
 
-def linear_grads(
+def divergence_grads(
     variant: str,
     transfer: Transfer,
     x: Tensor,
-    target: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
+    anchor: tuple[Tensor, ...],
+    delta_weight: Tensor,
+    delta_bias: Tensor | None,
     out: list[Tensor] | None = None,
+    linear_term: list[Tensor] | None = None,
+    scale: float = 0.0,
 ) -> list[Tensor]:
-    """[∇W, ∇b] of a linear unit's local objective; x and target are 2-D rows.
+    """[∇W, ∇b] of a linear unit's Σ D(Δa) + s·⟨G, Δθ⟩ at Δθ = [ΔW, Δb]; x and the anchor are 2-D rows.
 
-    For G stacked units of one shape, x is G × N × d_in, weight G × d_out × d_in
-    and bias G × d_out: one batched matmul for the group. ``out`` (from
-    :func:`linear_workspace`) receives the results; the returned gradients
-    are its buffers.
+    For G stacked units of one shape, x is G × N × d_in, ΔW G × d_out × d_in, Δb G × d_out and each anchor
+    tensor G × N × d_out: one batched matmul for the group. ``out`` (from :func:`linear_workspace`)
+    receives the results; the returned gradients are its buffers. ``linear_term`` = [G_W(, G_b)] scaled by
+    s = ``scale`` joins the weight gradient's product (no pass of its own).
     """
-    a, *grads = out if out is not None else linear_workspace(x, weight, bias)
-    if bias is None:
-        torch.matmul(x, weight.mT, out=a)
+    delta_a, *grads = out if out is not None else linear_workspace(x, delta_weight, delta_bias)
+    if delta_bias is None:
+        torch.matmul(x, delta_weight.mT, out=delta_a)
     elif x.dim() == 3:
-        torch.baddbmm(bias.unsqueeze(1), x, weight.mT, out=a)
+        torch.baddbmm(delta_bias.unsqueeze(1), x, delta_weight.mT, out=delta_a)
     else:
-        torch.addmm(bias, x, weight.T, out=a)
-    residual = _residual_in_place(variant, transfer, a, target)
-    torch.matmul(residual.mT, x, out=grads[0])
-    if bias is not None:
+        torch.addmm(delta_bias, x, delta_weight.T, out=delta_a)
+    residual = delta_a if variant == "S" else transfer.change_from(anchor, delta_a)
+    if linear_term is None or not scale:
+        torch.matmul(residual.mT, x, out=grads[0])
+    elif x.dim() == 3:
+        torch.baddbmm(linear_term[0], residual.mT, x, beta=scale, out=grads[0])
+    else:
+        torch.addmm(linear_term[0], residual.T, x, beta=scale, out=grads[0])
+    if delta_bias is not None:
         torch.sum(residual, -2, out=grads[1])
+        if linear_term is not None and scale:
+            grads[1].add_(linear_term[1], alpha=scale)
     return grads
-
-
-def _residual_in_place(variant: str, transfer: Transfer, a: Tensor, target: Tensor) -> Tensor:
-    """a − â (S) or f(a) − ŷ (M), written over ``a``, which nothing else holds."""
-    if variant == "M":
-        a = transfer.fn_(a) if transfer.fn_ is not None else transfer.fn(a)
-    return a.sub_(target)
-
-
-def backprop_cross(x: Tensor, g: Tensor, has_bias: bool) -> Tensor:
-    """Gᵀx̃ = [gᵀx | Σg] (d_out × d_in+1 with a bias): the backprop gradient of
-    a linear layer as one matrix, without forming x̃."""
-    d_in = x.shape[1]
-    cross = x.new_empty(g.shape[1], d_in + int(has_bias))
-    cross[:, :d_in].addmm_(g.T, x, beta=0.0)
-    if has_bias:
-        torch.sum(g, 0, out=cross[:, d_in])
-    return cross
-
-
-def gram_statistics(
-    x: Tensor, weight: Tensor, bias: Tensor | None, cross: Tensor, activation_lr: float
-) -> tuple[Tensor, Tensor]:
-    """C = x̃ᵀx̃ and B = âᵀx̃ = θ^old C − γ·Gᵀx̃ for variant S.
-
-    ``weight`` and ``bias`` are θ^old; ``cross`` is Gᵀx̃ (:func:`backprop_cross`).
-    """
-    covariance = gram_covariance(x, bias is not None)
-    return covariance, gram_statistic(covariance, weight, bias, cross, activation_lr)
 
 
 def gram_covariance(x: Tensor, has_bias: bool) -> Tensor:
@@ -135,59 +110,43 @@ def gram_covariance(x: Tensor, has_bias: bool) -> Tensor:
     return covariance
 
 
-def gram_statistic(
-    covariance: Tensor, weight: Tensor, bias: Tensor | None, cross: Tensor, activation_lr: float
-) -> Tensor:
-    """B = θ^old C − γ·Gᵀx̃, from C and ``cross`` = Gᵀx̃ (of one rank, or summed over ranks)."""
-    theta = weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)
-    return torch.addmm(cross, theta, covariance, beta=-activation_lr)
-
-
 def gram_grads(
-    covariance: Tensor, statistic: Tensor, weight: Tensor, bias: Tensor | None, out: list[Tensor]
+    covariance: Tensor,
+    delta_weight: Tensor,
+    delta_bias: Tensor | None,
+    linear_term: list[Tensor],
+    activation_lr: float,
+    out: list[Tensor],
 ) -> list[Tensor]:
-    """``out`` ← [∇W, ∇b] of ℓ_S from its statistics C and B: ∇θ = θC − B.
+    """``out`` ← [∇W, ∇b] of ½Σ‖Δa‖² + γ·⟨G, Δθ⟩ from C: ∇θ = Δθ C + γ·G.
 
-    With θ = [W | b], written into contiguous buffers without forming θ:
-    ∇W = W C_xx + b ⊗ C_1x − B_x and ∇b = W C_x1 + N·b − B_1.
+    With Δθ = [ΔW | Δb], written into contiguous buffers without forming Δθ:
+    ∇W = ΔW C_xx + Δb ⊗ C_1x + γ·G_W and ∇b = ΔW C_x1 + N·Δb + γ·G_b.
     """
-    if bias is None:
-        return [torch.addmm(statistic, weight, covariance, beta=-1.0, out=out[0])]
-    d_in = weight.shape[1]
-    torch.addr(statistic[:, :d_in], bias, covariance[d_in, :d_in], beta=-1.0, out=out[0])
-    out[0].addmm_(weight, covariance[:d_in, :d_in])
-    torch.addmv(statistic[:, d_in], weight, covariance[:d_in, d_in], beta=-1.0, out=out[1])
-    out[1].addcmul_(bias, covariance[d_in, d_in])  # + N·b, N read on the device
+    if delta_bias is None:
+        return [torch.addmm(linear_term[0], delta_weight, covariance, beta=activation_lr, out=out[0])]
+    d_in = delta_weight.shape[1]
+    torch.addr(linear_term[0], delta_bias, covariance[d_in, :d_in], beta=activation_lr, out=out[0])
+    out[0].addmm_(delta_weight, covariance[:d_in, :d_in])
+    torch.addmv(linear_term[1], delta_weight, covariance[:d_in, d_in], beta=activation_lr, out=out[1])
+    out[1].addcmul_(delta_bias, covariance[d_in, d_in])  # + N·Δb, N read on the device
     return out
 
 
 def gram_is_cheaper(rows: int, d_in: int, d_out: int, local_iters: int, ranks: int = 1) -> bool:
     """Whether the Gram form of the S gradient costs less over K steps.
 
-    In one process, by FLOPs: both forms start from the backprop gradient
-    (their first iteration); the Gram form then costs C and
-    B = θ^old C − γ·Gᵀx̃, and K − 1 products θC; the batch form K − 1 forward
-    and weight-gradient products. On several ``ranks``, by the numbers
-    communicated, which cost far more than FLOPs (tens of FLOPs a byte over
-    gloo, about a thousand over NCCL): the Gram form sums the lower triangle
-    of C and Gᵀx̃ once, d(d+1)/2 + d_out·d; the batch form sums every
-    iteration's gradient, K·d_out·d.
+    Both forms start from γ·G (their first iteration). In one process, by
+    FLOPs: the Gram form then costs C once and K − 1 products Δθ C; the batch
+    form K − 1 forward and weight-gradient products. On several ``ranks``, by
+    the numbers communicated, which cost far more than FLOPs (tens of FLOPs a
+    byte over gloo, about a thousand over NCCL): the Gram form sums the lower
+    triangle of C once, d(d+1)/2; the batch form sums each later iteration's
+    gradient, (K − 1)·d_out·d.
     """
     d = d_in + 1
     if ranks > 1:
-        return d * (d + 1) // 2 + d_out * d < local_iters * d_out * d
-    gram = 2 * rows * d * d + local_iters * 2 * d_out * d * d
+        return d * (d + 1) // 2 < (local_iters - 1) * d_out * d
+    gram = 2 * rows * d * d + (local_iters - 1) * 2 * d_out * d * d
     batch = (local_iters - 1) * 4 * rows * d_in * d_out
     return gram < batch
-
-
-def backprop_grads(x: Tensor, g: Tensor, activation_lr: float, out: list[Tensor]) -> list[Tensor]:
-    """``out`` ← [γ·gᵀx, γ·Σg]: a linear unit's local gradient at θ^old, either variant.
-
-    There a − â = f(a) − ŷ = γ·g, so the first local iteration is priced at one
-    matmul (this one) instead of two. ``out``: [∇W] or [∇W, ∇b] buffers.
-    """
-    torch.mm(g.T, x, out=out[0]).mul_(activation_lr)
-    if len(out) == 2:
-        torch.sum(g, 0, out=out[1]).mul_(activation_lr)
-    return out

@@ -2,23 +2,43 @@
 
 Notation (SPEC §2): x is the unit's input, a = layer_θ(x) its pre-activation,
 y = f(a) its post-activation, g = dL/da the backprop gradient and
-γ = ``activation_lr``.
-
-Targets::
+γ = ``activation_lr``. SPEC §2 writes the targets
 
     S:  â = a − γ·g          (pre-activation target)
     M:  ŷ = f(a) − γ·g       (post-activation target)
 
-Local objectives, summed over the batch, with θ^old the parameters at the
-start of the step and λ = ``prox``::
+and the local objectives, summed over the batch, with θ^old the parameters
+at the start of the step and λ = ``prox``::
 
     S:  ℓ_S(θ) = ½ Σ ‖layer_θ(x) − â‖² + (λ/2)‖θ − θ^old‖²
     M:  ℓ_M(θ) = Σ [F(layer_θ(x)) − ŷ·layer_θ(x)] + (λ/2)‖θ − θ^old‖²
 
-Both have ∂ℓ/∂a = a − â (S) or f(a) − ŷ (M), which at θ^old is γ·g, so
-∇ℓ(θ^old) = γ·∇L(θ^old): the first local step is a backprop step.
-Everything here is a function of (parameters, stored input, target), so it
-can be batched across units.
+**The form solved here.** The layer is affine in θ, so with Δθ = θ − θ^old
+its pre-activation moves by Δa = layer_Δθ(x) (the linear part of the layer
+with parameters Δθ: weight ΔW, bias Δb), and Σ⟨g, Δa⟩ = ⟨Jᵀg, Δθ⟩ with
+Jᵀg = G the layer's backprop gradient. Expanding the squares (S) and the
+linear term (M), up to constants,
+
+    ℓ(θ) = Σ D(Δa) + γ·⟨G, Δθ⟩ + (λ/2)‖Δθ‖²,
+    S:  D(Δa) = ½‖Δa‖²,
+    M:  D(Δa) = F(a^old + Δa) − F(a^old) − f(a^old)·Δa   (the Bregman divergence),
+
+exactly, not to first order. Two things follow:
+
+- G is taken to be the gradient the user hands over in ``p.grad``. Unchanged,
+  it is Jᵀg plus the gradient of any use of θ outside the unit (tied
+  weights), and ℓ is SPEC's objective; clipped, rescaled or noised, every
+  local problem follows the modified gradient (SPEC §3), and the SGD
+  identity holds for it: ∇ℓ(θ^old) = γ·G.
+- Nothing subtracts nearly equal numbers: the target a − γ·g is never
+  formed (in float32 γ·g would be lost to the rounding of a at a small γ),
+  Δa is computed from Δθ, and f(a^old + Δa) − f(a^old) by the transfer's
+  cancellation-free :meth:`~locoprop.transfer.Transfer.change_from`.
+
+The gradient is ∇ℓ(θ) = Σ Jᵀr + γ·G + λΔθ with the residual r = ∂D/∂Δa:
+r = Δa (S) or r = f(a^old + Δa) − f(a^old) (M). Everything here is a
+function of (parameters, stored input, anchors, G), so it can be batched
+across units.
 """
 
 from __future__ import annotations
@@ -32,28 +52,40 @@ from locoprop.transfer import Transfer
 
 __all__ = [
     "add_prox_grad_",
-    "layer_backprop_grads",
+    "divergence_grads",
+    "layer_transpose",
     "local_grads",
     "local_objective",
-    "make_target",
-    "preactivation_residual",
+    "residual",
 ]
 
 Forward = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
-def make_target(variant: str, transfer: Transfer, a: Tensor, g: Tensor, activation_lr: float) -> Tensor:
-    """â = a − γ·g for variant S, ŷ = f(a) − γ·g for variant M."""
+def residual(variant: str, transfer: Transfer, anchor: tuple[Tensor, ...], delta_a: Tensor) -> Tensor:
+    """∂D/∂Δa: Δa for variant S, f(a^old + Δa) − f(a^old) for variant M (``anchor`` from
+    :meth:`Transfer.anchor_at` at a^old). ``delta_a`` may be overwritten."""
     if variant == "S":
-        return torch.sub(a, g, alpha=activation_lr)
-    return torch.sub(transfer.fn(a), g, alpha=activation_lr)  # no γ·g temporary
+        return delta_a
+    return transfer.change_from(anchor, delta_a)
 
 
-def preactivation_residual(variant: str, transfer: Transfer, a: Tensor, target: Tensor) -> Tensor:
-    """∂ℓ/∂a: a − â for variant S, f(a) − ŷ for variant M."""
-    if variant == "S":
-        return a - target
-    return transfer.fn(a) - target
+def divergence_grads(
+    variant: str,
+    transfer: Transfer,
+    forward: Forward,
+    delta: Sequence[Tensor],
+    uses: Sequence[tuple[Tensor, tuple[Tensor, ...]]],
+) -> list[Tensor]:
+    """∇ of Σ D(Δa) in θ at θ = θ^old + ``delta`` ([ΔW] or [ΔW, Δb]): Σ over the recorded
+    ``uses`` (x, anchor) of Jᵀr, the layer's vector-Jacobian product (by autograd) with the
+    residual r of Δa = layer_Δθ(x)."""
+    grads = [torch.zeros_like(d) for d in delta]
+    for x, anchor in uses:
+        delta_a = forward(x, *_weight_and_bias(delta))
+        for total, part in zip(grads, layer_transpose(forward, delta, x, residual(variant, transfer, anchor, delta_a))):
+            total.add_(part)
+    return grads
 
 
 def local_grads(
@@ -61,17 +93,18 @@ def local_grads(
     transfer: Transfer,
     forward: Forward,
     params: Sequence[Tensor],
-    batches: Sequence[tuple[Tensor, Tensor]],
+    old_params: Sequence[Tensor],
+    uses: Sequence[tuple[Tensor, tuple[Tensor, ...]]],
+    linear_term: Sequence[Tensor],
+    activation_lr: float,
 ) -> list[Tensor]:
-    """∇ℓ(θ) for θ = ``params`` (weight[, bias]), without the proximal term
-    (:func:`add_prox_grad_` adds it, on every path).
-
-    ``batches`` holds one (x, target) pair per recorded use of the layer
-    (usually one); their local objectives add up. The parameter gradient is
-    the layer's vector-Jacobian product with the residual ∂ℓ/∂a, so the
-    transfer's integral F is never needed.
-    """
-    return _layer_vjp(forward, params, batches, lambda a, target: preactivation_residual(variant, transfer, a, target))
+    """∇ℓ(θ) = Σ Jᵀr + γ·G at θ = ``params``, without the proximal term (:func:`add_prox_grad_` adds it, on
+    every path). ``uses`` holds one (x, anchor) pair per recorded use of the layer (usually one); their
+    divergences add up. ``linear_term`` is G. The readable reference of the fast kernels."""
+    delta = [p.detach() - q for p, q in zip(params, old_params)]
+    grads = divergence_grads(variant, transfer, forward, delta, uses)
+    torch._foreach_add_(grads, list(linear_term), alpha=activation_lr)
+    return grads
 
 
 def add_prox_grad_(grads: list[Tensor], params: Sequence[Tensor], old_params: Sequence[Tensor], prox: float) -> None:
@@ -80,28 +113,13 @@ def add_prox_grad_(grads: list[Tensor], params: Sequence[Tensor], old_params: Se
     torch._foreach_add_(grads, displacement, alpha=prox)
 
 
-def layer_backprop_grads(
-    forward: Forward, params: Sequence[Tensor], backprop: Sequence[tuple[Tensor, Tensor]]
-) -> list[Tensor]:
-    """The part of ∇L(θ) that flows through this layer: Σ over the recorded
-    (x, g) pairs of the layer's vector-Jacobian product with g = ∂L/∂a.
-
-    It is the parameters' whole backprop gradient unless they are also used
-    outside the layer (tied weights).
-    """
-    return _layer_vjp(forward, params, backprop, lambda a, g: g)
-
-
-def _layer_vjp(forward: Forward, params: Sequence[Tensor], pairs, output_grad) -> list[Tensor]:
-    """Σ over (x, c) pairs of δᵀ·∂layer_θ(x)/∂θ with δ = output_grad(layer_θ(x), c)."""
+def layer_transpose(forward: Forward, params: Sequence[Tensor], x: Tensor, u: Tensor) -> list[Tensor]:
+    """Jᵀu: the parameter gradient of the layer at input x for the output gradient u (the layer is affine
+    in θ, so J does not depend on where ``params`` are)."""
     leaves = [p.detach().requires_grad_(True) for p in params]
-    grads = [torch.zeros_like(p) for p in params]
     with torch.enable_grad():
-        for x, c in pairs:
-            a = forward(x, *_weight_and_bias(leaves))
-            for total, grad in zip(grads, torch.autograd.grad(a, leaves, output_grad(a.detach(), c))):
-                total.add_(grad)
-    return grads
+        a = forward(x, *_weight_and_bias(leaves))
+        return list(torch.autograd.grad(a, leaves, u))
 
 
 def local_objective(
@@ -109,25 +127,30 @@ def local_objective(
     transfer: Transfer,
     forward: Forward,
     params: Sequence[Tensor],
-    batches: Sequence[tuple[Tensor, Tensor]],
+    old_params: Sequence[Tensor],
+    uses: Sequence[tuple[Tensor, Tensor]],
+    linear_term: Sequence[Tensor],
+    activation_lr: float,
     prox: float = 0.0,
-    old_params: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """ℓ(θ), differentiable in ``params``; for logging and checks.
+    """ℓ(θ) = Σ D(Δa) + γ·⟨G, Δθ⟩ + (λ/2)‖Δθ‖², differentiable in ``params``; for logging and checks.
 
-    Transfer functions without an elementary integral (softplus) leave F
-    out of the value; their gradient, from :func:`local_grads`, is exact.
+    ``uses`` holds (x, a^old) pairs (here the pre-activation itself, not an anchor). Transfer functions
+    without an elementary integral (softplus) leave D out of the value; their gradient, from
+    :func:`local_grads`, is exact.
     """
+    delta = [p - q for p, q in zip(params, old_params)]
     total = params[0].new_zeros(())
-    for x, target in batches:
-        a = forward(x, *_weight_and_bias(params))
+    for x, a_old in uses:
+        delta_a = forward(x, *_weight_and_bias(delta))
         if variant == "S":
-            total = total + 0.5 * (a - target).square().sum()
-        else:
-            integral = transfer.integral(a) if transfer.integral is not None else 0.0
-            total = total + integral - (target * a).sum()
+            total = total + 0.5 * delta_a.square().sum()
+        elif transfer.integral is not None:
+            total = total + transfer.integral(a_old + delta_a) - transfer.integral(a_old)
+            total = total - (transfer.fn(a_old) * delta_a).sum()
+    total = total + activation_lr * sum((g * d).sum() for g, d in zip(linear_term, delta))
     if prox:
-        total = total + 0.5 * prox * sum((p - q).square().sum() for p, q in zip(params, old_params))
+        total = total + 0.5 * prox * sum(d.square().sum() for d in delta)
     return total
 
 

@@ -1,15 +1,17 @@
 """How the local gradients of all units are computed in one inner iteration.
 
-A :class:`LocalGradients` plan is built once per step from the units' stored
-inputs and targets, then asked for every unit's local gradient at the
-current parameters, K times. Three ways (``parallel``):
+A unit's local gradient is Σ Jᵀr + γ·G (+ λΔθ) (:mod:`locoprop.local`). At
+the first inner iteration Δθ = 0 and it is γ·G, with nothing to compute;
+a :class:`LocalGradients` plan, built once per step from the units' stored
+inputs and anchors, gives Σ Jᵀr + γ·G at the current parameters for every
+later iteration (the caller adds λΔθ). Three ways (``parallel``):
 
-- "none": the readable reference, :func:`locoprop.local.local_grads` (the
-  layer's vector-Jacobian product by autograd), one unit after the other;
-- "batched": linear units without autograd (:mod:`locoprop.kernels`), their
-  first iteration from the backprop record (no forward matmul); variant S
-  through its Gram statistics where that costs fewer FLOPs; linear units of
-  equal shape and transfer function stacked into batched matmuls;
+- "none": the readable reference, :func:`locoprop.local.divergence_grads`
+  (the layer's vector-Jacobian product by autograd), one unit after the other;
+- "batched": linear units without autograd (:mod:`locoprop.kernels`);
+  variant S through its Gram statistics where that costs fewer FLOPs;
+  linear units of equal shape and transfer function stacked into batched
+  matmuls;
 - "streams" (CUDA): as "batched", with each group of units issued on its own
   CUDA stream so that units of different shapes run concurrently.
 """
@@ -23,53 +25,41 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from locoprop import kernels
+from locoprop import kernels, local
 from locoprop.distributed import Communicator
-from locoprop.gradient_checks import backprop_gradient_mismatch, reuse_tolerance
-from locoprop.local import local_grads
 from locoprop.problem import LocalProblem
 
-__all__ = [
-    "PARALLEL_MODES",
-    "LocalGradients",
-    "backprop_cross",
-    "backprop_reusable",
-    "backprop_rows",
-    "uses_gram_form",
-]
+__all__ = ["PARALLEL_MODES", "LocalGradients", "input_rows", "uses_gram_form"]
 
 PARALLEL_MODES = ("auto", "batched", "streams", "none")
 
 
 @dataclasses.dataclass(eq=False)
 class _Work:
-    """Computes the local gradients of one or more units: problems -> grads."""
+    """Computes the local gradients (without λΔθ) of one or more units: problems -> grads."""
 
     problems: list[LocalProblem]
     compute: Callable[[], list[list[Tensor]]]
-    # The gradients at θ^old from the recorded backprop pass, used by the
-    # first iteration instead of ``compute`` (fast paths only).
-    initial: list[list[Tensor]] | None = None
     # On several ranks: whether ``compute`` gives the whole batch's gradients
     # already (the Gram form, from statistics summed once), not this rank's part.
     whole_batch: bool = False
 
 
 class LocalGradients:
-    """The local gradients of a step's unit problems, by the chosen method.
+    """The local gradients Σ Jᵀr + γ·G (without λΔθ) of a step's unit problems, by the chosen method.
 
     Args:
         problems: the units' problems of this step (their ``params``,
-            ``batches`` of (x, target), ``backprop`` of (x, g), γ).
+            ``old_params``, ``inputs``, ``anchors``, ``linear_term`` and γ).
         variant: "M" or "S".
         mode: "none", "batched" or "streams".
         comm: the ranks (:mod:`locoprop.distributed`): each rank computes its
-            examples' part of every local gradient, and the parts are summed
-            over ranks in one bucket per iteration; the Gram form sums its
-            statistics once instead.
+            examples' part of every divergence gradient (rank 0 adds γ·G,
+            the same on every rank), and the parts are summed over ranks in
+            one bucket per iteration; the Gram form sums its statistic C once
+            instead.
 
-    A problem's ``gram_form`` (from :func:`uses_gram_form`, decided when its
-    targets are, since the Gram form needs none) selects the Gram form of S.
+    A problem's ``gram_form`` (from :func:`uses_gram_form`) selects the Gram form of S.
     """
 
     def __init__(self, problems: list[LocalProblem], variant: str, mode: str, comm: Communicator | None = None):
@@ -77,61 +67,56 @@ class LocalGradients:
         self.mode = mode
         self.comm = comm if comm is not None else Communicator()
         self.overlap = self.comm.distributed and self.comm.overlaps(problems)
+        # γ·G joins the gradients of one rank only: the ranks' parts are summed.
+        self.share = 1.0 if self.comm.rank == 0 else 0.0
         self.work: list[_Work] = []
         if mode == "none":
             self.work = [_Work([p], self._reference(p)) for p in problems]
             return
-        batchable: dict[tuple, list[tuple[LocalProblem, Tensor, Tensor]]] = {}
-        gram = []
+        batchable: dict[tuple, list[tuple[LocalProblem, Tensor, tuple[Tensor, ...]]]] = {}
         for problem in problems:
             module = problem.unit.module
             if not isinstance(module, nn.Linear):
                 self.work.append(_Work([problem], self._reference(problem)))
                 continue
             if problem.gram_form:
-                gram.append(problem)
+                self.work.append(self._gram(problem))
                 continue
-            x = kernels.concat_rows([problem.unit.adapter.input_rows(x) for x, _ in problem.batches])
-            target = kernels.concat_rows([problem.unit.adapter.output_rows(t) for _, t in problem.batches])
+            adapter = problem.unit.adapter
+            x = kernels.concat_rows([adapter.input_rows(x) for x in problem.inputs])
+            anchor = tuple(kernels.concat_rows([adapter.output_rows(t) for t in parts])
+                           for parts in zip(*problem.anchors))  # fmt: skip
             key = (tuple(module.weight.shape), module.bias is not None, tuple(x.shape), problem.unit.transfer.name,
                    x.dtype, x.device)  # fmt: skip
-            batchable.setdefault(key, []).append((problem, x, target))
-        # The first iteration's gradients, γ·[gᵀx, Σg]: γ·p.grad where that is
-        # still the backprop gradient (one check for all units).
-        reusable = set()
-        if not self.comm.distributed:  # on several ranks p.grad is not this rank's part (DDP averaged it)
-            reusable = backprop_reusable(gram + [problem for group in batchable.values() for problem, _, _ in group])
-        for problem in reusable:
-            problem.grads_are_backprop = True
-        self.work += [self._gram(problem, problem in reusable) for problem in gram]
+            batchable.setdefault(key, []).append((problem, x, anchor))
         # Linear units run one after another, except on streams: then one
         # pre-activation buffer serves them all.
         scratch = _Scratch(shared=mode != "streams")
         for group in batchable.values():
             if len(group) == 1:
-                self.work.append(self._linear(*group[0], scratch, reusable))
+                self.work.append(self._linear(*group[0], scratch))
             else:
-                self.work.append(self._batched(group, scratch, reusable))
+                self.work.append(self._batched(group, scratch))
 
     def __call__(self, active: set) -> dict[LocalProblem, list[Tensor]]:
-        """Local gradients of the ``active`` problems at the current parameters."""
+        """Local gradients (without λΔθ) of the ``active`` problems at the current parameters."""
         todo = [w for w in self.work if any(p in active for p in w.problems)]
         if self.mode == "streams" and len(todo) > 1:
             grads = self._on_streams(todo)
         elif self.overlap:
             return self._overlapped(todo)
         else:
-            grads = {p: g for w in todo for p, g in zip(w.problems, _grads(w))}
+            grads = {p: g for w in todo for p, g in zip(w.problems, w.compute())}
         if self.comm.distributed:
             self.comm.sum_([g for w in todo if not w.whole_batch for p in w.problems for g in grads[p]])
         return grads
 
     def _overlapped(self, todo: list[_Work]) -> dict[LocalProblem, list[Tensor]]:
-        """The local gradients, each work item's summed over ranks in its own asynchronous bucket, on its way
-        while the next items compute theirs (NCCL runs it on its own stream)."""
+        """The local gradients, each work item's summed over ranks in its own asynchronous bucket, on its
+        way while the next items compute theirs (NCCL runs it on its own stream)."""
         grads, pending = {}, []
         for w in todo:
-            grads.update(zip(w.problems, _grads(w)))
+            grads.update(zip(w.problems, w.compute()))
             if not w.whole_batch:
                 pending.append(self.comm.sum_start([g for p in w.problems for g in grads[p]]))
         for transfer in pending:
@@ -143,63 +128,69 @@ class LocalGradients:
     # plan cycle would keep every buffer of a step alive until the garbage
     # collector ran, into the next step.
     def _reference(self, problem: LocalProblem) -> Callable[[], list[list[Tensor]]]:
-        unit, variant = problem.unit, self.variant
+        unit, variant, scale = problem.unit, self.variant, problem.activation_lr * self.share
 
         def compute():
-            return [local_grads(variant, unit.transfer, unit.adapter.forward, problem.params, problem.batches)]
+            delta = [p.detach() - q for p, q in zip(problem.params, problem.old_params)]
+            grads = local.divergence_grads(variant, unit.transfer, unit.adapter.forward, delta, problem.uses)
+            torch._foreach_add_(grads, problem.linear_terms(), alpha=scale)
+            return [grads]
 
         return compute
 
-    def _linear(self, problem: LocalProblem, x: Tensor, target: Tensor, scratch: _Scratch, reusable: set) -> _Work:
+    def _linear(self, problem: LocalProblem, x: Tensor, anchor: tuple, scratch: _Scratch) -> _Work:
         module, transfer, variant = problem.unit.module, problem.unit.transfer, self.variant
-        activation = scratch.reserve((x.shape[0], module.out_features), x)
+        delta_a = scratch.reserve((x.shape[0], module.out_features), x)
         grads = kernels.linear_workspace(x, module.weight, module.bias)[1:]
+        delta = [torch.empty_like(p) for p in problem.params]
+        linear_term, scale = problem.linear_terms(), problem.activation_lr * self.share
 
         def compute():
-            out = [activation(), *grads]
-            return [kernels.linear_grads(variant, transfer, x, target, module.weight.detach(), _bias(module), out)]
+            for d, p, old in zip(delta, problem.params, problem.old_params):
+                torch.sub(p.detach(), old, out=d)
+            return [kernels.divergence_grads(variant, transfer, x, anchor, *_weight_and_bias(delta),
+                                             [delta_a(), *grads], linear_term, scale)]  # fmt: skip
 
-        return _Work([problem], compute, [_backprop_grads(problem, grads, problem in reusable)])
+        return _Work([problem], compute)
 
-    def _gram(self, problem: LocalProblem, reuse: bool) -> _Work:
-        module = problem.unit.module
-        weight, bias = module.weight.detach(), _bias(module)
-        x, _ = backprop_rows(problem)
-        cross = backprop_cross(problem, reuse)
-        covariance = kernels.gram_covariance(x, bias is not None)
-        self.comm.sum_lower_([covariance], [cross], mirror=True)  # the whole batch's C and Gᵀx̃, once a step
-        statistic = kernels.gram_statistic(covariance, weight, bias, cross, problem.activation_lr)
-        grads = kernels.linear_workspace(x, weight, bias)[1:]
-        torch.mul(cross[:, : weight.shape[1]], problem.activation_lr, out=grads[0])  # the first iteration: γ·Gᵀx̃
-        if bias is not None:
-            torch.mul(cross[:, -1], problem.activation_lr, out=grads[1])
+    def _gram(self, problem: LocalProblem) -> _Work:
+        has_bias = len(problem.params) == 2
+        covariance = kernels.gram_covariance(input_rows(problem), has_bias)
+        self.comm.sum_lower_([covariance], [], mirror=True)  # the whole batch's C, once a step
+        grads = [torch.empty_like(p) for p in problem.params]
+        delta = [torch.empty_like(p) for p in problem.params]
+        linear_term, activation_lr = problem.linear_terms(), problem.activation_lr
 
         def compute():
-            return [kernels.gram_grads(covariance, statistic, module.weight.detach(), _bias(module), grads)]
+            for d, p, old in zip(delta, problem.params, problem.old_params):
+                torch.sub(p.detach(), old, out=d)
+            return [kernels.gram_grads(covariance, *_weight_and_bias(delta), linear_term, activation_lr, grads)]
 
-        return _Work([problem], compute, [grads], whole_batch=True)
+        return _Work([problem], compute, whole_batch=True)
 
-    def _batched(self, group: list[tuple[LocalProblem, Tensor, Tensor]], scratch: _Scratch, reusable: set) -> _Work:
+    def _batched(self, group: list[tuple[LocalProblem, Tensor, tuple]], scratch: _Scratch) -> _Work:
         problems = [g[0] for g in group]
-        modules = [p.unit.module for p in problems]
         transfer, variant = problems[0].unit.transfer, self.variant
         x = torch.stack([g[1] for g in group])
-        target = torch.stack([g[2] for g in group])
-        weight = torch.stack([m.weight.detach() for m in modules])
-        bias = torch.stack([m.bias.detach() for m in modules]) if modules[0].bias is not None else None
-        activation = scratch.reserve((*x.shape[:2], weight.shape[1]), x)
-        grads = kernels.linear_workspace(x, weight, bias)[1:]
+        anchor = tuple(torch.stack(parts) for parts in zip(*(g[2] for g in group)))
+        old = [torch.stack(parts) for parts in zip(*(p.old_params for p in problems))]
+        # γ·G of each unit, stacked: γ may differ between the units (their param groups).
+        linear_term = [torch.stack(parts) for parts in zip(*(
+            [g * (p.activation_lr * self.share) for g in p.linear_terms()] for p in problems))]  # fmt: skip
+        delta = [torch.empty_like(o) for o in old]
+        delta_a = scratch.reserve((*x.shape[:2], old[0].shape[1]), x)
+        grads = kernels.linear_workspace(x, *_weight_and_bias(old))[1:]
 
         def compute():
-            # The current parameters, stacked into the same buffers each time.
-            torch.stack([m.weight.detach() for m in modules], out=weight)
-            if bias is not None:
-                torch.stack([m.bias.detach() for m in modules], out=bias)
-            kernels.linear_grads(variant, transfer, x, target, weight, bias, [activation(), *grads])
+            # Δθ of every unit, stacked into the same buffers each time.
+            for d, o, parts in zip(delta, old, zip(*(p.params for p in problems))):
+                for i, q in enumerate(parts):
+                    torch.sub(q.detach(), o[i], out=d[i])
+            kernels.divergence_grads(variant, transfer, x, anchor, *_weight_and_bias(delta), [delta_a(), *grads],
+                                     linear_term, 1.0)  # fmt: skip
             return [list(unit_grads) for unit_grads in zip(*(g.unbind(0) for g in grads))]
 
-        initial = [_backprop_grads(p, [g[i] for g in grads], p in reusable) for i, p in enumerate(problems)]
-        return _Work(problems, compute, initial)
+        return _Work(problems, compute)
 
     def _on_streams(self, todo: list[_Work]) -> dict[LocalProblem, list[Tensor]]:
         main = torch.cuda.current_stream()
@@ -208,7 +199,7 @@ class LocalGradients:
         for work, stream in zip(todo, streams):
             stream.wait_stream(main)  # inputs written on the main stream
             with torch.cuda.stream(stream):
-                for problem, grads in zip(work.problems, _grads(work)):
+                for problem, grads in zip(work.problems, work.compute()):
                     results[problem] = grads
         for stream in streams:
             main.wait_stream(stream)
@@ -218,64 +209,32 @@ class LocalGradients:
         return results
 
 
-def _grads(work: _Work) -> list[list[Tensor]]:
-    if work.initial is None:
-        return work.compute()
-    grads, work.initial = work.initial, None  # only for the first iteration
-    return grads
-
-
 def uses_gram_form(problem: LocalProblem, variant: str, mode: str, local_iters: int, ranks: int = 1) -> bool:
-    """Whether the plan solves ``problem`` in the Gram form of variant S (which
-    needs no targets), on ``ranks`` ranks (:func:`locoprop.kernels.gram_is_cheaper`)."""
+    """Whether the plan solves ``problem`` in the Gram form of variant S, on ``ranks`` ranks
+    (:func:`locoprop.kernels.gram_is_cheaper`)."""
     module = problem.unit.module
     if variant != "S" or mode == "none" or not isinstance(module, nn.Linear):
         return False
-    rows = sum(problem.unit.adapter.input_rows(x).shape[0] for x, _ in problem.backprop)
+    rows = sum(problem.unit.adapter.input_rows(x).shape[0] for x in problem.inputs)
     return kernels.gram_is_cheaper(rows, module.in_features, module.out_features, local_iters, ranks)
 
 
-def backprop_rows(problem: LocalProblem) -> tuple[Tensor, Tensor]:
-    """A linear unit's recorded inputs x and backprop gradients g, as rows.
+def input_rows(problem: LocalProblem) -> Tensor:
+    """A linear unit's recorded inputs x, as rows.
 
-    A layer used several times has its records joined once: the joined pair
-    replaces them in ``problem.backprop`` (its objective sums over rows), so
-    the check, Gᵀx̃ and C do not each copy them again.
+    A layer used several times has its inputs joined once: the joined rows
+    replace them in ``problem.inputs`` (its objective sums over rows), so C
+    and the solves do not each copy them again.
     """
     adapter = problem.unit.adapter
-    x = kernels.concat_rows([adapter.input_rows(x) for x, _ in problem.backprop])
-    g = kernels.concat_rows([adapter.output_rows(g) for _, g in problem.backprop])
-    problem.backprop = [(x, g)]
-    return x, g
-
-
-def backprop_reusable(problems: list[LocalProblem]) -> set:
-    """The linear-unit problems whose ``param_grads`` (the parameters' ``.grad``
-    at the start of the step) still equal their backprop gradient [gᵀx, Σg],
-    by :func:`locoprop.gradient_checks.backprop_gradient_mismatch` (one device sync)."""
-    if not problems:
-        return set()
-    mismatch = torch.stack([backprop_gradient_mismatch(p.param_grads, *backprop_rows(p)) for p in problems])
-    tolerances = [reuse_tolerance(p.params[0].dtype) for p in problems]
-    return {p for p, m, tol in zip(problems, mismatch.tolist(), tolerances) if m <= tol}
-
-
-def backprop_cross(problem: LocalProblem, reuse: bool) -> Tensor:
-    """Gᵀx̃ = [gᵀx | Σg] of a linear unit: from ``param_grads`` when ``reuse``
-    (the backward pass computed it), else from the records."""
-    if not reuse:
-        x, g = backprop_rows(problem)
-        return kernels.backprop_cross(x, g, len(problem.params) == 2)
-    weight_grad, *bias_grad = problem.param_grads
-    return torch.cat([weight_grad, bias_grad[0][:, None]], dim=1) if bias_grad else weight_grad
-
-
-def _backprop_grads(problem: LocalProblem, out: list[Tensor], reuse: bool) -> list[Tensor]:
-    if reuse:  # the backward pass computed them already
-        for buffer, grad in zip(out, problem.param_grads):
-            torch.mul(grad, problem.activation_lr, out=buffer)
-        return out
-    return kernels.backprop_grads(*backprop_rows(problem), problem.activation_lr, out)
+    x = kernels.concat_rows([adapter.input_rows(x) for x in problem.inputs])
+    problem.inputs = [x]
+    if problem.anchors and any(problem.anchors[0]):
+        joined = tuple(kernels.concat_rows([adapter.output_rows(t) for t in parts]) for parts in zip(*problem.anchors))
+        problem.anchors = [joined]
+    else:
+        problem.anchors = [()]
+    return x
 
 
 class _Scratch:
@@ -301,5 +260,5 @@ class _Scratch:
         return buffer
 
 
-def _bias(module: nn.Module) -> Tensor | None:
-    return module.bias.detach() if module.bias is not None else None
+def _weight_and_bias(params: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    return params[0], (params[1] if len(params) > 1 else None)

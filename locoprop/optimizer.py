@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from locoprop.distributed import Communicator, greedy_owners
 from locoprop.exact import exact_s_direction, exact_s_solution, lower_covariance, solve_covariance
-from locoprop.gradient_checks import outside_use_tolerance
 from locoprop.hypergrad import (
     HYPERGRAD_MODES,
     adapted_activation_lr,
@@ -24,18 +23,11 @@ from locoprop.hypergrad import (
 )
 from locoprop.inner import INNER_SCHEDULES, RMSpropTF, inner_lr, resolve_inner
 from locoprop.layers import no_backward_error, unrecorded_gradient_error
-from locoprop.local import add_prox_grad_, layer_backprop_grads, make_target
-from locoprop.local_gradients import (
-    PARALLEL_MODES,
-    LocalGradients,
-    backprop_cross,
-    backprop_reusable,
-    backprop_rows,
-    uses_gram_form,
-)
+from locoprop.local import add_prox_grad_
+from locoprop.local_gradients import PARALLEL_MODES, LocalGradients, input_rows, uses_gram_form
 from locoprop.problem import LocalProblem
 from locoprop.transfer import TRANSFER_NAMES, transfer_by_name
-from locoprop.units import GradientSketch, OutputUnitFinder, Unit, discover_units
+from locoprop.units import OutputUnitFinder, Unit, discover_units
 
 __all__ = ["LocoPropOptimizer"]
 
@@ -53,31 +45,39 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
     For every unit m (an nn.Linear / nn.Conv2d and its transfer function f),
     with input x, pre-activation a and backprop gradient g = dL/da from the
-    backward pass, one step
+    backward pass, one step runs K inner-optimizer steps on the unit's local
+    objective (SPEC §2: the target â = a − γ·g of variant "S", or
+    ŷ = f(a) − γ·g of "M")
 
-    1. sets a target: â = a − γ·g (variant "S") or ŷ = f(a) − γ·g ("M");
-    2. runs K inner-optimizer steps on the unit's local objective
-       ℓ_S(θ) = ½Σ‖layer_θ(x) − â‖² + (λ/2)‖θ − θ^old‖² or
-       ℓ_M(θ) = Σ[F(layer_θ(x)) − ŷ·layer_θ(x)] + (λ/2)‖θ − θ^old‖²,
-       at inner learning rate η_t = η·max(1 − t/K, 0.25) ("linear-floor")
-       or η_t = η ("constant"), t = 0..K−1.
+        ℓ_S(θ) = ½Σ‖layer_θ(x) − â‖² + (λ/2)‖θ − θ^old‖²  or
+        ℓ_M(θ) = Σ[F(layer_θ(x)) − ŷ·layer_θ(x)] + (λ/2)‖θ − θ^old‖²,
 
-    ∇ℓ(θ^old) = γ·∇L(θ^old), so one local SGD step at η is a backprop SGD
-    step at η·γ. Parameters outside every unit (norms, embeddings) take one
-    inner step at η on γ·∇L, the same first step. ``solve="exact"`` (variant
-    S, linear units, λ > 0) replaces the K steps by the minimiser
-    θ^old − γ·Gᵀx̃(C + λI)⁻¹ with x̃ = [x, 1], C = Σx̃ᵀx̃.
+    at inner learning rate η_t = η·max(1 − t/K, 0.25) ("linear-floor") or
+    η_t = η ("constant"), t = 0..K−1. It solves them in the equal form
+    ℓ(θ) = Σ D(Δa) + γ·⟨G, Δθ⟩ + (λ/2)‖Δθ‖² (:mod:`locoprop.local`), D the
+    divergence of the unit's output from its value at θ^old and G the
+    gradient handed over in ``p.grad``: whatever the user did to ``p.grad``
+    after ``backward()`` (clipping, rescaling, noise, an all-reduce) is what
+    every local problem starts from, and in float32 nothing cancels, so the
+    step is as precise as float32 SGD's at any γ.
+
+    ∇ℓ(θ^old) = γ·G, so one local SGD step at η is an SGD step at η·γ on the
+    handed-over gradient. Parameters outside every unit (norms, embeddings)
+    take one inner step at η on γ·G, the same first step. A parameter whose
+    ``.grad`` is None takes no step, as in torch.optim.
+    ``solve="exact"`` (variant S, linear units, λ > 0) replaces the K steps
+    by the minimiser θ^old − γ·G(C + λI)⁻¹ with x̃ = [x, 1], C = Σx̃ᵀx̃.
 
     There is one parameter group per unit (plus one for the other
     parameters), each with its own ``lr``, ``activation_lr``, ``local_iters``,
     ``inner_schedule`` and ``prox``; lr schedulers act on ``lr`` (η). A
     parameter tied between units sits in the first one's group and follows
-    the sum of their local objectives; a unit parameter that a module outside
-    every unit also holds (an embedding tied to the output layer), or that a
-    function call also uses (``F.embedding(t, head.weight)``, found because
-    its backward gradient differs from the part through the unit's recorded
-    uses), adds the linear objective γ·⟨∇L of that use, θ⟩ to its local
-    objective (``solve="exact"`` refuses such a step).
+    the sum of their local objectives, with its linear term γ·⟨G, θ⟩ once (γ
+    of that group); a unit parameter that a module outside every unit also
+    holds (an embedding tied to the output layer), or that a function call
+    also uses (``F.embedding(t, head.weight)``), needs nothing more: G, its
+    whole gradient, includes that use (``solve="exact"`` refuses only
+    weights shared by two units).
 
     The hooks keep each forward's records as long as its autograd graph; a
     pre-activation that an in-place operation overwrote (``nn.ReLU(inplace=
@@ -110,11 +110,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             ``locoprop.exact.exact_s_direction``), "streams" (the same,
             unit groups on separate CUDA streams), "none" (the readable
             reference path) or "auto" (streams on CUDA, batched otherwise).
-            The fast paths take Gᵀx̃, the layer's backprop gradient (γ·Gᵀx̃
-            is the first local gradient, and the exact solve's right-hand
-            side), from ``p.grad`` when a randomised check finds it
-            unchanged, and from the records otherwise: clipping ``p.grad``
-            does not change the local problems.
+            Every path solves the same problems from the same ``p.grad``.
         compile: fuse the inner update, run K times per step: "rmsprop-tf"
             through ``torch.compile`` (a few seconds once), torch's Adam,
             AdamW, SGD and Adagrad through their ``fused`` kernels.
@@ -124,9 +120,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             equals the single-process step on the concatenated batch with the
             mean loss, for M, S and the exact solve, with or without DDP
             around the model; every rank ends with the same parameters and
-            inner state. The recorded g is divided by W to put it on the
-            footing of DDP's averaged gradients; a rank whose loss is a sum
-            over its examples multiplies it by W to get the global sum's step.
+            inner state. G is the mean of the ranks' ``.grad`` (DDP's average,
+            when DDP wraps the model); a rank whose loss is a sum over its
+            examples multiplies it by W to get the global sum's step. Tied
+            weights train on several ranks as in one process.
             What is communicated, per variant: :mod:`locoprop.distributed`.
         hypergrad_lr: β ≥ 0. With β > 0 each unit's γ adapts online by
             hypergradient descent (:mod:`locoprop.hypergrad`): at every step,
@@ -229,8 +226,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
         self._param_names = {p: name for name, p in model.named_parameters()}
         # A parameter shared by units (tied weights) belongs to the group of
-        # the first; its local gradient sums theirs. One that a module outside
-        # every unit also holds adds that use's share of ∇L (_set_targets).
+        # the first; its local gradient sums theirs, with its linear term γ·G
+        # once. One that a module outside every unit also holds needs nothing
+        # more: G, its whole gradient, includes that use.
         users: dict[Tensor, list[Unit]] = {}
         for unit in found:
             for p in unit.params:
@@ -249,15 +247,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self.comm = Communicator(process_group)
         # DDP averages the parameter gradients over ranks itself.
         self._grads_averaged = isinstance(model, nn.parallel.DistributedDataParallel)
-        if self.comm.distributed and self._tied:
+        shared = {p: used_by for p, used_by in self._tied.items() if len(used_by) > 1}
+        if solve == "exact" and shared:
             raise ValueError(
-                f"Tied weights are not supported on {self.comm.world_size} ranks yet ({self._describe_tied()}): "
-                "their outside share needs the global gradient of each use; train them in one process"
-            )
-        if solve == "exact" and self._tied:
-            raise ValueError(
-                f"solve='exact' cannot update tied weights ({self._describe_tied()}): its closed form solves each "
-                "unit alone; use solve='iterative'"
+                f"solve='exact' cannot update weights shared by units ({self._describe_tied(shared)}): its closed "
+                "form solves each unit alone; use solve='iterative'"
             )
         others = [p for p in model.parameters() if p.requires_grad and p not in users]
         owned = [[p for p in unit.params if users[p][0] is unit] for unit in found]
@@ -293,15 +287,6 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self.synchronize_timing = False
         for unit in found:
             unit.attach()
-        # The backward gradient of every unit parameter, sketched, shows a use
-        # that no unit recorded, through a function call (_find_outside_uses).
-        self._sketches = {
-            p: GradientSketch(p)
-            for unit in found
-            if GradientSketch.supports(unit)
-            for p in unit.params
-            if p not in self._held_outside_units
-        }
         self._output_unit_error: Exception | None = None
         self._output_finder: OutputUnitFinder | None = None
         if self._output_transfer is not None and len(found) > 1:
@@ -329,10 +314,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             if unit is not None and group["hypergrad_lr"] > 0
         }
 
-    def _describe_tied(self) -> str:
+    def _describe_tied(self, tied: dict | None = None) -> str:
         """The tied parameters and their users, for messages."""
         described = []
-        for p, used_by in self._tied.items():
+        for p, used_by in (self._tied if tied is None else tied).items():
             uses = [f"unit {u.name!r}" for u in used_by]
             if p in self._held_outside_units:
                 uses.append(f"module {self._held_outside_units[p]!r}")
@@ -372,8 +357,6 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         cannot step any more)."""
         for unit in self.units:
             unit.detach()
-        for sketch in self._sketches.values():
-            sketch.remove()
         if self._output_finder is not None:
             self._output_finder.remove()
 
@@ -410,8 +393,6 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         for unit in self.units:
             unit.records.clear()
-        for sketch in self._sketches.values():
-            sketch.reset()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -438,7 +419,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             try:
                 # h of the last step's γ, and the new γ that this step's targets use
                 hypergradients = self._adapt_activation_lrs(adapting) if adapting else {}
-                self._set_targets(problems)
+                self._set_anchors(problems)
                 targets_set = self._clock()
                 finite = all(map(math.isfinite, hypergradients.values()))
                 if not self.comm.all_true(finite and _all_finite(problems), self.units[0].module.weight.device):
@@ -459,8 +440,6 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 raise
         for unit in self.units:
             unit.records.clear()
-        for sketch in self._sketches.values():
-            sketch.reset()
         self.last_step_seconds = {"targets": targets_set - started, "local_solve": self._clock() - targets_set}
         return loss
 
@@ -490,11 +469,6 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         adapting = [p for p in problems if p.unit is not None and self.param_groups[p.group_index]["hypergrad_lr"] > 0]
         if adapting:
             self._check_hypergrad_supported()  # β may have been raised in param_groups since construction
-            if any(problem.outside_uses for problem in adapting):
-                raise RuntimeError(
-                    "hypergrad_lr > 0 is not supported for a unit whose weight is also used outside the units (a "
-                    "function call such as F.embedding(tokens, layer.weight)); no parameter was changed"
-                )
         return adapting
 
     def _adapt_activation_lrs(self, adapting: list[LocalProblem]) -> dict[str, float]:
@@ -521,17 +495,16 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             group["activation_lr"] = gamma
 
     def _before_solve(self, adapting: list[LocalProblem]) -> dict[LocalProblem, dict]:
-        """What the sensitivities need from before the solve changes it: the (x, g) pairs, and for
-        "unrolled" θ^old, the inner state and the K inner learning rates."""
+        """What the sensitivities need from before the solve changes it: the recorded uses and G, and for
+        "unrolled" the inner state and the K inner learning rates."""
         before = {}
         for problem in adapting:
-            saved = {"backprop": problem.backprop, "param_grads": problem.param_grads}
+            saved = {"uses": problem.uses, "linear_term": problem.linear_terms()}
             if self.solve == "iterative" and self.hypergrad == "unrolled":
                 group, index = self.param_groups[problem.group_index], problem.group_index
                 rule = inner_tangent(self.inner, index)
                 k = group["local_iters"]
                 saved.update(
-                    old=[p.detach().clone() for p in problem.params],
                     rule=rule,
                     states=[rule.start(self.inner.state.get(p, {}), p) for p in problem.params],
                     lrs=[inner_lr(group["inner_schedule"], group["lr"], t, k) for t in range(k)],
@@ -548,18 +521,19 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             group, unit = self.param_groups[problem.group_index], problem.unit
             linear = isinstance(unit.module, nn.Linear)
             saved = before[problem]
+            inputs = [x for x, _ in saved["uses"]]
             if self.solve == "exact":
                 sensitivity = [-d for d in problem.exact_direction]  # θ* = θ^old − γ·Δ
             elif self.hypergrad == "implicit":
                 params = [p.detach() for p in problem.params]
-                known = saved["param_grads"] if problem.grads_are_backprop else None  # Jᵀg from the backward pass
-                sensitivity = implicit_sensitivity(self.variant, unit.transfer, unit.adapter.forward, params,
-                                                   saved["backprop"], group["prox"], self.hypergrad_iters, linear,
-                                                   known)  # fmt: skip
+                sensitivity = implicit_sensitivity(self.variant, unit.transfer, unit.adapter.forward, params, inputs,
+                                                   saved["linear_term"], group["prox"], self.hypergrad_iters,
+                                                   linear)  # fmt: skip
             else:
                 sensitivity, _ = unrolled_sensitivity(
-                    self.variant, unit.transfer, unit.adapter.forward, saved["old"], saved["backprop"],
-                    problem.activation_lr, group["prox"], saved["rule"], saved["states"], saved["lrs"], linear,
+                    self.variant, unit.transfer, unit.adapter.forward, problem.old_params, saved["uses"],
+                    saved["linear_term"], problem.activation_lr, group["prox"], saved["rule"], saved["states"],
+                    saved["lrs"], linear,
                 )  # fmt: skip
             for p, s in zip(problem.params, sensitivity):
                 self.state[p]["gamma_sensitivity"] = s.reshape(p.shape)
@@ -572,17 +546,23 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         return time.perf_counter()
 
     def _collect_problems(self) -> list[LocalProblem]:
-        """Everything the step needs, checked before any parameter changes."""
+        """Everything the step needs, checked before any parameter changes.
+
+        Each unit that took part in the loss gets a problem with its recorded
+        inputs and, as its linear term G, the gradients the user handed over in
+        ``.grad`` (a parameter tied between units carries it in the first
+        problem that holds it, so that the sum of their objectives has it once).
+        """
         if self._output_finder is not None:
             self._output_finder.decide_now()  # the model's own forward never ran: the last unit to run
         if self._output_unit_error is not None:
             raise type(self._output_unit_error)(*self._output_unit_error.args)
-        problems, idle = [], []
+        problems, idle, carried = [], [], set()
         for index, (group, unit) in enumerate(zip(self.param_groups, self._unit_of_group)):
             if unit is None:
                 params = [p for p in group["params"] if p.grad is not None]
                 if params:
-                    problems.append(LocalProblem(index, params, grads=[p.grad for p in params]))
+                    problems.append(LocalProblem(index, params, linear_term=[p.grad for p in params]))
                 continue
             records = unit.backpropagated_records()
             if not records:
@@ -590,165 +570,77 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 continue
             for record in records:
                 unit.check_record(record)
-            # (x, g) in the parameters' dtype: records of a forward under autocast are in a lower precision.
+            # x in the parameters' dtype: records of a forward under autocast are in a lower precision.
             dtype = unit.params[0].dtype
-            backprop = [(r.x.to(dtype), r.g.to(dtype)) for r in records]
-            problems.append(LocalProblem(index, unit.params, unit=unit, records=records, backprop=backprop))
-        covered = set()
-        if idle or self._held_outside_units:  # (not needed in the usual step)
-            covered = {p for problem in problems if problem.unit is not None for p in problem.params}
+            linear_term = [p.grad if p not in carried else None for p in unit.params]
+            carried.update(unit.params)
+            problems.append(LocalProblem(index, unit.params, unit=unit, records=records, linear_term=linear_term,
+                                         inputs=[r.x.to(dtype) for r in records]))  # fmt: skip
         for unit in idle:
             # A tied parameter gets gradients from its other uses too.
-            if any(p.grad is not None and p not in covered and p not in self._held_outside_units for p in unit.params):
+            if any(p.grad is not None and p not in carried and p not in self._held_outside_units for p in unit.params):
                 raise unrecorded_gradient_error("Unit", unit.name)
         for p in self._held_outside_units:
-            if p.grad is not None and p not in covered:
-                # Its units took no part in this loss: only its use outside them, one step on γ·∇L.
-                problems.append(LocalProblem(self._group_index(p), [p], grads=[p.grad]))
-        self._find_outside_uses([problem for problem in problems if problem.unit is not None])
+            if p.grad is not None and p not in carried:
+                # Its units took no part in this loss: only its use outside them, one step on γ·G.
+                problems.append(LocalProblem(self._group_index(p), [p], linear_term=[p.grad]))
         if not problems:
             raise no_backward_error("LocoPropOptimizer")
-        if self.comm.distributed:
-            self._to_global_footing(problems)
+        if self.comm.distributed and not self._grads_averaged:
+            self._average_linear_terms(problems)
         return problems
 
-    def _to_global_footing(self, problems: list[LocalProblem]) -> None:
-        """On W ranks: each recorded g divided by W (its share of the global mean loss, see
-        :mod:`locoprop.distributed`), and the ordinary gradients of the parameters outside units averaged
-        over ranks, unless DDP averaged them already."""
-        if any(problem.outside_uses for problem in problems):
-            raise RuntimeError(
-                "A unit's weight is also used outside the units (a function call such as F.embedding(tokens, "
-                f"layer.weight)); that is not supported on {self.comm.world_size} ranks yet"
-            )
-        scale = 1.0 / self.comm.world_size
+    def _average_linear_terms(self, problems: list[LocalProblem]) -> None:
+        """On W ranks: G is the gradient of the global mean loss, the mean over ranks of each rank's ``.grad``
+        (copies: ``.grad`` stays the user's). DDP has averaged them already when it wraps the model."""
+        terms = [g for problem in problems for g in problem.linear_term if g is not None]
+        averaged = iter(terms_copy := [g.clone() for g in terms])
+        self.comm.mean_(terms_copy)
         for problem in problems:
-            problem.backprop = [(x, g * scale) for x, g in problem.backprop]
-        if not self._grads_averaged:
-            outside = [problem for problem in problems if problem.unit is None]
-            problem_grads = [g for problem in outside for g in problem.grads]
-            averaged = [g.clone() for g in problem_grads]  # p.grad itself stays the user's
-            self.comm.mean_(averaged)
-            for problem in outside:
-                problem.grads, averaged = averaged[: len(problem.grads)], averaged[len(problem.grads) :]
-
-    def _find_outside_uses(self, problems: list[LocalProblem]) -> None:
-        """Mark in ``problem.outside_uses`` each unit parameter with a gradient
-        from a use outside the units: held by a module outside them (known
-        from the model), or used through a function call such as
-        ``F.embedding(t, head.weight)``, which shows as a backward gradient
-        (:class:`~locoprop.units.GradientSketch`) that the unit's recorded uses
-        do not account for (one device sync). The exact solve refuses those."""
-        expected: dict[Tensor, Tensor] = {}
-        tolerances: dict[Tensor, float] = {}
-        for problem in problems:
-            for p in problem.params:
-                sketch = self._sketches.get(p)
-                if sketch is None or sketch.total is None:
-                    continue
-                part = sketch.through_records(problem.unit, problem.backprop)
-                expected[p] = expected[p] + part if p in expected else part
-                # records of a forward under autocast round the gradient more
-                rounding = max(outside_use_tolerance(r.g.dtype) for r in problem.records)
-                tolerances[p] = max(tolerances.get(p, 0.0), rounding)
-        unrecorded = set()
-        if expected:
-            mismatch = torch.stack([self._sketches[p].mismatch(e) for p, e in expected.items()]).tolist()
-            unrecorded = {p for p, m in zip(expected, mismatch) if m > tolerances[p]}
-        for problem in problems:
-            problem.outside_uses = [
-                i
-                for i, p in enumerate(problem.params)
-                if p.grad is not None and (p in unrecorded or p in self._held_outside_units)
-            ]
-        if self.solve == "exact" and unrecorded:
-            used = [
-                (problem.unit.name, self._param_names.get(p, "a parameter"))
-                for problem in problems
-                for p in problem.params
-                if p in unrecorded
-            ]
-            raise RuntimeError(
-                f"solve='exact' cannot update {', '.join(f'{name!r} of unit {unit!r}' for unit, name in used)}: the "
-                "backward pass gave it a gradient from a use that the unit did not record (a function call such as "
-                "F.embedding(tokens, layer.weight)), and the closed form solves each unit alone. Use "
-                "solve='iterative', or pass units= without that layer; no parameter was changed"
-            )
+            problem.linear_term = [next(averaged) if g is not None else None for g in problem.linear_term]
 
     def _group_index(self, p: Tensor) -> int:
         """The index of the param group that holds ``p``."""
         return next(i for i, group in enumerate(self.param_groups) if any(p is q for q in group["params"]))
 
-    def _set_targets(self, problems: list[LocalProblem]) -> None:
-        """Each unit's (x, target) pairs for the iterative solve (except in
-        the Gram form of S, which needs none), from the (x, g) pairs that
-        :meth:`_collect_problems` gathered; and the share of ∇L from uses
-        outside units of tied parameters.
+    def _set_anchors(self, problems: list[LocalProblem]) -> None:
+        """Each unit's γ, θ^old, the anchors of its recorded pre-activations (variant M; the S residual Δa
+        needs none), and whether S takes its Gram form.
 
-        A unit's records are released as soon as its targets exist, so that
+        A unit's records are released as soon as its anchors exist, so that
         its pre-activations do not outlive their use.
         """
         for problem in problems:
+            problem.activation_lr = self.param_groups[problem.group_index]["activation_lr"]
             unit = problem.unit
             if unit is None:
                 continue
-            problem.activation_lr = self.param_groups[problem.group_index]["activation_lr"]
-            problem.param_grads = [p.grad for p in problem.params]
+            problem.old_params = [p.detach().clone() for p in problem.params]
+            dtype = unit.params[0].dtype
+            if self.variant == "M":
+                problem.anchors = [unit.transfer.anchor_at(unit.output(r).to(dtype)) for r in problem.records]
+            else:
+                problem.anchors = [() for _ in problem.records]
             problem.gram_form = self.solve == "iterative" and uses_gram_form(
                 problem, self.variant, self._parallel_mode(), self._iterations(problem), self.comm.world_size
             )
-            if self.solve == "iterative" and not problem.gram_form:  # the Gram form needs only x and g
-                problem.batches = [
-                    (
-                        x,
-                        make_target(self.variant, unit.transfer, unit.output(r), g, problem.activation_lr),
-                    )
-                    for r, (x, g) in zip(problem.records, problem.backprop)
-                ]
             problem.records = []
             unit.records.clear()
-        if any(problem.outside_uses for problem in problems):
-            self._set_outside_shares([problem for problem in problems if problem.unit is not None])
-
-    def _set_outside_shares(self, problems: list[LocalProblem]) -> None:
-        """For a unit parameter used outside every unit too (held by a module,
-        such as an embedding tied to the output layer, or passed to a function
-        such as ``F.embedding``), its local objective adds
-        γ·⟨∇L − Σ_units ∇L_unit, θ⟩: the linear objective of the outside use,
-        whose gradient, constant, joins every local iteration. ∇L is its
-        ``.grad``, ∇L_unit the part through each unit's recorded uses."""
-        shares: dict[Tensor, Tensor] = {}
-        first_use: dict[Tensor, tuple[LocalProblem, int]] = {}
-        for problem in problems:
-            tied = problem.outside_uses
-            if not tied:
-                continue
-            through_unit = layer_backprop_grads(problem.unit.adapter.forward, problem.params, problem.backprop)
-            for i in tied:
-                p = problem.params[i]
-                shares[p] = shares.get(p, p.grad) - through_unit[i]
-                first_use.setdefault(p, (problem, i))
-        for p, share in shares.items():
-            problem, i = first_use[p]
-            activation_lr = self.param_groups[self._group_index(p)]["activation_lr"]
-            problem.outside_grads.append((i, share.mul_(activation_lr)))
 
     def _solve_iterative(self, problems: list[LocalProblem]) -> None:
-        """K lockstep iterations of the inner optimizer over all units."""
+        """K lockstep iterations of the inner optimizer over all units.
+
+        Iteration t hands the inner optimizer ∇ℓ = Σ Jᵀr + γ·G + λΔθ per unit
+        (:mod:`locoprop.local`): at t = 0 that is γ·G, for t ≥ 1 the plan gives
+        Σ Jᵀr + γ·G. A parameter tied between units sums its units'
+        gradients; one whose ``.grad`` is None takes no step, as in torch.optim.
+        """
         if not problems:
             return
         saved_grads = {p: p.grad for group in self.param_groups for p in group["params"]}
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
         iterations = {problem: self._iterations(problem) for problem in problems}
         unit_problems = [problem for problem in problems if problem.unit is not None]
-        for problem in unit_problems:
-            if self.param_groups[problem.group_index]["prox"]:
-                problem.old_params = [p.detach().clone() for p in problem.params]
         plan = LocalGradients(unit_problems, self.variant, self._parallel_mode(), self.comm)
-        for problem in unit_problems:
-            problem.backprop, problem.param_grads = [], []  # the plan holds what it needs
         # The inner lr of each group that steps: a tied parameter steps in its own group.
         schedules = {problem.group_index: iterations[problem] for problem in problems}
         tied = {p for problem in unit_problems for p in problem.params if p in self._tied} if self._tied else set()
@@ -756,36 +648,40 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             index = self._group_index(p)
             schedules.setdefault(index, self.param_groups[index]["local_iters"])
         try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
             for t in range(max(iterations.values())):
-                for problem in problems:
-                    for p in problem.params:
-                        p.grad = None  # last iteration's gradients: free them first
-                local = plan({problem for problem in unit_problems if t < iterations[problem]})
-                for problem in problems:
-                    group = self.param_groups[problem.group_index]
-                    if t >= iterations[problem]:
-                        continue
-                    if problem.unit is None:
-                        # Parameters outside units: one step on γ·∇L.
-                        grads = [group["activation_lr"] * g for g in problem.grads]
-                    else:
-                        grads = local[problem]
-                        if group["prox"]:
-                            add_prox_grad_(grads, problem.params, problem.old_params, group["prox"])
-                        for i, outside in problem.outside_grads:
-                            grads[i].add_(outside)
-                    for p, grad in zip(problem.params, grads):
-                        # A tied parameter's local objectives add up.
-                        p.grad = p.grad + grad if tied and p.grad is not None else grad
+                active = [problem for problem in problems if t < iterations[problem]]
+                planned = plan({problem for problem in active if problem.unit is not None}) if t else {}
+                totals: dict[Tensor, Tensor] = {}
+                for problem in active:
+                    for p, grad in zip(problem.params, self._local_gradient(problem, planned.get(problem))):
+                        if grad is not None:
+                            totals[p] = totals[p] + grad if p in totals else grad
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        # torch.optim skips a parameter without a gradient; so does the step.
+                        p.grad = totals.get(p) if saved_grads[p] is not None else None
                 for index, local_iters in schedules.items():
                     group = self.param_groups[index]
                     lr = inner_lr(group["inner_schedule"], group["lr"], t, local_iters)
                     self.inner.param_groups[index]["lr"] = lr
                 self.inner.step()
         finally:
-            # Callers see the backprop gradients they computed, not ours.
+            # Callers see the gradients they handed over, not ours.
             for p, grad in saved_grads.items():
                 p.grad = grad
+
+    def _local_gradient(self, problem: LocalProblem, planned: list[Tensor] | None) -> list[Tensor | None]:
+        """∇ℓ of ``problem``: γ·G at the first inner iteration (Δθ = 0, nothing ``planned``), later the plan's
+        Σ Jᵀr + γ·G plus λΔθ; None for a parameter that gets no gradient from this problem."""
+        if planned is None:
+            return [term * problem.activation_lr if term is not None else None for term in problem.linear_term]
+        group = self.param_groups[problem.group_index]
+        if group["prox"]:
+            add_prox_grad_(planned, problem.params, problem.old_params, group["prox"])
+        return planned
 
     def _parallel_mode(self) -> str:
         if self.parallel != "auto":
@@ -794,11 +690,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         return "streams" if on_cuda else "batched"
 
     def _iterations(self, problem: LocalProblem) -> int:
-        # Parameters outside units have no local problem: one step on γ·∇L.
+        # Parameters outside units have no local problem: one step on γ·G.
         return self.param_groups[problem.group_index]["local_iters"] if problem.unit is not None else 1
 
     def _solve_exact(self, problems: list[LocalProblem]) -> None:
-        """θ ← θ^old − γ·Gᵀx̃(C + λI)⁻¹ for every unit, all solved before any changes."""
+        """θ ← θ^old − γ·G(C + λI)⁻¹ for every unit, all solved before any changes."""
         if self.comm.distributed:
             self._solve_exact_distributed(problems)
             return
@@ -807,24 +703,21 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             for problem in problems:
                 prox = self.param_groups[problem.group_index]["prox"]
                 try:
-                    solutions.append(exact_s_solution(problem.params, problem.backprop, problem.activation_lr, prox))
+                    solutions.append(exact_s_solution(problem.params, problem.inputs, problem.linear_terms(),
+                                                      problem.activation_lr, prox))  # fmt: skip
                 except torch.linalg.LinAlgError:
                     failed.append(problem.unit.name)
             if failed:
                 raise _not_positive_definite(failed, problems[0].params[0].dtype)
-            for problem, solution in zip(problems, solutions):
-                if self.param_groups[problem.group_index]["hypergrad_lr"] > 0:  # Δ = (θ^old − θ*)/γ, for h
-                    problem.exact_direction = [(p - new.reshape(p.shape)) / problem.activation_lr
-                                               for p, new in zip(problem.params, solution)]  # fmt: skip
-                for p, new in zip(problem.params, solution):
-                    p.copy_(new.reshape(p.shape))
+            directions = [torch.cat([(p.detach() - new.reshape(p.shape)).reshape(p.shape[0], -1) for p, new in
+                                     zip(problem.params, solution)], dim=1).div_(problem.activation_lr)
+                          for problem, solution in zip(problems, solutions)]  # fmt: skip
+            _apply_directions(problems, directions)
             return
         directions, infos = [], []
-        reusable = backprop_reusable(problems)
         for problem in problems:
-            x, _ = backprop_rows(problem)
             prox = self.param_groups[problem.group_index]["prox"]
-            direction, info = exact_s_direction(x, backprop_cross(problem, problem in reusable), prox)
+            direction, info = exact_s_direction(input_rows(problem), _joined(problem.linear_terms()), prox)
             directions.append(direction)
             infos.append(info)
         if torch.stack(infos).any():
@@ -833,14 +726,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         _apply_directions(problems, directions)
 
     def _solve_exact_distributed(self, problems: list[LocalProblem]) -> None:
-        """The exact step on W ranks: C = Σx̃ᵀx̃ and Gᵀx̃ summed over ranks once (one bucket), each unit's
-        Cholesky solve on one owner rank (greedy by d³), its Δ broadcast to the others."""
-        covariances, crosses = [], []
-        for problem in problems:
-            x, _ = backprop_rows(problem)
-            crosses.append(backprop_cross(problem, reuse=False))  # this rank's part (p.grad may be DDP's average)
-            covariances.append(lower_covariance(x, has_bias=len(problem.params) == 2))
-        self.comm.sum_lower_(covariances, crosses)
+        """The exact step on W ranks: C = Σx̃ᵀx̃ summed over ranks once (one bucket; G is already the global
+        mean), each unit's Cholesky solve on one owner rank (greedy by d³), its Δ broadcast to the others."""
+        covariances = [lower_covariance(input_rows(problem), has_bias=len(problem.params) == 2) for problem in problems]
+        crosses = [_joined(problem.linear_terms()) for problem in problems]
+        self.comm.sum_lower_(covariances, [])
         owners = greedy_owners([float(problem.params[0].shape[1] + 1) ** 3 for problem in problems],
                                self.comm.world_size)  # fmt: skip
         directions, infos = [], []
@@ -892,13 +782,20 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
 def _apply_directions(problems: list[LocalProblem], directions: list[Tensor]) -> None:
     """θ ← θ^old − γ·Δ for each unit's [weight | bias] direction Δ, kept on the problem (views, no copy) for
-    the sensitivity ∂θ/∂γ = −Δ of the next step's hypergradient."""
+    the sensitivity ∂θ/∂γ = −Δ of the next step's hypergradient. A parameter whose ``.grad`` is None is left
+    as it is (as torch.optim leaves it)."""
     for problem, direction in zip(problems, directions):
         weight, *bias = problem.params
-        problem.exact_direction = [direction[:, : weight.shape[1]], *([direction[:, -1]] if bias else [])]
-        weight.add_(problem.exact_direction[0], alpha=-problem.activation_lr)
-        if bias:
-            bias[0].add_(problem.exact_direction[1], alpha=-problem.activation_lr)
+        problem.exact_direction = [direction[:, : weight.shape[1]].reshape(weight.shape),
+                                   *([direction[:, -1]] if bias else [])]  # fmt: skip
+        for p, d, term in zip(problem.params, problem.exact_direction, problem.linear_term):
+            if term is not None:
+                p.add_(d, alpha=-problem.activation_lr)
+
+
+def _joined(terms: list[Tensor]) -> Tensor:
+    """[∇W | ∇b] of a linear unit as one matrix (no copy without a bias)."""
+    return torch.cat([terms[0], terms[1][:, None]], dim=1) if len(terms) == 2 else terms[0]
 
 
 def _check_hyperparameters(group: dict) -> None:
@@ -996,14 +893,13 @@ def _accepts(factory, name: str) -> bool:
 
 
 def _all_finite(problems: list[LocalProblem]) -> bool:
-    """Whether every stored input, target and gradient is finite.
+    """Whether every stored input, anchor and gradient G is finite.
 
     A sum is NaN or ±inf as soon as one term is, and costs one fast pass
     (``isfinite().all()`` takes several, about 20× longer); only sums beyond
     the float range (values near 1e32 and more) would count a finite batch as
     non-finite, and such a batch is lost anyway.
     """
-    tensors = [t for pr in problems for pair in pr.backprop for t in pair]
-    tensors += [target for pr in problems for _, target in pr.batches] + [g for pr in problems for g in pr.grads]
-    tensors += [g for pr in problems for _, g in pr.outside_grads]
+    tensors = [x for pr in problems for x in pr.inputs] + [t for pr in problems for a in pr.anchors for t in a]
+    tensors += [g for pr in problems for g in pr.linear_term if g is not None]
     return bool(torch.stack([t.sum() for t in tensors]).isfinite().all())

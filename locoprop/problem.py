@@ -2,7 +2,7 @@
 
 The optimizer collects one :class:`LocalProblem` per unit that took part in
 the loss (and one for the parameters outside every unit), fills it in as the
-step proceeds (records → targets → local gradients) and drops it at the end
+step proceeds (records → anchors → local gradients) and drops it at the end
 of the step; :mod:`locoprop.local_gradients` reads it.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
 from locoprop.layers import LayerRecord
@@ -22,27 +23,25 @@ __all__ = ["LocalProblem"]
 class LocalProblem:
     """What one parameter group solves in this step.
 
-    For a unit: its recorded (x, g) pairs, γ, and for the iterative solve
-    its (x, target) pairs. For the parameters outside every unit: their
-    ordinary gradients.
+    For a unit: its recorded inputs, the anchors of its pre-activations (M),
+    the gradient G handed over and γ (:mod:`locoprop.local` gives the
+    objective). For the parameters outside every unit: their gradients G.
 
     Attributes:
         group_index: the optimizer's param group it belongs to.
         params: the parameters it updates (a unit's weight[, bias]).
         unit: the unit, or None for the parameters outside every unit.
-        backprop: (x, g) per recorded use, in the parameters' dtype.
-        param_grads: each parameter's ``.grad`` at the start of the step.
+        linear_term: G per parameter: its ``.grad`` as the user left it (the
+            mean over ranks on several ranks); None where this problem adds
+            no linear term (``.grad`` is None, or a tied parameter whose term
+            another unit's problem carries).
+        inputs: x per recorded use, in the parameters' dtype.
+        anchors: per recorded use, :meth:`~locoprop.transfer.Transfer.anchor_at`
+            of its pre-activation a^old (variant M; empty tuples for S).
         activation_lr: γ of its group.
-        gram_form: variant S solved in its Gram form (no targets needed).
-        batches: (x, target) per recorded use, for the iterative solve.
-        grads: the ordinary gradients of parameters outside units.
-        records: the unit's records, until its targets are set.
-        old_params: θ^old, kept when the proximal term needs it.
-        outside_uses: indices in ``params`` of parameters also used outside
-            every unit's records (tied weights, function calls).
-        outside_grads: (index in ``params``, γ·gradient of those uses).
-        grads_are_backprop: ``param_grads`` were checked to equal the
-            backprop gradient [gᵀx, Σg] (the plan's randomised check).
+        gram_form: variant S solved in its Gram form.
+        records: the unit's records, until its anchors are set.
+        old_params: θ^old, a copy of the parameters at the start of the step.
         exact_direction: Δ per parameter of the exact solve's step
             θ* = θ^old − γ·Δ; −Δ is its sensitivity ∂θ/∂γ, for the next
             step's hypergradient.
@@ -51,15 +50,20 @@ class LocalProblem:
     group_index: int
     params: list[Tensor]
     unit: Unit | None = None
-    backprop: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
-    param_grads: list[Tensor | None] = dataclasses.field(default_factory=list)
+    linear_term: list[Tensor | None] = dataclasses.field(default_factory=list)
+    inputs: list[Tensor] = dataclasses.field(default_factory=list)
+    anchors: list[tuple[Tensor, ...]] = dataclasses.field(default_factory=list)
     activation_lr: float = 0.0
-    gram_form: bool = False  # variant S in its Gram form: no targets
-    batches: list[tuple[Tensor, Tensor]] = dataclasses.field(default_factory=list)
-    grads: list[Tensor] = dataclasses.field(default_factory=list)
+    gram_form: bool = False
     records: list[LayerRecord] = dataclasses.field(default_factory=list)
     old_params: list[Tensor] | None = None
-    outside_uses: list[int] = dataclasses.field(default_factory=list)
-    outside_grads: list[tuple[int, Tensor]] = dataclasses.field(default_factory=list)
-    grads_are_backprop: bool = False
     exact_direction: list[Tensor] | None = None
+
+    @property
+    def uses(self) -> list[tuple[Tensor, tuple[Tensor, ...]]]:
+        """(x, anchor) per recorded use."""
+        return list(zip(self.inputs, self.anchors))
+
+    def linear_terms(self) -> list[Tensor]:
+        """G per parameter, zeros where the problem carries none."""
+        return [g if g is not None else torch.zeros_like(p) for p, g in zip(self.params, self.linear_term)]

@@ -7,8 +7,15 @@ so any transfer function works there.
 
 A :class:`Transfer` knows its elementwise map ``fn``, its integral
 ``integral`` (``None`` when it has no elementary form, as for softplus: only
-the gradient f(a) − ŷ is needed for the solve), and whether it can be used
-by variant M at all.
+the gradient is needed for the solve), whether variant M can use it at all,
+and how its output changes when its input moves by d:
+``change(anchor(a), d) = f(a + d) − f(a)``, written so that nothing cancels.
+The local solve of M needs exactly that change (its residual is
+f(a^old + Δa) − f(a^old)), and forming f(a + d) and subtracting f(a) would
+lose d to the rounding of f(a) whenever d is small: in float32 the local
+gradients of the later inner iterations would drown in rounding error at a
+small γ. ``anchor`` is computed once per step, ``change`` at every inner
+iteration.
 """
 
 from __future__ import annotations
@@ -39,15 +46,30 @@ class Transfer:
         integral: a ↦ Σ F(a) summed over every element (row-wise logsumexp
             for softmax); ``None`` when F has no elementary form.
         unsupported_reason: why variant M cannot use it (empty if it can).
-        fn_: f applied in place, where torch has such a kernel (the fast
-            solve path uses it to save a pass and an allocation).
+            anchor: a ↦ the tensors that :attr:`change` needs about the point a
+            (computed once per step; by default a itself).
+        change: (anchor(a), d) ↦ f(a + d) − f(a), accurate to a few ulp of
+            the result (by default computed directly, which cancels). It may
+            overwrite d, which the caller gives it to consume.
     """
 
     name: str
     fn: Callable[[Tensor], Tensor] | None
     integral: Callable[[Tensor], Tensor] | None
     unsupported_reason: str = ""
-    fn_: Callable[[Tensor], Tensor] | None = None
+    anchor: Callable[[Tensor], tuple[Tensor, ...]] | None = None
+    change: Callable[[tuple[Tensor, ...], Tensor], Tensor] | None = None
+
+    def anchor_at(self, a: Tensor) -> tuple[Tensor, ...]:
+        """What :meth:`change_from` needs about the point a."""
+        return self.anchor(a) if self.anchor is not None else (a,)
+
+    def change_from(self, anchor: tuple[Tensor, ...], d: Tensor) -> Tensor:
+        """f(a + d) − f(a) for ``anchor = anchor_at(a)``; may overwrite d."""
+        if self.change is not None:
+            return self.change(anchor, d)
+        (a,) = anchor
+        return self.fn(a + d) - self.fn(a)
 
     @property
     def supports_matching_loss(self) -> bool:
@@ -96,34 +118,156 @@ def _softmax(a: Tensor, dim: int) -> Tensor:
     return torch.softmax(a, dim=dim)
 
 
+# ------------------------------------------------------------- changes f(a + d) − f(a)
+# Each is an identity of f that has no difference of nearly equal numbers;
+# "d" is consumed (overwritten) where that saves an allocation.
+def _no_anchor(a: Tensor) -> tuple[Tensor, ...]:
+    return ()
+
+
+def _identity_change(anchor: tuple[Tensor, ...], d: Tensor) -> Tensor:
+    return d
+
+
+_ONE = torch.ones(())
+
+
+def _tanh_anchor(a: Tensor) -> tuple[Tensor, ...]:
+    return a, torch.tanh(a)
+
+
+def _tanh_change(anchor: tuple[Tensor, ...], d: Tensor) -> Tensor:
+    # tanh(a + d) − tanh(a) = tanh(d)·(1 − tanh(a)·tanh(a + d)): no division, exact for any d; the factor
+    # 1 − y·y′ rounds as backprop's 1 − y² does.
+    a, y = anchor
+    t = torch.tanh(d)
+    moved = d.add_(a).tanh_()
+    return torch.addcmul(_ONE.to(moved.dtype), moved, y, value=-1.0, out=moved).mul_(t)
+
+
+def _sigmoid_anchor(a: Tensor) -> tuple[Tensor, ...]:
+    half = a * 0.5
+    return half, torch.tanh(half)
+
+
+def _sigmoid_change(anchor: tuple[Tensor, ...], d: Tensor) -> Tensor:
+    # σ(x) = (1 + tanh(x/2))/2, so σ(a + d) − σ(a) is half the change of tanh at a/2 by d/2.
+    return _tanh_change(anchor, d.mul_(0.5)).mul_(0.5)
+
+
+def _piecewise_linear_anchor(slope: float):
+    """f(x) = max(x, αx) for 0 ≤ α ≤ 1 (ReLU: α = 0): f(a + d) − f(a) = max(d + c₁, α·d + c₂) with
+    c₁ = (1 − α)·min(a, 0) and c₂ = −(1 − α)·max(a, 0); one of them is 0, so on either side of the kink
+    the change is d or α·d exactly."""
+
+    def anchor(a: Tensor) -> tuple[Tensor, ...]:
+        return a.clamp(max=0.0).mul_(1.0 - slope), a.clamp(min=0.0).mul_(slope - 1.0)
+
+    return anchor
+
+
+def _piecewise_linear_change(slope: float):
+    def change(anchor: tuple[Tensor, ...], d: Tensor) -> Tensor:
+        below, above = anchor
+        if slope == 0.0:
+            d = d.add_(below)
+            return torch.maximum(d, above, out=d)
+        return torch.maximum(d + below, d.mul_(slope).add_(above))
+
+    return change
+
+
+def _softplus_anchor(beta: float):
+    def anchor(a: Tensor) -> tuple[Tensor, ...]:
+        return a, torch.sigmoid(beta * a)
+
+    return anchor
+
+
+def _softplus_change(beta: float, threshold: float):
+    # softplus(a + d) − softplus(a) = log1p(σ(βa)·expm1(βd))/β, while βd is small enough for expm1 not to
+    # overflow; beyond that the direct difference has no cancellation to fear.
+    def change(anchor: tuple[Tensor, ...], d: Tensor) -> Tensor:
+        a, probability = anchor
+        direct = F.softplus(a + d, beta, threshold) - F.softplus(a, beta, threshold)
+        small = torch.log1p(probability * torch.expm1(beta * d.clamp(max=threshold))) / beta
+        return torch.where(beta * d < threshold, small, direct)
+
+    return change
+
+
+def _softmax_anchor(dim: int):
+    def anchor(a: Tensor) -> tuple[Tensor, ...]:
+        log_s = torch.log_softmax(a, dim=dim)
+        return log_s.exp(), log_s
+
+    return anchor
+
+
+def _softmax_change(dim: int):
+    # With s = softmax(a), a row whose d is small (|d| ≤ 1): softmax(a + d) − s = s·(E − m)/Z with
+    # E = expm1(d − c), m = Σ s·E and Z = Σ s·exp(d − c) (c = max d, which softmax ignores; it keeps exp from
+    # overflowing): E − m is a difference of numbers of the size of d, Z a sum of positive terms. A row
+    # whose d is large moves its probability mass far, and the direct difference loses nothing there.
+    def change(anchor: tuple[Tensor, ...], d: Tensor) -> Tensor:
+        s, log_s = anchor
+        direct = torch.softmax(log_s + d, dim=dim).sub_(s)
+        small = d.abs().amax(dim=dim, keepdim=True) <= 1.0
+        shifted = d.sub_(d.amax(dim=dim, keepdim=True))
+        normaliser = (s * torch.exp(shifted)).sum(dim=dim, keepdim=True)
+        shifted = shifted.expm1_()
+        mean = (s * shifted).sum(dim=dim, keepdim=True)
+        return torch.where(small, shifted.sub_(mean).mul_(s).div_(normaliser), direct)
+
+    return change
+
+
 def leaky_relu(negative_slope: float = 0.01) -> Transfer:
     if negative_slope < 0:
         # A negative slope makes f non-monotone.
         return Transfer(f"leaky_relu({negative_slope})", None, None, "a negative slope is not monotone")
+    exact_change = negative_slope <= 1.0  # max(x, αx) is the function only for α ≤ 1
     return Transfer(
         f"leaky_relu({negative_slope})",
         functools.partial(_leaky_relu, slope=negative_slope),
         functools.partial(_leaky_half_square, slope=negative_slope),
-        fn_=functools.partial(F.leaky_relu_, negative_slope=negative_slope),
+        anchor=_piecewise_linear_anchor(negative_slope) if exact_change else None,
+        change=_piecewise_linear_change(negative_slope) if exact_change else None,
     )
 
 
 def softplus(beta: float = 1.0, threshold: float = 20.0) -> Transfer:
     name = "softplus" if (beta, threshold) == (1.0, 20.0) else f"softplus({beta}, {threshold})"
     # ∫ softplus is a dilogarithm, not elementary; the solve only needs f.
-    return Transfer(name, functools.partial(_softplus, beta=beta, threshold=threshold), None)
+    return Transfer(
+        name,
+        functools.partial(_softplus, beta=beta, threshold=threshold),
+        None,
+        anchor=_softplus_anchor(beta),
+        change=_softplus_change(beta, threshold),
+    )
 
 
 def softmax(dim: int = -1) -> Transfer:
     name = "softmax" if dim == -1 else f"softmax(dim={dim})"
-    return Transfer(name, functools.partial(_softmax, dim=dim), functools.partial(_logsumexp_rows, dim=dim))
+    return Transfer(
+        name,
+        functools.partial(_softmax, dim=dim),
+        functools.partial(_logsumexp_rows, dim=dim),
+        anchor=_softmax_anchor(dim),
+        change=_softmax_change(dim),
+    )
 
 
 _BY_NAME: dict[str, Callable[[], Transfer]] = {
-    "identity": lambda: Transfer("identity", _identity, _half_square, fn_=_identity),
-    "tanh": lambda: Transfer("tanh", torch.tanh, _log_cosh, fn_=torch.tanh_),
-    "sigmoid": lambda: Transfer("sigmoid", torch.sigmoid, _softplus_sum, fn_=torch.sigmoid_),
-    "relu": lambda: Transfer("relu", F.relu, _half_relu_square, fn_=torch.relu_),
+    "identity": lambda: Transfer("identity", _identity, _half_square, anchor=_no_anchor, change=_identity_change),
+    "tanh": lambda: Transfer("tanh", torch.tanh, _log_cosh, anchor=_tanh_anchor, change=_tanh_change),
+    "sigmoid": lambda: Transfer(
+        "sigmoid", torch.sigmoid, _softplus_sum, anchor=_sigmoid_anchor, change=_sigmoid_change
+    ),
+    "relu": lambda: Transfer(
+        "relu", F.relu, _half_relu_square, anchor=_piecewise_linear_anchor(0.0), change=_piecewise_linear_change(0.0)
+    ),
     "leaky_relu": leaky_relu,
     "softplus": softplus,
     "softmax": softmax,

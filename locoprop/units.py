@@ -8,9 +8,8 @@ function is the activation module that follows it inside an
 ``nn.Sequential`` (identity otherwise). The LocoProp math
 (``locoprop.local``) never looks at module types.
 
-Also here: :class:`GradientSketch`, which finds uses of a unit's weight that
-no unit recorded, and :class:`OutputUnitFinder`, which finds the unit that
-produces the model's output.
+Also here: :class:`OutputUnitFinder`, which finds the unit that produces the
+model's output.
 """
 
 from __future__ import annotations
@@ -22,11 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from locoprop.gradient_checks import freivalds_direction, relative_mismatch
 from locoprop.layers import RecordedLayer, adapter_for, find_layers
 from locoprop.transfer import Transfer, transfer_by_name, transfer_from_module
 
-__all__ = ["GradientSketch", "OutputUnitFinder", "Unit", "discover_units"]
+__all__ = ["OutputUnitFinder", "Unit", "discover_units"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,65 +39,6 @@ class Unit(RecordedLayer):
 
     def __repr__(self) -> str:
         return f"Unit({self.name!r}, {type(self.module).__name__}, transfer={self.transfer.name!r})"
-
-
-class GradientSketch:
-    """The whole backward gradient of one unit parameter, sketched, to find
-    uses of it that no unit recorded (``F.embedding(t, head.weight)``).
-
-    A tensor hook on the parameter sees each backward pass's gradient before
-    it reaches ``.grad`` (so before any clipping) and adds up its projection
-    on a fixed random direction v: ∇W·v for a weight (d_out numbers, one
-    matrix-vector product), ∇b itself for a bias. :meth:`mismatch` compares
-    the sum with the same projection of the recorded uses' gradient,
-    Σ gᵀ(x·v), obtained by running the layer with the one-row weight vᵀ, so a
-    convolution needs no unfolded patches. A real difference shows as in
-    Freivalds' check (:func:`locoprop.gradient_checks.backprop_gradient_mismatch`).
-
-    The hook keeps only the sketch, never the gradient, which can be the very
-    tensor that becomes ``.grad``. Grouped convolutions are not sketched.
-    """
-
-    def __init__(self, param: nn.Parameter):
-        self.is_weight = param.dim() > 1
-        self.direction = freivalds_direction(param[0].numel(), param) if self.is_weight else None
-        self.total: Tensor | None = None
-        self._handle = param.register_hook(self._add)
-
-    @staticmethod
-    def supports(unit: Unit) -> bool:
-        return getattr(unit.module, "groups", 1) == 1
-
-    def _add(self, grad: Tensor) -> None:
-        if self.is_weight:
-            sketch = torch.mv(grad.reshape(grad.shape[0], -1), self.direction.to(grad.device, grad.dtype))
-        else:
-            sketch = grad.detach().clone()  # grad may become .grad, which clipping changes in place
-        self.total = sketch if self.total is None else self.total + sketch
-
-    def through_records(self, unit: Unit, backprop: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-        """The sketch of the part of the gradient through ``unit``'s (x, g) pairs."""
-        adapter, expected = unit.adapter, None
-        for x, g in backprop:
-            g_rows = adapter.output_rows(g)
-            if self.is_weight:
-                weight = self.direction.to(x.device, x.dtype).reshape(1, *unit.module.weight.shape[1:])
-                part = g_rows.T @ adapter.output_rows(adapter.forward(x, weight, None))[:, 0]
-            else:
-                part = g_rows.sum(0)
-            expected = part if expected is None else expected + part
-        return expected
-
-    def mismatch(self, expected: Tensor) -> Tensor:
-        """The relative difference of the backward passes' sketch from ``expected``."""
-        return relative_mismatch(self.total.to(expected.dtype), expected)
-
-    def reset(self) -> None:
-        self.total = None
-
-    def remove(self) -> None:
-        self._handle.remove()
-        self.total = None
 
 
 def _is_activation(module: nn.Module) -> bool:
