@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import shlex
 import sys
@@ -21,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 import locoprop
-from analysis.load import RunSkipped, RunsNotFound
+from analysis.load import CompareFolderRead, RunSkipped, RunsNotFound
 from baselines.registry import OPTIMIZERS
 from locoprop.hypergrad import HYPERGRAD_MODES
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
@@ -128,6 +129,17 @@ def _width_mult(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected a finite number > 0 and at most {MAX_WIDTH_MULT:g}, got {text!r}"
         ) from None
+
+
+def _finite_float(text: str) -> float:
+    """A float flag that must be a finite number (``nan``, ``inf`` and ``1e309`` are not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _width_mult_list(text: str) -> list[float]:
@@ -429,7 +441,7 @@ def cmd_report(args) -> int:
 
 
 # Warnings that tell the user what happened to their records: one line each, no source line.
-NOTICES = (RunSkipped, RecordRebuilt, CalibrationSkipped)
+NOTICES = (RunSkipped, CompareFolderRead, RecordRebuilt, CalibrationSkipped)
 
 
 def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
@@ -643,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--out", required=True, help="folder for report.md, its tables and figures (required)")
     p.add_argument(
-        "--target-loss", type=float, default=None,
+        "--target-loss", type=_finite_float, default=None,
         help="validation loss that counts as reaching the target, one target for every workload (default: three "
         "targets per workload, the validation loss the best first-order baseline reaches at 25%%, 50%% and 100%% of "
         "the budget; the training loss for runs that recorded no validation loss)",
