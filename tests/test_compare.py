@@ -27,7 +27,7 @@ def _trial_summaries(study_dir: pathlib.Path) -> dict[str, dict]:
             "summary": json.loads(path.read_text()),
             "hparams": json.loads((path.parent / "config.json").read_text())["hparams"],
         }
-        for path in sorted(study_dir.glob("trials/*/summary.json"))
+        for path in sorted(study_dir.glob("*/trials/*/summary.json"))
     }
 
 
@@ -48,13 +48,13 @@ def test_tuned_compare_selects_on_validation_reruns_fresh_seeds_and_resumes_with
         compare(BASE, ["adam", "sgd"], [1, 2], out, tuning=tuning, progress=False)
     studies = {name: _trial_summaries(out / "tuning" / name) for name in ("adam", "sgd")}
     assert [len(trials) for trials in studies.values()] == [3, 3]
-    stamps = {path: path.stat().st_mtime_ns for path in out.glob("tuning/*/trials/*/summary.json")}
+    stamps = {path: path.stat().st_mtime_ns for path in out.glob("tuning/*/*/trials/*/summary.json")}
 
     # The same command again: no trial runs again, the final runs finish.
     monkeypatch.setattr(optuna_backend, "train", lambda *a, **k: pytest.fail("a tuning trial ran again"))
     monkeypatch.setattr(compare_module, "_final_run", real_final_run)
     report = compare(BASE, ["adam", "sgd"], [1, 2], out, tuning=tuning, progress=False)
-    assert {path: path.stat().st_mtime_ns for path in out.glob("tuning/*/trials/*/summary.json")} == stamps
+    assert {path: path.stat().st_mtime_ns for path in out.glob("tuning/*/*/trials/*/summary.json")} == stamps
     finals = sorted(out.glob("runs/*/summary.json"))
     assert len(finals) == 4 and report.exists()
 

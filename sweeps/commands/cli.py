@@ -37,6 +37,7 @@ from sweeps.runner.ranks import Ranks, init_from_environment, launch
 from sweeps.runner.records import RecordRebuilt
 from sweeps.runner.train import RunResult, check_data_parallel, check_fits_data, loss_text, train
 from sweeps.runner.workloads import MAX_WIDTH_MULT, WORKLOADS, check_width_mult
+from sweeps.search.results import SweepNotice
 
 EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -441,7 +442,7 @@ def cmd_report(args) -> int:
 
 
 # Warnings that tell the user what happened to their records: one line each, no source line.
-NOTICES = (RunSkipped, CompareFolderRead, RecordRebuilt, CalibrationSkipped)
+NOTICES = (RunSkipped, CompareFolderRead, RecordRebuilt, CalibrationSkipped, SweepNotice)
 
 
 def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
@@ -556,11 +557,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--space", default=None, help="search-space YAML file (default: sweeps/search/spaces/OPTIMIZER.yaml)"
     )
-    p.add_argument("--trials", type=int, required=True, help="the study's total number of finished trials (required)")
-    p.add_argument("--study", required=True, help="study name; the same name continues the same study (required)")
     p.add_argument(
-        "--out", required=True, help="folder of the trials' run directories and the results table (required)"
-    )
+        "--trials", type=int, required=True,
+        help="the study's total number of finished trials, never more, however many workers run it; the same "
+        "command continues the study until then (required)",
+    )  # fmt: skip
+    p.add_argument(
+        "--study", required=True,
+        help="study name, the name of its folder in --out (letters, digits, . _ + -); the same name continues the "
+        "same study (required)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", required=True,
+        help="folder of the study's folder STUDY, with its trials' run directories and results table, and of the "
+        "default SQLite file optuna.db (required)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial (default: %(default)s)")
     p.add_argument("--sampler-seed", type=int, default=0,
                    help="sampler seed; trial k draws from a seed made of it and k (default: %(default)s)")  # fmt: skip
@@ -578,13 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat-interval",
         type=int,
         default=60,
-        help="seconds between heartbeats (RDB storages; default: %(default)s)",
+        help="seconds between heartbeats (RDB storages), and between looks at trials other workers run "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--grace-period",
         type=int,
         default=120,
-        help="seconds without heartbeat before a trial is stale (default: %(default)s)",
+        help="seconds without heartbeat before a trial is stale, more than --heartbeat-interval; with a journal, "
+        "how long a new trial counts as alive before its worker labels it (default: %(default)s)",
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
