@@ -11,6 +11,7 @@ their traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -31,7 +32,7 @@ from sweeps.commands import presets
 from sweeps.extras import MissingExtra
 from sweeps.runner import records
 from sweeps.runner.budget import CalibrationSkipped
-from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, run_dir_name
+from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, run_dir_name, run_identity
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.runner.ranks import Ranks, init_from_environment, launch
 from sweeps.runner.records import RecordRebuilt
@@ -292,6 +293,8 @@ def cmd_train(args) -> int:
         hparams[key] = value
     config = run_config_from_args(args, args.optimizer, hparams, args.seed, pathlib.Path(args.out))
     config.out = str(pathlib.Path(args.out) / run_dir_name(config))
+    if args.resume and (notice := _resume_notice(config, pathlib.Path(args.out))):
+        print(f"locoprop: {notice}", file=sys.stderr)
     progress = False if args.no_progress else None
     if args.nproc > 1:
         result = _train_on_ranks(args.nproc, config, args.resume, progress)
@@ -308,6 +311,53 @@ def cmd_train(args) -> int:
     )
     print(f"run directory: {result.run_dir}")
     return 0 if result.status in (schema.OK, schema.DIVERGED) else 1
+
+
+def _resume_notice(config: RunConfig, out: pathlib.Path) -> str | None:
+    """With ``--resume`` and no run of exactly these settings in ``out``: which flags differ from the nearest run
+    there of the same optimizer, workload, data and seed (the run a changed flag keeps one from resuming), since
+    a new run starts instead; None where the run exists or no such run does."""
+    run_dir = pathlib.Path(config.out)
+    if run_dir.exists():
+        return None
+    asked = run_identity(dataclasses.asdict(config))
+    nearest = []
+    for other in sorted(out.glob(run_dir.name.rsplit("-", 1)[0] + "-*")):
+        try:
+            stored = run_identity(records.read_json(other / records.CONFIG))
+        except (OSError, ValueError):
+            continue  # not a run directory, or a damaged one: nothing to compare
+        differences = _flag_differences(stored, asked)
+        nearest.append((len(differences), other.name, differences))
+    if not nearest:
+        return None
+    _, name, differences = min(nearest)
+    return (
+        f"--resume: no run with these settings in {out}, so a new one starts in {run_dir.name}; the run {name} "
+        f"there differs in {'; '.join(differences)} (to continue it, give its values)"
+    )
+
+
+def _flag_differences(stored: dict[str, str], asked: dict[str, str]) -> list[str]:
+    """``--flag A there, B now`` for each setting of two run identities (:func:`run_identity`) that differs."""
+    differences = []
+    for field in sorted(set(stored) | set(asked)):
+        if stored.get(field) == asked.get(field):
+            continue
+        if field == "hparams":
+            there, now = json.loads(stored.get(field) or "{}"), json.loads(asked.get(field) or "{}")
+            differences += [
+                f"{_hparam_flag(key)} {there.get(key, 'default')} there, {now.get(key, 'default')} now"
+                for key in sorted(set(there) | set(now))
+                if there.get(key) != now.get(key)
+            ]
+        else:
+            differences.append(f"--{field.replace('_', '-')} {stored.get(field)} there, {asked.get(field)} now")
+    return differences
+
+
+def _hparam_flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}" if name in HPARAM_FLAGS else f"--hparam {name}"
 
 
 def _train_on_ranks(nproc: int, config: RunConfig, resume: bool, progress: bool | None) -> RunResult:
@@ -399,17 +449,19 @@ def _hypergrad_modes(optimizer: str, modes: list[str]) -> list[str]:
 def cmd_bench(args) -> int:
     from sweeps.commands.bench import BenchConfig, bench
 
-    names = list(dict.fromkeys(args.optimizers))
+    # A value given twice is benchmarked once: one row per distinct configuration.
+    names, modes = list(dict.fromkeys(args.optimizers)), list(dict.fromkeys(args.hypergrad))
+    batch_sizes, widths = list(dict.fromkeys(args.batch_size)), list(dict.fromkeys(args.width_mult))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     shared = dict(workload=args.workload, depth_mult=args.depth_mult, local_iters=args.local_iters, steps=args.steps,
                   warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
                   hparams={"compile": True} if args.compile else {})  # fmt: skip
     configs = [
         BenchConfig(optimizer=name, batch_size=batch, width_mult=width, hypergrad=mode, **shared)
-        for batch in args.batch_size
-        for width in args.width_mult
+        for batch in batch_sizes
+        for width in widths
         for name in names
-        for mode in [None, *_hypergrad_modes(name, args.hypergrad)]
+        for mode in [None, *_hypergrad_modes(name, modes)]
     ]
     records = bench(configs)  # checks every config before the first one runs
     if args.json:
