@@ -340,49 +340,52 @@ def test_a_worker_that_loses_the_race_to_create_a_fresh_database_joins_it(tmp_pa
     assert len(attempts) == 2 and len(_params("r", tmp_path)) == 1
 
 
+# A worker process for the test below: it finds room for a trial, then waits at a barrier of files until the
+# other worker has too, so that both start a trial although only one may train.
+TWO_PROCESS_WORKER = """
+import pathlib, sys, time
+import optuna
+from sweeps.runner import RunConfig
+from sweeps.search.optuna_backend import run_optuna_sweep
+from sweeps.search.spaces import load_space
+
+out, storage, me = pathlib.Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3]
+real_optimize, waited = optuna.Study.optimize, []
+
+def optimize_after_the_other_worker_checked(self, *args, **kwargs):
+    if not waited:
+        waited.append(True)
+        (out / f"ready-{me}").touch()
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real_optimize(self, *args, **kwargs)
+
+optuna.Study.optimize = optimize_after_the_other_worker_checked
+config = RunConfig(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, epochs=1)
+run_optuna_sweep(config, load_space("adam"), study_name="p", out=out, trials=1, storage=storage, pruner="none",
+                 heartbeat_interval=1, grace_period=60)
+"""
+
+
 @pytest.mark.parametrize("journal", [False, True], ids=["sqlite", "journal"])
-def test_workers_started_together_never_finish_more_trials_than_the_total(tmp_path, monkeypatch, journal):
-    """SPEC §7: --trials N is the study's total, never more. With one trial left, two workers pass the check
-    for room at the same moment and both start a trial (the barrier makes sure of it): only one trains."""
-    storage = f"journal:{tmp_path / 'study.journal'}" if journal else None
-    kwargs = dict(study_name="t", out=tmp_path, storage=storage, pruner="none", heartbeat_interval=1, grace_period=60)
-    space = load_space("adam")
-    run_optuna_sweep(ONE_EPOCH, space, trials=1, **kwargs)  # one trial done, one to go
-
-    both_checked = threading.Barrier(2, timeout=60)
-    first_call = threading.local()
-    real_optimize = optuna.Study.optimize
-
-    def optimize_once_both_checked(self, *args, **kw):
-        if not getattr(first_call, "done", False):
-            first_call.done = True
-            both_checked.wait()  # each worker found room for one more trial before either started one
-        return real_optimize(self, *args, **kw)
-
-    monkeypatch.setattr(optuna.Study, "optimize", optimize_once_both_checked)
-    trained, errors = [], []
-    real_train = optuna_backend.train
-    monkeypatch.setattr(
-        optuna_backend, "train", lambda config, **kw: trained.append(config.out) or real_train(config, **kw)
-    )
-
-    def worker():
-        try:
-            run_optuna_sweep(ONE_EPOCH, space, trials=2, **kwargs)
-        except BaseException as err:  # reported by the main thread
-            errors.append(err)
-
-    workers = [threading.Thread(target=worker) for _ in range(2)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join(timeout=300)
-    assert not errors, errors
-    study = optuna.load_study(study_name="t", storage=optuna_backend.make_storage(storage, tmp_path))
-    states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 2 and len(trained) == 1
-    assert [t.user_attrs["status"] for t in study.trials if t.state == optuna.trial.TrialState.FAIL] == ["surplus"]
-    assert pd.read_csv(tmp_path / "t" / "sweep_results.csv")["trial"].nunique() == 2
+def test_two_worker_processes_started_together_on_a_fresh_storage_finish_one_trial(tmp_path, journal):
+    """SPEC §7: --trials N is the study's total, never more. Two workers on a fresh storage both find room for
+    the one trial and both start one (the barrier makes sure of it); one trains, the other's is surplus."""
+    storage = f"journal:{tmp_path / 'study.journal'}" if journal else ""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", TWO_PROCESS_WORKER, str(tmp_path), storage]
+    workers = [
+        subprocess.Popen([*command, str(n)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for n in range(2)
+    ]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="p", storage=make_storage(storage or None, tmp_path))
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.COMPLETE) == 1
+    assert [t.user_attrs.get("status") for t in study.trials].count("surplus") == 1
+    assert sum("trial 0: ok" in output or "trial 1: ok" in output for output in outputs) == 1
+    assert pd.read_csv(tmp_path / "p" / "sweep_results.csv")["trial"].nunique() == 1  # the surplus one is no trial
 
 
 def test_a_journal_cut_short_by_a_dying_writer_is_mended_and_the_study_continues(tmp_path, monkeypatch):
