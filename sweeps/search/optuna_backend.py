@@ -52,7 +52,6 @@ import warnings
 from typing import Any
 
 import optuna
-import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.extras import require
@@ -143,10 +142,12 @@ def _check_heartbeat(heartbeat_interval: int, grace_period: int) -> None:
 def _lost_creation_race(err: Exception) -> bool:
     """Whether opening failed because another worker created the same tables at the same moment: a table, a
     version row or a lock that it made first (SQLite: "table studies already exists", "database is locked")."""
-    if isinstance(err, sqlalchemy.exc.IntegrityError):
+    # SQLAlchemy's errors, by name: it comes with Optuna, and this module imports only what the extras declare.
+    kinds = {kind.__name__ for kind in type(err).__mro__}
+    if "IntegrityError" in kinds:
         return True
     text = str(err).lower()
-    return isinstance(err, sqlalchemy.exc.OperationalError) and ("already exists" in text or "locked" in text)
+    return "OperationalError" in kinds and ("already exists" in text or "locked" in text)
 
 
 def _end_of_last_line(handle, size: int, chunk: int = 2**16) -> int:
