@@ -28,10 +28,12 @@ from sweeps.schema import (
     BUDGET,
     BUDGET_KIND,
     CLASSIFIER_COLUMNS,
+    COMPARE_RUNS,
     CONFIG,
     HPARAM_PREFIX,
     METRIC_COLUMNS,
     METRICS,
+    PROTOCOL,
     RUN_ID,
     RUN_LABELS,
     RUNNING,
@@ -39,10 +41,20 @@ from sweeps.schema import (
     STEP_TIME_COLUMN,
     SUMMARY,
     SWEEP_TABLE,
+    metrics_defect,
     run_labels,
 )
 
-__all__ = ["COLUMNS", "RUN_FACTS", "RunSkipped", "RunsNotFound", "final_rows", "load_results"]
+__all__ = [
+    "COLUMNS",
+    "RUN_FACTS",
+    "CompareFolderRead",
+    "RunSkipped",
+    "RunsNotFound",
+    "final_rows",
+    "load_results",
+    "read_compare_folders",
+]
 
 # Per-run facts from summary.json: the sizes of the splits, the step count the
 # budget was converted to, and the seconds of training (evaluation excluded).
@@ -64,6 +76,46 @@ class RunsNotFound(ValueError):
 
 class RunSkipped(UserWarning):
     """A damaged run in a folder of runs was left out; the message names it and why."""
+
+
+class CompareFolderRead(UserWarning):
+    """A ``locoprop compare`` folder was read as its final runs; the message says which and what was left out."""
+
+
+def read_compare_folders(paths: Iterable[str | os.PathLike]) -> tuple[list[pathlib.Path], dict | None]:
+    """``paths`` with every ``locoprop compare`` folder replaced by its final runs, and the protocol to report.
+
+    A compare folder (one holding protocol.json) also holds the tuning
+    trials of its studies, which are not results: it is read as compare
+    reads it, as the final runs that its protocol.json lists (every run in
+    runs/ for a protocol.json that lists none, as older ones do). The
+    protocol returned is that protocol.json when the folder is the only
+    input, else None (a :class:`CompareFolderRead` warning says so).
+    """
+    paths = [pathlib.Path(p) for p in paths]
+    expanded, protocols = [], []
+    for path in paths:
+        if not (path.is_dir() and (path / PROTOCOL).is_file() and not _is_run_dir(path)):
+            expanded.append(path)
+            continue
+        protocol = _read_json(path / PROTOCOL, required=())
+        listed = protocol.get("runs")
+        runs = [path / run for run in listed] if isinstance(listed, list) else [path / COMPARE_RUNS]
+        which = (
+            f"its {len(runs)} final runs listed in {PROTOCOL}"
+            if isinstance(listed, list)
+            else f"every run in {path / COMPARE_RUNS} ({PROTOCOL} lists no runs, as an older locoprop wrote it)"
+        )
+        mixed = len(paths) > 1
+        warnings.warn(
+            f"{path} is a locoprop compare folder: read as {which}, without its tuning trials"
+            + (f"; its {PROTOCOL} is not used, since other inputs are reported with it" if mixed else ""),
+            CompareFolderRead,
+            stacklevel=2,
+        )
+        expanded += runs
+        protocols.append(protocol)
+    return expanded, protocols[0] if len(paths) == 1 and protocols else None
 
 
 def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
@@ -117,27 +169,41 @@ def final_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _find_runs(folder: pathlib.Path) -> list[pathlib.Path]:
-    if (folder / CONFIG).exists():
+    """The run directories and sweep tables in ``folder``, and the folders that hold a run's records
+    without its config.json (which :func:`_read_run` refuses, so that they are named, not silently left out)."""
+    if _is_run_dir(folder):
         return [folder]
     # A sweep folder's table already holds its trials' runs: read the table,
     # not the run directories beneath it, so nothing is counted twice.
     tables = sorted(folder.rglob(f"{SWEEP_TABLE}.csv"))
     sweep_folders = {t.parent for t in tables}
-    runs = sorted(p.parent for p in folder.rglob(CONFIG))
-    runs = [r for r in runs if not any(parent in sweep_folders for parent in r.parents)]
+    runs = sorted({p.parent for name in (CONFIG, METRICS, SUMMARY) for p in folder.rglob(name)})
+    runs = [r for r in runs if not any(parent in sweep_folders for parent in (r, *r.parents))]
     # Keep the outermost run directory where back ends nest copies inside one.
     runs = [r for r in runs if not any(parent in runs for parent in r.parents)]
     return runs + tables
 
 
+def _is_run_dir(folder: pathlib.Path) -> bool:
+    """Whether ``folder`` holds a run's records (config.json, metrics.csv or summary.json)."""
+    return any((folder / name).is_file() for name in (CONFIG, METRICS, SUMMARY))
+
+
 def _read_run(run_dir: pathlib.Path) -> pd.DataFrame:
+    if not (run_dir / CONFIG).exists():
+        raise RunsNotFound(f"Run directory {run_dir} has no config.json, so what it ran is unknown; {_SKIP_IT}")
     metrics = run_dir / METRICS
     if not metrics.exists():
         raise RunsNotFound(f"Run directory {run_dir} has no metrics.csv (the run never evaluated)")
     config = _read_json(run_dir / CONFIG, required=RUN_LABELS)
     summary_path = run_dir / SUMMARY
     # A run without summary.json is still going, or was killed hard.
-    summary = _read_json(summary_path, required=(STATUS,)) if summary_path.exists() else {STATUS: RUNNING}
+    summary = _read_json(summary_path, required=(STATUS,)) if summary_path.exists() else None
+    # A metrics.csv cut short or damaged is never read as if whole (its last row would become a final loss).
+    defect = _read_file(metrics, lambda path: metrics_defect(path, summary))
+    if defect is not None:
+        raise RunsNotFound(f"{metrics}: {defect}; {_SKIP_IT}")
+    summary = summary or {STATUS: RUNNING}
     frame = _read_file(metrics, pd.read_csv)
     if frame.empty:
         raise RunsNotFound(f"Run directory {run_dir} has an empty metrics.csv")

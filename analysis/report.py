@@ -17,6 +17,8 @@ and the performance profile. Files written to the output folder:
 
 from __future__ import annotations
 
+import math
+import numbers
 import pathlib
 from collections.abc import Iterable
 from typing import Any
@@ -25,7 +27,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.headline import format_headline, headline_table, pair_table
-from analysis.load import load_results
+from analysis.load import load_results, read_compare_folders
 from analysis.protocol import protocol_section
 from analysis.tables import (
     TIME_TO_TARGET_RULE,
@@ -54,11 +56,18 @@ def write_report(
     """Write report.md, its tables (Markdown, CSV) and figures (PNG, PDF) to ``out``; returns report.md's path.
 
     ``protocol`` is ``locoprop compare``'s protocol.json; without it the
-    protocol section is derived from the runs. Comparisons and targets use
+    protocol section is derived from the runs. A compare folder among the
+    ``inputs`` is read as its final runs; given alone, its protocol.json is the
+    protocol (:func:`analysis.load.read_compare_folders`), so that its report
+    is the one compare wrote. Comparisons and targets use
     the validation loss (the training loss for runs that recorded none).
     ``target_loss`` replaces the targets (by default the best first-order
     baseline's loss at 25%, 50% and 100% of its training time) by one.
     """
+    if target_loss is not None and not (isinstance(target_loss, numbers.Real) and math.isfinite(target_loss)):
+        raise ValueError(f"Invalid target loss: {target_loss!r}; expected a finite number")
+    inputs, found = read_compare_folders(inputs)
+    protocol = protocol if protocol is not None else found
     frame = load_results(inputs)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,11 @@ imports only the standard library, so ``analysis`` stays free of torch.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
+import pathlib
 from typing import Any
 
 __all__ = [
@@ -20,14 +24,17 @@ __all__ = [
     "CALIBRATION",
     "CHECKPOINT",
     "CLASSIFIER_COLUMNS",
+    "COMPARE_RUNS",
     "CONFIG",
     "DIVERGED",
     "FAILED",
     "FINISHED",
     "HPARAM_PREFIX",
+    "LOSS_SPLITS",
     "METRICS",
     "METRIC_COLUMNS",
     "OK",
+    "PROTOCOL",
     "RUNNING",
     "RUN_ID",
     "RUN_LABELS",
@@ -39,12 +46,15 @@ __all__ = [
     "SWEEP_TABLE",
     "budget_of",
     "metric_columns",
+    "metrics_defect",
     "phase_column",
     "run_labels",
 ]
 
 # A run directory.
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.csv", "summary.json", "checkpoint.pt"
+# The splits whose losses metrics.csv records (SPLIT_loss) and summary.json repeats for the last row (final_SPLIT_loss).
+LOSS_SPLITS = ("train", "valid", "test")
 
 # metrics.csv: one row per evaluation. Every run has these columns, in this order...
 METRIC_COLUMNS = ("step", "epoch", "wall_time_s", "train_loss", "valid_loss", "test_loss", "lr")
@@ -68,6 +78,10 @@ ADAPTED_GAMMA_PREFIX = "gamma/"
 
 # The stem of the table a sweep exports (.csv and .parquet).
 SWEEP_TABLE = "sweep_results"
+
+# A `locoprop compare` folder: protocol.json (what was done; its "runs" lists the
+# final run directories, relative to the folder) and the final runs in runs/.
+PROTOCOL, COMPARE_RUNS = "protocol.json", "runs"
 
 # A run's budget (config.json): exactly one of these fields is set. "time" is
 # training seconds, converted once into a step count recorded in config.json
@@ -120,3 +134,81 @@ def run_labels(config: dict[str, Any], status: str) -> dict[str, Any]:
     for name, value in config.get("hparams", {}).items():
         labels[HPARAM_PREFIX + name] = json.dumps(value) if isinstance(value, (dict, list)) else value
     return labels
+
+
+def metrics_defect(path: pathlib.Path, summary: dict[str, Any] | None = None) -> str | None:
+    """Why the metrics.csv at ``path`` cannot be trusted, or None if it can.
+
+    The runner appends one row per evaluation, so a crash, a full disk or a
+    copy cut short can leave a file that ends inside a row: its last cells
+    missing, or its last number cut to its first digits. Such a file is
+    refused (never read as if whole) when:
+
+    - it does not end with a line end (its last row was cut short);
+    - a row has more or fewer cells than the header;
+    - a cell is neither empty nor a number, or a step is not an integer;
+    - ``summary`` (its summary.json, written when the run ended) disagrees
+      with the last row: a ``final_SPLIT_loss`` differs from that row's
+      ``SPLIT_loss`` (null there stands for a loss that is not finite), or
+      the row's step is past the run's last ``steps``.
+
+    Raises:
+        OSError, UnicodeDecodeError: the file cannot be read as text.
+    """
+    text = pathlib.Path(path).read_bytes().decode("utf-8")
+    if text and not text.endswith("\n"):
+        return "its last row is cut short (the file does not end with a line end): it was truncated"
+    rows = [row for row in csv.reader(io.StringIO(text, newline="")) if row]
+    if not rows:
+        return "it is empty"
+    header, body = rows[0], rows[1:]
+    parsed = []
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            return f"line {line} has {len(row)} cells where the header has {len(header)}"
+        cells = {}
+        for name, text in zip(header, row):
+            try:
+                cells[name] = _cell(text)
+            except ValueError:
+                return f"line {line}: column {name} holds {text!r}, not a number"
+        parsed.append(cells)
+        if not isinstance(parsed[-1].get("step", 0), (int, type(None))):
+            return f"line {line}: its step {parsed[-1]['step']!r} is not an integer"
+    if summary is not None and parsed:
+        return _summary_disagreement(parsed[-1], summary)
+    return None
+
+
+def _cell(text: str) -> int | float | None:
+    """A metrics.csv cell: empty (not evaluated), an integer or a float (``nan`` and ``inf`` included)."""
+    if text == "":
+        return None
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def _summary_disagreement(last: dict[str, Any], summary: dict[str, Any]) -> str | None:
+    """Where summary.json contradicts the last row of metrics.csv (None where they agree).
+
+    summary.json holds the losses of the last evaluation, written as the run
+    ended, atomically; a metrics.csv whose last row says otherwise lost rows or
+    cells. Keys an older summary.json lacks are not compared.
+    """
+    for split in LOSS_SPLITS:
+        key = f"final_{split}_loss"
+        if key not in summary or f"{split}_loss" not in last:
+            continue
+        in_summary, in_row = summary[key], last[f"{split}_loss"]
+        row_finite = in_row is not None and math.isfinite(in_row)
+        same = (in_summary is None and not row_finite) or (
+            isinstance(in_summary, (int, float)) and row_finite and math.isclose(in_summary, in_row, rel_tol=1e-12)
+        )
+        if not same:
+            return (
+                f"its last row (step {last.get('step')}) has {split}_loss {in_row!r} where summary.json has {key} "
+                f"{in_summary!r}: rows or cells are missing"
+            )
+    steps, step = summary.get("steps"), last.get("step")
+    if isinstance(steps, int) and isinstance(step, int) and step > steps:
+        return f"its last row is at step {step}, past the run's last step {steps} in summary.json"
+    return None

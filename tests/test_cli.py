@@ -117,6 +117,33 @@ BAD_INPUT = [
     ),
     ("report {bad_config} --out {out}", "config.json cannot be read (JSONDecodeError"),
     ("report {bad_summary} --out {out}", "summary.json holds a JSON list, not an object"),
+    ("report {runs} --out {out} --target-loss nan", "argument --target-loss: expected a finite number, got 'nan'"),
+    ("report {runs} --out {out} --target-loss inf", "argument --target-loss: expected a finite number, got 'inf'"),
+    ("report {runs} --out {out} --target-loss 1e309", "argument --target-loss: expected a finite number, got '1e309'"),
+    (
+        "train --data synthetic --batch-size 64 --seed 99999999999999999999 --out {out}",
+        "Invalid seed: 99999999999999999999; expected an integer from 0 to 4294967295",
+    ),
+    (
+        "train --data synthetic --batch-size 64 --steps 10 --warmup-epochs 1e9 --out {out}",
+        "Invalid warmup_epochs: 1000000000.0 is 7000000000 steps, longer than the run (10 steps, 1.429 epochs of 7",
+    ),
+    (
+        "sweep --backend ray --optimizer adam --data synthetic --trials 1 --study a/../../b --out {out}",
+        "Invalid --study 'a/../../b': a study keeps its files in --out/STUDY",
+    ),
+    (
+        "sweep --optimizer adam --data synthetic --trials 1 --study a/../../b --out {out}",
+        "Invalid --study 'a/../../b': a study keeps its files in --out/STUDY",
+    ),
+    (
+        "sweep --optimizer adam --data synthetic --trials 1 --study s --grace-period 0 --out {out}",
+        "Invalid --grace-period: 0; expected whole seconds ≥ 1",
+    ),
+    (
+        "sweep --optimizer adam --data synthetic --trials 1 --study s --sampler-seed 99999999999 --out {out}",
+        "Invalid sampler seed: 99999999999; expected an integer from 0 to 4294967295",
+    ),
     ("bench --steps 0", "Invalid steps: 0; expected an integer ≥ 1"),
     ("bench --warmup -1", "Invalid warmup: -1; expected an integer ≥ 0"),
     ("bench --batch-size 64,0", "Invalid batch_size: 0; expected an integer ≥ 1"),
@@ -263,6 +290,41 @@ def test_report_over_a_folder_with_one_damaged_run_reports_the_others(tmp_path, 
     assert err.startswith(f"locoprop: skipped: {broken / 'config.json'} cannot be read (JSONDecodeError")
     assert len(err.splitlines()) == 1
     assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_bench_runs_a_value_given_twice_once(monkeypatch, capsys):
+    benchmarked = []
+
+    def record(configs):
+        benchmarked.extend(configs)
+        return [dict(optimizer=c.optimizer, hypergrad=c.hypergrad, batch_size=c.batch_size, width_mult=c.width_mult,
+                     step_time_s=1.0, ratio_to_adam=1.0, flop_bound_ratio=None, peak_mem_bytes=1, device="cpu",
+                     threads=1, hypergrad_overhead=None) for c in configs]  # fmt: skip
+
+    monkeypatch.setattr("sweeps.commands.bench.bench", record)
+    argv = ["bench", "--optimizers", "adam,locoprop-m,adam", "--hypergrad", "implicit,implicit", "--batch-size",
+            "64,64", "--width-mult", "0.05,0.05", "--json"]  # fmt: skip
+    status, out, _ = run_cli(argv, capsys)
+    assert status == 0
+    assert [(c.optimizer, c.hypergrad) for c in benchmarked] == [("adam", None), ("locoprop-m", None),
+                                                                  ("locoprop-m", "implicit")]  # fmt: skip
+    assert len(out.splitlines()) == 3
+
+
+def test_resume_with_a_changed_flag_names_the_flag(tmp_path, capsys):
+    train = ["train", "--optimizer", "adam", "--data", "synthetic", "--width-mult", "0.05", "--batch-size", "64",
+             "--steps", "2", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    assert run_cli([*train, "--lr", "0.01"], capsys)[0] == 0
+    (first,) = tmp_path.iterdir()
+    status, _, err = run_cli([*train, "--lr", "0.02", "--resume"], capsys)
+    assert status == 0
+    (second,) = set(tmp_path.iterdir()) - {first}
+    assert err.splitlines()[0] == (
+        f"locoprop: --resume: no run with these settings in {tmp_path}, so a new one starts in {second.name}; "
+        f"the run {first.name} there differs in --lr 0.01 there, 0.02 now (to continue it, give its values)"
+    )
+    # The same flags again resume their own run, without a word.
+    assert run_cli([*train, "--lr", "0.02", "--resume"], capsys)[2] == ""
 
 
 def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):

@@ -2,13 +2,17 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
+from analysis.load import CompareFolderRead
+from analysis.report import write_report
 from sweeps.commands import compare as compare_module
+from sweeps.commands.cli import main
 from sweeps.commands.compare import Tuning, compare
 from sweeps.runner import RunConfig
 from sweeps.search import optuna_backend
@@ -23,7 +27,7 @@ def _trial_summaries(study_dir: pathlib.Path) -> dict[str, dict]:
             "summary": json.loads(path.read_text()),
             "hparams": json.loads((path.parent / "config.json").read_text())["hparams"],
         }
-        for path in sorted(study_dir.glob("trials/*/summary.json"))
+        for path in sorted(study_dir.glob("*/trials/*/summary.json"))
     }
 
 
@@ -44,13 +48,13 @@ def test_tuned_compare_selects_on_validation_reruns_fresh_seeds_and_resumes_with
         compare(BASE, ["adam", "sgd"], [1, 2], out, tuning=tuning, progress=False)
     studies = {name: _trial_summaries(out / "tuning" / name) for name in ("adam", "sgd")}
     assert [len(trials) for trials in studies.values()] == [3, 3]
-    stamps = {path: path.stat().st_mtime_ns for path in out.glob("tuning/*/trials/*/summary.json")}
+    stamps = {path: path.stat().st_mtime_ns for path in out.glob("tuning/*/*/trials/*/summary.json")}
 
     # The same command again: no trial runs again, the final runs finish.
     monkeypatch.setattr(optuna_backend, "train", lambda *a, **k: pytest.fail("a tuning trial ran again"))
     monkeypatch.setattr(compare_module, "_final_run", real_final_run)
     report = compare(BASE, ["adam", "sgd"], [1, 2], out, tuning=tuning, progress=False)
-    assert {path: path.stat().st_mtime_ns for path in out.glob("tuning/*/trials/*/summary.json")} == stamps
+    assert {path: path.stat().st_mtime_ns for path in out.glob("tuning/*/*/trials/*/summary.json")} == stamps
     finals = sorted(out.glob("runs/*/summary.json"))
     assert len(finals) == 4 and report.exists()
 
@@ -72,6 +76,35 @@ def test_tuned_compare_selects_on_validation_reruns_fresh_seeds_and_resumes_with
     assert protocol["budget"] == {"kind": "steps", "value": 6} and protocol["seeds"] == [1, 2]
     assert protocol["split_sizes"] == {"train": 461, "valid": 51, "test": 128}
     assert "Tuning" in report.read_text() or "tuning" in report.read_text()
+
+
+def test_report_on_a_compare_folder_is_the_report_compare_wrote(tmp_path, capsys):
+    """`locoprop report OUT` reads a compare folder as compare did: its final runs, not the tuning trials
+    beside them, with its protocol.json; so it writes the same report."""
+    out = tmp_path / "cmp"
+    compare(BASE, ["adam", "sgd"], [1, 2], out, tuning=Tuning(trials=2, seed=0), progress=False)
+    read_as = f"{out} is a locoprop compare folder: read as its 4 final runs listed in protocol.json, without its"
+    with pytest.warns(CompareFolderRead, match=re.escape(read_as)):
+        report = write_report([out], tmp_path / "again")
+    for name in ("report.md", "results.md", "results.csv", "pairs.csv", "all_runs.csv"):
+        assert (report.parent / name).read_text() == (out / "report" / name).read_text(), name
+
+    # With other inputs the runs are still the final ones, and the report says that the protocol is not used.
+    with pytest.warns(CompareFolderRead, match="its protocol.json is not used, since other inputs are reported"):
+        mixed = write_report([out, out / "runs"], tmp_path / "mixed").read_text()
+    assert "No protocol.json was given" in mixed
+
+    # A protocol.json of an older locoprop lists no runs: every run in runs/ is read, and the notice says so.
+    protocol = json.loads((out / "protocol.json").read_text())
+    del protocol["runs"]
+    (out / "protocol.json").write_text(json.dumps(protocol))
+    status = main(["report", str(out), "--out", str(tmp_path / "older")])
+    err = capsys.readouterr().err
+    assert status == 0 and err.splitlines() == [
+        f"locoprop: {out} is a locoprop compare folder: read as every run in {out / 'runs'} (protocol.json lists no "
+        "runs, as an older locoprop wrote it), without its tuning trials"
+    ]
+    assert (tmp_path / "older" / "results.md").read_text() == (out / "report" / "results.md").read_text()
 
 
 def test_the_tuning_seed_is_not_a_final_seed():

@@ -7,6 +7,7 @@ SciPy's Welch test, never the analysis code's own helpers.
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from analysis.headline import headline_table, pair_table
-from analysis.load import load_results
+from analysis.load import RunSkipped, RunsNotFound, load_results
 from analysis.report import write_report
 from analysis.stats import mean_interval, t_quantile, table_t_quantile, welch_interval
 from analysis.tables import budget_targets, target_table
@@ -319,6 +320,44 @@ def test_the_protocol_section_shows_the_tuning_and_its_cost(tmp_path):
     assert "3600 training, 400 validation, 1000 test examples" in protocol
     # An optimizer that got no final runs is listed in the headline, not dropped.
     assert "| muon | 0 | – | no final runs: no tuning trial finished its budget" in report
+
+
+def _cut_inside_the_last_row(text: str) -> str:
+    """metrics.csv cut in the middle of the last row's validation loss, as a copy or a crash cuts it."""
+    last = text.splitlines(keepends=True)[-1]
+    return text[: len(text) - len(last)] + last[: last.index(",58.0,") + 2]
+
+
+TRUNCATIONS = [
+    pytest.param(_cut_inside_the_last_row, "its last row is cut short", id="no line end"),
+    pytest.param(
+        lambda text: _cut_inside_the_last_row(text) + "\n", "line 7 has 5 cells where the header has 10", id="cells"
+    ),
+    pytest.param(
+        lambda text: "".join(text.splitlines(keepends=True)[:-1]),
+        "its last row (step 950) has valid_loss 58.5 where summary.json has final_valid_loss 58.0",
+        id="rows missing",
+    ),
+]
+
+
+@pytest.mark.parametrize("truncate, message", TRUNCATIONS)
+def test_a_truncated_metrics_file_never_reaches_the_headline(runs, tmp_path, truncate, message):
+    metrics = runs / "adam-seed1" / "metrics.csv"
+    metrics.write_text(truncate(metrics.read_text()))
+    with pytest.warns(RunSkipped, match=re.escape(f"skipped: {metrics}: {message}")):
+        report = write_report([runs], tmp_path / "report")
+    adam = pd.read_csv(report.parent / "results.csv").set_index("optimizer").loc["adam"]
+    assert adam["runs"] == 2 and adam["valid_loss_mean"] == pytest.approx(np.mean([59.0, 58.5]))
+    with pytest.raises(RunsNotFound, match=re.escape(message)):  # named alone, it is an error
+        load_results([metrics.parent])
+
+
+def test_a_run_folder_without_config_json_is_named_not_left_out_silently(runs):
+    (runs / "adam-seed1" / "config.json").unlink()
+    with pytest.warns(RunSkipped, match=re.escape(f"skipped: Run directory {runs / 'adam-seed1'} has no config.json")):
+        frame = load_results([runs])
+    assert not frame["run_id"].str.endswith("adam-seed1").any()
 
 
 def test_old_run_directories_still_load(tmp_path):

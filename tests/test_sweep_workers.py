@@ -39,7 +39,7 @@ def test_trials_on_two_workers_follow_the_one_process_runs(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     assert json.loads((out / "s" / "sweep.json").read_text())["setup"]["workers_per_trial"] == 2
-    frame = pd.read_csv(out / "sweep_results.csv")
+    frame = pd.read_csv(out / "s" / "sweep_results.csv")
     finals = frame.sort_values("step").groupby("run_id").tail(1)
     assert len(finals) == 2 and set(finals["status"]) <= {"ok", "pruned"} and "ok" in set(finals["status"])
     for _, final in finals.iterrows():

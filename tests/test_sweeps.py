@@ -18,11 +18,12 @@ import pandas as pd
 import pytest
 import sqlalchemy
 
+from analysis.load import load_results
 from sweeps.runner import RunConfig
 from sweeps.search import optuna_backend
 from sweeps.search.optuna_backend import make_storage, run_optuna_sweep
 from sweeps.search.ray_backend import run_ray_sweep
-from sweeps.search.results import export_results, mask_url, sweep_setup
+from sweeps.search.results import TrialLeftOut, export_results, mask_url, sweep_setup
 from sweeps.search.spaces import SPACES_DIR, SpaceError, TrialSeededSampler, load_space
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def test_optuna_sweep_on_sqlite_runs_resumes_and_extends(tmp_path):
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
     frame = pd.read_csv(table)
     assert frame["run_id"].nunique() == 4 and set(frame["status"]) == {"ok"}
-    assert (tmp_path / "sweep_results.parquet").exists()
+    assert table == tmp_path / "s" / "sweep_results.csv" and (tmp_path / "s" / "sweep_results.parquet").exists()
     assert {"hp_lr", "hp_beta1", "hp_beta2", "hp_eps"} <= set(frame.columns)
 
     run_optuna_sweep(TINY, space, trials=4, **kwargs)  # same command: nothing more to do
@@ -253,6 +254,191 @@ def test_an_interrupted_trial_resumes_from_its_run_directory(tmp_path, monkeypat
     assert set(table["status"]) == {"ok"}
 
 
+def test_two_studies_in_one_out_keep_their_own_trials_and_tables(tmp_path, monkeypatch):
+    space, kwargs = load_space("adam"), dict(out=tmp_path, trials=1, pruner="none")
+    trained = []
+    real_train = optuna_backend.train
+
+    def recording(config, **kw):
+        trained.append(pathlib.Path(config.out))
+        return real_train(config, **kw)
+
+    monkeypatch.setattr(optuna_backend, "train", recording)
+    table_a = run_optuna_sweep(ONE_EPOCH, space, study_name="A", **kwargs)
+    table_b = run_optuna_sweep(ONE_EPOCH, space, study_name="B", **kwargs)  # the same settings: B trains its own
+    table_c = run_optuna_sweep(dataclasses.replace(ONE_EPOCH, batch_size=32), space, study_name="C", **kwargs)
+    assert trained == [tmp_path / name / "trials" / "trial-0000" for name in "ABC"]
+    for name, table in zip("ABC", (table_a, table_b, table_c)):
+        assert table == tmp_path / name / "sweep_results.csv"
+        assert set(pd.read_csv(table)["run_dir"]) == {str(tmp_path / name / "trials" / "trial-0000")}
+    # The report of --out reads each study's table once: three trials.
+    assert load_results([tmp_path])["run_id"].nunique() == 3
+
+
+def test_a_retry_continues_the_run_directory_its_original_trained_in(tmp_path):
+    """A trial interrupted before studies had their own folders resumes where it trained (--out/trials/…)."""
+    old = tmp_path / "trials" / "trial-0003"
+    old.mkdir(parents=True)
+    objective = optuna_backend._Objective(ONE_EPOCH, load_space("adam"), tmp_path / "s", "valid_loss", False, None)
+    retry = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, user_attrs={"run_dir": str(old)})
+    assert objective.run_dir(retry, 3) == old
+    fresh = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING)
+    assert objective.run_dir(fresh, 3) == tmp_path / "s" / "trials" / "trial-0003"
+
+
+def test_the_table_an_older_locoprop_shared_between_studies_goes_once_the_study_has_its_own(tmp_path, capsys):
+    run_dir = tmp_path / "trials" / "trial-0000"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(dataclasses.replace(TINY, optimizer="adam"))))
+    (run_dir / "metrics.csv").write_text("step,epoch,train_loss,test_loss\n0,0,1.0,1.0\n")
+    trials = [{"trial": 0, "run_dir": str(run_dir), "status": "ok"}]
+    shared = tmp_path / "sweep_results.csv"
+    pd.DataFrame({"run_id": [0], "run_dir": [str(tmp_path / "trials" / "trial-0009")]}).to_csv(shared, index=False)
+    export_results(trials, tmp_path / "s")
+    assert shared.exists()  # another study's trial is in it: not ours to remove
+    pd.DataFrame({"run_id": [0], "run_dir": [str(run_dir)]}).to_csv(shared, index=False)
+    export_results(trials, tmp_path / "s")
+    assert not shared.exists() and (tmp_path / "s" / "sweep_results.csv").exists()
+    assert f"removed {shared}" in capsys.readouterr().out
+
+
+def test_a_trial_with_a_truncated_metrics_file_never_reaches_the_table(tmp_path):
+    trials = []
+    for number in range(2):
+        run_dir = tmp_path / f"trial-{number}"
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(
+            json.dumps(dataclasses.asdict(dataclasses.replace(TINY, optimizer="adam")))
+        )
+        (run_dir / "metrics.csv").write_text("step,epoch,train_loss,test_loss\n0,0,500.0,500.0\n7,1,494.5,494.75\n")
+        (run_dir / "summary.json").write_text(json.dumps({"status": "ok", "steps": 7, "final_train_loss": 494.5}))
+        trials.append({"trial": number, "run_dir": str(run_dir), "status": "ok"})
+    cut = tmp_path / "trial-1" / "metrics.csv"
+    cut.write_text(cut.read_text()[: -len("94.5,494.75\n")])  # a copy cut short: "7,1,4"
+    with pytest.warns(TrialLeftOut, match=f"trial 1 left out of the results table: {cut}: its last row is cut short"):
+        table = pd.read_csv(export_results(trials, tmp_path / "s"))
+    assert set(table["trial"]) == {0}
+
+
+def test_a_worker_that_loses_the_race_to_create_a_fresh_database_joins_it(tmp_path, monkeypatch):
+    """Two workers open a fresh SQLite file at once: both see no tables, both create them, one fails
+    ("table studies already exists"). Here the other worker's tables appear just before this one creates them."""
+    from optuna.storages._rdb import models
+
+    real_create_all = models.BaseModel.metadata.create_all
+    attempts = []
+
+    def the_other_worker_was_first(bind, **kwargs):
+        attempts.append(bind)
+        if len(attempts) == 1:
+            real_create_all(bind)  # the other worker's tables...
+            real_create_all(bind, checkfirst=False)  # ...then this one's CREATE TABLE fails as it does in the race
+        return real_create_all(bind, **kwargs)
+
+    monkeypatch.setattr(models.BaseModel.metadata, "create_all", the_other_worker_was_first)
+    run_optuna_sweep(ONE_EPOCH, load_space("adam"), study_name="r", out=tmp_path, trials=1, pruner="none")
+    assert len(attempts) == 2 and len(_params("r", tmp_path)) == 1
+
+
+# A worker process for the test below: it finds room for a trial, then waits at a barrier of files until the
+# other worker has too, so that both start a trial although only one may train.
+TWO_PROCESS_WORKER = """
+import pathlib, sys, time
+import optuna
+from sweeps.runner import RunConfig
+from sweeps.search.optuna_backend import run_optuna_sweep
+from sweeps.search.spaces import load_space
+
+out, storage, me = pathlib.Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3]
+real_optimize, waited = optuna.Study.optimize, []
+
+def optimize_after_the_other_worker_checked(self, *args, **kwargs):
+    if not waited:
+        waited.append(True)
+        (out / f"ready-{me}").touch()
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real_optimize(self, *args, **kwargs)
+
+optuna.Study.optimize = optimize_after_the_other_worker_checked
+config = RunConfig(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, epochs=1)
+run_optuna_sweep(config, load_space("adam"), study_name="p", out=out, trials=1, storage=storage, pruner="none",
+                 heartbeat_interval=1, grace_period=60)
+"""
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["sqlite", "journal"])
+def test_two_worker_processes_started_together_on_a_fresh_storage_finish_one_trial(tmp_path, journal):
+    """SPEC §7: --trials N is the study's total, never more. Two workers on a fresh storage both find room for
+    the one trial and both start one (the barrier makes sure of it); one trains, the other's is surplus."""
+    storage = f"journal:{tmp_path / 'study.journal'}" if journal else ""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", TWO_PROCESS_WORKER, str(tmp_path), storage]
+    workers = [
+        subprocess.Popen([*command, str(n)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for n in range(2)
+    ]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="p", storage=make_storage(storage or None, tmp_path))
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.COMPLETE) == 1
+    assert [t.user_attrs.get("status") for t in study.trials].count("surplus") == 1
+    assert sum("trial 0: ok" in output or "trial 1: ok" in output for output in outputs) == 1
+    assert pd.read_csv(tmp_path / "p" / "sweep_results.csv")["trial"].nunique() == 1  # the surplus one is no trial
+
+
+def test_a_journal_cut_short_by_a_dying_writer_is_mended_and_the_study_continues(tmp_path, monkeypatch):
+    journal = tmp_path / "study.journal"
+    kwargs = dict(study_name="j", out=tmp_path, storage=f"journal:{journal}", pruner="none")
+    space = load_space("adam")
+    run_optuna_sweep(ONE_EPOCH, space, trials=1, **kwargs)
+    with open(journal, "r+b") as handle:  # a worker killed while writing its last record
+        handle.truncate(journal.stat().st_size - 20)
+    with pytest.warns(optuna_backend.JournalMended, match=f"journal file {journal}: removed its last line"):
+        table = pd.read_csv(run_optuna_sweep(ONE_EPOCH, space, trials=2, **kwargs))
+    assert journal.read_bytes().endswith(b"\n")
+    assert table.groupby("trial")["status"].first().tolist() == ["ok", "ok"]
+    # The record lost was trial 0's last (it finished): trial 0 ran again from its run directory, which held
+    # the finished run, and the study went on to its second trial.
+    assert set(table["run_dir"]) == {str(tmp_path / "j" / "trials" / f"trial-000{n}") for n in (0, 2)}
+
+
+def test_a_journal_damaged_inside_names_the_file_and_the_line(tmp_path):
+    journal = tmp_path / "study.journal"
+    kwargs = dict(study_name="j", out=tmp_path, storage=f"journal:{journal}", pruner="none")
+    run_optuna_sweep(ONE_EPOCH, load_space("adam"), trials=1, **kwargs)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2][:10] + lines[2][20:]
+    journal.write_bytes(b"".join(lines))
+    with pytest.raises(optuna_backend.DamagedJournal, match=f"Journal file {journal} is damaged: line 3 is not"):
+        run_optuna_sweep(ONE_EPOCH, load_space("adam"), trials=2, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["optuna", "ray"])
+@pytest.mark.parametrize("name", ["a/../../b", "../b", "/tmp/b", "a/b", ".hidden", "", "x" * 129])
+def test_a_study_name_that_is_not_a_plain_folder_name_is_refused_before_anything_is_written(tmp_path, backend, name):
+    sweep = run_optuna_sweep if backend == "optuna" else run_ray_sweep
+    with pytest.raises(ValueError, match=re.escape(f"Invalid --study {name!r}: a study keeps its files in --out")):
+        sweep(ONE_EPOCH, load_space("adam"), study_name=name, out=tmp_path / "deep" / "out", trials=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "heartbeat, grace, message",
+    [
+        (60, 0, "Invalid --grace-period: 0; expected whole seconds ≥ 1"),
+        (0, 120, "Invalid --heartbeat-interval: 0; expected whole seconds ≥ 1"),
+        (60, 30, "Invalid --grace-period: 30; it must exceed --heartbeat-interval (60 s)"),
+    ],
+)
+def test_heartbeat_settings_that_cannot_work_are_refused_as_such(tmp_path, heartbeat, grace, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_optuna_sweep(ONE_EPOCH, load_space("adam"), study_name="h", out=tmp_path / "out", trials=1,
+                         heartbeat_interval=heartbeat, grace_period=grace)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupts_do_not_use_up_the_retry_of_a_dead_worker():
     study = optuna.create_study()
     study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
@@ -332,7 +518,7 @@ def test_killed_worker_on_postgres_loses_and_duplicates_nothing(tmp_path, postgr
     # Kill the worker in the middle of its first trial, after two epochs of it
     # (proposals are seeded by trial number: trial 0 trains, trial 1 diverges at once).
     deadline = time.time() + 300
-    victim = tmp_path / "trials" / "trial-0000"
+    victim = tmp_path / study / "trials" / "trial-0000"
     while time.time() < deadline:
         metrics = victim / "metrics.csv"
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 4 and not (victim / "summary.json").exists():
@@ -353,7 +539,7 @@ def test_killed_worker_on_postgres_loses_and_duplicates_nothing(tmp_path, postgr
     finished = states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED)
     assert finished == 3  # none lost, none extra
     assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed one, retried once
-    frame = pd.read_csv(tmp_path / "sweep_results.csv")
+    frame = pd.read_csv(tmp_path / study / "sweep_results.csv")
     assert frame["run_id"].nunique() == 3
     # The retry continued the killed trial's run directory: every epoch once.
     # Evaluations are once per epoch; a run that diverged ends with one more, at the step where it did.
@@ -362,7 +548,7 @@ def test_killed_worker_on_postgres_loses_and_duplicates_nothing(tmp_path, postgr
     steps = frame.groupby("run_id")["step"].apply(list)
     assert steps.map(lambda s: s == sorted(set(s))).all()
     assert frame[frame["trial"] == 0]["epoch"].tolist() == list(range(7))
-    for text in (first_output, output, (tmp_path / "sweep_results.csv").read_text()):
+    for text in (first_output, output, (tmp_path / study / "sweep_results.csv").read_text()):
         assert "pg-secret-pw" not in text
 
 
@@ -391,7 +577,7 @@ def test_ray_sweep_is_interrupted_restored_and_extended(tmp_path):
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
     assert "restoring Ray Tune experiment" in output and "from 3 to 4 trials" in output
-    frame = pd.read_csv(out / "sweep_results.csv")
+    frame = pd.read_csv(out / "ray-study" / "sweep_results.csv")
     assert frame["run_id"].nunique() == 4 and frame["hp_lr"].nunique() == 4
     assert set(frame["status"]) <= {"ok", "pruned"}
     assert (frame.groupby("run_id")["epoch"].apply(lambda e: e.is_unique)).all()

@@ -11,7 +11,9 @@ their traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import pathlib
 import shlex
 import sys
@@ -21,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 import locoprop
-from analysis.load import RunSkipped, RunsNotFound
+from analysis.load import CompareFolderRead, RunSkipped, RunsNotFound
 from baselines.registry import OPTIMIZERS
 from locoprop.hypergrad import HYPERGRAD_MODES
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
@@ -30,12 +32,13 @@ from sweeps.commands import presets
 from sweeps.extras import MissingExtra
 from sweeps.runner import records
 from sweeps.runner.budget import CalibrationSkipped
-from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, run_dir_name
+from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, run_dir_name, run_identity
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.runner.ranks import Ranks, init_from_environment, launch
 from sweeps.runner.records import RecordRebuilt
 from sweeps.runner.train import RunResult, check_data_parallel, check_fits_data, loss_text, train
 from sweeps.runner.workloads import MAX_WIDTH_MULT, WORKLOADS, check_width_mult
+from sweeps.search.results import SweepNotice
 
 EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -128,6 +131,17 @@ def _width_mult(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected a finite number > 0 and at most {MAX_WIDTH_MULT:g}, got {text!r}"
         ) from None
+
+
+def _finite_float(text: str) -> float:
+    """A float flag that must be a finite number (``nan``, ``inf`` and ``1e309`` are not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _width_mult_list(text: str) -> list[float]:
@@ -279,6 +293,8 @@ def cmd_train(args) -> int:
         hparams[key] = value
     config = run_config_from_args(args, args.optimizer, hparams, args.seed, pathlib.Path(args.out))
     config.out = str(pathlib.Path(args.out) / run_dir_name(config))
+    if args.resume and (notice := _resume_notice(config, pathlib.Path(args.out))):
+        print(f"locoprop: {notice}", file=sys.stderr)
     progress = False if args.no_progress else None
     if args.nproc > 1:
         result = _train_on_ranks(args.nproc, config, args.resume, progress)
@@ -295,6 +311,53 @@ def cmd_train(args) -> int:
     )
     print(f"run directory: {result.run_dir}")
     return 0 if result.status in (schema.OK, schema.DIVERGED) else 1
+
+
+def _resume_notice(config: RunConfig, out: pathlib.Path) -> str | None:
+    """With ``--resume`` and no run of exactly these settings in ``out``: which flags differ from the nearest run
+    there of the same optimizer, workload, data and seed (the run a changed flag keeps one from resuming), since
+    a new run starts instead; None where the run exists or no such run does."""
+    run_dir = pathlib.Path(config.out)
+    if run_dir.exists():
+        return None
+    asked = run_identity(dataclasses.asdict(config))
+    nearest = []
+    for other in sorted(out.glob(run_dir.name.rsplit("-", 1)[0] + "-*")):
+        try:
+            stored = run_identity(records.read_json(other / records.CONFIG))
+        except (OSError, ValueError):
+            continue  # not a run directory, or a damaged one: nothing to compare
+        differences = _flag_differences(stored, asked)
+        nearest.append((len(differences), other.name, differences))
+    if not nearest:
+        return None
+    _, name, differences = min(nearest)
+    return (
+        f"--resume: no run with these settings in {out}, so a new one starts in {run_dir.name}; the run {name} "
+        f"there differs in {'; '.join(differences)} (to continue it, give its values)"
+    )
+
+
+def _flag_differences(stored: dict[str, str], asked: dict[str, str]) -> list[str]:
+    """``--flag A there, B now`` for each setting of two run identities (:func:`run_identity`) that differs."""
+    differences = []
+    for field in sorted(set(stored) | set(asked)):
+        if stored.get(field) == asked.get(field):
+            continue
+        if field == "hparams":
+            there, now = json.loads(stored.get(field) or "{}"), json.loads(asked.get(field) or "{}")
+            differences += [
+                f"{_hparam_flag(key)} {there.get(key, 'default')} there, {now.get(key, 'default')} now"
+                for key in sorted(set(there) | set(now))
+                if there.get(key) != now.get(key)
+            ]
+        else:
+            differences.append(f"--{field.replace('_', '-')} {stored.get(field)} there, {asked.get(field)} now")
+    return differences
+
+
+def _hparam_flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}" if name in HPARAM_FLAGS else f"--hparam {name}"
 
 
 def _train_on_ranks(nproc: int, config: RunConfig, resume: bool, progress: bool | None) -> RunResult:
@@ -386,17 +449,19 @@ def _hypergrad_modes(optimizer: str, modes: list[str]) -> list[str]:
 def cmd_bench(args) -> int:
     from sweeps.commands.bench import BenchConfig, bench
 
-    names = list(dict.fromkeys(args.optimizers))
+    # A value given twice is benchmarked once: one row per distinct configuration.
+    names, modes = list(dict.fromkeys(args.optimizers)), list(dict.fromkeys(args.hypergrad))
+    batch_sizes, widths = list(dict.fromkeys(args.batch_size)), list(dict.fromkeys(args.width_mult))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     shared = dict(workload=args.workload, depth_mult=args.depth_mult, local_iters=args.local_iters, steps=args.steps,
                   warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
                   hparams={"compile": True} if args.compile else {})  # fmt: skip
     configs = [
         BenchConfig(optimizer=name, batch_size=batch, width_mult=width, hypergrad=mode, **shared)
-        for batch in args.batch_size
-        for width in args.width_mult
+        for batch in batch_sizes
+        for width in widths
         for name in names
-        for mode in [None, *_hypergrad_modes(name, args.hypergrad)]
+        for mode in [None, *_hypergrad_modes(name, modes)]
     ]
     records = bench(configs)  # checks every config before the first one runs
     if args.json:
@@ -429,7 +494,7 @@ def cmd_report(args) -> int:
 
 
 # Warnings that tell the user what happened to their records: one line each, no source line.
-NOTICES = (RunSkipped, RecordRebuilt, CalibrationSkipped)
+NOTICES = (RunSkipped, CompareFolderRead, RecordRebuilt, CalibrationSkipped, SweepNotice)
 
 
 def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
@@ -544,11 +609,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--space", default=None, help="search-space YAML file (default: sweeps/search/spaces/OPTIMIZER.yaml)"
     )
-    p.add_argument("--trials", type=int, required=True, help="the study's total number of finished trials (required)")
-    p.add_argument("--study", required=True, help="study name; the same name continues the same study (required)")
     p.add_argument(
-        "--out", required=True, help="folder of the trials' run directories and the results table (required)"
-    )
+        "--trials", type=int, required=True,
+        help="the study's total number of finished trials, never more, however many workers run it; the same "
+        "command continues the study until then (required)",
+    )  # fmt: skip
+    p.add_argument(
+        "--study", required=True,
+        help="study name, the name of its folder in --out (letters, digits, . _ + -); the same name continues the "
+        "same study (required)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", required=True,
+        help="folder of the study's folder STUDY, with its trials' run directories and results table, and of the "
+        "default SQLite file optuna.db (required)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial (default: %(default)s)")
     p.add_argument("--sampler-seed", type=int, default=0,
                    help="sampler seed; trial k draws from a seed made of it and k (default: %(default)s)")  # fmt: skip
@@ -566,13 +641,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat-interval",
         type=int,
         default=60,
-        help="seconds between heartbeats (RDB storages; default: %(default)s)",
+        help="seconds between heartbeats (RDB storages), and between looks at trials other workers run "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--grace-period",
         type=int,
         default=120,
-        help="seconds without heartbeat before a trial is stale (default: %(default)s)",
+        help="seconds without heartbeat before a trial is stale, more than --heartbeat-interval; with a journal, "
+        "how long a new trial counts as alive before its worker labels it (default: %(default)s)",
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
@@ -643,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--out", required=True, help="folder for report.md, its tables and figures (required)")
     p.add_argument(
-        "--target-loss", type=float, default=None,
+        "--target-loss", type=_finite_float, default=None,
         help="validation loss that counts as reaching the target, one target for every workload (default: three "
         "targets per workload, the validation loss the best first-order baseline reaches at 25%%, 50%% and 100%% of "
         "the budget; the training loss for runs that recorded no validation loss)",

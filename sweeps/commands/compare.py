@@ -20,9 +20,11 @@ Every stage resumes: a study continues until it has N finished trials (an
 interrupted trial continues from its run directory), finished runs are
 reused, and the report is written again. Layout of ``out``::
 
-    tuning/OPTIMIZER/    the study of each optimizer (optuna.db or Ray's, its trials, its table)
+    tuning/OPTIMIZER/    the study of each optimizer: optuna.db (Optuna), and the study's folder
+                         compare-OPTIMIZER/ with its trials and table (Ray: its experiment too)
     runs/                the final runs, one directory per optimizer and seed
-    protocol.json        what was done, for the report
+    protocol.json        what was done, for the report; "runs" lists the final runs, which
+                         ``locoprop report OUT`` reads (not the tuning trials)
     report/              report.md, tables and figures
 """
 
@@ -30,11 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from analysis.report import write_report
+from sweeps import schema
 from sweeps.commands import presets
 from sweeps.runner import records
 from sweeps.runner.config import RunConfig, run_dir_name
@@ -43,7 +47,7 @@ from sweeps.search.results import best_trial
 
 __all__ = ["PROTOCOL", "Tuning", "compare"]
 
-PROTOCOL = "protocol.json"
+PROTOCOL = schema.PROTOCOL
 SELECTION_METRIC = "valid_loss"
 
 
@@ -114,8 +118,10 @@ def compare(
             continue
         hparams = tuned[optimizer]["best"]["hparams"] if tuning else hparams_of(base.workload, optimizer)
         for seed in seeds:
-            run_dirs.append(_final_run(base, optimizer, hparams, seed, out / "runs", progress))
+            run_dirs.append(_final_run(base, optimizer, hparams, seed, out / schema.COMPARE_RUNS, progress))
     protocol = _protocol(base, seeds, tuning, tuned, run_dirs, command)
+    # The final runs of this comparison, so that `locoprop report OUT` reads these and nothing else in OUT.
+    protocol["runs"] = [os.path.relpath(run_dir, out) for run_dir in run_dirs]
     records.write_json(out / PROTOCOL, protocol)
     report = write_report(run_dirs, out / "report", protocol=protocol)
     print()

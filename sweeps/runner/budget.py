@@ -82,7 +82,8 @@ class Horizon:
         """The horizon of a run with ``budget`` (kind, value) and ``steps_per_epoch``.
 
         A time budget needs ``calibrated_steps``. Warmup defaults to 5% of
-        the steps (5 of the official 100 epochs).
+        the steps (5 of the official 100 epochs); a longer warmup than the run
+        is refused (ValueError), as it would leave no decay.
         """
         kind, value = budget
         if kind == "epochs":
@@ -94,9 +95,15 @@ class Horizon:
         else:
             raise ValueError("A time budget needs its calibrated step count")
         warmup = round(warmup_epochs * steps_per_epoch) if warmup_epochs is not None else round(0.05 * total)
+        if warmup > total:
+            raise ValueError(
+                f"Invalid warmup_epochs: {warmup_epochs!r} is {warmup} steps, longer than the run ({total} steps, "
+                f"{total / steps_per_epoch:.4g} epochs of {steps_per_epoch} steps); give --warmup-epochs at most "
+                f"{total / steps_per_epoch:.4g}, or leave it out for 5% of the run"
+            )
         if eval_every is None:
             eval_every = max(steps_per_epoch, math.ceil(total / MAX_EVALUATIONS))
-        return cls(steps_per_epoch, total, min(warmup, total), eval_every)
+        return cls(steps_per_epoch, total, warmup, eval_every)
 
     def evaluates_after(self, step: int) -> bool:
         """Whether the run evaluates once ``step`` steps are done."""

@@ -15,11 +15,14 @@ from baselines.registry import check_hparams
 from sweeps import schema
 from sweeps.runner.workloads import get_workload
 
-__all__ = ["DEVICES", "SCHEDULES", "RunConfig", "config_digest", "run_dir_name", "run_identity"]
+__all__ = ["DEVICES", "MAX_SEED", "SCHEDULES", "RunConfig", "config_digest", "run_dir_name", "run_identity"]
 
 SCHEDULES = ("official", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_EPOCHS = 10  # the budget of a config that gives none
+# The largest seed: NumPy's, and small enough that every seed derived from it (an epoch's batch order is seeded
+# by seed × 100003 + epoch) fits torch's 64-bit generator.
+MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass
@@ -90,8 +93,8 @@ class RunConfig:
             raise ValueError(f"Invalid time_budget: {self.time_budget!r}; expected seconds, a finite number > 0")
         if not (_finite(self.valid_fraction) and 0 < self.valid_fraction <= 0.5):
             raise ValueError(f"Invalid valid_fraction: {self.valid_fraction!r}; expected a number in (0, 0.5]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"Invalid seed: {self.seed!r}; expected an integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"Invalid seed: {self.seed!r}; expected an integer from 0 to {MAX_SEED}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule: {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.device not in DEVICES:

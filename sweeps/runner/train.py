@@ -273,7 +273,7 @@ def _check_same_config(stored: dict, config: RunConfig, what: str) -> None:
 
 def check_fits_data(config: RunConfig, data: Dataset | None = None) -> Dataset:
     """Refuse a config that its data set cannot run (a batch larger than the
-    training set); returns the data set, loaded if not given. Sweeps call it
+    training set, a warmup longer than the run); returns the data set, loaded if not given. Sweeps call it
     before they record a study, so that a setup no trial can run is refused
     before it is stored."""
     config.validate()
@@ -284,6 +284,8 @@ def check_fits_data(config: RunConfig, data: Dataset | None = None) -> Dataset:
             f"Invalid batch_size: {config.batch_size}; the training split of {config.data!r} has {n} examples "
             f"once the validation split is held out (use --batch-size {n} or less)"
         )
+    if config.time_budget is None:  # a time budget's length is known once calibrated: the run checks it then
+        Horizon.of(config.budget, n // config.batch_size, config.warmup_epochs, config.eval_every)
     return data
 
 

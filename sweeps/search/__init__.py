@@ -5,8 +5,10 @@
 - :mod:`~sweeps.search.optuna_backend`: resumable Optuna studies (SQLite,
   any RDB URL, journal files);
 - :mod:`~sweeps.search.ray_backend`: Ray Tune with Optuna's sampler;
-- :mod:`~sweeps.search.results`: the study setup, secrets in storage URLs,
-  and the tidy table both back ends export.
+- :mod:`~sweeps.search.results`: the study setup and its folder's name, secrets
+  in storage URLs, and the tidy table both back ends export;
+- :mod:`~sweeps.search.workers`: which running trials of a journal study
+  still have a live worker (the locks workers hold).
 
 Imports :mod:`sweeps.runner` (each trial is a run), never :mod:`sweeps.commands`.
 """

@@ -7,14 +7,24 @@
 - The same command again continues the same study (``load_if_exists``)
   until ``trials`` trials have *finished* (complete or pruned): after a
   crash it runs the missing ones, never more. Several workers may run the
-  same command against one storage. The study stores its setup (the base
+  same command against one storage, started at the same moment too: a
+  worker that loses the race to create a fresh database's tables joins it,
+  and a trial that finds the total taken by trials other workers started
+  first never trains (:class:`_Places`). The study stores its setup (the base
   run config, :func:`sweeps.search.results.sweep_setup`) and refuses another one.
+- A study keeps its trials' run directories and its results table in its
+  own folder, ``out/STUDY`` (``trials/trial-NNNN``, ``sweep_results.csv``);
+  the default SQLite file ``out/optuna.db`` holds every study of ``out``.
 - Every trial draws its proposals from its own seed, derived from
   ``sampler_seed`` and its number (:class:`sweeps.search.spaces.TrialSeededSampler`):
   a continued study and concurrent workers propose new points.
 - A trial interrupted by Ctrl-C is queued again with the same parameters
   and resumes its run directory from its last epoch checkpoint when the
   command runs again.
+- A journal file (no heartbeats) knows its live workers by the locks they
+  hold (:mod:`sweeps.search.workers`); a last line cut short by a worker that
+  died while writing is removed (:class:`JournalFile`), and a line damaged
+  otherwise is an error naming the file and the line.
 - RDB storages (SQLite included) keep a heartbeat: a trial whose worker died
   becomes stale after ``grace_period`` seconds, is marked failed and is
   retried once with the same parameters; the retry resumes the dead trial's
@@ -28,11 +38,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
+import json
 import logging
 import math
+import os
 import pathlib
 import time
 import warnings
@@ -44,10 +57,20 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeps.extras import require
 from sweeps.runner.config import RunConfig
 from sweeps.runner.train import BUDGET_PERCENT, check_fits_data, train
-from sweeps.search.results import JOURNAL_PREFIX, check_same_setup, export_results, hide_secrets, mask_url, sweep_setup
+from sweeps.search.results import (
+    JOURNAL_PREFIX,
+    SweepNotice,
+    check_same_setup,
+    check_study_name,
+    export_results,
+    hide_secrets,
+    mask_url,
+    sweep_setup,
+)
 from sweeps.search.spaces import SearchSpace, TrialSeededSampler
+from sweeps.search.workers import WORKER_ATTR, WorkerLock
 
-__all__ = ["make_storage", "optuna_rows", "run_optuna_sweep"]
+__all__ = ["DamagedJournal", "JournalMended", "make_storage", "optuna_rows", "run_optuna_sweep"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PRUNERS = ("median", "hyperband", "none")
@@ -58,6 +81,9 @@ PSYCOPG_SCHEMES = ("postgresql", "postgresql+psycopg")
 # killing its worker is then given up. Interrupts (Ctrl-C) do not count.
 MAX_STALE_RETRIES = 1
 STALE_RETRIES = "locoprop_stale_retries"  # system attribute carried from a trial to its retries
+SURPLUS = "surplus"  # the status of a trial that found the study's total taken by others; it never trains
+# Workers that open a fresh database together race to create its tables; the loser retries and joins.
+OPEN_ATTEMPTS = 5
 # Optuna ≥ 4.9 names the retry callback RetryHeartbeatStaleTrialCallback (the old name is deprecated).
 _RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
@@ -70,13 +96,14 @@ def make_storage(url: str | None, out: pathlib.Path, heartbeat_interval: int = 6
             or a storage that cannot be opened; the message masks any password.
         MissingExtra: a PostgreSQL URL without psycopg (the 'postgres' extra).
     """
+    _check_heartbeat(heartbeat_interval, grace_period)
     if url is None:
         out.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{(out / 'optuna.db').resolve()}"
     journal = _journal_path(url)
     if journal is not None:
         journal.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        return optuna.storages.JournalStorage(JournalFile(journal))
     if "://" not in url:
         raise ValueError(
             f"Invalid storage {mask_url(url)!r}: expected an RDB URL (sqlite:///FILE, postgresql://USER@HOST/DB) "
@@ -84,16 +111,135 @@ def make_storage(url: str | None, out: pathlib.Path, heartbeat_interval: int = 6
         )
     if url.split("://", 1)[0] in PSYCOPG_SCHEMES:
         require("psycopg", "postgres")
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, **_stale_callback_argument()
-            )
-    except Exception as err:  # SQLAlchemy and drivers raise many types; the URL is what matters
+    for attempt in range(1, OPEN_ATTEMPTS + 1):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, **_stale_callback_argument()
+                )
+        except Exception as err:  # SQLAlchemy and drivers raise many types; the URL is what matters
+            if _lost_creation_race(err) and attempt < OPEN_ATTEMPTS:
+                time.sleep(0.1 * attempt)  # the other worker is creating the tables; then they exist
+                continue
+            raise ValueError(
+                f"Cannot open storage {mask_url(url)}: {type(err).__name__}: {hide_secrets(str(err), url)}"
+            ) from None
+
+
+def _check_heartbeat(heartbeat_interval: int, grace_period: int) -> None:
+    """Refuse heartbeat settings that could not work, naming the flag (not as a storage that cannot be opened)."""
+    for flag, value in (("--heartbeat-interval", heartbeat_interval), ("--grace-period", grace_period)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Invalid {flag}: {value!r}; expected whole seconds ≥ 1")
+    if grace_period <= heartbeat_interval:
         raise ValueError(
-            f"Cannot open storage {mask_url(url)}: {type(err).__name__}: {hide_secrets(str(err), url)}"
-        ) from None
+            f"Invalid --grace-period: {grace_period}; it must exceed --heartbeat-interval ({heartbeat_interval} s), "
+            "or a live trial would be taken for a dead one between two heartbeats"
+        )
+
+
+def _lost_creation_race(err: Exception) -> bool:
+    """Whether opening failed because another worker created the same tables at the same moment: a table, a
+    version row or a lock that it made first (SQLite: "table studies already exists", "database is locked")."""
+    # SQLAlchemy's errors, by name: it comes with Optuna, and this module imports only what the extras declare.
+    kinds = {kind.__name__ for kind in type(err).__mro__}
+    if "IntegrityError" in kinds:
+        return True
+    text = str(err).lower()
+    return "OperationalError" in kinds and ("already exists" in text or "locked" in text)
+
+
+def _end_of_last_line(handle, size: int, chunk: int = 2**16) -> int:
+    """The offset just after the last line end in the file open as ``handle`` (0 if it has none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - chunk)
+        handle.seek(start)
+        found = handle.read(end - start).rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        end = start
+    return 0
+
+
+class DamagedJournal(ValueError):
+    """An Optuna journal file holds a line that is not a record; the message names the file and the line."""
+
+
+class JournalMended(SweepNotice):
+    """The last line of a journal file, cut short by a write that never finished, was removed; the message says so."""
+
+
+class JournalFile(optuna.storages.journal.JournalFileBackend):
+    """Optuna's journal file, which names itself when it cannot be read, and drops a last line cut short.
+
+    A worker killed while appending can leave a last line without its end;
+    the next append would glue its record to it and damage both, for good.
+    So before every append (under the journal's lock, which writers hold)
+    and when opened, a last line without a line end is removed, with a
+    :class:`JournalMended` warning: it is a record that was never written.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        self.path = pathlib.Path(path)
+        self.file_lock = optuna.storages.journal.JournalFileSymlinkLock(str(self.path))
+        super().__init__(str(self.path), lock_obj=self.file_lock)
+        with self._locked():
+            self._drop_partial_line()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.file_lock.acquire()
+        try:
+            yield
+        finally:
+            self.file_lock.release()
+
+    def _drop_partial_line(self) -> None:
+        with open(self.path, "rb+") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            handle.seek(size - 1)
+            if handle.read(1) == b"\n":
+                return
+            keep = _end_of_last_line(handle, size)
+            handle.truncate(keep)
+        cut = size - keep
+        warnings.warn(
+            f"journal file {self.path}: removed its last line ({cut} bytes), cut short by a write that never "
+            "finished (a worker stopped while writing); the study continues without it",
+            JournalMended,
+            stacklevel=3,
+        )
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        with self._locked():
+            self._drop_partial_line()
+            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+            with open(self.path, "ab") as handle:
+                handle.write(text.encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def read_logs(self, log_number_from: int):
+        try:
+            yield from super().read_logs(log_number_from)
+        except ValueError as err:  # json.JSONDecodeError, or Optuna's "Invalid log format."
+            raise DamagedJournal(
+                f"Journal file {self.path} is damaged: {self._first_bad_line()} is not a journal record ({err}); "
+                "restore the file from a copy, or remove that line and the trials it leaves unfinished"
+            ) from None
+
+    def _first_bad_line(self) -> str:
+        with open(self.path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    json.loads(line)
+                except ValueError:
+                    return f"line {number}"
+        return "a line"
 
 
 def _journal_path(url: str) -> pathlib.Path | None:
@@ -174,7 +320,8 @@ class QuietInterrupts(logging.Filter):
     to continue. Other failed trials keep their traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+        # A surplus trial (see _Places) is no failure either: it never started.
+        return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, _Surplus)))
 
 
 def run_optuna_sweep(
@@ -194,11 +341,15 @@ def run_optuna_sweep(
 ) -> pathlib.Path:
     """Run (or continue) the study until ``trials`` trials have finished; export its table.
 
-    Returns the path of the exported CSV table. A KeyboardInterrupt is
-    raised again after the interrupted trial is queued to resume.
+    The study's trials and table live in ``out/study_name``; the default
+    SQLite file, ``out/optuna.db``, may hold several studies. Returns the path
+    of the exported CSV table. A KeyboardInterrupt is raised again after the
+    interrupted trial is queued to resume.
     """
     if trials < 1:
         raise ValueError(f"Invalid trials: {trials}; expected ≥ 1")
+    check_study_name(study_name)
+    _check_heartbeat(heartbeat_interval, grace_period)
     pruner_object, sampler = _pruner(pruner), TrialSeededSampler(sampler_seed)
     check_fits_data(base)  # a setup no trial can run is refused before the study stores it
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -206,9 +357,6 @@ def run_optuna_sweep(
         if not any(isinstance(f, QuietInterrupts) for f in handler.filters):
             handler.addFilter(QuietInterrupts())
     storage_object = make_storage(storage, out, heartbeat_interval, grace_period)
-    # Only RDB storages keep heartbeats; with a journal file a dead worker's
-    # trial stays "running", so there only finished trials are counted.
-    has_heartbeat = isinstance(storage_object, optuna.storages.RDBStorage)
     study = optuna.create_study(
         study_name=study_name,
         storage=storage_object,
@@ -218,10 +366,21 @@ def run_optuna_sweep(
         load_if_exists=True,
     )
     _check_same_setup(study, sweep_setup(base, space))
-    out.mkdir(parents=True, exist_ok=True)
+    study_dir = out / study_name
+    study_dir.mkdir(parents=True, exist_ok=True)
     print(f"optuna study {study_name!r} in {mask_url(storage) if storage else out / 'optuna.db'}", flush=True)
-    objective = _Objective(base, space, out, metric, progress)
+    # RDB storages keep heartbeats; with a journal file, workers hold locks instead (sweeps.search.workers).
+    has_heartbeat = isinstance(storage_object, optuna.storages.RDBStorage)
+    worker = WorkerLock(study_dir / "workers", grace_period)
+    with contextlib.nullcontext() if has_heartbeat else worker.held():
+        alive = (lambda trial: True) if has_heartbeat else worker.alive
+        objective = _Objective(base, space, study_dir, metric, progress, _Places(trials, alive, worker))
+        _optimize_until(study, objective, trials, alive, has_heartbeat, heartbeat_interval)
+    return export_results(optuna_rows(study), study_dir)
 
+
+def _optimize_until(study, objective, trials: int, alive, has_heartbeat: bool, heartbeat_interval: int) -> None:
+    """Run trials, one at a time, until ``trials`` of them have finished, counting those other workers run."""
     while True:
         if has_heartbeat:
             # Trials of dead workers become stale, fail, and are queued again.
@@ -229,12 +388,14 @@ def run_optuna_sweep(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        finished = sum(s in FINISHED for s in states)
-        running = sum(s == TrialState.RUNNING for s in states) if has_heartbeat else 0
-        waiting = sum(s == TrialState.WAITING for s in states)
+        else:
+            _fail_dead_trials(study, alive)
+        every = study.get_trials(deepcopy=False)
+        finished = sum(t.state in FINISHED for t in every)
+        running = sum(t.state == TrialState.RUNNING and alive(t) for t in every)
+        waiting = sum(t.state == TrialState.WAITING for t in every)
         if finished >= trials:
-            break
+            return
         if finished + running >= trials and not waiting:
             # Other workers (or dead ones, until their heartbeat goes stale)
             # hold the remaining trials: wait for them.
@@ -243,26 +404,97 @@ def run_optuna_sweep(
             continue
         objective.number = None
         try:
-            study.optimize(objective, n_trials=1)
+            study.optimize(objective, n_trials=1, catch=(_Surplus,))
         except KeyboardInterrupt:
             _queue_interrupted(study, objective.number)
             raise
-    return export_results(optuna_rows(study), out)
+
+
+def _fail_dead_trials(study: optuna.Study, alive) -> None:
+    """Fail the running trials whose worker is gone and queue them again, as ``fail_stale_trials`` does for
+    an RDB storage: a journal file has no heartbeats, so their workers' locks tell (:mod:`sweeps.search.workers`).
+    Of workers that find the same dead trial, the journal applies one failure; the others' raise, and only the
+    worker whose failure counted queues the retry."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if alive(trial):
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished meanwhile, or another worker failed it first
+        _retry_stale_trial(study, study._storage.get_trial(trial._trial_id))
+
+
+class _Surplus(Exception):
+    """A new trial found the study's total already taken by earlier trials (another worker started one first)."""
+
+
+class _Places:
+    """The study's total as places that trials take, in the order the storage numbered them.
+
+    ``--trials N`` is the study's total, never more (SPEC §7); workers that
+    start trials at the same moment all see room for one more. So a new trial
+    first counts the places taken before it: every earlier trial (a retry
+    takes its original's place) that has finished, is queued, or runs with
+    a live worker. With N taken, it is surplus: it ends at once, as a failed
+    trial with status "surplus" that nothing counts or exports. Of trials
+    started together, the lowest-numbered runs, whatever the timing.
+    """
+
+    def __init__(self, total: int, alive, worker: WorkerLock):
+        self.total, self.alive, self.worker = total, alive, worker
+
+    def taken_before(self, study: optuna.Study, number: int) -> int:
+        latest: dict[int, FrozenTrial] = {}
+        for trial in study.get_trials(deepcopy=False):  # in order of their numbers
+            if trial.number < number:
+                latest[_original_number(trial)] = trial
+        return sum(self._takes_a_place(study, trial) for trial in latest.values())
+
+    def _takes_a_place(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if trial.state in (*FINISHED, TrialState.WAITING):
+            return True
+        if trial.state != TrialState.RUNNING:
+            return False
+        if self.alive(trial):
+            return True
+        # Its worker is gone, or has just finished it: ask the storage again.
+        return study._storage.get_trial(trial._trial_id).state in FINISHED
+
+    def claim(self, trial: optuna.Trial) -> None:
+        """Label ``trial`` with this worker, then raise :class:`_Surplus` if the total is taken without it."""
+        trial.set_user_attr(WORKER_ATTR, self.worker.label(trial.number))
+        if _original_number(trial) != trial.number:
+            return  # a retry takes its original's place
+        if self.taken_before(trial.study, trial.number) >= self.total:
+            trial.set_user_attr("status", SURPLUS)
+            raise _Surplus(f"trial {trial.number}: the study's {self.total} trials are taken by earlier ones")
 
 
 class _Objective:
     """One trial: train its run directory (resuming it if it exists), reporting every evaluation to the pruner."""
 
-    def __init__(self, base: RunConfig, space: SearchSpace, out: pathlib.Path, metric: str, progress: bool | None):
-        self.base, self.space, self.out, self.metric, self.progress = base, space, out, metric, progress
+    def __init__(self, base: RunConfig, space: SearchSpace, study_dir: pathlib.Path, metric: str,
+                 progress: bool | None, places: _Places):  # fmt: skip
+        self.base, self.space, self.study_dir, self.metric, self.progress = base, space, study_dir, metric, progress
+        self.places = places
         self.number: int | None = None  # the trial this process is running
+
+    def run_dir(self, trial: optuna.Trial, original: int) -> pathlib.Path:
+        """The trial's run directory: its original's, where it exists (a retry continues it, wherever an older
+        locoprop put it), else ``trials/trial-NNNN`` in the study's folder."""
+        recorded = trial.user_attrs.get("run_dir")  # a retry inherits its original's attributes
+        if recorded and pathlib.Path(recorded).is_dir():
+            return pathlib.Path(recorded)
+        return self.study_dir / "trials" / f"trial-{original:04d}"
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.number = trial.number
-        trial.set_user_attr("status", "running")  # a retry inherits its original's attributes
+        self.places.claim(trial)
+        trial.set_user_attr("status", "running")
         params = {name: _suggest(trial, name, dist) for name, dist in self.space.distributions.items()}
         original = _original_number(trial)
-        run_dir = self.out / "trials" / f"trial-{original:04d}"
+        run_dir = self.run_dir(trial, original)
         trial.set_user_attr("run_dir", str(run_dir))
         config = dataclasses.replace(
             self.base, optimizer=self.space.optimizer, hparams=self.space.to_hparams(params), out=str(run_dir)
@@ -326,6 +558,8 @@ def optuna_rows(study: optuna.Study) -> list[dict]:
         latest[_original_number(trial)] = trial
     rows = []
     for number, trial in sorted(latest.items()):
+        if trial.user_attrs.get("status") == SURPLUS:
+            continue  # never trained: not a trial of the study's total
         if trial.state in FINISHED:
             status = trial.user_attrs["status"]  # set before the objective returns or prunes
         elif trial.state == TrialState.FAIL:

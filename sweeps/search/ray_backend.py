@@ -29,7 +29,8 @@ A study lives in ``--out``/STUDY (shared storage on a cluster):
   previous part so that it knows every earlier result. Running the same
   command again restores every unfinished part (``Tuner.restore``);
 - ``trials/TRIAL_ID``: each trial's run directory (config, metrics,
-  checkpoint), where a restarted or restored trial resumes.
+  checkpoint), where a restarted or restored trial resumes;
+- ``sweep_results.csv`` and ``.parquet``: the study's results table.
 
 Only the current ``ray.tune`` API is used (``tune.RunConfig`` etc., Ray ≥ 2.40).
 """
@@ -47,7 +48,7 @@ from sweeps.runner import records
 from sweeps.runner.config import RunConfig
 from sweeps.runner.train import BUDGET_PERCENT, check_data_parallel, check_fits_data
 from sweeps.search.ray_trial import train_reporting, trial_config
-from sweeps.search.results import check_same_setup, export_results, sweep_setup
+from sweeps.search.results import check_same_setup, check_study_name, export_results, sweep_setup
 from sweeps.search.spaces import SearchSpace, TrialSeededSampler
 
 __all__ = ["run_ray_sweep"]
@@ -112,6 +113,7 @@ def run_ray_sweep(
 
     if trials < 1:
         raise ValueError(f"Invalid trials: {trials}; expected ≥ 1")
+    check_study_name(study_name)  # the study's folder stays inside out
     _check_workers(workers_per_trial, gpus_per_trial)
     cpus_per_trial = float(workers_per_trial) if cpus_per_trial is None else cpus_per_trial
     if cpus_per_trial <= 0 or gpus_per_trial < 0:
@@ -148,7 +150,7 @@ def run_ray_sweep(
         if started_here:
             ray.shutdown()
     rows = [row for grid in grids for row in _ray_rows(grid, study_dir)]
-    table = export_results(rows, out)
+    table = export_results(rows, study_dir)
     failed = sum(grid.num_errors for grid in grids)
     if failed:
         raise RuntimeError(

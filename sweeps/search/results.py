@@ -8,8 +8,12 @@ table, and storage strings with their credentials masked.
 - The table has one row per evaluation of every trial, the columns of
   ``analysis.load`` plus ``trial`` and ``hp_<name>`` per hyperparameter,
   each trial labelled with the config it ran (its ``config.json``); written
-  as ``sweep_results.csv`` and ``sweep_results.parquet`` in the sweep's
+  as ``sweep_results.csv`` and ``sweep_results.parquet`` in the study's
   folder, where ``locoprop report`` finds them.
+- A study keeps its files in its own folder, ``--out``/STUDY (its trials'
+  run directories and its table), so that studies sharing an ``--out`` never
+  share a trial folder or a table; its name must therefore be a plain folder
+  name (:func:`check_study_name`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import pathlib
 import re
 import urllib.parse
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -33,8 +38,11 @@ if TYPE_CHECKING:
 __all__ = [
     "JOURNAL_PREFIX",
     "TABLE_STEM",
+    "SweepNotice",
+    "TrialLeftOut",
     "best_trial",
     "check_same_setup",
+    "check_study_name",
     "export_results",
     "hide_secrets",
     "mask_url",
@@ -47,6 +55,7 @@ JOURNAL_PREFIX = "journal:"  # --storage journal:PATH names an Optuna journal fi
 # hyperparameters (the space's fixed ones are kept, as fixed_hparams), and
 # where files live (workers on a cluster may mount the data elsewhere).
 NOT_SETUP = ("hparams", "out", "data_dir")
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 QUERY_SECRET = re.compile(r"((?:^|[&;])(?:password|passwd|pwd|secret|token)=)([^&;]*)", re.IGNORECASE)
 
 
@@ -106,6 +115,21 @@ def hide_secrets(text: str, url: str) -> str:
 
 
 # ----------------------------------------------------------------- setup
+def check_study_name(name: str) -> str:
+    """``name`` if it can name a study's folder inside ``--out``; otherwise a ValueError naming it.
+
+    A plain folder name: letters, digits, ``.``, ``_``, ``+`` and ``-``, starting with a letter or a digit,
+    at most 128 characters; so no path separator, no ``..`` and nothing hidden can take a study's files
+    outside ``--out``.
+    """
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        raise ValueError(
+            f"Invalid --study {name!r}: a study keeps its files in --out/STUDY, so its name must be a plain folder "
+            "name: letters, digits, '.', '_', '+' and '-', starting with a letter or a digit, at most 128 characters"
+        )
+    return name
+
+
 def sweep_setup(base: RunConfig, space: SearchSpace) -> dict[str, Any]:
     """The setup every trial of a study shares, as JSON data.
 
@@ -156,29 +180,75 @@ def best_trial(table: pathlib.Path, metric: str = "valid_loss") -> dict[str, Any
 
 
 # ----------------------------------------------------------------- table
-def export_results(trials: list[dict], out: pathlib.Path) -> pathlib.Path:
-    """Write the table for ``trials`` (dicts with ``trial``, ``run_dir`` and ``status``) and return the CSV path.
+class SweepNotice(UserWarning):
+    """What a sweep did to a damaged record, in one line that names it (the CLI prints it as such)."""
+
+
+class TrialLeftOut(SweepNotice):
+    """A trial whose metrics.csv is cut short or damaged was left out of the results table; the message names it."""
+
+
+def export_results(trials: list[dict], study_dir: pathlib.Path) -> pathlib.Path:
+    """Write the study's table for ``trials`` (dicts with ``trial``, ``run_dir`` and ``status``) in ``study_dir``
+    and return the CSV path.
 
     Each trial is labelled from its run directory's ``config.json``: with
-    the optimizer, workload, data, seed and hyperparameters it ran.
+    the optimizer, workload, data, seed and hyperparameters it ran. A trial
+    whose metrics.csv cannot be trusted (:func:`sweeps.schema.metrics_defect`)
+    is left out with a :class:`TrialLeftOut` warning, never exported as if whole.
     """
-    frames = []
-    for trial in trials:
-        run_dir = pathlib.Path(trial["run_dir"] or "")
-        metrics = run_dir / records.METRICS
-        if not trial["run_dir"] or not metrics.exists():
-            continue  # failed before its first evaluation: nothing to plot
-        config_path = run_dir / records.CONFIG
-        if not config_path.exists():
-            raise ValueError(f"Trial {trial['trial']}: {config_path} is missing, so what the trial ran is unknown")
-        config = json.loads(config_path.read_text())
-        frame = pd.read_csv(metrics)
-        frame.insert(0, schema.RUN_ID, trial["trial"])
-        frame.insert(1, "trial", trial["trial"])
-        frame = frame.assign(**schema.run_labels(config, trial["status"]), run_dir=str(run_dir))
-        frames.append(frame)
+    frames = [frame for frame in map(_trial_frame, trials) if frame is not None]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[schema.RUN_ID, "trial"])
-    csv_path = out / f"{TABLE_STEM}.csv"
+    study_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = study_dir / f"{TABLE_STEM}.csv"
     table.to_csv(csv_path, index=False)
-    table.to_parquet(out / f"{TABLE_STEM}.parquet", index=False)
+    table.to_parquet(study_dir / f"{TABLE_STEM}.parquet", index=False)
+    _remove_shared_table(study_dir, trials)
     return csv_path
+
+
+def _trial_frame(trial: dict) -> pd.DataFrame | None:
+    """The rows of one trial's metrics.csv, labelled; None for a trial with nothing (or nothing sound) to show."""
+    run_dir = pathlib.Path(trial["run_dir"] or "")
+    metrics = run_dir / records.METRICS
+    if not trial["run_dir"] or not metrics.exists():
+        return None  # failed before its first evaluation: nothing to plot
+    config_path = run_dir / records.CONFIG
+    if not config_path.exists():
+        raise ValueError(f"Trial {trial['trial']}: {config_path} is missing, so what the trial ran is unknown")
+    config = json.loads(config_path.read_text())
+    summary_path = run_dir / records.SUMMARY
+    try:
+        summary = records.read_json(summary_path) if summary_path.exists() else None
+        defect = schema.metrics_defect(metrics, summary)
+    except (OSError, ValueError) as err:  # a damaged summary.json, or a metrics.csv that is not text
+        defect = f"cannot be checked ({err})"
+    if defect is not None:
+        warnings.warn(
+            f"trial {trial['trial']} left out of the results table: {metrics}: {defect}; "
+            "remove its run directory to run it again",
+            TrialLeftOut,
+            stacklevel=3,
+        )
+        return None
+    frame = pd.read_csv(metrics)
+    frame.insert(0, schema.RUN_ID, trial["trial"])
+    frame.insert(1, "trial", trial["trial"])
+    return frame.assign(**schema.run_labels(config, trial["status"]), run_dir=str(run_dir))
+
+
+def _remove_shared_table(study_dir: pathlib.Path, trials: list[dict]) -> None:
+    """Remove the table that locoprop wrote in ``--out`` for every study there (the last one's) before each study
+    had its folder, when it holds only trials of this study, which the study's own table now holds: otherwise
+    ``locoprop report`` would read them twice. A table with other trials is left to its owner."""
+    shared = study_dir.parent / f"{TABLE_STEM}.csv"
+    if not shared.is_file():
+        return
+    try:
+        listed = set(pd.read_csv(shared)["run_dir"].astype(str))
+    except (OSError, ValueError, KeyError):
+        return  # not a table that a sweep wrote
+    if listed <= {str(trial["run_dir"]) for trial in trials}:
+        shared.unlink()
+        shared.with_suffix(".parquet").unlink(missing_ok=True)
+        print(f"removed {shared} (and .parquet), written by an older locoprop: the study's table is now in {study_dir}")

@@ -179,8 +179,8 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     """
 
     def __init__(self, seed: int | None = None):
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"Invalid sampler seed: {seed!r}; expected an integer ≥ 0")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+            raise ValueError(f"Invalid sampler seed: {seed!r}; expected an integer from 0 to {2**32 - 1} (NumPy's)")
         self.seed = seed
         self._tpe = optuna.samplers.TPESampler(seed=seed)
 
