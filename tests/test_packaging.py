@@ -8,9 +8,10 @@ A missing module is simulated the way Python itself reads it: ``sys.modules[name
 import ast
 import importlib.abc
 import pathlib
+import shutil
 import subprocess
 import sys
-from fnmatch import fnmatch
+import zipfile
 
 import pytest
 from packaging.requirements import Requirement
@@ -115,20 +116,26 @@ def test_every_module_the_harness_imports_is_in_an_extra():
     assert third_party <= set().union(*(extra.modules for extra in EXTRAS.values()))
 
 
-def test_a_non_editable_install_carries_every_data_file():
-    """Every file of the packages that is not Python matches the package data of pyproject.toml."""
-    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    patterns = tool.get("package-data", {})
+def test_a_wheel_carries_every_data_file(tmp_path):
+    """A wheel built from the tree holds every file of the packages that is not Python (the search spaces,
+    those in subfolders too), as a non-editable install needs them."""
+    source = tmp_path / "source"  # a clean copy: a build/ folder left in the tree could hold stale files
     for package in PACKAGES:
-        for path in (ROOT / package).rglob("*"):
-            if path.is_dir() or path.suffix in (".py", ".pyc"):
-                continue
-            owner = next(p for p in path.parents if (p / "__init__.py").exists())  # the package holding it
-            name = ".".join(owner.relative_to(ROOT).parts)
-            relative = path.relative_to(owner).as_posix()
-            assert any(fnmatch(relative, pattern) for pattern in [*patterns.get("*", []), *patterns.get(name, [])]), (
-                f"{path.relative_to(ROOT)} is not in [tool.setuptools.package-data]"
-            )
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path),
+         str(source)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        held = set(archive.namelist())
+    data = [path.relative_to(ROOT).as_posix() for package in PACKAGES for path in (ROOT / package).rglob("*")
+            if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts]  # fmt: skip
+    assert any(name.startswith("sweeps/search/spaces/hypergrad/") for name in data)
+    assert [name for name in data if name not in held] == []
 
 
 # ----------------------------------------------------------- a missing extra, one line
