@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["INNER_NAMES", "INNER_SCHEDULES", "RMSpropTF", "inner_lr", "resolve_inner", "rmsprop_tf"]
+__all__ = ["INNER_NAMES", "INNER_SCHEDULES", "RMSpropTF", "inner_lr", "make_inner", "resolve_inner", "rmsprop_tf"]
 
 
 class RMSpropTF(torch.optim.Optimizer):
@@ -206,6 +207,30 @@ def resolve_inner(inner) -> Callable[..., torch.optim.Optimizer]:
     raise ValueError(
         f"Unknown inner optimizer: {inner!r}; expected one of {', '.join(INNER_NAMES)} or a torch.optim.Optimizer class"
     )
+
+
+def make_inner(inner, inner_kwargs: dict | None, compile: bool, groups: list[dict]) -> torch.optim.Optimizer:
+    """The inner optimizer ``inner`` over ``groups``, with ``inner_kwargs``; ``compile`` fuses its update:
+    "rmsprop-tf" through ``torch.compile``, torch's optimizers that take ``fused`` through their kernels."""
+    factory = resolve_inner(inner)
+    kwargs = dict(inner_kwargs or {})
+    if compile and "compiled" not in kwargs and "fused" not in kwargs:
+        if inner == "rmsprop-tf" or inner is RMSpropTF:
+            kwargs["compiled"] = True
+        elif _accepts(factory, "fused"):
+            kwargs["fused"] = True
+    try:
+        return factory(groups, **kwargs)
+    except TypeError as err:
+        given = dict(inner_kwargs or {})
+        raise ValueError(f"Invalid inner_kwargs for inner optimizer {inner!r}: {given!r} ({err})") from err
+
+
+def _accepts(factory, name: str) -> bool:
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def inner_lr(schedule: str, lr: float, t: int, local_iters: int) -> float:

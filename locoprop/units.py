@@ -7,9 +7,6 @@ the model: every trainable nn.Linear / nn.Conv2d is a unit, and its transfer
 function is the activation module that follows it inside an
 ``nn.Sequential`` (identity otherwise). The LocoProp math
 (``locoprop.local``) never looks at module types.
-
-Also here: :class:`OutputUnitFinder`, which finds the unit that produces the
-model's output.
 """
 
 from __future__ import annotations
@@ -18,13 +15,12 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from locoprop.layers import RecordedLayer, adapter_for, find_layers
 from locoprop.transfer import Transfer, transfer_by_name, transfer_from_module
 
-__all__ = ["OutputUnitFinder", "Unit", "discover_units"]
+__all__ = ["Unit", "discover_units"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -131,97 +127,3 @@ def _listed_units(model: nn.Module, units: Sequence[tuple[nn.Module, str | nn.Mo
     if frozen:
         raise ValueError(f"Units with frozen parameters (requires_grad=False): {frozen}")
     return found
-
-
-class OutputUnitFinder:
-    """Finds the unit that produces the model's output, from a forward pass.
-
-    Registration order does not tell it (a module may define its head before
-    its body). At the end of the model's first forward pass with autograd,
-    the graph is walked back from the model's output tensors, stopping at the
-    outputs of units: the units met are those whose output reaches the model's
-    output through no other unit. One unit met is the output unit; several
-    (two heads added, several outputs) or none leave it ambiguous. When the
-    model's own forward never runs (the caller calls its submodules), the
-    last unit to run in the forward pass is taken instead (:meth:`decide_now`).
-
-    ``on_decided(units)`` is called once, with the units met, and the hooks
-    are removed: after that the finder costs nothing.
-    """
-
-    def __init__(self, model: nn.Module, units: Sequence[Unit], on_decided):
-        self._on_decided = on_decided
-        self._unit_of_module = {unit.module: unit for unit in units}
-        self._output_nodes: dict = {}  # grad_fn of a unit output in this model forward -> unit
-        self._depth = 0
-        self.last_run: Unit | None = None
-        self.pending = True
-        self._handles = [
-            model.register_forward_pre_hook(self._enter),
-            model.register_forward_hook(self._leave, always_call=True),
-            *(unit.module.register_forward_hook(self._note) for unit in units),
-        ]
-
-    def _enter(self, module: nn.Module, inputs: tuple) -> None:
-        self._depth += 1
-
-    def _note(self, module: nn.Module, inputs: tuple, output) -> None:
-        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.grad_fn is not None):
-            return
-        self.last_run = self._unit_of_module[module]
-        if self._depth:  # only inside the model's forward: a node keeps its graph alive
-            self._output_nodes[output.grad_fn] = self.last_run
-
-    def _leave(self, module: nn.Module, inputs: tuple, output) -> None:
-        self._depth -= 1
-        if self._depth or not self._output_nodes:
-            return
-        roots = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
-        if roots:
-            self._decide(_units_reaching(roots, self._output_nodes))
-        self._output_nodes.clear()
-
-    def decide_now(self) -> None:
-        """Decide from the last unit that ran, if the model's forward never did."""
-        if self.pending and self.last_run is not None:
-            self._decide([self.last_run])
-
-    def _decide(self, units: list[Unit]) -> None:
-        self.remove()
-        self._on_decided(units)
-
-    def remove(self) -> None:
-        self.pending = False
-        self._output_nodes.clear()
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-def _tensors(value) -> list[Tensor]:
-    """The tensors in a model's output: a tensor, or tuples, lists and dicts of them."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    return []
-
-
-def _units_reaching(roots: list, output_nodes: dict) -> list[Unit]:
-    """The units whose output node is reached from ``roots`` through no other unit's output."""
-    reached: list[Unit] = []
-    seen = set()
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        unit = output_nodes.get(node)
-        if unit is None:
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        elif unit not in reached:
-            reached.append(unit)
-    return reached

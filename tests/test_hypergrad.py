@@ -228,11 +228,11 @@ def test_a_step_refused_after_gamma_moved_restores_gamma(monkeypatch):
     _step(model, opt, batches[0])
     gammas = [g["activation_lr"] for g in opt.param_groups]
 
-    def fail(problems):
+    def fail(*args):
         assert [g["activation_lr"] for g in opt.param_groups] != gammas  # γ had moved
         raise RuntimeError("refused")
 
-    monkeypatch.setattr(opt, "_solve_iterative", fail)
+    monkeypatch.setattr("locoprop.optimizer.solve_iterative", fail)
     with pytest.raises(RuntimeError, match="refused"):
         _step(model, opt, batches[1])
     assert [g["activation_lr"] for g in opt.param_groups] == gammas

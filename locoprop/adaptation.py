@@ -1,0 +1,116 @@
+"""γ adapted online by hypergradient descent, as stages of ``LocoPropOptimizer.step`` (SPEC §12).
+
+At every step, for each unit whose group has β = ``hypergrad_lr`` > 0:
+``adapt`` forms h = ⟨∇L, ∂θ/∂γ⟩ from the sensitivity that the unit's last
+solve left in ``state[p]["gamma_sensitivity"]`` and moves γ to
+γ·exp(−β·h·γ) (:func:`locoprop.hypergrad.adapted_activation_lr`); after the
+solve, ``record_sensitivities`` stores the new ∂θ/∂γ (closed form for the
+exact solve, "implicit" or "unrolled" for the iterative one, from
+:mod:`locoprop.hypergrad`). Each function takes the optimizer and reads its
+param groups, inner optimizer and state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from locoprop.hypergrad import adapted_activation_lr, implicit_sensitivity, inner_tangent, unrolled_sensitivity
+from locoprop.inner import inner_lr
+from locoprop.problem import LocalProblem
+
+__all__ = ["adapt", "adapting_problems", "before_solve", "check_supported", "record_sensitivities"]
+
+
+def check_supported(opt) -> None:
+    """Refuse β > 0 where the sensitivities are not computed yet: several ranks, tied weights, and
+    (for "unrolled") inner optimizers whose update rule :mod:`locoprop.hypergrad` does not know."""
+    if not any(group["hypergrad_lr"] > 0 for group, unit in zip(opt.param_groups, opt.unit_of_group) if unit):
+        return
+    if opt.comm.distributed:
+        raise ValueError(
+            f"hypergrad_lr > 0 is not supported on {opt.comm.world_size} ranks yet: the sensitivities need the "
+            "global batch's local problems; train with hypergrad_lr=0 or in one process"
+        )
+    if opt.ownership.tied:
+        raise ValueError(
+            f"hypergrad_lr > 0 is not supported with tied weights ({opt.ownership.describe()}): a tied parameter's "
+            "update depends on several units' γ"
+        )
+    if opt.hypergrad == "unrolled" and opt.solve == "iterative":
+        for index, unit in enumerate(opt.unit_of_group):
+            if unit is not None:
+                inner_tangent(opt.inner, index)
+
+
+def adapting_problems(opt, problems: list[LocalProblem]) -> list[LocalProblem]:
+    """The units' problems whose γ adapts (β > 0) in this step."""
+    adapting = [p for p in problems if p.unit is not None and opt.param_groups[p.group_index]["hypergrad_lr"] > 0]
+    if adapting:
+        check_supported(opt)  # β may have been raised in param_groups since construction
+    return adapting
+
+
+def adapt(opt, adapting: list[LocalProblem]) -> dict[str, float]:
+    """h = ⟨∇L, ∂θ/∂γ⟩ of each adapting unit that has a sensitivity from its last solve; its group's γ
+    moves to γ·exp(−β·h·γ) (clipped) if every h is finite. One device sync."""
+    measured = []
+    for problem in adapting:
+        pairs = [(p.grad, opt.state[p].get("gamma_sensitivity")) for p in problem.params if p.grad is not None]
+        if pairs and all(s is not None for _, s in pairs):
+            measured.append((problem, sum(torch.vdot(g.reshape(-1), s.reshape(-1)) for g, s in pairs)))
+    if not measured:
+        return {}
+    values = torch.stack([h for _, h in measured]).tolist()
+    if all(map(math.isfinite, values)):
+        for (problem, _), h in zip(measured, values):
+            group = opt.param_groups[problem.group_index]
+            group["activation_lr"] = adapted_activation_lr(group["activation_lr"], h, group["hypergrad_lr"])
+    return {problem.unit.name: h for (problem, _), h in zip(measured, values)}
+
+
+def before_solve(opt, adapting: list[LocalProblem]) -> dict[LocalProblem, dict]:
+    """What the sensitivities need from before the solve changes it: the recorded uses and G, and for
+    "unrolled" the inner state and the K inner learning rates."""
+    before = {}
+    for problem in adapting:
+        saved = {"uses": problem.uses, "linear_term": problem.linear_terms()}
+        if opt.solve == "iterative" and opt.hypergrad == "unrolled":
+            group, index = opt.param_groups[problem.group_index], problem.group_index
+            rule = inner_tangent(opt.inner, index)
+            k = group["local_iters"]
+            saved.update(
+                rule=rule,
+                states=[rule.start(opt.inner.state.get(p, {}), p) for p in problem.params],
+                lrs=[inner_lr(group["inner_schedule"], group["lr"], t, k) for t in range(k)],
+            )
+        before[problem] = saved
+    return before
+
+
+def record_sensitivities(opt, adapting: list[LocalProblem], before: dict[LocalProblem, dict]) -> None:
+    """∂θ/∂γ of this step's solve for every adapting unit, into ``state[p]["gamma_sensitivity"]``; the
+    other parameters lose theirs (their θ did not move with γ)."""
+    for state in opt.state.values():
+        state.pop("gamma_sensitivity", None)
+    for problem in adapting:
+        group, unit, saved = opt.param_groups[problem.group_index], problem.unit, before[problem]
+        linear = isinstance(unit.module, nn.Linear)
+        if opt.solve == "exact":
+            sensitivity = [-d for d in problem.exact_direction]  # θ* = θ^old − γ·Δ
+        elif opt.hypergrad == "implicit":
+            params = [p.detach() for p in problem.params]
+            inputs = [x for x, _ in saved["uses"]]
+            sensitivity = implicit_sensitivity(opt.variant, unit.transfer, unit.adapter.forward, params, inputs,
+                                               saved["linear_term"], group["prox"], opt.hypergrad_iters,
+                                               linear)  # fmt: skip
+        else:
+            sensitivity, _ = unrolled_sensitivity(
+                opt.variant, unit.transfer, unit.adapter.forward, problem.old_params, saved["uses"],
+                saved["linear_term"], problem.activation_lr, group["prox"], saved["rule"], saved["states"],
+                saved["lrs"], linear,
+            )  # fmt: skip
+        for p, s in zip(problem.params, sensitivity):
+            opt.state[p]["gamma_sensitivity"] = s.reshape(p.shape)

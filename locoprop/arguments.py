@@ -1,0 +1,148 @@
+"""The checks of ``LocoPropOptimizer``'s arguments and hyperparameters.
+
+Every check raises before anything changes, with the bad value in the
+message (``ValueError(f"Invalid learning rate: {lr!r}; ...")``, as
+torch.optim does). The per-group hyperparameters are checked again at every
+step, since users edit ``param_groups`` between steps.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from locoprop.hypergrad import HYPERGRAD_MODES
+from locoprop.inner import INNER_SCHEDULES
+from locoprop.local_gradients import PARALLEL_MODES
+from locoprop.transfer import TRANSFER_NAMES
+from locoprop.units import Unit
+
+__all__ = [
+    "SOLVES",
+    "VARIANTS",
+    "check_hyperparameters",
+    "check_not_meta",
+    "check_options",
+    "check_unit",
+    "plain_float",
+]
+
+VARIANTS = ("M", "S")
+SOLVES = ("iterative", "exact")
+
+
+def check_options(
+    model,
+    *,
+    variant: str,
+    solve: str,
+    parallel: str,
+    compile: bool,
+    prox,
+    hypergrad: str,
+    hypergrad_iters,
+    output_activation: str | None,
+) -> None:
+    """The constructor's options that are not per-group hyperparameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"LocoPropOptimizer needs the model (an nn.Module), got {type(model).__name__}")
+    if variant not in VARIANTS:
+        raise ValueError(f"Invalid variant: {variant!r}; expected 'M' or 'S'")
+    if solve not in SOLVES:
+        raise ValueError(f"Invalid solve: {solve!r}; expected 'iterative' or 'exact'")
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"Invalid parallel: {parallel!r}; expected one of {', '.join(PARALLEL_MODES)}")
+    if not isinstance(compile, bool):
+        raise ValueError(f"Invalid compile: {compile!r}; expected True or False")
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"Parameters {meta[:3]}{' …' if len(meta) > 3 else ''} are on the meta device, which holds no values; "
+            "materialise the model (model.to_empty(device=...) and initialise it) before building the optimizer"
+        )
+    if parallel == "streams" and not torch.cuda.is_available():
+        raise ValueError("Invalid parallel: 'streams' needs a CUDA device; use 'batched' or 'auto'")
+    if hypergrad not in HYPERGRAD_MODES:
+        raise ValueError(f"Invalid hypergrad: {hypergrad!r}; expected one of {', '.join(HYPERGRAD_MODES)}")
+    if isinstance(hypergrad_iters, bool) or not isinstance(hypergrad_iters, int) or hypergrad_iters < 1:
+        raise ValueError(f"Invalid hypergrad_iters: {hypergrad_iters!r}; expected an integer ≥ 1")
+    if solve == "exact" and variant != "S":
+        raise ValueError(f"solve='exact' needs variant 'S', got variant {variant!r}")
+    if solve == "exact" and not prox > 0:
+        raise ValueError(f"solve='exact' needs prox > 0 (C + λI must be invertible), got prox={prox}")
+    if output_activation is not None and output_activation not in TRANSFER_NAMES:
+        raise ValueError(
+            f"Invalid output_activation: {output_activation!r}; expected one of {', '.join(TRANSFER_NAMES)}"
+        )
+
+
+def check_hyperparameters(group: dict) -> None:
+    """A param group's lr, activation_lr, local_iters, inner_schedule, prox and hypergrad_lr."""
+    lr, activation_lr, local_iters = group["lr"], group["activation_lr"], group["local_iters"]
+    for name, value in (("learning rate", lr), ("activation_lr", activation_lr), ("prox", group["prox"])):
+        if isinstance(value, Tensor):
+            raise ValueError(f"Invalid {name}: a tensor ({value!r}); LocoPropOptimizer needs a float (.item())")
+    if not (_is_real(lr) and 0 < lr < math.inf):
+        raise ValueError(f"Invalid learning rate: {lr!r}; expected a finite number > 0")
+    if not (_is_real(activation_lr) and 0 < activation_lr < math.inf):
+        raise ValueError(f"Invalid activation_lr: {activation_lr!r}; expected a finite number > 0")
+    if isinstance(local_iters, bool) or not isinstance(local_iters, int) or local_iters < 1:
+        raise ValueError(f"Invalid local_iters: {local_iters}; expected an integer ≥ 1")
+    if group["inner_schedule"] not in INNER_SCHEDULES:
+        raise ValueError(
+            f"Invalid inner_schedule: {group['inner_schedule']!r}; expected one of {', '.join(INNER_SCHEDULES)}"
+        )
+    prox = group["prox"]
+    if not (_is_real(prox) and 0 <= prox < math.inf):
+        raise ValueError(f"Invalid prox: {prox!r}; expected a finite number ≥ 0")
+    beta = group.get("hypergrad_lr", 0.0)
+    if isinstance(beta, Tensor) or not (_is_real(beta) and 0 <= beta < math.inf):
+        raise ValueError(f"Invalid hypergrad_lr: {beta!r}; expected a finite number ≥ 0")
+
+
+def check_unit(unit: Unit, variant: str, solve: str) -> None:
+    """Whether ``unit`` can take part in a step of ``variant`` with ``solve``."""
+    kind = type(unit.module).__name__
+    if solve == "exact" and not isinstance(unit.module, nn.Linear):
+        raise ValueError(f"solve='exact' supports nn.Linear units only; unit {unit.name!r} is a {kind}")
+    if variant != "M":
+        return
+    transfer = unit.transfer
+    if not transfer.supports_matching_loss:
+        raise ValueError(
+            f"Variant 'M' cannot use the transfer function of unit {unit.name!r} ({kind}): "
+            f"{transfer.unsupported_reason}. Use variant='S', or pass units=[(layer, 'identity'), ...] "
+            "to choose the transfer functions explicitly"
+        )
+    if transfer.name.startswith("softmax") and isinstance(unit.module, nn.Conv2d):
+        raise ValueError(f"Softmax over the last dimension does not apply to Conv2d unit {unit.name!r}")
+
+
+def check_not_meta(units: list[Unit]) -> None:
+    """Refuse units whose layers were moved to the meta device after the optimizer was built.
+
+    (``model.to("meta")`` gives the modules new parameters: look at theirs.)
+    """
+    meta = [f"{unit.name}.{name}" for unit in units for name, p in unit.module.named_parameters() if p.is_meta]
+    if meta:
+        raise RuntimeError(
+            f"Parameters {meta[:3]}{' …' if len(meta) > 3 else ''} are on the meta device, which holds no values, "
+            "so there is nothing to step; move the model to a real device before training"
+        )
+
+
+def plain_float(value):
+    """A NumPy scalar as a float (torch.optim takes them too): param_groups
+    then hold plain numbers, which a weights_only checkpoint loads."""
+    # (np.float64 is a float subclass, np.float32 is not: test the exact type.)
+    if isinstance(value, numbers.Real) and type(value) not in (bool, int, float) and not isinstance(value, Tensor):
+        return float(value)
+    return value
+
+
+def _is_real(value) -> bool:
+    # bool is an int to Python, but lr=True is a mistake, not 1.0.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,180 @@
+"""The unit that produces the model's output, and the transfer function it gets.
+
+A model usually returns logits and folds the last transfer function into
+the loss; ``output_activation`` names it (SPEC §2). Registration order does
+not tell which unit produces the output (a module may define its head
+before its body), so :class:`OutputUnitFinder` finds it from the first
+forward pass, and :class:`OutputActivation` moves the transfer function to
+it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from locoprop.transfer import transfer_by_name
+from locoprop.units import Unit
+
+__all__ = ["OutputActivation", "OutputUnitFinder"]
+
+
+class OutputActivation:
+    """``output_activation`` as the transfer function of the unit that produces the model's output.
+
+    Until the first forward pass shows which unit that is, the last unit
+    holds it. When the pass shows another one, that unit gets it and the
+    previous holder gets back its discovered transfer; ``on_change(units)``
+    then lets the optimizer update its param groups and check the units,
+    and an error it raises (or an ambiguous forward: two heads added)
+    refuses the steps that follow (:meth:`check`).
+    """
+
+    def __init__(self, units: list[Unit], name: str):
+        self.transfer = transfer_by_name(name)
+        self._units = units
+        self._holder, self._displaced = units[-1], units[-1].transfer
+        self._holder.transfer = self.transfer
+        self._on_change: weakref.WeakMethod | None = None
+        self._error: Exception | None = None
+        self._finder: OutputUnitFinder | None = None
+
+    def attach(self, model: nn.Module, on_change: Callable[[list[Unit]], None]) -> None:
+        """Watch ``model``'s first forward pass (with more than one unit, there is a choice to make).
+
+        ``on_change``, a bound method, is called through a weak reference: the
+        hooks that the model keeps do not keep its object alive."""
+        self._on_change = weakref.WeakMethod(on_change)
+        if len(self._units) > 1:
+            self._finder = OutputUnitFinder(model, self._units, self._found)
+
+    def check(self) -> None:
+        """Refuse a step when the output unit could not be given the transfer function."""
+        if self._finder is not None:
+            self._finder.decide_now()  # the model's own forward never ran: the last unit to run
+        if self._error is not None:
+            raise type(self._error)(*self._error.args)
+
+    def remove(self) -> None:
+        if self._finder is not None:
+            self._finder.remove()
+            self._finder = None
+
+    def _found(self, reached: list[Unit]) -> None:
+        if len(reached) != 1:
+            names = [u.name for u in self._units if u in reached]
+            where = f"units {names} all reach it" if reached else "no unit reaches it"
+            self._error = RuntimeError(
+                f"output_activation={self.transfer.name!r} is the transfer function of the unit that produces "
+                f"the model's output, but the forward pass does not tell which unit that is: {where}. Pass "
+                "units=[(layer, transfer), ...] naming every unit's transfer function instead of output_activation"
+            )
+            return
+        unit, previous = reached[0], self._holder
+        if unit is previous:
+            return
+        previous.transfer, self._displaced = self._displaced, unit.transfer
+        unit.transfer, self._holder = self.transfer, unit
+        on_change = self._on_change()
+        try:
+            if on_change is not None:
+                on_change([previous, unit])
+        except ValueError as err:
+            self._error = err
+
+
+class OutputUnitFinder:
+    """Finds the unit that produces the model's output, from a forward pass.
+
+    Registration order does not tell it (a module may define its head before
+    its body). At the end of the model's first forward pass with autograd,
+    the graph is walked back from the model's output tensors, stopping at the
+    outputs of units: the units met are those whose output reaches the model's
+    output through no other unit. One unit met is the output unit; several
+    (two heads added, several outputs) or none leave it ambiguous. When the
+    model's own forward never runs (the caller calls its submodules), the
+    last unit to run in the forward pass is taken instead (:meth:`decide_now`).
+
+    ``on_decided(units)`` is called once, with the units met, and the hooks
+    are removed: after that the finder costs nothing.
+    """
+
+    def __init__(self, model: nn.Module, units: Sequence[Unit], on_decided):
+        self._on_decided = on_decided
+        self._unit_of_module = {unit.module: unit for unit in units}
+        self._output_nodes: dict = {}  # grad_fn of a unit output in this model forward -> unit
+        self._depth = 0
+        self.last_run: Unit | None = None
+        self.pending = True
+        self._handles = [
+            model.register_forward_pre_hook(self._enter),
+            model.register_forward_hook(self._leave, always_call=True),
+            *(unit.module.register_forward_hook(self._note) for unit in units),
+        ]
+
+    def _enter(self, module: nn.Module, inputs: tuple) -> None:
+        self._depth += 1
+
+    def _note(self, module: nn.Module, inputs: tuple, output) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.grad_fn is not None):
+            return
+        self.last_run = self._unit_of_module[module]
+        if self._depth:  # only inside the model's forward: a node keeps its graph alive
+            self._output_nodes[output.grad_fn] = self.last_run
+
+    def _leave(self, module: nn.Module, inputs: tuple, output) -> None:
+        self._depth -= 1
+        if self._depth or not self._output_nodes:
+            return
+        roots = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        if roots:
+            self._decide(_units_reaching(roots, self._output_nodes))
+        self._output_nodes.clear()
+
+    def decide_now(self) -> None:
+        """Decide from the last unit that ran, if the model's forward never did."""
+        if self.pending and self.last_run is not None:
+            self._decide([self.last_run])
+
+    def _decide(self, units: list[Unit]) -> None:
+        self.remove()
+        self._on_decided(units)
+
+    def remove(self) -> None:
+        self.pending = False
+        self._output_nodes.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _tensors(value) -> list[Tensor]:
+    """The tensors in a model's output: a tensor, or tuples, lists and dicts of them."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def _units_reaching(roots: list, output_nodes: dict) -> list[Unit]:
+    """The units whose output node is reached from ``roots`` through no other unit's output."""
+    reached: list[Unit] = []
+    seen = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        unit = output_nodes.get(node)
+        if unit is None:
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        elif unit not in reached:
+            reached.append(unit)
+    return reached
