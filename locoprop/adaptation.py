@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from locoprop.hypergrad import adapted_activation_lr, implicit_sensitivity, inner_tangent, unrolled_sensitivity
 from locoprop.inner import inner_lr
@@ -97,18 +96,18 @@ def record_sensitivities(opt, adapting: list[LocalProblem], before: dict[LocalPr
         state.pop("gamma_sensitivity", None)
     for problem in adapting:
         group, unit, saved = opt.param_groups[problem.group_index], problem.unit, before[problem]
-        linear = isinstance(unit.module, nn.Linear)
+        linear = unit.kind == "linear"
         if opt.solve == "exact":
             sensitivity = [-d for d in problem.exact_direction]  # θ* = θ^old − γ·Δ
         elif opt.hypergrad == "implicit":
             params = [p.detach() for p in problem.params]
             inputs = [x for x, _ in saved["uses"]]
-            sensitivity = implicit_sensitivity(opt.variant, unit.transfer, unit.adapter.forward, params, inputs,
+            sensitivity = implicit_sensitivity(problem.variant, unit.transfer, unit.adapter.forward, params, inputs,
                                                saved["linear_term"], group["prox"], opt.hypergrad_iters,
                                                linear)  # fmt: skip
         else:
             sensitivity, _ = unrolled_sensitivity(
-                opt.variant, unit.transfer, unit.adapter.forward, problem.old_params, saved["uses"],
+                problem.variant, unit.transfer, unit.adapter.forward, problem.old_params, saved["uses"],
                 saved["linear_term"], problem.activation_lr, group["prox"], saved["rule"], saved["states"],
                 saved["lrs"], linear,
             )  # fmt: skip

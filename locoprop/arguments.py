@@ -103,22 +103,17 @@ def check_hyperparameters(group: dict) -> None:
         raise ValueError(f"Invalid hypergrad_lr: {beta!r}; expected a finite number ≥ 0")
 
 
-def check_unit(unit: Unit, variant: str, solve: str) -> None:
-    """Whether ``unit`` can take part in a step of ``variant`` with ``solve``."""
-    kind = type(unit.module).__name__
-    if solve == "exact" and not isinstance(unit.module, nn.Linear):
-        raise ValueError(f"solve='exact' supports nn.Linear units only; unit {unit.name!r} is a {kind}")
-    if variant != "M":
-        return
-    transfer = unit.transfer
-    if not transfer.supports_matching_loss:
+def check_unit(unit: Unit, solve: str) -> None:
+    """Whether ``unit``, as far as its module tells before a forward pass, can take part in ``solve``
+    (the maps seen at run time are checked when the step collects its problems)."""
+    if solve == "exact" and unit.kind not in (None, "linear"):
         raise ValueError(
-            f"Variant 'M' cannot use the transfer function of unit {unit.name!r} ({kind}): "
-            f"{transfer.unsupported_reason}. Use variant='S', or pass units=[(layer, 'identity'), ...] "
-            "to choose the transfer functions explicitly"
+            f"solve='exact' supports nn.Linear units only; unit {unit.name!r} is a {type(unit.module).__name__}"
         )
-    if transfer.name.startswith("softmax") and isinstance(unit.module, nn.Conv2d):
-        raise ValueError(f"Softmax over the last dimension does not apply to Conv2d unit {unit.name!r}")
+    if unit.transfer.name.startswith("softmax") and (unit.kind or "").startswith("conv"):
+        raise ValueError(
+            f"Softmax over the last dimension does not apply to {type(unit.module).__name__} unit {unit.name!r}"
+        )
 
 
 def check_not_meta(units: list[Unit]) -> None:
@@ -126,7 +121,8 @@ def check_not_meta(units: list[Unit]) -> None:
 
     (``model.to("meta")`` gives the modules new parameters: look at theirs.)
     """
-    meta = [f"{unit.name}.{name}" for unit in units for name, p in unit.module.named_parameters() if p.is_meta]
+    meta = [f"{unit.name}.{name}" for unit in units for name, p in unit.module.named_parameters(recurse=False)
+            if p.is_meta]  # fmt: skip
     if meta:
         raise RuntimeError(
             f"Parameters {meta[:3]}{' …' if len(meta) > 3 else ''} are on the meta device, which holds no values, "

@@ -21,7 +21,7 @@ from locoprop.ownership import ParameterOwnership
 from locoprop.problem import LocalProblem
 from locoprop.units import Unit
 
-__all__ = ["all_finite", "collect_problems", "prepare_solves"]
+__all__ = ["all_finite", "collect_problems", "prepare_solves", "unit_variant"]
 
 
 def collect_problems(
@@ -30,49 +30,63 @@ def collect_problems(
     ownership: ParameterOwnership,
     comm: Communicator,
     grads_averaged: bool,
+    variant: str,
+    solve: str,
 ) -> list[LocalProblem]:
     """The step's problems, one per param group that has something to step.
 
     A parameter tied between units carries its linear term in the first
     problem that holds it, so that the sum of their objectives has it once.
+    A unit's parameters that no recorded linear map used (a candidate weight
+    never seen in one, a bias the map does not add) take plain steps on γ·G.
     Refuses (RuntimeError) a unit whose parameters have a gradient that no
-    recorded backward pass explains, and a step with nothing to step. On W
-    ranks G becomes the mean of the ranks' ``.grad`` unless DDP
-    (``grads_averaged``) averaged them already.
+    recorded backward pass explains, a map the exact solve cannot take, and
+    a step with nothing to step. On W ranks G becomes the mean of the
+    ranks' ``.grad`` unless DDP (``grads_averaged``) averaged them already.
     """
-    problems, idle, carried = [], [], set()
-    for index, (group, unit) in enumerate(zip(param_groups, unit_of_group)):
-        if unit is None:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                problems.append(LocalProblem(index, params, linear_term=[p.grad for p in params]))
-            continue
-        records = unit.backpropagated_records()
+    problems, carried = [], set()
+    for index, unit in enumerate(unit_of_group):
+        records = unit.backpropagated_records() if unit is not None else []
         if not records:
-            idle.append(unit)  # the layer took no part in this loss
             continue
+        unit.seen = True
         for record in records:
             unit.check_record(record)
-        # x in the parameters' dtype: records of a forward under autocast are in a lower precision.
-        dtype = unit.params[0].dtype
         linear_term = [p.grad if p not in carried else None for p in unit.params]
         carried.update(unit.params)
-        problems.append(LocalProblem(index, unit.params, unit=unit, records=records, linear_term=linear_term,
-                                     inputs=[r.x.to(dtype) for r in records]))  # fmt: skip
-    for unit in idle:
-        # A tied parameter gets gradients from its other uses too.
-        if any(p.grad is not None and p not in carried and p not in ownership.held_outside for p in unit.params):
+        # x in the parameters' dtype: records of a forward under autocast are in a lower precision.
+        inputs = [r.x.to(unit.weight.dtype) if r.x.is_floating_point() else r.x for r in records]
+        problems.append(LocalProblem(index, unit.params, unit=unit, variant=unit_variant(variant, unit),
+                                     records=records, linear_term=linear_term, inputs=inputs))  # fmt: skip
+    for index, (group, unit) in enumerate(zip(param_groups, unit_of_group)):
+        plain = [p for p in group["params"] if p.grad is not None and p not in carried]
+        if unit is not None and unit.seen and any(p in unit.params and p not in ownership.held_outside for p in plain):
+            # A unit that took part in earlier steps has a gradient that no recorded forward explains.
             raise unrecorded_gradient_error("Unit", unit.name)
-    for p in ownership.held_outside:
-        if p.grad is not None and p not in carried:
-            # Its units took no part in this loss: only its use outside them, one step on γ·G.
-            index = next(i for i, group in enumerate(param_groups) if any(p is q for q in group["params"]))
-            problems.append(LocalProblem(index, [p], linear_term=[p.grad]))
+        if plain:
+            problems.append(LocalProblem(index, plain, linear_term=[p.grad for p in plain]))
     if not problems:
         raise no_backward_error("LocoPropOptimizer")
+    if solve == "exact":
+        _check_exact_maps([problem.unit for problem in problems if problem.unit is not None])
     if comm.distributed and not grads_averaged:
         _average_linear_terms(problems, comm)
     return problems
+
+
+def unit_variant(variant: str, unit: Unit) -> str:
+    """The variant a unit's local problem takes: variant M needs a transfer function with a convex
+    integral, so a unit followed by GELU, SiLU or an unknown activation takes the S target."""
+    return "S" if variant == "M" and not unit.transfer.supports_matching_loss else variant
+
+
+def _check_exact_maps(units: list[Unit]) -> None:
+    other = [f"{unit.name!r} ({unit.kind})" for unit in units if unit.kind != "linear"]
+    if other:
+        raise RuntimeError(
+            f"solve='exact' solves units whose map is F.linear (nn.Linear) only; unit(s) {', '.join(other)} are "
+            "other maps. Use solve='iterative', or pass units= without them; no parameter was changed"
+        )
 
 
 def _average_linear_terms(problems: list[LocalProblem], comm: Communicator) -> None:
@@ -85,7 +99,7 @@ def _average_linear_terms(problems: list[LocalProblem], comm: Communicator) -> N
 
 
 def prepare_solves(
-    problems: list[LocalProblem], param_groups: list[dict], variant: str, solve: str, mode: str, world_size: int
+    problems: list[LocalProblem], param_groups: list[dict], solve: str, mode: str, world_size: int
 ) -> None:
     """Each problem's γ; each unit's θ^old, the anchors of its recorded pre-activations (variant M; the S
     residual Δa needs none) and whether S takes its Gram form.
@@ -100,14 +114,11 @@ def prepare_solves(
         if unit is None:
             continue
         problem.old_params = [p.detach().clone() for p in problem.params]
-        dtype = unit.params[0].dtype
-        if variant == "M":
-            problem.anchors = [unit.transfer.anchor_at(unit.output(r).to(dtype)) for r in problem.records]
+        if problem.variant == "M":
+            problem.anchors = [unit.transfer.anchor_at(unit.output(r)) for r in problem.records]
         else:
             problem.anchors = [() for _ in problem.records]
-        problem.gram_form = solve == "iterative" and uses_gram_form(
-            problem, variant, mode, group["local_iters"], world_size
-        )
+        problem.gram_form = solve == "iterative" and uses_gram_form(problem, mode, group["local_iters"], world_size)
         problem.records = []
         unit.records.clear()
 
@@ -120,7 +131,7 @@ def all_finite(problems: list[LocalProblem]) -> bool:
     the float range (values near 1e32 and more) would count a finite batch as
     non-finite, and such a batch is lost anyway.
     """
-    tensors: list[Tensor] = [x for pr in problems for x in pr.inputs]
+    tensors: list[Tensor] = [x for pr in problems for x in pr.inputs if x.is_floating_point()]
     tensors += [t for pr in problems for anchor in pr.anchors for t in anchor]
     tensors += [g for pr in problems for g in pr.linear_term if g is not None]
     return bool(torch.stack([t.sum() for t in tensors]).isfinite().all())

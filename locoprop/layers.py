@@ -23,8 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "ConvAdapter",
+    "EmbeddingAdapter",
     "LayerAdapter",
     "LayerRecord",
+    "LinearAdapter",
+    "MatmulAdapter",
     "RecordedLayer",
     "adapter_for",
     "find_layers",
@@ -40,10 +44,14 @@ class LayerAdapter:
     layer is an affine map per *row*: ``input_rows(x)`` (one row per example
     and position: an unfolded patch for Conv2d) times the weight matrix
     ``weight.reshape(d_out, -1)`` gives ``output_rows(a)``. Curvature
-    methods (K-FAC, the exact S solve) work on those rows.
+    methods (K-FAC, the exact S solve) work on those rows. ``kind`` names the
+    map (``"linear"``: a = x·Wᵀ + b, the only kind the batched kernels and
+    the exact solve take; the others go through autograd).
     """
 
-    def __init__(self, module: nn.Module):
+    kind = "layer"
+
+    def __init__(self, module: nn.Module | None = None):
         self.module = module
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -57,6 +65,10 @@ class LayerAdapter:
 
 
 class LinearAdapter(LayerAdapter):
+    """a = x·Wᵀ + b: ``nn.Linear``, ``F.linear``."""
+
+    kind = "linear"
+
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
@@ -67,7 +79,59 @@ class LinearAdapter(LayerAdapter):
         return a.reshape(-1, a.shape[-1])
 
 
+class MatmulAdapter(LayerAdapter):
+    """a = x·W (+ b) with W of shape d_in × d_out: ``torch.addmm(b, x, W)`` (Hugging Face's ``Conv1D``),
+    ``x @ W``."""
+
+    kind = "matmul"
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        a = torch.matmul(x, weight)
+        return a + bias if bias is not None else a
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, x.shape[-1])
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        return a.reshape(-1, a.shape[-1])
+
+
+class ConvAdapter(LayerAdapter):
+    """a = conv_W(x) + b for ``F.conv1d/2d/3d`` with the call's stride, padding, dilation and groups
+    (grouped and depthwise convolutions included)."""
+
+    def __init__(self, dims: int, stride, padding, dilation, groups: int):
+        super().__init__()
+        self.kind = f"conv{dims}d"
+        self._conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        self._options = (stride, padding, dilation, groups)
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv(x, weight, bias, *self._options)
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        return a.flatten(2).transpose(1, 2).reshape(-1, a.shape[1])
+
+
+class EmbeddingAdapter(LayerAdapter):
+    """a = W[ids], the linear map of one-hot rows: ``F.embedding`` (its ``padding_idx`` row takes no gradient)."""
+
+    kind = "embedding"
+
+    def __init__(self, padding_idx: int | None):
+        super().__init__()
+        self.padding_idx = padding_idx
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.embedding(x, weight, self.padding_idx)
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        return a.reshape(-1, a.shape[-1])
+
+
 class Conv2dAdapter(LayerAdapter):
+    kind = "conv2d"
+
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         m = self.module
         if m.padding_mode != "zeros":

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from locoprop import kernels, local
 from locoprop.distributed import Communicator
@@ -51,7 +51,6 @@ class LocalGradients:
     Args:
         problems: the units' problems of this step (their ``params``,
             ``old_params``, ``inputs``, ``anchors``, ``linear_term`` and γ).
-        variant: "M" or "S".
         mode: "none", "batched" or "streams".
         comm: the ranks (:mod:`locoprop.distributed`): each rank computes its
             examples' part of every divergence gradient (rank 0 adds γ·G,
@@ -62,8 +61,7 @@ class LocalGradients:
     A problem's ``gram_form`` (from :func:`uses_gram_form`) selects the Gram form of S.
     """
 
-    def __init__(self, problems: list[LocalProblem], variant: str, mode: str, comm: Communicator | None = None):
-        self.variant = variant
+    def __init__(self, problems: list[LocalProblem], mode: str, comm: Communicator | None = None):
         self.mode = mode
         self.comm = comm if comm is not None else Communicator()
         self.overlap = self.comm.distributed and self.comm.overlaps(problems)
@@ -75,8 +73,7 @@ class LocalGradients:
             return
         batchable: dict[tuple, list[tuple[LocalProblem, Tensor, tuple[Tensor, ...]]]] = {}
         for problem in problems:
-            module = problem.unit.module
-            if not isinstance(module, nn.Linear):
+            if problem.unit.kind != "linear":
                 self.work.append(_Work([problem], self._reference(problem)))
                 continue
             if problem.gram_form:
@@ -86,8 +83,8 @@ class LocalGradients:
             x = kernels.concat_rows([adapter.input_rows(x) for x in problem.inputs])
             anchor = tuple(kernels.concat_rows([adapter.output_rows(t) for t in parts])
                            for parts in zip(*problem.anchors))  # fmt: skip
-            key = (tuple(module.weight.shape), module.bias is not None, tuple(x.shape), problem.unit.transfer.name,
-                   x.dtype, x.device)  # fmt: skip
+            key = (tuple(problem.params[0].shape), len(problem.params), tuple(x.shape), problem.unit.transfer.name,
+                   problem.variant, x.dtype, x.device)  # fmt: skip
             batchable.setdefault(key, []).append((problem, x, anchor))
         # Linear units run one after another, except on streams: then one
         # pre-activation buffer serves them all.
@@ -128,7 +125,7 @@ class LocalGradients:
     # plan cycle would keep every buffer of a step alive until the garbage
     # collector ran, into the next step.
     def _reference(self, problem: LocalProblem) -> Callable[[], list[list[Tensor]]]:
-        unit, variant, scale = problem.unit, self.variant, problem.activation_lr * self.share
+        unit, variant, scale = problem.unit, problem.variant, problem.activation_lr * self.share
 
         def compute():
             delta = [p.detach() - q for p, q in zip(problem.params, problem.old_params)]
@@ -139,9 +136,9 @@ class LocalGradients:
         return compute
 
     def _linear(self, problem: LocalProblem, x: Tensor, anchor: tuple, scratch: _Scratch) -> _Work:
-        module, transfer, variant = problem.unit.module, problem.unit.transfer, self.variant
-        delta_a = scratch.reserve((x.shape[0], module.out_features), x)
-        grads = kernels.linear_workspace(x, module.weight, module.bias)[1:]
+        transfer, variant = problem.unit.transfer, problem.variant
+        delta_a = scratch.reserve((x.shape[0], problem.params[0].shape[0]), x)
+        grads = kernels.linear_workspace(x, *_weight_and_bias(problem.params))[1:]
         delta = [torch.empty_like(p) for p in problem.params]
         linear_term, scale = problem.linear_terms(), problem.activation_lr * self.share
 
@@ -170,7 +167,7 @@ class LocalGradients:
 
     def _batched(self, group: list[tuple[LocalProblem, Tensor, tuple]], scratch: _Scratch) -> _Work:
         problems = [g[0] for g in group]
-        transfer, variant = problems[0].unit.transfer, self.variant
+        transfer, variant = problems[0].unit.transfer, problems[0].variant
         x = torch.stack([g[1] for g in group])
         anchor = tuple(torch.stack(parts) for parts in zip(*(g[2] for g in group)))
         old = [torch.stack(parts) for parts in zip(*(p.old_params for p in problems))]
@@ -209,14 +206,14 @@ class LocalGradients:
         return results
 
 
-def uses_gram_form(problem: LocalProblem, variant: str, mode: str, local_iters: int, ranks: int = 1) -> bool:
+def uses_gram_form(problem: LocalProblem, mode: str, local_iters: int, ranks: int = 1) -> bool:
     """Whether the plan solves ``problem`` in the Gram form of variant S, on ``ranks`` ranks
     (:func:`locoprop.kernels.gram_is_cheaper`)."""
-    module = problem.unit.module
-    if variant != "S" or mode == "none" or not isinstance(module, nn.Linear):
+    if problem.variant != "S" or mode == "none" or problem.unit.kind != "linear":
         return False
     rows = sum(problem.unit.adapter.input_rows(x).shape[0] for x in problem.inputs)
-    return kernels.gram_is_cheaper(rows, module.in_features, module.out_features, local_iters, ranks)
+    d_out, d_in = problem.params[0].shape
+    return kernels.gram_is_cheaper(rows, d_in, d_out, local_iters, ranks)
 
 
 def input_rows(problem: LocalProblem) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -22,11 +23,13 @@ from torch import Tensor, nn
 
 from locoprop import adaptation
 from locoprop.arguments import check_hyperparameters, check_not_meta, check_options, check_unit, plain_float
-from locoprop.collect import all_finite, collect_problems, prepare_solves
+from locoprop.collect import all_finite, collect_problems, prepare_solves, unit_variant
+from locoprop.describe import Description, describe
 from locoprop.distributed import Communicator
 from locoprop.inner import make_inner
 from locoprop.output_unit import OutputActivation
 from locoprop.ownership import ParameterOwnership
+from locoprop.recording import ForwardRecorder
 from locoprop.solve_exact import solve_exact
 from locoprop.solve_iterative import solve_iterative
 from locoprop.units import Unit, discover_units
@@ -165,7 +168,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         # The last unit holds output_activation until a forward pass shows which unit produces the output.
         self._output = OutputActivation(found, output_activation) if output_activation is not None else None
         for unit in found:
-            check_unit(unit, variant, solve)
+            check_unit(unit, solve)
         self.ownership = ParameterOwnership(model, found)
         if solve == "exact":
             self.ownership.check_solved_alone()
@@ -187,10 +190,13 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         # Seconds of the last step's phases: setting targets, local solves.
         self.last_step_seconds: dict[str, float] = {}
         self.synchronize_timing = False
-        for unit in found:
-            unit.attach()
-        if self._output is not None:
+        if self._output is not None:  # (before the recorder: see OutputActivation.attach)
             self._output.attach(model, self._output_moved)
+        self._recorder = ForwardRecorder(found, on_output=self._output.note if self._output is not None else None,
+                                         on_transfers=self._transfers_found)  # fmt: skip
+        self._recorder.attach(model)
+        self._fallbacks_said: set[str] = set()
+        self._share_said = False
 
     # ----------------------------------------------------------------- info
     def parameter_roles(self) -> dict[str, str]:
@@ -199,6 +205,15 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         parameter lists all its uses: ``"fc1 + fc2"``, ``"head + backprop"``."""
         return self.ownership.roles([(group["params"], unit) for group, unit in zip(self.param_groups,
                                                                                       self.unit_of_group)])  # fmt: skip
+
+    def describe(self) -> Description:
+        """What is solved locally: one row per unit (kind of map, shape, transfer function, variant, share of
+        the trainable parameters) and the parameters that are not local, largest first; ``print`` it for a
+        table (:mod:`locoprop.describe`)."""
+        trainable = [p for group in self.param_groups for p in group["params"]]
+        seen = any(unit.adapter is not None for unit in self.units)
+        return describe(self.units, lambda unit: unit_variant(self.variant, unit), self.ownership.names, trainable,
+                        seen)  # fmt: skip
 
     def adapted_hyperparameters(self) -> dict[str, float]:
         """The γ that hypergradients adapt, by metrics column ``gamma/UNIT`` (empty when β = 0 everywhere)."""
@@ -210,16 +225,19 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
     def _output_moved(self, changed: list[Unit]) -> None:
         """The output unit found by the forward pass took ``output_activation`` from the last unit."""
+        self._transfers_found(changed)
         for unit in changed:
+            check_unit(unit, self.solve)
+
+    def _transfers_found(self, units: list[Unit]) -> None:
+        """A forward pass decided these units' transfer functions: their groups say so."""
+        for unit in units:
             self.param_groups[self.unit_of_group.index(unit)]["transfer"] = unit.transfer.name
-        for unit in changed:
-            check_unit(unit, self.variant, self.solve)
 
     def remove_hooks(self) -> None:
         """Detach the recording hooks from the model (the optimizer then
         cannot step any more)."""
-        for unit in self.units:
-            unit.detach()
+        self._recorder.detach()
         if self._output is not None:
             self._output.remove()
 
@@ -279,19 +297,20 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             started = self._clock()
             # Every refusal happens here, before anything has changed.
-            problems = collect_problems(
-                self.param_groups, self.unit_of_group, self.ownership, self.comm, self._grads_averaged
-            )
+            problems = collect_problems(self.param_groups, self.unit_of_group, self.ownership, self.comm,
+                                        self._grads_averaged, self.variant, self.solve)  # fmt: skip
+            self._say_fallbacks(problems)
+            if not self._share_said:
+                self._say_share()
             adapting = adaptation.adapting_problems(self, problems)
             gammas = [group["activation_lr"] for group in self.param_groups]
             try:
                 # h of the last step's γ, and the new γ that this step's solves use
                 hypergradients = adaptation.adapt(self, adapting) if adapting else {}
-                prepare_solves(problems, self.param_groups, self.variant, self.solve, self._parallel_mode(),
-                               self.comm.world_size)  # fmt: skip
+                prepare_solves(problems, self.param_groups, self.solve, self._parallel_mode(), self.comm.world_size)
                 prepared = self._clock()
                 finite = all(map(math.isfinite, hypergradients.values())) and all_finite(problems)
-                if self.comm.all_true(finite, self.units[0].module.weight.device):
+                if self.comm.all_true(finite, self.units[0].weight.device):
                     self._solve(problems, adapting)
                     self.last_hypergradients = hypergradients
                 else:
@@ -313,12 +332,38 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         tied = set(self.ownership.shared_by_units)
         if self.solve == "exact":
             solve_exact(units, self.param_groups, self._parallel_mode(), self.comm)
-            solve_iterative(others, self.param_groups, self.inner, self.variant, self._parallel_mode(), self.comm, tied)
+            solve_iterative(others, self.param_groups, self.inner, self._parallel_mode(), self.comm, tied)
         else:
-            solve_iterative(problems, self.param_groups, self.inner, self.variant, self._parallel_mode(), self.comm,
-                            tied)  # fmt: skip
+            solve_iterative(problems, self.param_groups, self.inner, self._parallel_mode(), self.comm, tied)
         if adapting or any("gamma_sensitivity" in state for state in self.state.values()):
             adaptation.record_sensitivities(self, adapting, before)
+
+    def _say_share(self) -> None:
+        """Warn, at the first step, when less than half of the trainable parameters are local."""
+        self._share_said = True
+        description = self.describe()
+        if description.local_share < 0.5:
+            largest = ", ".join(f"{name} ({count:,})" for name, count in description.outside[:3])
+            warnings.warn(
+                f"Only {description.local_share:.0%} of the model's trainable parameters are solved locally by "
+                f"LocoProp; the rest take plain inner steps, the largest being {largest}. print(opt.describe()) "
+                "lists the units",
+                stacklevel=4,
+            )
+
+    def _say_fallbacks(self, problems: list) -> None:
+        """Warn once per unit that variant M takes the S target for it (its transfer has no convex integral)."""
+        fallen = [p.unit for p in problems if p.unit is not None and p.variant != self.variant]
+        new = [unit for unit in fallen if unit.name not in self._fallbacks_said]
+        if new:
+            self._fallbacks_said.update(unit.name for unit in new)
+            described = ", ".join(f"{unit.name!r} ({unit.transfer.name})" for unit in new)
+            warnings.warn(
+                f"Variant M takes the S target (pre-activation) for unit(s) {described}: their transfer function "
+                "has no convex integral (not monotone, or unknown to locoprop). opt.describe() lists each unit's "
+                "variant; pass units=[(layer, transfer), ...] to choose the transfers yourself",
+                stacklevel=3,
+            )
 
     def _restore_activation_lrs(self, gammas: list[float]) -> None:
         for group, gamma in zip(self.param_groups, gammas):
@@ -327,7 +372,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
     def _parallel_mode(self) -> str:
         if self.parallel != "auto":
             return self.parallel
-        return "streams" if any(unit.module.weight.is_cuda for unit in self.units) else "batched"
+        return "streams" if any(unit.weight.is_cuda for unit in self.units) else "batched"
 
     def _clock(self) -> float:
         # Kernels run asynchronously on a GPU: wait for them when asked to,

@@ -11,11 +11,11 @@ it.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
+from locoprop.recording import calling
 from locoprop.transfer import transfer_by_name
 from locoprop.units import Unit
 
@@ -36,20 +36,28 @@ class OutputActivation:
     def __init__(self, units: list[Unit], name: str):
         self.transfer = transfer_by_name(name)
         self._units = units
-        self._holder, self._displaced = units[-1], units[-1].transfer
-        self._holder.transfer = self.transfer
+        self._holder = units[-1]
+        self._displaced = (self._holder.transfer, self._holder.transfer_pending)
+        self._holder.transfer, self._holder.transfer_pending = self.transfer, False
         self._on_change: weakref.WeakMethod | None = None
         self._error: Exception | None = None
         self._finder: OutputUnitFinder | None = None
 
     def attach(self, model: nn.Module, on_change: Callable[[list[Unit]], None]) -> None:
-        """Watch ``model``'s first forward pass (with more than one unit, there is a choice to make).
+        """Watch ``model``'s first forward pass (with more than one unit, there is a choice to make). Attach
+        it before the recorder, so that the output unit is known before the recorder reads the other
+        units' transfer functions.
 
         ``on_change``, a bound method, is called through a weak reference: the
         hooks that the model keeps do not keep its object alive."""
         self._on_change = weakref.WeakMethod(on_change)
         if len(self._units) > 1:
-            self._finder = OutputUnitFinder(model, self._units, self._found)
+            self._finder = OutputUnitFinder(model, self._found)
+
+    def note(self, unit: Unit, output: Tensor) -> None:
+        """A recorded use of ``unit`` gave ``output`` (the recorder's callback)."""
+        if self._finder is not None:
+            self._finder.note(unit, output)
 
     def check(self) -> None:
         """Refuse a step when the output unit could not be given the transfer function."""
@@ -76,8 +84,12 @@ class OutputActivation:
         unit, previous = reached[0], self._holder
         if unit is previous:
             return
-        previous.transfer, self._displaced = self._displaced, unit.transfer
-        unit.transfer, self._holder = self.transfer, unit
+        # The previous holder gets back what it had (its transfer still to be read, if it was).
+        (previous.transfer, previous.transfer_pending), self._displaced = (
+            self._displaced,
+            (unit.transfer, unit.transfer_pending),
+        )
+        unit.transfer, unit.transfer_pending, self._holder = self.transfer, False, unit
         on_change = self._on_change()
         try:
             if on_change is not None:
@@ -98,32 +110,33 @@ class OutputUnitFinder:
     model's own forward never runs (the caller calls its submodules), the
     last unit to run in the forward pass is taken instead (:meth:`decide_now`).
 
+    The units' outputs come from the recorder (:meth:`note`, called by
+    :class:`~locoprop.recording.ForwardRecorder` for every recorded use).
     ``on_decided(units)`` is called once, with the units met, and the hooks
     are removed: after that the finder costs nothing.
     """
 
-    def __init__(self, model: nn.Module, units: Sequence[Unit], on_decided):
+    def __init__(self, model: nn.Module, on_decided):
         self._on_decided = on_decided
-        self._unit_of_module = {unit.module: unit for unit in units}
         self._output_nodes: dict = {}  # grad_fn of a unit output in this model forward -> unit
         self._depth = 0
         self.last_run: Unit | None = None
         self.pending = True
         self._handles = [
-            model.register_forward_pre_hook(self._enter),
-            model.register_forward_hook(self._leave, always_call=True),
-            *(unit.module.register_forward_hook(self._note) for unit in units),
+            model.register_forward_pre_hook(calling(self._enter)),
+            model.register_forward_hook(calling(self._leave), always_call=True),
         ]
 
     def _enter(self, module: nn.Module, inputs: tuple) -> None:
         self._depth += 1
 
-    def _note(self, module: nn.Module, inputs: tuple, output) -> None:
-        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.grad_fn is not None):
+    def note(self, unit: Unit, output: Tensor) -> None:
+        """A recorded use of ``unit`` gave ``output``."""
+        if not self.pending or output.grad_fn is None:
             return
-        self.last_run = self._unit_of_module[module]
+        self.last_run = unit
         if self._depth:  # only inside the model's forward: a node keeps its graph alive
-            self._output_nodes[output.grad_fn] = self.last_run
+            self._output_nodes[output.grad_fn] = unit
 
     def _leave(self, module: nn.Module, inputs: tuple, output) -> None:
         self._depth -= 1

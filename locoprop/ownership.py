@@ -79,6 +79,11 @@ class ParameterOwnership:
     def name(self, p: Tensor) -> str:
         return self._names.get(p, f"<param {id(p)}>")
 
+    @property
+    def names(self) -> dict[Tensor, str]:
+        """Parameter -> its name in the model."""
+        return self._names
+
     def roles(self, groups: list[tuple[list[Tensor], Unit | None]]) -> dict[str, str]:
         """Each parameter's name and the unit that updates it locally, or ``"backprop"``; a tied parameter
         lists all its uses (``"fc1 + fc2"``, ``"head + backprop"``). ``groups``: (params, unit) per group."""

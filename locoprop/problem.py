@@ -30,7 +30,11 @@ class LocalProblem:
     Attributes:
         group_index: the optimizer's param group it belongs to.
         params: the parameters it updates (a unit's weight[, bias]).
-        unit: the unit, or None for the parameters outside every unit.
+        unit: the unit, or None for parameters that take plain inner steps
+            on γ·G (outside every unit, or a unit's never used in a linear map).
+        variant: the unit's variant: the optimizer's, except that variant M
+            takes the S target for a unit whose transfer function has no
+            convex integral (GELU, SiLU, …).
         linear_term: G per parameter: its ``.grad`` as the user left it (the
             mean over ranks on several ranks); None where this problem adds
             no linear term (``.grad`` is None, or a tied parameter whose term
@@ -50,6 +54,7 @@ class LocalProblem:
     group_index: int
     params: list[Tensor]
     unit: Unit | None = None
+    variant: str = "S"
     linear_term: list[Tensor | None] = dataclasses.field(default_factory=list)
     inputs: list[Tensor] = dataclasses.field(default_factory=list)
     anchors: list[tuple[Tensor, ...]] = dataclasses.field(default_factory=list)

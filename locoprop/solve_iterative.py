@@ -28,7 +28,6 @@ def solve_iterative(
     problems: list[LocalProblem],
     param_groups: list[dict],
     inner: torch.optim.Optimizer,
-    variant: str,
     mode: str,
     comm: Communicator,
     tied: set[Tensor],
@@ -43,7 +42,7 @@ def solve_iterative(
     saved_grads = {p: p.grad for group in param_groups for p in group["params"]}
     iterations = {problem: _iterations(problem, param_groups) for problem in problems}
     unit_problems = [problem for problem in problems if problem.unit is not None]
-    plan = LocalGradients(unit_problems, variant, mode, comm)
+    plan = LocalGradients(unit_problems, mode, comm)
     # The inner lr of each group that steps: a tied parameter steps in its own group.
     schedules = {problem.group_index: iterations[problem] for problem in problems}
     for p in {p for problem in unit_problems for p in problem.params if p in tied}:

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TRANSFER_NAMES", "Transfer", "transfer_by_name", "transfer_from_module"]
+__all__ = [
+    "TRANSFER_NAMES",
+    "Transfer",
+    "is_activation_module",
+    "transfer_by_name",
+    "transfer_from_call",
+    "transfer_from_module",
+]
 
 TRANSFER_NAMES = ("identity", "tanh", "sigmoid", "relu", "leaky_relu", "softplus", "softmax")
 
@@ -303,6 +310,67 @@ def transfer_from_module(module: nn.Module) -> Transfer:
         return softplus(module.beta, module.threshold)
     if isinstance(module, nn.Softmax):
         return softmax(-1 if module.dim is None else module.dim)
-    if isinstance(module, _NON_MONOTONE):
+    if isinstance(module, _NON_MONOTONE) or any(name in kind for name in ("GELU", "SiLU", "Swish", "Mish")):
         return Transfer(kind, None, None, f"{kind} is not monotone, so it has no convex integral")
+    if type(module).__module__.startswith("transformers.activations") and "Linear" in kind:
+        return transfer_by_name("identity")  # Hugging Face's LinearActivation
     return Transfer(kind, None, None, f"{kind} is not a supported transfer function")
+
+
+def is_activation_module(module: nn.Module) -> bool:
+    """A parameter-free module of ``torch.nn``'s activations, ``nn.Identity``, or one of Hugging Face's
+    activation classes (``transformers.activations``): whatever it applies to its input is the transfer
+    function of the unit whose output it takes."""
+    if isinstance(module, nn.Identity):
+        return True
+    source = type(module).__module__
+    activation = source == "torch.nn.modules.activation" or source.startswith("transformers.activations")
+    return activation and not any(True for _ in module.parameters())
+
+
+def transfer_from_call(func, args: tuple, kwargs: dict) -> Transfer | None:
+    """The transfer function that a call of an elementwise activation applies to its first argument
+    (``torch.tanh(a)``, ``F.relu(a)``, ``a.sigmoid()``, ``F.gelu(a)``, ``F.softmax(a, -1)``, …), or None
+    for any other call. Activations without a convex integral (GELU, SiLU, …) give a Transfer that
+    variant M cannot use, never None: a unit followed by one is never taken for identity."""
+    table = _call_table()
+    make = table.get(func)
+    if make is None:
+        return None
+    return make(*args, **{k: v for k, v in kwargs.items() if k != "inplace"})
+
+
+@functools.cache
+def _call_table() -> dict:
+    def named(name):
+        return lambda a, *args, **kwargs: transfer_by_name(name)
+
+    def unsupported(name):
+        return lambda a, *args, **kwargs: Transfer(name, None, None, f"{name} is not monotone, or not a transfer "
+                                                   "function locoprop has an integral for")  # fmt: skip
+
+    def leaky(a, negative_slope=0.01, *args, **kwargs):
+        return leaky_relu(negative_slope)
+
+    def soft(a, beta=1.0, threshold=20.0, *args, **kwargs):
+        return softplus(beta, threshold)
+
+    def softmax_call(a, dim=None, *args, **kwargs):
+        if dim is None or dim in (-1, a.dim() - 1):
+            return softmax(-1)
+        return Transfer(f"softmax(dim={dim})", None, None, "softmax over a dimension other than the last")
+
+    table = {}
+    for name, funcs in {
+        "tanh": (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_, F.tanh),
+        "sigmoid": (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid),
+        "relu": (torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu, F.relu_),
+    }.items():
+        table.update(dict.fromkeys(funcs, named(name)))
+    table.update(dict.fromkeys((F.leaky_relu, F.leaky_relu_), leaky))
+    table[F.softplus] = soft
+    table.update(dict.fromkeys((F.softmax, torch.softmax, torch.Tensor.softmax), softmax_call))
+    for func in (F.gelu, F.silu, F.mish, F.hardswish, F.elu, F.selu, F.celu, F.hardtanh, F.relu6, F.logsigmoid,
+                 F.softsign, F.hardsigmoid, F.glu, F.tanhshrink):  # fmt: skip
+        table[func] = unsupported(func.__name__)
+    return table

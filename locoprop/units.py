@@ -1,12 +1,23 @@
-"""Units: a recorded layer (nn.Linear, nn.Conv2d) and its transfer function.
+"""Units: a weight used in a linear map, its bias, and the transfer function that follows (SPEC §2).
 
-A unit is a :class:`~locoprop.layers.RecordedLayer` (its input x, its
-pre-activation a and the backprop gradient g = dL/da of every recorded use)
-with the transfer function f that follows it. Units are found by walking
-the model: every trainable nn.Linear / nn.Conv2d is a unit, and its transfer
-function is the activation module that follows it inside an
-``nn.Sequential`` (identity otherwise). The LocoProp math
-(``locoprop.local``) never looks at module types.
+A unit is found where a trainable weight is: every parameter named
+``weight`` or ``*_weight`` with two or more dimensions (an ``nn.Linear``,
+``nn.Conv1d/2d/3d``, ``nn.Embedding``, Hugging Face's ``Conv1D``,
+``nn.MultiheadAttention``'s packed ``in_proj_weight``, any module's own
+weight), with its ``bias``/``*_bias`` partner. Which uses are linear maps,
+and what kind (``F.linear``, ``addmm``, a convolution, an embedding), the
+forward pass shows (:mod:`locoprop.recording`): a candidate never used in
+a linear map takes plain inner steps, like the parameters outside units.
+The transfer function is first guessed from an ``nn.Sequential`` (the
+activation module after the layer) and then read from the first forward
+pass: the elementwise activation that is the unit output's only consumer,
+or the identity. The LocoProp math (``locoprop.local``) never looks at
+module types.
+
+Normalisation parameters (LayerNorm, BatchNorm, RMSNorm) are one-dimensional
+and stay outside the units: their local problem would be elementwise, and
+their share of a model's parameters is small (:meth:`LocoPropOptimizer.describe`
+says how small).
 """
 
 from __future__ import annotations
@@ -15,34 +26,116 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
-from locoprop.layers import RecordedLayer, adapter_for, find_layers
-from locoprop.transfer import Transfer, transfer_by_name, transfer_from_module
+from locoprop.layers import LayerAdapter
+from locoprop.recording import UseRecord
+from locoprop.transfer import Transfer, is_activation_module, transfer_by_name, transfer_from_module
 
 __all__ = ["Unit", "discover_units"]
 
+# The kind of linear map a module's weight is used in, where the module type tells.
+_KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
+          nn.Embedding: "embedding", nn.MultiheadAttention: "linear"}  # fmt: skip
+
 
 @dataclasses.dataclass(eq=False)
-class Unit(RecordedLayer):
-    """A recorded layer and its transfer function f (LocoProp's unit, SPEC §2).
+class Unit:
+    """A weight in a linear map, its bias and its transfer function f (LocoProp's unit, SPEC §2).
 
-    Attributes (beside :class:`~locoprop.layers.RecordedLayer`'s):
-        transfer: the transfer function f applied to the layer's output.
+    Attributes:
+        name: the unit's name: its module's qualified name (``"encoder.0"``),
+            or ``module.prefix`` for a ``prefix_weight`` (``"attn.in_proj"``).
+        weight, bias: its parameters (bias None when it has none).
+        module: the module that holds the weight.
+        transfer: the transfer function f applied to the map's output.
+        transfer_pending: f is still to be read from a forward pass (it was
+            not given by ``units=`` or ``output_activation``).
+        adapter: the map, from the first recorded use (None until then).
+        uses_bias: whether that map adds the bias.
+        records: the recorded uses that the backward pass reached since the last step.
     """
 
-    transfer: Transfer = dataclasses.field(kw_only=True)
+    name: str
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    module: nn.Module | None
+    transfer: Transfer
+    transfer_pending: bool = False
+    adapter: LayerAdapter | None = None
+    uses_bias: bool = False
+    records: list[UseRecord] = dataclasses.field(default_factory=list)
+    seen: bool = False
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The parameters of the map θ: weight, then bias if the map adds it (or before any use, if any)."""
+        if self.adapter is not None and not self.uses_bias:
+            return [self.weight]
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    @property
+    def kind(self) -> str | None:
+        """The kind of map (``"linear"``, ``"matmul"``, ``"conv2d"``, ``"embedding"``, …) once seen."""
+        if self.adapter is not None:
+            return self.adapter.kind
+        return _KINDS.get(type(self.module)) if self.module is not None else None
+
+    @property
+    def trainable(self) -> bool:
+        return all(p.requires_grad for p in (self.weight, self.bias) if p is not None)
+
+    def expects(self, kind: str) -> bool:
+        """Whether a first use of this ``kind`` can be this unit's map (an nn.Embedding's weight read by
+        F.linear, as a tied output layer does, belongs to that layer's unit instead)."""
+        expected = _KINDS.get(type(self.module)) if self.module is not None else None
+        if expected is None and type(self.module).__name__ == "Conv1D":
+            expected = "matmul"  # Hugging Face's Conv1D: torch.addmm(b, x, W)
+        return expected is None or expected == kind
+
+    def same_map(self, adapter: LayerAdapter) -> bool:
+        """Whether ``adapter`` is this unit's map (a convolution with other strides is not)."""
+        return vars(adapter).get("_options") == vars(self.adapter).get("_options")
+
+    def discovered(self, transfer: Transfer | None) -> None:
+        """The transfer function read from a forward pass (None: identity)."""
+        self.transfer = transfer if transfer is not None else transfer_by_name("identity")
+        self.transfer_pending = False
+
+    def backpropagated_records(self) -> list[UseRecord]:
+        return [r for r in self.records if r.backpropagated]
+
+    def check_record(self, record: UseRecord) -> None:
+        """Refuse a record whose input, or whose overwritten output, cannot be restored as the forward pass
+        saw it."""
+        if record.x._version != record.versions[0]:
+            raise RuntimeError(
+                f"The input of unit {self.name!r} was modified in place after its forward pass; its local problem "
+                "needs the input as the layer saw it. Make the operation that changed it out of place "
+                "(for example inplace=False), or run it after opt.step()"
+            )
+        if record.a._version != record.versions[1] and self._param_versions() != record.versions[2:]:
+            raise RuntimeError(
+                f"The output of unit {self.name!r} was modified in place (an in-place operation such as "
+                "nn.ReLU(inplace=True)) and its parameters changed after the forward pass, so its pre-activation "
+                "cannot be recomputed; leave the parameters unchanged until opt.step(), or make the in-place "
+                "operation out of place"
+            )
+
+    def output(self, record: UseRecord) -> Tensor:
+        """The output a of a recorded use (the unit's pre-activation), recomputed from its input when an
+        in-place operation overwrote it or the forward ran in a lower precision (autocast)."""
+        weight, bias = self.weight.detach(), self.bias.detach() if self.uses_bias else None
+        if record.a._version == record.versions[1] and record.a.dtype == weight.dtype:
+            return record.a
+        x = record.x if not record.x.is_floating_point() else record.x.to(weight.dtype)
+        return self.adapter.forward(x, weight, bias)
+
+    def _param_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.params)
 
     def __repr__(self) -> str:
-        return f"Unit({self.name!r}, {type(self.module).__name__}, transfer={self.transfer.name!r})"
-
-
-def _is_activation(module: nn.Module) -> bool:
-    # Parameter-free modules from torch.nn.modules.activation (this excludes
-    # MultiheadAttention, which lives there too), plus nn.Identity.
-    if isinstance(module, nn.Identity):
-        return True
-    return type(module).__module__ == "torch.nn.modules.activation" and not any(True for _ in module.parameters())
+        return f"Unit({self.name!r}, {self.kind}, transfer={self.transfer.name!r})"
 
 
 def _following_transfer(model: nn.Module) -> dict[nn.Module, Transfer]:
@@ -53,7 +146,7 @@ def _following_transfer(model: nn.Module) -> dict[nn.Module, Transfer]:
             continue
         children = list(container.children())
         for layer, following in itertools.pairwise(children):
-            if adapter_for(layer) is not None and _is_activation(following):
+            if is_activation_module(following):
                 found[layer] = transfer_from_module(following)
     return found
 
@@ -79,26 +172,43 @@ def discover_units(
         units: explicit ``[(layer, transfer), ...]`` pairs replacing discovery;
             a transfer is a name (``"tanh"``) or an activation module.
     """
-    if units is None:
-        following = _following_transfer(model)
-        identity = transfer_by_name("identity")
-        # A layer with a frozen weight or bias has no local problem of its own
-        # (find_layers leaves it out): its trainable parameters are updated on their ordinary gradient.
-        found = [
-            Unit(
-                name=layer.name,
-                module=layer.module,
-                adapter=layer.adapter,
-                transfer=following.get(layer.module, identity),
-            )
-            for layer in find_layers(model)
-        ]
-    else:
-        found = _listed_units(model, units)
+    if units is not None:
+        return _listed_units(model, units)
+    following = _following_transfer(model)
+    identity = transfer_by_name("identity")
+    found = [
+        Unit(name=name, weight=weight, bias=bias, module=module, transfer=following.get(module, identity),
+             transfer_pending=True)
+        for module_name, module in model.named_modules()
+        for name, weight, bias in _weights(module_name, module)
+    ]  # fmt: skip
     if not found:
         raise ValueError(
-            f"The model has no trainable nn.Linear or nn.Conv2d layers to use as units: {type(model).__name__}"
+            f"The model has no trainable weight to use as a unit (a parameter named 'weight' or '*_weight' with "
+            f"two or more dimensions, used in a linear map): {type(model).__name__}"
         )
+    return found
+
+
+def _weights(module_name: str, module: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter | None]]:
+    """(unit name, weight, bias) of each candidate weight that ``module`` itself holds.
+
+    A weight or bias that is frozen leaves the candidate out: its trainable
+    parameters are updated on their ordinary gradient.
+    """
+    own = dict(module.named_parameters(recurse=False))
+    found = []
+    for name, weight in own.items():
+        if weight.dim() < 2 or not (name == "weight" or name.endswith("_weight")):
+            continue
+        prefix = name[: -len("weight")]
+        bias = own.get(prefix + "bias")
+        if bias is not None and (bias.dim() != 1 or bias.numel() not in (weight.shape[0], weight.shape[-1])):
+            bias = None
+        if not weight.requires_grad or (bias is not None and not bias.requires_grad):
+            continue
+        base = module_name or type(module).__name__
+        found.append((base if not prefix else f"{base}.{prefix.rstrip('_')}", weight, bias))
     return found
 
 
@@ -112,13 +222,16 @@ def _listed_units(model: nn.Module, units: Sequence[tuple[nn.Module, str | nn.Mo
         layer, spec = item
         if not isinstance(layer, nn.Module) or layer not in names:
             raise ValueError(f"Unit layer {layer!r} is not a submodule of the model")
-        adapter = adapter_for(layer)
         name = names[layer] or type(layer).__name__
-        if adapter is None:
+        weight = dict(layer.named_parameters(recurse=False)).get("weight")
+        if weight is None or weight.dim() < 2:
             raise ValueError(
-                f"Unit {name!r} is a {type(layer).__name__}; only nn.Linear and nn.Conv2d layers can be units"
+                f"Unit {name!r} is a {type(layer).__name__}, which holds no 'weight' of two or more dimensions; a "
+                "unit is a layer whose weight is used in a linear map (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, "
+                "Hugging Face's Conv1D, …)"
             )
-        found.append(Unit(name=name, module=layer, adapter=adapter, transfer=_as_transfer(spec, names[layer])))
+        bias = dict(layer.named_parameters(recurse=False)).get("bias")
+        found.append(Unit(name=name, weight=weight, bias=bias, module=layer, transfer=_as_transfer(spec, name)))
     seen = [unit.module for unit in found]
     duplicates = {names[m] for m in seen if seen.count(m) > 1}
     if duplicates:

@@ -1,9 +1,12 @@
 """Bad input: a clear error naming the value, and nothing changed (SPEC §3)."""
 
+import copy
 import re
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_same_params, backprop_sgd_step, snapshot
 from torch import nn
 
@@ -62,14 +65,39 @@ def test_bad_arguments_raise_value_error_and_leave_the_model_alone(kwargs, messa
 
 
 @pytest.mark.parametrize("activation", [nn.GELU(), nn.SiLU()], ids=lambda m: type(m).__name__)
-def test_variant_m_refuses_non_monotone_transfer_naming_the_layer(activation):
-    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), activation, nn.Linear(3, 2))
+def test_variant_m_takes_the_s_target_for_a_non_monotone_transfer_and_says_so(activation):
+    """A unit followed by GELU or SiLU has no convex integral: variant M solves it with the S target
+    (never as identity), warns once naming it, and describe() shows the variant of every unit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), activation, nn.Linear(3, 2)).double()
     name = type(activation).__name__
-    with pytest.raises(ValueError, match=rf"unit '2' \({'Linear'}\): {name} is not monotone.*variant='S'"):
-        LocoPropOptimizer(model, variant="M")
-    # Variant S does not need F, and an explicit unit list overrides discovery.
-    LocoPropOptimizer(model, variant="S").remove_hooks()
-    LocoPropOptimizer(model, variant="M", units=[(model[0], "tanh"), (model[2], "identity"), (model[4], "identity")])
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    kwargs = dict(lr=0.05, activation_lr=2.0, local_iters=3, inner="sgd")
+    results = {}
+    for variant in ("M", "S"):
+        m = copy.deepcopy(model)
+        opt = LocoPropOptimizer(m, variant=variant, **kwargs)
+        F.cross_entropy(m(x), y).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        said = [str(w.message) for w in caught if "takes the S target" in str(w.message)]
+        results[variant] = (m, opt, said)
+    m, opt, said = results["M"]
+    assert len(said) == 1 and f"'2' ({name})" in said[0]
+    rows = {row.unit: row for row in opt.describe().rows}
+    assert (rows["0"].transfer, rows["0"].variant) == ("tanh", "M")
+    assert (rows["2"].transfer, rows["2"].variant) == (name, "S")
+    # Unit '2' took exactly the S step; unit '0' the M step (it differs from S's).
+    s_model = results["S"][0]
+    torch.testing.assert_close(m[2].weight, s_model[2].weight, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(m[0].weight, s_model[0].weight)
+    # No second warning for the same unit.
+    F.cross_entropy(m(x), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert not [w for w in caught if "takes the S target" in str(w.message)]
 
 
 def test_unit_errors():
@@ -79,12 +107,12 @@ def test_unit_errors():
         ValueError, match=_literal("Softmax over the last dimension does not apply to Conv2d unit 'Conv2d'")
     ):
         LocoPropOptimizer(nn.Conv2d(1, 2, 3), variant="M", output_activation="softmax")
-    with pytest.raises(ValueError, match=_literal("no trainable nn.Linear or nn.Conv2d layers")):
+    with pytest.raises(ValueError, match=_literal("no trainable weight to use as a unit")):
         LocoPropOptimizer(nn.Sequential(nn.LayerNorm(4)))
     model = _mlp()
     with pytest.raises(ValueError, match=r"Units listed more than once: \['0'\]"):
         LocoPropOptimizer(model, units=[(model[0], "tanh"), (model[0], "tanh")])
-    with pytest.raises(ValueError, match=_literal("Unit '1' is a Tanh; only nn.Linear and nn.Conv2d")):
+    with pytest.raises(ValueError, match=_literal("Unit '1' is a Tanh, which holds no 'weight'")):
         LocoPropOptimizer(model, units=[(model[1], "tanh")])
     with pytest.raises(TypeError, match="needs the model"):
         LocoPropOptimizer(list(model.parameters()))

@@ -10,8 +10,8 @@ from conftest import assert_same_params, backprop_sgd_step
 from torch import nn
 
 from locoprop import LocoPropOptimizer
-from locoprop.layers import LayerRecord
 from locoprop.local_gradients import LocalGradients
+from locoprop.recording import UseRecord
 
 
 def _model():
@@ -52,7 +52,7 @@ def test_a_step_leaves_no_plan_for_the_garbage_collector(parallel):
 
 def _live_records() -> int:
     gc.collect()
-    return sum(type(o) is LayerRecord for o in gc.get_objects())
+    return sum(type(o) is UseRecord for o in gc.get_objects())
 
 
 def test_forwards_that_are_never_backpropagated_hold_nothing():

@@ -1,0 +1,76 @@
+"""What a ``LocoPropOptimizer`` solves locally: one row per unit, and the share of the model it covers.
+
+``opt.describe()`` gives a :class:`Description`: for every unit its kind of
+map (``linear``, ``matmul``, ``conv2d``, ``embedding``, …, or ``unseen``
+while no forward pass has used its weight in a linear map; such a unit
+counts as local only until some forward pass has run), weight shape, transfer
+function, the variant its local problem takes, and its share of the
+model's trainable parameters; then the parameters that are not local (they
+take plain inner steps on γ·G), largest first. ``print(opt.describe())``
+prints it as a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor
+
+__all__ = ["Description", "UnitRow", "describe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitRow:
+    """One unit: its name, kind of map, weight shape, transfer function, variant and parameter count."""
+
+    unit: str
+    kind: str
+    shape: tuple[int, ...]
+    transfer: str
+    variant: str
+    parameters: int
+    share: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+    """The units, the share of trainable parameters they hold, and the largest parameters outside them."""
+
+    rows: list[UnitRow]
+    local_share: float
+    outside: list[tuple[str, int]]  # (parameter name, numbers), largest first
+
+    def __str__(self) -> str:
+        header = ("unit", "kind", "shape", "transfer", "variant", "share")
+        lines = [header] + [(r.unit, r.kind, "×".join(map(str, r.shape)), r.transfer, r.variant, f"{r.share:.1%}")
+                            for r in self.rows]  # fmt: skip
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+        text.append(f"local: {self.local_share:.1%} of the trainable parameters")
+        if self.outside:
+            largest = ", ".join(f"{name} ({count:,})" for name, count in self.outside[:5])
+            text.append(f"not local (plain inner steps on γ·G): {largest}{' …' if len(self.outside) > 5 else ''}")
+        return "\n".join(text)
+
+
+def describe(units: list, variant_of, names: dict[Tensor, str], trainable: list[Tensor], seen_any: bool) -> Description:
+    """The description of ``units`` within the ``trainable`` parameters (``names``: parameter -> name).
+
+    ``variant_of(unit)`` is the variant its problem takes. Before any forward
+    pass (``seen_any`` false) every unit counts as local; after one, a unit
+    whose weight no linear map used is not.
+    """
+    total = sum(p.numel() for p in trainable) or 1
+    local: set[Tensor] = set()
+    rows = []
+    for unit in units:
+        is_local = unit.adapter is not None or not seen_any
+        if is_local:
+            local.update(unit.params)
+        count = sum(p.numel() for p in unit.params)
+        rows.append(UnitRow(unit=unit.name, kind=unit.adapter.kind if unit.adapter is not None else "unseen",
+                            shape=tuple(unit.weight.shape), transfer=unit.transfer.name,
+                            variant=variant_of(unit) if is_local else "-", parameters=count,
+                            share=count / total if is_local else 0.0))  # fmt: skip
+    outside = sorted(((names.get(p, "?"), p.numel()) for p in trainable if p not in local), key=lambda item: -item[1])
+    return Description(rows, sum(p.numel() for p in local) / total, outside)

@@ -1,0 +1,320 @@
+"""Recording, in the forward pass, every use of a unit's weight in a linear map, however the model calls it.
+
+SPEC §2: a unit is the use of a parameter in a linear map, not a module
+class. :class:`ForwardRecorder` is a ``TorchFunctionMode`` that a forward
+pre-hook of the model (and of every module that owns a unit weight, for
+code that calls submodules directly) enters and the matching forward hook
+leaves. While it is active it sees the torch functions the forward calls:
+
+- a linear map whose weight is a unit's weight: ``F.linear`` (``nn.Linear``),
+  ``torch.addmm(b, x, W)``, ``torch.matmul``/``mm`` with W on the right
+  (Hugging Face's ``Conv1D``), ``F.conv1d/2d/3d`` (grouped and depthwise
+  too), ``F.embedding``. ``F.multi_head_attention_forward`` is run with the
+  recorder inside, so that ``nn.MultiheadAttention``'s projections (the
+  packed ``in_proj_weight``, ``out_proj``) are seen as the linear maps they
+  are. Each use gets a :class:`UseRecord` (its input x and output a); the
+  backward pass marks it when it reaches a. A use the recorder does not see
+  needs nothing: the gradient G of the unit's local problem, ``p.grad``,
+  includes it (:mod:`locoprop.local`).
+- what consumes each unit output, until the unit's transfer function is
+  known (:meth:`ForwardRecorder.decide_transfers`): an elementwise
+  activation that is its only consumer, called as a function
+  (``torch.tanh``, ``F.gelu``, ``a.relu()``) or applied by an activation
+  module (``nn.Tanh``, Hugging Face's ``NewGELUActivation``), is the
+  transfer function; views and reshapes in between are followed; anything
+  else makes it the identity.
+
+The mode adds a Python call per torch function of the forward, about a
+microsecond each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from locoprop.layers import ConvAdapter, EmbeddingAdapter, LayerAdapter, LinearAdapter, MatmulAdapter
+from locoprop.transfer import is_activation_module, transfer_from_call, transfer_from_module
+
+__all__ = ["ForwardRecorder", "UseRecord", "calling"]
+
+
+@dataclasses.dataclass(eq=False)
+class UseRecord:
+    """One recorded use of a unit's weight: input x, output (pre-activation) a.
+
+    ``versions`` are the version counters of x, a and the unit's parameters
+    when the forward ran: an in-place operation after the map (such as
+    ``nn.ReLU(inplace=True)``) overwrites the memory that ``a`` shares with
+    the output, and the counters tell. ``backpropagated`` is set when the
+    backward pass reaches a.
+    """
+
+    x: Tensor
+    a: Tensor
+    versions: tuple[int, ...]
+    backpropagated: bool = False
+
+
+def _marking_hook(record: UseRecord, backpropagated: list[UseRecord]):
+    """The gradient hook of one recorded use: it marks ``record`` and hands it to ``backpropagated`` (the
+    unit's list). Until then the record lives only in this hook, that is in the autograd graph: a forward
+    that is never backpropagated frees its record with its graph. Once handed over, the hook keeps only a
+    weak reference, so that a graph the user keeps does not keep x and a alive past the step."""
+    pending = [record]
+    ref = weakref.ref(record)
+
+    def mark(grad: Tensor) -> None:
+        if pending:
+            backpropagated.append(pending.pop())
+        alive = ref()
+        if alive is not None:
+            alive.backpropagated = True
+
+    return mark
+
+
+# Ops that only look at a tensor's metadata: never consumers.
+_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.is_contiguous, Tensor.__len__}
+# Ops whose output is the same numbers rearranged: an elementwise function after them applies to the unit
+# output itself, so they are followed.
+_VIEWS = {Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, torch.flatten, Tensor.contiguous,
+          Tensor.unflatten, Tensor.squeeze, Tensor.unsqueeze, torch.squeeze, torch.unsqueeze}  # fmt: skip
+
+
+class ForwardRecorder(TorchFunctionMode):
+    """The recording mode of a model's units (see the module docstring).
+
+    Args:
+        units: the units; each gets its uses in ``unit.records`` (once backpropagated).
+        on_output: called with (unit, output) for every recorded use (the output unit's finder listens).
+        on_transfers: a bound method, called through a weak reference with the units whose transfer
+            functions a forward pass decided.
+    """
+
+    def __init__(self, units: list, on_output: Callable | None = None, on_transfers: Callable | None = None):
+        super().__init__()
+        self._on_transfers = weakref.WeakMethod(on_transfers) if on_transfers is not None else None
+        self._by_weight: dict[Tensor, list] = {}
+        for unit in units:
+            self._by_weight.setdefault(unit.weight, []).append(unit)
+        self.on_output = on_output
+        self._depth = 0
+        self._handles: list = []
+        # Transfer discovery, while a unit's is pending: output tensor id -> (unit, output), and consumers.
+        self._units = units
+        self.discovering = any(unit.transfer_pending for unit in units)
+        self._outputs: dict[int, tuple] = {}
+        self._seen: dict = {}  # the units recorded in this forward, in order
+        self._consumers: dict = {}
+        self._activation_depth = 0
+
+    # --------------------------------------------------------- entering
+    def attach(self, model: nn.Module) -> None:
+        """Enter the mode around the model's forward and around every module that owns a unit weight."""
+        owners = {model} | {unit.module for units in self._by_weight.values() for unit in units if unit.module}
+        for module in owners:
+            self._handles.append(module.register_forward_pre_hook(calling(self._enter)))
+            self._handles.append(module.register_forward_hook(calling(self._leave), always_call=True))
+        for module in model.modules():
+            if is_activation_module(module):
+                self._handles.append(module.register_forward_pre_hook(calling(self._activation_enter)))
+                self._handles.append(module.register_forward_hook(calling(self._activation_leave), always_call=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _enter(self, module: nn.Module, args) -> None:
+        if self._depth == 0:
+            self.discovering = any(unit.transfer_pending for unit in self._units)
+            self.__enter__()
+        self._depth += 1
+
+    def _leave(self, module: nn.Module, args, output) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.__exit__(None, None, None)
+            if self.discovering and self._seen:
+                self.decide_transfers()
+
+    # ---------------------------------------------------------- the mode
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            with self:  # its projections are F.linear calls inside it
+                return _mha_forward_inside()(*args, **kwargs)
+        if self.discovering and func not in _METADATA and getattr(func, "__name__", "") != "__get__":
+            self._note_consumer(func, args, kwargs)
+        output = func(*args, **kwargs)
+        if self.discovering and isinstance(output, Tensor):
+            if func in _VIEWS:
+                self._follow(args[0] if args else None, output)
+            elif self._tracked(output) is not None:  # changed in place: what consumes it now consumes f(a)
+                del self._outputs[id(output)]
+        use = _linear_use(func, args, kwargs)
+        if use is not None and isinstance(output, Tensor):
+            self._record(*use, output)
+        return output
+
+    def _record(self, weight: Tensor, bias, x: Tensor, adapter: LayerAdapter, output: Tensor) -> None:
+        unit = self._unit_for(weight, bias, adapter)
+        if unit is None or not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        x = x.detach()
+        versions = (x._version, output._version, *(p._version for p in unit.params))
+        record = UseRecord(x=x, a=output.detach(), versions=versions)
+        output.register_hook(_marking_hook(record, unit.records))
+        if self.on_output is not None:
+            self.on_output(unit, output)
+        if unit.transfer_pending:
+            # Held (not weakly) until the forward ends, so that no later tensor can take its id.
+            self._outputs[id(output)] = (unit, output)
+            self._seen[unit] = None
+
+    def _unit_for(self, weight: Tensor, bias, adapter: LayerAdapter):
+        """The unit of a use: the one whose map this is (same kind and bias); a use of another kind (a tied
+        embedding table read by F.embedding and by F.linear) belongs to the unit of that kind."""
+        candidates = self._by_weight.get(weight, ())
+        unit_bias = bias is not None and any(bias is unit.bias for unit in candidates)
+        for unit in candidates:
+            same_bias = bias is unit.bias if unit.uses_bias else not unit_bias
+            if unit.adapter is not None and unit.adapter.kind == adapter.kind and same_bias:
+                return unit if unit.same_map(adapter) else None
+        for unit in candidates:
+            if unit.adapter is None and unit.expects(adapter.kind) and (not unit_bias or bias is unit.bias):
+                unit.adapter, unit.uses_bias = adapter, unit_bias
+                return unit
+        return None
+
+    # --------------------------------------------------- transfer discovery
+    def _tracked(self, value) -> tuple | None:
+        if isinstance(value, Tensor):
+            entry = self._outputs.get(id(value))
+            if entry is not None and entry[1] is value:
+                return entry
+        return None
+
+    def _note_consumer(self, func, args, kwargs) -> None:
+        if self._activation_depth:
+            return  # inside an activation module: the module is the consumer
+        for value in (*args, *kwargs.values()):
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                entry = self._tracked(item)
+                if entry is not None:
+                    self._consumers.setdefault(entry[0], []).append(transfer_from_call(func, args, kwargs))
+
+    def _follow(self, source, output: Tensor) -> None:
+        entry = self._tracked(source)
+        if entry is not None:
+            consumers = self._consumers.get(entry[0], [])
+            consumers.pop()  # the view is no consumer: what consumes it is
+            self._outputs[id(output)] = (entry[0], output)
+
+    def _activation_enter(self, module: nn.Module, args) -> None:
+        if self.discovering and self._depth and self._activation_depth == 0:
+            for value in args:
+                entry = self._tracked(value)
+                if entry is not None:
+                    self._consumers.setdefault(entry[0], []).append(transfer_from_module(module))
+        self._activation_depth += 1
+
+    def _activation_leave(self, module: nn.Module, args, output) -> None:
+        self._activation_depth -= 1
+
+    def decide_transfers(self) -> None:
+        """Give each unit seen in this forward its transfer function: the one elementwise activation that
+        is its output's only consumer, or the identity."""
+        seen = [unit for unit in self._seen if unit.transfer_pending]
+        for unit in seen:
+            consumers = self._consumers.get(unit, [])
+            transfer = consumers[0] if len(consumers) == 1 and consumers[0] is not None else None
+            unit.discovered(transfer)
+        on_transfers = self._on_transfers() if self._on_transfers is not None else None
+        if on_transfers is not None and seen:
+            on_transfers(seen)
+        self.discovering = any(unit.transfer_pending for unit in self._units)
+        self._outputs.clear()
+        self._consumers.clear()
+        self._seen.clear()
+
+
+def calling(method: Callable) -> Callable:
+    """A hook that calls ``method``: a plain function, which ``copy.deepcopy(model)`` keeps as it is instead
+    of copying the object behind it."""
+
+    def hook(*args):
+        return method(*args)
+
+    return hook
+
+
+def _linear_use(func, args: tuple, kwargs: dict) -> tuple | None:
+    """(weight, bias, x, adapter) when ``func(*args, **kwargs)`` is a linear map of a parameter, else None."""
+    if func is F.linear:
+        x, weight, bias = _arguments(args, kwargs, ("input", "weight", "bias"), (None,))
+        return (weight, bias, x, LinearAdapter()) if isinstance(weight, nn.Parameter) else None
+    if func in (torch.addmm, Tensor.addmm):
+        bias, x, weight = _arguments(args, kwargs, ("input", "mat1", "mat2"), ())
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or not isinstance(weight, nn.Parameter):
+            return None
+        return weight, bias, x, MatmulAdapter()
+    if func in (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm):
+        x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+        ok = isinstance(weight, nn.Parameter) and weight.dim() == 2
+        return (weight, None, x, MatmulAdapter()) if ok else None
+    if func in _CONVOLUTIONS:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        x, weight, bias, stride, padding, dilation, groups = _arguments(args, kwargs, names, (None, 1, 0, 1, 1))
+        if not isinstance(weight, nn.Parameter) or isinstance(padding, str):
+            return None  # ('same'/'valid' padding: F.conv accepts it too, so keep it as given)
+        return weight, bias, x, ConvAdapter(_CONVOLUTIONS[func], stride, padding, dilation, groups)
+    if func is F.embedding:
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        ids, weight, padding_idx, max_norm, _, by_frequency, sparse = _arguments(
+            args, kwargs, names, (None, None, 2.0, False, False))  # fmt: skip
+        # max_norm rewrites the table in place; sparse and by-frequency gradients are not the dense ∇L.
+        if not isinstance(weight, nn.Parameter) or max_norm is not None or sparse or by_frequency:
+            return None
+        return weight, None, ids, EmbeddingAdapter(padding_idx)
+    return None
+
+
+_CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+
+def _arguments(args: tuple, kwargs: dict, names: tuple, defaults: tuple) -> list:
+    """The call's arguments by position or name; the last ``len(defaults)`` have defaults."""
+    required = len(names) - len(defaults)
+    values = []
+    for i, name in enumerate(names):
+        if i < len(args):
+            values.append(args[i])
+        else:
+            values.append(kwargs.get(name, defaults[i - required] if i >= required else None))
+    return values
+
+
+_MHA_INSIDE = None
+
+
+def _mha_forward_inside():
+    """``F.multi_head_attention_forward`` without its own torch-function check, so that it runs inside the
+    recorder instead of handing itself to it again; the functions it calls keep theirs."""
+    global _MHA_INSIDE
+    if _MHA_INSIDE is None:
+        original = F.multi_head_attention_forward
+        namespace = dict(original.__globals__)
+        namespace["has_torch_function"] = lambda *_: False
+        _MHA_INSIDE = types.FunctionType(original.__code__, namespace, original.__name__, original.__defaults__,
+                                         original.__closure__)  # fmt: skip
+        _MHA_INSIDE.__kwdefaults__ = original.__kwdefaults__
+    return _MHA_INSIDE
