@@ -205,7 +205,9 @@ def test_ctrl_c_during_train_prints_the_command_that_resumes(tmp_path):
     assert process.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     resume = shlex.join(["locoprop", *argv, "--resume"])
-    assert err.strip() == f"locoprop: interrupted; the run keeps its last evaluation and continues with: {resume}"
+    assert err.strip() == (
+        f"locoprop: interrupted; the run is checkpointed at its last finished step and continues with: {resume}"
+    )
 
     resumed = subprocess.run([*cli, *shlex.split(resume)[1:]], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr

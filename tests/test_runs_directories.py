@@ -30,7 +30,7 @@ def _interrupted_run(out: pathlib.Path) -> RunConfig:
     config = RunConfig(optimizer="adam", out=str(out), **TINY)
     with pytest.raises(KeyboardInterrupt):
         train(config, on_evaluation=_interrupt_after_epoch_1, progress=False, data=DATA)
-    assert records.read_json(out / "summary.json")["status"] == "failed"
+    assert records.read_json(out / "summary.json")["status"] == "interrupted"
     return config
 
 
