@@ -245,12 +245,25 @@ def _suggest(trial: optuna.Trial, name: str, dist) -> Any:
 
 
 class QuietInterrupts(logging.Filter):
-    """Drop Optuna's log of a trial stopped by Ctrl-C: its traceback says
-    nothing, the trial is queued to resume, and the CLI says in one line how
-    to continue. Other failed trials keep their traceback."""
+    """Drop Optuna's log of a trial stopped by Ctrl-C or SIGTERM (its two
+    lines: the error with its traceback, then "Trial N failed with value
+    None"): the traceback says nothing, the trial is queued to resume, and the
+    CLI says in one line how to continue. Other failed trials keep their log."""
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted: set[str] = set()  # "Trial N" of the trials whose first line was dropped
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+        message = record.getMessage()
+        trial = " ".join(message.split()[:2])
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.interrupted.add(trial)
+            return False
+        if trial in self.interrupted and message.startswith(f"{trial} failed with value"):
+            self.interrupted.discard(trial)
+            return False
+        return True
 
 
 def run_optuna_sweep(
