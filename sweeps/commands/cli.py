@@ -141,11 +141,34 @@ def _width_mult_list(text: str) -> list[float]:
 
 
 def _items(text: str) -> list[str]:
-    """The comma-separated items of a list flag; at least one."""
-    items = [v.strip() for v in text.split(",") if v.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected one or more comma-separated values, got {text!r}")
+    """The comma-separated items of a list flag; at least one, none empty ("a,,b" is a slip)."""
+    items = [v.strip() for v in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected one or more comma-separated values, none empty, got {text!r}")
     return items
+
+
+def _once(parse, what: str):
+    """``parse``, refusing an item given twice: a comparison of adam with adam, or of seed 1 with seed 1,
+    would count one run as two."""
+
+    def parse_once(text: str) -> list:
+        items = parse(text)
+        twice = sorted({str(item) for item in items if items.count(item) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"{what} {', '.join(twice)} given twice in {text!r}; give each once")
+        return items
+
+    return parse_once
+
+
+def _seed_list(text: str) -> list[int]:
+    """Comma-separated training seeds: integers ≥ 0."""
+    seeds = _int_list(text)
+    negative = [seed for seed in seeds if seed < 0]
+    if negative:
+        raise argparse.ArgumentTypeError(f"expected seeds ≥ 0, got {', '.join(map(str, negative))} in {text!r}")
+    return seeds
 
 
 def _int_list(text: str) -> list[int]:
@@ -546,13 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_flags(p, compare=True)
     p.add_argument(
-        "--optimizers", type=_name_list(list(OPTIMIZERS), allow_all=True), default=None,
-        help=f"comma-separated registry names, or all (default: {','.join(presets.COMPARE_OPTIMIZERS)})",
+        "--optimizers", type=_once(_name_list(list(OPTIMIZERS), allow_all=True), "optimizer"), default=None,
+        help=f"comma-separated registry names, each once, or all (default: {','.join(presets.COMPARE_OPTIMIZERS)})",
     )  # fmt: skip
     p.add_argument(
-        "--seeds", type=_int_list, default=[1, 2, 3],
-        help="comma-separated training seeds of the final runs, one run each; with --tune they must differ from "
-        "--tune-seed (default: 1,2,3)",
+        "--seeds", type=_once(_seed_list, "seed"), default=[1, 2, 3],
+        help="comma-separated training seeds of the final runs, integers ≥ 0, one run each; with --tune they must "
+        "differ from --tune-seed (default: 1,2,3)",
     )  # fmt: skip
     p.add_argument(
         "--tune", type=int, default=None, metavar="N",
