@@ -8,16 +8,19 @@ process, once that process has paused at the step (``tests/pause_hook``). None w
 import importlib
 import os
 import pathlib
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
 import pandas as pd
 import pytest
+import torch
 
 from sweeps.commands.cli import main
 from sweeps.runner import records
@@ -37,6 +40,15 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     status = main(argv)
     out, err = capsys.readouterr()
     return status, out, err
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small steps, many of them: spinning intra-op threads would make them 30× slower on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -178,20 +190,27 @@ def test_sigterm_during_compare_tuning_then_the_same_command_finishes_without_wa
     assert [r[0] for r in _losses(trial)] == EVALUATIONS
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _pause_env(marker: pathlib.Path, step: int, rank: int = 0) -> dict:
     return {
-        **os.environ,
+        **ONE_THREAD,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PAUSE_HOOK), os.environ.get("PYTHONPATH")])),
         "LOCOPROP_TEST_PAUSE_FILE": str(marker),
         "LOCOPROP_TEST_PAUSE_STEP": str(step),
         "LOCOPROP_TEST_PAUSE_RANK": str(rank),
-        "OMP_NUM_THREADS": "1",
     }
 
 
 def _start(argv: list[str], cwd: pathlib.Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sweeps", *argv], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _run(argv: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sweeps", *argv], cwd=cwd, env=ONE_THREAD, text=True,
+                          capture_output=True, timeout=600)  # fmt: skip
 
 
 def _paused_pid(process: subprocess.Popen, marker: pathlib.Path) -> int:
@@ -296,68 +315,84 @@ def _one_line(err: str) -> str:
     return err.strip()
 
 
-def test_sigterm_to_the_parent_of_two_ranks_stops_both_after_one_step_and_resume_continues(tmp_path):
+@pytest.fixture
+def paused_ranks(monkeypatch, tmp_path):
+    """paused_ranks(step, rank, act): the ranks that this process starts load tests/pause_hook, and
+    ``act(pid)`` runs (in a thread) once rank ``rank`` has paused after ``step``."""
+
+    def arm(step: int, rank: int, act) -> None:
+        marker = tmp_path / "paused"
+        for name, value in _pause_env(marker, step, rank).items():
+            if name.startswith("LOCOPROP_TEST") or name == "PYTHONPATH":
+                monkeypatch.setenv(name, value)
+
+        def watch():
+            deadline = time.monotonic() + 300  # a limit against a hang, not a timing
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if marker.exists():
+                act(int(marker.read_text()))
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    return arm
+
+
+def test_sigterm_to_the_parent_of_two_ranks_stops_both_after_one_step_and_resume_continues(
+    tmp_path, capfd, paused_ranks
+):
     """A scheduler signals the job's main process only: it passes the signal on, and the ranks agree on
     the step to stop after (rank 0 paused after step 7; rank 1 waits in step 8's all-reduce)."""
     argv = [*TRAIN, "--steps", "12", "--nproc", "2", "--out", str(tmp_path / "runs")]
-    marker = tmp_path / "paused"
-    parent = _start(argv, tmp_path, _pause_env(marker, 7))
-    _paused_pid(parent, marker)
-    parent.send_signal(signal.SIGTERM)
-    _, err = parent.communicate(timeout=300)
-    assert parent.returncode == 143
+    paused_ranks(7, 0, lambda pid: os.kill(os.getpid(), signal.SIGTERM))  # this process is the ranks' parent
+    code = main(argv)
+    assert code == 143
     resume = shlex.join(["locoprop", *argv, "--resume"])
-    assert _one_line(err) == "locoprop: interrupted by SIGTERM; the run is checkpointed at its last finished step " \
-                             f"and continues with: {resume}"  # fmt: skip
+    assert _one_line(capfd.readouterr().err) == "locoprop: interrupted by SIGTERM; the run is checkpointed at its " \
+                                                f"last finished step and continues with: {resume}"  # fmt: skip
     run_dir = _the_run(tmp_path / "runs")
     summary = records.read_json(run_dir / "summary.json")
     assert (summary["status"], summary["signal"], summary["steps"]) == ("interrupted", "SIGTERM", 8)
     assert records.load_checkpoint(run_dir / "checkpoint.pt")["step"] == 8
 
-    resumed = subprocess.run([sys.executable, "-m", "sweeps", *argv, "--resume"], cwd=tmp_path, text=True,
-                             capture_output=True, timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    one = subprocess.run([sys.executable, "-m", "sweeps", *TRAIN, "--steps", "12", "--out", str(tmp_path / "one")],
-                         cwd=tmp_path, text=True, capture_output=True, timeout=300)  # fmt: skip
-    assert one.returncode == 0, one.stderr
+    assert main([*argv, "--resume"]) == 0
+    assert main([*TRAIN, "--steps", "12", "--out", str(tmp_path / "one")]) == 0
     got, expected = _losses(run_dir), _losses(_the_run(tmp_path / "one"))
     assert [r[0] for r in got] == [0, 5, 10, 12]
     for g, e in zip(got, expected):  # the one-process run: float32 sums over ranks in another order
         assert g == pytest.approx(e, rel=1e-5)
 
 
-def test_a_rank_killed_hard_ends_the_run_in_one_line_naming_it(tmp_path):
+def test_a_rank_killed_hard_ends_the_run_in_one_line_naming_it(tmp_path, capfd, paused_ranks):
     argv = [*TRAIN_RANKS, "--out", str(tmp_path / "runs")]
-    marker = tmp_path / "paused"
-    parent = _start(argv, tmp_path, _pause_env(marker, 7, rank=1))
-    os.kill(_paused_pid(parent, marker), signal.SIGKILL)
-    _, err = parent.communicate(timeout=300)
-    assert parent.returncode == 1
+    paused_ranks(7, 1, lambda pid: os.kill(pid, signal.SIGKILL))
+    assert main(argv) == 1
     resume = shlex.join(["locoprop", *argv, "--resume"])
-    assert _one_line(err) == "locoprop: rank 1 of 2 was killed by SIGKILL; the run is recorded as failed in its " \
-                             f"summary.json and continues from its last checkpoint with: {resume}"  # fmt: skip
+    assert _one_line(capfd.readouterr().err) == "locoprop: rank 1 of 2 was killed by SIGKILL; the run is recorded " \
+        f"as failed in its summary.json and continues from its last checkpoint with: {resume}"  # fmt: skip
     summary = records.read_json(_the_run(tmp_path / "runs") / "summary.json")
     # Rank 0 saw its all-reduce fail ("Connection reset by peer"); the run records rank 1's end.
     assert (summary["status"], summary["error"]) == ("failed", "rank 1 of 2 was killed by SIGKILL")
 
 
-def test_a_refusal_raised_on_the_ranks_is_one_line(tmp_path):
+def test_a_refusal_raised_on_the_ranks_is_one_line(tmp_path, capfd):
     argv = [*TRAIN, "--optimizer", "locoprop-m", "--hypergrad-lr", "0.1", "--nproc", "2", "--out", str(tmp_path)]
-    result = subprocess.run([sys.executable, "-m", "sweeps", *argv], cwd=tmp_path, text=True, capture_output=True,
-                            timeout=300)  # fmt: skip
-    assert result.returncode == 2
-    assert _one_line(result.stderr).startswith("locoprop: ranks 0 and 1 of 2 refused the run: hypergrad_lr > 0")
+    assert main(argv) == 2
+    assert _one_line(capfd.readouterr().err).startswith(
+        "locoprop: ranks 0 and 1 of 2 refused the run: hypergrad_lr > 0"
+    )
 
 
 def test_the_readme_torchrun_example_runs(tmp_path):
     readme = (ROOT / "README.md").read_text()
-    (example,) = [line.strip("` ") for line in readme.splitlines() if line.strip("` ").startswith("torchrun ")]
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    (example,) = [line for block in blocks for line in block.splitlines() if line.startswith("torchrun ")]
     argv = shlex.split(example)
     assert "--nproc" not in argv  # torchrun's own parser takes it for its --nproc-per-node
     # torchrun is python -m torch.distributed.run; a small run into this test's folder.
     command = [sys.executable, "-m", "torch.distributed.run", *argv[1:], *TINY[:6], "--steps", "4",
                "--out", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, text=True, capture_output=True, timeout=300)
+    result = subprocess.run(command, cwd=tmp_path, text=True, capture_output=True, timeout=600, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     assert records.read_json(_the_run(tmp_path) / "summary.json")["world_size"] == 2
 
@@ -381,7 +416,7 @@ def test_an_interrupted_ray_trial_is_interrupted_and_the_rerun_finishes_it(tmp_p
     assert "Tuner.restore" not in out + err  # the CLI's line says what continues
 
     again = subprocess.run([sys.executable, "-m", "sweeps", *argv], cwd=tmp_path, text=True, capture_output=True,
-                           timeout=600, env={**os.environ, "RAY_TMPDIR": "/tmp"})  # fmt: skip
+                           timeout=600, env={**ONE_THREAD, "RAY_TMPDIR": "/tmp"})  # fmt: skip
     assert again.returncode == 0, again.stdout + again.stderr
     table = pd.read_csv(tmp_path / "out" / "sweep_results.csv")
     assert table["run_id"].nunique() == 1 and set(table["status"]) == {"ok"}
