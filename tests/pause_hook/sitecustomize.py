@@ -9,7 +9,8 @@ too) and sets:
 
 The first process of that rank to finish that step writes its process id to the file and waits there
 until it notes a signal (``sweeps.interrupts.pending``), or the test writes the file's name + ".go" (a
-process that takes no signal itself: a Ray Tune trial), or for ever (SIGKILL). A test waits for the file,
+process that takes no signal itself: a Ray Tune trial), or until it is killed (SIGKILL); after two
+minutes without any of them it goes on (the test has failed: it must not hang). A test waits for the file,
 not for a time: whatever the machine's speed, the signal comes at that step, and the run cannot end before it.
 """
 
@@ -37,7 +38,8 @@ def _patch(train) -> None:
             partial.write_text(str(os.getpid()))
             partial.replace(marker)
             go = marker.with_name(marker.name + ".go")
-            while interrupts.pending() is None and not go.exists():
+            deadline = time.monotonic() + 120  # a limit against a hang where the signal never comes, not a timing
+            while interrupts.pending() is None and not go.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
         return result
 
