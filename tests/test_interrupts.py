@@ -274,6 +274,25 @@ def test_the_cause_of_a_failed_run_on_ranks_is_the_failing_ranks_own():
     assert root_cause([lost, RankOutcome(1, "interrupted", 0.5, "was interrupted by SIGTERM", 15)]) == lost
 
 
+def test_the_parent_records_the_cause_where_rank_0_could_not(tmp_path):
+    run_dir = tmp_path / "run"
+    train_module.record_rank_failure(run_dir, "rank 0 of 2 was killed by SIGKILL", 2)
+    assert not run_dir.exists()  # no records yet: nothing to say it in
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    train_module.record_rank_failure(run_dir, "rank 0 of 2 was killed by SIGKILL", 2)  # rank 0 wrote no summary
+    assert records.read_json(run_dir / "summary.json") == {
+        "world_size": 2, "status": "failed", "error": "rank 0 of 2 was killed by SIGKILL"
+    }  # fmt: skip
+    records.write_json(run_dir / "summary.json", {"status": "interrupted", "signal": "SIGTERM", "steps": 8})
+    train_module.record_rank_failure(run_dir, "rank 1 of 2 failed: KeyError: 'x'", 2)
+    assert records.read_json(run_dir / "summary.json") == {"status": "failed", "steps": 8,
+                                                            "error": "rank 1 of 2 failed: KeyError: 'x'"}  # fmt: skip
+    records.write_json(run_dir / "summary.json", {"status": "ok"})
+    train_module.record_rank_failure(run_dir, "rank 1 of 2 was killed by SIGKILL", 2)
+    assert records.read_json(run_dir / "summary.json") == {"status": "ok"}  # a finished run is never rewritten
+
+
 @pytest.mark.parametrize("nproc", ["0", "-1"])
 def test_nproc_below_one_is_refused_in_one_line(tmp_path, capsys, nproc):
     code, _, err = run_cli([*TRAIN, "--nproc", nproc, "--out", str(tmp_path)], capsys)
@@ -373,6 +392,20 @@ def test_a_rank_killed_hard_ends_the_run_in_one_line_naming_it(tmp_path, capfd, 
     summary = records.read_json(_the_run(tmp_path / "runs") / "summary.json")
     # Rank 0 saw its all-reduce fail ("Connection reset by peer"); the run records rank 1's end.
     assert (summary["status"], summary["error"]) == ("failed", "rank 1 of 2 was killed by SIGKILL")
+
+
+def test_an_error_of_one_rank_is_what_the_run_records_not_its_peers_lost_connection(tmp_path, capfd, monkeypatch):
+    """Rank 1 raises in step 7; rank 0 then meets "Connection closed by peer" in its all-reduce, first."""
+    monkeypatch.setenv("LOCOPROP_TEST_RAISE", "a weight is used outside the units")
+    for name, value in _pause_env(tmp_path / "never", 7, 1).items():
+        if name.startswith("LOCOPROP_TEST") or name == "PYTHONPATH":
+            monkeypatch.setenv(name, value)
+    argv = [*TRAIN_RANKS, "--out", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    cause = "rank 1 of 2 refused the run: a weight is used outside the units"
+    assert _one_line(capfd.readouterr().err).startswith(f"locoprop: {cause}")
+    summary = records.read_json(_the_run(tmp_path / "runs") / "summary.json")
+    assert (summary["status"], summary["error"]) == ("failed", cause)
 
 
 def test_a_refusal_raised_on_the_ranks_is_one_line(tmp_path, capfd):

@@ -361,7 +361,7 @@ def _train_on_ranks(nproc: int, config: RunConfig, resume: bool, progress: bool 
     try:
         launch(nproc, config.device, _train_rank, config, resume, progress)
     except (RankFailed, RankRefused) as err:
-        record_rank_failure(pathlib.Path(config.out), str(err))
+        record_rank_failure(pathlib.Path(config.out), str(err), nproc)
         raise
     run_dir = pathlib.Path(config.out)
     summary, history = records.read_json(run_dir / records.SUMMARY), records.read_history(run_dir / records.METRICS)

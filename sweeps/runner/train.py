@@ -238,21 +238,25 @@ def check_run(config: RunConfig, resume: bool = False) -> RunResult | None:
     return None
 
 
-def record_rank_failure(run_dir: pathlib.Path, error: str) -> None:
+def record_rank_failure(run_dir: pathlib.Path, error: str, world_size: int) -> None:
     """Record ``error``, a failing rank's own cause, as what ended the data-parallel run in ``run_dir``.
 
     Rank 0 writes summary.json, but when another rank fails first, rank 0 only sees its collectives fail
     ("Connection closed by peer") and records that; the parent of the ranks knows which rank failed and why
-    (:func:`sweeps.runner.ranks.root_cause`). Nothing is written where rank 0 left no summary.json, or a
-    finished run's.
+    (:func:`sweeps.runner.ranks.root_cause`). Where rank 0 itself was killed before it could write one, the
+    summary says only that (status, error, world size). Nothing is written where the run has no records yet,
+    or over a finished run's summary.
     """
     path = run_dir / records.SUMMARY
-    if not path.is_file():
+    if path.is_file():
+        summary = records.read_json(path)
+        if summary.get("status") in FINISHED:
+            return
+        summary.pop("signal", None)
+    elif (run_dir / records.CONFIG).is_file():
+        summary = {"world_size": world_size}
+    else:
         return
-    summary = records.read_json(path)
-    if summary.get("status") in FINISHED:
-        return
-    summary.pop("signal", None)
     records.write_json(path, {**summary, "status": schema.FAILED, "error": error})
 
 

@@ -5,7 +5,8 @@ too) and sets:
 
 - LOCOPROP_TEST_PAUSE_FILE: a file that does not exist yet;
 - LOCOPROP_TEST_PAUSE_STEP: a step;
-- LOCOPROP_TEST_PAUSE_RANK: the rank that pauses (default 0).
+- LOCOPROP_TEST_PAUSE_RANK: the rank that pauses (default 0);
+- LOCOPROP_TEST_RAISE (optional): that rank raises ValueError(this text) there instead of pausing.
 
 The first process of that rank to finish that step writes its process id to the file and waits there
 until it notes a signal (``sweeps.interrupts.pending``), or the test writes the file's name + ".go" (a
@@ -34,6 +35,8 @@ def _patch(train) -> None:
     def train_step(self, x, y):
         result = original(self, x, y)
         if self.step == step and self.ranks.rank == rank and not marker.exists():
+            if os.environ.get("LOCOPROP_TEST_RAISE"):
+                raise ValueError(os.environ["LOCOPROP_TEST_RAISE"])
             partial = marker.with_name(marker.name + ".partial")
             partial.write_text(str(os.getpid()))
             partial.replace(marker)
