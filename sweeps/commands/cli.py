@@ -633,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-period",
         type=int,
         default=120,
-        help="seconds without heartbeat before a trial is stale (default: %(default)s)",
+        help="seconds without heartbeat before a trial of a worker on another machine is stale and retried (a "
+        "worker of this machine that is gone is known at once, by the lock it held) (default: %(default)s)",
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")

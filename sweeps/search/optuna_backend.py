@@ -168,7 +168,8 @@ class _TrialLock:
     """The lock this worker holds on a file of the trial it runs, for as long as the trial runs here.
 
     The kernel releases a lock when its process ends, however it ends: a lock that another process of this
-    machine can take tells it that the trial's worker is gone (:func:`_fail_trials_of_dead_workers`).
+    machine can take tells it that the trial's worker is gone (:func:`_fail_trials_of_dead_workers`). On a
+    file system without locks the trial runs without one (its worker is then known dead by its heartbeat).
     """
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial, out: pathlib.Path):
@@ -176,7 +177,11 @@ class _TrialLock:
         self.path = out / LOCKS_DIR / f"{name}-trial-{trial.number:04d}.lock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle: IO | None = open(self.path, "a")  # held open while the trial runs
-        fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file of its own: free
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file of its own: free
+        except OSError:  # no locks here (ENOLCK, some network file systems)
+            self.release()
+            return
         trial.storage.set_trial_system_attr(
             trial._trial_id, WORKER, {"host": socket.gethostname(), "pid": os.getpid(), "lock": str(self.path)}
         )
@@ -203,9 +208,9 @@ def _worker_is_gone(worker: dict | None) -> bool:
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # held: the worker is alive
-        os.unlink(worker["lock"])  # the dead worker's; the retry's worker makes its own
+        except OSError:
+            return False  # held: the worker is alive (or no locks here: cannot tell)
+        pathlib.Path(worker["lock"]).unlink(missing_ok=True)  # the dead worker's; the retry's worker makes its own
         return True
 
 
