@@ -315,7 +315,7 @@ def test_bench_on_two_processes_counts_the_bytes_each_sends(tmp_path):
     [
         ("--optimizers", "adam,adam", "optimizer adam given twice in 'adam,adam'; give each once"),
         ("--seeds", "1,2,1", "seed 1 given twice in '1,2,1'; give each once"),
-        ("--optimizers", "adam,,locoprop-m", "expected one or more comma-separated values, none empty"),
+        ("--optimizers", "adam,,locoprop-m", "expected comma-separated values, none empty, got 'adam,,locoprop-m'"),
         ("--seeds", "-1", "expected seeds ≥ 0, got -1 in '-1'"),
     ],
 )

@@ -143,8 +143,10 @@ def _width_mult_list(text: str) -> list[float]:
 def _items(text: str) -> list[str]:
     """The comma-separated items of a list flag; at least one, none empty ("a,,b" is a slip)."""
     items = [v.strip() for v in text.split(",")]
+    if not any(items):
+        raise argparse.ArgumentTypeError(f"expected one or more comma-separated values, got {text!r}")
     if not all(items):
-        raise argparse.ArgumentTypeError(f"expected one or more comma-separated values, none empty, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated values, none empty, got {text!r}")
     return items
 
 
