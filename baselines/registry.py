@@ -31,6 +31,7 @@ __all__ = [
     "OPTIMIZERS",
     "OptimizerSpec",
     "check_hparams",
+    "inert_hparams",
     "make_optimizer",
     "optimizer_names",
 ]
@@ -51,6 +52,8 @@ class OptimizerSpec:
             accepts None too); the others take the type of their default.
         nullable: hyperparameters with a default that also accept None
             (for example a clipping that None turns off).
+        inert: (hparams, complete) -> the hyperparameters that change none
+            of its steps at these values (see :func:`inert_hparams`).
     """
 
     name: str
@@ -58,6 +61,7 @@ class OptimizerSpec:
     defaults: dict[str, Any]
     types: dict[str, type] = dataclasses.field(default_factory=dict)
     nullable: tuple[str, ...] = ()
+    inert: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
 
     def expected_type(self, hparam: str) -> type:
         default = self.defaults[hparam]
@@ -205,6 +209,19 @@ _LOCOPROP_DEFAULTS = dict(
     hypergrad_iters=1,
 )
 
+
+def _locoprop_inert(exact: bool) -> Callable[[dict[str, Any]], tuple[str, ...]]:
+    """LocoProp's hyperparameters that change nothing: the sensitivity ∂θ/∂γ (hypergrad, and the CG steps
+    of "implicit") is computed only while β = hypergrad_lr > 0, and the exact solve has it in closed form."""
+
+    def inert(h: dict[str, Any]) -> tuple[str, ...]:
+        if exact or h.get("hypergrad_lr") == 0:
+            return ("hypergrad", "hypergrad_iters")
+        return ("hypergrad_iters",) if h.get("hypergrad") == "unrolled" else ()
+
+    return inert
+
+
 # The types of the LocoProp hyperparameters whose default (None) does not say it.
 _LOCOPROP_TYPES = dict(
     inner_momentum=float, inner_decay=float, inner_eps=float, inner_kwargs=dict, output_activation=str, units=list
@@ -301,21 +318,34 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _locoprop("M"),
             _LOCOPROP_DEFAULTS,
             types=_LOCOPROP_TYPES,
+            inert=_locoprop_inert(exact=False),
         ),
         OptimizerSpec(
             "locoprop-s",
             _locoprop("S"),
             _LOCOPROP_DEFAULTS,
             types=_LOCOPROP_TYPES,
+            inert=_locoprop_inert(exact=False),
         ),
         OptimizerSpec(
             "locoprop-s-exact",
             _locoprop("S", solve="exact"),
             {**_LOCOPROP_DEFAULTS, "activation_lr": 1.0, "prox": 10.0},
             types=_LOCOPROP_TYPES,
+            inert=_locoprop_inert(exact=True),
         ),
     ]
 }
+
+
+def inert_hparams(name: str, hparams: dict[str, Any]) -> set[str]:
+    """Those of ``hparams`` (given over the defaults of ``name``) that change none of its steps at these
+    values: LocoProp's hypergradient mode at β = 0 (``hypergrad_lr``), for example. Two configs that differ
+    only in them train the same run. None for an unknown name."""
+    spec = OPTIMIZERS.get(name)
+    if spec is None or spec.inert is None or not isinstance(hparams, dict):
+        return set()
+    return set(spec.inert({**spec.defaults, **hparams})) & set(hparams)
 
 
 def optimizer_names() -> list[str]:

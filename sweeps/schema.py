@@ -30,6 +30,7 @@ __all__ = [
     "FAILED",
     "FINISHED",
     "HPARAM_PREFIX",
+    "INTERRUPTED",
     "LOSS_SPLITS",
     "METRICS",
     "METRIC_COLUMNS",
@@ -66,11 +67,13 @@ CLASSIFIER_COLUMNS = ("train_error", "valid_error", "test_error")
 STEP_TIME_COLUMN = "step_time_s"
 SKIPPED_COLUMN = "skipped_steps"
 
-# summary.json "status": a run that is over (a "failed" one can be resumed);
-# a run directory without summary.json is still running, or was killed hard.
+# summary.json "status": a run that is over, or one that can be resumed: "failed"
+# (an error, recorded under "error") or "interrupted" (Ctrl-C or a scheduler's
+# SIGTERM, recorded under "signal"; checkpointed at its last step). A run
+# directory without summary.json is still running, or was killed hard.
 OK, DIVERGED, STOPPED = "ok", "diverged", "stopped"
 FINISHED = (OK, DIVERGED, STOPPED)
-FAILED = "failed"
+FAILED, INTERRUPTED = "failed", "interrupted"
 RUNNING = "running"
 
 # metrics.csv: the column of a unit's activation learning rate γ when the optimizer adapts it (hypergradients).

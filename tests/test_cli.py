@@ -232,7 +232,9 @@ def test_ctrl_c_during_train_prints_the_command_that_resumes(tmp_path):
     assert process.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     resume = shlex.join(["locoprop", *argv, "--resume"])
-    assert err.strip() == f"locoprop: interrupted; the run keeps its last evaluation and continues with: {resume}"
+    assert err.strip() == (
+        f"locoprop: interrupted; the run is checkpointed at its last finished step and continues with: {resume}"
+    )
 
     resumed = subprocess.run([*cli, *shlex.split(resume)[1:]], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr
@@ -368,3 +370,20 @@ def test_bench_on_two_processes_counts_the_bytes_each_sends(tmp_path):
     gram = [(m.in_features + 1) * (m.in_features + 2) // 2 + m.out_features * (m.in_features + 1) for m in layers]
     batch = [3 * m.out_features * (m.in_features + 1) for m in layers]
     assert loco_s["comm_bytes_per_step"] == 4 * sum(min(g, b) for g, b in zip(gram, batch))
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--optimizers", "adam,adam", "optimizer adam given twice in 'adam,adam'; give each once"),
+        ("--seeds", "1,2,1", "seed 1 given twice in '1,2,1'; give each once"),
+        ("--optimizers", "adam,,locoprop-m", "expected comma-separated values, none empty, got 'adam,,locoprop-m'"),
+        ("--seeds", "-1", "expected seeds ≥ 0, got -1 in '-1'"),
+    ],
+)
+def test_compare_refuses_a_list_that_would_count_a_run_twice_or_holds_a_slip(tmp_path, capsys, flag, value, message):
+    small = ["--data", "synthetic", "--width-mult", "0.05", "--batch-size", "64", "--steps", "1", "--no-progress"]
+    other = ["--seeds", "1"] if flag == "--optimizers" else ["--optimizers", "adam"]
+    status, _, err = run_cli(["compare", *small, *other, flag, value, "--out", str(tmp_path)], capsys)
+    assert status == 2 and message in err
+    assert not list(tmp_path.iterdir())

@@ -67,7 +67,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch,
     monkeypatch.setattr(records, "save_checkpoint", crash_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
-    assert records.read_json(tmp_path / "b" / "summary.json")["status"] == "failed"
+    assert records.read_json(tmp_path / "b" / "summary.json")["status"] == "interrupted"
     monkeypatch.setattr(records, "save_checkpoint", real_save)
 
     resumed = train(config, resume=True, progress=False)

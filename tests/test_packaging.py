@@ -7,8 +7,10 @@ A missing module is simulated the way Python itself reads it: ``sys.modules[name
 
 import ast
 import importlib.abc
+import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -172,7 +174,7 @@ def test_the_entry_exits_like_the_cli_on_bad_setup():
     from sweeps import __main__ as entry
     from sweeps.commands import cli
 
-    assert (entry.EXIT_BAD_INPUT, entry.EXIT_INTERRUPTED) == (cli.EXIT_BAD_INPUT, cli.EXIT_INTERRUPTED)
+    assert entry.EXIT_BAD_INPUT == cli.EXIT_BAD_INPUT
 
 
 def test_ctrl_c_while_the_cli_imports_prints_one_line(monkeypatch, capsys):
@@ -183,8 +185,23 @@ def test_ctrl_c_while_the_cli_imports_prints_one_line(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(entry, "_cli", interrupted_import)
-    assert entry.main(["train"]) == entry.EXIT_INTERRUPTED
+    assert entry.main(["train"]) == 130
     assert capsys.readouterr().err == "locoprop: interrupted\n"
+
+
+def test_sigterm_while_the_cli_imports_prints_one_line_and_exits_143(monkeypatch, capsys):
+    """A scheduler's stop in the seconds of the imports: one line and SIGTERM's status, as the CLI gives."""
+    from sweeps import __main__ as entry
+
+    def sigterm_during_import():
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once: the import is not a training step
+        raise AssertionError("SIGTERM was not taken")
+
+    monkeypatch.setattr(entry, "_cli", sigterm_during_import)
+    before = signal.getsignal(signal.SIGTERM)
+    assert entry.main(["train"]) == 143
+    assert capsys.readouterr().err == "locoprop: interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # the process's own handler is back
 
 
 SWEEP = ["sweep", "--optimizer", "adam", "--workload", "autoencoder", "--data", "synthetic", "--trials", "1"]

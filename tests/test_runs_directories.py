@@ -30,7 +30,7 @@ def _interrupted_run(out: pathlib.Path) -> RunConfig:
     config = RunConfig(optimizer="adam", out=str(out), **TINY)
     with pytest.raises(KeyboardInterrupt):
         train(config, on_evaluation=_interrupt_after_epoch_1, progress=False, data=DATA)
-    assert records.read_json(out / "summary.json")["status"] == "failed"
+    assert records.read_json(out / "summary.json")["status"] == "interrupted"
     return config
 
 
@@ -153,3 +153,33 @@ def test_cli_refused_command_changes_nothing(tmp_path, capsys):
     code, _, err = _cli(capsys, *T, "--optimizer", "adam", "--lr", "-1", "--out", str(tmp_path / "mix"))
     assert code == 2 and "Invalid learning rate: -1.0" in err
     assert not (tmp_path / "mix").exists()
+
+
+def test_settings_that_change_nothing_name_one_run_directory(tmp_path, capsys):
+    """The hypergradient mode at β = 0 (the default) computes nothing: no flag, implicit and unrolled train
+    the same run, in one directory, and the second command finds the first's run; at β > 0 they differ."""
+    base = RunConfig(optimizer="locoprop-m", out="a", **TINY)
+    same = {config_digest(dataclasses.replace(base, hparams=h)) for h in
+            ({}, {"hypergrad": "implicit"}, {"hypergrad": "unrolled", "hypergrad_iters": 3})}  # fmt: skip
+    assert len(same) == 1
+    adapting = {config_digest(dataclasses.replace(base, hparams={"hypergrad_lr": 0.1, "hypergrad": mode}))
+                for mode in ("implicit", "unrolled")}  # fmt: skip
+    assert len(adapting) == 2
+    exact = RunConfig(optimizer="locoprop-s-exact", out="a", hparams={"hypergrad_lr": 0.1}, **TINY)
+    unrolled = dataclasses.replace(exact, hparams={**exact.hparams, "hypergrad": "unrolled"})
+    assert config_digest(exact) == config_digest(unrolled)  # the exact solve's sensitivity has a closed form
+    args = [*T, "--optimizer", "locoprop-m", "--steps", "2", "--out", str(tmp_path)]
+    assert _cli(capsys, *args, "--hypergrad", "implicit")[0] == 0
+    code, out, _ = _cli(capsys, *args, "--hypergrad", "unrolled", "--resume")
+    assert code == 0 and out.startswith("ok: locoprop-m")
+    assert len(list(tmp_path.iterdir())) == 1  # returned, not trained again in another directory
+
+
+def test_hypergrad_lr_0_is_accepted_by_any_optimizer(tmp_path, capsys):
+    """β = 0 means no hypergradients, which is true of Adam: the default of LocoProp is no error elsewhere."""
+    args = [*T, "--optimizer", "adam", "--steps", "2", "--out", str(tmp_path)]
+    code, _, err = _cli(capsys, *args, "--hypergrad-lr", "0")
+    assert code == 0, err
+    assert _cli(capsys, *args, "--resume")[0] == 0 and len(list(tmp_path.iterdir())) == 1  # the same run
+    code, _, err = _cli(capsys, *args, "--hypergrad-lr", "0.1")
+    assert code == 2 and "Unknown hyperparameter(s) for 'adam': hypergrad_lr" in err

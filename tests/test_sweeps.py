@@ -12,14 +12,16 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 
 import optuna
 import pandas as pd
 import pytest
 import sqlalchemy
+import torch
 
 from analysis.load import load_results
-from sweeps.runner import RunConfig
+from sweeps.runner import RunConfig, records
 from sweeps.search import optuna_backend
 from sweeps.search.optuna_backend import make_storage, run_optuna_sweep
 from sweeps.search.ray_backend import run_ray_sweep
@@ -614,3 +616,21 @@ def test_ctrl_c_in_a_trial_logs_no_traceback_but_other_failures_do(tmp_path, mon
         logging.getLogger("optuna").removeHandler(handler)
     failures = [r.exc_info[1] for r in emitted if r.exc_info]
     assert [type(e) for e in failures] == [RuntimeError]
+
+
+def test_two_evaluations_at_one_share_of_the_budget_report_once_without_optuna_warning(tmp_path):
+    """200 steps evaluated at 199 and 200: both are 100% of the budget (rounded), where the pruner compares
+    trials. The first is reported, the second is not sent to be ignored with Optuna's raw warning."""
+    config = dataclasses.replace(TINY, epochs=None, steps=200, eval_every=199)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 200 small steps: spinning threads would make them slow on a busy machine
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Optuna's "The reported value is ignored because this step=100 ..."
+            run_optuna_sweep(config, load_space("adam"), study_name="d", out=tmp_path, trials=1, pruner="none")
+    finally:
+        torch.set_num_threads(threads)
+    (trial,) = optuna.load_study(study_name="d", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    rows = {row["step"]: row["valid_loss"] for row in records.read_history(tmp_path / "d" / "trials" / "trial-0000" /
+                                                                             "metrics.csv")}  # fmt: skip
+    assert trial.intermediate_values == {100: rows[199]}

@@ -1,11 +1,13 @@
 """The ``locoprop`` command line (SPEC §7).
 
 Exit status: 0 done; 1 a run failed (its summary.json records it as
-failed, and one line on stderr says why); 2 bad input: a bad flag value,
-file or folder, missing data or a missing extra (sweeps/extras.py), said in one line on stderr starting with
-``locoprop:`` (or argparse's usage error); 130 interrupted by Ctrl-C (one
-line with the command that continues). Other errors are bugs and keep
-their traceback.
+failed, and one line on stderr says why; on several ranks the failing
+rank's own cause); 2 bad input: a bad flag value, file or folder, missing
+data or a missing extra (sweeps/extras.py), said in one line on stderr
+starting with ``locoprop:`` (or argparse's usage error); 130 interrupted by
+Ctrl-C (SIGINT), 143 stopped by SIGTERM (a scheduler's stop), both with one
+line with the command that continues (:mod:`sweeps.interrupts`). Other
+errors in this process are bugs and keep their traceback.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import shlex
+import signal
 import sys
 import warnings
 from typing import NamedTuple
@@ -27,20 +31,22 @@ from analysis.load import CompareFolderRead, RunSkipped, RunsNotFound
 from baselines.registry import OPTIMIZERS
 from locoprop.hypergrad import HYPERGRAD_MODES
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
-from sweeps import schema
+from sweeps import interrupts, schema
 from sweeps.commands import presets
 from sweeps.extras import MissingExtra
 from sweeps.runner import records
 from sweeps.runner.budget import CalibrationSkipped
 from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, run_dir_name, run_identity
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
-from sweeps.runner.ranks import Ranks, init_from_environment, launch
+from sweeps.runner.ranks import RankFailed, RankRefused, Ranks, init_from_environment, launch
 from sweeps.runner.records import RecordRebuilt
-from sweeps.runner.train import RunResult, check_data_parallel, check_fits_data, loss_text, train
+from sweeps.runner.train import RunResult, check_data_parallel, check_run, loss_text, record_rank_failure, train
 from sweeps.runner.workloads import MAX_WIDTH_MULT, WORKLOADS, check_width_mult
 from sweeps.search.results import SweepNotice
 
-EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_RUN_FAILED, EXIT_BAD_INPUT = 1, 2  # interrupted: 128 + the signal (interrupts.exit_status)
+# Set in the environment of the processes torchrun starts (torchrun's own ranks, whatever their number).
+TORCHRUN_ENVIRONMENT = "TORCHELASTIC_RUN_ID"
 
 
 class HparamFlag(NamedTuple):
@@ -149,11 +155,36 @@ def _width_mult_list(text: str) -> list[float]:
 
 
 def _items(text: str) -> list[str]:
-    """The comma-separated items of a list flag; at least one."""
-    items = [v.strip() for v in text.split(",") if v.strip()]
-    if not items:
+    """The comma-separated items of a list flag; at least one, none empty ("a,,b" is a slip)."""
+    items = [v.strip() for v in text.split(",")]
+    if not any(items):
         raise argparse.ArgumentTypeError(f"expected one or more comma-separated values, got {text!r}")
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated values, none empty, got {text!r}")
     return items
+
+
+def _once(parse, what: str):
+    """``parse``, refusing an item given twice: a comparison of adam with adam, or of seed 1 with seed 1,
+    would count one run as two."""
+
+    def parse_once(text: str) -> list:
+        items = parse(text)
+        twice = sorted({str(item) for item in items if items.count(item) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"{what} {', '.join(twice)} given twice in {text!r}; give each once")
+        return items
+
+    return parse_once
+
+
+def _seed_list(text: str) -> list[int]:
+    """Comma-separated training seeds: integers ≥ 0."""
+    seeds = _int_list(text)
+    negative = [seed for seed in seeds if seed < 0]
+    if negative:
+        raise argparse.ArgumentTypeError(f"expected seeds ≥ 0, got {', '.join(map(str, negative))} in {text!r}")
+    return seeds
 
 
 def _int_list(text: str) -> list[int]:
@@ -291,13 +322,15 @@ def cmd_train(args) -> int:
         if key in hparams and hparams[key] != value:  # two values for one hyperparameter: which one was meant?
             raise ValueError(f"Hyperparameter {key} is given twice ({hparams[key]!r} and {value!r}); give it once")
         hparams[key] = value
-    config = run_config_from_args(args, args.optimizer, hparams, args.seed, pathlib.Path(args.out))
+    nproc = _nproc(args.nproc)
+    config = run_config_from_args(args, args.optimizer, drop_neutral_hparams(args.optimizer, hparams), args.seed,
+                                  pathlib.Path(args.out))  # fmt: skip
     config.out = str(pathlib.Path(args.out) / run_dir_name(config))
     if args.resume and (notice := _resume_notice(config, pathlib.Path(args.out))):
         print(f"locoprop: {notice}", file=sys.stderr)
     progress = False if args.no_progress else None
-    if args.nproc > 1:
-        result = _train_on_ranks(args.nproc, config, args.resume, progress)
+    if nproc > 1:
+        result = _train_on_ranks(nproc, config, args.resume, progress)
     else:
         if init_from_environment(args.device) and Ranks().rank != 0:  # under torchrun: rank 0 reports
             train(config, resume=args.resume, progress=False)
@@ -360,12 +393,41 @@ def _hparam_flag(name: str) -> str:
     return f"--{name.replace('_', '-')}" if name in HPARAM_FLAGS else f"--hparam {name}"
 
 
+def _nproc(nproc: int | None) -> int:
+    """The processes of ``--nproc`` (None: not given, one); refused below 1, and under torchrun, which
+    starts the processes itself (its own ``--nproc-per-node``)."""
+    if nproc is not None and os.environ.get(TORCHRUN_ENVIRONMENT):
+        raise ValueError(
+            f"--nproc {nproc} under torchrun: torchrun starts the processes (its --nproc-per-node); drop --nproc"
+        )
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"Invalid --nproc: {nproc}; expected an integer ≥ 1 (the number of processes)")
+    return 1 if nproc is None else nproc
+
+
+def drop_neutral_hparams(optimizer: str, hparams: dict) -> dict:
+    """``hparams`` without the LocoProp options an optimizer that lacks them may be given at their neutral
+    value: β = 0 (``--hypergrad-lr 0``, no hypergradients) is true of every optimizer."""
+    takes = OPTIMIZERS[optimizer].defaults
+    return {k: v for k, v in hparams.items() if not (k == "hypergrad_lr" and k not in takes and v == 0)}
+
+
 def _train_on_ranks(nproc: int, config: RunConfig, resume: bool, progress: bool | None) -> RunResult:
-    """``--nproc N``: train in N new processes (one group); what rank 0 wrote."""
-    config.validate()
-    check_fits_data(config)  # refuse a bad setup here, in one line, not in N tracebacks
+    """``--nproc N``: train in N new processes (one group); what rank 0 wrote.
+
+    What every rank would refuse alike is refused here first, in one line (not N); a finished run asked
+    for with ``resume`` is returned without starting any. A failing rank's own cause is what the run's
+    summary.json records (the others only saw their collectives fail).
+    """
     check_data_parallel(config, nproc)
-    launch(nproc, config.device, _train_rank, config, resume, progress)
+    finished = check_run(config, resume)
+    if finished is not None:
+        return finished
+    try:
+        launch(nproc, config.device, _train_rank, config, resume, progress)
+    except (RankFailed, RankRefused) as err:
+        record_rank_failure(pathlib.Path(config.out), str(err), nproc)
+        raise
     run_dir = pathlib.Path(config.out)
     summary, history = records.read_json(run_dir / records.SUMMARY), records.read_history(run_dir / records.METRICS)
     return RunResult(run_dir, summary, history)
@@ -523,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="locoprop",
         description="LocoProp research harness: train, compare, sweep, report and benchmark optimizers.",
         epilog="Run 'locoprop COMMAND --help' for a command's flags.\n"
-        "exit status: 0 done, 1 a run failed (recorded in its summary.json), 2 bad input, 130 interrupted\n"
+        "exit status: 0 done, 1 a run failed (recorded in its summary.json), 2 bad input, 130 interrupted (Ctrl-C), "
+        "143 stopped by SIGTERM (checkpointed; the printed command continues)\n"
         f"example:\n  {EXAMPLES['compare']}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -543,10 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
         "of the whole config (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
-        "--nproc", type=int, default=1,
-        help="data-parallel processes: the global --batch-size is split over them, one step equals the step of "
-        "one process on the whole batch; gloo on CPU, NCCL on CUDA (one GPU each); torchrun --nproc-per-node N "
-        "works too (default: %(default)s)",
+        "--nproc", type=int, default=None,
+        help="data-parallel processes, an integer ≥ 1: the global --batch-size is split over them, one step equals "
+        "the step of one process on the whole batch; gloo on CPU, NCCL on CUDA (one GPU each). Under torchrun "
+        "(torchrun --nproc-per-node N -m sweeps train …) leave it out: torchrun starts the processes (default: 1)",
     )  # fmt: skip
     p.add_argument(
         "--resume", action="store_true",
@@ -573,13 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_flags(p, compare=True)
     p.add_argument(
-        "--optimizers", type=_name_list(list(OPTIMIZERS), allow_all=True), default=None,
-        help=f"comma-separated registry names, or all (default: {','.join(presets.COMPARE_OPTIMIZERS)})",
+        "--optimizers", type=_once(_name_list(list(OPTIMIZERS), allow_all=True), "optimizer"), default=None,
+        help=f"comma-separated registry names, each once, or all (default: {','.join(presets.COMPARE_OPTIMIZERS)})",
     )  # fmt: skip
     p.add_argument(
-        "--seeds", type=_int_list, default=[1, 2, 3],
-        help="comma-separated training seeds of the final runs, one run each; with --tune they must differ from "
-        "--tune-seed (default: 1,2,3)",
+        "--seeds", type=_once(_seed_list, "seed"), default=[1, 2, 3],
+        help="comma-separated training seeds of the final runs, integers ≥ 0, one run each; with --tune they must "
+        "differ from --tune-seed (default: 1,2,3)",
     )  # fmt: skip
     p.add_argument(
         "--tune", type=int, default=None, metavar="N",
@@ -648,8 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-period",
         type=int,
         default=120,
-        help="seconds without heartbeat before a trial is stale, more than --heartbeat-interval; with a journal, "
-        "how long a new trial counts as alive before its worker labels it (default: %(default)s)",
+        help="seconds without heartbeat before a trial of a worker on another machine is stale and retried (a "
+        "worker of this machine that is gone is known at once, by the lock it held), more than "
+        "--heartbeat-interval; with a journal, how long a new trial counts as alive before its worker labels it "
+        "(default: %(default)s)",
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
@@ -739,15 +804,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if getattr(args, "out", None) is not None:
-            _check_out(pathlib.Path(args.out))
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_notice
-            for category in NOTICES:
-                warnings.simplefilter("always", category)
-            return args.handler(args)
-    except KeyboardInterrupt:
-        return _fail(_interrupted(args, argv), EXIT_INTERRUPTED)
+        with interrupts.handled():  # SIGTERM, a scheduler's stop, as Ctrl-C: Interrupted
+            if getattr(args, "out", None) is not None:
+                _check_out(pathlib.Path(args.out))
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_notice
+                for category in NOTICES:
+                    warnings.simplefilter("always", category)
+                return args.handler(args)
+    except KeyboardInterrupt as err:
+        return _fail(_interrupted(args, argv, err), interrupts.exit_status(err))
+    except RankFailed as err:  # a rank of --nproc N: recorded in summary.json as that rank's own cause
+        return _fail(f"{err}; {_continue_failed_run(args, argv)}", EXIT_RUN_FAILED)
     except torch.linalg.LinAlgError as err:  # the exact solve's "not positive definite … raise prox"
         return _fail(f"the run failed and is recorded as failed in its summary.json: {err}{_prox_now(args)}",
                      EXIT_RUN_FAILED)  # fmt: skip
@@ -797,16 +865,25 @@ def _command_line(args, argv: list[str]) -> list[str]:
     return ["locoprop", *argv]
 
 
-def _interrupted(args, argv: list[str]) -> str:
-    """What Ctrl-C left, and the command that continues from there."""
+def _interrupted(args, argv: list[str], err: KeyboardInterrupt) -> str:
+    """What Ctrl-C or SIGTERM left, and the command that continues from there."""
     argv = _command_line(args, argv)[1:]
     command = shlex.join(["locoprop", *argv])
+    signum = getattr(err, "signum", signal.SIGINT)
+    by = "interrupted" if signum == signal.SIGINT else f"interrupted by {interrupts.signal_name(signum)}"
     if args.command == "train":
         again = command if args.resume else shlex.join(["locoprop", *argv, "--resume"])
-        return f"interrupted; the run keeps its last evaluation and continues with: {again}"
+        return f"{by}; the run is checkpointed at its last finished step and continues with: {again}"
     if args.command in ("compare", "sweep"):
-        return f"interrupted; finished runs are kept, and the same command continues: {command}"
-    return "interrupted"
+        return f"{by}; finished runs are kept, and the same command continues: {command}"
+    return by
+
+
+def _continue_failed_run(args, argv: list[str]) -> str:
+    """For a failed `train --nproc N`: where the failure is recorded and the command that continues."""
+    argv = _command_line(args, argv)[1:]
+    again = shlex.join(["locoprop", *argv] if args.resume else ["locoprop", *argv, "--resume"])
+    return f"the run is recorded as failed in its summary.json and continues from its last checkpoint with: {again}"
 
 
 def _prox_now(args) -> str:

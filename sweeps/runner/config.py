@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from baselines.registry import check_hparams
+from baselines.registry import check_hparams, inert_hparams
 from sweeps import schema
 from sweeps.runner.workloads import get_workload
 
@@ -135,12 +135,19 @@ def run_identity(config: dict[str, Any]) -> dict[str, str]:
     """What makes a run: every config field but ``out`` (and a time budget's calibration), each as canonical JSON.
 
     Where a run directory lives is not part of what the run is (sweep back
-    ends restore trials into new folders). JSON makes a tuple and a list, or
-    a config and its config.json, compare equal.
+    ends restore trials into new folders), nor is a hyperparameter that
+    changes none of its steps (``baselines.registry.inert_hparams``:
+    ``--hypergrad implicit`` and ``unrolled`` at β = 0 are one run). JSON
+    makes a tuple and a list, or a config and its config.json, compare equal.
     """
+    identity = dict(config)
+    hparams = config.get("hparams")
+    if isinstance(hparams, dict):
+        inert = inert_hparams(config.get("optimizer"), hparams)
+        identity["hparams"] = {key: value for key, value in hparams.items() if key not in inert}
     return {
         key: json.dumps(value, sort_keys=True, default=repr)
-        for key, value in config.items()
+        for key, value in identity.items()
         if key not in ("out", schema.CALIBRATION)
     }
 
@@ -151,7 +158,9 @@ def config_digest(config: RunConfig) -> str:
     The CLI puts it in the run directory's name: runs that differ in any
     setting get different directories, and the same command finds its own
     directory again. (``--lr 1`` and ``--hparam lr=1.0`` or an explicit
-    default count as different settings: they get their own directories.)
+    default count as different settings: they get their own directories;
+    a setting that changes nothing, as the hypergradient mode at β = 0, is
+    left out.)
     """
     text = json.dumps(run_identity(dataclasses.asdict(config)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -13,8 +13,16 @@ evaluation and budget; optimizers only update. Per run directory:
 - ``summary.json``: final and best losses, status, seconds, split sizes,
   budget and horizon, peak memory, versions, seed;
 - ``checkpoint.pt``: written at every evaluation, with the metrics rows so
-  far; ``resume=True`` continues from it (rewriting metrics.csv from its
-  rows) and gives the same numbers as an uninterrupted run on CPU.
+  far, and at the step where a signal stopped the run; ``resume=True``
+  continues from it (rewriting metrics.csv from its rows) and gives the same
+  numbers as an uninterrupted run on CPU.
+
+A signal taken by the command (:mod:`sweeps.interrupts`: Ctrl-C, or a
+scheduler's SIGTERM) stops the run between two steps: the step under way is
+finished, the run checkpoints at it, summary.json says "interrupted", and
+:class:`sweeps.interrupts.Interrupted` is raised. On several ranks the
+ranks agree in each step's all-reduce on whether one of them was signalled,
+so that all of them stop after the same step.
 
 The validation split is carved from the training split
 (``valid_fraction``, the same examples for every run); the run trains on
@@ -45,7 +53,8 @@ What happens to a run directory that already holds a run:
   ``resume=True`` returns it (if it was made with the same config), without
   it the run is refused (:class:`RunExists`);
 - a failed or interrupted run is continued from its checkpoint with
-  ``resume=True`` and started afresh without it.
+  ``resume=True``; without it the run is refused while its checkpoint is
+  there (:class:`RunExists`), and started afresh where there is none.
 
 Everything that can refuse a run (the config, the data, the model, the
 optimizer's own checks, the checkpoint) is checked before the first write,
@@ -70,7 +79,7 @@ from typing import Any
 import torch
 
 from baselines import make_optimizer
-from sweeps import schema
+from sweeps import interrupts, schema
 from sweeps.runner import records
 from sweeps.runner.budget import CALIBRATION_WARMUP, Calibration, CalibrationSkipped, Horizon, calibrate, lr_factor
 from sweeps.runner.config import RunConfig, run_identity
@@ -85,7 +94,9 @@ __all__ = [
     "RunResult",
     "check_data_parallel",
     "check_fits_data",
+    "check_run",
     "loss_text",
+    "record_rank_failure",
     "train",
 ]
 
@@ -125,6 +136,7 @@ def train(
     on_evaluation: Callable[[dict[str, Any]], bool | None] | None = None,
     progress: bool | None = None,
     data: Dataset | None = None,
+    resume_stopped: bool = False,
 ) -> RunResult:
     """Train one run and write its run directory.
 
@@ -132,8 +144,8 @@ def train(
         config: the run.
         resume: continue from the run directory's checkpoint if there is one,
             and return a finished run as it is (both only for the same
-            config). Without it a failed or interrupted run there is started
-            afresh, and a finished one is refused (never replaced).
+            config). Without it a finished run, or an unfinished one with a
+            checkpoint, is refused (never replaced).
         on_evaluation: called with each evaluation row after the first, and
             its ``budget_percent`` (how much of the run's steps are done, 0..100:
             what sweeps compare trials of different step counts at);
@@ -141,26 +153,26 @@ def train(
             sweep's pruner does.
         progress: show a progress bar (default: when stderr is a terminal).
         data: an already loaded data set (sweeps load it once per worker).
+        resume_stopped: with ``resume``, continue a run that ended "stopped"
+            from its checkpoint instead of returning it: Ray Tune ends the
+            trials of an interrupted experiment as it ends those its scheduler
+            stops, but starts only the former again.
 
     Raises:
         ValueError: a bad config. RunExists: ``config.out`` holds a finished
-            run and ``resume`` is False. sweeps.runner.records.DamagedRecord: a
-            record of the run to resume or return cannot be read.
+            run, or an unfinished one with a checkpoint, and ``resume`` is
+            False. sweeps.runner.records.DamagedRecord: a record of the run to
+            resume or return cannot be read.
             sweeps.runner.data.DataUnavailable: missing data. Each before anything
             is written.
+        sweeps.interrupts.Interrupted: a signal stopped the run, after it
+            checkpointed at its last step and summary.json recorded it as interrupted.
         Any exception from training, after summary.json records it as failed.
     """
-    config.validate()
-    run_dir = pathlib.Path(config.out)
-    finished = _finished_run(run_dir, config, resume)
+    finished, checkpoint = _check_run_directory(config, resume, resume_stopped)
     if finished is not None:
         return finished
-    if not resume and (run_dir / records.CHECKPOINT).is_file():
-        raise RunExists(
-            f"{run_dir} holds an unfinished run with a checkpoint (interrupted, or failed), which a new run would "
-            "replace; use --resume (resume=True in Python) to continue it, or remove that directory to start afresh"
-        )
-    checkpoint = _checkpoint_to_resume(run_dir, config) if resume else None
+    run_dir = pathlib.Path(config.out)
     metrics_path = run_dir / records.METRICS
     damage = records.metrics_damage(metrics_path, checkpoint["metrics"]) if checkpoint is not None else None
     run = _Run(config, run_dir, data, checkpoint)  # may refuse too: nothing is written before this
@@ -169,17 +181,90 @@ def train(
         warnings.warn(
             records.RecordRebuilt(f"{metrics_path} {damage}; rebuilt it from the checkpoint's rows"), stacklevel=2
         )
-    try:
-        status = run.loop(on_evaluation, progress)
-    except BaseException as err:
-        run.write_summary(schema.FAILED, error=f"{type(err).__name__}: {err}")
-        raise
-    summary = run.write_summary(status)
+    with interrupts.deferred():  # a signal ends the step under way first (the loop checks after each step)
+        try:
+            status = run.loop(on_evaluation, progress)
+        except KeyboardInterrupt as err:
+            run.write_summary(schema.INTERRUPTED, signal=interrupts.signal_name(getattr(err, "signum", 2)))
+            raise
+        except BaseException as err:
+            run.write_summary(schema.FAILED, error=f"{type(err).__name__}: {err}")
+            raise
+        summary = run.write_summary(status)
     return RunResult(run_dir, summary, list(run.rows))
 
 
-def _finished_run(run_dir: pathlib.Path, config: RunConfig, resume: bool) -> RunResult | None:
-    """The finished run in ``run_dir`` if ``resume`` asks for it; None if there is none.
+def _check_run_directory(
+    config: RunConfig, resume: bool, resume_stopped: bool = False
+) -> tuple[RunResult | None, dict | None]:
+    """What is in the run directory, checked against ``resume``: (the finished run to return, None) or
+    (None, the checkpoint to continue from or None). Writes nothing.
+
+    Raises:
+        ValueError, RunExists, DamagedRecord: as :func:`train`.
+    """
+    config.validate()
+    run_dir = pathlib.Path(config.out)
+    finished = _finished_run(run_dir, config, resume, resume_stopped)
+    if finished is not None:
+        return finished, None
+    if not resume and (run_dir / records.CHECKPOINT).is_file():
+        raise RunExists(
+            f"{run_dir} holds an unfinished run with a checkpoint (interrupted, or failed), which a new run would "
+            "replace; use --resume (resume=True in Python) to continue it, or remove that directory to start afresh"
+        )
+    return None, _checkpoint_to_resume(run_dir, config) if resume else None
+
+
+def check_run(config: RunConfig, resume: bool = False) -> RunResult | None:
+    """Refuse, before any process of a data-parallel run starts, what :func:`train` would refuse on every rank
+    alike: the config, the run directory (a finished run, or a checkpoint without ``resume``), the data, and
+    the model and optimizer's own checks (built once on the CPU). Returns the finished run that ``train``
+    would return (with ``resume``), or None. Writes nothing.
+
+    What depends on the ranks (the batch shards, an optimizer's checks of its process group) is still
+    checked by each rank.
+    """
+    finished, _ = _check_run_directory(config, resume)
+    if finished is not None:
+        return finished
+    data = check_fits_data(config).with_validation(config.valid_fraction)
+    workload = get_workload(config.workload)
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's random state as it was
+        model = _build_model(workload, data, config, torch.device("cpu"))
+        optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **config.hparams)
+    if hasattr(optimizer, "remove_hooks"):
+        optimizer.remove_hooks()
+    return None
+
+
+def record_rank_failure(run_dir: pathlib.Path, error: str, world_size: int) -> None:
+    """Record ``error``, a failing rank's own cause, as what ended the data-parallel run in ``run_dir``.
+
+    Rank 0 writes summary.json, but when another rank fails first, rank 0 only sees its collectives fail
+    ("Connection closed by peer") and records that; the parent of the ranks knows which rank failed and why
+    (:func:`sweeps.runner.ranks.root_cause`). Where rank 0 itself was killed before it could write one, the
+    summary says only that (status, error, world size). Nothing is written where the run has no records yet,
+    or over a finished run's summary.
+    """
+    path = run_dir / records.SUMMARY
+    if path.is_file():
+        summary = records.read_json(path)
+        if summary.get("status") in FINISHED:
+            return
+        summary.pop("signal", None)
+    elif (run_dir / records.CONFIG).is_file():
+        summary = {"world_size": world_size}
+    else:
+        return
+    records.write_json(path, {**summary, "status": schema.FAILED, "error": error})
+
+
+def _finished_run(
+    run_dir: pathlib.Path, config: RunConfig, resume: bool, resume_stopped: bool = False
+) -> RunResult | None:
+    """The finished run in ``run_dir`` if ``resume`` asks for it; None if there is none (or it ended "stopped"
+    and ``resume_stopped`` continues it).
 
     Raises:
         RunExists: a finished run is there and ``resume`` is False.
@@ -192,7 +277,7 @@ def _finished_run(run_dir: pathlib.Path, config: RunConfig, resume: bool) -> Run
         return None
     summary = records.read_json(summary_path)
     status = summary.get("status")
-    if status not in FINISHED:
+    if status not in FINISHED or (resume and resume_stopped and status == schema.STOPPED):
         return None
     if not resume:
         raise RunExists(
@@ -206,7 +291,9 @@ def _finished_run(run_dir: pathlib.Path, config: RunConfig, resume: bool) -> Run
         horizon, steps = Horizon(**summary["horizon"]), summary["steps"]
     except (KeyError, TypeError) as err:
         raise records.DamagedRecord(f"{summary_path} has no horizon or steps ({err}); {records.RUN_AGAIN}") from None
-    _check_evaluations(history, horizon, steps, f"{metrics_path} of the finished run", records.RUN_AGAIN)
+    _check_evaluations(
+        history, horizon, steps, f"{metrics_path} of the finished run", records.RUN_AGAIN, ends_with_row=True
+    )
     return RunResult(run_dir, summary, history)
 
 
@@ -228,12 +315,15 @@ def _checkpoint_to_resume(run_dir: pathlib.Path, config: RunConfig) -> dict | No
     return checkpoint
 
 
-def _check_evaluations(rows: list[dict], horizon: Horizon, last_step: int, what: str, what_to_do: str) -> None:
+def _check_evaluations(
+    rows: list[dict], horizon: Horizon, last_step: int, what: str, what_to_do: str, ends_with_row: bool = False
+) -> None:
     """Refuse records that lack an evaluation: one row per evaluation step up
-    to ``last_step``, in order (a run that diverged or stopped early ends with
-    a row at the step where it ended)."""
+    to ``last_step``, in order. A finished run (``ends_with_row``) that
+    diverged or stopped early ends with a row at the step where it ended; a
+    checkpoint that a signal made between two evaluations has none there."""
     expected = horizon.evaluation_steps(until=last_step)
-    if expected[-1] != last_step:
+    if ends_with_row and expected[-1] != last_step:
         expected.append(last_step)
     steps = [row.get("step") if isinstance(row, dict) else None for row in rows]
     if steps != expected:
@@ -366,7 +456,12 @@ class _Run:
         self.step, self.wall_time, self.eval_seconds = 0, 0.0, 0.0
         self._order, self._order_epoch = None, -1  # the batch order of the current epoch
         self.initial_train_loss: float | None = None
-        self.step_times: list[float] = []
+        self.step_times: list[float] = []  # of every step up to the last evaluation
+        # The steps since the last evaluation, which its next metrics row averages (a checkpoint between two
+        # evaluations keeps them).
+        self.interval_step_times: list[float] = []
+        self.interval_phase_times: list[dict[str, float]] = []
+        self.agreed_signal: int | None = None  # the signal the ranks agreed on in the last step
         self.rows: list[dict[str, Any]] = []  # the evaluations so far, as metrics.csv holds them
         self.resumed = checkpoint is not None
         if checkpoint is not None:
@@ -473,33 +568,48 @@ class _Run:
             progress if self.ranks.writes else False, total=self.horizon.total_steps, initial=self.step,
             desc=self._describe(),
         )  # fmt: skip
-        step_times, phase_times = [], []
         try:
             while self.step < self.horizon.total_steps:
                 x, y = self.batch(self.step)
                 try:
                     seconds, phases = self.train_step(x, y)
                 except _Diverged:
-                    self.record(self.evaluate(step_times, phase_times))
+                    self.record(self.evaluate(self.interval_step_times, self.interval_phase_times))
                     return schema.DIVERGED
-                step_times.append(seconds)
-                phase_times.append(phases)
+                self.interval_step_times.append(seconds)
+                self.interval_phase_times.append(phases)
                 bar.update(1)
-                if not self.horizon.evaluates_after(self.step):
-                    continue
-                row = self.evaluate(step_times, phase_times)
-                step_times, phase_times = [], []
-                self.record(row)
-                bar.set_postfix(train=f"{row['train_loss']:.4g}", valid=f"{row['valid_loss']:.4g}")
-                if not self._sane(row["train_loss"]):
-                    return schema.DIVERGED
-                self.save_checkpoint()
-                progress_row = {**row, BUDGET_PERCENT: round(100 * self.step / self.horizon.total_steps)}
-                if on_evaluation is not None and on_evaluation(progress_row):
-                    return schema.STOPPED
+                evaluated = self.horizon.evaluates_after(self.step)
+                if evaluated:
+                    row = self.evaluate(self.interval_step_times, self.interval_phase_times)
+                    self.interval_step_times, self.interval_phase_times = [], []
+                    self.record(row)
+                    bar.set_postfix(train=f"{row['train_loss']:.4g}", valid=f"{row['valid_loss']:.4g}")
+                    if not self._sane(row["train_loss"]):
+                        return schema.DIVERGED
+                    self.save_checkpoint()
+                    progress_row = {**row, BUDGET_PERCENT: round(100 * self.step / self.horizon.total_steps)}
+                    if on_evaluation is not None and on_evaluation(progress_row):
+                        return schema.STOPPED
+                self._stop_if_signalled(checkpointed=evaluated)
         finally:
             bar.close()
         return schema.OK
+
+    def _stop_if_signalled(self, checkpointed: bool) -> None:
+        """After a step: if a signal asks the run to stop, checkpoint at this step and raise Interrupted.
+
+        On several ranks the signal is the one the ranks agreed on in this step's all-reduce, so every rank
+        stops after the same step; in one process it is the one noted by now. A signal after the last step
+        stops nothing: the run is done, and the signal is raised once its summary is written.
+        """
+        signum = self.agreed_signal if self.ranks.many else interrupts.pending()
+        if signum is None or self.step >= self.horizon.total_steps:
+            return
+        interrupts.take()
+        if not checkpointed:
+            self.save_checkpoint()
+        raise interrupts.Interrupted(signum)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of ``step``: each epoch visits the training split in its own seeded order."""
@@ -524,8 +634,9 @@ class _Run:
         loss = self.workload.loss(self.net(x), self.workload.target(x, y))
         loss.backward()
         backward_done = time.perf_counter()
-        # One sync per step (over ranks too: every rank must take the same decision); it detects divergence.
-        loss_value = self.ranks.mean(loss.item(), self.device)
+        # One sync per step (over ranks too: every rank must take the same decisions): it detects divergence,
+        # and on several ranks it tells every rank whether one of them was signalled to stop.
+        loss_value, self.agreed_signal = self.ranks.mean_and_signal(loss.item(), interrupts.pending(), self.device)
         if not self._sane(loss_value):
             raise _Diverged
         self.optimizer.step()
@@ -600,6 +711,8 @@ class _Run:
                 "wall_time": self.wall_time,
                 "initial_train_loss": self.initial_train_loss,
                 "step_times": self.step_times,
+                "interval_step_times": self.interval_step_times,
+                "interval_phase_times": self.interval_phase_times,
                 "metrics": self.rows,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -619,15 +732,19 @@ class _Run:
         self.wall_time = checkpoint["wall_time"]
         self.initial_train_loss = checkpoint["initial_train_loss"]
         self.step_times = list(checkpoint["step_times"])
+        # Written only by a checkpoint between two evaluations (and absent from those of older versions).
+        self.interval_step_times = list(checkpoint.get("interval_step_times", []))
+        self.interval_phase_times = list(checkpoint.get("interval_phase_times", []))
         self.rows = list(checkpoint["metrics"])
         torch.set_rng_state(checkpoint["torch_rng"])
         if checkpoint["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
 
     # ----------------------------------------------------------- summary
-    def write_summary(self, status: str, error: str | None = None) -> dict[str, Any]:
+    def write_summary(self, status: str, error: str | None = None, signal: str | None = None) -> dict[str, Any]:
         """Write summary.json and return what it holds: a loss that is not
-        finite is None there (null in the file), as JSON has no NaN."""
+        finite is None there (null in the file), as JSON has no NaN. A failed
+        run records its ``error``, an interrupted one the ``signal`` that stopped it."""
         history = self.rows
         finals = history[-1] if history else {}
         kind, value = self.config.budget
@@ -661,6 +778,8 @@ class _Run:
         summary["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0)
         if error is not None:
             summary["error"] = error
+        if signal is not None:
+            summary["signal"] = signal
         summary["world_size"] = self.ranks.size
         summary = records.finite_or_null(summary)
         if self.ranks.writes:

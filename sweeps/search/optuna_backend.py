@@ -18,18 +18,24 @@
 - Every trial draws its proposals from its own seed, derived from
   ``sampler_seed`` and its number (:class:`sweeps.search.spaces.TrialSeededSampler`):
   a continued study and concurrent workers propose new points.
-- A trial interrupted by Ctrl-C is queued again with the same parameters
-  and resumes its run directory from its last epoch checkpoint when the
-  command runs again.
+- A trial interrupted by Ctrl-C or SIGTERM (a scheduler's stop, a
+  preemption) checkpoints at its last step, is queued again with the same
+  parameters and resumes its run directory from there when the command runs
+  again, however often it is interrupted.
+- A worker holds a lock on a file of each trial it runs, and records its
+  host and the file in the trial: a trial left running by a worker of this
+  machine whose lock is free (the process is gone: killed, or crashed) is
+  marked failed and retried at once, on any storage.
 - A journal file (no heartbeats) knows its live workers by the locks they
   hold (:mod:`sweeps.search.workers`); a last line cut short by a worker that
   died while writing is removed (:class:`JournalFile`), and a line damaged
   otherwise is an error naming the file and the line.
-- RDB storages (SQLite included) keep a heartbeat: a trial whose worker died
-  becomes stale after ``grace_period`` seconds, is marked failed and is
-  retried once with the same parameters; the retry resumes the dead trial's
-  run directory in the same way, so no finished work is lost. A trial and
-  its retries are one row of the results table.
+- RDB storages (SQLite included) keep a heartbeat: a trial of another
+  machine's worker that died becomes stale after ``grace_period`` seconds.
+  Either way the retry has the same parameters and resumes the dead trial's
+  run directory, so no finished work is lost; a trial is retried once after
+  its worker died (interrupts do not count). A trial and its retries are one
+  row of the results table.
 - Each epoch's loss is reported; the pruner (median by default, Hyperband
   on request) may stop a trial, and a diverged run becomes a pruned trial
   with status "diverged", never a silent failure.
@@ -41,15 +47,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import fcntl
+import hashlib
 import inspect
 import json
 import logging
 import math
 import os
 import pathlib
+import socket
 import time
 import warnings
-from typing import Any
+from typing import IO, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -84,6 +93,9 @@ STALE_RETRIES = "locoprop_stale_retries"  # system attribute carried from a tria
 SURPLUS = "surplus"  # the status of a trial that found the study's total taken by others; it never trains
 # Workers that open a fresh database together race to create its tables; the loser retries and joins.
 OPEN_ATTEMPTS = 5
+# System attribute of a running trial: the host of its worker and the file it holds a lock on (not carried to retries).
+WORKER = "locoprop_trial_lock"
+LOCKS_DIR = ".workers"  # in --out: the lock files of the running trials
 # Optuna ≥ 4.9 names the retry callback RetryHeartbeatStaleTrialCallback (the old name is deprecated).
 _RETRY = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
@@ -281,7 +293,8 @@ def _retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
 def _queue_retry(study: optuna.Study, trial: FrozenTrial, system_attrs: dict | None = None) -> None:
     """Queue the failed ``trial`` again with its parameters; the retry knows its original trial (and run directory)."""
     retried = copy.deepcopy(trial)
-    retried.system_attrs = {**trial.system_attrs, **(system_attrs or {})}
+    carried = {key: value for key, value in trial.system_attrs.items() if key != WORKER}  # not the retry's worker
+    retried.system_attrs = {**carried, **(system_attrs or {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         _RETRY(max_retry=None)(study, retried)
@@ -294,6 +307,73 @@ def _original_number(trial: optuna.Trial | FrozenTrial) -> int:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         number = _RETRY.retried_trial_number(frozen)
     return frozen.number if number is None else number
+
+
+class _TrialLock:
+    """The lock this worker holds on a file of the trial it runs, for as long as the trial runs here.
+
+    The kernel releases a lock when its process ends, however it ends: a lock that another process of this
+    machine can take tells it that the trial's worker is gone (:func:`_fail_trials_of_dead_workers`). On a
+    file system without locks the trial runs without one (its worker is then known dead by its heartbeat).
+    """
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, out: pathlib.Path):
+        name = hashlib.sha256(study.study_name.encode()).hexdigest()[:8]
+        self.path = out / LOCKS_DIR / f"{name}-trial-{trial.number:04d}.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle: IO | None = open(self.path, "a")  # held open while the trial runs
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file of its own: free
+        except OSError:  # no locks here (ENOLCK, some network file systems)
+            self.release()
+            return
+        trial.storage.set_trial_system_attr(
+            trial._trial_id, WORKER, {"host": socket.gethostname(), "pid": os.getpid(), "lock": str(self.path)}
+        )
+
+    def release(self) -> None:
+        """Once the trial's state is stored (complete, pruned, failed): another worker must never take a
+        trial that is still "running" in the storage for dead while this one is finishing it."""
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)
+            self.handle.close()  # closing releases the lock
+            self.handle = None
+
+
+def _worker_is_gone(worker: dict | None) -> bool:
+    """Whether the worker recorded in a running trial is a process of this machine that has ended: its lock
+    file is there and free. A worker of another machine (or one not recorded yet) is never taken for gone:
+    its trial waits for its heartbeat to stop."""
+    if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
+        return False
+    try:
+        handle = open(worker["lock"], "r+")
+    except (OSError, KeyError, TypeError):
+        return False  # no lock file: cannot tell
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # held: the worker is alive (or no locks here: cannot tell)
+        pathlib.Path(worker["lock"]).unlink(missing_ok=True)  # the dead worker's; the retry's worker makes its own
+        return True
+
+
+def _fail_trials_of_dead_workers(study: optuna.Study) -> None:
+    """Mark failed, and queue again, the running trials whose worker on this machine is gone (killed or crashed:
+    SIGKILL after a scheduler's grace period, out of memory); the retry resumes the trial's run directory."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.system_attrs.get(WORKER)
+        if not _worker_is_gone(worker):
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker took it first, or it ended meanwhile
+        number = _original_number(trial)
+        print(f"trial {number}: its worker (process {worker.get('pid')}) is gone; it resumes from its run directory",
+              flush=True)  # fmt: skip
+        _retry_stale_trial(study, study._storage.get_trial(trial._trial_id))
 
 
 def _pruner(name: str) -> optuna.pruners.BasePruner:
@@ -315,13 +395,27 @@ def _suggest(trial: optuna.Trial, name: str, dist) -> Any:
 
 
 class QuietInterrupts(logging.Filter):
-    """Drop Optuna's log of a trial stopped by Ctrl-C: its traceback says
-    nothing, the trial is queued to resume, and the CLI says in one line how
-    to continue. Other failed trials keep their traceback."""
+    """Drop Optuna's log of a trial stopped by Ctrl-C or SIGTERM (its two
+    lines: the error with its traceback, then "Trial N failed with value
+    None"): the traceback says nothing, the trial is queued to resume, and the
+    CLI says in one line how to continue. Other failed trials keep their log."""
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted: set[str] = set()  # "Trial N" of the trials whose first line was dropped
 
     def filter(self, record: logging.LogRecord) -> bool:
-        # A surplus trial (see _Places) is no failure either: it never started.
-        return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, _Surplus)))
+        message = record.getMessage()
+        trial = " ".join(message.split()[:2])
+        if record.exc_info and isinstance(record.exc_info[1], _Surplus):
+            return False  # a surplus trial (see _Places) is no failure: it never started
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.interrupted.add(trial)
+            return False
+        if trial in self.interrupted and message.startswith(f"{trial} failed with value"):
+            self.interrupted.discard(trial)
+            return False
+        return True
 
 
 def run_optuna_sweep(
@@ -382,6 +476,7 @@ def run_optuna_sweep(
 def _optimize_until(study, objective, trials: int, alive, has_heartbeat: bool, heartbeat_interval: int) -> None:
     """Run trials, one at a time, until ``trials`` of them have finished, counting those other workers run."""
     while True:
+        _fail_trials_of_dead_workers(study)
         if has_heartbeat:
             # Trials of dead workers become stale, fail, and are queued again.
             # (study._storage is Optuna's caching wrapper, not the RDBStorage.)
@@ -408,6 +503,8 @@ def _optimize_until(study, objective, trials: int, alive, has_heartbeat: bool, h
         except KeyboardInterrupt:
             _queue_interrupted(study, objective.number)
             raise
+        finally:
+            objective.release()
 
 
 def _fail_dead_trials(study: optuna.Study, alive) -> None:
@@ -479,6 +576,12 @@ class _Objective:
         self.base, self.space, self.study_dir, self.metric, self.progress = base, space, study_dir, metric, progress
         self.places = places
         self.number: int | None = None  # the trial this process is running
+        self.lock: _TrialLock | None = None  # held while it runs, released once its state is stored
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def run_dir(self, trial: optuna.Trial, original: int) -> pathlib.Path:
         """The trial's run directory: its original's, where it exists (a retry continues it, wherever an older
@@ -491,7 +594,8 @@ class _Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         self.number = trial.number
         self.places.claim(trial)
-        trial.set_user_attr("status", "running")
+        self.lock = _TrialLock(trial.study, trial, self.study_dir)
+        trial.set_user_attr("status", "running")  # a retry inherits its original's attributes
         params = {name: _suggest(trial, name, dist) for name, dist in self.space.distributions.items()}
         original = _original_number(trial)
         run_dir = self.run_dir(trial, original)
@@ -500,11 +604,15 @@ class _Objective:
             self.base, optimizer=self.space.optimizer, hparams=self.space.to_hparams(params), out=str(run_dir)
         )
 
+        reported: set[int] = set()
+
         def on_evaluation(row: dict) -> bool:
-            value = row[self.metric]
-            if math.isfinite(value):
-                # Trials of one study may run different step counts (a time budget): compare them at equal shares.
-                trial.report(value, step=row[BUDGET_PERCENT])
+            value, percent = row[self.metric], row[BUDGET_PERCENT]
+            # Trials of one study may run different step counts (a time budget): compare them at equal shares.
+            # Two evaluations may round to one share (the last two, 1003 steps evaluated every 20): the first counts.
+            if math.isfinite(value) and percent not in reported:
+                trial.report(value, step=percent)
+                reported.add(percent)
             return trial.should_prune()
 
         try:

@@ -32,6 +32,13 @@ A study lives in ``--out``/STUDY (shared storage on a cluster):
   checkpoint), where a restarted or restored trial resumes;
 - ``sweep_results.csv`` and ``.parquet``: the study's results table.
 
+Ctrl-C or SIGTERM (a scheduler's stop) ends Tune's run as Ray's own Ctrl-C
+does: Tune saves the experiment and stops its trials. The sweep then raises
+:class:`~sweeps.interrupts.Interrupted` (the CLI says in one line that the
+same command continues: exit 130, or 143), and that command restores the
+experiment, whose interrupted trials continue their runs
+(:func:`sweeps.search.ray_trial.train_reporting`). A second signal stops at once.
+
 Only the current ``ray.tune`` API is used (``tune.RunConfig`` etc., Ray ≥ 2.40).
 """
 
@@ -39,10 +46,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
+import signal
 
+from sweeps import interrupts
 from sweeps.extras import require
 from sweeps.runner import records
 from sweeps.runner.config import RunConfig
@@ -261,12 +271,60 @@ def _fit_parts(trainable, space, study_dir, parts, metric, sampler_seed, concurr
                     verbose=1,
                 ),
             )
-        grid = tuner.fit()
+        with _EndsTuneOnSignals() as stop:
+            grid = tuner.fit()
         grids.append(grid)
-        if len(grid) < part["trials"] or grid.num_terminated + grid.num_errors < len(grid):
+        if stop.signum is not None or len(grid) < part["trials"] or grid.num_terminated + grid.num_errors < len(grid):
             print(f"interrupted: the same command continues Ray Tune study {study_dir}", flush=True)
-            raise KeyboardInterrupt
+            raise interrupts.Interrupted(stop.signum or signal.SIGINT)
     return grids
+
+
+class _EndsTuneOnSignals:
+    """While Tune runs (``Tuner.fit``): SIGINT and SIGTERM end its run as Ray's own Ctrl-C does (Tune saves
+    the experiment and stops its trials; SIGUSR1 asks for that), and are remembered in ``signum``; a second
+    one raises Interrupted at once. Tune's own lines about it (its "Tuner.restore" advice) are left out:
+    the CLI says what continues the sweep."""
+
+    DISABLE_TUNES_HANDLER = "TUNE_DISABLE_SIGINT_HANDLER"
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+        self.quiet = _QuietTuneInterrupt()
+
+    def __enter__(self) -> _EndsTuneOnSignals:
+        if interrupts.in_main_thread():
+            self.environment = os.environ.get(self.DISABLE_TUNES_HANDLER)
+            os.environ[self.DISABLE_TUNES_HANDLER] = "1"
+            self.previous = {s: signal.signal(s, self._on_signal) for s in interrupts.SIGNALS}
+            self.previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)  # restored after: Tune installs its own
+            logging.getLogger("ray.tune.tune").addFilter(self.quiet)
+        return self
+
+    def _on_signal(self, signum: int, frame) -> None:
+        tunes = signal.getsignal(signal.SIGUSR1)
+        if self.signum is not None or not callable(tunes) or tunes is self.previous.get(signal.SIGUSR1):
+            raise interrupts.Interrupted(signum)  # a second signal, or Tune is not running (yet)
+        self.signum = signum
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def __exit__(self, *exc) -> None:
+        if not self.previous:
+            return
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.environment is None:
+            os.environ.pop(self.DISABLE_TUNES_HANDLER, None)
+        else:
+            os.environ[self.DISABLE_TUNES_HANDLER] = self.environment
+        logging.getLogger("ray.tune.tune").removeFilter(self.quiet)
+
+
+class _QuietTuneInterrupt(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("Stop signal received", "Experiment has been interrupted"))
 
 
 def _ray_rows(grid, study_dir: pathlib.Path) -> list[dict]:

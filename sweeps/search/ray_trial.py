@@ -35,6 +35,13 @@ def train_reporting(config: RunConfig, metric: str, send: Callable[[dict], bool]
     ``send`` returns whether Tune stopped the trial (ASHA): the run then ends
     as "stopped", unless its budget is done. A run that ended early, or that
     was over before this call, reports its last row once more with its status.
+
+    Tune stops the trials of an interrupted experiment (Ctrl-C, SIGTERM) as
+    ASHA does, so their runs end as "stopped" too; but Tune never starts a
+    trial that its scheduler stopped again, and starts those of an
+    interrupted experiment again when it is restored. So a run found
+    "stopped" here was stopped by an interruption: it continues from its
+    checkpoint (``resume_stopped``).
     """
     sent = stopped = False
 
@@ -53,7 +60,7 @@ def train_reporting(config: RunConfig, metric: str, send: Callable[[dict], bool]
         stopped = report(row, "running")
         return stopped and row[BUDGET_PERCENT] < 100  # a stop at the end of the budget is no stop
 
-    result = train(config, resume=True, on_evaluation=on_evaluation, progress=False)
+    result = train(config, resume=True, on_evaluation=on_evaluation, progress=False, resume_stopped=True)
     if not stopped and (result.status != "ok" or not sent):
         done = round(100 * result.summary["steps"] / result.summary["budget"]["steps"])
         report({**result.history[-1], BUDGET_PERCENT: done}, result.status)
