@@ -1,5 +1,6 @@
 """LocoProp on W gloo ranks in spawned CPU processes equals one process on the concatenated batch (SPEC §11)."""
 
+import gc
 import pathlib
 import subprocess
 import sys
@@ -91,6 +92,9 @@ def _worker(rank: int, world_size: int, folder: str) -> None:
         _step(model, opt, x)
         torch.save({"params": snapshot(model), "skipped": opt.skipped_steps}, f"{folder}/nonfinite-rank{rank}.pt")
     finally:
+        # Objects of the finished cases left in reference cycles (DDP among them) must go before the
+        # process group does: collected after it, at exit, they can abort the rank.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -205,6 +209,9 @@ def _one_example_worker(rank: int, world_size: int, folder: str) -> None:
                 _step(model, opt, x[:world_size][rank : rank + 1])
             torch.save({"params": snapshot(model), "skipped": opt.skipped_steps}, f"{folder}/{name}-rank{rank}.pt")
     finally:
+        # Objects of the finished cases left in reference cycles (DDP among them) must go before the
+        # process group does: collected after it, at exit, they can abort the rank.
+        gc.collect()
         dist.destroy_process_group()
 
 

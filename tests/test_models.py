@@ -10,6 +10,7 @@ one-process step.
 """
 
 import copy
+import gc
 import pathlib
 import warnings
 
@@ -283,6 +284,9 @@ def _rank_worker(rank: int, world_size: int, folder: str) -> None:
                 _quiet_step(opt)
             torch.save(snapshot(model), pathlib.Path(folder) / f"{name}-rank{rank}.pt")
     finally:
+        # Objects of the finished cases left in reference cycles (DDP among them) must go before the
+        # process group does: collected after it, at exit, they can abort the rank.
+        gc.collect()
         dist.destroy_process_group()
 
 
