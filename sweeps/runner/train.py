@@ -4,7 +4,10 @@ The one loop used by the CLI, Optuna and Ray Tune. It owns time,
 evaluation and budget; optimizers only update. Per run directory:
 
 - ``config.json``: the :class:`RunConfig`, and for a time budget the
-  calibration that converted it into steps (:mod:`sweeps.runner.budget`);
+  calibration that converted it into steps (:mod:`sweeps.runner.budget`:
+  the config's ``step_cost`` from a comparison's table, or the run's own
+  optimizer timed against the reference); a run whose steps then cost more
+  than 10% more or less than calibrated says so (:class:`OffPace`);
 - ``metrics.csv``: one row per evaluation (at step 0, then every
   ``eval_every`` steps and at the last step): step, epoch (fractional),
   wall_time_s (training time: the clock pauses during evaluation),
@@ -72,15 +75,26 @@ import torch
 from baselines import make_optimizer
 from sweeps import schema
 from sweeps.runner import records
-from sweeps.runner.budget import CALIBRATION_WARMUP, Calibration, CalibrationSkipped, Horizon, calibrate, lr_factor
+from sweeps.runner.budget import (
+    CALIBRATION_WARMUP,
+    PACE_TOLERANCE,
+    Calibration,
+    CalibrationSkipped,
+    Horizon,
+    lr_factor,
+    pace,
+    run_threads,
+)
+from sweeps.runner.calibration import calibrate_run
 from sweeps.runner.config import RunConfig, run_identity
 from sweeps.runner.data import Dataset, load_dataset
 from sweeps.runner.ranks import Ranks
-from sweeps.runner.workloads import Workload, get_workload
+from sweeps.runner.workloads import Workload, build_model, get_workload
 
 __all__ = [
     "BUDGET_PERCENT",
     "FINISHED",
+    "OffPace",
     "RunExists",
     "RunResult",
     "check_data_parallel",
@@ -91,10 +105,16 @@ __all__ = [
 
 FINISHED = schema.FINISHED  # statuses of a run that is over; "failed" can be resumed
 BUDGET_PERCENT = "budget_percent"  # in the rows given to on_evaluation
+MIN_PACE_STEPS = 10  # the pace of fewer steps says more about first-step allocations than about the machine
 
 
 class RunExists(ValueError):
     """The run directory holds a finished run that a fresh run would replace."""
+
+
+class OffPace(UserWarning):
+    """A time-budget run's steps cost more (or less) than its calibration priced them: it will not train for
+    its budget, and the report will not count it as an equal-time run."""
 
 
 def loss_text(value: float | None) -> str:
@@ -151,6 +171,13 @@ def train(
         Any exception from training, after summary.json records it as failed.
     """
     config.validate()
+    # A data-parallel rank keeps the share of the cores its launcher gave it.
+    threads = config.threads or (torch.get_num_threads() if Ranks().many else None)
+    with run_threads(threads):
+        return _train(config, resume, on_evaluation, progress, data)
+
+
+def _train(config: RunConfig, resume: bool, on_evaluation, progress: bool | None, data: Dataset | None) -> RunResult:
     run_dir = pathlib.Path(config.out)
     finished = _finished_run(run_dir, config, resume)
     if finished is not None:
@@ -287,19 +314,6 @@ def check_fits_data(config: RunConfig, data: Dataset | None = None) -> Dataset:
     return data
 
 
-def _build_model(workload: Workload, data: Dataset, config: RunConfig, device: torch.device) -> torch.nn.Module:
-    """The run's model on ``device``; a model too large for its memory is bad input, said in one line."""
-    try:
-        return workload.build_model(data.shape, config.width_mult, config.depth_mult).to(device)
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
-            raise
-        raise ValueError(
-            f"The {config.workload} model with width_mult={config.width_mult} and depth_mult={config.depth_mult} does "
-            f"not fit in the memory of {device} ({records.first_line(err)}); lower --width-mult or --depth-mult"
-        ) from None
-
-
 def check_data_parallel(config: RunConfig, world_size: int) -> None:
     """Refuse a run that W ranks cannot share, naming why."""
     if config.batch_size % world_size:
@@ -341,6 +355,8 @@ class _Run:
         self.calibration_seconds = 0.0
         if checkpoint is not None and checkpoint["calibration"] is not None:
             self.calibration = Calibration(**checkpoint["calibration"])
+        elif config.step_cost is not None:  # priced beside the other optimizers of a comparison
+            self.calibration = Calibration.of(config.time_budget, config.step_cost, timed_steps=0)
         elif config.time_budget is not None:
             started = time.perf_counter()
             self.calibration = self._calibrate()
@@ -353,7 +369,7 @@ class _Run:
             self.calibration.steps if self.calibration else None,
         )
         torch.manual_seed(config.seed)  # the same on every rank: the ranks start from one model
-        self.model = _build_model(self.workload, self.data, config, self.device)
+        self.model = build_model(self.workload, self.data.shape, config.width_mult, config.depth_mult, self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
         self.net = self._data_parallel(self.model, self.optimizer)
         # The optimizer protocol (module docstring): what it times, and a GPU sync for honest timings.
@@ -365,6 +381,7 @@ class _Run:
         self._order, self._order_epoch = None, -1  # the batch order of the current epoch
         self.initial_train_loss: float | None = None
         self.step_times: list[float] = []
+        self.off_pace_said = False
         self.rows: list[dict[str, Any]] = []  # the evaluations so far, as metrics.csv holds them
         self.resumed = checkpoint is not None
         if checkpoint is not None:
@@ -381,37 +398,23 @@ class _Run:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _calibrate(self) -> Calibration:
-        """The time budget as a step count, from steps of a throwaway model and optimizer of this config.
+        """The time budget as a step count: this config's step against the reference optimizer's, on throwaway
+        models (:func:`~sweeps.runner.calibration.calibrate_run`); on several ranks, the slowest rank's.
 
-        Its own RNG stream, seeded by the run's seed, leaves the run's untouched and makes it repeatable.
         Steps that the throwaway optimizer skipped as non-finite cost less than real ones: a warning says so.
         """
         config = self.config
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(config.seed)
-            model = _build_model(self.workload, self.data, config, self.device)
-            optimizer = make_optimizer(config.optimizer, model, loss=self.workload.loss_kind, **config.hparams)
-            net = self._data_parallel(model, optimizer)  # its steps cost what the run's will, communication included
-            x, y = self.splits["train"]
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed)).to(self.device)
-
-            def step(i: int) -> None:
-                start = (i % self.steps_per_epoch) * config.batch_size
-                batch = order[start : start + config.batch_size][self.ranks.shard(config.batch_size)]
-                optimizer.zero_grad(set_to_none=True)
-                self.workload.loss(net(x[batch]), self.workload.target(x[batch], y[batch])).backward()
-                optimizer.step()
-
-            calibration = calibrate(config.time_budget, step, self._sync)
+        x, y = self.splits["train"]
+        shard = self.ranks.shard(config.batch_size)
+        calibration = calibrate_run(config, self.data.shape, x, y, self.device, shard, self._data_parallel)
         if self.ranks.many:  # every rank must run the same steps: those of the slowest
             step_time = self.ranks.max(calibration.step_time_s, self.device)
+            reference = self.ranks.max(calibration.reference_step_time_s, self.device)
             calibration = dataclasses.replace(
-                calibration, step_time_s=step_time, steps=max(1, math.floor(config.time_budget / step_time))
-            )
-        if hasattr(optimizer, "remove_hooks"):  # the hooks would keep the throwaway model alive
-            optimizer.remove_hooks()
-        skipped = getattr(optimizer, "skipped_steps", 0)
+                calibration, step_time_s=step_time, steps=max(1, math.floor(config.time_budget / step_time)),
+                reference_step_time_s=reference,
+            )  # fmt: skip
+        skipped = calibration.skipped_steps
         if skipped:
             warnings.warn(
                 CalibrationSkipped(
@@ -420,7 +423,7 @@ class _Run:
                 ),
                 stacklevel=3,
             )
-        return dataclasses.replace(calibration, skipped_steps=skipped)
+        return calibration
 
     def _data_parallel(self, model: torch.nn.Module, optimizer) -> torch.nn.Module:
         """What the forward pass runs: the model, in DDP on several ranks unless the optimizer communicates
@@ -488,6 +491,7 @@ class _Run:
                 row = self.evaluate(step_times, phase_times)
                 step_times, phase_times = [], []
                 self.record(row)
+                self._check_pace()
                 bar.set_postfix(train=f"{row['train_loss']:.4g}", valid=f"{row['valid_loss']:.4g}")
                 if not self._sane(row["train_loss"]):
                     return schema.DIVERGED
@@ -498,6 +502,27 @@ class _Run:
         finally:
             bar.close()
         return schema.OK
+
+    def _check_pace(self) -> None:
+        """Say once (:class:`OffPace`) when the steps so far cost more than ``PACE_TOLERANCE`` more or less than
+        the calibration priced them: the machine got busier or quieter, and the run will not train for its budget."""
+        if self.calibration is None or self.off_pace_said or not self.ranks.writes or self.step < MIN_PACE_STEPS:
+            return
+        ratio = pace(self.wall_time, self.step, self.calibration.step_time_s)
+        if abs(ratio - 1) <= PACE_TOLERANCE:
+            return
+        self.off_pace_said = True
+        total, priced = self.horizon.total_steps, self.calibration.step_time_s
+        why = "busier" if ratio > 1 else "quieter"
+        warnings.warn(
+            OffPace(
+                f"{self.run_dir}: its {self.step} steps so far took {ratio:.2f}× the {priced:.3g} s per step that "
+                f"converted its budget into {total} steps (is the machine {why} than then?); it keeps its {total} "
+                f"steps, so it will train for about {ratio * total * priced:.3g} s of its {self.config.time_budget:g} "
+                "s budget, and the report will not count it as an equal-time run"
+            ),
+            stacklevel=5,
+        )
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of ``step``: each epoch visits the training split in its own seeded order."""
