@@ -98,6 +98,8 @@ BAD_INPUT = [
         "--width-mult: expected a finite number > 0 and at most 100, got '1e308'",
     ),
     ("train --epochs 0 --out {out}", "Invalid epochs: 0"),
+    ("train --threads 0 --out {out}", "Invalid threads: 0; expected an integer ≥ 1"),
+    ("compare --threads 0 --out {out}", "Invalid threads: 0; expected an integer ≥ 1"),
     ("train --data mnist --out {out}", "pass --data-dir DIR"),
     ("train --hparam inner_kwargs=notjson --out {out}", "inner_kwargs takes a JSON object"),
     ("train --hparam =1 --out {out}", "expected KEY=VALUE with a hyperparameter name as KEY, got '=1'"),

@@ -34,7 +34,7 @@ from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, 
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.runner.ranks import Ranks, init_from_environment, launch
 from sweeps.runner.records import RecordRebuilt
-from sweeps.runner.train import RunResult, check_data_parallel, check_fits_data, loss_text, train
+from sweeps.runner.train import OffPace, RunResult, check_data_parallel, check_fits_data, loss_text, train
 from sweeps.runner.workloads import MAX_WIDTH_MULT, WORKLOADS, check_width_mult
 
 EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -190,8 +190,9 @@ def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> Non
     budget.add_argument("--steps", type=int, default=None, help="budget: optimizer steps (default: as --epochs)")
     budget.add_argument(
         "--time-budget", type=float, default=None, metavar="SECONDS",
-        help="budget: seconds of training time, evaluation excluded; the run times its own steps first and runs "
-        "that many steps, recorded in config.json (default: as --epochs)",
+        help="budget: seconds of training time, evaluation excluded, converted into a step count recorded in "
+        "config.json: from the step costs compare measures side by side, or for a lone run from its own steps "
+        "timed against Adam's (default: as --epochs)",
     )  # fmt: skip
     parser.add_argument(
         "--batch-size", type=int, default=None if compare else 1000,
@@ -221,6 +222,11 @@ def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> Non
     )  # fmt: skip
     add_depth_flag(parser)
     add_device_flag(parser, "where to train")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="intra-op threads of each run on CPU, ≥ 1 (default: one fewer than the cores, so that a busy "
+        "neighbour does not stall every parallel region; OMP_NUM_THREADS decides when set)",
+    )  # fmt: skip
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (default: shown when stderr is a terminal)"
     )
@@ -267,6 +273,7 @@ def run_config_from_args(args, optimizer: str, hparams: dict, seed: int, out: pa
         depth_mult=args.depth_mult,
         device=args.device,
         data_dir=args.data_dir,
+        threads=args.threads,
         out=str(out),
     )
 
@@ -429,7 +436,7 @@ def cmd_report(args) -> int:
 
 
 # Warnings that tell the user what happened to their records: one line each, no source line.
-NOTICES = (RunSkipped, RecordRebuilt, CalibrationSkipped)
+NOTICES = (RunSkipped, RecordRebuilt, CalibrationSkipped, OffPace)
 
 
 def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
