@@ -53,10 +53,13 @@ def is_locoprop(optimizer: str) -> bool:
 
 def run_finals(frame: pd.DataFrame) -> pd.DataFrame:
     """The final evaluation of every run, with ``run_seconds``: its training seconds (summary.json's, else
-    the final evaluation's wall_time_s)."""
+    the final evaluation's wall_time_s), and ``budget_seconds``: the same on the clock of its time budget (the
+    training thread's CPU time where its calibration counted that, ``sweeps.runner.budget.budget_clock``)."""
     finals = final_rows(frame)
     seconds = finals["train_seconds"].astype(float).fillna(finals["wall_time_s"].astype(float))
-    return finals.assign(run_seconds=seconds)
+    on_cpu = (finals["calibration_clock"] == "cpu") & finals["train_cpu_seconds"].notna()
+    budget_seconds = seconds.where(~on_cpu, finals["train_cpu_seconds"].astype(float))
+    return finals.assign(run_seconds=seconds, budget_seconds=budget_seconds)
 
 
 def group_budget(runs: pd.DataFrame) -> tuple[str | None, float | None]:
@@ -75,7 +78,7 @@ def equal_time_checks(runs: pd.DataFrame, budget: float) -> pd.DataFrame:
     """Whether each of ``runs`` (final rows of finished runs sharing a time budget of ``budget`` seconds)
     trained at equal time, by two measures, each allowed :data:`TIME_TOLERANCE`:
 
-    - ``time_ratio``: its training seconds over the budget;
+    - ``time_ratio``: its training seconds (on the clock of the budget) over the budget;
     - ``pace``: its measured seconds per step over the calibrated ones, each
       run's calibrated step counted in steps of the reference optimizer
       measured with it (where every run records that reference; else in
@@ -86,7 +89,7 @@ def equal_time_checks(runs: pd.DataFrame, budget: float) -> pd.DataFrame:
     Returns ``runs`` with ``time_ratio``, ``pace`` and ``equal_time`` (both
     within the tolerance of 1; a run without a pace is judged on its time).
     """
-    seconds = runs["run_seconds"].astype(float)
+    seconds = runs["budget_seconds" if "budget_seconds" in runs else "run_seconds"].astype(float)
     measured = seconds / runs["step"].astype(float)
     calibrated = runs["calibrated_step_s"].astype(float)
     reference = runs["reference_step_s"].astype(float)
@@ -116,7 +119,7 @@ def _unequal_text(run, budget: float) -> str:
     cost beside the other runs')"."""
     reasons = []
     if abs(run.time_ratio - 1) > TIME_TOLERANCE:
-        reasons.append(f"{num(run.run_seconds)} s of {budget:g} s")
+        reasons.append(f"{num(run.budget_seconds)} s of {budget:g} s")
     if not is_missing(run.pace) and abs(run.pace - 1) > TIME_TOLERANCE:
         reasons.append(f"steps {run.pace:.2f}× their calibrated cost beside the other runs'")
     return f"{run.optimizer} seed {run.seed} ({'; '.join(reasons)})"
@@ -131,7 +134,8 @@ def headline_table(
     diverged, unfinished (stopped, failed or still running: left out of
     the means), for each loss/error of :data:`AT_BUDGET` its ``_mean``,
     ``_low``, ``_high`` and ``_n`` (seeds averaged; bounds NaN with one),
-    train_seconds (mean over finished runs), steps (mean), note,
+    train_seconds (mean over finished runs, on the clock of their budget), clock (that clock: "wall", "cpu",
+    mixed or None), steps (mean), note,
     configurations (distinct hyperparameter settings: 1 for seeds of one),
     and under a time budget unequal_time and unequal_runs: how many of its
     finished runs were not at equal time, and which and why
@@ -174,7 +178,9 @@ def _headline_cells(runs: pd.DataFrame) -> dict:
         interval = mean_interval(ok[column].astype(float))
         cells.update({f"{column}_mean": interval.estimate, f"{column}_low": interval.low,
                       f"{column}_high": interval.high, f"{column}_n": interval.n})  # fmt: skip
-    cells["train_seconds"] = ok["run_seconds"].mean() if len(ok) else math.nan
+    cells["train_seconds"] = ok["budget_seconds"].mean() if len(ok) else math.nan
+    clocks = set(ok["calibration_clock"].dropna())
+    cells["clock"] = clocks.pop() if len(clocks) == 1 else (MIXED if clocks else None)
     cells["steps"] = ok["step"].astype(float).mean() if len(ok) else math.nan
     cells["note"] = "every run diverged" if diverged and diverged == len(runs) else ""
     cells["configurations"] = configuration_count(runs)
@@ -360,6 +366,12 @@ def _headline_markdown(rows: pd.DataFrame, kind, value) -> str:
     if unfinished:
         table += f"\n\n{int(unfinished)} run(s) did not finish (stopped, failed or still running) and are left out."
     if kind == "time":
+        if (rows.get("clock") == "cpu").any():
+            table += (
+                "\n\nTraining time here is the CPU time of each run's one training thread (sweeps.runner.budget): "
+                "on a quiet machine its wall time, which other processes taking turns on the cores lengthen while "
+                "they leave this one alone."
+            )
         table += _off_budget_note(rows, value)
     searched = rows[rows["configurations"].fillna(1) > 1]
     if len(searched):

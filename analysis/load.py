@@ -46,18 +46,20 @@ from sweeps.schema import (
 __all__ = ["CALIBRATION_FACTS", "COLUMNS", "RUN_FACTS", "RunSkipped", "RunsNotFound", "final_rows", "load_results"]
 
 # Per-run facts from summary.json: the sizes of the splits, the step count the
-# budget was converted to, and the seconds of training (evaluation excluded).
-RUN_FACTS = ("train_size", "valid_size", "test_size", "budget_steps", "train_seconds")
-# Per-run facts of a time budget's calibration (config.json): the seconds per step it priced, and those of the
-# reference optimizer's step in the same measurement (absent in runs made before it was measured).
-CALIBRATION_FACTS = ("calibrated_step_s", "reference_step_s")
+# budget was converted to, and the seconds of training (evaluation excluded):
+# wall time, and the CPU time of the training thread.
+RUN_FACTS = ("train_size", "valid_size", "test_size", "budget_steps", "train_seconds", "train_cpu_seconds")
+# Per-run facts of a time budget's calibration (config.json): the seconds per step it priced, those of the
+# reference optimizer's step in the same measurement (absent in runs made before it was measured), and the
+# clock of both and of the budget ("wall" or "cpu").
+CALIBRATION_FACTS = ("calibrated_step_s", "reference_step_s", "calibration_clock")
 # Every loaded frame has these columns (None or NaN where a record lacks one).
 COLUMNS = [
     RUN_ID, *RUN_LABELS, BUDGET_KIND, BUDGET, STATUS, *METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN,
     *RUN_FACTS, *CALIBRATION_FACTS,
 ]  # fmt: skip
 # Numeric columns: a value that is not a number is a damaged record; a missing column is NaN.
-NUMERIC = [*METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN, BUDGET, *RUN_FACTS, *CALIBRATION_FACTS]
+NUMERIC = [*METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN, BUDGET, *RUN_FACTS, *CALIBRATION_FACTS[:2]]
 TABLE_SUFFIXES = (".csv", ".parquet")
 _SKIP_IT = "leave it out of the inputs, or fix or remove it"  # what to do about an unreadable run file
 
@@ -160,6 +162,7 @@ def _run_facts(summary: dict) -> dict:
         **{f"{split}_size": sizes.get(split) for split in ("train", "valid", "test")},
         "budget_steps": budget.get("steps"),
         "train_seconds": summary.get("train_seconds"),
+        "train_cpu_seconds": summary.get("train_cpu_seconds"),
     }
 
 
@@ -170,6 +173,7 @@ def _calibration_facts(config: dict) -> dict:
     return {
         "calibrated_step_s": calibration.get("step_time_s"),
         "reference_step_s": calibration.get("reference_step_time_s"),
+        "calibration_clock": calibration.get("clock", "wall" if calibration else None),
     }
 
 

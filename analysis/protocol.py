@@ -33,7 +33,8 @@ def budget_sentence(kind: str | None, value) -> str:
             "optimizer's number of steps through its step cost, measured side by side with a reference Adam step "
             "on the same model (rounds of steps of each in turn; the cost is the median ratio to the reference in "
             "the same round), so that every optimizer gets the same training time, a costlier step gets fewer "
-            "steps, and a busy machine changes no ratio. The calibration is recorded in each run's config.json."
+            "steps, and a busy machine changes no ratio. The calibration is recorded in each run's config.json; "
+            "runs on one thread on CPU count the CPU time of that thread, which a busy machine does not lengthen."
         )
     if kind in ("steps", "epochs"):
         return (
@@ -96,11 +97,17 @@ def _step_cost_lines(costs: dict[str, Any]) -> list[str]:
     return [
         f"Step costs, measured before the runs with every optimizer side by side in one process "
         f"({costs.get('timed_steps')} timed steps each, {setup.get('threads')} thread(s) on {setup.get('device')}; "
-        f"one {reference} step: {num(1000 * costs['reference_step_time_s'])} ms). Every tuning trial and run of an "
-        "optimizer trains its number of steps:",
+        f"one {reference} step: {num(1000 * costs['reference_step_time_s'])} ms{_clock_text(costs.get('clock'))}). "
+        "Every tuning trial and run of an optimizer trains its number of steps:",
         "",
         markdown_table(["optimizer", "step (ms)", f"in {reference} steps", "steps"], rows),
     ]
+
+
+def _clock_text(clock: str | None) -> str:
+    if clock == "cpu":
+        return " of CPU time of the one training thread, the clock of the budget, which other processes do not move"
+    return ""
 
 
 def _tuning_lines(tuning: dict[str, Any]) -> list[str]:

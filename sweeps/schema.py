@@ -76,8 +76,9 @@ SWEEP_TABLE = "sweep_results"
 BUDGET_FIELDS = {"epochs": "epochs", "steps": "steps", "time_budget": "time"}
 CALIBRATION = "calibration"
 # protocol.json of a comparison: the step cost of every optimizer, measured side by side, which converts a time
-# budget into each optimizer's step count: {"reference", "reference_step_time_s", "setup", "timed_steps",
-# "optimizers": {name: {"ratio" (to the reference), "step_time_s", "steps", "hparams", "skipped_steps"}}}.
+# budget into each optimizer's step count: {"reference", "reference_step_time_s", "clock" ("wall" or "cpu": what
+# the seconds count), "setup", "timed_steps", "optimizers": {name: {"ratio" (to the reference), "step_time_s",
+# "steps", "hparams", "skipped_steps"}}}.
 STEP_COSTS = "step_costs"
 
 # The tidy results table: each metrics.csv row labelled with its run's id,

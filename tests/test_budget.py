@@ -67,17 +67,25 @@ def test_step_costs_are_ratios_to_the_reference_in_the_same_round_so_load_moves_
     assert costs["opt"].steps(30.0) == 480 and costs["opt"].steps(0.01) == 1  # at least one step
 
 
-def test_with_the_cpu_clock_a_neighbour_moves_no_ratio_even_through_most_rounds(monkeypatch):
-    # Busy from 0.5 s on: four of the five rounds. The ratios come from CPU time, the scale from the wall clock.
+def test_on_the_cpu_clock_a_neighbour_moves_no_step_cost_at_all(monkeypatch):
+    # Busy from 0.5 s on: four of the five rounds, every step 8x slower by the wall clock.
     clocks = FakeClocks(monkeypatch, busy=(0.5, 1e9))
-    costs = budget.step_costs(steps_of(clocks), "ref", rounds=5, steps_per_round=4, warmup=2, clock="cpu")
-    assert costs["opt"].ratio == 4.0 and costs["opt"].reference_step_time_s == 8 / 64  # 8x slower, same ratio
+    by_cpu = budget.step_costs(steps_of(clocks), "ref", rounds=5, steps_per_round=4, warmup=2, clock="cpu")
+    assert by_cpu["opt"] == budget.StepCost(step_time_s=4 / 64, reference_step_time_s=1 / 64, clock="cpu")
     clocks = FakeClocks(monkeypatch, busy=(0.5, 1e9))
     by_wall = budget.step_costs(steps_of(clocks), "ref", rounds=5, steps_per_round=4, warmup=2, clock="wall")
-    assert by_wall["opt"].ratio == 4.0  # a steady load moves no wall ratio either
-    assert budget.ratio_clock(torch.device("cpu")) == ("cpu" if torch.get_num_threads() == 1 else "wall")
+    assert by_wall["opt"].ratio == 4.0 and by_wall["opt"].reference_step_time_s == 8 / 64  # same ratio, 8x slower
     with pytest.raises(ValueError, match="Invalid clock: 'gpu'"):
         budget.step_costs(steps_of(clocks), "ref", clock="gpu")
+
+
+def test_one_thread_on_cpu_counts_cpu_time_and_anything_else_wall_time(monkeypatch):
+    monkeypatch.setattr(budget.torch, "get_num_threads", lambda: 1)
+    assert budget.budget_clock(torch.device("cpu")) == "cpu"
+    assert budget.budget_clock(torch.device("cpu"), data_parallel=True) == "wall"  # waits on the others count
+    assert budget.budget_clock(torch.device("cuda")) == "wall"
+    monkeypatch.setattr(budget.torch, "get_num_threads", lambda: 2)
+    assert budget.budget_clock(torch.device("cpu")) == "wall"
 
 
 def test_interleaved_rounds_rotate_their_order():
@@ -134,6 +142,7 @@ def test_a_time_budget_runs_its_calibrated_steps_and_resume_keeps_them(tmp_path,
     assert calibration["steps"] == int(1.0 // calibration["step_time_s"]) and calibration["timed_steps"] == 3
     assert calibration["reference_step_time_s"] > 0  # sgd was timed against Adam, the reference
     assert calibration["threads"] == budget.default_threads()
+    assert calibration["clock"] == ("cpu" if calibration["threads"] == 1 else "wall")  # one thread: its CPU time
     assert RunConfig.from_dict(stored) == config  # the calibration is not part of what the run is
 
     # Resuming must not calibrate again: the step count, and so the schedule, is the one recorded.
@@ -142,6 +151,7 @@ def test_a_time_budget_runs_its_calibrated_steps_and_resume_keeps_them(tmp_path,
     assert result.status == "ok" and result.summary["steps"] == calibration["steps"]
     assert result.summary["calibration"] == calibration
     assert result.summary["budget"] == {"kind": "time", "value": 1.0, "steps": calibration["steps"]}
+    assert 0 < result.summary["train_cpu_seconds"]
 
 
 def test_calibrating_does_not_change_the_run(tmp_path, short_calibration):
@@ -230,7 +240,7 @@ def test_a_run_given_its_step_cost_takes_its_steps_from_it_without_timing(tmp_pa
     assert result.summary["steps"] == 12  # ⌊3 / 0.25⌋
     assert result.summary["calibration"]["reference_step_time_s"] == 0.05
     stored = json.loads((tmp_path / "config.json").read_text())
-    assert stored["step_cost"] == cost and RunConfig.from_dict(stored) == config
+    assert stored["step_cost"] == {**cost, "clock": "wall"} and RunConfig.from_dict(stored) == config
 
 
 def test_the_new_fields_leave_older_run_directories_their_names():

@@ -157,6 +157,7 @@ def test_a_time_budget_comparison_prices_every_optimizer_side_by_side_once_for_a
         configs += [json.loads(p.read_text()) for p in out.glob(f"tuning/{name}/trials/*/config.json")]
         assert len(configs) == 2  # its tuning trial and its final run
         for config in configs:
+            assert config["step_cost"].pop("clock") == table["clock"] == config["calibration"]["clock"]
             assert config["step_cost"] == pytest.approx(cost) and config["calibration"]["steps"] == entry["steps"]
             summary = json.loads((out / pathlib.Path(config["out"]).relative_to(out) / "summary.json").read_text())
             assert summary["steps"] == entry["steps"]

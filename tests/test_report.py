@@ -416,6 +416,25 @@ def test_runs_not_at_equal_time_are_named_and_give_no_verdict(runs, tmp_path):
     assert others(report) == others(before)  # pairs without that run keep their sentences
 
 
+def test_runs_that_count_cpu_time_are_judged_on_it(runs, tmp_path):
+    """On the CPU clock a run whose wall time a busy machine stretched to 45 s still trained its 30 s."""
+    for run_dir in runs.iterdir():
+        config, summary = (json.loads((run_dir / name).read_text()) for name in ("config.json", "summary.json"))
+        config["calibration"]["clock"] = "cpu"
+        cpu_seconds = summary["train_seconds"]
+        if run_dir.name == "locoprop-m-seed2":
+            summary["train_seconds"] = 45.0
+        (run_dir / "config.json").write_text(json.dumps(config))
+        (run_dir / "summary.json").write_text(json.dumps({**summary, "train_cpu_seconds": cpu_seconds}))
+    report = write_report([runs], tmp_path / "report").read_text()
+    assert "not at equal time" not in report
+    assert "Training time here is the CPU time of each run's one training thread" in report
+    table = headline_table(load_results([runs]))
+    assert table.set_index("optimizer").loc["locoprop-m", "train_seconds"] == pytest.approx(
+        np.mean(list(ENDS.values()))
+    )
+
+
 def test_runs_of_several_configurations_are_not_passed_off_as_seeds(runs, tmp_path):
     assert "several hyperparameter configurations" not in write_report([runs], tmp_path / "one").read_text()
     config = json.loads((runs / "adam-seed2" / "config.json").read_text())

@@ -9,8 +9,11 @@ The protocol (AlgoPerf's rules, DeepOBS's protocol):
    (:func:`sweeps.runner.calibration.price_steps`: interleaved rounds, each
    step's cost as its median ratio to a reference Adam step), so that a
    LocoProp step that costs eight Adam steps gets an eighth of the steps and
-   a busy machine changes no ratio. The table is recorded in protocol.json
-   and reused by every tuning trial, every seed and every rerun;
+   a busy machine changes no ratio. With one intra-op thread on CPU (the
+   default on two cores) the seconds are the training thread's CPU time, so
+   a busy machine changes no step count either (``budget.budget_clock``). The
+   table is recorded in protocol.json and reused by every tuning trial,
+   every seed and every rerun;
 2. with ``tune=N``, every optimizer gets the same tuning budget: an N-trial
    study of its search space (``sweeps/search/spaces``) under that budget,
    with training seed ``tune_seed``, selected on the **validation** loss at
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -163,13 +167,13 @@ def _step_costs(base: RunConfig, hparams: dict[str, dict], out: pathlib.Path) ->
         if table is None:
             reference = next(iter(measured.costs.values())).reference_step_time_s
             table = {"reference": measured.reference, "reference_step_time_s": reference, "setup": setup,
-                     "timed_steps": measured.timed_steps, "ratio_clock": measured.clock, "optimizers": {}}  # fmt: skip
+                     "timed_steps": measured.timed_steps, "clock": measured.clock, "optimizers": {}}  # fmt: skip
         for name, cost in measured.costs.items():
             table["optimizers"][name] = {"ratio": cost.ratio, "hparams": missing[name],
                                          "skipped_steps": measured.skipped_steps[name]}  # fmt: skip
     for entry in table["optimizers"].values():  # the step time and count of every optimizer, from its ratio
         entry["step_time_s"] = entry["ratio"] * table["reference_step_time_s"]
-        entry["steps"] = StepCost(entry["step_time_s"], table["reference_step_time_s"]).steps(base.time_budget)
+        entry["steps"] = max(1, math.floor(base.time_budget / entry["step_time_s"]))
     _print_costs(table, list(hparams), measured=bool(missing))
     return table
 
@@ -193,14 +197,16 @@ def _priced(base: RunConfig, costs: dict[str, Any] | None, optimizer: str) -> Ru
     if costs is None:
         return base
     entry = costs["optimizers"][optimizer]
-    return dataclasses.replace(base, step_cost=StepCost(entry["step_time_s"], costs["reference_step_time_s"]))
+    cost = StepCost(entry["step_time_s"], costs["reference_step_time_s"], costs.get("clock", "wall"))
+    return dataclasses.replace(base, step_cost=cost)
 
 
 def _print_costs(table: dict[str, Any], optimizers: list[str], measured: bool) -> None:
     entries = table["optimizers"]
     listed = ", ".join(f"{name} {entries[name]['ratio']:.3g} ({entries[name]['steps']} steps)" for name in optimizers)
+    clock = "CPU time of the training thread" if table.get("clock") == "cpu" else "wall time"
     print(
-        f"step costs in {table['reference']} steps ({1000 * table['reference_step_time_s']:.3g} ms each), "
+        f"step costs in {table['reference']} steps ({1000 * table['reference_step_time_s']:.3g} ms each, {clock}), "
         f"{'measured side by side' if measured else 'from ' + PROTOCOL}, {table['setup']['threads']} thread(s): "
         f"{listed}",
         flush=True,
@@ -260,8 +266,12 @@ def _final_run(base: RunConfig, optimizer: str, hparams: dict, seed: int, out: p
     config.out = str(out / run_dir_name(config))
     result = train(config, resume=True, progress=progress)
     s = result.summary
+    on_cpu = (s.get("calibration") or {}).get("clock") == "cpu"
+    seconds = f"{s['train_seconds']:.1f} s"
+    if on_cpu:
+        seconds = f"{s['train_cpu_seconds']:.1f} s of CPU time ({seconds} wall)"
     print(
-        f"{optimizer} seed {seed}: {s['status']}, {s['steps']} steps in {s['train_seconds']:.1f} s, "
+        f"{optimizer} seed {seed}: {s['status']}, {s['steps']} steps in {seconds}, "
         f"valid loss {loss_text(s['final_valid_loss'])}, test loss {loss_text(s['final_test_loss'])}",
         flush=True,
     )

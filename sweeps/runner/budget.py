@@ -13,14 +13,19 @@ learning-rate schedule knows where it ends and the run is reproducible:
   turns in which each optimizer takes one step; the cost is the median over
   rounds of its time over the reference's time in the same round, times the
   median reference time. Load on the machine reaches every optimizer of a
-  round alike, so the ratios between optimizers hardly move with it; only the
-  absolute scale does. With one intra-op thread on CPU the ratios come from
-  the measuring thread's CPU time, which a neighbour taking turns on the core
-  leaves alone (:func:`ratio_clock`). ``locoprop compare`` prices all its
-  optimizers in one such table (each run gets its cost as
-  ``RunConfig.step_cost``); a run without one prices its own optimizer
-  against the same reference. The calibration is recorded in config.json and
-  in the checkpoint, so a resumed run keeps its step count.
+  round alike, so the ratios between optimizers hardly move with it.
+  ``locoprop compare`` prices all its optimizers in one such table (each run
+  gets its cost as ``RunConfig.step_cost``); a run without one prices its own
+  optimizer against the same reference. The calibration is recorded in
+  config.json and in the checkpoint, so a resumed run keeps its step count.
+
+The budget's clock (:func:`budget_clock`): a run that trains on one thread
+on CPU (the default on two cores, :func:`default_threads`) counts its
+training time as that thread's CPU time, which on a quiet machine is its wall
+time and which a neighbour taking turns on the cores leaves alone (but for
+shared caches): its step costs, and so its step counts and its results, hardly
+depend on what else the machine is doing. Runs on several threads, several ranks or a GPU count wall
+time; on a busy machine they get fewer steps, all in the same ratio.
 
 A run checks its pace against its calibration as it goes (:func:`pace`) and
 says when its steps cost more than :data:`PACE_TOLERANCE` more or less than
@@ -33,7 +38,7 @@ Runs train with :func:`run_threads` intra-op threads on CPU: by default one
 fewer than the cores the process may use. With as many threads as cores, a
 single CPU-bound neighbour preempts one of them in every parallel region, and
 each region waits for it: on 2 cores one busy process made steps about 20×
-slower, and unevenly so between optimizers (README, "Threads").
+slower, and unevenly so between optimizers (README, "Equal time on a busy machine").
 """
 
 from __future__ import annotations
@@ -60,17 +65,18 @@ __all__ = [
     "Horizon",
     "RoundTimes",
     "StepCost",
+    "budget_clock",
     "default_threads",
     "interleaved_step_times",
     "lr_factor",
     "pace",
-    "ratio_clock",
     "run_threads",
     "step_costs",
 ]
 
 MAX_EVALUATIONS = 50
 REFERENCE_OPTIMIZER = "adam"  # every step cost is measured against this optimizer's step on the same model
+CLOCKS = ("wall", "cpu")  # what a time budget counts: wall-clock seconds, or the training thread's CPU seconds
 CALIBRATION_WARMUP = 3  # untimed steps of each optimizer first: first-call allocations, lazy state
 CALIBRATION_ROUNDS = 5  # the median over rounds ignores up to two rounds disturbed by a neighbour
 # Steps of each optimizer per round: K-FAC and Shampoo refresh their inverses every 10 steps by default, so every
@@ -89,11 +95,12 @@ class StepCost:
 
     ``step_time_s`` is the seconds of one step; ``reference_step_time_s`` those of a reference step in the same
     measurement, so that ``ratio`` (the step's cost in reference steps) can be compared across measurements
-    made under different loads.
+    made under different loads; ``clock`` what the seconds count (:func:`budget_clock`).
     """
 
     step_time_s: float
     reference_step_time_s: float
+    clock: str = "wall"  # of both times: "wall" or "cpu" (budget_clock)
 
     @property
     def ratio(self) -> float:
@@ -104,7 +111,10 @@ class StepCost:
         return max(1, math.floor(time_budget / self.step_time_s))
 
     def check(self) -> None:
-        for name, value in dataclasses.asdict(self).items():
+        if self.clock not in CLOCKS:
+            raise ValueError(f"Invalid step_cost clock: {self.clock!r}; expected wall or cpu")
+        for name in ("step_time_s", "reference_step_time_s"):
+            value = getattr(self, name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and math.isfinite(value) and value > 0):
                 raise ValueError(f"Invalid step_cost {name}: {value!r}; expected seconds, a finite number > 0")
@@ -116,7 +126,7 @@ class Calibration:
 
     ``reference_step_time_s`` is the reference optimizer's step in the same measurement (None in runs made
     before it was measured); ``timed_steps`` the timed steps of the run's optimizer; ``threads`` the intra-op
-    threads it was measured with.
+    threads it was measured with; ``clock`` what the seconds, and the run's training time, count.
     """
 
     step_time_s: float
@@ -125,6 +135,7 @@ class Calibration:
     skipped_steps: int = 0  # steps the throwaway optimizer skipped as non-finite: their times are not real steps
     reference_step_time_s: float | None = None
     threads: int | None = None
+    clock: str = "wall"  # what the run's training time counts (budget_clock)
 
     @classmethod
     def of(cls, time_budget: float, cost: StepCost, timed_steps: int, skipped_steps: int = 0) -> Calibration:
@@ -135,6 +146,7 @@ class Calibration:
             skipped_steps=skipped_steps,
             reference_step_time_s=cost.reference_step_time_s,
             threads=torch.get_num_threads(),
+            clock=cost.clock,
         )
 
     def as_dict(self) -> dict:
@@ -255,11 +267,14 @@ def interleaved_step_times(
     return RoundTimes(wall, cpu)
 
 
-def ratio_clock(device: torch.device) -> str:
-    """The clock whose times give the ratios of step costs: "cpu" (this thread's CPU time) where a step runs on
-    this one thread (CPU, one intra-op thread), as a neighbour that takes turns on the core then changes none
-    of them; "wall" otherwise (several threads, or a GPU)."""
-    return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+def budget_clock(device: torch.device, data_parallel: bool = False) -> str:
+    """What a run's training time counts: "cpu", the training thread's CPU time, where the run computes on that
+    one thread (CPU, one intra-op thread, one rank), so that a neighbour taking turns on the cores changes neither
+    its step costs nor its step count; "wall" otherwise (several threads or ranks, whose waits are part of the
+    cost, or a GPU)."""
+    if device.type == "cpu" and torch.get_num_threads() == 1 and not data_parallel:
+        return "cpu"
+    return "wall"
 
 
 def step_costs(
@@ -276,15 +291,15 @@ def step_costs(
     :func:`interleaved_step_times` over :data:`CALIBRATION_ROUNDS` rounds of
     :data:`CALIBRATION_ROUND_STEPS` turns after :data:`CALIBRATION_WARMUP`
     untimed steps. Each cost is the median over rounds of the step's time over
-    the reference step's time in the same round (by ``clock``: "wall" or "cpu",
-    :func:`ratio_clock`), times the median wall time of the reference step:
+    the reference step's time in the same round, times the median time of the
+    reference step, all by ``clock`` ("wall" or "cpu", :func:`budget_clock`):
     load that comes and goes changes a round's times, but hardly the ratios
     within it, and the median drops the rounds it changed. The torch RNG
     state is restored afterwards: measuring does not change the runs.
     """
     if reference not in steps:
         raise ValueError(f"The reference {reference!r} is not among the steps measured ({', '.join(steps)})")
-    if clock not in ("wall", "cpu"):
+    if clock not in CLOCKS:
         raise ValueError(f"Invalid clock: {clock!r}; expected wall or cpu")
     rng = torch.get_rng_state()
     try:
@@ -297,12 +312,12 @@ def step_costs(
         )
     finally:
         torch.set_rng_state(rng)
-    reference_time = statistics.median(times.wall[reference])
     by_clock = times.cpu if clock == "cpu" else times.wall
+    reference_time = statistics.median(by_clock[reference])
     costs = {}
     for name, seconds in by_clock.items():
         ratio = statistics.median(t / r for t, r in zip(seconds, by_clock[reference]))
-        costs[name] = StepCost(step_time_s=ratio * reference_time, reference_step_time_s=reference_time)
+        costs[name] = StepCost(step_time_s=ratio * reference_time, reference_step_time_s=reference_time, clock=clock)
     return costs
 
 

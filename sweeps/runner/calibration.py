@@ -30,7 +30,7 @@ from sweeps.runner.budget import (
     Calibration,
     CalibrationSkipped,
     StepCost,
-    ratio_clock,
+    budget_clock,
     run_threads,
     step_costs,
 )
@@ -51,7 +51,7 @@ class StepCostTable:
     reference: str
     timed_steps: int  # per optimizer
     threads: int
-    clock: str  # of the ratios: "cpu" or "wall" (budget.ratio_clock)
+    clock: str  # what the seconds count: "cpu" or "wall" (budget.budget_clock)
     skipped_steps: dict[str, int]  # per optimizer, steps its throwaway optimizer skipped as non-finite
 
 
@@ -69,8 +69,10 @@ def _measure(
     device: torch.device,
     shard: slice = slice(None),
     wrap: Wrap | None = None,
+    data_parallel: bool = False,
 ) -> tuple[dict[str, StepCost], dict[str, int]]:
-    """Each config's step cost against ``configs[reference]``, and the steps each throwaway optimizer skipped."""
+    """Each config's step cost against ``configs[reference]`` (by :func:`~sweeps.runner.budget.budget_clock`),
+    and the steps each throwaway optimizer skipped."""
     first = next(iter(configs.values()))
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -79,7 +81,7 @@ def _measure(
         for name, config in configs.items():
             steps[name], optimizers[name] = _throwaway_step(config, shape, train_x, train_y, device, shard, wrap)
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        costs = step_costs(steps, reference, sync=sync, clock=ratio_clock(device))
+        costs = step_costs(steps, reference, sync=sync, clock=budget_clock(device, data_parallel))
     skipped = {}
     for name, optimizer in optimizers.items():
         skipped[name] = getattr(optimizer, "skipped_steps", 0)
@@ -125,16 +127,17 @@ def calibrate_run(
     device: torch.device,
     shard: slice = slice(None),
     wrap: Wrap | None = None,
+    data_parallel: bool = False,
 ) -> Calibration:
     """The time budget of ``config`` as a step count: its optimizer's step cost against the reference's.
 
     ``train_x``, ``train_y``: the training split on ``device``; ``shard`` and
-    ``wrap`` make the throwaway steps those of one data-parallel rank.
+    ``wrap`` make the throwaway steps those of one rank of a ``data_parallel`` run.
     """
     configs = {config.optimizer: config}
     if config.optimizer != REFERENCE_OPTIMIZER:
         configs[REFERENCE_OPTIMIZER] = dataclasses.replace(config, optimizer=REFERENCE_OPTIMIZER, hparams={})
-    costs, skipped = _measure(configs, REFERENCE_OPTIMIZER, shape, train_x, train_y, device, shard, wrap)
+    costs, skipped = _measure(configs, REFERENCE_OPTIMIZER, shape, train_x, train_y, device, shard, wrap, data_parallel)
     return Calibration.of(config.time_budget, costs[config.optimizer], timed_steps(), skipped[config.optimizer])
 
 
@@ -156,7 +159,7 @@ def price_steps(base: RunConfig, hparams: Mapping[str, dict], data: Dataset) -> 
     with run_threads(base.threads) as threads:
         x, y = split.train_x.to(device), split.train_y.to(device)
         costs, skipped = _measure(configs, REFERENCE_OPTIMIZER, data.shape, x, y, device)
-        clock = ratio_clock(device)
+        clock = budget_clock(device)
     for name, count in skipped.items():
         if count:
             warnings.warn(

@@ -378,6 +378,7 @@ class _Run:
             self.optimizer.synchronize_timing = self.device.type == "cuda"
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.step, self.wall_time, self.eval_seconds = 0, 0.0, 0.0
+        self.cpu_time = 0.0  # of the training thread in its steps: the training time of a budget on the CPU clock
         self._order, self._order_epoch = None, -1  # the batch order of the current epoch
         self.initial_train_loss: float | None = None
         self.step_times: list[float] = []
@@ -406,7 +407,9 @@ class _Run:
         config = self.config
         x, y = self.splits["train"]
         shard = self.ranks.shard(config.batch_size)
-        calibration = calibrate_run(config, self.data.shape, x, y, self.device, shard, self._data_parallel)
+        calibration = calibrate_run(
+            config, self.data.shape, x, y, self.device, shard, self._data_parallel, data_parallel=self.ranks.many
+        )
         if self.ranks.many:  # every rank must run the same steps: those of the slowest
             step_time = self.ranks.max(calibration.step_time_s, self.device)
             reference = self.ranks.max(calibration.reference_step_time_s, self.device)
@@ -508,21 +511,27 @@ class _Run:
         the calibration priced them: the machine got busier or quieter, and the run will not train for its budget."""
         if self.calibration is None or self.off_pace_said or not self.ranks.writes or self.step < MIN_PACE_STEPS:
             return
-        ratio = pace(self.wall_time, self.step, self.calibration.step_time_s)
+        ratio = pace(self.budget_seconds, self.step, self.calibration.step_time_s)
         if abs(ratio - 1) <= PACE_TOLERANCE:
             return
         self.off_pace_said = True
         total, priced = self.horizon.total_steps, self.calibration.step_time_s
         why = "busier" if ratio > 1 else "quieter"
+        clock = " (CPU time of its thread)" if self.calibration.clock == "cpu" else ""
         warnings.warn(
             OffPace(
-                f"{self.run_dir}: its {self.step} steps so far took {ratio:.2f}× the {priced:.3g} s per step that "
-                f"converted its budget into {total} steps (is the machine {why} than then?); it keeps its {total} "
-                f"steps, so it will train for about {ratio * total * priced:.3g} s of its {self.config.time_budget:g} "
-                "s budget, and the report will not count it as an equal-time run"
+                f"{self.run_dir}: its {self.step} steps so far took {ratio:.2f}× the {priced:.3g} s per step{clock} "
+                f"that converted its budget into {total} steps (is the machine {why} than then?); it keeps its "
+                f"{total} steps, so it will train for about {ratio * total * priced:.3g} s of its "
+                f"{self.config.time_budget:g} s budget, and the report will not count it as an equal-time run"
             ),
             stacklevel=5,
         )
+
+    @property
+    def budget_seconds(self) -> float:
+        """Training time so far on the clock of the budget (:func:`~sweeps.runner.budget.budget_clock`)."""
+        return self.cpu_time if self.calibration is not None and self.calibration.clock == "cpu" else self.wall_time
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of ``step``: each epoch visits the training split in its own seeded order."""
@@ -541,7 +550,7 @@ class _Run:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         self._sync()
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         self.optimizer.zero_grad(set_to_none=True)
         x, y = x[self.ranks.shard(len(x))], y[self.ranks.shard(len(y))]
         loss = self.workload.loss(self.net(x), self.workload.target(x, y))
@@ -555,6 +564,7 @@ class _Run:
         self._sync()
         finished = time.perf_counter()
         self.wall_time += finished - started
+        self.cpu_time += time.thread_time() - started_cpu
         self.step += 1
         phases = {"forward_backward": backward_done - started, **getattr(self.optimizer, "last_step_seconds", {})}
         return finished - started, phases
@@ -621,6 +631,7 @@ class _Run:
                 "horizon": dataclasses.asdict(self.horizon),
                 "step": self.step,
                 "wall_time": self.wall_time,
+                "cpu_time": self.cpu_time,
                 "initial_train_loss": self.initial_train_loss,
                 "step_times": self.step_times,
                 "metrics": self.rows,
@@ -640,6 +651,7 @@ class _Run:
             )
         self.step = checkpoint["step"]
         self.wall_time = checkpoint["wall_time"]
+        self.cpu_time = checkpoint.get("cpu_time", 0.0)  # older checkpoints: their budgets count wall time
         self.initial_train_loss = checkpoint["initial_train_loss"]
         self.step_times = list(checkpoint["step_times"])
         self.rows = list(checkpoint["metrics"])
@@ -669,6 +681,7 @@ class _Run:
             **{f"final_{split}_loss": finals.get(f"{split}_loss") for split in self.splits},
             **{f"best_{split}_loss": min(finite(f"{split}_loss"), default=None) for split in self.splits},
             "train_seconds": self.wall_time,
+            "train_cpu_seconds": self.cpu_time,
             "eval_seconds": self.eval_seconds,
             "calibration_seconds": self.calibration_seconds,
             "total_seconds": time.perf_counter() - self.started,
