@@ -10,6 +10,11 @@
   validation losses and its 95% interval by Welch's t.
 - :func:`format_headline`: both as Markdown, titled by what the budget makes
   equal: only a time budget is an equal-training-time comparison.
+- :func:`equal_time_checks`: under a time budget, whether each run really
+  trained at equal time (its training time against the budget, and its
+  measured step cost against the calibrated one, relative to the other
+  runs). The headline names the runs that did not, and a pair with such a run
+  on either side gets no verdict on the seed noise.
 """
 
 from __future__ import annotations
@@ -24,13 +29,21 @@ from analysis.tables import best_first_order, selection_metric
 from analysis.text import METRIC_NAMES, is_missing, markdown_table, num, signed
 from sweeps.schema import BUDGET, BUDGET_KIND, DIVERGED, HPARAM_PREFIX, OK, STATUS
 
-__all__ = ["AT_BUDGET", "format_headline", "group_budget", "headline_table", "pair_sentence", "pair_table"]
+__all__ = [
+    "AT_BUDGET",
+    "equal_time_checks",
+    "format_headline",
+    "group_budget",
+    "headline_table",
+    "pair_sentence",
+    "pair_table",
+]
 
 # Reported at the budget, with intervals (the training loss shown only for runs without a validation loss).
 AT_BUDGET = ("valid_loss", "test_loss", "valid_error", "test_error", "train_loss")
 GROUP = ["workload", "data"]
 KFAC = "kfac"
-TIME_TOLERANCE = 0.1  # a run's training time this far from a time budget is flagged
+TIME_TOLERANCE = 0.1  # a run's training time, or its step cost against the calibrated one, this far off is flagged
 MIXED = "mixed"
 
 
@@ -40,10 +53,13 @@ def is_locoprop(optimizer: str) -> bool:
 
 def run_finals(frame: pd.DataFrame) -> pd.DataFrame:
     """The final evaluation of every run, with ``run_seconds``: its training seconds (summary.json's, else
-    the final evaluation's wall_time_s)."""
+    the final evaluation's wall_time_s), and ``budget_seconds``: the same on the clock of its time budget (the
+    training thread's CPU time where its calibration counted that, ``sweeps.runner.budget.budget_clock``)."""
     finals = final_rows(frame)
     seconds = finals["train_seconds"].astype(float).fillna(finals["wall_time_s"].astype(float))
-    return finals.assign(run_seconds=seconds)
+    on_cpu = (finals["calibration_clock"] == "cpu") & finals["train_cpu_seconds"].notna()
+    budget_seconds = seconds.where(~on_cpu, finals["train_cpu_seconds"].astype(float))
+    return finals.assign(run_seconds=seconds, budget_seconds=budget_seconds)
 
 
 def group_budget(runs: pd.DataFrame) -> tuple[str | None, float | None]:
@@ -58,6 +74,57 @@ def group_budget(runs: pd.DataFrame) -> tuple[str | None, float | None]:
     return budgets.pop() if budgets else (None, None)
 
 
+def equal_time_checks(runs: pd.DataFrame, budget: float) -> pd.DataFrame:
+    """Whether each of ``runs`` (final rows of finished runs sharing a time budget of ``budget`` seconds)
+    trained at equal time, by two measures, each allowed :data:`TIME_TOLERANCE`:
+
+    - ``time_ratio``: its training seconds (on the clock of the budget) over the budget;
+    - ``pace``: its measured seconds per step over the calibrated ones, each
+      run's calibrated step counted in steps of the reference optimizer
+      measured with it (where every run records that reference; else in
+      seconds), divided by the median of the same over ``runs``: 1 when its
+      step cost stands to the others' as the calibration said, whatever the
+      machine's overall speed. NaN where the run records no calibration.
+
+    Returns ``runs`` with ``time_ratio``, ``pace`` and ``equal_time`` (both
+    within the tolerance of 1; a run without a pace is judged on its time).
+    """
+    seconds = runs["budget_seconds" if "budget_seconds" in runs else "run_seconds"].astype(float)
+    measured = seconds / runs["step"].astype(float)
+    calibrated = runs["calibrated_step_s"].astype(float)
+    reference = runs["reference_step_s"].astype(float)
+    if reference.notna().all():
+        calibrated = calibrated / reference  # a step in reference steps: comparable across measurements
+    implied = measured / calibrated
+    pace = implied / implied.median()
+    time_ratio = seconds / budget
+    off = ((time_ratio - 1).abs() > TIME_TOLERANCE) | ((pace - 1).abs() > TIME_TOLERANCE)
+    return runs.assign(time_ratio=time_ratio, pace=pace, equal_time=~off)
+
+
+def _unequal_time(finals: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs of every time-budget group that were not at equal time (:func:`equal_time_checks`)."""
+    flagged = []
+    for _, group in finals.groupby(GROUP, sort=True):
+        kind, value = group_budget(group)
+        ok = group[group[STATUS] == OK]
+        if kind == "time" and len(ok):
+            checked = equal_time_checks(ok, value)
+            flagged.append(checked[~checked["equal_time"]])
+    return pd.concat(flagged) if flagged else finals.iloc[:0].assign(time_ratio=[], pace=[], equal_time=[])
+
+
+def _unequal_text(run, budget: float) -> str:
+    """One run that was not at equal time, and why: "adam seed 2 (57.5 s of 30 s; steps 1.92× their calibrated
+    cost beside the other runs')"."""
+    reasons = []
+    if abs(run.time_ratio - 1) > TIME_TOLERANCE:
+        reasons.append(f"{num(run.budget_seconds)} s of {budget:g} s")
+    if not is_missing(run.pace) and abs(run.pace - 1) > TIME_TOLERANCE:
+        reasons.append(f"steps {run.pace:.2f}× their calibrated cost beside the other runs'")
+    return f"{run.optimizer} seed {run.seed} ({'; '.join(reasons)})"
+
+
 def headline_table(
     frame: pd.DataFrame, metric: str | None = None, without_runs: dict[str, str] | None = None
 ) -> pd.DataFrame:
@@ -67,19 +134,26 @@ def headline_table(
     diverged, unfinished (stopped, failed or still running: left out of
     the means), for each loss/error of :data:`AT_BUDGET` its ``_mean``,
     ``_low``, ``_high`` and ``_n`` (seeds averaged; bounds NaN with one),
-    train_seconds (mean over finished runs), steps (mean), note, and
-    configurations (distinct hyperparameter settings: 1 for seeds of one).
+    train_seconds (mean over finished runs, on the clock of their budget), clock (that clock: "wall", "cpu",
+    mixed or None), steps (mean), note,
+    configurations (distinct hyperparameter settings: 1 for seeds of one),
+    and under a time budget unequal_time and unequal_runs: how many of its
+    finished runs were not at equal time, and which and why
+    (:func:`equal_time_checks`).
     ``without_runs`` maps optimizers of a single-workload comparison that
     have no runs to the reason, listed as rows with 0 runs.
     """
     metric = metric or selection_metric(frame)
     finals = run_finals(frame)
+    unequal = _unequal_time(finals)
     rows = []
     for key, group in finals.groupby(GROUP, sort=True):
         kind, value = group_budget(group)
         for optimizer, runs in group.groupby("optimizer", sort=True):
+            off = unequal[unequal["run_id"].isin(runs["run_id"])]
             rows.append({**dict(zip(GROUP, key)), "optimizer": optimizer, BUDGET_KIND: kind, BUDGET: value,
-                         **_headline_cells(runs)})  # fmt: skip
+                         **_headline_cells(runs), "unequal_time": len(off),
+                         "unequal_runs": "; ".join(_unequal_text(run, value) for run in off.itertuples())})  # fmt: skip
         if without_runs and len(finals.groupby(GROUP)) == 1:
             rows += [
                 {**dict(zip(GROUP, key)), "optimizer": name, BUDGET_KIND: kind, BUDGET: value, "runs": 0, "note": why}
@@ -89,7 +163,7 @@ def headline_table(
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    counts = ["runs", "ok", "diverged", "unfinished"]  # optimizers without runs have none of them
+    counts = ["runs", "ok", "diverged", "unfinished", "unequal_time"]  # optimizers without runs have none of them
     table[counts] = table[counts].fillna(0).astype(int)
     order = table.assign(_rank=table.get(f"{metric}_mean", pd.Series(math.nan, index=table.index)).fillna(math.inf))
     return order.sort_values([*GROUP, "_rank", "optimizer"]).drop(columns="_rank").reset_index(drop=True)
@@ -104,7 +178,9 @@ def _headline_cells(runs: pd.DataFrame) -> dict:
         interval = mean_interval(ok[column].astype(float))
         cells.update({f"{column}_mean": interval.estimate, f"{column}_low": interval.low,
                       f"{column}_high": interval.high, f"{column}_n": interval.n})  # fmt: skip
-    cells["train_seconds"] = ok["run_seconds"].mean() if len(ok) else math.nan
+    cells["train_seconds"] = ok["budget_seconds"].mean() if len(ok) else math.nan
+    clocks = set(ok["calibration_clock"].dropna())
+    cells["clock"] = clocks.pop() if len(clocks) == 1 else (MIXED if clocks else None)
     cells["steps"] = ok["step"].astype(float).mean() if len(ok) else math.nan
     cells["note"] = "every run diverged" if diverged and diverged == len(runs) else ""
     cells["configurations"] = configuration_count(runs)
@@ -141,20 +217,25 @@ def pair_table(frame: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     n_baseline, mean_optimizer, mean_baseline, difference (optimizer −
     baseline), low, high (its 95% interval by Welch's t; NaN with fewer than
     two finished runs on either side), df, diverged_optimizer,
-    diverged_baseline, runs_optimizer, runs_baseline.
+    diverged_baseline, runs_optimizer, runs_baseline, unequal_optimizer,
+    unequal_baseline (finished runs not at equal time, :func:`equal_time_checks`).
     """
     metric = metric or selection_metric(frame)
     finals = run_finals(frame)
     best = best_first_order(frame, metric)
+    unequal = _unequal_time(finals)
     rows = []
     for key, group in finals.groupby(GROUP, sort=True):
         ok = group[group[STATUS] == OK]
+        off = unequal[unequal["run_id"].isin(group["run_id"])]["optimizer"].value_counts()
         values = {name: ok.loc[ok["optimizer"] == name, metric].astype(float) for name in group["optimizer"].unique()}
         means = {name: float(v.mean()) if v.notna().any() else math.nan for name, v in values.items()}
         for optimizer in sorted(filter(is_locoprop, values)):
             for baseline, role in _baselines(means, best.get(tuple(key))):
                 difference = welch_interval(values[optimizer], values[baseline])
-                rows.append(_pair_row(key, group, optimizer, baseline, role, metric, values, difference))
+                row = _pair_row(key, group, optimizer, baseline, role, metric, values, difference)
+                rows.append({**row, "unequal_optimizer": int(off.get(optimizer, 0)),
+                             "unequal_baseline": int(off.get(baseline, 0))})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -188,11 +269,25 @@ def pair_sentence(row) -> str:
         seeds = f"{row.n_optimizer} and {row.n_baseline} finished runs"
         return head + numbers + f": cannot be told from the seed noise with {seeds} (an interval needs 2 a side)."
     interval = f" (95% CI {signed(row.low)} to {signed(row.high)})"
+    unequal = [f"{n} of {side}'s" for side, n in ((row.optimizer, _count(row, "unequal_optimizer")),
+                                                  (row.baseline, _count(row, "unequal_baseline"))) if n]  # fmt: skip
+    if unequal:
+        return (
+            head
+            + numbers
+            + interval
+            + (f": no verdict on the seed noise, as {' and '.join(unequal)} runs were not at equal time (above).")
+        )
     if row.low > 0 or row.high < 0:
         verdict = f"{row.optimizer} {'lower' if row.high < 0 else 'higher'}, beyond the seed noise."
     else:
         verdict = "within the seed noise."
     return head + numbers + interval + ": " + verdict
+
+
+def _count(row, column: str) -> int:
+    value = getattr(row, column, 0)
+    return 0 if is_missing(value) else int(value)
 
 
 def comparison_title(kind: str | None, value) -> str:
@@ -271,6 +366,12 @@ def _headline_markdown(rows: pd.DataFrame, kind, value) -> str:
     if unfinished:
         table += f"\n\n{int(unfinished)} run(s) did not finish (stopped, failed or still running) and are left out."
     if kind == "time":
+        if (rows.get("clock") == "cpu").any():
+            table += (
+                "\n\nTraining time here is the CPU time of each run's one training thread (sweeps.runner.budget): "
+                "on a quiet machine its wall time, which other processes taking turns on the cores lengthen while "
+                "they leave this one alone."
+            )
         table += _off_budget_note(rows, value)
     searched = rows[rows["configurations"].fillna(1) > 1]
     if len(searched):
@@ -282,16 +383,17 @@ def _headline_markdown(rows: pd.DataFrame, kind, value) -> str:
 
 
 def _off_budget_note(rows: pd.DataFrame, budget: float) -> str:
-    """Flag optimizers whose mean training time is more than :data:`TIME_TOLERANCE` away from a time budget:
-    their calibration (seconds into steps) did not hold, so for them the comparison is not at equal time."""
-    off = rows[(rows["train_seconds"] / budget - 1).abs() > TIME_TOLERANCE]
+    """Name the runs that were not at equal time (:func:`equal_time_checks`): for them the conversion of the
+    budget into steps did not hold, and the pair sentences draw no conclusion from them."""
+    off = rows[rows["unequal_time"].fillna(0) > 0]
     if off.empty:
         return ""
-    names = ", ".join(f"{row.optimizer} ({num(row.train_seconds)} s)" for row in off.itertuples())
     return (
-        f"\n\nWarning: the training time used differs from the {budget:g} s budget by more than "
-        f"{TIME_TOLERANCE:.0%} for {names}: the calibration that turned the budget into steps did not hold, so for "
-        "them this is not an equal-time comparison."
+        f"\n\nWarning: not at equal time: {'; '.join(off['unequal_runs'])}. Each trained more than "
+        f"{TIME_TOLERANCE:.0%} off the {budget:g} s budget, or took steps that cost more than {TIME_TOLERANCE:.0%} "
+        "more or less, against the other runs' steps, than the calibration measured (as when the machine's load "
+        "changes during a comparison): the conversion of the budget into steps did not hold for them, and the "
+        "sentences below draw no conclusion about the seed noise from pairs that include them."
     )
 
 

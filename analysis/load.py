@@ -27,6 +27,7 @@ import pandas as pd
 from sweeps.schema import (
     BUDGET,
     BUDGET_KIND,
+    CALIBRATION,
     CLASSIFIER_COLUMNS,
     COMPARE_RUNS,
     CONFIG,
@@ -46,6 +47,7 @@ from sweeps.schema import (
 )
 
 __all__ = [
+    "CALIBRATION_FACTS",
     "COLUMNS",
     "RUN_FACTS",
     "CompareFolderRead",
@@ -57,15 +59,20 @@ __all__ = [
 ]
 
 # Per-run facts from summary.json: the sizes of the splits, the step count the
-# budget was converted to, and the seconds of training (evaluation excluded).
-RUN_FACTS = ("train_size", "valid_size", "test_size", "budget_steps", "train_seconds")
+# budget was converted to, and the seconds of training (evaluation excluded):
+# wall time, and the CPU time of the training thread.
+RUN_FACTS = ("train_size", "valid_size", "test_size", "budget_steps", "train_seconds", "train_cpu_seconds")
+# Per-run facts of a time budget's calibration (config.json): the seconds per step it priced, those of the
+# reference optimizer's step in the same measurement (absent in runs made before it was measured), and the
+# clock of both and of the budget ("wall" or "cpu").
+CALIBRATION_FACTS = ("calibrated_step_s", "reference_step_s", "calibration_clock")
 # Every loaded frame has these columns (None or NaN where a record lacks one).
 COLUMNS = [
     RUN_ID, *RUN_LABELS, BUDGET_KIND, BUDGET, STATUS, *METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN,
-    *RUN_FACTS,
+    *RUN_FACTS, *CALIBRATION_FACTS,
 ]  # fmt: skip
 # Numeric columns: a value that is not a number is a damaged record; a missing column is NaN.
-NUMERIC = [*METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN, BUDGET, *RUN_FACTS]
+NUMERIC = [*METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN, BUDGET, *RUN_FACTS, *CALIBRATION_FACTS[:2]]
 TABLE_SUFFIXES = (".csv", ".parquet")
 _SKIP_IT = "leave it out of the inputs, or fix or remove it"  # what to do about an unreadable run file
 
@@ -208,7 +215,7 @@ def _read_run(run_dir: pathlib.Path) -> pd.DataFrame:
     if frame.empty:
         raise RunsNotFound(f"Run directory {run_dir} has an empty metrics.csv")
     frame[RUN_ID] = str(run_dir)
-    frame = frame.assign(**run_labels(config, summary[STATUS]), **_run_facts(summary))
+    frame = frame.assign(**run_labels(config, summary[STATUS]), **_run_facts(summary), **_calibration_facts(config))
     return _with_columns(frame, metrics)
 
 
@@ -222,6 +229,18 @@ def _run_facts(summary: dict) -> dict:
         **{f"{split}_size": sizes.get(split) for split in ("train", "valid", "test")},
         "budget_steps": budget.get("steps"),
         "train_seconds": summary.get("train_seconds"),
+        "train_cpu_seconds": summary.get("train_cpu_seconds"),
+    }
+
+
+def _calibration_facts(config: dict) -> dict:
+    """The :data:`CALIBRATION_FACTS` of a config.json (None for those it lacks)."""
+    calibration = config.get(CALIBRATION)
+    calibration = calibration if isinstance(calibration, dict) else {}
+    return {
+        "calibrated_step_s": calibration.get("step_time_s"),
+        "reference_step_s": calibration.get("reference_step_time_s"),
+        "calibration_clock": calibration.get("clock", "wall" if calibration else None),
     }
 
 

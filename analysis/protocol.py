@@ -16,7 +16,7 @@ import pandas as pd
 
 from analysis.headline import MIXED, group_budget, run_finals
 from analysis.text import budget_text, is_missing, markdown_table, num
-from sweeps.schema import BUDGET, BUDGET_KIND, HPARAM_PREFIX
+from sweeps.schema import BUDGET, BUDGET_KIND, HPARAM_PREFIX, STEP_COSTS
 
 __all__ = ["budget_sentence", "protocol_section"]
 
@@ -29,9 +29,12 @@ def budget_sentence(kind: str | None, value) -> str:
     """The budget, and what it makes equal, in a sentence or two."""
     if kind == "time":
         return (
-            f"{budget_text(kind, value)} per run, the clock paused during evaluation. Each run converts the time "
-            "into a number of steps by first timing its own steps (calibration, recorded in its config.json), so "
-            "every optimizer gets the same training time and a costlier step gets fewer steps."
+            f"{budget_text(kind, value)} per run, the clock paused during evaluation. The time becomes each "
+            "optimizer's number of steps through its step cost, measured side by side with a reference Adam step "
+            "on the same model (rounds of steps of each in turn; the cost is the median ratio to the reference in "
+            "the same round), so that every optimizer gets the same training time, a costlier step gets fewer "
+            "steps, and a busy machine changes no ratio. The calibration is recorded in each run's config.json; "
+            "runs on one thread on CPU count the CPU time of that thread, which a busy machine does not lengthen."
         )
     if kind in ("steps", "epochs"):
         return (
@@ -75,10 +78,36 @@ def _recorded(frame: pd.DataFrame, protocol: dict[str, Any]) -> list[str]:
     else:
         lines.append("- Hyperparameters: how they were chosen is not recorded.")
     lines.append(f"- Final runs: {_seeds_text(protocol.get('seeds') or [], tuning)}")
+    if protocol.get(STEP_COSTS):
+        lines += ["", *_step_cost_lines(protocol[STEP_COSTS])]
     if tuning:
         lines += ["", "Tuning cost per optimizer (every trial trains under the budget above):", ""]
         lines.append(_tuning_table(tuning))
     return lines
+
+
+def _step_cost_lines(costs: dict[str, Any]) -> list[str]:
+    """The comparison's table of step costs (protocol.json), which gave every tuning trial and run its steps."""
+    reference = costs.get("reference")
+    setup = costs.get("setup") or {}
+    rows = [
+        [name, num(1000 * entry["step_time_s"]), f"{entry['ratio']:.3g}", str(entry.get("steps", "–"))]
+        for name, entry in (costs.get("optimizers") or {}).items()
+    ]
+    return [
+        f"Step costs, measured before the runs with every optimizer side by side in one process "
+        f"({costs.get('timed_steps')} timed steps each, {setup.get('threads')} thread(s) on {setup.get('device')}; "
+        f"one {reference} step: {num(1000 * costs['reference_step_time_s'])} ms{_clock_text(costs.get('clock'))}). "
+        "Every tuning trial and run of an optimizer trains its number of steps:",
+        "",
+        markdown_table(["optimizer", "step (ms)", f"in {reference} steps", "steps"], rows),
+    ]
+
+
+def _clock_text(clock: str | None) -> str:
+    if clock == "cpu":
+        return " of CPU time of the one training thread, the clock of the budget, which other processes do not move"
+    return ""
 
 
 def _tuning_lines(tuning: dict[str, Any]) -> list[str]:

@@ -41,6 +41,7 @@ __all__ = [
     "RUN_LABELS",
     "SKIPPED_COLUMN",
     "STATUS",
+    "STEP_COSTS",
     "STEP_TIME_COLUMN",
     "STOPPED",
     "SUMMARY",
@@ -91,6 +92,11 @@ PROTOCOL, COMPARE_RUNS = "protocol.json", "runs"
 # under CALIBRATION ({"step_time_s": seconds, "steps": count}).
 BUDGET_FIELDS = {"epochs": "epochs", "steps": "steps", "time_budget": "time"}
 CALIBRATION = "calibration"
+# protocol.json of a comparison: the step cost of every optimizer, measured side by side, which converts a time
+# budget into each optimizer's step count: {"reference", "reference_step_time_s", "clock" ("wall" or "cpu": what
+# the seconds count), "setup", "timed_steps", "optimizers": {name: {"ratio" (to the reference), "step_time_s",
+# "steps", "hparams", "skipped_steps"}}}.
+STEP_COSTS = "step_costs"
 
 # The tidy results table: each metrics.csv row labelled with its run's id,
 # these config.json fields, its budget (BUDGET_KIND: epochs, steps or time,

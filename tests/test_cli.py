@@ -8,13 +8,10 @@ process to interrupt.
 import argparse
 import json
 import math
-import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -101,6 +98,8 @@ BAD_INPUT = [
         "--width-mult: expected a finite number > 0 and at most 100, got '1e308'",
     ),
     ("train --epochs 0 --out {out}", "Invalid epochs: 0"),
+    ("train --threads 0 --out {out}", "Invalid threads: 0; expected an integer ≥ 1"),
+    ("compare --threads 0 --out {out}", "Invalid threads: 0; expected an integer ≥ 1"),
     ("train --data mnist --out {out}", "pass --data-dir DIR"),
     ("train --hparam inner_kwargs=notjson --out {out}", "inner_kwargs takes a JSON object"),
     ("train --hparam =1 --out {out}", "expected KEY=VALUE with a hyperparameter name as KEY, got '=1'"),
@@ -212,23 +211,35 @@ def test_an_exact_solve_that_fails_is_one_line_and_a_failed_run(tmp_path, capsys
 # --------------------------------------------------------------- Ctrl-C
 
 
+# `locoprop ARGV` in a process that presses Ctrl-C itself just before the step CTRL_C_STEP (0-based): the
+# interrupt lands at a known step, so the run cannot finish before it, whatever the machine's speed.
+CTRL_C_STEP = 5
+CTRL_C_AT_A_STEP = f"""
+import os, signal, sys
+from sweeps.runner.train import _Run
+from sweeps.commands.cli import main
+
+real_train_step = _Run.train_step
+
+def train_step(self, x, y):
+    if self.step == {CTRL_C_STEP}:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered before this step runs
+    return real_train_step(self, x, y)
+
+_Run.train_step = train_step
+sys.exit(main())
+"""
+
+
 def test_ctrl_c_during_train_prints_the_command_that_resumes(tmp_path):
-    # 128 steps per epoch, about 0.1-0.3 s: time to interrupt epoch 1, and a quick resume.
+    # 128 steps per epoch: the interrupt comes in epoch 1, after the checkpoint of the evaluation at step 0.
     argv = ["train", "--workload", "mlp", "--data", "synthetic", "--optimizer", "adam", "--batch-size", "4",
             "--epochs", "3", "--out", str(tmp_path / "runs"), "--no-progress"]  # fmt: skip
     cli = [sys.executable, "-m", "sweeps.commands.cli"]
-    # One thread: on a busy machine, spinning intra-op threads make small steps 100× slower.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [*cli, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env
+    process = subprocess.run(
+        [sys.executable, "-c", CTRL_C_AT_A_STEP, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300
     )
-    deadline = time.monotonic() + 120
-    # The first checkpoint is written after the evaluation before training; then epoch 1 starts.
-    while not list(tmp_path.glob("runs/*/checkpoint.pt")):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    err = process.stderr
     assert process.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     resume = shlex.join(["locoprop", *argv, "--resume"])
@@ -236,7 +247,7 @@ def test_ctrl_c_during_train_prints_the_command_that_resumes(tmp_path):
         f"locoprop: interrupted; the run is checkpointed at its last finished step and continues with: {resume}"
     )
 
-    resumed = subprocess.run([*cli, *shlex.split(resume)[1:]], capture_output=True, text=True, cwd=tmp_path, env=env)
+    resumed = subprocess.run([*cli, *shlex.split(resume)[1:]], capture_output=True, text=True, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,6 +1,8 @@
 """``locoprop compare``: the protocol of SPEC §7/§9 end to end (tuning on validation, fresh seeds, resume)."""
 
+import dataclasses
 import json
+import math
 import pathlib
 import re
 import subprocess
@@ -14,7 +16,8 @@ from analysis.report import write_report
 from sweeps.commands import compare as compare_module
 from sweeps.commands.cli import main
 from sweeps.commands.compare import Tuning, compare
-from sweeps.runner import RunConfig
+from sweeps.runner import RunConfig, budget, calibration
+from sweeps.runner.train import _Run
 from sweeps.search import optuna_backend
 from sweeps.search.results import best_trial
 
@@ -155,3 +158,50 @@ def test_cli_compare_refuses_tuning_flags_without_tune(tmp_path, capsys):
 
     assert main(["compare", "--storage", "sqlite:///x.db", "--out", str(tmp_path)]) == 2
     assert "pass --tune N too" in capsys.readouterr().err
+
+
+def test_a_time_budget_comparison_prices_every_optimizer_side_by_side_once_for_all_its_runs(tmp_path, monkeypatch):
+    """One table of step costs, measured before any run, gives every tuning trial and final run its steps; a
+    rerun reuses it, and an optimizer added later is priced against the table's reference step."""
+    monkeypatch.setattr(budget, "CALIBRATION_ROUNDS", 3)
+    monkeypatch.setattr(budget, "CALIBRATION_ROUND_STEPS", 2)
+    real_price_steps = calibration.price_steps
+    priced = []
+
+    def spy(base, hparams, data):
+        priced.append(sorted(hparams))
+        return real_price_steps(base, hparams, data)
+
+    monkeypatch.setattr(calibration, "price_steps", spy)
+    monkeypatch.setattr(_Run, "_calibrate", lambda self: pytest.fail("a run timed its own steps"))
+    base = dataclasses.replace(BASE, steps=None, time_budget=0.2)
+    out = tmp_path / "cmp"
+    compare(base, ["adam", "sgd"], [1], out, tuning=Tuning(trials=1, seed=0), progress=False)
+    assert priced == [["adam", "sgd"]]
+    table = json.loads((out / "protocol.json").read_text())["step_costs"]
+    assert table["reference"] == "adam" and table["optimizers"]["adam"]["ratio"] == 1.0
+    assert table["setup"]["threads"] == budget.default_threads() and table["timed_steps"] == 6
+    for name, entry in table["optimizers"].items():
+        cost = {"step_time_s": entry["ratio"] * table["reference_step_time_s"],
+                "reference_step_time_s": table["reference_step_time_s"]}  # fmt: skip
+        assert entry["step_time_s"] == pytest.approx(cost["step_time_s"])
+        assert entry["steps"] == max(1, math.floor(0.2 / entry["step_time_s"]))
+        configs = [c for c in map(json.loads, (p.read_text() for p in out.glob("**/config.json")))
+                   if c["optimizer"] == name]  # fmt: skip
+        assert len(configs) == 2  # its tuning trial and its final run
+        for config in configs:
+            assert config["step_cost"].pop("clock") == table["clock"] == config["calibration"]["clock"]
+            assert config["step_cost"] == pytest.approx(cost) and config["calibration"]["steps"] == entry["steps"]
+            summary = json.loads((out / pathlib.Path(config["out"]).relative_to(out) / "summary.json").read_text())
+            assert summary["steps"] == entry["steps"]
+
+    # Again, with one optimizer more: only it is measured, beside the reference; the others keep their runs.
+    stamps = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/summary.json")}
+    compare(base, ["adam", "sgd", "momentum"], [1], out, tuning=Tuning(trials=1, seed=0), progress=False)
+    assert priced == [["adam", "sgd"], ["momentum"]]
+    again = json.loads((out / "protocol.json").read_text())["step_costs"]
+    assert again["reference_step_time_s"] == table["reference_step_time_s"]
+    assert {name: again["optimizers"][name] for name in ("adam", "sgd")} == table["optimizers"]
+    momentum = again["optimizers"]["momentum"]
+    assert momentum["step_time_s"] == pytest.approx(momentum["ratio"] * table["reference_step_time_s"])
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps

@@ -45,6 +45,7 @@ import time
 import torch
 from torch import nn
 
+from sweeps.runner.budget import interleaved_step_times
 from sweeps.runner.ranks import Ranks, launch
 
 __all__ = ["BenchConfig", "bench", "measure"]
@@ -233,22 +234,30 @@ def measure(config: BenchConfig) -> dict:
             reference_step()
         if plain_step is not None:
             plain_step()
-    times, reference_times, plain_times, phases, probes = [], [], [], [], []
-    sent_before = bytes_sent()
-    for _ in range(config.steps):
-        times.append(step())
-        if plain_step is not None:
-            plain_times.append(plain_step())
+    phases, probes = [], []
+
+    def optimizer_step() -> None:
+        step()
         if is_locoprop:
             phases.append(optimizer.last_step_seconds)
-            if optimizer.solve == "iterative" and not config.memory_only:
-                # Price FLOPs with the unit forwards of this very model and batch.
-                forward_backward()
-                probes.append(_matmul_throughput(optimizer.units, device))
-                for unit in optimizer.units:
-                    unit.records.clear()
-        if reference_step is not None:
-            reference_times.append(reference_step())
+
+    def probe() -> None:  # its time is not used: it prices FLOPs with the unit forwards of this very model and batch
+        forward_backward()
+        probes.append(_matmul_throughput(optimizer.units, device))
+        for unit in optimizer.units:
+            unit.records.clear()
+
+    timed = {"optimizer": optimizer_step}
+    if plain_step is not None:
+        timed["plain"] = plain_step
+    if is_locoprop and optimizer.solve == "iterative" and not config.memory_only:
+        timed["probe"] = probe
+    if reference_step is not None:
+        timed["reference"] = reference_step
+    sent_before = bytes_sent()
+    # One step of each in turn, as the calibration of a time budget does in rounds (sweeps.runner.budget).
+    seconds = interleaved_step_times(timed, rounds=config.steps, sync=lambda: _sync(device)).wall
+    times, plain_times, reference_times = seconds["optimizer"], seconds.get("plain", []), seconds.get("reference", [])
     record = {
         "optimizer": config.optimizer,
         "workload": config.workload,

@@ -40,7 +40,15 @@ from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, 
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.runner.ranks import RankFailed, RankRefused, Ranks, init_from_environment, launch
 from sweeps.runner.records import RecordRebuilt
-from sweeps.runner.train import RunResult, check_data_parallel, check_run, loss_text, record_rank_failure, train
+from sweeps.runner.train import (
+    OffPace,
+    RunResult,
+    check_data_parallel,
+    check_run,
+    loss_text,
+    record_rank_failure,
+    train,
+)
 from sweeps.runner.workloads import MAX_WIDTH_MULT, WORKLOADS, check_width_mult
 from sweeps.search.results import SweepNotice
 
@@ -235,8 +243,9 @@ def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> Non
     budget.add_argument("--steps", type=int, default=None, help="budget: optimizer steps (default: as --epochs)")
     budget.add_argument(
         "--time-budget", type=float, default=None, metavar="SECONDS",
-        help="budget: seconds of training time, evaluation excluded; the run times its own steps first and runs "
-        "that many steps, recorded in config.json (default: as --epochs)",
+        help="budget: seconds of training time, evaluation excluded, converted into a step count recorded in "
+        "config.json: from the step costs compare measures side by side, or for a lone run from its own steps "
+        "timed against Adam's (default: as --epochs)",
     )  # fmt: skip
     parser.add_argument(
         "--batch-size", type=int, default=None if compare else 1000,
@@ -266,6 +275,11 @@ def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> Non
     )  # fmt: skip
     add_depth_flag(parser)
     add_device_flag(parser, "where to train")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="intra-op threads of each run on CPU, ≥ 1 (default: one fewer than the cores, so that a busy "
+        "neighbour does not stall every parallel region; OMP_NUM_THREADS decides when set)",
+    )  # fmt: skip
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (default: shown when stderr is a terminal)"
     )
@@ -312,6 +326,7 @@ def run_config_from_args(args, optimizer: str, hparams: dict, seed: int, out: pa
         depth_mult=args.depth_mult,
         device=args.device,
         data_dir=args.data_dir,
+        threads=args.threads,
         out=str(out),
     )
 
@@ -556,7 +571,7 @@ def cmd_report(args) -> int:
 
 
 # Warnings that tell the user what happened to their records: one line each, no source line.
-NOTICES = (RunSkipped, CompareFolderRead, RecordRebuilt, CalibrationSkipped, SweepNotice)
+NOTICES = (RunSkipped, CompareFolderRead, RecordRebuilt, CalibrationSkipped, SweepNotice, OffPace)
 
 
 def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:

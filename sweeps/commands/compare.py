@@ -3,9 +3,17 @@
 The protocol (AlgoPerf's rules, DeepOBS's protocol):
 
 1. every run gets the same budget, by default the same seconds of training
-   time (the clock pauses during evaluation; each run converts the time into
-   its own step count, so a LocoProp step that costs eight Adam steps gets
-   an eighth of the steps);
+   time (the clock pauses during evaluation). The time becomes each
+   optimizer's step count from one table of step costs, measured before any
+   run with all the optimizers side by side in this process
+   (:func:`sweeps.runner.calibration.price_steps`: interleaved rounds, each
+   step's cost as its median ratio to a reference Adam step), so that a
+   LocoProp step that costs eight Adam steps gets an eighth of the steps and
+   a busy machine changes no ratio. With one intra-op thread on CPU (the
+   default on two cores) the seconds are the training thread's CPU time, so
+   a busy machine changes no step count either (``budget.budget_clock``). The
+   table is recorded in protocol.json and reused by every tuning trial,
+   every seed and every rerun;
 2. with ``tune=N``, every optimizer gets the same tuning budget: an N-trial
    study of its search space (``sweeps/search/spaces``) under that budget,
    with training seed ``tune_seed``, selected on the **validation** loss at
@@ -23,8 +31,8 @@ reused, and the report is written again. Layout of ``out``::
     tuning/OPTIMIZER/    the study of each optimizer: optuna.db (Optuna), and the study's folder
                          compare-OPTIMIZER/ with its trials and table (Ray: its experiment too)
     runs/                the final runs, one directory per optimizer and seed
-    protocol.json        what was done, for the report; "runs" lists the final runs, which
-                         ``locoprop report OUT`` reads (not the tuning trials)
+    protocol.json        what was done, for the report, and the step costs (written first); "runs"
+                         lists the final runs, which ``locoprop report OUT`` reads (not the tuning trials)
     report/              report.md, tables and figures
 """
 
@@ -32,23 +40,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from analysis.report import write_report
 from sweeps import schema
 from sweeps.commands import presets
-from sweeps.runner import records
+from sweeps.runner import budget, records
+from sweeps.runner.budget import StepCost
 from sweeps.runner.config import RunConfig, run_dir_name
-from sweeps.runner.train import loss_text, train
+from sweeps.runner.train import check_fits_data, loss_text, train
 from sweeps.search.results import best_trial
 
 __all__ = ["PROTOCOL", "Tuning", "compare"]
 
 PROTOCOL = schema.PROTOCOL
 SELECTION_METRIC = "valid_loss"
+STEP_COSTS = schema.STEP_COSTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +123,11 @@ def compare(
         + f" -> {out}",
         flush=True,
     )
-    tuned = {name: _tune(base, name, out, tuning, progress) for name in optimizers} if tuning else {}
+    costs = _step_costs(base, {name: hparams_of(base.workload, name) for name in optimizers}, out)
+    out.mkdir(parents=True, exist_ok=True)
+    records.write_json(out / PROTOCOL, _protocol(base, seeds, tuning, {}, [], command, costs))
+    priced = {name: _priced(base, costs, name) for name in optimizers}
+    tuned = {name: _tune(priced[name], name, out, tuning, progress) for name in optimizers} if tuning else {}
     run_dirs = []
     for optimizer in optimizers:
         if tuning is not None and tuned[optimizer]["best"] is None:
@@ -118,8 +135,10 @@ def compare(
             continue
         hparams = tuned[optimizer]["best"]["hparams"] if tuning else hparams_of(base.workload, optimizer)
         for seed in seeds:
-            run_dirs.append(_final_run(base, optimizer, hparams, seed, out / schema.COMPARE_RUNS, progress))
-    protocol = _protocol(base, seeds, tuning, tuned, run_dirs, command)
+            run_dirs.append(
+                _final_run(priced[optimizer], optimizer, hparams, seed, out / schema.COMPARE_RUNS, progress)
+            )
+    protocol = _protocol(base, seeds, tuning, tuned, run_dirs, command, costs)
     # The final runs of this comparison, so that `locoprop report OUT` reads these and nothing else in OUT.
     protocol["runs"] = [os.path.relpath(run_dir, out) for run_dir in run_dirs]
     records.write_json(out / PROTOCOL, protocol)
@@ -130,6 +149,78 @@ def compare(
     return report
 
 
+# ------------------------------------------------------------ step costs
+def _step_costs(base: RunConfig, hparams: dict[str, dict], out: pathlib.Path) -> dict[str, Any] | None:
+    """The comparison's table of step costs (None without a time budget), as protocol.json records it.
+
+    Reused from protocol.json when it was measured for the same model, batch, device and threads (the
+    ``setup``) and the same hyperparameters; an optimizer it lacks is measured beside the reference and
+    priced against the table's reference step, so that every cost stays in the one table. Each optimizer is
+    priced with ``hparams`` (the presets, also when tuning: the search spaces fix what sets a step's cost,
+    such as LocoProp's K; the report checks every run's measured cost afterwards).
+    """
+    if base.time_budget is None:
+        return None
+    setup = _cost_setup(base)
+    stored = _stored_costs(out / PROTOCOL)
+    table = stored if stored is not None and stored.get("setup") == setup else None
+    known = (table or {}).get("optimizers", {})
+    missing = {name: given for name, given in hparams.items() if known.get(name, {}).get("hparams") != given}
+    if missing:
+        from sweeps.runner.calibration import price_steps
+
+        print(f"pricing steps side by side: {', '.join(missing)} against {budget.REFERENCE_OPTIMIZER}", flush=True)
+        measured = price_steps(base, missing, check_fits_data(base))
+        if table is None:
+            reference = next(iter(measured.costs.values())).reference_step_time_s
+            table = {"reference": measured.reference, "reference_step_time_s": reference, "setup": setup,
+                     "timed_steps": measured.timed_steps, "clock": measured.clock, "optimizers": {}}  # fmt: skip
+        for name, cost in measured.costs.items():
+            table["optimizers"][name] = {"ratio": cost.ratio, "hparams": missing[name],
+                                         "skipped_steps": measured.skipped_steps[name]}  # fmt: skip
+    for entry in table["optimizers"].values():  # the step time and count of every optimizer, from its ratio
+        entry["step_time_s"] = entry["ratio"] * table["reference_step_time_s"]
+        entry["steps"] = max(1, math.floor(base.time_budget / entry["step_time_s"]))
+    _print_costs(table, list(hparams), measured=bool(missing))
+    return table
+
+
+def _cost_setup(base: RunConfig) -> dict[str, Any]:
+    """What a step's cost depends on besides the optimizer: a table measured for another setup is not reused."""
+    device = base.device if base.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = base.threads or budget.default_threads()
+    fields = ("workload", "data", "batch_size", "width_mult", "depth_mult", "valid_fraction")
+    return {**{name: getattr(base, name) for name in fields}, "device": device, "threads": threads}
+
+
+def _stored_costs(path: pathlib.Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    return records.read_json(path).get(STEP_COSTS)
+
+
+def _priced(base: RunConfig, costs: dict[str, Any] | None, optimizer: str) -> RunConfig:
+    """``base`` with ``optimizer``'s step cost from the table (as it is without a time budget)."""
+    if costs is None:
+        return base
+    entry = costs["optimizers"][optimizer]
+    cost = StepCost(entry["step_time_s"], costs["reference_step_time_s"], costs.get("clock", "wall"))
+    return dataclasses.replace(base, step_cost=cost)
+
+
+def _print_costs(table: dict[str, Any], optimizers: list[str], measured: bool) -> None:
+    entries = table["optimizers"]
+    listed = ", ".join(f"{name} {entries[name]['ratio']:.3g} ({entries[name]['steps']} steps)" for name in optimizers)
+    clock = "CPU time of the training thread" if table.get("clock") == "cpu" else "wall time"
+    print(
+        f"step costs in {table['reference']} steps ({1000 * table['reference_step_time_s']:.3g} ms each, {clock}), "
+        f"{'measured side by side' if measured else 'from ' + PROTOCOL}, {table['setup']['threads']} thread(s): "
+        f"{listed}",
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------- stages
 def _tune(base: RunConfig, optimizer: str, out: pathlib.Path, tuning: Tuning, progress: bool | None) -> dict:
     """Run (or continue) the optimizer's study; its trial counts, cost and selected configuration."""
     from sweeps.search.spaces import load_space
@@ -182,16 +273,21 @@ def _final_run(base: RunConfig, optimizer: str, hparams: dict, seed: int, out: p
     config.out = str(out / run_dir_name(config))
     result = train(config, resume=True, progress=progress)
     s = result.summary
+    on_cpu = (s.get("calibration") or {}).get("clock") == "cpu"
+    seconds = f"{s['train_seconds']:.1f} s"
+    if on_cpu:
+        seconds = f"{s['train_cpu_seconds']:.1f} s of CPU time ({seconds} wall)"
     print(
-        f"{optimizer} seed {seed}: {s['status']}, {s['steps']} steps in {s['train_seconds']:.1f} s, "
+        f"{optimizer} seed {seed}: {s['status']}, {s['steps']} steps in {seconds}, "
         f"valid loss {loss_text(s['final_valid_loss'])}, test loss {loss_text(s['final_test_loss'])}",
         flush=True,
     )
     return result.run_dir
 
 
-def _protocol(base, seeds, tuning, tuned, run_dirs, command) -> dict[str, Any]:
-    """What protocol.json records (read by analysis.report)."""
+def _protocol(base, seeds, tuning, tuned, run_dirs, command, costs) -> dict[str, Any]:
+    """What protocol.json records (read by analysis.report); written before the first run too, with the step
+    costs, and again at the end."""
     kind, value = base.budget
     split_sizes = None
     if run_dirs:
@@ -206,6 +302,7 @@ def _protocol(base, seeds, tuning, tuned, run_dirs, command) -> dict[str, Any]:
         "split_sizes": split_sizes,
         "tuning": None,
         "presets": None,
+        STEP_COSTS: costs,
     }
     if tuning is not None:
         protocol["tuning"] = {

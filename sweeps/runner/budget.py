@@ -7,41 +7,82 @@ learning-rate schedule knows where it ends and the run is reproducible:
 
 - epochs: epochs × steps per epoch (the last partial batch is dropped);
 - steps: as given;
-- time: the run first times its own steps (:func:`calibrate`: a fresh
-  model and optimizer of the same config, a few untimed steps, then the mean of :data:`CALIBRATION_STEPS` timed ones,
-  which includes the periodic work of K-FAC or Shampoo), and runs
-  ⌊budget / step time⌋ steps. The
-  calibration is recorded in config.json and in the checkpoint, so a
-  resumed run keeps its step count; a fresh run on another machine
-  calibrates again.
+- time: ⌊budget / step cost⌋ steps, the step cost measured side by side
+  with a reference optimizer (:data:`REFERENCE_OPTIMIZER`, on the same model
+  and batch) by :func:`step_costs`: rounds of :data:`CALIBRATION_ROUND_STEPS`
+  turns in which each optimizer takes one step; the cost is the median over
+  rounds of its time over the reference's time in the same round, times the
+  median reference time. Load on the machine reaches every optimizer of a
+  round alike, so the ratios between optimizers hardly move with it.
+  ``locoprop compare`` prices all its optimizers in one such table (each run
+  gets its cost as ``RunConfig.step_cost``); a run without one prices its own
+  optimizer against the same reference. The calibration is recorded in
+  config.json and in the checkpoint, so a resumed run keeps its step count.
+
+The budget's clock (:func:`budget_clock`): a run that trains on one thread
+on CPU (the default on two cores, :func:`default_threads`) counts its
+training time as that thread's CPU time, which on a quiet machine is its wall
+time and which a neighbour taking turns on the cores leaves alone (but for
+shared caches): its step costs, and so its step counts and its results, hardly
+depend on what else the machine is doing. Runs on several threads, several ranks or a GPU count wall
+time; on a busy machine they get fewer steps, all in the same ratio.
+
+A run checks its pace against its calibration as it goes (:func:`pace`) and
+says when its steps cost more than :data:`PACE_TOLERANCE` more or less than
+the calibration measured: then it will not train for its budget.
 
 Evaluations happen at step 0, every ``eval_every`` steps (default once per
 epoch, but at most :data:`MAX_EVALUATIONS` a run) and at the last step.
+
+Runs train with :func:`run_threads` intra-op threads on CPU: by default one
+fewer than the cores the process may use. With as many threads as cores, a
+single CPU-bound neighbour preempts one of them in every parallel region, and
+each region waits for it: on 2 cores one busy process made steps about 20×
+slower, and unevenly so between optimizers (README, "Equal time on a busy machine").
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 __all__ = [
-    "CALIBRATION_STEPS",
+    "CALIBRATION_ROUNDS",
+    "CALIBRATION_ROUND_STEPS",
+    "CALIBRATION_WARMUP",
     "MAX_EVALUATIONS",
+    "PACE_TOLERANCE",
+    "REFERENCE_OPTIMIZER",
     "Calibration",
     "CalibrationSkipped",
     "Horizon",
-    "calibrate",
+    "RoundTimes",
+    "StepCost",
+    "budget_clock",
+    "default_threads",
+    "interleaved_step_times",
     "lr_factor",
+    "pace",
+    "run_threads",
+    "step_costs",
 ]
 
 MAX_EVALUATIONS = 50
-CALIBRATION_WARMUP = 3  # untimed: first-call allocations, lazy state
-CALIBRATION_STEPS = 20  # timed: K-FAC and Shampoo refresh their inverses every 10 steps by default
+REFERENCE_OPTIMIZER = "adam"  # every step cost is measured against this optimizer's step on the same model
+CLOCKS = ("wall", "cpu")  # what a time budget counts: wall-clock seconds, or the training thread's CPU seconds
+CALIBRATION_WARMUP = 3  # untimed steps of each optimizer first: first-call allocations, lazy state
+CALIBRATION_ROUNDS = 5  # the median over rounds ignores up to two rounds disturbed by a neighbour
+# Steps of each optimizer per round: K-FAC and Shampoo refresh their inverses every 10 steps by default, so every
+# round's mean prices in one refresh.
+CALIBRATION_ROUND_STEPS = 10
+PACE_TOLERANCE = 0.1  # a run whose steps cost this much more or less than calibrated is not at equal time
 
 
 class CalibrationSkipped(UserWarning):
@@ -49,13 +90,64 @@ class CalibrationSkipped(UserWarning):
 
 
 @dataclasses.dataclass(frozen=True)
+class StepCost:
+    """One optimizer's step cost, measured side by side with the reference optimizer on the same model and batch.
+
+    ``step_time_s`` is the seconds of one step; ``reference_step_time_s`` those of a reference step in the same
+    measurement, so that ``ratio`` (the step's cost in reference steps) can be compared across measurements
+    made under different loads; ``clock`` what the seconds count (:func:`budget_clock`).
+    """
+
+    step_time_s: float
+    reference_step_time_s: float
+    clock: str = "wall"  # of both times: "wall" or "cpu" (budget_clock)
+
+    @property
+    def ratio(self) -> float:
+        return self.step_time_s / self.reference_step_time_s
+
+    def steps(self, time_budget: float) -> int:
+        """The step count of ``time_budget`` seconds: ⌊budget / step time⌋, at least 1."""
+        return max(1, math.floor(time_budget / self.step_time_s))
+
+    def check(self) -> None:
+        if self.clock not in CLOCKS:
+            raise ValueError(f"Invalid step_cost clock: {self.clock!r}; expected wall or cpu")
+        for name in ("step_time_s", "reference_step_time_s"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise ValueError(f"Invalid step_cost {name}: {value!r}; expected seconds, a finite number > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Calibration:
-    """A time budget converted to steps: the mean seconds of a timed step and the step count."""
+    """A time budget converted to steps: the seconds of a step, the step count, and how they were measured.
+
+    ``reference_step_time_s`` is the reference optimizer's step in the same measurement (None in runs made
+    before it was measured); ``timed_steps`` the timed steps of the run's optimizer; ``threads`` the intra-op
+    threads it was measured with; ``clock`` what the seconds, and the run's training time, count.
+    """
 
     step_time_s: float
     steps: int
     timed_steps: int
     skipped_steps: int = 0  # steps the throwaway optimizer skipped as non-finite: their times are not real steps
+    reference_step_time_s: float | None = None
+    threads: int | None = None
+    clock: str = "wall"  # what the run's training time counts (budget_clock)
+
+    @classmethod
+    def of(cls, time_budget: float, cost: StepCost, timed_steps: int, skipped_steps: int = 0) -> Calibration:
+        return cls(
+            step_time_s=cost.step_time_s,
+            steps=cost.steps(time_budget),
+            timed_steps=timed_steps,
+            skipped_steps=skipped_steps,
+            reference_step_time_s=cost.reference_step_time_s,
+            threads=torch.get_num_threads(),
+            clock=cost.clock,
+        )
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,29 +224,135 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> 
     return 0.5 * (1.0 - math.cos(math.pi * remaining))
 
 
-def calibrate(time_budget: float, step: Callable[[int], None], sync: Callable[[], None] = lambda: None) -> Calibration:
-    """Convert ``time_budget`` seconds into a step count by timing ``step(i)``.
+@dataclasses.dataclass(frozen=True)
+class RoundTimes:
+    """Seconds per step of each measured name in every round: by the wall clock, and by the CPU time of the
+    measuring thread (which counts a step's work alone when it runs on that one thread)."""
 
-    ``step(i)`` runs the i-th calibration step of a throwaway model and
-    optimizer; :data:`CALIBRATION_WARMUP` untimed steps come first. The step
-    time is the mean, not the median, so that periodic work (a
-    preconditioner refreshed every few steps) is priced in. The torch RNG
-    state is restored afterwards: calibrating does not change the run.
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+
+def interleaved_step_times(
+    steps: Mapping[str, Callable[[], object]],
+    rounds: int,
+    steps_per_round: int = 1,
+    warmup: int = 0,
+    sync: Callable[[], None] = lambda: None,
+) -> RoundTimes:
+    """Seconds per step of each of ``steps`` (name -> one step), measured side by side.
+
+    Each runs ``warmup`` untimed steps; then come ``rounds`` rounds of
+    ``steps_per_round`` turns, in each of which every one takes one timed
+    step, in an order that rotates from turn to turn. A round's time of each
+    is the mean of its steps in that round, so periodic work within a round
+    is priced in; as the steps of all alternate one by one, a neighbour's load
+    reaches all of them alike.
     """
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            steps[name]()
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    turn = 0
+    for _ in range(rounds):
+        spent = {name: [0.0, 0.0] for name in names}
+        for _ in range(steps_per_round):
+            shift = turn % len(names)
+            for name in names[shift:] + names[:shift]:
+                sync()
+                started, started_cpu = time.perf_counter(), time.thread_time()
+                steps[name]()
+                sync()
+                spent[name][0] += time.perf_counter() - started
+                spent[name][1] += time.thread_time() - started_cpu
+            turn += 1
+        for name in names:
+            wall[name].append(spent[name][0] / steps_per_round)
+            cpu[name].append(spent[name][1] / steps_per_round)
+    return RoundTimes(wall, cpu)
+
+
+def budget_clock(device: torch.device, data_parallel: bool = False) -> str:
+    """What a run's training time counts: "cpu", the training thread's CPU time, where the run computes on that
+    one thread (CPU, one intra-op thread, one rank), so that a neighbour taking turns on the cores changes neither
+    its step costs nor its step count; "wall" otherwise (several threads or ranks, whose waits are part of the
+    cost, or a GPU)."""
+    if device.type == "cpu" and torch.get_num_threads() == 1 and not data_parallel:
+        return "cpu"
+    return "wall"
+
+
+def step_costs(
+    steps: Mapping[str, Callable[[], object]],
+    reference: str,
+    rounds: int | None = None,
+    steps_per_round: int | None = None,
+    warmup: int | None = None,
+    sync: Callable[[], None] = lambda: None,
+    clock: str = "wall",
+) -> dict[str, StepCost]:
+    """The step cost of each of ``steps`` (name -> one step of a throwaway model and optimizer), against ``reference``.
+
+    :func:`interleaved_step_times` over :data:`CALIBRATION_ROUNDS` rounds of
+    :data:`CALIBRATION_ROUND_STEPS` turns after :data:`CALIBRATION_WARMUP`
+    untimed steps. Each cost is the median over rounds of the step's time over
+    the reference step's time in the same round, times the median time of the
+    reference step, all by ``clock`` ("wall" or "cpu", :func:`budget_clock`):
+    load that comes and goes changes a round's times, but hardly the ratios
+    within it, and the median drops the rounds it changed. The torch RNG
+    state is restored afterwards: measuring does not change the runs.
+    """
+    if reference not in steps:
+        raise ValueError(f"The reference {reference!r} is not among the steps measured ({', '.join(steps)})")
+    if clock not in CLOCKS:
+        raise ValueError(f"Invalid clock: {clock!r}; expected wall or cpu")
     rng = torch.get_rng_state()
     try:
-        for i in range(CALIBRATION_WARMUP):
-            step(i)
-        seconds = []
-        for i in range(CALIBRATION_WARMUP, CALIBRATION_WARMUP + CALIBRATION_STEPS):
-            sync()
-            started = time.perf_counter()
-            step(i)
-            sync()
-            seconds.append(time.perf_counter() - started)
+        times = interleaved_step_times(
+            steps,
+            rounds=CALIBRATION_ROUNDS if rounds is None else rounds,
+            steps_per_round=CALIBRATION_ROUND_STEPS if steps_per_round is None else steps_per_round,
+            warmup=CALIBRATION_WARMUP if warmup is None else warmup,
+            sync=sync,
+        )
     finally:
         torch.set_rng_state(rng)
-    step_time = statistics.fmean(seconds)
-    return Calibration(
-        step_time_s=step_time, steps=max(1, math.floor(time_budget / step_time)), timed_steps=len(seconds)
-    )
+    by_clock = times.cpu if clock == "cpu" else times.wall
+    reference_time = statistics.median(by_clock[reference])
+    costs = {}
+    for name, seconds in by_clock.items():
+        ratio = statistics.median(t / r for t, r in zip(seconds, by_clock[reference]))
+        costs[name] = StepCost(step_time_s=ratio * reference_time, reference_step_time_s=reference_time, clock=clock)
+    return costs
+
+
+def pace(train_seconds: float, steps: int, step_time_s: float) -> float:
+    """How a run's steps so far compare with their calibrated cost: 1 on pace, 2 twice as slow."""
+    return train_seconds / steps / step_time_s
+
+
+def default_threads() -> int:
+    """Intra-op threads of a CPU run by default: one fewer than the cores this process may use, at least 1.
+
+    A neighbouring CPU-bound process then finds a core of its own instead of
+    preempting one of the run's threads, which every parallel region would
+    wait for (the module docstring). ``OMP_NUM_THREADS``, when set, decides
+    instead, as it does for torch.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
+@contextlib.contextmanager
+def run_threads(threads: int | None) -> Iterator[int]:
+    """Train with ``threads`` intra-op threads (None: :func:`default_threads`); the count is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(default_threads() if threads is None else threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)

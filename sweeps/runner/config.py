@@ -13,6 +13,7 @@ import torch
 
 from baselines.registry import check_hparams, inert_hparams
 from sweeps import schema
+from sweeps.runner.budget import StepCost
 from sweeps.runner.workloads import get_workload
 
 __all__ = ["DEVICES", "MAX_SEED", "SCHEDULES", "RunConfig", "config_digest", "run_dir_name", "run_identity"]
@@ -37,8 +38,8 @@ class RunConfig:
         epochs, steps, time_budget: the budget, exactly one of them: passes
             over the training split, optimizer steps, or seconds of training
             time (evaluation excluded), which the run converts once into a
-            step count by timing its own steps (``sweeps.runner.budget``).
-            With none given, 10 epochs.
+            step count by timing its own steps against a reference
+            optimizer's (``sweeps.runner.budget``). With none given, 10 epochs.
         warmup_epochs: warmup length; default 5% of the run's steps (5 of the
             official 100 epochs).
         valid_fraction: the share of the training split held out as the
@@ -47,6 +48,13 @@ class RunConfig:
             at most 50 evaluations a run. The last step is always evaluated.
         divergence_factor: a training loss above this times the initial one
             counts as diverged.
+        step_cost: with a time budget, the optimizer's step cost as a
+            comparison measured it beside the others' (``locoprop compare``'s
+            table, :class:`~sweeps.runner.budget.StepCost`): the run takes
+            ⌊time_budget / step_cost.step_time_s⌋ steps instead of timing its
+            own. None: the run times its own.
+        threads: intra-op threads of the run on CPU (None: one fewer than the
+            cores, :func:`~sweeps.runner.budget.default_threads`).
     """
 
     workload: str = "autoencoder"
@@ -68,11 +76,18 @@ class RunConfig:
     eval_every: int | None = None
     divergence_factor: float = 10.0
     eval_batch_size: int = 1000
+    step_cost: StepCost | None = None
+    threads: int | None = None
     out: str = "runs/run"
 
     def __post_init__(self):
         if self.epochs is None and self.steps is None and self.time_budget is None:
             self.epochs = DEFAULT_EPOCHS
+        if isinstance(self.step_cost, dict):  # from config.json, or a trial's config sent as JSON
+            unknown = sorted(set(self.step_cost) - {f.name for f in dataclasses.fields(StepCost)})
+            if unknown:
+                raise ValueError(f"Invalid step_cost: {self.step_cost!r}; unknown field(s) {', '.join(unknown)}")
+            self.step_cost = StepCost(**self.step_cost)
 
     def validate(self) -> None:
         """Refuse a bad value, naming it; the checks that need the data set
@@ -91,6 +106,15 @@ class RunConfig:
             raise ValueError(f"Give the run one budget (epochs, steps or time_budget), not several: {given}")
         if self.time_budget is not None and not (_finite(self.time_budget) and self.time_budget > 0):
             raise ValueError(f"Invalid time_budget: {self.time_budget!r}; expected seconds, a finite number > 0")
+        if self.step_cost is not None:
+            if self.time_budget is None:
+                raise ValueError(f"step_cost={self.step_cost!r} converts a time budget into steps; give time_budget")
+            if not isinstance(self.step_cost, StepCost):
+                raise ValueError(f"Invalid step_cost: {self.step_cost!r}; expected a StepCost")
+            self.step_cost.check()
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):  # fmt: skip
+            raise ValueError(f"Invalid threads: {self.threads!r}; expected an integer ≥ 1")
         if not (_finite(self.valid_fraction) and 0 < self.valid_fraction <= 0.5):
             raise ValueError(f"Invalid valid_fraction: {self.valid_fraction!r}; expected a number in (0, 0.5]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
@@ -131,6 +155,11 @@ def _finite(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Fields added after runs were made without them: left out of the identity while unset, so that those runs
+# keep their directories and can still be resumed.
+UNSET_IS_ABSENT = ("step_cost", "threads")
+
+
 def run_identity(config: dict[str, Any]) -> dict[str, str]:
     """What makes a run: every config field but ``out`` (and a time budget's calibration), each as canonical JSON.
 
@@ -138,7 +167,8 @@ def run_identity(config: dict[str, Any]) -> dict[str, str]:
     ends restore trials into new folders), nor is a hyperparameter that
     changes none of its steps (``baselines.registry.inert_hparams``:
     ``--hypergrad implicit`` and ``unrolled`` at β = 0 are one run). JSON
-    makes a tuple and a list, or a config and its config.json, compare equal.
+    makes a tuple and a list, or a config and its config.json, compare equal. The fields of
+    :data:`UNSET_IS_ABSENT` count only when set.
     """
     identity = dict(config)
     hparams = config.get("hparams")
@@ -148,7 +178,7 @@ def run_identity(config: dict[str, Any]) -> dict[str, str]:
     return {
         key: json.dumps(value, sort_keys=True, default=repr)
         for key, value in identity.items()
-        if key not in ("out", schema.CALIBRATION)
+        if key not in ("out", schema.CALIBRATION) and not (key in UNSET_IS_ABSENT and value is None)
     }
 
 

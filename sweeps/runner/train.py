@@ -4,7 +4,10 @@ The one loop used by the CLI, Optuna and Ray Tune. It owns time,
 evaluation and budget; optimizers only update. Per run directory:
 
 - ``config.json``: the :class:`RunConfig`, and for a time budget the
-  calibration that converted it into steps (:mod:`sweeps.runner.budget`);
+  calibration that converted it into steps (:mod:`sweeps.runner.budget`:
+  the config's ``step_cost`` from a comparison's table, or the run's own
+  optimizer timed against the reference); a run whose steps then cost more
+  than 10% more or less than calibrated says so (:class:`OffPace`);
 - ``metrics.csv``: one row per evaluation (at step 0, then every
   ``eval_every`` steps and at the last step): step, epoch (fractional),
   wall_time_s (training time: the clock pauses during evaluation),
@@ -81,15 +84,26 @@ import torch
 from baselines import make_optimizer
 from sweeps import interrupts, schema
 from sweeps.runner import records
-from sweeps.runner.budget import CALIBRATION_WARMUP, Calibration, CalibrationSkipped, Horizon, calibrate, lr_factor
+from sweeps.runner.budget import (
+    CALIBRATION_WARMUP,
+    PACE_TOLERANCE,
+    Calibration,
+    CalibrationSkipped,
+    Horizon,
+    lr_factor,
+    pace,
+    run_threads,
+)
+from sweeps.runner.calibration import calibrate_run
 from sweeps.runner.config import RunConfig, run_identity
 from sweeps.runner.data import Dataset, load_dataset
 from sweeps.runner.ranks import Ranks
-from sweeps.runner.workloads import Workload, get_workload
+from sweeps.runner.workloads import Workload, build_model, get_workload
 
 __all__ = [
     "BUDGET_PERCENT",
     "FINISHED",
+    "OffPace",
     "RunExists",
     "RunResult",
     "check_data_parallel",
@@ -102,10 +116,16 @@ __all__ = [
 
 FINISHED = schema.FINISHED  # statuses of a run that is over; "failed" can be resumed
 BUDGET_PERCENT = "budget_percent"  # in the rows given to on_evaluation
+MIN_PACE_STEPS = 10  # the pace of fewer steps says more about first-step allocations than about the machine
 
 
 class RunExists(ValueError):
     """The run directory holds a finished run that a fresh run would replace."""
+
+
+class OffPace(UserWarning):
+    """A time-budget run's steps cost more (or less) than its calibration priced them: it will not train for
+    its budget, and the report will not count it as an equal-time run."""
 
 
 def loss_text(value: float | None) -> str:
@@ -169,6 +189,16 @@ def train(
             checkpointed at its last step and summary.json recorded it as interrupted.
         Any exception from training, after summary.json records it as failed.
     """
+    config.validate()
+    # A data-parallel rank keeps the share of the cores its launcher gave it.
+    threads = config.threads or (torch.get_num_threads() if Ranks().many else None)
+    with run_threads(threads):
+        return _train(config, resume, on_evaluation, progress, data, resume_stopped)
+
+
+def _train(
+    config: RunConfig, resume: bool, on_evaluation, progress: bool | None, data: Dataset | None, resume_stopped: bool
+) -> RunResult:
     finished, checkpoint = _check_run_directory(config, resume, resume_stopped)
     if finished is not None:
         return finished
@@ -231,7 +261,7 @@ def check_run(config: RunConfig, resume: bool = False) -> RunResult | None:
     data = check_fits_data(config).with_validation(config.valid_fraction)
     workload = get_workload(config.workload)
     with torch.random.fork_rng(devices=[]):  # leaves the caller's random state as it was
-        model = _build_model(workload, data, config, torch.device("cpu"))
+        model = build_model(workload, data.shape, config.width_mult, config.depth_mult, torch.device("cpu"))
         optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **config.hparams)
     if hasattr(optimizer, "remove_hooks"):
         optimizer.remove_hooks()
@@ -379,19 +409,6 @@ def check_fits_data(config: RunConfig, data: Dataset | None = None) -> Dataset:
     return data
 
 
-def _build_model(workload: Workload, data: Dataset, config: RunConfig, device: torch.device) -> torch.nn.Module:
-    """The run's model on ``device``; a model too large for its memory is bad input, said in one line."""
-    try:
-        return workload.build_model(data.shape, config.width_mult, config.depth_mult).to(device)
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
-            raise
-        raise ValueError(
-            f"The {config.workload} model with width_mult={config.width_mult} and depth_mult={config.depth_mult} does "
-            f"not fit in the memory of {device} ({records.first_line(err)}); lower --width-mult or --depth-mult"
-        ) from None
-
-
 def check_data_parallel(config: RunConfig, world_size: int) -> None:
     """Refuse a run that W ranks cannot share, naming why."""
     if config.batch_size % world_size:
@@ -433,6 +450,8 @@ class _Run:
         self.calibration_seconds = 0.0
         if checkpoint is not None and checkpoint["calibration"] is not None:
             self.calibration = Calibration(**checkpoint["calibration"])
+        elif config.step_cost is not None:  # priced beside the other optimizers of a comparison
+            self.calibration = Calibration.of(config.time_budget, config.step_cost, timed_steps=0)
         elif config.time_budget is not None:
             started = time.perf_counter()
             self.calibration = self._calibrate()
@@ -445,7 +464,7 @@ class _Run:
             self.calibration.steps if self.calibration else None,
         )
         torch.manual_seed(config.seed)  # the same on every rank: the ranks start from one model
-        self.model = _build_model(self.workload, self.data, config, self.device)
+        self.model = build_model(self.workload, self.data.shape, config.width_mult, config.depth_mult, self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
         self.net = self._data_parallel(self.model, self.optimizer)
         # The optimizer protocol (module docstring): what it times, and a GPU sync for honest timings.
@@ -454,6 +473,7 @@ class _Run:
             self.optimizer.synchronize_timing = self.device.type == "cuda"
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.step, self.wall_time, self.eval_seconds = 0, 0.0, 0.0
+        self.cpu_time = 0.0  # of the training thread in its steps: the training time of a budget on the CPU clock
         self._order, self._order_epoch = None, -1  # the batch order of the current epoch
         self.initial_train_loss: float | None = None
         self.step_times: list[float] = []  # of every step up to the last evaluation
@@ -462,6 +482,7 @@ class _Run:
         self.interval_step_times: list[float] = []
         self.interval_phase_times: list[dict[str, float]] = []
         self.agreed_signal: int | None = None  # the signal the ranks agreed on in the last step
+        self.off_pace_said = False
         self.rows: list[dict[str, Any]] = []  # the evaluations so far, as metrics.csv holds them
         self.resumed = checkpoint is not None
         if checkpoint is not None:
@@ -478,37 +499,25 @@ class _Run:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _calibrate(self) -> Calibration:
-        """The time budget as a step count, from steps of a throwaway model and optimizer of this config.
+        """The time budget as a step count: this config's step against the reference optimizer's, on throwaway
+        models (:func:`~sweeps.runner.calibration.calibrate_run`); on several ranks, the slowest rank's.
 
-        Its own RNG stream, seeded by the run's seed, leaves the run's untouched and makes it repeatable.
         Steps that the throwaway optimizer skipped as non-finite cost less than real ones: a warning says so.
         """
         config = self.config
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(config.seed)
-            model = _build_model(self.workload, self.data, config, self.device)
-            optimizer = make_optimizer(config.optimizer, model, loss=self.workload.loss_kind, **config.hparams)
-            net = self._data_parallel(model, optimizer)  # its steps cost what the run's will, communication included
-            x, y = self.splits["train"]
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed)).to(self.device)
-
-            def step(i: int) -> None:
-                start = (i % self.steps_per_epoch) * config.batch_size
-                batch = order[start : start + config.batch_size][self.ranks.shard(config.batch_size)]
-                optimizer.zero_grad(set_to_none=True)
-                self.workload.loss(net(x[batch]), self.workload.target(x[batch], y[batch])).backward()
-                optimizer.step()
-
-            calibration = calibrate(config.time_budget, step, self._sync)
+        x, y = self.splits["train"]
+        shard = self.ranks.shard(config.batch_size)
+        calibration = calibrate_run(
+            config, self.data.shape, x, y, self.device, shard, self._data_parallel, data_parallel=self.ranks.many
+        )
         if self.ranks.many:  # every rank must run the same steps: those of the slowest
             step_time = self.ranks.max(calibration.step_time_s, self.device)
+            reference = self.ranks.max(calibration.reference_step_time_s, self.device)
             calibration = dataclasses.replace(
-                calibration, step_time_s=step_time, steps=max(1, math.floor(config.time_budget / step_time))
-            )
-        if hasattr(optimizer, "remove_hooks"):  # the hooks would keep the throwaway model alive
-            optimizer.remove_hooks()
-        skipped = getattr(optimizer, "skipped_steps", 0)
+                calibration, step_time_s=step_time, steps=max(1, math.floor(config.time_budget / step_time)),
+                reference_step_time_s=reference,
+            )  # fmt: skip
+        skipped = calibration.skipped_steps
         if skipped:
             warnings.warn(
                 CalibrationSkipped(
@@ -517,7 +526,7 @@ class _Run:
                 ),
                 stacklevel=3,
             )
-        return dataclasses.replace(calibration, skipped_steps=skipped)
+        return calibration
 
     def _data_parallel(self, model: torch.nn.Module, optimizer) -> torch.nn.Module:
         """What the forward pass runs: the model, in DDP on several ranks unless the optimizer communicates
@@ -584,6 +593,7 @@ class _Run:
                     row = self.evaluate(self.interval_step_times, self.interval_phase_times)
                     self.interval_step_times, self.interval_phase_times = [], []
                     self.record(row)
+                    self._check_pace()
                     bar.set_postfix(train=f"{row['train_loss']:.4g}", valid=f"{row['valid_loss']:.4g}")
                     if not self._sane(row["train_loss"]):
                         return schema.DIVERGED
@@ -611,6 +621,33 @@ class _Run:
             self.save_checkpoint()
         raise interrupts.Interrupted(signum)
 
+    def _check_pace(self) -> None:
+        """Say once (:class:`OffPace`) when the steps so far cost more than ``PACE_TOLERANCE`` more or less than
+        the calibration priced them: the machine got busier or quieter, and the run will not train for its budget."""
+        if self.calibration is None or self.off_pace_said or not self.ranks.writes or self.step < MIN_PACE_STEPS:
+            return
+        ratio = pace(self.budget_seconds, self.step, self.calibration.step_time_s)
+        if abs(ratio - 1) <= PACE_TOLERANCE:
+            return
+        self.off_pace_said = True
+        total, priced = self.horizon.total_steps, self.calibration.step_time_s
+        why = "busier" if ratio > 1 else "quieter"
+        clock = " (CPU time of its thread)" if self.calibration.clock == "cpu" else ""
+        warnings.warn(
+            OffPace(
+                f"{self.run_dir}: its {self.step} steps so far took {ratio:.2f}× the {priced:.3g} s per step{clock} "
+                f"that converted its budget into {total} steps (is the machine {why} than then?); it keeps its "
+                f"{total} steps, so it will train for about {ratio * total * priced:.3g} s of its "
+                f"{self.config.time_budget:g} s budget, and the report will not count it as an equal-time run"
+            ),
+            stacklevel=5,
+        )
+
+    @property
+    def budget_seconds(self) -> float:
+        """Training time so far on the clock of the budget (:func:`~sweeps.runner.budget.budget_clock`)."""
+        return self.cpu_time if self.calibration is not None and self.calibration.clock == "cpu" else self.wall_time
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of ``step``: each epoch visits the training split in its own seeded order."""
         epoch, index = divmod(step, self.steps_per_epoch)
@@ -628,7 +665,7 @@ class _Run:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         self._sync()
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         self.optimizer.zero_grad(set_to_none=True)
         x, y = x[self.ranks.shard(len(x))], y[self.ranks.shard(len(y))]
         loss = self.workload.loss(self.net(x), self.workload.target(x, y))
@@ -643,6 +680,7 @@ class _Run:
         self._sync()
         finished = time.perf_counter()
         self.wall_time += finished - started
+        self.cpu_time += time.thread_time() - started_cpu
         self.step += 1
         phases = {"forward_backward": backward_done - started, **getattr(self.optimizer, "last_step_seconds", {})}
         return finished - started, phases
@@ -709,6 +747,7 @@ class _Run:
                 "horizon": dataclasses.asdict(self.horizon),
                 "step": self.step,
                 "wall_time": self.wall_time,
+                "cpu_time": self.cpu_time,
                 "initial_train_loss": self.initial_train_loss,
                 "step_times": self.step_times,
                 "interval_step_times": self.interval_step_times,
@@ -730,6 +769,7 @@ class _Run:
             )
         self.step = checkpoint["step"]
         self.wall_time = checkpoint["wall_time"]
+        self.cpu_time = checkpoint.get("cpu_time", 0.0)  # older checkpoints: their budgets count wall time
         self.initial_train_loss = checkpoint["initial_train_loss"]
         self.step_times = list(checkpoint["step_times"])
         # Written only by a checkpoint between two evaluations (and absent from those of older versions).
@@ -763,6 +803,7 @@ class _Run:
             **{f"final_{split}_loss": finals.get(f"{split}_loss") for split in self.splits},
             **{f"best_{split}_loss": min(finite(f"{split}_loss"), default=None) for split in self.splits},
             "train_seconds": self.wall_time,
+            "train_cpu_seconds": self.cpu_time,
             "eval_seconds": self.eval_seconds,
             "calibration_seconds": self.calibration_seconds,
             "total_seconds": time.perf_counter() - self.started,

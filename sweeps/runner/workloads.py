@@ -12,12 +12,13 @@ import dataclasses
 import math
 import numbers
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sweeps.runner.data import DataShape
 
-__all__ = ["WORKLOADS", "Workload", "check_width_mult", "get_workload"]
+__all__ = ["WORKLOADS", "Workload", "build_model", "check_width_mult", "get_workload"]
 
 # The official deep autoencoder: 784-1000-500-250-30-250-500-1000-784.
 AUTOENCODER_WIDTHS = (1000, 500, 250)
@@ -61,6 +62,22 @@ class Workload:
 # Beyond it the reference autoencoder's widest layer has over 100,000 units
 # (billions of weights): a mistyped value, not an experiment.
 MAX_WIDTH_MULT = 100.0
+
+
+def build_model(
+    workload: Workload, shape: DataShape, width_mult: float, depth_mult: int, device: torch.device
+) -> nn.Module:
+    """The workload's model on ``device``; a model too large for its memory is bad input, said in one line."""
+    try:
+        return workload.build_model(shape, width_mult, depth_mult).to(device)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+            raise
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"The {workload.name} model with width_mult={width_mult} and depth_mult={depth_mult} does not fit in the "
+            f"memory of {device} ({type(err).__name__}: {first_line}); lower --width-mult or --depth-mult"
+        ) from None
 
 
 def check_width_mult(width_mult: float) -> float:
