@@ -54,7 +54,7 @@ __all__ = ["BenchConfig", "bench", "measure"]
 class BenchConfig:
     optimizer: str = "adam"
     workload: str = "autoencoder"
-    data: str = "mnist5k"  # only its shape: the batch is random pixels and labels
+    data: str | None = None  # only its shape (default: the workload's data set): the batch is random data
     batch_size: int = 1000
     width_mult: float = 1.0
     depth_mult: int = 1
@@ -68,14 +68,18 @@ class BenchConfig:
     hypergrad: str | None = None  # LocoProp: γ adapted by hypergradients of this mode (None: β = 0)
     memory_only: bool = False  # the separate memory run: no Adam twin, no probe
 
+    def __post_init__(self):
+        from sweeps.runner.workloads import WORKLOADS
+
+        if self.data is None and self.workload in WORKLOADS:  # an unknown workload is refused by validate()
+            self.data = WORKLOADS[self.workload].default_data
+
     def validate(self) -> None:
         """Refuse a config that cannot be measured, naming the bad value."""
         from baselines.registry import OPTIMIZERS
-        from sweeps.runner.data import data_shape
-        from sweeps.runner.workloads import check_width_mult, get_workload
+        from sweeps.runner.workloads import check_data, check_width_mult
 
-        get_workload(self.workload)
-        data_shape(self.data)
+        check_data(self.workload, self.data)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Unknown optimizer: {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         for name, least in (("batch_size", 1), ("depth_mult", 1), ("local_iters", 1), ("steps", 1), ("warmup", 0),
@@ -145,8 +149,7 @@ def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hpara
     torch.manual_seed(0)
     workload = get_workload(config.workload)
     shape = data_shape(config.data)
-    x = torch.rand(config.batch_size, shape.num_features)
-    y = torch.randint(0, shape.num_classes, (config.batch_size,))
+    x, y = shape.random_batch(config.batch_size)
     model = workload.build_model(shape, config.width_mult, config.depth_mult).to(device)
     ranks = Ranks()
     x, y = x[ranks.shard(len(x))].to(device), y[ranks.shard(len(y))].to(device)
