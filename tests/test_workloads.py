@@ -280,3 +280,15 @@ def test_locoprop_bench_measures_the_transformer():
     assert record["workload"] == "transformer" and record["step_time_s"] > 0
     assert record["ratio_to_adam"] == pytest.approx(record["step_time_s"] / record["adam_step_time_s"])
     assert record["flop_bound_ratio"] > 0
+
+
+def test_bench_takes_the_workload_s_data_shape_and_batch_size_unless_given(monkeypatch, capsys):
+    status = main(["bench", "--workload", "transformer", "--data", "mnist5k"])  # refused before any benchmark runs
+    err = capsys.readouterr().err
+    assert status == 2 and "Workload 'transformer' cannot train on 'mnist5k' (images)" in err
+    benchmarked = []
+    monkeypatch.setattr("sweeps.commands.bench.bench", lambda configs: benchmarked.extend(configs) or [])
+    assert main(["bench", "--workload", "transformer", "--optimizers", "adam", "--json"]) == 0
+    assert main(["bench", "--workload", "resnet", "--data", "mnist5k", "--batch-size", "32", "--json"]) == 0
+    assert [(c.workload, c.data, c.batch_size) for c in benchmarked][:2] == [("transformer", "fortunes", 16),
+                                                                             ("resnet", "mnist5k", 32)]  # fmt: skip

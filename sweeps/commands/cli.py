@@ -465,8 +465,8 @@ def cmd_bench(args) -> int:
     batch_sizes = list(dict.fromkeys(args.batch_size or [WORKLOADS[args.workload].default_batch_size]))
     widths = list(dict.fromkeys(args.width_mult))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    shared = dict(workload=args.workload, depth_mult=args.depth_mult, local_iters=args.local_iters, steps=args.steps,
-                  warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
+    shared = dict(workload=args.workload, data=args.data, depth_mult=args.depth_mult, local_iters=args.local_iters,
+                  steps=args.steps, warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
                   hparams={"compile": True} if args.compile else {})  # fmt: skip
     configs = [
         BenchConfig(optimizer=name, batch_size=batch, width_mult=width, hypergrad=mode, **shared)
@@ -685,10 +685,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(commands, "bench", "step time, ratio to Adam, FLOP-bound ratio and peak memory per optimizer")
     add_workload_flag(p)
     p.add_argument(
+        "--data", default=None, choices=list(DATASETS),
+        help="data set whose shape the random batch has; nothing is read (default: the workload's: "
+        f"{_workload_defaults('default_data')})",
+    )  # fmt: skip
+    p.add_argument(
         "--batch-size", type=_int_list, default=None,
         help="examples per step, one or more comma-separated, each ≥ 1 (default: the workload's: "
-        f"{_workload_defaults('default_batch_size')}); the batch is random data of the workload's default data set's "
-        "shape",
+        f"{_workload_defaults('default_batch_size')}); the batch is random data of --data's shape",
     )  # fmt: skip
     p.add_argument(
         "--width-mult", type=_width_mult_list, default=[1.0],

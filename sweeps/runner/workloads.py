@@ -192,16 +192,16 @@ CURVES_CODE = 6
 SPARSE_INIT_CONNECTIONS = 15  # Martens (2010): incoming weights of a unit that start non-zero
 
 
-def _sparse_init_(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+def _sparse_init_(model: nn.Module) -> nn.Module:
     """Martens' (2010) sparse initialisation: each unit gets :data:`SPARSE_INIT_CONNECTIONS` non-zero
-    incoming weights (all of them in a narrower layer), drawn from N(0, 1); biases are zero."""
+    incoming weights (all of them where it has fewer inputs), drawn from N(0, 1); biases are zero."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             with torch.no_grad():
                 out_features, in_features = module.weight.shape
                 keep = min(SPARSE_INIT_CONNECTIONS, in_features)
-                chosen = torch.rand(out_features, in_features, generator=generator).argsort(dim=1)[:, :keep]
-                module.weight.zero_().scatter_(1, chosen, torch.randn(out_features, keep, generator=generator))
+                chosen = torch.rand(out_features, in_features).argsort(dim=1)[:, :keep]  # a random subset per unit
+                module.weight.zero_().scatter_(1, chosen, torch.randn(out_features, keep))
                 module.bias.zero_()
     return model
 
