@@ -185,6 +185,7 @@ def test_the_resnet_is_a_small_resnet_with_batchnorm():
     assert len(convs) == len(norms) == 1 + 2 * 3 + 2  # stem, two per block, two 1×1 shortcuts
     assert all(c.bias is None for c in convs)
     assert [c.out_channels for c in convs if c.kernel_size == (3, 3)] == [8, 8, 8, 16, 16, 32, 32]
+    assert convs[0].stride == (2, 2)  # the stem: the stages work at 14, 7 and 4 pixels a side
     assert model(torch.rand(5, 784)).shape == (5, 10)
     deeper = get_workload("resnet").build_model(data_shape("fashion-mnist"), depth_mult=2)
     assert sum(isinstance(m, nn.Conv2d) for m in deeper.modules()) == 1 + 2 * 6 + 2

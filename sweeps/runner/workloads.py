@@ -238,9 +238,9 @@ RESNET_CHANNELS = (8, 16, 32)
 
 
 class ResNetClassifier(Workload):
-    """A small CIFAR-style ResNet with BatchNorm (:class:`~sweeps.runner.resnet.SmallResNet`): three stages
-    of 8, 16 and 32 channels (× ``width_mult``) at 28, 14 and 7 pixels a side, ``depth_mult`` basic blocks
-    each (one: ResNet-8), cross-entropy."""
+    """A small ResNet with BatchNorm (:class:`~sweeps.runner.resnet.SmallResNet`): a stride-2 stem, three
+    stages of 8, 16 and 32 channels (× ``width_mult``) at 14, 7 and 4 pixels a side, ``depth_mult`` CIFAR-style
+    basic blocks each (one: ResNet-8), cross-entropy."""
 
     def build_model(self, shape: DataShape, width_mult: float = 1.0, depth_mult: int = 1) -> nn.Module:
         channels = tuple(_scaled(c, width_mult) for c in RESNET_CHANNELS)
