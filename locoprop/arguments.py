@@ -108,7 +108,8 @@ def check_unit(unit: Unit, solve: str) -> None:
     (the maps seen at run time are checked when the step collects its problems)."""
     if solve == "exact" and unit.kind not in (None, "linear"):
         raise ValueError(
-            f"solve='exact' supports nn.Linear units only; unit {unit.name!r} is a {type(unit.module).__name__}"
+            f"solve='exact' supports nn.Linear units only; unit {unit.name!r} is a {type(unit.module).__name__}: "
+            "use solve='iterative', or pass units=[(layer, transfer), ...] with nn.Linear layers only"
         )
     if unit.transfer.name.startswith("softmax") and (unit.kind or "").startswith("conv"):
         raise ValueError(

@@ -35,6 +35,7 @@ __all__ = [
     "METRICS",
     "METRIC_COLUMNS",
     "OK",
+    "PERPLEXITY_COLUMNS",
     "PROTOCOL",
     "RUNNING",
     "RUN_ID",
@@ -65,6 +66,8 @@ METRIC_COLUMNS = ("step", "epoch", "wall_time_s", "train_loss", "valid_loss", "t
 # such as LocoProp's targets and local_solve: PHASE_time_s) and its count of
 # steps skipped for non-finite values.
 CLASSIFIER_COLUMNS = ("train_error", "valid_error", "test_error")
+# ...and language models (token sequences) their perplexity, exp of the mean next-token loss, too.
+PERPLEXITY_COLUMNS = ("train_perplexity", "valid_perplexity", "test_perplexity")
 STEP_TIME_COLUMN = "step_time_s"
 SKIPPED_COLUMN = "skipped_steps"
 
@@ -113,10 +116,14 @@ def phase_column(phase: str) -> str:
     return f"{phase}_time_s"
 
 
-def metric_columns(classifier: bool, phases: tuple[str, ...], adapted: tuple[str, ...] = ()) -> list[str]:
+def metric_columns(
+    classifier: bool, phases: tuple[str, ...], adapted: tuple[str, ...] = (), *, perplexity: bool = False
+) -> list[str]:
     """The metrics.csv header of a run whose steps are timed in ``phases`` and whose optimizer adapts the
-    hyperparameters ``adapted`` itself (LocoProp's γ per unit: ``gamma/UNIT``, :data:`ADAPTED_GAMMA_PREFIX`)."""
-    columns = [*METRIC_COLUMNS, *(CLASSIFIER_COLUMNS if classifier else ()), STEP_TIME_COLUMN]
+    hyperparameters ``adapted`` itself (LocoProp's γ per unit: ``gamma/UNIT``, :data:`ADAPTED_GAMMA_PREFIX`);
+    a language model's (``perplexity``) has the perplexity of each split too."""
+    columns = [*METRIC_COLUMNS, *(CLASSIFIER_COLUMNS if classifier else ())]
+    columns += [*(PERPLEXITY_COLUMNS if perplexity else ()), STEP_TIME_COLUMN]
     return columns + [phase_column(phase) for phase in phases] + [SKIPPED_COLUMN, *adapted]
 
 

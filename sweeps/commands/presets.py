@@ -14,6 +14,9 @@ COMPARE_DEFAULTS = {
     "autoencoder": dict(batch_size=250, time_budget=30.0),
     "mlp": dict(batch_size=250, time_budget=30.0),
     "cnn": dict(batch_size=250, time_budget=30.0),
+    "curves": dict(batch_size=250, time_budget=30.0),
+    "resnet": dict(batch_size=128, time_budget=30.0),
+    "transformer": dict(batch_size=16, time_budget=30.0),
 }
 COMPARE_OPTIMIZERS = ["locoprop-m", "locoprop-s", "adam", "rmsprop", "kfac"]
 

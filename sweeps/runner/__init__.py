@@ -1,7 +1,11 @@
 """The runner: data sets, workloads, ``train(config) -> RunResult`` and run records (SPEC §5, §6).
 
 - :mod:`~sweeps.runner.data`: the data sets and their splits;
+- :mod:`~sweeps.runner.curves`: the generator of the CURVES images (a stand-in);
+- :mod:`~sweeps.runner.text`: the ``fortunes`` text and synthetic token streams;
 - :mod:`~sweeps.runner.workloads`: models and losses;
+- :mod:`~sweeps.runner.resnet`, :mod:`~sweeps.runner.language_model`: the
+  networks of the ``resnet`` and ``transformer`` workloads;
 - :mod:`~sweeps.runner.config`: :class:`RunConfig`, what defines a run, and
   the name of its directory;
 - :mod:`~sweeps.runner.train`: the training loop (time, evaluation, budget);

@@ -14,7 +14,7 @@ import torch
 from baselines.registry import check_hparams, inert_hparams
 from sweeps import schema
 from sweeps.runner.budget import StepCost
-from sweeps.runner.workloads import get_workload
+from sweeps.runner.workloads import WORKLOADS, check_data, get_workload
 
 __all__ = ["DEVICES", "MAX_SEED", "SCHEDULES", "RunConfig", "config_digest", "run_dir_name", "run_identity"]
 
@@ -31,6 +31,8 @@ class RunConfig:
     """Everything that defines a run; saved as config.json.
 
     Attributes:
+        data, batch_size: default to the workload's (``Workload.default_data``,
+            ``default_batch_size``: mnist5k and 1000 for the autoencoder).
         out: the run directory.
         hparams: optimizer hyperparameters (registry names), over its defaults.
         schedule: "official" (linear warmup, then linear decay to zero, as
@@ -58,13 +60,13 @@ class RunConfig:
     """
 
     workload: str = "autoencoder"
-    data: str = "mnist5k"
+    data: str | None = None
     optimizer: str = "locoprop-m"
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
     epochs: int | None = None
     steps: int | None = None
     time_budget: float | None = None
-    batch_size: int = 1000
+    batch_size: int | None = None
     seed: int = 0
     schedule: str = "official"
     warmup_epochs: float | None = None
@@ -88,11 +90,16 @@ class RunConfig:
             if unknown:
                 raise ValueError(f"Invalid step_cost: {self.step_cost!r}; unknown field(s) {', '.join(unknown)}")
             self.step_cost = StepCost(**self.step_cost)
+        workload = WORKLOADS.get(self.workload)  # an unknown one is refused by validate()
+        if workload is not None:
+            self.data = workload.default_data if self.data is None else self.data
+            self.batch_size = workload.default_batch_size if self.batch_size is None else self.batch_size
 
     def validate(self) -> None:
         """Refuse a bad value, naming it; the checks that need the data set
         (batch size against its size) are the run's."""
         get_workload(self.workload)
+        check_data(self.workload, self.data)
         check_hparams(self.optimizer, self.hparams)
         for name in ("epochs", "steps", "batch_size", "depth_mult", "eval_every", "eval_batch_size"):
             value = getattr(self, name)

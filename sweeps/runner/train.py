@@ -11,8 +11,10 @@ evaluation and budget; optimizers only update. Per run directory:
 - ``metrics.csv``: one row per evaluation (at step 0, then every
   ``eval_every`` steps and at the last step): step, epoch (fractional),
   wall_time_s (training time: the clock pauses during evaluation),
-  train_loss, valid_loss and test_loss on the whole splits, lr, mean seconds
-  per step and per phase of a step, and the count of skipped steps;
+  train_loss, valid_loss and test_loss on the whole splits (on a fixed
+  subset of each where the workload says so: ``Workload.eval_examples``),
+  a classifier's error rates, a language model's perplexities, lr, mean
+  seconds per step and per phase of a step, and the count of skipped steps;
 - ``summary.json``: final and best losses, status, seconds, split sizes,
   budget and horizon, peak memory, versions, seed;
 - ``checkpoint.pt``: written at every evaluation, with the metrics rows so
@@ -446,6 +448,11 @@ class _Run:
             split: (getattr(self.data, f"{split}_x").to(self.device), getattr(self.data, f"{split}_y").to(self.device))
             for split in ("train", "valid", "test")
         }
+        # What evaluations read: the splits, or a fixed subset of each where whole splits would cost too much.
+        self.evaluated = self.splits
+        if self.workload.eval_examples is not None:
+            subsets = self.data.evaluated(self.workload.eval_examples)
+            self.evaluated = {split: (x.to(self.device), y.to(self.device)) for split, (x, y) in subsets.items()}
         self.calibration: Calibration | None = None
         self.calibration_seconds = 0.0
         if checkpoint is not None and checkpoint["calibration"] is not None:
@@ -554,7 +561,10 @@ class _Run:
         (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
         if not self.resumed:
             (self.run_dir / records.CHECKPOINT).unlink(missing_ok=True)
-        columns = schema.metric_columns(self.workload.loss_kind == "cross_entropy", self.phases, self.adapted_columns)
+        columns = schema.metric_columns(
+            self.workload.loss_kind == "cross_entropy", self.phases, self.adapted_columns,
+            perplexity=self.workload.inputs == "tokens",
+        )  # fmt: skip
         # Rows after the checkpoint's step are redone; the checkpoint's own
         # rows replace the file's, which may be damaged or cut short.
         self.metrics = records.MetricsWriter(self.run_dir / records.METRICS, columns, rows=self.rows)
@@ -705,7 +715,7 @@ class _Run:
             "wall_time_s": self.wall_time,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
-        for split, (x, y) in self.splits.items():
+        for split, (x, y) in self.evaluated.items():
             total, extra = 0.0, {}
             for start in range(0, len(x), self.config.eval_batch_size):
                 xb, yb = x[start : start + self.config.eval_batch_size], y[start : start + self.config.eval_batch_size]
@@ -717,6 +727,8 @@ class _Run:
             row[f"{split}_loss"] = total / len(x)
             for key, value in extra.items():
                 row[f"{split}_{key}"] = value / len(x)
+            for key, value in self.workload.split_metrics(row[f"{split}_loss"]).items():
+                row[f"{split}_{key}"] = value
         self.model.train()
         row[schema.STEP_TIME_COLUMN] = statistics.mean(step_times) if step_times else None
         for phase in self.phases:
@@ -800,6 +812,7 @@ class _Run:
             "budget": {"kind": kind, "value": value, "steps": self.horizon.total_steps},
             "horizon": dataclasses.asdict(self.horizon),
             "split_sizes": self.data.split_sizes(),
+            "evaluated_sizes": {split: len(x) for split, (x, _) in self.evaluated.items()},
             **{f"final_{split}_loss": finals.get(f"{split}_loss") for split in self.splits},
             **{f"best_{split}_loss": min(finite(f"{split}_loss"), default=None) for split in self.splits},
             "train_seconds": self.wall_time,
@@ -816,6 +829,8 @@ class _Run:
             summary[schema.CALIBRATION] = self.calibration.as_dict()
         if self.workload.loss_kind == "cross_entropy":
             summary.update({f"final_{split}_error": finals.get(f"{split}_error") for split in self.splits})
+        if self.workload.inputs == "tokens":
+            summary.update({f"final_{split}_perplexity": finals.get(f"{split}_perplexity") for split in self.splits})
         summary["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0)
         if error is not None:
             summary["error"] = error
