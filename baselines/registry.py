@@ -207,15 +207,19 @@ _LOCOPROP_DEFAULTS = dict(
     hypergrad_lr=0.0,
     hypergrad="implicit",
     hypergrad_iters=1,
+    hypergrad_rule="plain",
 )
 
 
 def _locoprop_inert(exact: bool) -> Callable[[dict[str, Any]], tuple[str, ...]]:
-    """LocoProp's hyperparameters that change nothing: the sensitivity ∂θ/∂γ (hypergrad, and the CG steps
-    of "implicit") is computed only while β = hypergrad_lr > 0, and the exact solve has it in closed form."""
+    """LocoProp's hyperparameters that change nothing: γ's update rule and the sensitivity ∂θ/∂γ (hypergrad,
+    and the CG steps of "implicit") count only while β = hypergrad_lr > 0, and the exact solve has the
+    sensitivity in closed form."""
 
     def inert(h: dict[str, Any]) -> tuple[str, ...]:
-        if exact or h.get("hypergrad_lr") == 0:
+        if h.get("hypergrad_lr") == 0:
+            return ("hypergrad", "hypergrad_iters", "hypergrad_rule")
+        if exact:
             return ("hypergrad", "hypergrad_iters")
         return ("hypergrad_iters",) if h.get("hypergrad") == "unrolled" else ()
 

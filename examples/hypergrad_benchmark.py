@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--hypergrad", default="implicit", choices=["implicit", "unrolled"])
     parser.add_argument("--betas", default="0.01,0.03,0.1,0.3,1")
     parser.add_argument("--starts", default="0.1,10")
+    parser.add_argument("--rule", default="plain", choices=["plain", "normalized"], help="γ's update rule")
+    parser.add_argument("--adapted-only", action="store_true",
+                        help="final runs: the tuned γ and the adapted runs at equal time only")  # fmt: skip
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--tune-seed", type=int, default=0)
     parser.add_argument("--time-budget", type=float, default=COMPARE_DEFAULTS[WORKLOAD]["time_budget"])
@@ -78,7 +81,8 @@ def main() -> None:
                      batch_size=batch_size, time_budget=args.time_budget, device="cpu")  # fmt: skip
 
     def adapted(start: float, beta: float) -> dict:
-        return {"activation_lr": start * gamma, "hypergrad_lr": beta, "hypergrad": args.hypergrad}
+        return {"activation_lr": start * gamma, "hypergrad_lr": beta, "hypergrad": args.hypergrad,
+                "hypergrad_rule": args.rule}  # fmt: skip
 
     print(f"selection (seed {args.tune_seed}): β in {betas}, γ starts {[s * gamma for s in starts]}", flush=True)
     worst = {}
@@ -94,12 +98,15 @@ def main() -> None:
         reference = run(base, out / "final", f"tuned γ {gamma:g}", seed=seed, hparams={"hypergrad_lr": 0.0})
         finals.setdefault(f"tuned γ = {gamma:g}, β = 0", []).append(reference)
         for start in starts:
-            finals.setdefault(f"γ₀ = {start:g}× tuned, β = 0", []).append(
-                run(base, out / "final", f"fixed {start:g}×γ", seed=seed, hparams={"activation_lr": start * gamma})
-            )
+            if not args.adapted_only:
+                finals.setdefault(f"γ₀ = {start:g}× tuned, β = 0", []).append(
+                    run(base, out / "final", f"fixed {start:g}×γ", seed=seed, hparams={"activation_lr": start * gamma})
+                )
             finals.setdefault(f"γ₀ = {start:g}× tuned, β = {beta:g}, equal time", []).append(
                 run(base, out / "final", f"adapted from {start:g}×γ", seed=seed, hparams=adapted(start, beta))
             )
+            if args.adapted_only:
+                continue
             finals.setdefault(f"γ₀ = {start:g}× tuned, β = {beta:g}, equal steps", []).append(
                 run(
                     base,

@@ -2,8 +2,11 @@
 
 At every step, for each unit whose group has β = ``hypergrad_lr`` > 0:
 ``adapt`` forms h = ⟨∇L, ∂θ/∂γ⟩ from the sensitivity that the unit's last
-solve left in ``state[p]["gamma_sensitivity"]`` and moves γ to
-γ·exp(−β·h·γ) (:func:`locoprop.hypergrad.adapted_activation_lr`); after the
+solve left in ``state[p]["gamma_sensitivity"]`` and moves γ by the
+optimizer's ``hypergrad_rule``: to γ·exp(−β·h·γ) ("plain",
+:func:`locoprop.hypergrad.adapted_activation_lr`) or by an Adam step on
+log γ whose moments live in the unit weight's ``state["log_gamma_moments"]``
+("normalized", :func:`locoprop.hypergrad.normalized_activation_lr`); after the
 solve, ``record_sensitivities`` stores the new ∂θ/∂γ (closed form for the
 exact solve, "implicit" or "unrolled" for the iterative one, from
 :mod:`locoprop.hypergrad`). Each function takes the optimizer and reads its
@@ -16,11 +19,25 @@ import math
 
 import torch
 
-from locoprop.hypergrad import adapted_activation_lr, implicit_sensitivity, inner_tangent, unrolled_sensitivity
+from locoprop.hypergrad import (
+    adapted_activation_lr,
+    implicit_sensitivity,
+    inner_tangent,
+    normalized_activation_lr,
+    unrolled_sensitivity,
+)
 from locoprop.inner import inner_lr
 from locoprop.problem import LocalProblem
 
-__all__ = ["adapt", "adapting_problems", "before_solve", "check_supported", "record_sensitivities"]
+__all__ = [
+    "adapt",
+    "adapting_problems",
+    "before_solve",
+    "check_supported",
+    "record_sensitivities",
+    "restore",
+    "saved",
+]
 
 
 def check_supported(opt) -> None:
@@ -52,9 +69,30 @@ def adapting_problems(opt, problems: list[LocalProblem]) -> list[LocalProblem]:
     return adapting
 
 
+def saved(opt, adapting: list[LocalProblem]) -> tuple[list[float], dict]:
+    """What :func:`adapt` changes, for :func:`restore`: every group's γ and the adapting units' moments."""
+    moments = {}
+    for problem in adapting:
+        state = opt.state[problem.params[0]]
+        moments[problem.params[0]] = list(state["log_gamma_moments"]) if "log_gamma_moments" in state else None
+    return [group["activation_lr"] for group in opt.param_groups], moments
+
+
+def restore(opt, before: tuple[list[float], dict]) -> None:
+    """Undo :func:`adapt` (a refused or skipped step changes nothing)."""
+    gammas, moments = before
+    for group, gamma in zip(opt.param_groups, gammas):
+        group["activation_lr"] = gamma
+    for param, values in moments.items():
+        if values is None:
+            opt.state[param].pop("log_gamma_moments", None)
+        else:
+            opt.state[param]["log_gamma_moments"] = values
+
+
 def adapt(opt, adapting: list[LocalProblem]) -> dict[str, float]:
     """h = ⟨∇L, ∂θ/∂γ⟩ of each adapting unit that has a sensitivity from its last solve; its group's γ
-    moves to γ·exp(−β·h·γ) (clipped) if every h is finite. One device sync."""
+    moves by the optimizer's ``hypergrad_rule`` (clipped) if every h is finite. One device sync."""
     measured = []
     for problem in adapting:
         pairs = [(p.grad, opt.state[p].get("gamma_sensitivity")) for p in problem.params if p.grad is not None]
@@ -66,7 +104,12 @@ def adapt(opt, adapting: list[LocalProblem]) -> dict[str, float]:
     if all(map(math.isfinite, values)):
         for (problem, _), h in zip(measured, values):
             group = opt.param_groups[problem.group_index]
-            group["activation_lr"] = adapted_activation_lr(group["activation_lr"], h, group["hypergrad_lr"])
+            gamma, beta = group["activation_lr"], group["hypergrad_lr"]
+            if opt.hypergrad_rule == "normalized":
+                moments = opt.state[problem.params[0]].setdefault("log_gamma_moments", [0.0, 0.0, 0])
+                group["activation_lr"] = normalized_activation_lr(gamma, h, beta, moments)
+            else:
+                group["activation_lr"] = adapted_activation_lr(gamma, h, beta)
     return {problem.unit.name: h for (problem, _), h in zip(measured, values)}
 
 

@@ -14,7 +14,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from locoprop.hypergrad import HYPERGRAD_MODES
+from locoprop.hypergrad import HYPERGRAD_MODES, HYPERGRAD_RULES
 from locoprop.inner import INNER_SCHEDULES
 from locoprop.local_gradients import PARALLEL_MODES
 from locoprop.transfer import TRANSFER_NAMES
@@ -45,6 +45,7 @@ def check_options(
     hypergrad: str,
     hypergrad_iters,
     output_activation: str | None,
+    hypergrad_rule: str = "plain",
 ) -> None:
     """The constructor's options that are not per-group hyperparameters."""
     if not isinstance(model, nn.Module):
@@ -69,6 +70,8 @@ def check_options(
         raise ValueError(f"Invalid hypergrad: {hypergrad!r}; expected one of {', '.join(HYPERGRAD_MODES)}")
     if isinstance(hypergrad_iters, bool) or not isinstance(hypergrad_iters, int) or hypergrad_iters < 1:
         raise ValueError(f"Invalid hypergrad_iters: {hypergrad_iters!r}; expected an integer ≥ 1")
+    if hypergrad_rule not in HYPERGRAD_RULES:
+        raise ValueError(f"Invalid hypergrad_rule: {hypergrad_rule!r}; expected one of {', '.join(HYPERGRAD_RULES)}")
     if solve == "exact" and variant != "S":
         raise ValueError(f"solve='exact' needs variant 'S', got variant {variant!r}")
     if solve == "exact" and not prox > 0:

@@ -23,9 +23,20 @@ gradient), in one of three ways:
   out per inner optimizer (:func:`unrolled_sensitivity`); the reference the
   other two are checked against.
 
-γ then moves multiplicatively, a step of size β on log γ:
-γ ← γ·exp(−β·h·γ) (h·γ = ∂L/∂log γ), the factor clipped to
-[1/``MAX_FACTOR``, ``MAX_FACTOR``], γ kept in ``GAMMA_RANGE``.
+γ then moves multiplicatively, by a step on log γ whose gradient is
+u = h·γ = ∂L/∂log γ, by one of two rules (``hypergrad_rule``):
+
+- ``"plain"`` (SPEC §12): γ ← γ·exp(−β·u);
+- ``"normalized"``: an Adam step on log γ, γ ← γ·exp(−β·m̂/√v̂), with m and v
+  running averages of u and u² (decays ``NORMALIZED_DECAYS``, bias
+  corrected). The step no longer scales with the loss (u of a loss scaled
+  by c is c·u: the plain step grows c-fold, this one not at all), so β is the
+  largest change of log γ per step, and a steady sign of u moves γ by about
+  e^β per step while a sign that flips averages out instead of throwing γ
+  about.
+
+Either way the factor is clipped to [1/``MAX_FACTOR``, ``MAX_FACTOR``] and γ
+kept in ``GAMMA_RANGE``.
 """
 
 from __future__ import annotations
@@ -43,15 +54,21 @@ from locoprop.transfer import Transfer
 __all__ = [
     "GAMMA_RANGE",
     "HYPERGRAD_MODES",
+    "HYPERGRAD_RULES",
     "MAX_FACTOR",
     "InnerTangent",
     "adapted_activation_lr",
     "implicit_sensitivity",
     "inner_tangent",
+    "normalized_activation_lr",
     "unrolled_sensitivity",
 ]
 
 HYPERGRAD_MODES = ("implicit", "unrolled")
+HYPERGRAD_RULES = ("plain", "normalized")
+# The normalized rule's decays of its running averages of u and of u² (Adam's β₁, and a β₂ short enough
+# that v follows the hypergradient's scale within the few hundred steps of a run).
+NORMALIZED_DECAYS = (0.9, 0.99)
 # γ changes by at most this factor per step: one noisy hypergradient cannot throw it far.
 MAX_FACTOR = 2.0
 # ...and stays inside this range, so that a long drift cannot reach 0 or overflow.
@@ -62,8 +79,29 @@ Forward = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 def adapted_activation_lr(gamma: float, hypergradient: float, hypergrad_lr: float) -> float:
     """γ·exp(−β·h·γ), the factor clipped to [1/MAX_FACTOR, MAX_FACTOR] and γ to GAMMA_RANGE."""
+    return _moved(gamma, -hypergrad_lr * hypergradient * gamma)
+
+
+def normalized_activation_lr(gamma: float, hypergradient: float, hypergrad_lr: float, moments: list[float]) -> float:
+    """γ·exp(−β·m̂/√v̂): one Adam step on log γ with gradient u = h·γ.
+
+    ``moments`` is the unit's [m, v, t] (running averages of u and u², and the number of updates so far),
+    updated in place: m ← ρ₁m + (1−ρ₁)u, v ← ρ₂v + (1−ρ₂)u², t ← t + 1, m̂ = m/(1−ρ₁ᵗ), v̂ = v/(1−ρ₂ᵗ)
+    (ρ = ``NORMALIZED_DECAYS``). Where u has been 0 throughout, γ stays. The factor is clipped to
+    [1/MAX_FACTOR, MAX_FACTOR] and γ to GAMMA_RANGE, as for the plain rule.
+    """
+    (rho1, rho2), u = NORMALIZED_DECAYS, hypergradient * gamma
+    m, v, t = moments
+    m, v, t = rho1 * m + (1 - rho1) * u, rho2 * v + (1 - rho2) * u * u, t + 1
+    moments[:] = [m, v, t]
+    m_hat, v_hat = m / (1 - rho1**t), v / (1 - rho2**t)
+    return _moved(gamma, -hypergrad_lr * m_hat / math.sqrt(v_hat) if v_hat > 0 else 0.0)
+
+
+def _moved(gamma: float, exponent: float) -> float:
+    """γ·exp(exponent), the factor clipped to [1/MAX_FACTOR, MAX_FACTOR] and γ to GAMMA_RANGE."""
     limit = math.log(MAX_FACTOR)
-    exponent = min(max(-hypergrad_lr * hypergradient * gamma, -limit), limit)
+    exponent = min(max(exponent, -limit), limit)
     return min(max(gamma * math.exp(exponent), GAMMA_RANGE[0]), GAMMA_RANGE[1])
 
 

@@ -118,7 +118,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad_lr: β ≥ 0. With β > 0 each unit's γ adapts online by
             hypergradient descent (:mod:`locoprop.adaptation`):
             γ ← γ·exp(−β·h·γ) with h = ⟨∇L(θ), ∂θ/∂γ⟩ of the unit's last
-            solve, the factor clipped to [½, 2]. The adapted γ are the
+            solve (or the normalized step of ``hypergrad_rule``), the
+            factor clipped to [½, 2]. The adapted γ are the
             groups' ``activation_lr``; ``last_hypergradients`` maps unit name
             to its last h. β = 0 (the default) computes nothing. Not yet on
             several ranks, nor with tied weights.
@@ -129,6 +130,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             solve always uses its closed form (:mod:`locoprop.hypergrad`).
         hypergrad_iters: conjugate-gradient steps of "implicit" (≥ 1); each
             costs about one local iteration.
+        hypergrad_rule: "plain" (SPEC §12: a step of β·h·γ on log γ) or
+            "normalized" (an Adam step of at most about β on log γ, the same
+            for any scale of the loss; :mod:`locoprop.hypergrad`).
     """
 
     # The phases of a step it times (``last_step_seconds``), for the runner.
@@ -156,9 +160,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad_lr: float = 0.0,
         hypergrad: str = "implicit",
         hypergrad_iters: int = 1,
+        hypergrad_rule: str = "plain",
     ):
         check_options(model, variant=variant, solve=solve, parallel=parallel, compile=compile, prox=prox,
-                      hypergrad=hypergrad, hypergrad_iters=hypergrad_iters,
+                      hypergrad=hypergrad, hypergrad_iters=hypergrad_iters, hypergrad_rule=hypergrad_rule,
                       output_activation=output_activation)  # fmt: skip
         defaults = dict(lr=plain_float(lr), activation_lr=plain_float(activation_lr), local_iters=local_iters,
                         inner_schedule=inner_schedule, prox=plain_float(prox),
@@ -182,7 +187,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self.unit_of_group: list[Unit | None] = [*found, None][: len(self.param_groups)]
         inner_groups = [{"params": group["params"], "lr": group["lr"]} for group in self.param_groups]
         self.inner = make_inner(inner, inner_kwargs, compile, inner_groups)
-        self.hypergrad, self.hypergrad_iters = hypergrad, hypergrad_iters
+        self.hypergrad, self.hypergrad_iters, self.hypergrad_rule = hypergrad, hypergrad_iters, hypergrad_rule
         # unit name -> h of the last step (units with a sensitivity from the step before)
         self.last_hypergradients: dict[str, float] = {}
         adaptation.check_supported(self)
@@ -303,7 +308,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             if not self._share_said:
                 self._say_share()
             adapting = adaptation.adapting_problems(self, problems)
-            gammas = [group["activation_lr"] for group in self.param_groups]
+            saved = adaptation.saved(self, adapting)
             try:
                 # h of the last step's γ, and the new γ that this step's solves use
                 hypergradients = adaptation.adapt(self, adapting) if adapting else {}
@@ -314,10 +319,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                     self._solve(problems, adapting)
                     self.last_hypergradients = hypergradients
                 else:
-                    self._restore_activation_lrs(gammas)
+                    adaptation.restore(self, saved)
                     self.skipped_steps += 1  # on every rank: the ranks must stay identical
             except BaseException:
-                self._restore_activation_lrs(gammas)  # a refused step changes nothing
+                adaptation.restore(self, saved)  # a refused step changes nothing
                 raise
         for unit in self.units:
             unit.records.clear()
@@ -364,10 +369,6 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 "variant; pass units=[(layer, transfer), ...] to choose the transfers yourself",
                 stacklevel=3,
             )
-
-    def _restore_activation_lrs(self, gammas: list[float]) -> None:
-        for group, gamma in zip(self.param_groups, gammas):
-            group["activation_lr"] = gamma
 
     def _parallel_mode(self) -> str:
         if self.parallel != "auto":

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locoprop import LocoPropOptimizer
-from locoprop.hypergrad import MAX_FACTOR, adapted_activation_lr
+from locoprop.hypergrad import MAX_FACTOR, NORMALIZED_DECAYS, adapted_activation_lr, normalized_activation_lr
 from locoprop.inner import INNER_NAMES
 
 
@@ -158,6 +158,74 @@ def test_adapted_activation_lr_is_a_clipped_multiplicative_step():
     assert adapted_activation_lr(2.0, 5.0, 0.0) == 2.0
 
 
+def test_the_normalized_rule_is_an_adam_step_on_log_gamma_whatever_the_loss_scale():
+    """Written out: m, v running averages of u = h·γ, bias-corrected, log γ moved by −β·m̂/√v̂."""
+    rho1, rho2 = NORMALIZED_DECAYS
+    for scale in (1.0, 1e-6, 1e6):  # the loss scaled by c scales every h by c: the same γ, every step
+        gamma, moments, m, v = 0.5, [0.0, 0.0, 0], 0.0, 0.0
+        expected = 0.5
+        for t, h in enumerate([2.0, -1.0, 0.5, 0.5], start=1):
+            u = h * expected  # the gradient in log γ, unscaled
+            m, v = rho1 * m + (1 - rho1) * u, rho2 * v + (1 - rho2) * u * u
+            expected *= math.exp(-0.1 * (m / (1 - rho1**t)) / math.sqrt(v / (1 - rho2**t)))
+            gamma = normalized_activation_lr(gamma, scale * h, 0.1, moments)
+            assert gamma == pytest.approx(expected, rel=1e-12)
+        assert moments[2] == 4
+    # The first step moves log γ by exactly β against the sign of h; a zero hypergradient moves nothing.
+    assert normalized_activation_lr(2.0, 123.0, 0.3, [0.0, 0.0, 0]) == pytest.approx(2.0 * math.exp(-0.3))
+    assert normalized_activation_lr(2.0, 0.0, 0.3, [0.0, 0.0, 0]) == 2.0
+    assert normalized_activation_lr(2.0, -1.0, 5.0, [0.0, 0.0, 0]) == pytest.approx(2.0 * MAX_FACTOR)
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 1e4])
+def test_with_the_normalized_rule_gamma_first_moves_by_beta_at_any_loss_scale(loss_scale):
+    model = _model()
+    opt = LocoPropOptimizer(model, **_optimizer_kwargs(hypergrad_lr=0.2, hypergrad="implicit",
+                                                       hypergrad_rule="normalized"))  # fmt: skip
+    for x in _batches(2):
+        before = [g["activation_lr"] for g in opt.param_groups]
+        opt.zero_grad()
+        (loss_scale * _loss(model, x)).backward()
+        opt.step()
+    assert set(opt.last_hypergradients) == {u.name for u in opt.units}
+    for group, unit, gamma in zip(opt.param_groups, opt.units, before):
+        h = opt.last_hypergradients[unit.name]
+        assert group["activation_lr"] == pytest.approx(gamma * math.exp(-0.2 * math.copysign(1, h)), rel=1e-12)
+        assert opt.state[unit.weight]["log_gamma_moments"][2] == 1
+
+
+def test_the_normalized_rule_s_moments_are_checkpointed_and_restored_by_a_refused_step(monkeypatch):
+    batches = _batches(6)
+    kwargs = _optimizer_kwargs(hypergrad_lr=0.3, hypergrad="implicit", hypergrad_rule="normalized")
+    model = _model()
+    opt = LocoPropOptimizer(model, **kwargs)
+    for x in batches[:3]:
+        _step(model, opt, x)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    moments = {u.name: list(opt.state[u.weight]["log_gamma_moments"]) for u in opt.units}
+    gammas = [g["activation_lr"] for g in opt.param_groups]
+    monkeypatch.setattr("locoprop.optimizer.solve_iterative", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        _step(model, opt, batches[3])
+    assert {u.name: opt.state[u.weight]["log_gamma_moments"] for u in opt.units} == moments
+    assert [g["activation_lr"] for g in opt.param_groups] == gammas
+    monkeypatch.undo()
+    for x in batches[3:]:
+        _step(model, opt, x)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    again = _model()
+    again.load_state_dict(saved["model"])
+    reloaded = LocoPropOptimizer(again, **kwargs)
+    reloaded.load_state_dict(saved["opt"])
+    for x in batches[3:]:
+        _step(again, reloaded, x)
+    assert [g["activation_lr"] for g in reloaded.param_groups] == [g["activation_lr"] for g in opt.param_groups]
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("hypergrad_lr, climbs", [(0.0, False), (1e4, True)])
 def test_gamma_climbs_from_a_start_far_too_small_and_the_loss_follows(hypergrad_lr, climbs):
     # γ = 1e-3 barely moves the targets: 40 steps leave the loss where it was unless γ adapts.
@@ -243,6 +311,7 @@ def test_a_step_refused_after_gamma_moved_restores_gamma(monkeypatch):
     [
         (dict(hypergrad="forward"), "Invalid hypergrad: 'forward'"),
         (dict(hypergrad_iters=0), "Invalid hypergrad_iters: 0"),
+        (dict(hypergrad_rule="adam"), "Invalid hypergrad_rule: 'adam'; expected one of plain, normalized"),
         (dict(hypergrad_lr=-1.0), "Invalid hypergrad_lr: -1.0"),
         (dict(hypergrad_lr=math.nan), "Invalid hypergrad_lr: nan"),
         (dict(inner=torch.optim.AdamW), "AdamW is none of them"),

@@ -29,7 +29,7 @@ import torch
 import locoprop
 from analysis.load import CompareFolderRead, RunSkipped, RunsNotFound
 from baselines.registry import OPTIMIZERS
-from locoprop.hypergrad import HYPERGRAD_MODES
+from locoprop.hypergrad import HYPERGRAD_MODES, HYPERGRAD_RULES
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps import interrupts, schema
 from sweeps.commands import presets
@@ -85,6 +85,11 @@ HPARAM_FLAGS = {
     ),
     "hypergrad": HparamFlag(
         str, "LocoProp sensitivity ∂θ/∂γ of the iterative solve: implicit (CG) or unrolled (exact)", HYPERGRAD_MODES
+    ),
+    "hypergrad_rule": HparamFlag(
+        str,
+        "LocoProp γ update: plain (a step of β·h·γ on log γ) or normalized (an Adam step of about β on log γ)",
+        HYPERGRAD_RULES,
     ),
     "momentum": HparamFlag(float, "momentum coefficient (LocoProp's inner one: --hparam inner_momentum=X)"),
     "damping": HparamFlag(float, "K-FAC Tikhonov damping added to the curvature factors"),
