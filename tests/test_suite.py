@@ -183,6 +183,16 @@ def test_bad_suite_input_is_refused_in_one_line_before_anything_runs(tmp_path, c
     assert not out.exists()
 
 
+def test_suite_json_never_holds_a_storage_password():
+    from sweeps.commands.compare import Tuning
+    from sweeps.commands.suite import _settings
+    from sweeps.runner import RunConfig
+
+    tuning = Tuning(2, storage="postgresql://user:hunter2@db/optuna")
+    settings = _settings(RunConfig(workload="autoencoder", data="synthetic"), ["adam"], [1], tuning)
+    assert "hunter2" not in json.dumps(settings) and settings["tuning"]["storage"] == "postgresql://user:***@db/optuna"
+
+
 def test_report_refuses_a_suite_folder_among_other_inputs(tmp_path, capsys):
     (tmp_path / "suite").mkdir()
     (tmp_path / "suite" / "suite.json").write_text(json.dumps({"pairs": []}))

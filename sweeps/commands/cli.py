@@ -743,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--suite", action="store_true",
-        help="--workloads " + ",".join("/".join(pair) for pair in _suite_pairs()) + " (the workload suite)",
+        help="the workload suite: --workloads " + ",".join("/".join(pair) for pair in _suite_pairs())
+        + " (default: off)",
     )  # fmt: skip
     p.add_argument("--tune-seed", type=int, default=0, help="training seed of the tuning trials (default: %(default)s)")
     p.add_argument(
@@ -757,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address for --backend ray (default: a local Ray)")
     p.add_argument(
         "--out", default="runs/compare",
-        help="folder of the comparison: tuning/, runs/, protocol.json and report/ (default: %(default)s)",
+        help="folder of the comparison: tuning/, runs/, protocol.json and report/; with --workloads or --suite, "
+        "suite.json, a WORKLOAD-DATA/ folder of that layout per pair, and report/ (default: %(default)s)",
     )  # fmt: skip
     p.set_defaults(handler=cmd_compare)
 

@@ -95,8 +95,13 @@ def pair_config(base: RunConfig, workload: str, data: str, budget_given: bool, b
 def _settings(config: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], tuning: Tuning | None) -> dict:
     """What a pair's comparison is: reused only where every one of these is the same."""
     fields = {key: value for key, value in dataclasses.asdict(config).items() if key not in ("out", "step_cost")}
+    tuned = dataclasses.asdict(tuning) if tuning else None
+    if tuned and tuned["storage"]:  # suite.json must never hold a storage URL's password
+        from sweeps.search.results import mask_url
+
+        tuned["storage"] = mask_url(tuned["storage"])
     return json.loads(json.dumps({"config": fields, "optimizers": list(optimizers), "seeds": list(seeds),
-                                  "tuning": dataclasses.asdict(tuning) if tuning else None}, default=str))  # fmt: skip
+                                  "tuning": tuned}, default=str))  # fmt: skip
 
 
 def read_suite(out: pathlib.Path) -> dict[str, Any] | None:
