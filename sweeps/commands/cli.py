@@ -885,7 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(commands, "report", "tables and plots from run directories and sweep tables")
     p.add_argument(
         "inputs", nargs="+", metavar="RUNS_OR_TABLES",
-        help="run directories, folders of them (such as an --out of train, compare or sweep), or sweep tables",
+        help="run directories, folders of them (such as an --out of train, compare or sweep), or sweep tables; or, "
+        "alone, a suite folder of compare --workloads/--suite, whose cross-workload report is written",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="folder for report.md, its tables and figures (required)")
     p.add_argument(
