@@ -274,20 +274,30 @@ def _times_lines(times: pd.DataFrame, ratios: pd.DataFrame) -> list[str]:
 def _profile_lines(ratios: pd.DataFrame, scores: pd.Series, r_max: float, out: pathlib.Path) -> list[str]:
     if ratios.empty:
         return []
-    plots.save(_profile_figure(ratios, r_max), out / "performance_profile")
+    plots.save(_profile_figure(ratios, scores, r_max), out / "performance_profile")
     rows = [[name, f"{scores[name]:.3f}"] for name in scores.sort_values(ascending=False, kind="stable").index]
     return ["## Performance profile and score", "",
             f"![performance profile over {len(ratios)} workload(s)](performance_profile.png)", "",
             markdown_table(["optimizer", f"score (r_max = {r_max:g})"], rows), ""]  # fmt: skip
 
 
-def _profile_figure(ratios: pd.DataFrame, r_max: float) -> Figure:
+LINE_STYLES = ("-", "--", ":", "-.")  # profiles often coincide: the styles keep each one visible
+
+
+def _profile_figure(ratios: pd.DataFrame, scores: pd.Series, r_max: float) -> Figure:
     taus = np.linspace(1.0, r_max, 301)
     rho = profile(ratios, taus)
     figure = Figure(figsize=(6.0, 4.0))
     ax = figure.add_subplot()
-    for optimizer in rho.columns:
-        ax.step(taus, rho[optimizer], where="post", label=optimizer)
+    for index, optimizer in enumerate(rho.columns):
+        ax.step(
+            taus,
+            rho[optimizer],
+            where="post",
+            linestyle=LINE_STYLES[index % len(LINE_STYLES)],
+            linewidth=2.5 - 0.3 * (index % len(LINE_STYLES)),
+            label=f"{optimizer} (score {scores[optimizer]:.2f})",
+        )
     ax.set_xlim(1.0, r_max)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("τ (time to target / fastest time to target)")
