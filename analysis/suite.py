@@ -10,8 +10,8 @@ Neural Network Training Algorithms", §4.4):
    the upper middle value, so that more than half of its runs reach it); the
    target is the lowest of these medians, and that baseline sets it.
 2. **Time to target** of an optimizer on a workload: per run, the training
-   seconds (metrics.csv's ``wall_time_s``, the clock that pauses during
-   evaluation) of its first evaluation at or below the target; the median
+   seconds on the budget's clock (:func:`clock_seconds`) of its first
+   evaluation at or below the target; the median
    over its runs, a run that never reached the target counting as ∞
    (:data:`analysis.tables.TIME_TO_TARGET_RULE`): "not reached" unless more
    than half of its runs reached it.
@@ -53,6 +53,7 @@ from sweeps.schema import PROTOCOL
 __all__ = [
     "R_MAX",
     "SCORING_RULE",
+    "clock_seconds",
     "integrated_scores",
     "performance_ratios",
     "profile",
@@ -74,7 +75,9 @@ SCORING_RULE = (
     "Scoring (AlgoPerf's rule): on each workload the target is the best first-order baseline's median validation "
     f"loss at the budget (first-order baselines: {', '.join(FIRST_ORDER)}); an optimizer's time to target is the "
     "median over its runs of the training seconds to its first evaluation at or below the target, a run that never "
-    "reached it counting as ∞; its performance ratio r is that time over the fastest optimizer's on the workload "
+    "reached it counting as ∞ (seconds on the budget's clock: under a time budget the steps taken times the step "
+    "cost that priced the budget, which a busy machine does not change; otherwise metrics.csv's wall_time_s); "
+    "its performance ratio r is that time over the fastest optimizer's on the workload "
     "(∞ where not reached); the performance profile ρ(τ) is the fraction of workloads with r ≤ τ, and the score is "
     "(1/(r_max − 1)) ∫ ρ(τ) dτ over τ from 1 to r_max = {r_max:g}, i.e. the mean over workloads of "
     "max(0, r_max − r)/(r_max − 1): 1 is fastest everywhere, 0 never within r_max× the fastest."
@@ -97,11 +100,21 @@ def suite_targets(frame: pd.DataFrame, metric: str = "valid_loss") -> pd.DataFra
     return pd.DataFrame(rows, columns=["workload", "data", "baseline", "target"])
 
 
+def clock_seconds(frame: pd.DataFrame) -> pd.Series:
+    """Each evaluation's training seconds on the budget's clock: under a time budget, its step times the seconds
+    per step that converted the budget into the run's steps (config.json's calibration: the training thread's CPU
+    time or wall time, priced side by side), so that a neighbour slowing the machine changes no time to target;
+    for runs without a calibration, metrics.csv's ``wall_time_s`` (training time; evaluation excluded)."""
+    priced = frame["step"].astype(float) * frame["calibrated_step_s"].astype(float)
+    return priced.where(priced.notna(), frame["wall_time_s"].astype(float))
+
+
 def time_to_target(frame: pd.DataFrame, targets: pd.DataFrame, metric: str = "valid_loss") -> pd.DataFrame:
-    """Per (workload, data, optimizer): runs, reached, and the median seconds to the workload's target (rule 2),
-    ∞ where not reached. A workload without a target has no rows."""
+    """Per (workload, data, optimizer): runs, reached, and the median seconds (:func:`clock_seconds`) to the
+    workload's target (rule 2), ∞ where not reached. A workload without a target has no rows."""
     by_workload = {(t.workload, t.data): float(t.target) for t in targets.itertuples()}
     frame = frame[[key in by_workload for key in zip(frame["workload"], frame["data"])]]
+    frame = frame.assign(wall_time_s=clock_seconds(frame))  # the column the time-to-target rule reads
     columns = [*GROUP, "optimizer", "runs", "reached", "seconds_to_target"]
     if frame.empty:
         return pd.DataFrame(columns=columns)

@@ -68,6 +68,16 @@ def test_time_to_target_is_the_median_over_runs_with_not_reached_as_infinite(fra
     assert times.loc[("wb", "rmsprop"), "reached"] == 1 and times.loc[("wa", "adam"), "reached"] == 2
 
 
+def test_under_a_time_budget_time_to_target_is_on_the_budgets_clock(frame):
+    # adam's runs on wa were priced at 0.5 s a step: its evaluations at steps 2, –, 1 give 1 s, ∞, 0.5 s (median
+    # 1 s), whatever wall time a busy machine made of them.
+    priced = frame.assign(calibrated_step_s=np.where((frame["optimizer"] == "adam") & (frame["workload"] == "wa"),
+                                                     0.5, np.nan))  # fmt: skip
+    times = scoring.time_to_target(priced, scoring.suite_targets(priced)).set_index(["workload", "optimizer"])
+    assert times.loc[("wa", "adam"), "seconds_to_target"] == 1
+    assert times.loc[("wa", "locoprop-m"), "seconds_to_target"] == 5  # no calibration: wall_time_s
+
+
 def test_ratios_profile_and_integrated_score_with_r_max_4(frame):
     ratios = scoring.performance_ratios(scoring.time_to_target(frame, scoring.suite_targets(frame)))
     ratios.index = [workload for workload, _ in ratios.index]
