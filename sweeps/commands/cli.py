@@ -301,6 +301,12 @@ def _workload_defaults(attribute: str) -> str:
     return "; ".join(f"{', '.join(names)} {value}" for value, names in by_value.items())
 
 
+def _suite_pairs() -> tuple[tuple[str, str], ...]:
+    from sweeps.commands.suite import SUITE
+
+    return SUITE
+
+
 def add_workload_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workload", default="autoencoder", choices=list(WORKLOADS),
@@ -471,6 +477,8 @@ def _train_rank(config: RunConfig, resume: bool, progress: bool | None) -> None:
 def cmd_compare(args) -> int:
     from sweeps.commands.compare import Tuning, compare
 
+    if args.suite or args.workloads is not None:
+        return _compare_suite(args)
     defaults = presets.COMPARE_DEFAULTS[args.workload]
     if args.epochs is None and args.steps is None and args.time_budget is None:
         args.time_budget = defaults["time_budget"]
@@ -487,6 +495,46 @@ def cmd_compare(args) -> int:
     compare(base, optimizers, args.seeds, out, tuning=tuning, progress=False if args.no_progress else None,
             command=shlex.join(_command_line(args, args.argv)))  # fmt: skip
     return 0
+
+
+def _compare_suite(args) -> int:
+    """``compare --workloads a,b,… | --suite``: a comparison per workload/data pair, then the cross-workload
+    report (:mod:`sweeps.commands.suite`); every conflicting flag is refused before anything runs."""
+    from sweeps.commands.compare import Tuning
+    from sweeps.commands.suite import SUITE, parse_pairs, run_suite
+
+    if args.suite and args.workloads is not None:
+        raise ValueError("--suite runs the default list of workloads and --workloads a list of your own: give one")
+    if _given(args.argv, "--workload"):
+        chosen = "--suite" if args.suite else "--workloads"
+        raise ValueError(f"--workload {args.workload} names one workload and {chosen} several: give one of them")
+    if args.suite and args.data is not None:
+        raise ValueError(
+            f"--suite fixes each workload's data set, so --data {args.data} does not apply; name the pairs with "
+            "--workloads WORKLOAD/DATA,… instead"
+        )
+    pairs = list(SUITE) if args.suite else parse_pairs(args.workloads, args.data)
+    budget_given = not (args.epochs is None and args.steps is None and args.time_budget is None)
+    batch_given = args.batch_size is not None
+    first = pairs[0]
+    args.workload, args.data = first
+    args.batch_size = args.batch_size or presets.COMPARE_DEFAULTS[first[0]]["batch_size"]
+    out = pathlib.Path(args.out)
+    base = run_config_from_args(args, "adam", {}, 0, out)  # workload, data, budget and batch are set per pair
+    tuning = None
+    if args.tune is not None:
+        tuning = Tuning(args.tune, args.tune_seed, args.backend, args.storage, args.address)
+    elif args.storage or args.address or args.backend != "optuna":
+        raise ValueError("--backend, --storage and --address are for the tuning studies: pass --tune N too")
+    run_suite(base, pairs, args.optimizers or presets.COMPARE_OPTIMIZERS, args.seeds, out, budget_given=budget_given,
+              batch_given=batch_given, tuning=tuning, progress=False if args.no_progress else None,
+              command=shlex.join(_command_line(args, args.argv)))  # fmt: skip
+    return 0
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    """Whether ``flag`` is on the command line (as ``FLAG VALUE`` or ``FLAG=VALUE``), not just its default."""
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
 
 
 def cmd_sweep(args) -> int:
@@ -581,7 +629,18 @@ def cmd_bench(args) -> int:
 
 def cmd_report(args) -> int:
     from analysis.report import write_report
+    from sweeps.commands.suite import read_suite, suite_report
 
+    if any((pathlib.Path(path) / "suite.json").is_file() for path in args.inputs):
+        if len(args.inputs) > 1 or args.target_loss is not None:
+            raise ValueError(
+                "a suite folder (suite.json) is reported alone and scored by its own targets: give it as the only "
+                "input, without --target-loss (or give its WORKLOAD-DATA folders)"
+            )
+        read_suite(pathlib.Path(args.inputs[0]))  # a damaged suite.json: one line
+        report = suite_report(pathlib.Path(args.inputs[0]), pathlib.Path(args.out))
+        print(f"cross-workload report of the suite (per-workload reports stay in its WORKLOAD-DATA folders): {report}")
+        return 0
     report = write_report(args.inputs, args.out, target_loss=args.target_loss)
     print(f"report: {report}")
     return 0
@@ -681,6 +740,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="tune every optimizer first: an N-trial study of its search space under the same budget, selected on "
         "the validation loss (default: no tuning; the presets, which this protocol produced)",
     )  # fmt: skip
+    p.add_argument(
+        "--workloads", default=None, metavar="WORKLOAD[/DATA],…",
+        help="compare on several workloads: comma-separated WORKLOAD or WORKLOAD/DATA (DATA: --data, else the "
+        "workload's), each at its compare preset unless a budget or --batch-size is given; each pair gets its own "
+        "comparison in OUT/WORKLOAD-DATA/, then OUT/report/ scores them together (default: one --workload)",
+    )  # fmt: skip
+    p.add_argument(
+        "--suite", action="store_true",
+        help="the workload suite: --workloads " + ",".join("/".join(pair) for pair in _suite_pairs())
+        + " (default: off)",
+    )  # fmt: skip
     p.add_argument("--tune-seed", type=int, default=0, help="training seed of the tuning trials (default: %(default)s)")
     p.add_argument(
         "--backend", default="optuna", choices=["optuna", "ray"], help="back end of the tuning (default: %(default)s)"
@@ -693,7 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address for --backend ray (default: a local Ray)")
     p.add_argument(
         "--out", default="runs/compare",
-        help="folder of the comparison: tuning/, runs/, protocol.json and report/ (default: %(default)s)",
+        help="folder of the comparison: tuning/, runs/, protocol.json and report/; with --workloads or --suite, "
+        "suite.json, a WORKLOAD-DATA/ folder of that layout per pair, and report/ (default: %(default)s)",
     )  # fmt: skip
     p.set_defaults(handler=cmd_compare)
 
@@ -819,7 +890,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(commands, "report", "tables and plots from run directories and sweep tables")
     p.add_argument(
         "inputs", nargs="+", metavar="RUNS_OR_TABLES",
-        help="run directories, folders of them (such as an --out of train, compare or sweep), or sweep tables",
+        help="run directories, folders of them (such as an --out of train, compare or sweep), or sweep tables; or, "
+        "alone, a suite folder of compare --workloads/--suite, whose cross-workload report is written",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="folder for report.md, its tables and figures (required)")
     p.add_argument(
