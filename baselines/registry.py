@@ -208,6 +208,9 @@ _LOCOPROP_DEFAULTS = dict(
     hypergrad="implicit",
     hypergrad_iters=1,
     hypergrad_rule="plain",
+    # ρ: γ = ρ·‖a‖/‖g‖ from the first step's records, whatever the loss's scale (locoprop.relative_gamma);
+    # None keeps activation_lr.
+    relative_activation_lr=None,
 )
 
 
@@ -228,7 +231,13 @@ def _locoprop_inert(exact: bool) -> Callable[[dict[str, Any]], tuple[str, ...]]:
 
 # The types of the LocoProp hyperparameters whose default (None) does not say it.
 _LOCOPROP_TYPES = dict(
-    inner_momentum=float, inner_decay=float, inner_eps=float, inner_kwargs=dict, output_activation=str, units=list
+    inner_momentum=float,
+    inner_decay=float,
+    inner_eps=float,
+    inner_kwargs=dict,
+    output_activation=str,
+    units=list,
+    relative_activation_lr=float,
 )
 
 _ADAM_DEFAULTS = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)

@@ -28,6 +28,7 @@ from locoprop.hypergrad import (
 )
 from locoprop.inner import inner_lr
 from locoprop.problem import LocalProblem
+from locoprop.relative_gamma import STARTED
 
 __all__ = [
     "adapt",
@@ -69,20 +70,25 @@ def adapting_problems(opt, problems: list[LocalProblem]) -> list[LocalProblem]:
     return adapting
 
 
-def saved(opt, adapting: list[LocalProblem]) -> tuple[list[float], dict]:
-    """What :func:`adapt` changes, for :func:`restore`: every group's γ and the adapting units' moments."""
+def saved(opt, adapting: list[LocalProblem]) -> tuple[list[tuple[float, bool]], dict]:
+    """What :func:`adapt` and :func:`locoprop.relative_gamma.start` change, for :func:`restore`: every group's
+    γ and whether ρ set it, and the adapting units' moments."""
     moments = {}
     for problem in adapting:
         state = opt.state[problem.params[0]]
         moments[problem.params[0]] = list(state["log_gamma_moments"]) if "log_gamma_moments" in state else None
-    return [group["activation_lr"] for group in opt.param_groups], moments
+    return [(group["activation_lr"], group.get(STARTED)) for group in opt.param_groups], moments
 
 
-def restore(opt, before: tuple[list[float], dict]) -> None:
-    """Undo :func:`adapt` (a refused or skipped step changes nothing)."""
+def restore(opt, before: tuple[list[tuple[float, bool]], dict]) -> None:
+    """Undo :func:`adapt` and the relative start (a refused or skipped step changes nothing)."""
     gammas, moments = before
-    for group, gamma in zip(opt.param_groups, gammas):
+    for group, (gamma, started) in zip(opt.param_groups, gammas):
         group["activation_lr"] = gamma
+        if started is None:
+            group.pop(STARTED, None)
+        else:
+            group[STARTED] = started
     for param, values in moments.items():
         if values is None:
             opt.state[param].pop("log_gamma_moments", None)

@@ -83,7 +83,8 @@ def check_options(
 
 
 def check_hyperparameters(group: dict) -> None:
-    """A param group's lr, activation_lr, local_iters, inner_schedule, prox and hypergrad_lr."""
+    """A param group's lr, activation_lr, local_iters, inner_schedule, prox, hypergrad_lr and
+    relative_activation_lr."""
     lr, activation_lr, local_iters = group["lr"], group["activation_lr"], group["local_iters"]
     for name, value in (("learning rate", lr), ("activation_lr", activation_lr), ("prox", group["prox"])):
         if isinstance(value, Tensor):
@@ -104,6 +105,9 @@ def check_hyperparameters(group: dict) -> None:
     beta = group.get("hypergrad_lr", 0.0)
     if isinstance(beta, Tensor) or not (_is_real(beta) and 0 <= beta < math.inf):
         raise ValueError(f"Invalid hypergrad_lr: {beta!r}; expected a finite number ≥ 0")
+    rho = group.get("relative_activation_lr")
+    if rho is not None and (isinstance(rho, Tensor) or not (_is_real(rho) and 0 < rho < math.inf)):
+        raise ValueError(f"Invalid relative_activation_lr: {rho!r}; expected None or a finite number > 0")
 
 
 def check_unit(unit: Unit, solve: str) -> None:

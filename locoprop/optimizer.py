@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from locoprop import adaptation
+from locoprop import adaptation, relative_gamma
 from locoprop.arguments import check_hyperparameters, check_not_meta, check_options, check_unit, plain_float
 from locoprop.collect import all_finite, collect_problems, prepare_solves, unit_variant
 from locoprop.describe import Description, describe
@@ -133,6 +133,13 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad_rule: "plain" (SPEC §12: a step of β·h·γ on log γ) or
             "normalized" (an Adam step of at most about β on log γ, the same
             for any scale of the loss; :mod:`locoprop.hypergrad`).
+        relative_activation_lr: ρ > 0, or None (the default: γ is
+            ``activation_lr``). With ρ, the first step sets γ (of every group)
+            to ρ·‖a‖/‖g‖, the norms over every unit's pre-activations and
+            their gradients g = ∂L/∂a in that step, so that the targets move
+            the pre-activations by a share ρ of their size whatever the
+            loss's scale, reduction or batch size; γ then stays (or adapts,
+            β > 0) and is checkpointed (:mod:`locoprop.relative_gamma`).
     """
 
     # The phases of a step it times (``last_step_seconds``), for the runner.
@@ -161,13 +168,15 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad: str = "implicit",
         hypergrad_iters: int = 1,
         hypergrad_rule: str = "plain",
+        relative_activation_lr: float | None = None,
     ):
         check_options(model, variant=variant, solve=solve, parallel=parallel, compile=compile, prox=prox,
                       hypergrad=hypergrad, hypergrad_iters=hypergrad_iters, hypergrad_rule=hypergrad_rule,
                       output_activation=output_activation)  # fmt: skip
         defaults = dict(lr=plain_float(lr), activation_lr=plain_float(activation_lr), local_iters=local_iters,
                         inner_schedule=inner_schedule, prox=plain_float(prox),
-                        hypergrad_lr=plain_float(hypergrad_lr))  # fmt: skip
+                        hypergrad_lr=plain_float(hypergrad_lr),
+                        relative_activation_lr=plain_float(relative_activation_lr))  # fmt: skip
         check_hyperparameters(defaults)
         found = discover_units(model, units)
         # The last unit holds output_activation until a forward pass shows which unit produces the output.
@@ -200,6 +209,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self._recorder = ForwardRecorder(found, on_output=self._output.note if self._output is not None else None,
                                          on_transfers=self._transfers_found)  # fmt: skip
         self._recorder.attach(model)
+        self._measure_if_pending()
         self._fallbacks_said: set[str] = set()
         self._share_said = False
 
@@ -270,6 +280,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         super().add_param_group(group)  # refuses parameters that already belong to a group
         self.unit_of_group.append(None)
         self.inner.add_param_group({"params": group["params"], "lr": group["lr"]})
+        self._measure_if_pending()
 
     # ----------------------------------------------------------------- step
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -310,6 +321,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             adapting = adaptation.adapting_problems(self, problems)
             saved = adaptation.saved(self, adapting)
             try:
+                relative_gamma.start(self, problems)  # γ = ρ·‖a‖/‖g‖ at a group's first step, if ρ is given
                 # h of the last step's γ, and the new γ that this step's solves use
                 hypergradients = adaptation.adapt(self, adapting) if adapting else {}
                 prepare_solves(problems, self.param_groups, self.solve, self._parallel_mode(), self.comm.world_size)
@@ -326,6 +338,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 raise
         for unit in self.units:
             unit.records.clear()
+        self._measure_if_pending()
         self.last_step_seconds = {"targets": prepared - started, "local_solve": self._clock() - prepared}
         return loss
 
@@ -370,6 +383,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 stacklevel=3,
             )
 
+    def _measure_if_pending(self) -> None:
+        """Have the forward passes keep ‖g‖² while a relative γ start is pending, and only then."""
+        self._recorder.measure_gradients = bool(relative_gamma.pending_groups(self.param_groups))
+
     def _parallel_mode(self) -> str:
         if self.parallel != "auto":
             return self.parallel
@@ -409,3 +426,4 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             group.setdefault("hypergrad_lr", 0.0)  # a state dict from before hypergradients
         self.inner.load_state_dict(inner)
         self.skipped_steps = skipped
+        self._measure_if_pending()

@@ -61,13 +61,17 @@ class UseRecord:
     a: Tensor
     versions: tuple[int, ...]
     backpropagated: bool = False
+    # ‖g‖² of g = ∂L/∂a (float64), kept only while the recorder's ``measure_gradients`` is set
+    # (:mod:`locoprop.relative_gamma` needs it at the first step; later steps keep no g at all).
+    gradient_square: Tensor | None = None
 
 
-def _marking_hook(record: UseRecord, backpropagated: list[UseRecord]):
+def _marking_hook(record: UseRecord, backpropagated: list[UseRecord], measure: bool = False):
     """The gradient hook of one recorded use: it marks ``record`` and hands it to ``backpropagated`` (the
     unit's list). Until then the record lives only in this hook, that is in the autograd graph: a forward
     that is never backpropagated frees its record with its graph. Once handed over, the hook keeps only a
-    weak reference, so that a graph the user keeps does not keep x and a alive past the step."""
+    weak reference, so that a graph the user keeps does not keep x and a alive past the step. With
+    ``measure`` it also adds ‖g‖² to the record's ``gradient_square``."""
     pending = [record]
     ref = weakref.ref(record)
 
@@ -77,6 +81,9 @@ def _marking_hook(record: UseRecord, backpropagated: list[UseRecord]):
         alive = ref()
         if alive is not None:
             alive.backpropagated = True
+            if measure:  # a graph backpropagated twice (retain_graph) adds, as .grad does
+                square = grad.detach().double().square().sum()
+                alive.gradient_square = square if alive.gradient_square is None else alive.gradient_square + square
 
     return mark
 
@@ -106,6 +113,8 @@ class ForwardRecorder(TorchFunctionMode):
         for unit in units:
             self._by_weight.setdefault(unit.weight, []).append(unit)
         self.on_output = on_output
+        # Keep ‖g‖² in each record (set by the optimizer while a relative γ start is pending).
+        self.measure_gradients = False
         self._depth = 0
         self._handles: list = []
         # Transfer discovery, while a unit's is pending: output tensor id -> (unit, output), and consumers.
@@ -172,7 +181,7 @@ class ForwardRecorder(TorchFunctionMode):
         x = x.detach()
         versions = (x._version, output._version, *(p._version for p in unit.params))
         record = UseRecord(x=x, a=output.detach(), versions=versions)
-        output.register_hook(_marking_hook(record, unit.records))
+        output.register_hook(_marking_hook(record, unit.records, self.measure_gradients))
         if self.on_output is not None:
             self.on_output(unit, output)
         if unit.transfer_pending:

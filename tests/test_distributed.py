@@ -36,6 +36,11 @@ CASES = {
     "S-identity-clip-ddp": (dict(variant="S", **IDENTITY), True),
     # weights tied between two units (and a LayerNorm): G is averaged over ranks once, for both uses
     "M-tied": (dict(variant="M", inner="adam", output_activation="sigmoid"), False),
+    # γ from ρ at the first step: the ranks measure ‖a‖ and ‖g‖ of the global batch, as one process does
+    "M-relative-gamma": (
+        dict(variant="M", inner="rmsprop-tf", output_activation="sigmoid", relative_activation_lr=0.05),
+        False,
+    ),
 }
 
 

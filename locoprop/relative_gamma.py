@@ -1,0 +1,74 @@
+"""γ from a scale-free start: ``relative_activation_lr`` ρ, a stage of ``LocoPropOptimizer.step``.
+
+The activation learning rate γ sets how far the targets a − γ·g move from
+the pre-activations a (g = ∂L/∂a). Its right value depends on the loss's
+scale: summed over 784 pixels or averaged over classes, averaged over the
+batch or over every position of a sequence. A γ given in absolute terms is
+off by orders of magnitude from one workload to the next (the default 10 is
+about right for the reference autoencoder's summed BCE and 10 to 100 times
+too small for a mean cross-entropy).
+
+With ρ given, the first step a param group takes part in sets its γ to
+
+    γ = ρ · ‖a‖ / ‖g‖,
+
+the norms over every unit's recorded pre-activations and their gradients in
+that step (every recorded use of every unit, one γ for all, as in the paper).
+The S targets then move the pre-activations by a share ρ of their size,
+‖γ·g‖ = ρ·‖a‖, whatever the loss's scale (L → cL gives γ → γ/c) and,
+for a loss averaged over the batch, whatever the batch size (‖g‖ shrinks as
+‖a‖ grows). From then on γ is an ordinary value: fixed, or adapted by
+hypergradients (:mod:`locoprop.adaptation`), and kept in ``state_dict``.
+
+On W ranks the norms are those of the global batch: ‖a‖² is summed over the
+ranks and g is taken on the footing of the global mean loss (each rank's g
+divided by W, as :mod:`locoprop.distributed` does for G), so W ranks choose
+the γ that one process would choose on the concatenated batch.
+
+A step with no gradient (‖g‖ = 0) or no finite norms tells nothing about the
+scale: it keeps ``activation_lr`` and the start waits for the next step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from locoprop.problem import LocalProblem
+
+__all__ = ["STARTED", "pending_groups", "start"]
+
+# The param-group key that says ρ has set the group's γ (it then stays as it is).
+STARTED = "relative_activation_lr_started"
+
+
+def pending_groups(param_groups: list[dict]) -> list[dict]:
+    """The groups whose γ ρ has yet to set."""
+    return [g for g in param_groups if g.get("relative_activation_lr") is not None and not g.get(STARTED, False)]
+
+
+def start(opt, problems: list[LocalProblem]) -> None:
+    """Set γ = ρ·‖a‖/‖g‖ in every pending group, from this step's records (before anchors release them).
+
+    One device sync, at the first step only."""
+    groups = pending_groups(opt.param_groups)
+    if not groups:
+        return
+    records = [(problem.unit, record) for problem in problems if problem.unit is not None for record in problem.records]
+    if not records or any(record.gradient_square is None for _, record in records):
+        return  # recorded before ρ was pending (a group added since): the next step measures
+    device = records[0][0].weight.device
+    squares = [
+        (unit.output(record).detach().double().square().sum().to(device), record.gradient_square.to(device))
+        for unit, record in records
+    ]
+    totals = torch.stack([torch.stack(pair) for pair in squares]).sum(0)
+    opt.comm.sum_([totals])
+    a_norm, g_norm = totals.sqrt().tolist()
+    g_norm /= opt.comm.world_size  # each rank's g is W times the global mean loss's
+    if not (math.isfinite(a_norm) and math.isfinite(g_norm) and a_norm > 0 and g_norm > 0):
+        return
+    for group in groups:
+        group["activation_lr"] = group["relative_activation_lr"] * a_norm / g_norm
+        group[STARTED] = True

@@ -1,0 +1,157 @@
+"""γ from a scale-free start (``relative_activation_lr`` ρ): γ = ρ·‖a‖/‖g‖ at the first step, checked against
+norms taken with autograd, and the invariances that make it scale-free."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from locoprop import LocoPropOptimizer
+from locoprop.relative_gamma import STARTED
+
+IDENTITY = dict(local_iters=1, inner="sgd", inner_schedule="constant")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 6)).double()
+
+
+def _batch(n: int = 16) -> torch.Tensor:
+    return torch.sigmoid(torch.randn(n, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+
+
+def _bce(output, x, scale: float = 1.0) -> torch.Tensor:
+    return scale * nn.functional.binary_cross_entropy_with_logits(output, x, reduction="none").sum(1).mean()
+
+
+def _expected_gamma(model: nn.Module, x: torch.Tensor, rho: float) -> float:
+    """ρ·‖a‖/‖g‖ over every Linear's output, g = ∂L/∂a by autograd (no LocoProp code involved)."""
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in model if isinstance(m, nn.Linear)]
+    loss = _bce(model(x), x)
+    for hook in hooks:
+        hook.remove()
+    grads = torch.autograd.grad(loss, outputs)
+    a = math.sqrt(sum(o.detach().square().sum().item() for o in outputs))
+    g = math.sqrt(sum(d.square().sum().item() for d in grads))
+    return rho * a / g
+
+
+def _step(model, opt, x, scale: float = 1.0) -> None:
+    opt.zero_grad()
+    _bce(model(x), x, scale).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_the_first_step_sets_every_gamma_to_rho_times_the_norm_ratio(variant):
+    model, x = _model(), _batch()
+    expected = _expected_gamma(_model(), x, 0.05)
+    opt = LocoPropOptimizer(model, variant=variant, lr=1e-3, relative_activation_lr=0.05,
+                            output_activation="sigmoid" if variant == "M" else None)  # fmt: skip
+    _step(model, opt, x)
+    assert [group["activation_lr"] for group in opt.param_groups] == pytest.approx([expected] * 3, rel=1e-12)
+    assert all(group[STARTED] for group in opt.param_groups)
+    # From then on γ is an ordinary value: the next steps keep it and measure nothing.
+    _step(model, opt, _batch(8))
+    assert [group["activation_lr"] for group in opt.param_groups] == pytest.approx([expected] * 3, rel=1e-12)
+    assert opt._recorder.measure_gradients is False
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_the_step_is_the_same_whatever_the_scale_of_the_loss(variant):
+    """L → cL gives g → cg, G → cG and γ → γ/c: the targets and the step do not change."""
+    x, params = _batch(), []
+    for scale in (1.0, 1e4):
+        model = _model()
+        opt = LocoPropOptimizer(model, variant=variant, lr=1e-3, local_iters=5, inner="adam",
+                                relative_activation_lr=0.1)  # fmt: skip
+        for _ in range(3):
+            _step(model, opt, x, scale)
+        params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(params[1], params[0], rtol=1e-9, atol=1e-12)
+
+
+def test_the_exact_step_is_the_same_on_a_batch_seen_twice():
+    """A mean loss over the batch repeated twice: ‖a‖ grows by √2 and each g halves, so γ doubles, as does
+    C = Σx̃ᵀx̃ of the exact S solve, and the step θ^old − γ·G(C + λI)⁻¹ stays (λ doubled with C)."""
+    x, params = _batch(), []
+    for copies, prox in ((1, 0.5), (2, 1.0)):
+        model = _model()
+        opt = LocoPropOptimizer(model, variant="S", solve="exact", prox=prox, relative_activation_lr=0.2)
+        _step(model, opt, x.repeat(copies, 1))
+        params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(params[1], params[0], rtol=1e-10, atol=1e-13)
+
+
+def test_with_the_identity_setting_the_step_is_sgd_at_eta_times_the_measured_gamma():
+    model, x = _model(), _batch()
+    gamma = _expected_gamma(_model(), x, 0.3)
+    reference = _model()
+    sgd = torch.optim.SGD(reference.parameters(), lr=1e-3 * gamma)
+    _bce(reference(x), x).backward()
+    sgd.step()
+    opt = LocoPropOptimizer(model, variant="S", lr=1e-3, relative_activation_lr=0.3, **IDENTITY)
+    _step(model, opt, x)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-13)
+
+
+def test_a_skipped_step_leaves_the_start_pending():
+    model, x = _model(), _batch()
+    opt = LocoPropOptimizer(model, variant="S", lr=1e-3, activation_lr=7.0, relative_activation_lr=0.05)
+    opt.zero_grad()
+    _bce(model(x), x).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert all(group["activation_lr"] == 7.0 and STARTED not in group for group in opt.param_groups)
+    _step(model, opt, x)
+    assert opt.param_groups[0]["activation_lr"] == pytest.approx(_expected_gamma(_model(), x, 0.05), rel=1e-12)
+
+
+def test_a_zero_gradient_tells_nothing_and_the_next_step_measures():
+    model, x = _model(), _batch()
+    opt = LocoPropOptimizer(model, variant="S", lr=1e-3, activation_lr=7.0, relative_activation_lr=0.05)
+    _step(model, opt, x, scale=0.0)
+    assert all(group["activation_lr"] == 7.0 and STARTED not in group for group in opt.param_groups)
+    assert opt._recorder.measure_gradients is True
+    before = _model()
+    before.load_state_dict(model.state_dict())
+    _step(model, opt, x)
+    assert opt.param_groups[0]["activation_lr"] == pytest.approx(_expected_gamma(before, x, 0.05), rel=1e-12)
+
+
+def test_a_checkpoint_keeps_the_measured_gamma_and_does_not_measure_again():
+    model, x = _model(), _batch()
+    opt = LocoPropOptimizer(model, variant="S", lr=1e-3, relative_activation_lr=0.05)
+    _step(model, opt, x)
+    gamma = opt.param_groups[0]["activation_lr"]
+    state = opt.state_dict()
+    fresh = LocoPropOptimizer(model, variant="S", lr=1e-3, relative_activation_lr=0.05)
+    assert fresh._recorder.measure_gradients is True
+    fresh.load_state_dict(state)
+    assert fresh._recorder.measure_gradients is False
+    _step(model, fresh, 3 * _batch(8))
+    assert [group["activation_lr"] for group in fresh.param_groups] == [gamma] * 3
+
+
+@pytest.mark.parametrize("rho", [0.0, -1.0, float("nan"), float("inf"), True, torch.tensor(0.1), "0.1"])
+def test_a_bad_rho_is_refused_naming_it(rho):
+    with pytest.raises(ValueError, match="relative_activation_lr"):
+        LocoPropOptimizer(_model(), variant="S", relative_activation_lr=rho)
+
+
+def test_a_bad_rho_set_between_steps_is_refused_and_changes_nothing():
+    model, x = _model(), _batch()
+    opt = LocoPropOptimizer(model, variant="S", lr=1e-3, relative_activation_lr=0.05)
+    opt.param_groups[1]["relative_activation_lr"] = -2.0
+    opt.zero_grad()
+    _bce(model(x), x).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="relative_activation_lr: -2.0"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(group["activation_lr"] == 10.0 for group in opt.param_groups)
