@@ -6,8 +6,10 @@ process to interrupt.
 """
 
 import argparse
+import ast
 import json
 import math
+import pathlib
 import re
 import shlex
 import subprocess
@@ -17,10 +19,14 @@ import pytest
 import torch
 from test_analysis import RUNS, make_run
 
+from baselines.registry import OPTIMIZERS
 from sweeps.commands.bench import BenchConfig, bench
 from sweeps.commands.cli import EXAMPLES, build_parser, main
+from sweeps.commands.flags import HPARAM_FLAGS
 from sweeps.runner.data import DataShape
 from sweeps.runner.workloads import get_workload
+
+FLAGS_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "sweeps" / "commands" / "flags.py"
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -75,6 +81,33 @@ def test_locoprop_flags_name_their_symbols():
     assert "default: 10)" in flags["local_iters"]
 
 
+def test_every_flag_is_written_out_where_it_is_declared():
+    """A grep for a flag (``--activation-lr``) finds its declaration: every flag of every command is a string
+    literal of sweeps/commands/flags.py, none made from a name."""
+    tree = ast.parse(FLAGS_SOURCE.read_text())
+    literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    parsers = [build_parser(), *subcommands().values()]
+    declared = {flag for parser in parsers for action in parser._actions for flag in action.option_strings}
+    assert declared - {"-h", "--help"} - literals == set()
+    assert {"--activation-lr", "--backend", "--storage", "--address"} <= declared
+
+
+def test_each_hyperparameter_flag_sets_the_registry_hyperparameter_it_names():
+    """The table of train's hyperparameter flags against the registry: each flag is its hyperparameter's name
+    with dashes, some optimizer takes it, with the flag's type (and a default among its choices), and train
+    declares exactly the table's, none missing and none extra."""
+    registry = {name for spec in OPTIMIZERS.values() for name in spec.defaults}
+    for name, flag in HPARAM_FLAGS.items():
+        assert flag.flag == "--" + name.replace("_", "-")
+        takers = [spec for spec in OPTIMIZERS.values() if name in spec.defaults]
+        assert takers, f"{flag.flag}: no registered optimizer takes {name}"
+        for spec in takers:
+            assert spec.expected_type(name) is flag.type, (spec.name, flag.flag)
+            assert flag.choices is None or spec.defaults[name] in flag.choices, (spec.name, flag.flag)
+    declared = {a.dest: a.option_strings for a in subcommands()["train"]._actions if a.dest in registry}
+    assert declared == {name: [flag.flag] for name, flag in HPARAM_FLAGS.items()}
+
+
 # ------------------------------------------------------------ bad input
 
 # argv (with {out}: a fresh folder, {file}: an existing file, {runs}: run
@@ -106,6 +139,11 @@ BAD_INPUT = [
     ("train --lr 1e-3 --hparam lr=1e-2 --out {out}", "Hyperparameter lr is given twice (0.001 and 0.01); give it once"),
     ("train --hparam lr=1e-3 --hparam lr=1e-2 --out {out}", "Hyperparameter lr is given twice (0.001 and 0.01)"),
     ("report {runs} --out {file}", "--out {file}: {file} is a file, not a directory"),
+    ("compare --address localhost:6379 --out {out}", "--backend, --storage and --address are for the tuning studies"),
+    (
+        "compare --workloads autoencoder/synthetic --backend ray --out {out}",
+        "--backend, --storage and --address are for the tuning studies: pass --tune N too",
+    ),
     (
         "sweep --backend ray --storage postgresql://u:pw@host/db --optimizer adam --trials 1 --study s --out {out}",
         "--storage is an Optuna storage; --backend ray keeps its state under --out",

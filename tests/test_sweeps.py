@@ -1,6 +1,7 @@
 """Sweeps on real services: Optuna on SQLite and PostgreSQL, Ray Tune (SPEC §8)."""
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import torch
 from analysis.load import load_results
 from sweeps.runner import RunConfig, records
 from sweeps.search import optuna_backend
+from sweeps.search.checks import BACKENDS
 from sweeps.search.optuna_backend import make_storage, run_optuna_sweep
 from sweeps.search.ray_backend import run_ray_sweep
 from sweeps.search.results import TrialLeftOut, export_results, mask_url, sweep_setup
@@ -478,6 +480,53 @@ def test_a_setup_no_trial_can_run_is_refused_before_a_study_is_stored(tmp_path, 
     # Mended, the same study starts: nothing of the refused setup was kept.
     if backend == "optuna":
         run_optuna_sweep(ONE_EPOCH, load_space("adam"), study_name="s", out=tmp_path / "out", trials=1, pruner="none")
+
+
+def _back_ends() -> dict:
+    """Every back end of --backend, by its name: run_NAME_sweep of sweeps.search.NAME_backend."""
+    return {name: importlib.import_module(f"sweeps.search.{name}_backend") for name in BACKENDS}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(trials=0), "Invalid trials: 0; expected ≥ 1"),
+        (dict(study_name="../b"), "Invalid --study '../b': a study keeps its files in --out/STUDY"),
+        (dict(metric="test_loss"), "Invalid metric: 'test_loss'; expected one of valid_loss, train_loss"),
+        (dict(sampler_seed=-1), "Invalid sampler seed: -1; expected an integer from 0 to 4294967295"),
+        (dict(base=dataclasses.replace(ONE_EPOCH, batch_size=100_000)), "Invalid batch_size: 100000"),
+    ],
+)
+def test_every_back_end_gives_the_same_one_line_refusal_before_it_starts(tmp_path, bad, message):
+    """The shared check (sweeps.search.checks): the same bad input, the same line from every back end, before a
+    folder is made or Ray is started."""
+    import ray
+
+    refusals = {}
+    for name, module in _back_ends().items():
+        kwargs = {"base": ONE_EPOCH, "study_name": "s", "trials": 1, **bad}
+        with pytest.raises(ValueError) as info:
+            getattr(module, f"run_{name}_sweep")(kwargs.pop("base"), load_space("adam"), out=tmp_path / name, **kwargs)
+        refusals[name] = str(info.value)
+    (refusal,) = set(refusals.values())
+    assert message in refusal and "\n" not in refusal
+    assert list(tmp_path.iterdir()) == [] and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_back_end_checks_through_the_shared_check_first(tmp_path, monkeypatch, backend):
+    module, seen = _back_ends()[backend], []
+
+    def refuse(base, **kwargs):
+        seen.append((base, {k: v for k, v in kwargs.items() if k != "own_checks"}))
+        raise ValueError("refused by check_sweep")
+
+    monkeypatch.setattr(module, "check_sweep", refuse)
+    with pytest.raises(ValueError, match="refused by check_sweep"):
+        getattr(module, f"run_{backend}_sweep")(ONE_EPOCH, load_space("adam"), study_name="s", out=tmp_path,
+                                                trials=3, metric="train_loss", sampler_seed=5)  # fmt: skip
+    assert seen == [(ONE_EPOCH, {"study_name": "s", "trials": 3, "metric": "train_loss", "sampler_seed": 5})]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_study_made_before_setups_were_stored_is_still_checked_on_its_four_fields():

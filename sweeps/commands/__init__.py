@@ -1,6 +1,7 @@
 """The ``locoprop`` command line (SPEC §7) and the jobs behind its commands.
 
-- :mod:`~sweeps.commands.cli`: argument parsing, exit statuses, one-line errors;
+- :mod:`~sweeps.commands.cli`: what each command does with its flags, exit statuses, one-line errors;
+- :mod:`~sweeps.commands.flags`: every flag, declared once: shared flag groups and one builder per command;
 - :mod:`~sweeps.commands.compare`: the main job, optimizers side by side, then a report;
 - :mod:`~sweeps.commands.bench`: step time and memory per optimizer;
 - :mod:`~sweeps.commands.presets`: the hyperparameters ``compare`` uses without ``--tune``.

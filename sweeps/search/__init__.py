@@ -7,6 +7,8 @@
 - :mod:`~sweeps.search.ray_backend`: Ray Tune with Optuna's sampler;
 - :mod:`~sweeps.search.results`: the study setup and its folder's name, secrets
   in storage URLs, and the tidy table both back ends export;
+- :mod:`~sweeps.search.checks`: the checks every back end makes first, so that
+  a bad input gets the same refusal from each;
 - :mod:`~sweeps.search.workers`: which running trials of a journal study
   still have a live worker (the locks workers hold).
 

@@ -65,12 +65,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.extras import require
 from sweeps.runner.config import RunConfig
-from sweeps.runner.train import BUDGET_PERCENT, check_fits_data, train
+from sweeps.runner.train import BUDGET_PERCENT, train
+from sweeps.search.checks import check_sweep
 from sweeps.search.results import (
     JOURNAL_PREFIX,
     SweepNotice,
     check_same_setup,
-    check_study_name,
     export_results,
     hide_secrets,
     mask_url,
@@ -137,6 +137,12 @@ def make_storage(url: str | None, out: pathlib.Path, heartbeat_interval: int = 6
             raise ValueError(
                 f"Cannot open storage {mask_url(url)}: {type(err).__name__}: {hide_secrets(str(err), url)}"
             ) from None
+
+
+def _check_optuna_arguments(heartbeat_interval: int, grace_period: int, pruner: str) -> None:
+    """Refuse the arguments only the Optuna back end has: heartbeat settings that cannot work, an unknown pruner."""
+    _check_heartbeat(heartbeat_interval, grace_period)
+    _pruner(pruner)
 
 
 def _check_heartbeat(heartbeat_interval: int, grace_period: int) -> None:
@@ -440,12 +446,9 @@ def run_optuna_sweep(
     of the exported CSV table. A KeyboardInterrupt is raised again after the
     interrupted trial is queued to resume.
     """
-    if trials < 1:
-        raise ValueError(f"Invalid trials: {trials}; expected ≥ 1")
-    check_study_name(study_name)
-    _check_heartbeat(heartbeat_interval, grace_period)
+    check_sweep(base, study_name=study_name, trials=trials, metric=metric, sampler_seed=sampler_seed,
+                own_checks=lambda: _check_optuna_arguments(heartbeat_interval, grace_period, pruner))  # fmt: skip
     pruner_object, sampler = _pruner(pruner), TrialSeededSampler(sampler_seed)
-    check_fits_data(base)  # a setup no trial can run is refused before the study stores it
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for handler in logging.getLogger("optuna").handlers:
         if not any(isinstance(f, QuietInterrupts) for f in handler.filters):

@@ -56,9 +56,10 @@ from sweeps import interrupts
 from sweeps.extras import require
 from sweeps.runner import records
 from sweeps.runner.config import RunConfig
-from sweeps.runner.train import BUDGET_PERCENT, check_data_parallel, check_fits_data
+from sweeps.runner.train import BUDGET_PERCENT, check_data_parallel
+from sweeps.search.checks import check_sweep
 from sweeps.search.ray_trial import train_reporting, trial_config
-from sweeps.search.results import check_same_setup, check_study_name, export_results, sweep_setup
+from sweeps.search.results import check_same_setup, export_results, sweep_setup
 from sweeps.search.spaces import SearchSpace, TrialSeededSampler
 
 __all__ = ["run_ray_sweep"]
@@ -121,37 +122,15 @@ def run_ray_sweep(
     require("ray.tune", "ray")  # before anything is written
     import ray
 
-    if trials < 1:
-        raise ValueError(f"Invalid trials: {trials}; expected ≥ 1")
-    check_study_name(study_name)  # the study's folder stays inside out
-    _check_workers(workers_per_trial, gpus_per_trial)
-    cpus_per_trial = float(workers_per_trial) if cpus_per_trial is None else cpus_per_trial
-    if cpus_per_trial <= 0 or gpus_per_trial < 0:
-        raise ValueError(f"Invalid resources per trial: {cpus_per_trial} CPU, {gpus_per_trial} GPU")
-    TrialSeededSampler(sampler_seed)  # refuse a bad seed before touching anything
-    check_fits_data(base)  # a setup no trial can run is refused before the study stores it
+    check_sweep(base, study_name=study_name, trials=trials, metric=metric, sampler_seed=sampler_seed,
+                own_checks=lambda: _cpus_per_trial(workers_per_trial, cpus_per_trial, gpus_per_trial))  # fmt: skip
+    cpus_per_trial = _cpus_per_trial(workers_per_trial, cpus_per_trial, gpus_per_trial)
     if workers_per_trial > 1:
         check_data_parallel(dataclasses.replace(base, optimizer=space.optimizer), workers_per_trial)
-    out = out.resolve()
-    study_dir = out / study_name
-    state = _load_state(study_dir, {**sweep_setup(base, space), WORKERS: workers_per_trial})
-    planned = sum(part["trials"] for part in state["parts"])
-    if trials > planned:
-        if planned:
-            print(f"extending Ray Tune study {study_dir} from {planned} to {trials} trials", flush=True)
-        state["parts"].append({"name": f"part-{len(state['parts'])}", "trials": trials - planned})
-    elif trials < planned:
-        print(f"Ray Tune study {study_dir} already has {planned} trials; a smaller --trials removes none", flush=True)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    study_dir = out.resolve() / study_name
+    state = _plan_parts(study_dir, {**sweep_setup(base, space), WORKERS: workers_per_trial}, trials)
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    started_here = _start_ray(address, num_cpus)
     try:
         trainable = _trainable(base, space, study_dir, metric, workers_per_trial, cpus_per_trial, gpus_per_trial)
         concurrent = _concurrent_trials(workers_per_trial, cpus_per_trial, gpus_per_trial)
@@ -170,6 +149,30 @@ def run_ray_sweep(
     return table
 
 
+def _start_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to the cluster at ``address`` (default: RAY_ADDRESS), else start a local Ray of ``num_cpus`` CPUs;
+    whether Ray was started here, to be shut down after (not when it was running already)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _cpus_per_trial(workers: int, cpus_per_trial: float | None, gpus_per_trial: float) -> float:
+    """The CPUs a trial reserves (default: one per worker), refusing resources its workers cannot use."""
+    _check_workers(workers, gpus_per_trial)
+    cpus_per_trial = float(workers) if cpus_per_trial is None else cpus_per_trial
+    if cpus_per_trial <= 0 or gpus_per_trial < 0:
+        raise ValueError(f"Invalid resources per trial: {cpus_per_trial} CPU, {gpus_per_trial} GPU")
+    return cpus_per_trial
+
+
 def _check_workers(workers: int, gpus_per_trial: float) -> None:
     """Refuse a worker count, or GPUs that its workers cannot share, naming the flag."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -181,6 +184,22 @@ def _check_workers(workers: int, gpus_per_trial: float) -> None:
             f"Invalid --gpus-per-trial: {gpus_per_trial:g} for --workers-per-trial {workers}; each worker needs whole "
             f"GPUs of its own: use --gpus-per-trial {workers} (one each)"
         )
+
+
+def _plan_parts(study_dir: pathlib.Path, setup: dict, trials: int) -> dict:
+    """The study's state (:func:`_load_state`) with a new part of the trials still missing to reach
+    ``trials``, if any, written to its sweep.json; a smaller ``trials`` removes none."""
+    state = _load_state(study_dir, setup)
+    planned = sum(part["trials"] for part in state["parts"])
+    if trials > planned:
+        if planned:
+            print(f"extending Ray Tune study {study_dir} from {planned} to {trials} trials", flush=True)
+        state["parts"].append({"name": f"part-{len(state['parts'])}", "trials": trials - planned})
+    elif trials < planned:
+        print(f"Ray Tune study {study_dir} already has {planned} trials; a smaller --trials removes none", flush=True)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    return state
 
 
 def _load_state(study_dir: pathlib.Path, setup: dict) -> dict:
