@@ -92,6 +92,12 @@ HPARAM_FLAGS = {
         "LocoProp γ update: plain (a step of β·h·γ on log γ) or normalized (an Adam step of about β on log γ)",
         HYPERGRAD_RULES,
     ),
+    "relative_activation_lr": HparamFlag(
+        "--relative-activation-lr",
+        float,
+        "LocoProp ρ: the first step sets γ = ρ·‖a‖/‖g‖, so the targets move the pre-activations by a share ρ of "
+        "their size whatever the loss's scale (replaces --activation-lr)",
+    ),
     "momentum": HparamFlag(
         "--momentum", float, "momentum coefficient (LocoProp's inner one: --hparam inner_momentum=X)"
     ),
