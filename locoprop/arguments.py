@@ -26,7 +26,9 @@ __all__ = [
     "check_hyperparameters",
     "check_not_meta",
     "check_options",
+    "check_state_dict",
     "check_unit",
+    "checked_param_group",
     "plain_float",
 ]
 
@@ -108,6 +110,36 @@ def check_hyperparameters(group: dict) -> None:
     rho = group.get("relative_activation_lr")
     if rho is not None and (isinstance(rho, Tensor) or not (_is_real(rho) and 0 < rho < math.inf)):
         raise ValueError(f"Invalid relative_activation_lr: {rho!r}; expected None or a finite number > 0")
+
+
+def checked_param_group(param_group, defaults: dict) -> dict:
+    """A group for ``add_param_group``: parameters outside every unit (units come from the model), with
+    valid hyperparameters."""
+    if not isinstance(param_group, dict) or "params" not in param_group:
+        raise ValueError(f"Invalid param group {param_group!r}: expected a dict with 'params'")
+    if param_group.get("unit") is not None:
+        raise ValueError(
+            f"Cannot add unit {param_group['unit']!r} with add_param_group: units come from the model; "
+            "pass units=[(layer, transfer), ...] to the constructor instead"
+        )
+    group = {**param_group, "unit": None, "transfer": None}
+    params = group["params"]
+    group["params"] = [params] if isinstance(params, Tensor) else list(params)
+    check_hyperparameters({**defaults, **group})
+    return group
+
+
+def check_state_dict(state_dict, units: list) -> None:
+    """Refuse a state dict that another optimizer saved, or one for other units."""
+    if not (isinstance(state_dict, dict) and "inner" in state_dict and "param_groups" in state_dict):
+        keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(
+            f"Not a LocoPropOptimizer state dict (it has {keys}, but no 'inner' optimizer state); "
+            "it was saved by another optimizer"
+        )
+    saved_units = [group.get("unit") for group in state_dict["param_groups"]]
+    if saved_units != units:
+        raise ValueError(f"State dict is for units {saved_units}, but this optimizer has units {units}")
 
 
 def check_unit(unit: Unit, solve: str) -> None:

@@ -13,10 +13,11 @@ prints it as a table.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from torch import Tensor
 
-__all__ = ["Description", "UnitRow", "describe"]
+__all__ = ["Description", "UnitRow", "describe", "warn_fallbacks", "warn_if_mostly_not_local"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,3 +75,30 @@ def describe(units: list, variant_of, names: dict[Tensor, str], trainable: list[
                             share=count / total if is_local else 0.0))  # fmt: skip
     outside = sorted(((names.get(p, "?"), p.numel()) for p in trainable if p not in local), key=lambda item: -item[1])
     return Description(rows, sum(p.numel() for p in local) / total, outside)
+
+
+def warn_if_mostly_not_local(description: Description, stacklevel: int) -> None:
+    """Warn (at the first step) when less than half of the trainable parameters are local."""
+    if description.local_share < 0.5:
+        largest = ", ".join(f"{name} ({count:,})" for name, count in description.outside[:3])
+        warnings.warn(
+            f"Only {description.local_share:.0%} of the model's trainable parameters are solved locally by "
+            f"LocoProp; the rest take plain inner steps, the largest being {largest}. print(opt.describe()) "
+            "lists the units",
+            stacklevel=stacklevel,
+        )
+
+
+def warn_fallbacks(fallen: list, said: set[str], stacklevel: int) -> None:
+    """Warn once per unit (``said`` keeps their names) that variant M takes the S target for it: its transfer
+    function has no convex integral."""
+    new = [unit for unit in fallen if unit.name not in said]
+    if new:
+        said.update(unit.name for unit in new)
+        described = ", ".join(f"{unit.name!r} ({unit.transfer.name})" for unit in new)
+        warnings.warn(
+            f"Variant M takes the S target (pre-activation) for unit(s) {described}: their transfer function "
+            "has no convex integral (not monotone, or unknown to locoprop). opt.describe() lists each unit's "
+            "variant; pass units=[(layer, transfer), ...] to choose the transfers yourself",
+            stacklevel=stacklevel,
+        )

@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from locoprop import adaptation, relative_gamma
-from locoprop.arguments import check_hyperparameters, check_not_meta, check_options, check_unit, plain_float
+from locoprop.arguments import (
+    check_hyperparameters,
+    check_not_meta,
+    check_options,
+    check_state_dict,
+    check_unit,
+    checked_param_group,
+    plain_float,
+)
 from locoprop.collect import all_finite, collect_problems, prepare_solves, unit_variant
-from locoprop.describe import Description, describe
+from locoprop.describe import Description, describe, warn_fallbacks, warn_if_mostly_not_local
 from locoprop.distributed import Communicator
 from locoprop.inner import make_inner
 from locoprop.output_unit import OutputActivation
@@ -45,9 +52,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
 
-    For every unit m (an nn.Linear / nn.Conv2d and its transfer function f),
-    with input x, pre-activation a and backprop gradient g = dL/da from the
-    backward pass, one step runs K inner-optimizer steps on the unit's local
+    For every unit m (a linear map applied to a model parameter, whatever
+    calls it, and the transfer function f that consumes its output:
+    :mod:`locoprop.units`), with input x, pre-activation a and backprop
+    gradient g = dL/da, one step runs K inner-optimizer steps on the unit's local
     objective (SPEC §2: the target â = a − γ·g of variant "S", or
     ŷ = f(a) − γ·g of "M")
 
@@ -72,14 +80,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
     There is one parameter group per unit (plus one for the other
     parameters), each with its own ``lr``, ``activation_lr``, ``local_iters``,
-    ``inner_schedule`` and ``prox``; lr schedulers act on ``lr`` (η). A
-    parameter tied between units sits in the first one's group and follows
-    the sum of their local objectives, with its linear term γ·⟨G, θ⟩ once (γ
-    of that group); a unit parameter that a module outside every unit also
-    holds (an embedding tied to the output layer), or that a function call
-    also uses (``F.embedding(t, head.weight)``), needs nothing more: G, its
-    whole gradient, includes that use (``solve="exact"`` refuses only
-    weights shared by two units).
+    ``inner_schedule`` and ``prox``; lr schedulers act on ``lr`` (η). Tied
+    and outside-held parameters: :mod:`locoprop.ownership` (G, the whole
+    gradient, includes every use; ``solve="exact"`` refuses only weights
+    shared by two units).
 
     Args:
         model: the network; units are found with module hooks.
@@ -94,12 +98,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         inner_schedule: "linear-floor" or "constant".
         prox: proximal weight λ ≥ 0 of the local objectives.
         output_activation: transfer function of the unit that produces the
-            model's output (the model usually folds it into the loss):
-            "sigmoid" for BCE with logits, "softmax" for cross-entropy,
-            "identity" for MSE. ``None`` keeps what discovery found. The
-            last unit holds it until the first forward pass shows which unit
-            that is (``locoprop.output_unit.OutputUnitFinder``); a forward that does
-            not tell (two heads) refuses the step: pass ``units=`` then.
+            model's output, which the loss usually folds in: "sigmoid" for
+            BCE with logits, "softmax" for cross-entropy, "identity" for MSE;
+            ``None`` keeps what discovery found (:mod:`locoprop.output_unit`).
         units: explicit ``[(layer, transfer), ...]`` replacing discovery.
         solve: "iterative" or "exact".
         parallel: how the local solves run (:mod:`locoprop.local_gradients`):
@@ -109,20 +110,14 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         compile: fuse the inner update, run K times per step: "rmsprop-tf"
             through ``torch.compile`` (a few seconds once), torch's Adam,
             AdamW, SGD and Adagrad through their ``fused`` kernels.
-        process_group: the ranks that train together (default: the default
-            group of torch.distributed when it is initialised). On W ranks,
-            each with its shard and its own mean loss, one step equals the
-            single-process step on the concatenated batch, with or without
-            DDP around the model; every rank keeps the same parameters and
-            inner state. How, and what is communicated: :mod:`locoprop.distributed`.
-        hypergrad_lr: β ≥ 0. With β > 0 each unit's γ adapts online by
-            hypergradient descent (:mod:`locoprop.adaptation`):
-            γ ← γ·exp(−β·h·γ) with h = ⟨∇L(θ), ∂θ/∂γ⟩ of the unit's last
-            solve (or the normalized step of ``hypergrad_rule``), the
-            factor clipped to [½, 2]. The adapted γ are the
-            groups' ``activation_lr``; ``last_hypergradients`` maps unit name
-            to its last h. β = 0 (the default) computes nothing. Not yet on
-            several ranks, nor with tied weights.
+        process_group: the ranks that train together (default: torch.distributed's
+            default group when initialised); one step on W ranks equals the
+            step on the concatenated batch (:mod:`locoprop.distributed`).
+        hypergrad_lr: β ≥ 0. With β > 0 each unit's γ adapts online
+            (:mod:`locoprop.adaptation`): γ ← γ·exp(−β·h·γ), h = ⟨∇L(θ), ∂θ/∂γ⟩
+            of its last solve, the factor clipped to [½, 2]; the groups'
+            ``activation_lr`` hold it, ``last_hypergradients`` the h. β = 0
+            computes nothing. Not yet on several ranks, nor with tied weights.
         hypergrad: how ∂θ/∂γ is computed for the iterative solve:
             "implicit" (the implicit function theorem at the local optimum,
             by conjugate gradients) or "unrolled" (forward mode through the
@@ -204,14 +199,18 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         # Seconds of the last step's phases: setting targets, local solves.
         self.last_step_seconds: dict[str, float] = {}
         self.synchronize_timing = False
+        self._fallbacks_said: set[str] = set()
+        self._share_said = False
+        self._attach(model)
+
+    def _attach(self, model: nn.Module) -> None:
+        """Record the units' uses in every forward pass of ``model`` (and, first, find its output unit)."""
         if self._output is not None:  # (before the recorder: see OutputActivation.attach)
             self._output.attach(model, self._output_moved)
-        self._recorder = ForwardRecorder(found, on_output=self._output.note if self._output is not None else None,
+        self._recorder = ForwardRecorder(self.units, on_output=self._output.note if self._output is not None else None,
                                          on_transfers=self._transfers_found)  # fmt: skip
         self._recorder.attach(model)
         self._measure_if_pending()
-        self._fallbacks_said: set[str] = set()
-        self._share_said = False
 
     # ----------------------------------------------------------------- info
     def parameter_roles(self) -> dict[str, str]:
@@ -266,17 +265,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         if not hasattr(self, "inner"):  # torch.optim.Optimizer.__init__ adding the constructor's groups
             super().add_param_group(param_group)
             return
-        if not isinstance(param_group, dict) or "params" not in param_group:
-            raise ValueError(f"Invalid param group {param_group!r}: expected a dict with 'params'")
-        if param_group.get("unit") is not None:
-            raise ValueError(
-                f"Cannot add unit {param_group['unit']!r} with add_param_group: units come from the model; "
-                "pass units=[(layer, transfer), ...] to the constructor instead"
-            )
-        group = {**param_group, "unit": None, "transfer": None}
-        params = group["params"]
-        group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        check_hyperparameters({**self.defaults, **group})
+        group = checked_param_group(param_group, self.defaults)
         super().add_param_group(group)  # refuses parameters that already belong to a group
         self.unit_of_group.append(None)
         self.inner.add_param_group({"params": group["params"], "lr": group["lr"]})
@@ -315,9 +304,12 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             # Every refusal happens here, before anything has changed.
             problems = collect_problems(self.param_groups, self.unit_of_group, self.ownership, self.comm,
                                         self._grads_averaged, self.variant, self.solve)  # fmt: skip
-            self._say_fallbacks(problems)
+            # Warnings stack: warn, this step, torch's step wrapper, the caller.
+            warn_fallbacks([p.unit for p in problems if p.unit is not None and p.variant != self.variant],
+                           self._fallbacks_said, stacklevel=4)  # fmt: skip
             if not self._share_said:
-                self._say_share()
+                self._share_said = True
+                warn_if_mostly_not_local(self.describe(), stacklevel=4)
             adapting = adaptation.adapting_problems(self, problems)
             saved = adaptation.saved(self, adapting)
             try:
@@ -356,33 +348,6 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         if adapting or any("gamma_sensitivity" in state for state in self.state.values()):
             adaptation.record_sensitivities(self, adapting, before)
 
-    def _say_share(self) -> None:
-        """Warn, at the first step, when less than half of the trainable parameters are local."""
-        self._share_said = True
-        description = self.describe()
-        if description.local_share < 0.5:
-            largest = ", ".join(f"{name} ({count:,})" for name, count in description.outside[:3])
-            warnings.warn(
-                f"Only {description.local_share:.0%} of the model's trainable parameters are solved locally by "
-                f"LocoProp; the rest take plain inner steps, the largest being {largest}. print(opt.describe()) "
-                "lists the units",
-                stacklevel=4,
-            )
-
-    def _say_fallbacks(self, problems: list) -> None:
-        """Warn once per unit that variant M takes the S target for it (its transfer has no convex integral)."""
-        fallen = [p.unit for p in problems if p.unit is not None and p.variant != self.variant]
-        new = [unit for unit in fallen if unit.name not in self._fallbacks_said]
-        if new:
-            self._fallbacks_said.update(unit.name for unit in new)
-            described = ", ".join(f"{unit.name!r} ({unit.transfer.name})" for unit in new)
-            warnings.warn(
-                f"Variant M takes the S target (pre-activation) for unit(s) {described}: their transfer function "
-                "has no convex integral (not monotone, or unknown to locoprop). opt.describe() lists each unit's "
-                "variant; pass units=[(layer, transfer), ...] to choose the transfers yourself",
-                stacklevel=3,
-            )
-
     def _measure_if_pending(self) -> None:
         """Have the forward passes keep ‖g‖² while a relative γ start is pending, and only then."""
         self._recorder.measure_gradients = bool(relative_gamma.pending_groups(self.param_groups))
@@ -408,19 +373,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not (isinstance(state_dict, dict) and "inner" in state_dict and "param_groups" in state_dict):
-            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-            raise ValueError(
-                f"Not a LocoPropOptimizer state dict (it has {keys}, but no 'inner' optimizer state); "
-                "it was saved by another optimizer"
-            )
+        check_state_dict(state_dict, [group["unit"] for group in self.param_groups])
         state_dict = dict(state_dict)
         inner = state_dict.pop("inner")
         skipped = state_dict.pop("skipped_steps", 0)
-        saved_units = [group.get("unit") for group in state_dict["param_groups"]]
-        units = [group["unit"] for group in self.param_groups]
-        if saved_units != units:
-            raise ValueError(f"State dict is for units {saved_units}, but this optimizer has units {units}")
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("hypergrad_lr", 0.0)  # a state dict from before hypergradients
