@@ -9,6 +9,7 @@
 - :mod:`~sweeps.runner.config`: :class:`RunConfig`, what defines a run, and
   the name of its directory;
 - :mod:`~sweeps.runner.train`: the training loop (time, evaluation, budget);
+- :mod:`~sweeps.runner.contract`: what the runner reads from an optimizer, and the defaults;
 - :mod:`~sweeps.runner.records`: reading and writing run directories.
 
 Imports ``locoprop``, ``baselines`` and :mod:`sweeps.schema`; never

@@ -36,21 +36,11 @@ the rest.
 A non-finite loss, or one above ``divergence_factor`` times the initial
 training loss, ends the run with status ``diverged``.
 
-The loop talks to every optimizer (the registry's, ``baselines``) through
-one small protocol, beside ``zero_grad`` and ``step``; each part is optional:
-
-- ``skipped_steps``: how many steps it refused for non-finite values;
-- ``step_phases`` and ``last_step_seconds``: the names of the phases of its
-  step it times, and their seconds in the last step (LocoProp: "targets",
-  "local_solve"); the loop times the forward and backward pass itself;
-- ``synchronize_timing``: set to True on CUDA, so that the phases it times
-  wait for their kernels;
-- ``adapted_hyperparameters()``: the hyperparameters it adapts itself, by
-  metrics.csv column (LocoProp with hypergradients: each unit's γ as
-  ``gamma/UNIT``), recorded at every evaluation;
-- ``data_parallel``: True when it communicates over the ranks of a
-  data-parallel run itself (LocoProp); the others get their model in DDP
-  (:mod:`sweeps.runner.ranks`).
+The loop talks to every optimizer (the registry's, ``baselines``) only
+through the contract of :mod:`sweeps.runner.contract`: beside ``zero_grad``,
+``step`` and its state, optional members whose defaults are written there
+(the steps it skipped, the phases of its step it times, the hyperparameters
+it adapts itself, whether it communicates over the ranks itself, its hooks).
 
 What happens to a run directory that already holds a run:
 
@@ -85,7 +75,7 @@ import torch
 
 from baselines import make_optimizer
 from sweeps import interrupts, schema
-from sweeps.runner import records
+from sweeps.runner import contract, records
 from sweeps.runner.budget import (
     CALIBRATION_WARMUP,
     PACE_TOLERANCE,
@@ -265,8 +255,7 @@ def check_run(config: RunConfig, resume: bool = False) -> RunResult | None:
     with torch.random.fork_rng(devices=[]):  # leaves the caller's random state as it was
         model = build_model(workload, data.shape, config.width_mult, config.depth_mult, torch.device("cpu"))
         optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **config.hparams)
-    if hasattr(optimizer, "remove_hooks"):
-        optimizer.remove_hooks()
+    contract.remove_hooks(optimizer)
     return None
 
 
@@ -474,10 +463,9 @@ class _Run:
         self.model = build_model(self.workload, self.data.shape, config.width_mult, config.depth_mult, self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
         self.net = self._data_parallel(self.model, self.optimizer)
-        # The optimizer protocol (module docstring): what it times, and a GPU sync for honest timings.
-        self.phases = ("forward_backward", *getattr(self.optimizer, "step_phases", ()))
-        if hasattr(self.optimizer, "synchronize_timing"):
-            self.optimizer.synchronize_timing = self.device.type == "cuda"
+        # The optimizer contract: what it times, and a GPU sync for honest timings.
+        self.phases = ("forward_backward", *contract.step_phases(self.optimizer))
+        contract.set_synchronize_timing(self.optimizer, self.device.type == "cuda")
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.step, self.wall_time, self.eval_seconds = 0, 0.0, 0.0
         self.cpu_time = 0.0  # of the training thread in its steps: the training time of a budget on the CPU clock
@@ -537,8 +525,8 @@ class _Run:
 
     def _data_parallel(self, model: torch.nn.Module, optimizer) -> torch.nn.Module:
         """What the forward pass runs: the model, in DDP on several ranks unless the optimizer communicates
-        itself (the protocol's ``data_parallel``, as LocoProp's)."""
-        if not self.ranks.many or getattr(optimizer, "data_parallel", False):
+        itself (the contract's ``data_parallel``, as LocoProp's)."""
+        if not self.ranks.many or contract.data_parallel(optimizer):
             return model
         return torch.nn.parallel.DistributedDataParallel(model)
 
@@ -692,7 +680,7 @@ class _Run:
         self.wall_time += finished - started
         self.cpu_time += time.thread_time() - started_cpu
         self.step += 1
-        phases = {"forward_backward": backward_done - started, **getattr(self.optimizer, "last_step_seconds", {})}
+        phases = {"forward_backward": backward_done - started, **contract.last_step_seconds(self.optimizer)}
         return finished - started, phases
 
     def _sane(self, loss: float) -> bool:
@@ -733,15 +721,14 @@ class _Run:
         row[schema.STEP_TIME_COLUMN] = statistics.mean(step_times) if step_times else None
         for phase in self.phases:
             row[schema.phase_column(phase)] = statistics.mean(p[phase] for p in phase_times) if phase_times else None
-        row[schema.SKIPPED_COLUMN] = getattr(self.optimizer, "skipped_steps", 0)
+        row[schema.SKIPPED_COLUMN] = contract.skipped_steps(self.optimizer)
         row.update(self.adapted_hyperparameters())
         self.step_times.extend(step_times)
         self.eval_seconds += time.perf_counter() - started
         return row
 
     def adapted_hyperparameters(self) -> dict[str, float]:
-        adapted = getattr(self.optimizer, "adapted_hyperparameters", None)
-        return adapted() if adapted is not None else {}
+        return contract.adapted_hyperparameters(self.optimizer)
 
     @property
     def adapted_columns(self) -> tuple[str, ...]:
@@ -831,7 +818,7 @@ class _Run:
             summary.update({f"final_{split}_error": finals.get(f"{split}_error") for split in self.splits})
         if self.workload.inputs == "tokens":
             summary.update({f"final_{split}_perplexity": finals.get(f"{split}_perplexity") for split in self.splits})
-        summary["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0)
+        summary["skipped_steps"] = contract.skipped_steps(self.optimizer)
         if error is not None:
             summary["error"] = error
         if signal is not None:
