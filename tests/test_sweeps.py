@@ -21,7 +21,7 @@ import sqlalchemy
 import torch
 
 from analysis.load import load_results
-from sweeps.runner import RunConfig, records
+from sweeps.runner import RunConfig, run_directory
 from sweeps.search import optuna_backend
 from sweeps.search.optuna_backend import make_storage, run_optuna_sweep
 from sweeps.search.ray_backend import run_ray_sweep
@@ -631,6 +631,6 @@ def test_two_evaluations_at_one_share_of_the_budget_report_once_without_optuna_w
     finally:
         torch.set_num_threads(threads)
     (trial,) = optuna.load_study(study_name="d", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
-    rows = {row["step"]: row["valid_loss"] for row in records.read_history(tmp_path / "d" / "trials" / "trial-0000" /
-                                                                             "metrics.csv")}  # fmt: skip
+    metrics = tmp_path / "d" / "trials" / "trial-0000" / "metrics.csv"
+    rows = {row["step"]: row["valid_loss"] for row in run_directory.read_history(metrics)}
     assert trial.intermediate_values == {100: rows[199]}

@@ -34,12 +34,12 @@ from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps import interrupts, schema
 from sweeps.commands import presets
 from sweeps.extras import MissingExtra
-from sweeps.runner import records
+from sweeps.runner import run_directory
 from sweeps.runner.budget import CalibrationSkipped
 from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES, RunConfig, run_dir_name, run_identity
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS, DataUnavailable
 from sweeps.runner.ranks import RankFailed, RankRefused, Ranks, init_from_environment, launch
-from sweeps.runner.records import RecordRebuilt
+from sweeps.runner.run_directory import RecordRebuilt
 from sweeps.runner.train import (
     OffPace,
     RunResult,
@@ -394,7 +394,7 @@ def _resume_notice(config: RunConfig, out: pathlib.Path) -> str | None:
     nearest = []
     for other in sorted(out.glob(run_dir.name.rsplit("-", 1)[0] + "-*")):
         try:
-            stored = run_identity(records.read_json(other / records.CONFIG))
+            stored = run_identity(run_directory.read_json(other / run_directory.CONFIG))
         except (OSError, ValueError):
             continue  # not a run directory, or a damaged one: nothing to compare
         differences = _flag_differences(stored, asked)
@@ -466,7 +466,10 @@ def _train_on_ranks(nproc: int, config: RunConfig, resume: bool, progress: bool 
         record_rank_failure(pathlib.Path(config.out), str(err), nproc)
         raise
     run_dir = pathlib.Path(config.out)
-    summary, history = records.read_json(run_dir / records.SUMMARY), records.read_history(run_dir / records.METRICS)
+    summary, history = (
+        run_directory.read_json(run_dir / run_directory.SUMMARY),
+        run_directory.read_history(run_dir / run_directory.METRICS),
+    )
     return RunResult(run_dir, summary, history)
 
 

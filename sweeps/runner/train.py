@@ -75,7 +75,7 @@ import torch
 
 from baselines import make_optimizer
 from sweeps import interrupts, schema
-from sweeps.runner import contract, records
+from sweeps.runner import contract, run_directory
 from sweeps.runner.budget import (
     CALIBRATION_WARMUP,
     PACE_TOLERANCE,
@@ -173,7 +173,7 @@ def train(
     Raises:
         ValueError: a bad config. RunExists: ``config.out`` holds a finished
             run, or an unfinished one with a checkpoint, and ``resume`` is
-            False. sweeps.runner.records.DamagedRecord: a record of the run to
+            False. sweeps.runner.run_directory.DamagedRecord: a record of the run to
             resume or return cannot be read.
             sweeps.runner.data.DataUnavailable: missing data. Each before anything
             is written.
@@ -195,13 +195,13 @@ def _train(
     if finished is not None:
         return finished
     run_dir = pathlib.Path(config.out)
-    metrics_path = run_dir / records.METRICS
-    damage = records.metrics_damage(metrics_path, checkpoint["metrics"]) if checkpoint is not None else None
+    metrics_path = run_dir / run_directory.METRICS
+    damage = run_directory.metrics_damage(metrics_path, checkpoint["metrics"]) if checkpoint is not None else None
     run = _Run(config, run_dir, data, checkpoint)  # may refuse too: nothing is written before this
     run.open_records()
     if damage is not None and run.ranks.writes:
         warnings.warn(
-            records.RecordRebuilt(f"{metrics_path} {damage}; rebuilt it from the checkpoint's rows"), stacklevel=2
+            run_directory.RecordRebuilt(f"{metrics_path} {damage}; rebuilt it from the checkpoint's rows"), stacklevel=2
         )
     with interrupts.deferred():  # a signal ends the step under way first (the loop checks after each step)
         try:
@@ -230,7 +230,7 @@ def _check_run_directory(
     finished = _finished_run(run_dir, config, resume, resume_stopped)
     if finished is not None:
         return finished, None
-    if not resume and (run_dir / records.CHECKPOINT).is_file():
+    if not resume and (run_dir / run_directory.CHECKPOINT).is_file():
         raise RunExists(
             f"{run_dir} holds an unfinished run with a checkpoint (interrupted, or failed), which a new run would "
             "replace; use --resume (resume=True in Python) to continue it, or remove that directory to start afresh"
@@ -268,17 +268,17 @@ def record_rank_failure(run_dir: pathlib.Path, error: str, world_size: int) -> N
     summary says only that (status, error, world size). Nothing is written where the run has no records yet,
     or over a finished run's summary.
     """
-    path = run_dir / records.SUMMARY
+    path = run_dir / run_directory.SUMMARY
     if path.is_file():
-        summary = records.read_json(path)
+        summary = run_directory.read_json(path)
         if summary.get("status") in FINISHED:
             return
         summary.pop("signal", None)
-    elif (run_dir / records.CONFIG).is_file():
+    elif (run_dir / run_directory.CONFIG).is_file():
         summary = {"world_size": world_size}
     else:
         return
-    records.write_json(path, {**summary, "status": schema.FAILED, "error": error})
+    run_directory.write_json(path, {**summary, "status": schema.FAILED, "error": error})
 
 
 def _finished_run(
@@ -293,10 +293,10 @@ def _finished_run(
         DamagedRecord: one of its files cannot be read, or its metrics.csv
             lacks rows.
     """
-    summary_path = run_dir / records.SUMMARY
+    summary_path = run_dir / run_directory.SUMMARY
     if not summary_path.is_file():
         return None
-    summary = records.read_json(summary_path)
+    summary = run_directory.read_json(summary_path)
     status = summary.get("status")
     if status not in FINISHED or (resume and resume_stopped and status == schema.STOPPED):
         return None
@@ -305,15 +305,19 @@ def _finished_run(
             f"{run_dir} holds a finished run (status {status}), which a new run would replace; use --resume "
             "(resume=True in Python) to get it back, or remove that directory to run it again"
         )
-    _check_same_config(records.read_json(run_dir / records.CONFIG), config, f"The finished run in {run_dir}")
-    metrics_path = run_dir / records.METRICS
-    history = records.read_history(metrics_path)
+    _check_same_config(
+        run_directory.read_json(run_dir / run_directory.CONFIG), config, f"The finished run in {run_dir}"
+    )
+    metrics_path = run_dir / run_directory.METRICS
+    history = run_directory.read_history(metrics_path)
     try:
         horizon, steps = Horizon(**summary["horizon"]), summary["steps"]
     except (KeyError, TypeError) as err:
-        raise records.DamagedRecord(f"{summary_path} has no horizon or steps ({err}); {records.RUN_AGAIN}") from None
+        raise run_directory.DamagedRecord(
+            f"{summary_path} has no horizon or steps ({err}); {run_directory.RUN_AGAIN}"
+        ) from None
     _check_evaluations(
-        history, horizon, steps, f"{metrics_path} of the finished run", records.RUN_AGAIN, ends_with_row=True
+        history, horizon, steps, f"{metrics_path} of the finished run", run_directory.RUN_AGAIN, ends_with_row=True
     )
     return RunResult(run_dir, summary, history)
 
@@ -321,18 +325,18 @@ def _finished_run(
 def _checkpoint_to_resume(run_dir: pathlib.Path, config: RunConfig) -> dict | None:
     """The checkpoint in ``run_dir``, checked: its config is ``config`` and it
     holds the metrics rows of every evaluation up to its own step; None if there is none."""
-    path = run_dir / records.CHECKPOINT
+    path = run_dir / run_directory.CHECKPOINT
     if not path.is_file():
         return None
-    checkpoint = records.load_checkpoint(path)
+    checkpoint = run_directory.load_checkpoint(path)
     if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["metrics"], list):
-        raise records.DamagedRecord(f"{path} holds no config or no metrics rows; {records.START_AFRESH}")
+        raise run_directory.DamagedRecord(f"{path} holds no config or no metrics rows; {run_directory.START_AFRESH}")
     _check_same_config(checkpoint["config"], config, f"The checkpoint in {run_dir}")
     try:
         horizon = Horizon(**checkpoint["horizon"])
     except TypeError as err:
-        raise records.DamagedRecord(f"{path} holds no horizon ({err}); {records.START_AFRESH}") from None
-    _check_evaluations(checkpoint["metrics"], horizon, checkpoint["step"], str(path), records.START_AFRESH)
+        raise run_directory.DamagedRecord(f"{path} holds no horizon ({err}); {run_directory.START_AFRESH}") from None
+    _check_evaluations(checkpoint["metrics"], horizon, checkpoint["step"], str(path), run_directory.START_AFRESH)
     return checkpoint
 
 
@@ -348,7 +352,7 @@ def _check_evaluations(
         expected.append(last_step)
     steps = [row.get("step") if isinstance(row, dict) else None for row in rows]
     if steps != expected:
-        raise records.DamagedRecord(
+        raise run_directory.DamagedRecord(
             f"{what} holds rows for steps {_ranges(steps, horizon.eval_every)}, expected "
             f"{_ranges(expected, horizon.eval_every)}; {what_to_do}"
         )
@@ -374,7 +378,7 @@ def _check_same_config(stored: dict, config: RunConfig, what: str) -> None:
     A run directory may be moved or copied (sweep back ends restore trials
     into new folders): where it lives is not part of what the run is.
     """
-    differences = records.field_differences(stored, dataclasses.asdict(config), ("there", "asked"), run_identity)
+    differences = run_directory.field_differences(stored, dataclasses.asdict(config), ("there", "asked"), run_identity)
     if differences:
         raise ValueError(
             f"{what} is for another config ({'; '.join(differences)}); use another --out, or remove that run "
@@ -484,11 +488,11 @@ class _Run:
             try:
                 self._restore(checkpoint)
             except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-                raise records.DamagedRecord(
-                    f"{run_dir / records.CHECKPOINT} does not fit this run ({records.first_line(err)}); "
-                    f"{records.START_AFRESH}"
+                raise run_directory.DamagedRecord(
+                    f"{run_dir / run_directory.CHECKPOINT} does not fit this run ({run_directory.first_line(err)}); "
+                    f"{run_directory.START_AFRESH}"
                 ) from err
-        self.metrics: records.MetricsWriter | None = None
+        self.metrics: run_directory.MetricsWriter | None = None
         self.started = time.perf_counter()
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -545,17 +549,17 @@ class _Run:
         config = dataclasses.asdict(self.config)
         if self.calibration is not None:
             config[schema.CALIBRATION] = self.calibration.as_dict()
-        records.write_json(self.run_dir / records.CONFIG, config)
-        (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
+        run_directory.write_json(self.run_dir / run_directory.CONFIG, config)
+        (self.run_dir / run_directory.SUMMARY).unlink(missing_ok=True)
         if not self.resumed:
-            (self.run_dir / records.CHECKPOINT).unlink(missing_ok=True)
+            (self.run_dir / run_directory.CHECKPOINT).unlink(missing_ok=True)
         columns = schema.metric_columns(
             self.workload.loss_kind == "cross_entropy", self.phases, self.adapted_columns,
             perplexity=self.workload.inputs == "tokens",
         )  # fmt: skip
         # Rows after the checkpoint's step are redone; the checkpoint's own
         # rows replace the file's, which may be damaged or cut short.
-        self.metrics = records.MetricsWriter(self.run_dir / records.METRICS, columns, rows=self.rows)
+        self.metrics = run_directory.MetricsWriter(self.run_dir / run_directory.METRICS, columns, rows=self.rows)
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -738,8 +742,8 @@ class _Run:
     def save_checkpoint(self) -> None:
         if not self.ranks.writes:
             return
-        records.save_checkpoint(
-            self.run_dir / records.CHECKPOINT,
+        run_directory.save_checkpoint(
+            self.run_dir / run_directory.CHECKPOINT,
             {
                 "config": dataclasses.asdict(self.config),
                 "calibration": self.calibration.as_dict() if self.calibration else None,
@@ -810,7 +814,7 @@ class _Run:
             "median_step_time_s": statistics.median(self.step_times) if self.step_times else None,
             **_peak_memory(self.device),
             "device": str(self.device),
-            "versions": records.versions(),
+            "versions": run_directory.versions(),
         }
         if self.calibration is not None:
             summary[schema.CALIBRATION] = self.calibration.as_dict()
@@ -824,9 +828,9 @@ class _Run:
         if signal is not None:
             summary["signal"] = signal
         summary["world_size"] = self.ranks.size
-        summary = records.finite_or_null(summary)
+        summary = run_directory.finite_or_null(summary)
         if self.ranks.writes:
-            records.write_json(self.run_dir / records.SUMMARY, summary)
+            run_directory.write_json(self.run_dir / run_directory.SUMMARY, summary)
         return summary
 
     def _describe(self) -> str:
