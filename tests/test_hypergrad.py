@@ -369,7 +369,7 @@ def test_the_hypergrad_spaces_search_beta_and_fix_gamma(optimizer):
     import optuna
 
     from baselines import make_optimizer
-    from sweeps.search.spaces import SPACES_DIR, load_space
+    from sweeps.search.search_space import SPACES_DIR, load_space
 
     space = load_space(optimizer, SPACES_DIR / "hypergrad" / f"{optimizer}.yaml")
     assert "hypergrad_lr" in space.distributions and "activation_lr" not in space.distributions
@@ -382,7 +382,7 @@ def test_the_hypergrad_spaces_search_beta_and_fix_gamma(optimizer):
 def test_a_sweep_searches_beta_and_records_gamma_per_unit(tmp_path):
     from sweeps.commands.cli import main
     from sweeps.runner import run_directory
-    from sweeps.search.spaces import SPACES_DIR
+    from sweeps.search.search_space import SPACES_DIR
 
     optimizer = "locoprop-m"
     space = SPACES_DIR / "hypergrad" / f"{optimizer}.yaml"

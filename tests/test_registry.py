@@ -89,7 +89,7 @@ def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
 
 
 def test_registry_names_are_the_spec_names_and_each_has_a_search_space():
-    from sweeps.search.spaces import load_space
+    from sweeps.search.search_space import load_space
 
     assert optimizer_names() == SPEC_NAMES == [info.name for info in OPTIMIZER_INFOS]
     for name in SPEC_NAMES:

@@ -15,7 +15,7 @@ from sweeps.runner import RunConfig, run_directory
 from sweeps.runner.train import train
 from sweeps.search.ray_backend import run_ray_sweep
 from sweeps.search.results import sweep_setup
-from sweeps.search.spaces import load_space
+from sweeps.search.search_space import load_space
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = RunConfig(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, epochs=3)

@@ -26,7 +26,7 @@ from sweeps.search import optuna_backend
 from sweeps.search.optuna_backend import make_storage, run_optuna_sweep
 from sweeps.search.ray_backend import run_ray_sweep
 from sweeps.search.results import TrialLeftOut, export_results, mask_url, sweep_setup
-from sweeps.search.spaces import SPACES_DIR, SpaceError, TrialSeededSampler, load_space
+from sweeps.search.search_space import SPACES_DIR, SpaceError, TrialSeededSampler, load_space
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = RunConfig(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, epochs=3)
@@ -349,7 +349,7 @@ import pathlib, sys, time
 import optuna
 from sweeps.runner import RunConfig
 from sweeps.search.optuna_backend import run_optuna_sweep
-from sweeps.search.spaces import load_space
+from sweeps.search.search_space import load_space
 
 out, storage, me = pathlib.Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3]
 real_optimize, waited = optuna.Study.optimize, []

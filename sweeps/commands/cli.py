@@ -541,7 +541,7 @@ def _given(argv: list[str], flag: str) -> bool:
 
 
 def cmd_sweep(args) -> int:
-    from sweeps.search.spaces import load_space
+    from sweeps.search.search_space import load_space
 
     if args.backend == "ray" and args.storage:
         raise ValueError("--storage is an Optuna storage; --backend ray keeps its state under --out (drop --storage)")

@@ -223,7 +223,7 @@ def _print_costs(table: dict[str, Any], optimizers: list[str], measured: bool) -
 # ---------------------------------------------------------------- stages
 def _tune(base: RunConfig, optimizer: str, out: pathlib.Path, tuning: Tuning, progress: bool | None) -> dict:
     """Run (or continue) the optimizer's study; its trial counts, cost and selected configuration."""
-    from sweeps.search.spaces import load_space
+    from sweeps.search.search_space import load_space
 
     study_out = (out / "tuning" / optimizer).resolve()
     config = dataclasses.replace(base, optimizer=optimizer, hparams={}, seed=tuning.seed, out=str(study_out))

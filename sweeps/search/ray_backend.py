@@ -59,7 +59,7 @@ from sweeps.runner.config import RunConfig
 from sweeps.runner.train import BUDGET_PERCENT, check_data_parallel, check_fits_data
 from sweeps.search.ray_trial import train_reporting, trial_config
 from sweeps.search.results import check_same_setup, check_study_name, export_results, sweep_setup
-from sweeps.search.spaces import SearchSpace, TrialSeededSampler
+from sweeps.search.search_space import SearchSpace, TrialSeededSampler
 
 __all__ = ["run_ray_sweep"]
 

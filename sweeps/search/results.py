@@ -33,7 +33,7 @@ from sweeps.runner import run_directory
 
 if TYPE_CHECKING:
     from sweeps.runner.config import RunConfig
-    from sweeps.search.spaces import SearchSpace
+    from sweeps.search.search_space import SearchSpace
 
 __all__ = [
     "JOURNAL_PREFIX",
