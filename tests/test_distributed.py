@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import bce_sum_mean, snapshot
+from helpers import bce_sum_mean, snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import missing_system_dependency
+from helpers import missing_system_dependency
 
 from sweeps.runner import RunConfig, run_directory, train
 from sweeps.runner import data as data_module

@@ -14,7 +14,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_params, backprop_sgd_step, snapshot, train_steps
+from helpers import assert_same_params, backprop_sgd_step, snapshot, train_steps
 from torch import nn
 
 from locoprop import LocoPropOptimizer
@@ -177,7 +177,7 @@ class TiedLayers(nn.Module):
 
 
 def _backprop_sgd_step_some_unused(model, loss_fn, lr):
-    """As conftest's ``backprop_sgd_step``, leaving parameters the loss does not use alone."""
+    """As helpers' ``backprop_sgd_step``, leaving parameters the loss does not use alone."""
     clone = copy.deepcopy(model)
     params = list(clone.parameters())
     grads = torch.autograd.grad(loss_fn(clone), params, allow_unused=True)

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_round_trip_continues, assert_same_params, snapshot, train_steps
+from helpers import assert_round_trip_continues, assert_same_params, snapshot, train_steps
 from torch import nn
 
 from baselines import OPTIMIZERS, CombinedOptimizer, make_optimizer, optimizer_names

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import missing_system_dependency
+from helpers import missing_system_dependency
 from torch import nn
 
 from baselines.registry import OPTIMIZERS, make_optimizer
