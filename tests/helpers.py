@@ -6,7 +6,10 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from locoprop import LocoPropOptimizer
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -98,3 +101,31 @@ def assert_round_trip_continues(make_model, make_optimizer, batches, loss_fn, ma
         assert torch.equal(p, q), f"{name} differs after the reload"
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), make_model().parameters())), "it trained"
     return fresh_opt
+
+
+# ------------------------------------------------ LocoProp steps checked against backprop
+# With one local SGD iteration at lr ETA and activation_lr GAMMA, a LocoProp step is the backprop SGD step at
+# ETA·GAMMA (SPEC §2): the recording tests (in-place operations, shared weights, the output unit) compare them.
+ETA, GAMMA = 0.05, 2.0
+PARALLEL_PATHS = ["batched", "none"]  # the batched local solves and the reference path
+CLOSE = dict(rtol=1e-10, atol=1e-12)  # float64 steps that agree up to rounding
+
+
+def one_locoprop_sgd_step(model, loss_fn, **kwargs):
+    """The LocoProp optimizer after one step on ``loss_fn(model)``: one local SGD iteration at ETA, GAMMA."""
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, local_iters=1, inner="sgd", **kwargs)
+    loss_fn(model).backward()
+    opt.step()
+    return opt
+
+
+def locoprop_trained(model, loss_fn, steps=2, **kwargs):
+    """The parameters of ``model`` after ``steps`` LocoProp steps (lr ETA, activation_lr GAMMA) on ``loss_fn``."""
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, **kwargs)
+    train_steps(model, opt, range(steps), lambda m, _: loss_fn(m))
+    return snapshot(model)
+
+
+def classification_loss(x, y):
+    """The cross-entropy of a model on the batch (x, y), as a function of the model."""
+    return lambda m: F.cross_entropy(m(x), y)
