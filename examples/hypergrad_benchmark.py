@@ -32,7 +32,7 @@ import statistics
 
 from analysis.stats import mean_interval
 from sweeps.commands.presets import COMPARE_DEFAULTS, PRESETS
-from sweeps.runner import records
+from sweeps.runner import run_directory
 from sweeps.runner.config import RunConfig, run_dir_name
 from sweeps.runner.train import train
 
@@ -44,12 +44,12 @@ def run(base: RunConfig, out: pathlib.Path, label: str, **changes) -> dict:
     hparams = {**base.hparams, **changes.pop("hparams", {})}
     config = dataclasses.replace(base, hparams=hparams, **changes)
     config.out = str(out / run_dir_name(config))
-    summary_path = pathlib.Path(config.out) / records.SUMMARY
-    if summary_path.exists() and records.read_json(summary_path).get("status") in ("ok", "diverged"):
-        summary = records.read_json(summary_path)
+    summary_path = pathlib.Path(config.out) / run_directory.SUMMARY
+    if summary_path.exists() and run_directory.read_json(summary_path).get("status") in ("ok", "diverged"):
+        summary = run_directory.read_json(summary_path)
     else:
         summary = train(config, resume=True, progress=False).summary
-    history = records.read_history(pathlib.Path(config.out) / records.METRICS)
+    history = run_directory.read_history(pathlib.Path(config.out) / run_directory.METRICS)
     gammas = {key: value for key, value in history[-1].items() if key.startswith("gamma/")}
     print(f"{label:34s} seed {config.seed}: {summary['steps']:4d} steps, train {summary['final_train_loss']:.2f}, "
           f"valid {summary['final_valid_loss']:.2f}, {summary['train_seconds']:.1f} s", flush=True)  # fmt: skip

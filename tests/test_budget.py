@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from sweeps.runner import RunConfig, budget, records, train
+from sweeps.runner import RunConfig, budget, run_directory, train
 from sweeps.runner.budget import Horizon
 from sweeps.runner.config import run_identity
 from sweeps.runner.data import load_dataset, synthetic
@@ -207,7 +207,7 @@ def test_runs_record_validation_losses_and_split_sizes(tmp_path):
     result = train(config, progress=False, data=DATA)
     assert json.loads((tmp_path / "config.json").read_text())["valid_fraction"] == 0.2
     assert result.summary["split_sizes"] == {"train": 410, "valid": 102, "test": 128}
-    history = records.read_history(tmp_path / "metrics.csv")
+    history = run_directory.read_history(tmp_path / "metrics.csv")
     assert all(row["valid_loss"] > 0 and 0 <= row["valid_error"] <= 1 for row in history)
     assert result.summary["final_valid_loss"] == history[-1]["valid_loss"]
 

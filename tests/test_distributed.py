@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import bce_sum_mean, snapshot
+from helpers import bce_sum_mean, snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer
 from locoprop.distributed import greedy_owners
-from sweeps.runner import records
+from sweeps.runner import run_directory
 
 GLOBAL_BATCH = 24  # 12 per rank on 2 ranks, 8 on 3
 STEPS = 3
@@ -241,7 +241,7 @@ TRAIN = ["train", "--data", "synthetic", "--width-mult", "0.05", "--batch-size",
 
 def _run_losses(folder: pathlib.Path) -> list[tuple]:
     (run_dir,) = folder.iterdir()
-    rows = records.read_history(run_dir / "metrics.csv")
+    rows = run_directory.read_history(run_dir / "metrics.csv")
     return [(r["step"], r["train_loss"], r["valid_loss"], r["test_loss"]) for r in rows]
 
 
@@ -264,7 +264,7 @@ def test_train_on_two_processes_follows_the_one_process_run(tmp_path, optimizer)
     for g, e in zip(got, expected):
         assert g == pytest.approx(e, rel=1e-5)
     (run_dir,) = (tmp_path / "two").iterdir()
-    assert records.read_json(run_dir / "summary.json")["world_size"] == 2
+    assert run_directory.read_json(run_dir / "summary.json")["world_size"] == 2
 
 
 def test_torchrun_launches_the_same_run(tmp_path):

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_params, backprop_sgd_step, snapshot
+from helpers import assert_same_params, backprop_sgd_step, snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer

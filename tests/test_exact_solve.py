@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_same_params, snapshot
+from helpers import assert_same_params, snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_params, snapshot
+from helpers import assert_same_params, snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import missing_system_dependency
+from helpers import missing_system_dependency
 
-from sweeps.runner import RunConfig, records, train
+from sweeps.runner import RunConfig, run_directory, train
 from sweeps.runner import data as data_module
 from sweeps.runner.data import DataUnavailable, load_dataset, read_idx
 from sweeps.runner.train import lr_factor
@@ -27,7 +27,7 @@ METRIC_COLUMNS = ["step", "epoch", "wall_time_s", "train_loss", "valid_loss", "t
 def _losses(run_dir):
     return [
         (r["step"], r["epoch"], r["train_loss"], r["valid_loss"], r["test_loss"], r["lr"])
-        for r in records.read_history(run_dir / "metrics.csv")
+        for r in run_directory.read_history(run_dir / "metrics.csv")
     ]
 
 
@@ -56,7 +56,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch,
     assert straight.status == "ok"
 
     # Crash after the metrics row of epoch 2 is written but before its checkpoint.
-    real_save = records.save_checkpoint
+    real_save = run_directory.save_checkpoint
 
     def crash_at_epoch_2(path, state):
         if state["step"] == 2 * state["horizon"]["steps_per_epoch"]:
@@ -64,11 +64,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch,
         real_save(path, state)
 
     config = RunConfig(optimizer=optimizer, hparams=hparams, out=str(tmp_path / "b"), **TINY)
-    monkeypatch.setattr(records, "save_checkpoint", crash_at_epoch_2)
+    monkeypatch.setattr(run_directory, "save_checkpoint", crash_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
-    assert records.read_json(tmp_path / "b" / "summary.json")["status"] == "interrupted"
-    monkeypatch.setattr(records, "save_checkpoint", real_save)
+    assert run_directory.read_json(tmp_path / "b" / "summary.json")["status"] == "interrupted"
+    monkeypatch.setattr(run_directory, "save_checkpoint", real_save)
 
     resumed = train(config, resume=True, progress=False)
     assert resumed.status == "ok"

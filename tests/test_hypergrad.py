@@ -369,7 +369,7 @@ def test_the_hypergrad_spaces_search_beta_and_fix_gamma(optimizer):
     import optuna
 
     from baselines import make_optimizer
-    from sweeps.search.spaces import SPACES_DIR, load_space
+    from sweeps.search.search_space import SPACES_DIR, load_space
 
     space = load_space(optimizer, SPACES_DIR / "hypergrad" / f"{optimizer}.yaml")
     assert "hypergrad_lr" in space.distributions and "activation_lr" not in space.distributions
@@ -381,8 +381,8 @@ def test_the_hypergrad_spaces_search_beta_and_fix_gamma(optimizer):
 
 def test_a_sweep_searches_beta_and_records_gamma_per_unit(tmp_path):
     from sweeps.commands.cli import main
-    from sweeps.runner import records
-    from sweeps.search.spaces import SPACES_DIR
+    from sweeps.runner import run_directory
+    from sweeps.search.search_space import SPACES_DIR
 
     optimizer = "locoprop-m"
     space = SPACES_DIR / "hypergrad" / f"{optimizer}.yaml"
@@ -391,14 +391,14 @@ def test_a_sweep_searches_beta_and_records_gamma_per_unit(tmp_path):
                  "--epochs", "1", "--trials", "2", "--study", "hg", "--out", str(tmp_path),
                  "--no-progress"])  # fmt: skip
     assert code == 0
-    runs = [path.parent for path in tmp_path.rglob(records.CONFIG)]
+    runs = [path.parent for path in tmp_path.rglob(run_directory.CONFIG)]
     assert len(runs) == 2
     betas = set()
     for run in runs:
-        config = records.read_json(run / records.CONFIG)
+        config = run_directory.read_json(run / run_directory.CONFIG)
         assert config["hparams"]["activation_lr"] == 0.3  # γ starts where the space fixes it...
         betas.add(config["hparams"]["hypergrad_lr"])  # ...and β is what the sweep draws
-        history = records.read_history(run / records.METRICS)
+        history = run_directory.read_history(run / run_directory.METRICS)
         gammas = [{k: v for k, v in row.items() if k.startswith("gamma/")} for row in history]
         assert gammas[0] and all(set(g) == set(gammas[0]) for g in gammas)  # a column per unit, every row
         assert any(v != 0.3 for v in gammas[-1].values())  # ...and γ moved

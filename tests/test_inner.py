@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import snapshot
+from helpers import snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer, RMSpropTF

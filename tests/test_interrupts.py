@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from sweeps.commands.cli import main
-from sweeps.runner import records
+from sweeps.runner import run_directory
 from sweeps.runner.config import RunConfig
 from sweeps.runner.ranks import RankOutcome, root_cause
 from sweeps.search import optuna_backend
@@ -90,7 +90,7 @@ def signal_at(monkeypatch):
 
 
 def _losses(run_dir: pathlib.Path) -> list[tuple]:
-    rows = records.read_history(run_dir / "metrics.csv")
+    rows = run_directory.read_history(run_dir / "metrics.csv")
     return [(r["step"], r["epoch"], r["lr"], r["train_loss"], r["valid_loss"], r["test_loss"]) for r in rows]
 
 
@@ -112,13 +112,13 @@ def test_a_signal_to_train_checkpoints_at_its_step_and_the_command_continues_exa
     assert err == f"locoprop: interrupted{by}; the run is checkpointed at its last finished step and continues with: " \
                   f"{resume}\n"  # fmt: skip
     run_dir = _the_run(tmp_path / "runs")
-    summary = records.read_json(run_dir / "summary.json")
+    summary = run_directory.read_json(run_dir / "summary.json")
     assert (summary["status"], summary["signal"], summary["steps"]) == ("interrupted", signal.Signals(signum).name, 7)
-    assert records.load_checkpoint(run_dir / "checkpoint.pt")["step"] == 7  # not the evaluation at 5
+    assert run_directory.load_checkpoint(run_dir / "checkpoint.pt")["step"] == 7  # not the evaluation at 5
 
     assert run_cli([*argv, "--resume"], capsys)[0] == 0
     assert [step for _, step in trained] == list(range(1, 21))  # every step once: none lost, none repeated
-    assert records.read_json(run_dir / "summary.json")["status"] == "ok"
+    assert run_directory.read_json(run_dir / "summary.json")["status"] == "ok"
     signal_at(None)
     assert run_cli([*TRAIN, "--out", str(tmp_path / "straight")], capsys)[0] == 0
     assert _losses(run_dir) == _losses(_the_run(tmp_path / "straight"))  # the numbers of an uninterrupted run
@@ -129,7 +129,7 @@ def test_a_signal_during_the_last_step_lets_the_run_finish_then_stops_the_comman
     signal_at(20)
     code, _, _ = run_cli([*TRAIN, "--out", str(tmp_path)], capsys)
     assert code == 143
-    summary = records.read_json(_the_run(tmp_path) / "summary.json")
+    summary = run_directory.read_json(_the_run(tmp_path) / "summary.json")
     assert (summary["status"], summary["steps"]) == ("ok", 20)  # done: nothing to continue
 
 
@@ -144,7 +144,7 @@ def _study(out: pathlib.Path, name: str = "s") -> optuna.Study:
 
 def _straight(run_dir: pathlib.Path, out: pathlib.Path) -> list[tuple]:
     """The losses of the run of ``run_dir``'s config, trained without a stop in ``out``."""
-    config = RunConfig.from_dict({**records.read_json(run_dir / "config.json"), "out": str(out)})
+    config = RunConfig.from_dict({**run_directory.read_json(run_dir / "config.json"), "out": str(out)})
     train_module.train(config, progress=False)
     return _losses(out)
 
@@ -281,16 +281,16 @@ def test_the_parent_records_the_cause_where_rank_0_could_not(tmp_path):
     run_dir.mkdir()
     (run_dir / "config.json").write_text("{}")
     train_module.record_rank_failure(run_dir, "rank 0 of 2 was killed by SIGKILL", 2)  # rank 0 wrote no summary
-    assert records.read_json(run_dir / "summary.json") == {
+    assert run_directory.read_json(run_dir / "summary.json") == {
         "world_size": 2, "status": "failed", "error": "rank 0 of 2 was killed by SIGKILL"
     }  # fmt: skip
-    records.write_json(run_dir / "summary.json", {"status": "interrupted", "signal": "SIGTERM", "steps": 8})
+    run_directory.write_json(run_dir / "summary.json", {"status": "interrupted", "signal": "SIGTERM", "steps": 8})
     train_module.record_rank_failure(run_dir, "rank 1 of 2 failed: KeyError: 'x'", 2)
-    assert records.read_json(run_dir / "summary.json") == {"status": "failed", "steps": 8,
+    assert run_directory.read_json(run_dir / "summary.json") == {"status": "failed", "steps": 8,
                                                             "error": "rank 1 of 2 failed: KeyError: 'x'"}  # fmt: skip
-    records.write_json(run_dir / "summary.json", {"status": "ok"})
+    run_directory.write_json(run_dir / "summary.json", {"status": "ok"})
     train_module.record_rank_failure(run_dir, "rank 1 of 2 was killed by SIGKILL", 2)
-    assert records.read_json(run_dir / "summary.json") == {"status": "ok"}  # a finished run is never rewritten
+    assert run_directory.read_json(run_dir / "summary.json") == {"status": "ok"}  # a finished run is never rewritten
 
 
 @pytest.mark.parametrize("nproc", ["0", "-1"])
@@ -370,9 +370,9 @@ def test_sigterm_to_the_parent_of_two_ranks_stops_both_after_one_step_and_resume
     assert _one_line(capfd.readouterr().err) == "locoprop: interrupted by SIGTERM; the run is checkpointed at its " \
                                                 f"last finished step and continues with: {resume}"  # fmt: skip
     run_dir = _the_run(tmp_path / "runs")
-    summary = records.read_json(run_dir / "summary.json")
+    summary = run_directory.read_json(run_dir / "summary.json")
     assert (summary["status"], summary["signal"], summary["steps"]) == ("interrupted", "SIGTERM", 8)
-    assert records.load_checkpoint(run_dir / "checkpoint.pt")["step"] == 8
+    assert run_directory.load_checkpoint(run_dir / "checkpoint.pt")["step"] == 8
 
     assert main([*argv, "--resume"]) == 0
     assert main([*TRAIN, "--steps", "12", "--out", str(tmp_path / "one")]) == 0
@@ -389,7 +389,7 @@ def test_a_rank_killed_hard_ends_the_run_in_one_line_naming_it(tmp_path, capfd, 
     resume = shlex.join(["locoprop", *argv, "--resume"])
     assert _one_line(capfd.readouterr().err) == "locoprop: rank 1 of 2 was killed by SIGKILL; the run is recorded " \
         f"as failed in its summary.json and continues from its last checkpoint with: {resume}"  # fmt: skip
-    summary = records.read_json(_the_run(tmp_path / "runs") / "summary.json")
+    summary = run_directory.read_json(_the_run(tmp_path / "runs") / "summary.json")
     # Rank 0 saw its all-reduce fail ("Connection reset by peer"); the run records rank 1's end.
     assert (summary["status"], summary["error"]) == ("failed", "rank 1 of 2 was killed by SIGKILL")
 
@@ -404,7 +404,7 @@ def test_an_error_of_one_rank_is_what_the_run_records_not_its_peers_lost_connect
     assert main(argv) == 2
     cause = "rank 1 of 2 refused the run: a weight is used outside the units"
     assert _one_line(capfd.readouterr().err).startswith(f"locoprop: {cause}")
-    summary = records.read_json(_the_run(tmp_path / "runs") / "summary.json")
+    summary = run_directory.read_json(_the_run(tmp_path / "runs") / "summary.json")
     assert (summary["status"], summary["error"]) == ("failed", cause)
 
 
@@ -427,7 +427,7 @@ def test_the_readme_torchrun_example_runs(tmp_path):
                "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, text=True, capture_output=True, timeout=600, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
-    assert records.read_json(_the_run(tmp_path) / "summary.json")["world_size"] == 2
+    assert run_directory.read_json(_the_run(tmp_path) / "summary.json")["world_size"] == 2
 
 
 # ------------------------------------------------------------------ Ray Tune

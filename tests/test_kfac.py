@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_round_trip_continues, snapshot
+from helpers import assert_round_trip_continues, snapshot
 from torch import nn
 
 from baselines import KFAC

@@ -28,7 +28,7 @@ def _imports() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                # `from sweeps.runner import records` imports the module sweeps.runner.records
+                # `from sweeps.runner import run_directory` imports the module sweeps.runner.run_directory
                 targets = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
             else:
                 continue

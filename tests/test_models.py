@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import transformers
-from conftest import assert_round_trip_continues, snapshot
+from helpers import assert_round_trip_continues, snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer

@@ -7,7 +7,7 @@ hand-written SGD update, never from locoprop.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_params, backprop_sgd_step, bce_sum_mean
+from helpers import assert_same_params, backprop_sgd_step, bce_sum_mean
 from torch import nn
 
 from locoprop import LocoPropOptimizer

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import snapshot, train_steps
+from helpers import snapshot, train_steps
 from torch import nn
 
 from locoprop import LocoPropOptimizer, kernels, local

@@ -8,12 +8,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_round_trip_continues, assert_same_params, snapshot, train_steps
+from helpers import assert_round_trip_continues, assert_same_params, snapshot, train_steps
 from torch import nn
 
 from baselines import OPTIMIZERS, CombinedOptimizer, make_optimizer, optimizer_names
 from baselines.registry import check_hparams
 from locoprop import LocoPropOptimizer
+from sweeps.runner import contract
 
 SPEC_NAMES = [
     "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "rmsprop-tf", "adagrad", "kfac", "shampoo",
@@ -31,11 +32,14 @@ class OptimizerInfo:
             classifier (the defaults suit the reference autoencoder at batch 1000).
         checkpoint: hyperparameters under which every periodic computation
             (preconditioners, inverses) happens before the save and after the reload.
+        adapting: hyperparameters under which it adapts hyperparameters itself
+            (the runner contract's ``adapted_hyperparameters``); None where it never does.
     """
 
     name: str
     small_problem: dict = dataclasses.field(default_factory=dict)
     checkpoint: dict = dataclasses.field(default_factory=dict)
+    adapting: dict | None = None
 
 
 _LOCOPROP_SMALL = dict(lr=1e-3, activation_lr=1.0, inner_momentum=0.9)
@@ -53,9 +57,9 @@ OPTIMIZER_INFOS = [
     OptimizerInfo("shampoo", _SHAMPOO_OFTEN, _SHAMPOO_OFTEN),
     OptimizerInfo("soap", checkpoint=dict(precondition_frequency=2)),
     OptimizerInfo("muon"),
-    OptimizerInfo("locoprop-m", _LOCOPROP_SMALL, _LOCOPROP_SMALL),
-    OptimizerInfo("locoprop-s", _LOCOPROP_SMALL, _LOCOPROP_SMALL),
-    OptimizerInfo("locoprop-s-exact"),
+    OptimizerInfo("locoprop-m", _LOCOPROP_SMALL, _LOCOPROP_SMALL, {**_LOCOPROP_SMALL, "hypergrad_lr": 1e-3}),
+    OptimizerInfo("locoprop-s", _LOCOPROP_SMALL, _LOCOPROP_SMALL, {**_LOCOPROP_SMALL, "hypergrad_lr": 1e-3}),
+    OptimizerInfo("locoprop-s-exact", adapting=dict(hypergrad_lr=1e-3)),
 ]
 CONTRACT = pytest.mark.parametrize("info", OPTIMIZER_INFOS, ids=lambda info: info.name)
 
@@ -85,7 +89,7 @@ def _cross_entropy(model: nn.Module, batch) -> torch.Tensor:
 
 
 def test_registry_names_are_the_spec_names_and_each_has_a_search_space():
-    from sweeps.search.spaces import load_space
+    from sweeps.search.search_space import load_space
 
     assert optimizer_names() == SPEC_NAMES == [info.name for info in OPTIMIZER_INFOS]
     for name in SPEC_NAMES:
@@ -156,6 +160,100 @@ def test_a_non_finite_gradient_neither_crashes_nor_changes_anything(info):
     train_steps(model, opt, batches[3:], _cross_entropy)
     assert all(p.isfinite().all() for p in model.parameters())
     assert any(not torch.equal(p, params[name]) for name, p in model.named_parameters())
+
+
+# ------------------------------------------------------------ the runner's contract
+def _module_hooks(model: nn.Module) -> int:
+    return sum(
+        len(hooks)
+        for module in model.modules()
+        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
+                      module._backward_hooks)
+    )  # fmt: skip
+
+
+def _protocol_members() -> set[str]:
+    """The members :class:`RunnerOptimizer` declares: its annotations and its methods."""
+    methods = {name for name, value in vars(contract.RunnerOptimizer).items() if callable(value)}
+    return set(contract.RunnerOptimizer.__annotations__) | {name for name in methods if not name.startswith("_")}
+
+
+def test_the_contract_declares_each_member_once_and_gives_every_optional_one_a_default():
+    assert not set(contract.REQUIRED) & set(contract.OPTIONAL)
+    assert _protocol_members() == set(contract.REQUIRED) | set(contract.OPTIONAL)
+    assert set(contract.OPTIONAL) == set(contract.DEFAULTS)
+
+
+def test_an_optimizer_without_the_optional_members_gets_every_default():
+    model = _classifier()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_steps(model, opt, _batches(1), _cross_entropy)
+    assert contract.skipped_steps(opt) == 0
+    assert contract.step_phases(opt) == ()
+    assert contract.last_step_seconds(opt) == {}
+    assert contract.adapted_hyperparameters(opt) == {}
+    assert contract.data_parallel(opt) is False
+    assert contract.bytes_sent(opt) == 0
+    contract.set_synchronize_timing(opt, True)
+    contract.remove_hooks(opt)
+    assert not hasattr(opt, "synchronize_timing")  # left as it was
+    contract.last_step_seconds(opt)["x"] = 1.0  # a copy: the default stays empty
+    assert contract.last_step_seconds(opt) == {} == dict(contract.DEFAULTS["last_step_seconds"])
+
+
+@CONTRACT
+def test_every_optimizer_keeps_the_runner_contract(info):
+    """Each optional member an optimizer has is of the contract's type (one it lacks reads as the default:
+    the test above); after a step, its timed phases are exactly the ones it names."""
+    model = _classifier()
+    opt = make_optimizer(info.name, model, loss="cross_entropy", **info.small_problem)
+    for member in contract.REQUIRED:
+        assert hasattr(opt, member), member
+    assert all(isinstance(group, dict) and "lr" in group for group in opt.param_groups)
+    present = {member for member in contract.OPTIONAL if hasattr(opt, member)}
+
+    phases = contract.step_phases(opt)
+    assert isinstance(phases, tuple) and all(isinstance(phase, str) and phase for phase in phases), phases
+    assert len(set(phases)) == len(phases) and "forward_backward" not in phases, phases
+    assert type(contract.data_parallel(opt)) is bool
+    assert contract.adapted_hyperparameters(opt) == {}  # it adapts nothing at these hyperparameters
+    if "synchronize_timing" in present:
+        assert type(opt.synchronize_timing) is bool
+        contract.set_synchronize_timing(opt, False)
+        assert opt.synchronize_timing is False
+    assert ("step_phases" in present) == ("last_step_seconds" in present), present
+
+    train_steps(model, opt, _batches(2), _cross_entropy)
+    seconds = contract.last_step_seconds(opt)
+    assert set(seconds) == set(phases), (seconds, phases)
+    assert all(type(value) is float and value >= 0 for value in seconds.values()), seconds
+    assert type(contract.skipped_steps(opt)) is int and contract.skipped_steps(opt) == 0
+    assert type(contract.bytes_sent(opt)) is int and contract.bytes_sent(opt) == 0  # one rank: nothing sent
+
+
+@CONTRACT
+def test_every_optimizer_that_adapts_hyperparameters_names_the_same_columns_at_every_call(info):
+    """metrics.csv's header is written before the first step: the adapted columns cannot change."""
+    if info.adapting is None:
+        opt = make_optimizer(info.name, _classifier(), loss="cross_entropy", **info.small_problem)
+        assert not hasattr(opt, "adapted_hyperparameters")
+        return
+    model = _classifier()
+    opt = make_optimizer(info.name, model, loss="cross_entropy", **info.adapting)
+    before = contract.adapted_hyperparameters(opt)
+    assert before and all(isinstance(k, str) and type(v) is float for k, v in before.items()), before
+    train_steps(model, opt, _batches(2), _cross_entropy)
+    after = contract.adapted_hyperparameters(opt)
+    assert list(after) == list(before) and all(type(v) is float and math.isfinite(v) for v in after.values())
+
+
+@CONTRACT
+def test_an_optimizer_has_remove_hooks_exactly_when_it_hooks_the_model_and_it_removes_every_hook(info):
+    model = _classifier()
+    opt = make_optimizer(info.name, model, loss="cross_entropy", **info.small_problem)
+    assert (_module_hooks(model) > 0) == hasattr(opt, "remove_hooks")
+    contract.remove_hooks(opt)
+    assert _module_hooks(model) == 0
 
 
 def test_locoprop_entries_take_the_output_transfer_from_the_loss_and_flat_inner_kwargs():

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from sweeps.commands.cli import main
-from sweeps.runner import RunConfig, RunExists, config_digest, records, train
+from sweeps.runner import RunConfig, RunExists, config_digest, run_directory, train
 from sweeps.runner.data import synthetic
 
 TINY = dict(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=128, epochs=2)
@@ -30,7 +30,7 @@ def _interrupted_run(out: pathlib.Path) -> RunConfig:
     config = RunConfig(optimizer="adam", out=str(out), **TINY)
     with pytest.raises(KeyboardInterrupt):
         train(config, on_evaluation=_interrupt_after_epoch_1, progress=False, data=DATA)
-    assert records.read_json(out / "summary.json")["status"] == "interrupted"
+    assert run_directory.read_json(out / "summary.json")["status"] == "interrupted"
     return config
 
 
@@ -91,7 +91,7 @@ def test_an_interrupted_run_is_never_restarted_from_zero_without_resume(tmp_path
     resumed = train(config, resume=True, progress=False, data=DATA)
     losses = lambda rows: [(r["epoch"], r["train_loss"], r["test_loss"]) for r in rows]  # noqa: E731
     assert losses(resumed.history) == losses(straight.history)
-    assert losses(records.read_history(tmp_path / "run" / "metrics.csv")) == losses(straight.history)
+    assert losses(run_directory.read_history(tmp_path / "run" / "metrics.csv")) == losses(straight.history)
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_starts_afresh(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from baselines import optimizer_names
 from sweeps.commands.cli import main
-from sweeps.runner import RunConfig, records, train
+from sweeps.runner import RunConfig, run_directory, train
 from sweeps.runner.data import synthetic
 
 TINY = dict(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=128, epochs=3)
@@ -72,7 +72,9 @@ def test_every_optimizer_resumes_exactly_after_an_interrupt(tmp_path, name):
     resumed = train(interrupted, resume=True, progress=False, data=DATA)
     assert resumed.status == straight.status == "ok"
     assert _same(_numbers(resumed.history), _numbers(straight.history))
-    assert _same(_numbers(records.read_history(tmp_path / "interrupted" / "metrics.csv")), _numbers(straight.history))
+    assert _same(
+        _numbers(run_directory.read_history(tmp_path / "interrupted" / "metrics.csv")), _numbers(straight.history)
+    )
     a, b = _model_state(tmp_path / "straight"), _model_state(tmp_path / "interrupted")
     assert all(torch.equal(a[key], b[key]) for key in a)
 
@@ -104,19 +106,21 @@ DAMAGED_METRICS = {
 def test_resume_rebuilds_a_damaged_metrics_csv_from_the_checkpoint(tmp_path, straight_adam, damage):
     config = _interrupted_adam(tmp_path / "run")
     damage(tmp_path / "run" / "metrics.csv")
-    with pytest.warns(records.RecordRebuilt, match=r"metrics.csv .*; rebuilt it from the checkpoint's rows") as caught:
+    with pytest.warns(
+        run_directory.RecordRebuilt, match=r"metrics.csv .*; rebuilt it from the checkpoint's rows"
+    ) as caught:
         resumed = train(config, resume=True, progress=False, data=DATA)
     assert len(caught) == 1
     assert resumed.status == "ok"
     expected = _numbers(straight_adam.history)
     assert _same(_numbers(resumed.history), expected)
-    assert _same(_numbers(records.read_history(tmp_path / "run" / "metrics.csv")), expected)
+    assert _same(_numbers(run_directory.read_history(tmp_path / "run" / "metrics.csv")), expected)
 
 
 def test_resume_of_intact_records_says_nothing(tmp_path, recwarn):
     config = _interrupted_adam(tmp_path / "run")
     assert train(config, resume=True, progress=False, data=DATA).status == "ok"
-    assert not [w for w in recwarn if issubclass(w.category, records.RecordRebuilt)]
+    assert not [w for w in recwarn if issubclass(w.category, run_directory.RecordRebuilt)]
 
 
 def test_cli_says_in_one_line_that_it_rebuilt_metrics(tmp_path, capsys):
@@ -165,7 +169,9 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_changing_nothing(tm
     config = _interrupted_adam(tmp_path / "run")
     damage(tmp_path / "run" / "checkpoint.pt")
     before = _tree(tmp_path / "run")
-    with pytest.raises(records.DamagedRecord, match=rf"{tmp_path / 'run' / 'checkpoint.pt'}.*{message}.*--resume"):
+    with pytest.raises(
+        run_directory.DamagedRecord, match=rf"{tmp_path / 'run' / 'checkpoint.pt'}.*{message}.*--resume"
+    ):
         train(config, resume=True, progress=False, data=DATA)
     assert _tree(tmp_path / "run") == before
 
@@ -204,14 +210,16 @@ def test_a_finished_run_with_damaged_metrics_is_refused_naming_the_file(straight
         (run_dir / path.name).write_bytes(path.read_bytes())
     damage(run_dir / "metrics.csv")
     config = RunConfig(optimizer="adam", out=str(run_dir), **TINY)
-    with pytest.raises(records.DamagedRecord, match=rf"{run_dir / 'metrics.csv'}.*{message}.*remove the run directory"):
+    with pytest.raises(
+        run_directory.DamagedRecord, match=rf"{run_dir / 'metrics.csv'}.*{message}.*remove the run directory"
+    ):
         train(config, resume=True, progress=False, data=DATA)
 
 
 def test_a_bad_summary_json_is_refused_naming_the_file(tmp_path):
     config = _interrupted_adam(tmp_path / "run")
     (tmp_path / "run" / "summary.json").write_text('{"status": "ok", ')
-    with pytest.raises(records.DamagedRecord, match=rf"{tmp_path / 'run' / 'summary.json'} is not valid JSON"):
+    with pytest.raises(run_directory.DamagedRecord, match=rf"{tmp_path / 'run' / 'summary.json'} is not valid JSON"):
         train(config, resume=True, progress=False, data=DATA)
 
 
@@ -232,4 +240,4 @@ def test_summary_json_is_strict_json_with_null_for_a_non_finite_loss(tmp_path):
     assert summary["final_test_loss"] is None and summary["best_test_loss"] is None
     assert math.isfinite(summary["final_train_loss"])
     # metrics.csv keeps the exact value.
-    assert all(math.isnan(row["test_loss"]) for row in records.read_history(tmp_path / "metrics.csv"))
+    assert all(math.isnan(row["test_loss"]) for row in run_directory.read_history(tmp_path / "metrics.csv"))

@@ -24,7 +24,7 @@ def test_the_record_names_are_written_only_in_the_schema():
 def test_analysis_and_the_schema_import_neither_torch_nor_the_runner():
     code = (
         "import sys; import sweeps.schema, analysis.load, analysis.tables, analysis.plots, analysis.report; "
-        "print(sorted(m for m in ('torch', 'sweeps.runner.train', 'sweeps.runner.records') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'sweeps.runner.train', 'sweeps.runner.run_directory') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_round_trip_continues, bce_sum_mean, train_steps
+from helpers import assert_round_trip_continues, bce_sum_mean, train_steps
 from torch import nn
 
 from locoprop import LocoPropOptimizer

@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_params, backprop_sgd_step
+from helpers import assert_same_params, backprop_sgd_step
 from torch import nn
 
 from locoprop import LocoPropOptimizer

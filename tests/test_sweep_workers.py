@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 from sweeps.commands.cli import main
-from sweeps.runner import RunConfig, records
+from sweeps.runner import RunConfig, run_directory
 from sweeps.runner.train import train
 from sweeps.search.ray_backend import run_ray_sweep
 from sweeps.search.results import sweep_setup
-from sweeps.search.spaces import load_space
+from sweeps.search.search_space import load_space
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = RunConfig(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, epochs=3)
@@ -44,15 +44,15 @@ def test_trials_on_two_workers_follow_the_one_process_runs(tmp_path):
     assert len(finals) == 2 and set(finals["status"]) <= {"ok", "pruned"} and "ok" in set(finals["status"])
     for _, final in finals.iterrows():
         run_dir = pathlib.Path(final["run_dir"])
-        summary = records.read_json(run_dir / "summary.json")
+        summary = run_directory.read_json(run_dir / "summary.json")
         assert summary["world_size"] == 2
         # A trial that ASHA stopped ended its run itself, as "stopped"; the others ran their budget.
         assert summary["status"] == {"ok": "ok", "pruned": "stopped"}[final["status"]]
-        got = _losses(records.read_history(run_dir / "metrics.csv"))
+        got = _losses(run_directory.read_history(run_dir / "metrics.csv"))
         assert [row[0] for row in got] == list(range(0, 7 * len(got), 7))  # an evaluation per epoch, none twice
 
         one = tmp_path / "one" / run_dir.name
-        config = RunConfig.from_dict({**records.read_json(run_dir / "config.json"), "out": str(one)})
+        config = RunConfig.from_dict({**run_directory.read_json(run_dir / "config.json"), "out": str(one)})
         expected = _losses(train(config, progress=False).history)
         assert expected[-1][1] < expected[0][1]  # it trained
         for g, e in zip(got, expected):  # a stopped trial: up to where it stopped

@@ -22,13 +22,13 @@ import sqlalchemy
 import torch
 
 from analysis.load import load_results
-from sweeps.runner import RunConfig, records
+from sweeps.runner import RunConfig, run_directory
 from sweeps.search import optuna_backend
 from sweeps.search.checks import BACKENDS
 from sweeps.search.optuna_backend import make_storage, run_optuna_sweep
 from sweeps.search.ray_backend import run_ray_sweep
 from sweeps.search.results import TrialLeftOut, export_results, mask_url, sweep_setup
-from sweeps.search.spaces import SPACES_DIR, SpaceError, TrialSeededSampler, load_space
+from sweeps.search.search_space import SPACES_DIR, SpaceError, TrialSeededSampler, load_space
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = RunConfig(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, epochs=3)
@@ -351,7 +351,7 @@ import pathlib, sys, time
 import optuna
 from sweeps.runner import RunConfig
 from sweeps.search.optuna_backend import run_optuna_sweep
-from sweeps.search.spaces import load_space
+from sweeps.search.search_space import load_space
 
 out, storage, me = pathlib.Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3]
 real_optimize, waited = optuna.Study.optimize, []
@@ -680,6 +680,6 @@ def test_two_evaluations_at_one_share_of_the_budget_report_once_without_optuna_w
     finally:
         torch.set_num_threads(threads)
     (trial,) = optuna.load_study(study_name="d", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
-    rows = {row["step"]: row["valid_loss"] for row in records.read_history(tmp_path / "d" / "trials" / "trial-0000" /
-                                                                             "metrics.csv")}  # fmt: skip
+    metrics = tmp_path / "d" / "trials" / "trial-0000" / "metrics.csv"
+    rows = {row["step"]: row["valid_loss"] for row in run_directory.read_history(metrics)}
     assert trial.intermediate_values == {100: rows[199]}

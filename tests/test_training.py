@@ -3,7 +3,7 @@
 import copy
 
 import torch
-from conftest import bce_sum_mean, train_steps
+from helpers import bce_sum_mean, train_steps
 from torch import nn
 
 from locoprop import LocoPropOptimizer

@@ -7,14 +7,14 @@ import re
 
 import pytest
 import torch
-from conftest import missing_system_dependency
+from helpers import missing_system_dependency
 from torch import nn
 
 from baselines.registry import OPTIMIZERS, make_optimizer
 from locoprop import LocoPropOptimizer
 from sweeps.commands.bench import BenchConfig, measure
 from sweeps.commands.cli import main
-from sweeps.runner import RunConfig, records, text, train
+from sweeps.runner import RunConfig, run_directory, text, train
 from sweeps.runner import data as data_module
 from sweeps.runner import workloads as workloads_module
 from sweeps.runner.curves import curve_images
@@ -264,7 +264,7 @@ def test_a_transformer_run_records_loss_error_and_perplexity_of_each_split(tmp_p
                        width_mult=0.25, steps=6, eval_every=3, out=str(tmp_path))  # fmt: skip
     result = train(config, progress=False)
     assert result.status == "ok"
-    header = (tmp_path / records.METRICS).read_text().splitlines()[0].split(",")
+    header = (tmp_path / run_directory.METRICS).read_text().splitlines()[0].split(",")
     assert {"valid_error", "valid_perplexity", "test_perplexity", "train_perplexity"} <= set(header)
     first, last = result.history[0], result.history[-1]
     for split in ("train", "valid", "test"):

@@ -45,6 +45,7 @@ import time
 import torch
 from torch import nn
 
+from sweeps.runner import contract
 from sweeps.runner.budget import interleaved_step_times
 from sweeps.runner.ranks import Ranks, launch
 
@@ -162,7 +163,7 @@ def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hpara
     target = workload.target(x, y)
     optimizer = make_optimizer(optimizer_name, model, loss=workload.loss_kind, **hparams)
     net, counter = model, None
-    if ranks.many and not getattr(optimizer, "data_parallel", False):
+    if ranks.many and not contract.data_parallel(optimizer):
         net, counter = _counted_ddp(model)
 
     def step() -> float:
@@ -179,7 +180,7 @@ def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hpara
 
     def bytes_sent() -> int:
         """Bytes this rank has sent so far (the ring all-reduce's 2(W−1)/W of each bucket)."""
-        return counter[0] if counter is not None else getattr(getattr(optimizer, "comm", None), "bytes_sent", 0)
+        return counter[0] if counter is not None else contract.bytes_sent(optimizer)
 
     return optimizer, step, forward_backward, bytes_sent
 
@@ -230,8 +231,7 @@ def measure(config: BenchConfig) -> dict:
         hparams = {**hparams, "hypergrad": config.hypergrad, "hypergrad_lr": 1e-3}
     optimizer, step, forward_backward, bytes_sent = _setup(config, config.optimizer, device, hparams)
     is_locoprop = isinstance(optimizer, LocoPropOptimizer)
-    if is_locoprop:
-        optimizer.synchronize_timing = device.type == "cuda"
+    contract.set_synchronize_timing(optimizer, device.type == "cuda")
     reference_step = None
     if config.optimizer != "adam" and not config.memory_only:
         _, reference_step, _, _ = _setup(config, "adam", device, {})
@@ -247,7 +247,7 @@ def measure(config: BenchConfig) -> dict:
     def optimizer_step() -> None:
         step()
         if is_locoprop:
-            phases.append(optimizer.last_step_seconds)
+            phases.append(contract.last_step_seconds(optimizer))
 
     def probe() -> None:  # its time is not used: it prices FLOPs with the unit forwards of this very model and batch
         forward_backward()

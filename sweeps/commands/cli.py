@@ -32,12 +32,12 @@ from sweeps import interrupts, schema
 from sweeps.commands import flags, presets
 from sweeps.commands.flags import EXAMPLES, HPARAM_FLAGS
 from sweeps.extras import MissingExtra
-from sweeps.runner import records
+from sweeps.runner import run_directory
 from sweeps.runner.budget import CalibrationSkipped
 from sweeps.runner.config import RunConfig, run_dir_name, run_identity
 from sweeps.runner.data import DataUnavailable
 from sweeps.runner.ranks import RankFailed, RankRefused, Ranks, init_from_environment, launch
-from sweeps.runner.records import RecordRebuilt
+from sweeps.runner.run_directory import RecordRebuilt
 from sweeps.runner.train import (
     OffPace,
     RunResult,
@@ -123,7 +123,7 @@ def _resume_notice(config: RunConfig, out: pathlib.Path) -> str | None:
     nearest = []
     for other in sorted(out.glob(run_dir.name.rsplit("-", 1)[0] + "-*")):
         try:
-            stored = run_identity(records.read_json(other / records.CONFIG))
+            stored = run_identity(run_directory.read_json(other / run_directory.CONFIG))
         except (OSError, ValueError):
             continue  # not a run directory, or a damaged one: nothing to compare
         differences = _flag_differences(stored, asked)
@@ -195,7 +195,10 @@ def _train_on_ranks(nproc: int, config: RunConfig, resume: bool, progress: bool 
         record_rank_failure(pathlib.Path(config.out), str(err), nproc)
         raise
     run_dir = pathlib.Path(config.out)
-    summary, history = records.read_json(run_dir / records.SUMMARY), records.read_history(run_dir / records.METRICS)
+    summary, history = (
+        run_directory.read_json(run_dir / run_directory.SUMMARY),
+        run_directory.read_history(run_dir / run_directory.METRICS),
+    )
     return RunResult(run_dir, summary, history)
 
 
@@ -270,7 +273,7 @@ def _given(argv: list[str], flag: str) -> bool:
 
 
 def cmd_sweep(args) -> int:
-    from sweeps.search.spaces import load_space
+    from sweeps.search.search_space import load_space
 
     _check_backend_flags(args)
     space = load_space(args.optimizer, args.space)

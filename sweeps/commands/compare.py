@@ -51,7 +51,7 @@ import torch
 from analysis.report import write_report
 from sweeps import schema
 from sweeps.commands import presets
-from sweeps.runner import budget, records
+from sweeps.runner import budget, run_directory
 from sweeps.runner.budget import StepCost
 from sweeps.runner.config import RunConfig, run_dir_name
 from sweeps.runner.train import check_fits_data, loss_text, train
@@ -125,7 +125,7 @@ def compare(
     )
     costs = _step_costs(base, {name: hparams_of(base.workload, name) for name in optimizers}, out)
     out.mkdir(parents=True, exist_ok=True)
-    records.write_json(out / PROTOCOL, _protocol(base, seeds, tuning, {}, [], command, costs))
+    run_directory.write_json(out / PROTOCOL, _protocol(base, seeds, tuning, {}, [], command, costs))
     priced = {name: _priced(base, costs, name) for name in optimizers}
     tuned = {name: _tune(priced[name], name, out, tuning, progress) for name in optimizers} if tuning else {}
     run_dirs = []
@@ -141,7 +141,7 @@ def compare(
     protocol = _protocol(base, seeds, tuning, tuned, run_dirs, command, costs)
     # The final runs of this comparison, so that `locoprop report OUT` reads these and nothing else in OUT.
     protocol["runs"] = [os.path.relpath(run_dir, out) for run_dir in run_dirs]
-    records.write_json(out / PROTOCOL, protocol)
+    run_directory.write_json(out / PROTOCOL, protocol)
     report = write_report(run_dirs, out / "report", protocol=protocol)
     print()
     print((report.parent / "results.md").read_text())
@@ -196,7 +196,7 @@ def _cost_setup(base: RunConfig) -> dict[str, Any]:
 def _stored_costs(path: pathlib.Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    return records.read_json(path).get(STEP_COSTS)
+    return run_directory.read_json(path).get(STEP_COSTS)
 
 
 def _priced(base: RunConfig, costs: dict[str, Any] | None, optimizer: str) -> RunConfig:
@@ -223,7 +223,7 @@ def _print_costs(table: dict[str, Any], optimizers: list[str], measured: bool) -
 # ---------------------------------------------------------------- stages
 def _tune(base: RunConfig, optimizer: str, out: pathlib.Path, tuning: Tuning, progress: bool | None) -> dict:
     """Run (or continue) the optimizer's study; its trial counts, cost and selected configuration."""
-    from sweeps.search.spaces import load_space
+    from sweeps.search.search_space import load_space
 
     study_out = (out / "tuning" / optimizer).resolve()
     config = dataclasses.replace(base, optimizer=optimizer, hparams={}, seed=tuning.seed, out=str(study_out))
@@ -291,7 +291,7 @@ def _protocol(base, seeds, tuning, tuned, run_dirs, command, costs) -> dict[str,
     kind, value = base.budget
     split_sizes = None
     if run_dirs:
-        split_sizes = json.loads((run_dirs[0] / records.SUMMARY).read_text()).get("split_sizes")
+        split_sizes = json.loads((run_dirs[0] / run_directory.SUMMARY).read_text()).get("split_sizes")
     protocol = {
         "command": command,
         "workload": base.workload,

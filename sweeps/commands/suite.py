@@ -26,7 +26,7 @@ from typing import Any
 from analysis.suite import write_suite_report
 from sweeps.commands import presets
 from sweeps.commands.compare import Tuning, compare
-from sweeps.runner import records
+from sweeps.runner import run_directory
 from sweeps.runner.config import RunConfig
 from sweeps.runner.data import DATASETS
 from sweeps.runner.train import check_fits_data
@@ -107,7 +107,7 @@ def _settings(config: RunConfig, optimizers: Sequence[str], seeds: Sequence[int]
 def read_suite(out: pathlib.Path) -> dict[str, Any] | None:
     """suite.json of a suite folder, or None where ``out`` holds none."""
     path = pathlib.Path(out) / SUITE_FILE
-    return records.read_json(path) if path.is_file() else None
+    return run_directory.read_json(path) if path.is_file() else None
 
 
 def run_suite(
@@ -141,7 +141,7 @@ def run_suite(
     entries = [{"workload": c.workload, "data": c.data, "folder": pair_folder(out, c.workload, c.data).name,
                 "finished": finished.get(pair_folder(out, c.workload, c.data).name)} for c in configs]  # fmt: skip
     suite = {"command": command, "pairs": entries}
-    records.write_json(out / SUITE_FILE, suite)
+    run_directory.write_json(out / SUITE_FILE, suite)
     for index, (config, entry) in enumerate(zip(configs, entries), start=1):
         folder = out / entry["folder"]
         settings = _settings(config, optimizers, seeds, tuning)
@@ -154,7 +154,7 @@ def run_suite(
         run_compare(config, optimizers, seeds, folder, tuning=tuning, hparams_of=presets.preset, progress=progress,
                     command=command)  # fmt: skip
         entry["finished"] = settings
-        records.write_json(out / SUITE_FILE, suite)
+        run_directory.write_json(out / SUITE_FILE, suite)
     report = suite_report(out)
     print(f"suite: cross-workload report over {len(configs)} workload(s): {report}", flush=True)
     return report

@@ -1,4 +1,4 @@
-"""The runner: data sets, workloads, ``train(config) -> RunResult`` and run records (SPEC §5, §6).
+"""The runner: data sets, workloads, ``train(config) -> RunResult`` and its run directories (SPEC §5, §6).
 
 - :mod:`~sweeps.runner.data`: the data sets and their splits;
 - :mod:`~sweeps.runner.curves`: the generator of the CURVES images (a stand-in);
@@ -9,7 +9,8 @@
 - :mod:`~sweeps.runner.config`: :class:`RunConfig`, what defines a run, and
   the name of its directory;
 - :mod:`~sweeps.runner.train`: the training loop (time, evaluation, budget);
-- :mod:`~sweeps.runner.records`: reading and writing run directories.
+- :mod:`~sweeps.runner.contract`: what the runner reads from an optimizer, and the defaults;
+- :mod:`~sweeps.runner.run_directory`: reading and writing run directories.
 
 Imports ``locoprop``, ``baselines`` and :mod:`sweeps.schema`; never
 :mod:`sweeps.search`, :mod:`sweeps.commands` or ``analysis``.

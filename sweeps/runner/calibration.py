@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from baselines import make_optimizer
-from sweeps.runner import budget
+from sweeps.runner import budget, contract
 from sweeps.runner.budget import (
     REFERENCE_OPTIMIZER,
     Calibration,
@@ -84,9 +84,8 @@ def _measure(
         costs = step_costs(steps, reference, sync=sync, clock=budget_clock(device, data_parallel))
     skipped = {}
     for name, optimizer in optimizers.items():
-        skipped[name] = getattr(optimizer, "skipped_steps", 0)
-        if hasattr(optimizer, "remove_hooks"):  # the hooks would keep the throwaway model alive
-            optimizer.remove_hooks()
+        skipped[name] = contract.skipped_steps(optimizer)
+        contract.remove_hooks(optimizer)  # the hooks would keep the throwaway model alive
     return costs, skipped
 
 

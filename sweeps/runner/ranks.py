@@ -49,7 +49,7 @@ from tqdm import tqdm
 from sweeps import interrupts
 from sweeps.extras import MissingExtra
 from sweeps.runner.data import DataUnavailable
-from sweeps.runner.records import first_line
+from sweeps.runner.run_directory import first_line
 
 __all__ = ["GRACE_SECONDS", "RankFailed", "RankRefused", "Ranks", "init_from_environment", "launch", "root_cause"]
 

@@ -36,21 +36,11 @@ the rest.
 A non-finite loss, or one above ``divergence_factor`` times the initial
 training loss, ends the run with status ``diverged``.
 
-The loop talks to every optimizer (the registry's, ``baselines``) through
-one small protocol, beside ``zero_grad`` and ``step``; each part is optional:
-
-- ``skipped_steps``: how many steps it refused for non-finite values;
-- ``step_phases`` and ``last_step_seconds``: the names of the phases of its
-  step it times, and their seconds in the last step (LocoProp: "targets",
-  "local_solve"); the loop times the forward and backward pass itself;
-- ``synchronize_timing``: set to True on CUDA, so that the phases it times
-  wait for their kernels;
-- ``adapted_hyperparameters()``: the hyperparameters it adapts itself, by
-  metrics.csv column (LocoProp with hypergradients: each unit's γ as
-  ``gamma/UNIT``), recorded at every evaluation;
-- ``data_parallel``: True when it communicates over the ranks of a
-  data-parallel run itself (LocoProp); the others get their model in DDP
-  (:mod:`sweeps.runner.ranks`).
+The loop talks to every optimizer (the registry's, ``baselines``) only
+through the contract of :mod:`sweeps.runner.contract`: beside ``zero_grad``,
+``step`` and its state, optional members whose defaults are written there
+(the steps it skipped, the phases of its step it times, the hyperparameters
+it adapts itself, whether it communicates over the ranks itself, its hooks).
 
 What happens to a run directory that already holds a run:
 
@@ -85,7 +75,7 @@ import torch
 
 from baselines import make_optimizer
 from sweeps import interrupts, schema
-from sweeps.runner import records
+from sweeps.runner import contract, run_directory
 from sweeps.runner.budget import (
     CALIBRATION_WARMUP,
     PACE_TOLERANCE,
@@ -183,7 +173,7 @@ def train(
     Raises:
         ValueError: a bad config. RunExists: ``config.out`` holds a finished
             run, or an unfinished one with a checkpoint, and ``resume`` is
-            False. sweeps.runner.records.DamagedRecord: a record of the run to
+            False. sweeps.runner.run_directory.DamagedRecord: a record of the run to
             resume or return cannot be read.
             sweeps.runner.data.DataUnavailable: missing data. Each before anything
             is written.
@@ -205,13 +195,13 @@ def _train(
     if finished is not None:
         return finished
     run_dir = pathlib.Path(config.out)
-    metrics_path = run_dir / records.METRICS
-    damage = records.metrics_damage(metrics_path, checkpoint["metrics"]) if checkpoint is not None else None
+    metrics_path = run_dir / run_directory.METRICS
+    damage = run_directory.metrics_damage(metrics_path, checkpoint["metrics"]) if checkpoint is not None else None
     run = _Run(config, run_dir, data, checkpoint)  # may refuse too: nothing is written before this
     run.open_records()
     if damage is not None and run.ranks.writes:
         warnings.warn(
-            records.RecordRebuilt(f"{metrics_path} {damage}; rebuilt it from the checkpoint's rows"), stacklevel=2
+            run_directory.RecordRebuilt(f"{metrics_path} {damage}; rebuilt it from the checkpoint's rows"), stacklevel=2
         )
     with interrupts.deferred():  # a signal ends the step under way first (the loop checks after each step)
         try:
@@ -240,7 +230,7 @@ def _check_run_directory(
     finished = _finished_run(run_dir, config, resume, resume_stopped)
     if finished is not None:
         return finished, None
-    if not resume and (run_dir / records.CHECKPOINT).is_file():
+    if not resume and (run_dir / run_directory.CHECKPOINT).is_file():
         raise RunExists(
             f"{run_dir} holds an unfinished run with a checkpoint (interrupted, or failed), which a new run would "
             "replace; use --resume (resume=True in Python) to continue it, or remove that directory to start afresh"
@@ -265,8 +255,7 @@ def check_run(config: RunConfig, resume: bool = False) -> RunResult | None:
     with torch.random.fork_rng(devices=[]):  # leaves the caller's random state as it was
         model = build_model(workload, data.shape, config.width_mult, config.depth_mult, torch.device("cpu"))
         optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **config.hparams)
-    if hasattr(optimizer, "remove_hooks"):
-        optimizer.remove_hooks()
+    contract.remove_hooks(optimizer)
     return None
 
 
@@ -279,17 +268,17 @@ def record_rank_failure(run_dir: pathlib.Path, error: str, world_size: int) -> N
     summary says only that (status, error, world size). Nothing is written where the run has no records yet,
     or over a finished run's summary.
     """
-    path = run_dir / records.SUMMARY
+    path = run_dir / run_directory.SUMMARY
     if path.is_file():
-        summary = records.read_json(path)
+        summary = run_directory.read_json(path)
         if summary.get("status") in FINISHED:
             return
         summary.pop("signal", None)
-    elif (run_dir / records.CONFIG).is_file():
+    elif (run_dir / run_directory.CONFIG).is_file():
         summary = {"world_size": world_size}
     else:
         return
-    records.write_json(path, {**summary, "status": schema.FAILED, "error": error})
+    run_directory.write_json(path, {**summary, "status": schema.FAILED, "error": error})
 
 
 def _finished_run(
@@ -304,10 +293,10 @@ def _finished_run(
         DamagedRecord: one of its files cannot be read, or its metrics.csv
             lacks rows.
     """
-    summary_path = run_dir / records.SUMMARY
+    summary_path = run_dir / run_directory.SUMMARY
     if not summary_path.is_file():
         return None
-    summary = records.read_json(summary_path)
+    summary = run_directory.read_json(summary_path)
     status = summary.get("status")
     if status not in FINISHED or (resume and resume_stopped and status == schema.STOPPED):
         return None
@@ -316,15 +305,19 @@ def _finished_run(
             f"{run_dir} holds a finished run (status {status}), which a new run would replace; use --resume "
             "(resume=True in Python) to get it back, or remove that directory to run it again"
         )
-    _check_same_config(records.read_json(run_dir / records.CONFIG), config, f"The finished run in {run_dir}")
-    metrics_path = run_dir / records.METRICS
-    history = records.read_history(metrics_path)
+    _check_same_config(
+        run_directory.read_json(run_dir / run_directory.CONFIG), config, f"The finished run in {run_dir}"
+    )
+    metrics_path = run_dir / run_directory.METRICS
+    history = run_directory.read_history(metrics_path)
     try:
         horizon, steps = Horizon(**summary["horizon"]), summary["steps"]
     except (KeyError, TypeError) as err:
-        raise records.DamagedRecord(f"{summary_path} has no horizon or steps ({err}); {records.RUN_AGAIN}") from None
+        raise run_directory.DamagedRecord(
+            f"{summary_path} has no horizon or steps ({err}); {run_directory.RUN_AGAIN}"
+        ) from None
     _check_evaluations(
-        history, horizon, steps, f"{metrics_path} of the finished run", records.RUN_AGAIN, ends_with_row=True
+        history, horizon, steps, f"{metrics_path} of the finished run", run_directory.RUN_AGAIN, ends_with_row=True
     )
     return RunResult(run_dir, summary, history)
 
@@ -332,18 +325,18 @@ def _finished_run(
 def _checkpoint_to_resume(run_dir: pathlib.Path, config: RunConfig) -> dict | None:
     """The checkpoint in ``run_dir``, checked: its config is ``config`` and it
     holds the metrics rows of every evaluation up to its own step; None if there is none."""
-    path = run_dir / records.CHECKPOINT
+    path = run_dir / run_directory.CHECKPOINT
     if not path.is_file():
         return None
-    checkpoint = records.load_checkpoint(path)
+    checkpoint = run_directory.load_checkpoint(path)
     if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["metrics"], list):
-        raise records.DamagedRecord(f"{path} holds no config or no metrics rows; {records.START_AFRESH}")
+        raise run_directory.DamagedRecord(f"{path} holds no config or no metrics rows; {run_directory.START_AFRESH}")
     _check_same_config(checkpoint["config"], config, f"The checkpoint in {run_dir}")
     try:
         horizon = Horizon(**checkpoint["horizon"])
     except TypeError as err:
-        raise records.DamagedRecord(f"{path} holds no horizon ({err}); {records.START_AFRESH}") from None
-    _check_evaluations(checkpoint["metrics"], horizon, checkpoint["step"], str(path), records.START_AFRESH)
+        raise run_directory.DamagedRecord(f"{path} holds no horizon ({err}); {run_directory.START_AFRESH}") from None
+    _check_evaluations(checkpoint["metrics"], horizon, checkpoint["step"], str(path), run_directory.START_AFRESH)
     return checkpoint
 
 
@@ -359,7 +352,7 @@ def _check_evaluations(
         expected.append(last_step)
     steps = [row.get("step") if isinstance(row, dict) else None for row in rows]
     if steps != expected:
-        raise records.DamagedRecord(
+        raise run_directory.DamagedRecord(
             f"{what} holds rows for steps {_ranges(steps, horizon.eval_every)}, expected "
             f"{_ranges(expected, horizon.eval_every)}; {what_to_do}"
         )
@@ -385,7 +378,7 @@ def _check_same_config(stored: dict, config: RunConfig, what: str) -> None:
     A run directory may be moved or copied (sweep back ends restore trials
     into new folders): where it lives is not part of what the run is.
     """
-    differences = records.field_differences(stored, dataclasses.asdict(config), ("there", "asked"), run_identity)
+    differences = run_directory.field_differences(stored, dataclasses.asdict(config), ("there", "asked"), run_identity)
     if differences:
         raise ValueError(
             f"{what} is for another config ({'; '.join(differences)}); use another --out, or remove that run "
@@ -474,10 +467,9 @@ class _Run:
         self.model = build_model(self.workload, self.data.shape, config.width_mult, config.depth_mult, self.device)
         self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
         self.net = self._data_parallel(self.model, self.optimizer)
-        # The optimizer protocol (module docstring): what it times, and a GPU sync for honest timings.
-        self.phases = ("forward_backward", *getattr(self.optimizer, "step_phases", ()))
-        if hasattr(self.optimizer, "synchronize_timing"):
-            self.optimizer.synchronize_timing = self.device.type == "cuda"
+        # The optimizer contract: what it times, and a GPU sync for honest timings.
+        self.phases = ("forward_backward", *contract.step_phases(self.optimizer))
+        contract.set_synchronize_timing(self.optimizer, self.device.type == "cuda")
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.step, self.wall_time, self.eval_seconds = 0, 0.0, 0.0
         self.cpu_time = 0.0  # of the training thread in its steps: the training time of a budget on the CPU clock
@@ -496,11 +488,11 @@ class _Run:
             try:
                 self._restore(checkpoint)
             except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-                raise records.DamagedRecord(
-                    f"{run_dir / records.CHECKPOINT} does not fit this run ({records.first_line(err)}); "
-                    f"{records.START_AFRESH}"
+                raise run_directory.DamagedRecord(
+                    f"{run_dir / run_directory.CHECKPOINT} does not fit this run ({run_directory.first_line(err)}); "
+                    f"{run_directory.START_AFRESH}"
                 ) from err
-        self.metrics: records.MetricsWriter | None = None
+        self.metrics: run_directory.MetricsWriter | None = None
         self.started = time.perf_counter()
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -537,8 +529,8 @@ class _Run:
 
     def _data_parallel(self, model: torch.nn.Module, optimizer) -> torch.nn.Module:
         """What the forward pass runs: the model, in DDP on several ranks unless the optimizer communicates
-        itself (the protocol's ``data_parallel``, as LocoProp's)."""
-        if not self.ranks.many or getattr(optimizer, "data_parallel", False):
+        itself (the contract's ``data_parallel``, as LocoProp's)."""
+        if not self.ranks.many or contract.data_parallel(optimizer):
             return model
         return torch.nn.parallel.DistributedDataParallel(model)
 
@@ -557,17 +549,17 @@ class _Run:
         config = dataclasses.asdict(self.config)
         if self.calibration is not None:
             config[schema.CALIBRATION] = self.calibration.as_dict()
-        records.write_json(self.run_dir / records.CONFIG, config)
-        (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
+        run_directory.write_json(self.run_dir / run_directory.CONFIG, config)
+        (self.run_dir / run_directory.SUMMARY).unlink(missing_ok=True)
         if not self.resumed:
-            (self.run_dir / records.CHECKPOINT).unlink(missing_ok=True)
+            (self.run_dir / run_directory.CHECKPOINT).unlink(missing_ok=True)
         columns = schema.metric_columns(
             self.workload.loss_kind == "cross_entropy", self.phases, self.adapted_columns,
             perplexity=self.workload.inputs == "tokens",
         )  # fmt: skip
         # Rows after the checkpoint's step are redone; the checkpoint's own
         # rows replace the file's, which may be damaged or cut short.
-        self.metrics = records.MetricsWriter(self.run_dir / records.METRICS, columns, rows=self.rows)
+        self.metrics = run_directory.MetricsWriter(self.run_dir / run_directory.METRICS, columns, rows=self.rows)
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -692,7 +684,7 @@ class _Run:
         self.wall_time += finished - started
         self.cpu_time += time.thread_time() - started_cpu
         self.step += 1
-        phases = {"forward_backward": backward_done - started, **getattr(self.optimizer, "last_step_seconds", {})}
+        phases = {"forward_backward": backward_done - started, **contract.last_step_seconds(self.optimizer)}
         return finished - started, phases
 
     def _sane(self, loss: float) -> bool:
@@ -733,15 +725,14 @@ class _Run:
         row[schema.STEP_TIME_COLUMN] = statistics.mean(step_times) if step_times else None
         for phase in self.phases:
             row[schema.phase_column(phase)] = statistics.mean(p[phase] for p in phase_times) if phase_times else None
-        row[schema.SKIPPED_COLUMN] = getattr(self.optimizer, "skipped_steps", 0)
+        row[schema.SKIPPED_COLUMN] = contract.skipped_steps(self.optimizer)
         row.update(self.adapted_hyperparameters())
         self.step_times.extend(step_times)
         self.eval_seconds += time.perf_counter() - started
         return row
 
     def adapted_hyperparameters(self) -> dict[str, float]:
-        adapted = getattr(self.optimizer, "adapted_hyperparameters", None)
-        return adapted() if adapted is not None else {}
+        return contract.adapted_hyperparameters(self.optimizer)
 
     @property
     def adapted_columns(self) -> tuple[str, ...]:
@@ -751,8 +742,8 @@ class _Run:
     def save_checkpoint(self) -> None:
         if not self.ranks.writes:
             return
-        records.save_checkpoint(
-            self.run_dir / records.CHECKPOINT,
+        run_directory.save_checkpoint(
+            self.run_dir / run_directory.CHECKPOINT,
             {
                 "config": dataclasses.asdict(self.config),
                 "calibration": self.calibration.as_dict() if self.calibration else None,
@@ -823,7 +814,7 @@ class _Run:
             "median_step_time_s": statistics.median(self.step_times) if self.step_times else None,
             **_peak_memory(self.device),
             "device": str(self.device),
-            "versions": records.versions(),
+            "versions": run_directory.versions(),
         }
         if self.calibration is not None:
             summary[schema.CALIBRATION] = self.calibration.as_dict()
@@ -831,15 +822,15 @@ class _Run:
             summary.update({f"final_{split}_error": finals.get(f"{split}_error") for split in self.splits})
         if self.workload.inputs == "tokens":
             summary.update({f"final_{split}_perplexity": finals.get(f"{split}_perplexity") for split in self.splits})
-        summary["skipped_steps"] = getattr(self.optimizer, "skipped_steps", 0)
+        summary["skipped_steps"] = contract.skipped_steps(self.optimizer)
         if error is not None:
             summary["error"] = error
         if signal is not None:
             summary["signal"] = signal
         summary["world_size"] = self.ranks.size
-        summary = records.finite_or_null(summary)
+        summary = run_directory.finite_or_null(summary)
         if self.ranks.writes:
-            records.write_json(self.run_dir / records.SUMMARY, summary)
+            run_directory.write_json(self.run_dir / run_directory.SUMMARY, summary)
         return summary
 
     def _describe(self) -> str:

@@ -1,6 +1,6 @@
 """Hyperparameter search (SPEC §8): search spaces, the Optuna and Ray Tune back ends, the results table.
 
-- :mod:`~sweeps.search.spaces`: one YAML space per optimizer (``spaces/``),
+- :mod:`~sweeps.search.search_space`: one YAML space per optimizer (``spaces/``),
   the only record of what a sweep searches, read by both back ends;
 - :mod:`~sweeps.search.optuna_backend`: resumable Optuna studies (SQLite,
   any RDB URL, journal files);

@@ -52,7 +52,7 @@ def check_sweep(
     can run is refused before the study stores it.
     """
     # Optuna, which the sampler needs, is loaded by a sweep, not by every `locoprop` command that imports this.
-    from sweeps.search.spaces import TrialSeededSampler
+    from sweeps.search.search_space import TrialSeededSampler
 
     if trials < 1:
         raise ValueError(f"Invalid trials: {trials}; expected ≥ 1")

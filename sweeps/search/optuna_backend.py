@@ -16,7 +16,7 @@
   own folder, ``out/STUDY`` (``trials/trial-NNNN``, ``sweep_results.csv``);
   the default SQLite file ``out/optuna.db`` holds every study of ``out``.
 - Every trial draws its proposals from its own seed, derived from
-  ``sampler_seed`` and its number (:class:`sweeps.search.spaces.TrialSeededSampler`):
+  ``sampler_seed`` and its number (:class:`sweeps.search.search_space.TrialSeededSampler`):
   a continued study and concurrent workers propose new points.
 - A trial interrupted by Ctrl-C or SIGTERM (a scheduler's stop, a
   preemption) checkpoints at its last step, is queued again with the same
@@ -76,7 +76,7 @@ from sweeps.search.results import (
     mask_url,
     sweep_setup,
 )
-from sweeps.search.spaces import SearchSpace, TrialSeededSampler
+from sweeps.search.search_space import SearchSpace, TrialSeededSampler
 from sweeps.search.workers import WORKER_ATTR, WorkerLock
 
 __all__ = ["DamagedJournal", "JournalMended", "make_storage", "optuna_rows", "run_optuna_sweep"]

@@ -54,13 +54,13 @@ import signal
 
 from sweeps import interrupts
 from sweeps.extras import require
-from sweeps.runner import records
+from sweeps.runner import run_directory
 from sweeps.runner.config import RunConfig
 from sweeps.runner.train import BUDGET_PERCENT, check_data_parallel
 from sweeps.search.checks import check_sweep
 from sweeps.search.ray_trial import train_reporting, trial_config
 from sweeps.search.results import check_same_setup, export_results, sweep_setup
-from sweeps.search.spaces import SearchSpace, TrialSeededSampler
+from sweeps.search.search_space import SearchSpace, TrialSeededSampler
 
 __all__ = ["run_ray_sweep"]
 
@@ -76,7 +76,7 @@ def locoprop_trial(params: dict, *, base: dict, space_file: str, metric: str, tr
 
     run_dir = pathlib.Path(trials_dir) / tune.get_context().get_trial_id()
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None and not (run_dir / records.CHECKPOINT).exists():
+    if checkpoint is not None and not (run_dir / run_directory.CHECKPOINT).exists():
         # Restarted on a node that cannot see the run directory: continue from Ray's copy of it.
         checkpoint.to_directory(str(run_dir))
     config = trial_config(params, base, space_file, run_dir)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from sweeps.runner.config import RunConfig
 from sweeps.runner.train import BUDGET_PERCENT, train
-from sweeps.search.spaces import load_space
+from sweeps.search.search_space import load_space
 
 __all__ = ["TRAIN_DIR", "train_reporting", "trial_config"]
 

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from sweeps import schema
-from sweeps.runner import records
+from sweeps.runner import run_directory
 
 if TYPE_CHECKING:
     from sweeps.runner.config import RunConfig
-    from sweeps.search.spaces import SearchSpace
+    from sweeps.search.search_space import SearchSpace
 
 __all__ = [
     "JOURNAL_PREFIX",
@@ -145,7 +145,7 @@ def sweep_setup(base: RunConfig, space: SearchSpace) -> dict[str, Any]:
 
 def check_same_setup(stored: dict[str, Any], current: dict[str, Any], study: str) -> None:
     """Refuse to continue ``study`` (stored with setup ``stored``) with another setup."""
-    differences = records.field_differences(stored, current, ("in the study", "now"))
+    differences = run_directory.field_differences(stored, current, ("in the study", "now"))
     if differences:
         raise ValueError(
             f"{study} was run with another setup ({'; '.join(differences)}); continue it with the same flags, "
@@ -210,16 +210,16 @@ def export_results(trials: list[dict], study_dir: pathlib.Path) -> pathlib.Path:
 def _trial_frame(trial: dict) -> pd.DataFrame | None:
     """The rows of one trial's metrics.csv, labelled; None for a trial with nothing (or nothing sound) to show."""
     run_dir = pathlib.Path(trial["run_dir"] or "")
-    metrics = run_dir / records.METRICS
+    metrics = run_dir / run_directory.METRICS
     if not trial["run_dir"] or not metrics.exists():
         return None  # failed before its first evaluation: nothing to plot
-    config_path = run_dir / records.CONFIG
+    config_path = run_dir / run_directory.CONFIG
     if not config_path.exists():
         raise ValueError(f"Trial {trial['trial']}: {config_path} is missing, so what the trial ran is unknown")
     config = json.loads(config_path.read_text())
-    summary_path = run_dir / records.SUMMARY
+    summary_path = run_dir / run_directory.SUMMARY
     try:
-        summary = records.read_json(summary_path) if summary_path.exists() else None
+        summary = run_directory.read_json(summary_path) if summary_path.exists() else None
         defect = schema.metrics_defect(metrics, summary)
     except (OSError, ValueError) as err:  # a damaged summary.json, or a metrics.csv that is not text
         defect = f"cannot be checked ({err})"

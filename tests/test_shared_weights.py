@@ -1,5 +1,6 @@
-"""What the hooks record is what the step solves: in-place operations after a
-unit, tied weights and the unit that produces the output.
+"""What the hooks record is what the step solves when a weight has several
+uses: tied between units, shared with a module outside every unit, or used
+again through a function that no unit records.
 
 With one local SGD iteration, a LocoProp step is the backprop SGD step at
 lr·γ (SPEC §2); the expected parameters come from autograd on a copy of the
@@ -14,126 +15,21 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_params, backprop_sgd_step, snapshot, train_steps
+from helpers import (
+    CLOSE,
+    ETA,
+    GAMMA,
+    PARALLEL_PATHS,
+    assert_same_params,
+    backprop_sgd_step,
+    classification_loss,
+    locoprop_trained,
+    one_locoprop_sgd_step,
+    snapshot,
+)
 from torch import nn
 
 from locoprop import LocoPropOptimizer
-
-ETA, GAMMA = 0.05, 2.0
-PATHS = ["batched", "none"]
-CLOSE = dict(rtol=1e-10, atol=1e-12)
-
-
-def _one_sgd_step(model, loss_fn, **kwargs):
-    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, local_iters=1, inner="sgd", **kwargs)
-    loss_fn(model).backward()
-    opt.step()
-    return opt
-
-
-def _train(model, loss_fn, steps=2, **kwargs):
-    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, **kwargs)
-    train_steps(model, opt, range(steps), lambda m, _: loss_fn(m))
-    return snapshot(model)
-
-
-# ------------------------------------------------------------ in-place activations
-def _conv_net(inplace):
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)
-    ).double()
-
-
-def _mlp(activation):
-    return nn.Sequential(nn.Linear(6, 8), activation, nn.Linear(8, 8), copy.deepcopy(activation), nn.Linear(8, 4))
-
-
-def _classification_loss(x, y):
-    return lambda m: F.cross_entropy(m(x), y)
-
-
-@pytest.mark.parametrize("parallel", PATHS)
-@pytest.mark.parametrize("variant", ["M", "S"])
-def test_in_place_relu_after_a_conv_gives_the_backprop_step(variant, parallel):
-    """The issue's network: the recorded pre-activation shares memory with
-    the output that ReLU(inplace=True) overwrites."""
-    model = _conv_net(inplace=True)
-    loss_fn = _classification_loss(torch.randn(10, 2, 8, 8, dtype=torch.float64), torch.randint(0, 5, (10,)))
-    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
-    _one_sgd_step(model, loss_fn, variant=variant, output_activation="softmax", parallel=parallel)
-    assert_same_params(model, expected, **CLOSE)
-
-
-@pytest.mark.parametrize("parallel", PATHS)
-@pytest.mark.parametrize(
-    "variant, activation", [("M", nn.LeakyReLU(0.1, inplace=True)), ("S", nn.ReLU(inplace=True))], ids=["M", "S"]
-)
-def test_in_place_activation_between_linear_units_gives_the_backprop_step(variant, activation, parallel):
-    model = _mlp(activation).double()
-    loss_fn = _classification_loss(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,)))
-    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
-    _one_sgd_step(model, loss_fn, variant=variant, output_activation="softmax", parallel=parallel)
-    assert_same_params(model, expected, **CLOSE)
-
-
-@pytest.mark.parametrize("parallel", PATHS)
-@pytest.mark.parametrize("variant", ["M", "S"])
-@pytest.mark.parametrize(
-    "make", [_conv_net, lambda inplace: _mlp(nn.LeakyReLU(0.1, inplace=inplace)).double()], ids=["conv", "mlp"]
-)
-def test_in_place_activations_train_as_the_out_of_place_ones(make, variant, parallel):
-    """Several local iterations read the targets (the first one does not)."""
-    out_of_place = make(inplace=False)
-    in_place = make(inplace=True)
-    in_place.load_state_dict(out_of_place.state_dict())
-    inputs = torch.randn(10, 2, 8, 8) if isinstance(out_of_place[0], nn.Conv2d) else torch.randn(10, 6)
-    loss_fn = _classification_loss(inputs.double(), torch.randint(0, 4, (10,)))
-    kwargs = dict(variant=variant, output_activation="softmax", parallel=parallel, local_iters=3, inner="adam")
-    expected = _train(out_of_place, loss_fn, **kwargs)
-    actual = _train(in_place, loss_fn, **kwargs)
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], **CLOSE, msg=name)
-
-
-def test_an_input_changed_in_place_before_the_step_is_refused():
-    model = _mlp(nn.Tanh())
-    opt = LocoPropOptimizer(model, lr=1e-2)
-    x = torch.randn(5, 6)
-    model(x).sum().backward()
-    x.mul_(2.0)  # the first unit's input, after autograd stopped watching it
-    before, inner_state = snapshot(model), str(opt.inner.state_dict())
-    with pytest.raises(RuntimeError, match=r"The input of unit '0' was modified in place after its forward pass"):
-        opt.step()
-    assert_same_params(model, before)
-    assert str(opt.inner.state_dict()) == inner_state
-
-
-def test_after_a_refused_step_zero_grad_drops_the_refused_batch():
-    model = _mlp(nn.Tanh()).double()
-    x = torch.randn(5, 6, dtype=torch.float64)
-    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, local_iters=1, inner="sgd")
-    model(x).sum().backward()
-    x.mul_(2.0)
-    with pytest.raises(RuntimeError, match="modified in place"):
-        opt.step()
-    expected = backprop_sgd_step(model, lambda m: m(x).sum(), ETA * GAMMA)
-    opt.zero_grad()
-    model(x).sum().backward()
-    opt.step()
-    assert_same_params(model, expected, **CLOSE)
-
-
-def test_an_overwritten_output_whose_parameters_changed_is_refused():
-    """Its pre-activation could only be recomputed with the old parameters."""
-    model = _mlp(nn.ReLU(inplace=True))
-    opt = LocoPropOptimizer(model, lr=1e-2, variant="S")
-    model(torch.randn(5, 6)).sum().backward()
-    with torch.no_grad():
-        model[0].weight.mul_(0.5)
-    before = snapshot(model)
-    with pytest.raises(RuntimeError, match=r"output of unit '0' was modified in place .* parameters changed"):
-        opt.step()
-    assert_same_params(model, before)
 
 
 # -------------------------------------------------------------------- tied weights
@@ -177,7 +73,7 @@ class TiedLayers(nn.Module):
 
 
 def _backprop_sgd_step_some_unused(model, loss_fn, lr):
-    """As conftest's ``backprop_sgd_step``, leaving parameters the loss does not use alone."""
+    """As helpers' ``backprop_sgd_step``, leaving parameters the loss does not use alone."""
     clone = copy.deepcopy(model)
     params = list(clone.parameters())
     grads = torch.autograd.grad(loss_fn(clone), params, allow_unused=True)
@@ -193,7 +89,7 @@ def _language_model_data():
     return ids, torch.randint(0, 7, (12,))
 
 
-@pytest.mark.parametrize("parallel", PATHS)
+@pytest.mark.parametrize("parallel", PARALLEL_PATHS)
 @pytest.mark.parametrize("variant", ["M", "S"])
 @pytest.mark.parametrize("use_all", [True, False], ids=["all-uses", "one-use"])
 def test_embedding_tied_to_the_output_layer_gives_the_backprop_step(variant, parallel, use_all):
@@ -204,12 +100,12 @@ def test_embedding_tied_to_the_output_layer_gives_the_backprop_step(variant, par
         return F.cross_entropy(m(ids), labels) if use_all else m(ids, use_head=False).square().sum()
 
     expected = _backprop_sgd_step_some_unused(model, loss_fn, ETA * GAMMA)
-    opt = _one_sgd_step(model, loss_fn, variant=variant, units=model.units(), parallel=parallel)
+    opt = one_locoprop_sgd_step(model, loss_fn, variant=variant, units=model.units(), parallel=parallel)
     assert_same_params(model, expected, **CLOSE)
     assert opt.parameter_roles()["embed.weight"] == "head + backprop"
 
 
-@pytest.mark.parametrize("parallel", PATHS)
+@pytest.mark.parametrize("parallel", PARALLEL_PATHS)
 @pytest.mark.parametrize("variant", ["M", "S"])
 @pytest.mark.parametrize("use_all", [True, False], ids=["all-uses", "one-use"])
 def test_two_tied_linear_units_give_the_backprop_step(variant, parallel, use_all):
@@ -220,7 +116,7 @@ def test_two_tied_linear_units_give_the_backprop_step(variant, parallel, use_all
         return F.cross_entropy(m(x, use_second=use_all), y)
 
     expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
-    opt = _one_sgd_step(model, loss_fn, variant=variant, units=model.units(), parallel=parallel)
+    opt = one_locoprop_sgd_step(model, loss_fn, variant=variant, units=model.units(), parallel=parallel)
     assert_same_params(model, expected, **CLOSE)
     assert opt.parameter_roles() == {
         "first.weight": "first + second",
@@ -250,7 +146,7 @@ def _targets(variant, transfers, preactivations, loss):
 def _assert_one_step_gives(model, expected, inputs, labels, **kwargs):
     """One LocoProp step (inner SGD at η, γ, cross-entropy) of a copy of ``model``
     on each solve path gives the ``expected`` parameters."""
-    for parallel in PATHS:
+    for parallel in PARALLEL_PATHS:
         trained = copy.deepcopy(model)
         opt = LocoPropOptimizer(
             trained, lr=ETA, activation_lr=GAMMA, inner="sgd", units=trained.units(), parallel=parallel, **kwargs
@@ -425,7 +321,7 @@ def _functional_cases():
     }
 
 
-@pytest.mark.parametrize("parallel", PATHS)
+@pytest.mark.parametrize("parallel", PARALLEL_PATHS)
 @pytest.mark.parametrize("variant", ["M", "S"])
 @pytest.mark.parametrize("case", ["embedding", "transpose", "conv"])
 def test_a_unit_weight_also_used_through_a_function_gives_the_backprop_step(case, variant, parallel):
@@ -434,7 +330,7 @@ def test_a_unit_weight_also_used_through_a_function_gives_the_backprop_step(case
     model_class, loss_fn = _functional_cases()[case]
     model = model_class().double()
     expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
-    _one_sgd_step(model, loss_fn, variant=variant, units=model.units(), parallel=parallel)
+    one_locoprop_sgd_step(model, loss_fn, variant=variant, units=model.units(), parallel=parallel)
     assert_same_params(model, expected, **CLOSE)
 
 
@@ -476,97 +372,6 @@ def test_remove_hooks_removes_the_recording_hooks_and_they_keep_no_optimizer_ali
     assert collected() is None
 
 
-# --------------------------------------------------------------------- output unit
-class HeadFirst(nn.Module):
-    """The output layer is registered before the body."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = nn.Linear(4, 3)
-        self.body = nn.Sequential(nn.Linear(5, 4), nn.Tanh())
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-def _transfers(opt):
-    names = [(unit.name, unit.transfer.name) for unit in opt.units]
-    assert names == [(group["unit"], group["transfer"]) for group in opt.param_groups]
-    return names
-
-
-def test_output_activation_goes_to_the_unit_that_produces_the_output():
-    model = HeadFirst().double()
-    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
-    # The same network with its output layer last, where registration order is right.
-    ordered = nn.Sequential(copy.deepcopy(model.body[0]), nn.Tanh(), copy.deepcopy(model.head))
-    kwargs = dict(variant="M", local_iters=3, inner="sgd", output_activation="softmax")
-    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, **kwargs)
-    assert _transfers(opt) == [("head", "identity"), ("body.0", "softmax")]  # until a forward pass tells
-    with torch.no_grad():
-        model(x)  # no graph: nothing to tell
-    F.cross_entropy(model(x), y).backward()
-    assert _transfers(opt) == [("head", "softmax"), ("body.0", "tanh")]
-    opt.step()
-    expected = _train(ordered, _classification_loss(x, y), steps=1, **kwargs)
-    torch.testing.assert_close(model.head.weight, expected["2.weight"], **CLOSE)
-    torch.testing.assert_close(model.body[0].weight, expected["0.weight"], **CLOSE)
-
-
-def test_output_unit_of_a_model_whose_forward_is_bypassed_is_the_last_unit_to_run():
-    model = HeadFirst()
-    opt = LocoPropOptimizer(model, variant="M", output_activation="sigmoid")
-    model.head(model.body(torch.randn(4, 5))).sum().backward()
-    opt.step()
-    assert _transfers(opt) == [("head", "sigmoid"), ("body.0", "tanh")]
-
-
-class TwoHeads(nn.Module):
-    def __init__(self, tuple_output):
-        super().__init__()
-        self.body = nn.Linear(5, 4)
-        self.left, self.right = nn.Linear(4, 3), nn.Linear(4, 3)
-        self.tuple_output = tuple_output
-
-    def forward(self, x):
-        h = torch.tanh(self.body(x))
-        return (self.left(h), self.right(h)) if self.tuple_output else self.left(h) + self.right(h)
-
-
-@pytest.mark.parametrize("tuple_output", [False, True], ids=["sum", "tuple"])
-def test_an_ambiguous_output_unit_refuses_the_step(tuple_output):
-    model = TwoHeads(tuple_output)
-    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
-    out = model(torch.randn(4, 5))
-    sum(o.sum() for o in out).backward() if tuple_output else out.sum().backward()
-    before = snapshot(model)
-    with pytest.raises(RuntimeError, match=r"units \['left', 'right'\] all reach it\. Pass units=\[\(layer"):
-        opt.step()
-    assert_same_params(model, before)
-
-
-class ConvOutput(nn.Module):
-    """A convolution registered first produces the output."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3)
-        self.fc = nn.Linear(4, 9)
-
-    def forward(self, x):
-        return self.conv(self.fc(x).view(-1, 1, 3, 3))
-
-
-def test_the_output_unit_is_checked_once_found():
-    model = ConvOutput()
-    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")  # tentatively fc: accepted
-    model(torch.randn(2, 4)).sum().backward()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="Softmax over the last dimension does not apply to Conv2d unit 'conv'"):
-        opt.step()
-    assert_same_params(model, before)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
 @pytest.mark.parametrize("variant", ["M", "S"])
 def test_streams_path_handles_tied_weights_and_in_place_activations(variant):
@@ -581,6 +386,6 @@ def test_streams_path_handles_tied_weights_and_in_place_activations(variant):
         trained = copy.deepcopy(model)
         units = [(trained.first, "relu"), (trained.second, "relu"), (trained.out, "softmax")]
         kwargs = dict(variant=variant, local_iters=3, inner="adam", units=units, parallel=parallel)
-        results[parallel] = _train(trained, _classification_loss(x, y), **kwargs)
+        results[parallel] = locoprop_trained(trained, classification_loss(x, y), **kwargs)
     for name in results["none"]:
         torch.testing.assert_close(results["streams"][name], results["none"][name], rtol=1e-9, atol=1e-11, msg=name)

@@ -1,0 +1,105 @@
+"""The unit that produces the output: the forward pass finds it (whatever the
+order in which the model registers its layers), it takes the output transfer
+function, and an output that several units reach, or that the transfer
+function does not fit, refuses the step.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import CLOSE, ETA, GAMMA, assert_same_params, classification_loss, locoprop_trained, snapshot
+from torch import nn
+
+from locoprop import LocoPropOptimizer
+
+
+class HeadFirst(nn.Module):
+    """The output layer is registered before the body."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+        self.body = nn.Sequential(nn.Linear(5, 4), nn.Tanh())
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _transfers(opt):
+    names = [(unit.name, unit.transfer.name) for unit in opt.units]
+    assert names == [(group["unit"], group["transfer"]) for group in opt.param_groups]
+    return names
+
+
+def test_output_activation_goes_to_the_unit_that_produces_the_output():
+    model = HeadFirst().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    # The same network with its output layer last, where registration order is right.
+    ordered = nn.Sequential(copy.deepcopy(model.body[0]), nn.Tanh(), copy.deepcopy(model.head))
+    kwargs = dict(variant="M", local_iters=3, inner="sgd", output_activation="softmax")
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, **kwargs)
+    assert _transfers(opt) == [("head", "identity"), ("body.0", "softmax")]  # until a forward pass tells
+    with torch.no_grad():
+        model(x)  # no graph: nothing to tell
+    F.cross_entropy(model(x), y).backward()
+    assert _transfers(opt) == [("head", "softmax"), ("body.0", "tanh")]
+    opt.step()
+    expected = locoprop_trained(ordered, classification_loss(x, y), steps=1, **kwargs)
+    torch.testing.assert_close(model.head.weight, expected["2.weight"], **CLOSE)
+    torch.testing.assert_close(model.body[0].weight, expected["0.weight"], **CLOSE)
+
+
+def test_output_unit_of_a_model_whose_forward_is_bypassed_is_the_last_unit_to_run():
+    model = HeadFirst()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="sigmoid")
+    model.head(model.body(torch.randn(4, 5))).sum().backward()
+    opt.step()
+    assert _transfers(opt) == [("head", "sigmoid"), ("body.0", "tanh")]
+
+
+class TwoHeads(nn.Module):
+    def __init__(self, tuple_output):
+        super().__init__()
+        self.body = nn.Linear(5, 4)
+        self.left, self.right = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.tuple_output = tuple_output
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return (self.left(h), self.right(h)) if self.tuple_output else self.left(h) + self.right(h)
+
+
+@pytest.mark.parametrize("tuple_output", [False, True], ids=["sum", "tuple"])
+def test_an_ambiguous_output_unit_refuses_the_step(tuple_output):
+    model = TwoHeads(tuple_output)
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    out = model(torch.randn(4, 5))
+    sum(o.sum() for o in out).backward() if tuple_output else out.sum().backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"units \['left', 'right'\] all reach it\. Pass units=\[\(layer"):
+        opt.step()
+    assert_same_params(model, before)
+
+
+class ConvOutput(nn.Module):
+    """A convolution registered first produces the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3)
+        self.fc = nn.Linear(4, 9)
+
+    def forward(self, x):
+        return self.conv(self.fc(x).view(-1, 1, 3, 3))
+
+
+def test_the_output_unit_is_checked_once_found():
+    model = ConvOutput()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")  # tentatively fc: accepted
+    model(torch.randn(2, 4)).sum().backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="Softmax over the last dimension does not apply to Conv2d unit 'conv'"):
+        opt.step()
+    assert_same_params(model, before)
