@@ -21,7 +21,7 @@ from test_analysis import RUNS, make_run
 
 from baselines.registry import OPTIMIZERS
 from sweeps.commands.bench import BenchConfig, bench
-from sweeps.commands.cli import EXAMPLES, build_parser, main
+from sweeps.commands.cli import EXAMPLES, locoprop_parser, main
 from sweeps.commands.flags import HPARAM_FLAGS
 from sweeps.runner.data import DataShape
 from sweeps.runner.workloads import get_workload
@@ -40,7 +40,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
+    parser = locoprop_parser()
     (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(action.choices)
 
@@ -68,7 +68,7 @@ def test_help_ends_with_an_example_that_parses(command):
     assert parser.format_help().rstrip().endswith(EXAMPLES[command])
     words = shlex.split(EXAMPLES[command])
     assert words[:2] == ["locoprop", command]
-    assert build_parser().parse_args(words[1:]).command == command
+    assert locoprop_parser().parse_args(words[1:]).command == command
 
 
 def test_locoprop_flags_name_their_symbols():
@@ -86,7 +86,7 @@ def test_every_flag_is_written_out_where_it_is_declared():
     literal of sweeps/commands/flags.py, none made from a name."""
     tree = ast.parse(FLAGS_SOURCE.read_text())
     literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
-    parsers = [build_parser(), *subcommands().values()]
+    parsers = [locoprop_parser(), *subcommands().values()]
     declared = {flag for parser in parsers for action in parser._actions for flag in action.option_strings}
     assert declared - {"-h", "--help"} - literals == set()
     assert {"--activation-lr", "--backend", "--storage", "--address"} <= declared

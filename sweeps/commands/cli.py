@@ -1,5 +1,5 @@
 """The ``locoprop`` command line (SPEC §7): what each command does with its flags, which
-:mod:`sweeps.commands.flags` declares (:func:`build_parser` joins each command's builder there to its
+:mod:`sweeps.commands.flags` declares (:func:`locoprop_parser` joins each command's builder there to its
 handler here).
 
 Exit status: 0 done; 1 a run failed (its summary.json records it as
@@ -51,7 +51,7 @@ from sweeps.runner.workloads import WORKLOADS
 from sweeps.search.results import SweepNotice
 
 # EXAMPLES, each command's example (sweeps.commands.flags), for the tests that parse them.
-__all__ = ["EXAMPLES", "EXIT_BAD_INPUT", "EXIT_RUN_FAILED", "build_parser", "main"]
+__all__ = ["EXAMPLES", "EXIT_BAD_INPUT", "EXIT_RUN_FAILED", "locoprop_parser", "main"]
 
 EXIT_RUN_FAILED, EXIT_BAD_INPUT = 1, 2  # interrupted: 128 + the signal (interrupts.exit_status)
 # Set in the environment of the processes torchrun starts (torchrun's own ranks, whatever their number).
@@ -400,7 +400,7 @@ def _show_notice(message, category, filename, lineno, file=None, line=None) -> N
 _show_warning = warnings.showwarning
 
 
-def build_parser() -> argparse.ArgumentParser:
+def locoprop_parser() -> argparse.ArgumentParser:
     """``locoprop`` and its commands, in the order its --help lists them: each command's flags from its
     builder in :mod:`sweeps.commands.flags`, and the handler that runs it."""
     parser = flags.top_parser()
@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status of the module docstring."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    parser = locoprop_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # for the commands that record or repeat their own command line
     if args.command is None:

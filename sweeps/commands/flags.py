@@ -9,7 +9,7 @@
   (:data:`HPARAM_FLAGS`, :func:`add_hparam_flags`);
 - one builder per command (:func:`add_train`, :func:`add_compare`,
   :func:`add_sweep`, :func:`add_bench`, :func:`add_report`), which
-  :func:`sweeps.commands.cli.build_parser` joins to their handlers.
+  :func:`sweeps.commands.cli.locoprop_parser` joins to their handlers.
 
 Every flag is written out as the string a user types (``"--activation-lr"``),
 so that a grep for a flag finds where it is declared.
