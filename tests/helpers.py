@@ -129,3 +129,9 @@ def locoprop_trained(model, loss_fn, steps=2, **kwargs):
 def classification_loss(x, y):
     """The cross-entropy of a model on the batch (x, y), as a function of the model."""
     return lambda m: F.cross_entropy(m(x), y)
+
+
+# How long a test waits for a subprocess (a CLI run, spawned ranks, a sweep worker) before calling it hung.
+# Generous on purpose: it only has to tell a hang from a slow machine, and with one CPU-bound neighbour on
+# two cores a step can be 15× slower (a bench subprocess that takes 40 s alone ran past 300 s under load).
+HANG_GUARD_S = 1800

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from helpers import HANG_GUARD_S
 from test_analysis import RUNS, make_run
 
 from baselines.registry import OPTIMIZERS
@@ -275,7 +276,11 @@ def test_ctrl_c_during_train_prints_the_command_that_resumes(tmp_path):
             "--epochs", "3", "--out", str(tmp_path / "runs"), "--no-progress"]  # fmt: skip
     cli = [sys.executable, "-m", "sweeps.commands.cli"]
     process = subprocess.run(
-        [sys.executable, "-c", CTRL_C_AT_A_STEP, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300
+        [sys.executable, "-c", CTRL_C_AT_A_STEP, *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=HANG_GUARD_S,
     )
     err = process.stderr
     assert process.returncode == 130, err
@@ -383,7 +388,7 @@ def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):
         [sys.executable, "-m", "sweeps.commands.cli", "bench", "--batch-size", "64", "--width-mult", "0.05",
          "--optimizers", "adam,locoprop-m,locoprop-s-exact", "--steps", "2", "--warmup", "1", "--json",
          "--device", "cpu"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -406,7 +411,7 @@ def test_bench_on_two_processes_counts_the_bytes_each_sends(tmp_path):
         [sys.executable, "-m", "sweeps.commands.cli", "bench", "--batch-size", "64", "--width-mult", "0.05",
          "--optimizers", "adam,locoprop-m,locoprop-s", "--local-iters", "3", "--steps", "2", "--warmup", "1",
          "--nproc", "2", "--json", "--device", "cpu"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     adam, loco_m, loco_s = [json.loads(line) for line in result.stdout.splitlines()]

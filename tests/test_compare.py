@@ -10,6 +10,7 @@ import sys
 
 import pandas as pd
 import pytest
+from helpers import HANG_GUARD_S
 
 from analysis.load import CompareFolderRead
 from analysis.report import write_report
@@ -139,7 +140,7 @@ def test_cli_compare_with_presets_writes_runs_protocol_and_report(tmp_path):
         "--seeds", "1,2", "--optimizers", "adam,locoprop-m", "--out", str(tmp_path), "--no-progress",
     ]  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "sweeps.commands.cli", *args], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=600)  # fmt: skip
+                            cwd=tmp_path, timeout=HANG_GUARD_S)  # fmt: skip
     assert result.returncode == 0, result.stderr
     for optimizer in ("adam", "locoprop-m"):
         for seed in (1, 2):

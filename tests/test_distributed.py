@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import bce_sum_mean, snapshot
+from helpers import HANG_GUARD_S, bce_sum_mean, snapshot
 from torch import nn
 
 from locoprop import LocoPropOptimizer
@@ -247,7 +247,7 @@ def _run_losses(folder: pathlib.Path) -> list[tuple]:
 
 def _cli(*args, cwd, launcher=()):
     return subprocess.run([sys.executable, *launcher, "-m", "sweeps", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)  # fmt: skip
+                          cwd=cwd, timeout=HANG_GUARD_S)  # fmt: skip
 
 
 @pytest.mark.parametrize("optimizer", ["locoprop-m", "locoprop-s-exact", "adam"])

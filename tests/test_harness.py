@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import missing_system_dependency
+from helpers import HANG_GUARD_S, missing_system_dependency
 
 from sweeps.runner import RunConfig, run_directory, train
 from sweeps.runner import data as data_module
@@ -33,7 +33,11 @@ def _losses(run_dir):
 
 def _cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "sweeps.commands.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "sweeps.commands.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=HANG_GUARD_S,
     )
 
 

@@ -21,6 +21,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from helpers import HANG_GUARD_S
 
 from sweeps.commands.cli import main
 from sweeps.runner import run_directory
@@ -210,7 +211,7 @@ def _start(argv: list[str], cwd: pathlib.Path, env: dict) -> subprocess.Popen:
 
 def _run(argv: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sweeps", *argv], cwd=cwd, env=ONE_THREAD, text=True,
-                          capture_output=True, timeout=600)  # fmt: skip
+                          capture_output=True, timeout=HANG_GUARD_S)  # fmt: skip
 
 
 def _paused_pid(process: subprocess.Popen, marker: pathlib.Path) -> int:
@@ -425,7 +426,7 @@ def test_the_readme_torchrun_example_runs(tmp_path):
     # torchrun is python -m torch.distributed.run; a small run into this test's folder.
     command = [sys.executable, "-m", "torch.distributed.run", *argv[1:], *TINY[:6], "--steps", "4",
                "--out", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, text=True, capture_output=True, timeout=600, env=ONE_THREAD)
+    result = subprocess.run(command, cwd=tmp_path, text=True, capture_output=True, timeout=HANG_GUARD_S, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     assert run_directory.read_json(_the_run(tmp_path) / "summary.json")["world_size"] == 2
 
@@ -442,14 +443,14 @@ def test_an_interrupted_ray_trial_is_interrupted_and_the_rerun_finishes_it(tmp_p
     _paused_pid(driver, marker)  # the trial, in its Ray worker, after step 7
     driver.send_signal(signal.SIGINT)
     (tmp_path / "paused.go").write_text("")  # the trial trains on, until Tune stops it
-    out, err = driver.communicate(timeout=300)
+    out, err = driver.communicate(timeout=HANG_GUARD_S)
     assert driver.returncode == 130, out + err
     assert "interrupted: the same command continues Ray Tune study" in out and "results table" not in out
     assert err.strip().splitlines()[-1].startswith("locoprop: interrupted; finished runs are kept")
     assert "Tuner.restore" not in out + err  # the CLI's line says what continues
 
     again = subprocess.run([sys.executable, "-m", "sweeps", *argv], cwd=tmp_path, text=True, capture_output=True,
-                           timeout=600, env={**ONE_THREAD, "RAY_TMPDIR": "/tmp"})  # fmt: skip
+                           timeout=HANG_GUARD_S, env={**ONE_THREAD, "RAY_TMPDIR": "/tmp"})  # fmt: skip
     assert again.returncode == 0, again.stdout + again.stderr
     table = pd.read_csv(tmp_path / "out" / "r" / "sweep_results.csv")
     assert table["run_id"].nunique() == 1 and set(table["status"]) == {"ok"}

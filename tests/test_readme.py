@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+from helpers import HANG_GUARD_S
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -17,7 +19,7 @@ def test_readme_quick_start_is_the_example_file():
 
 def test_quick_start_runs_and_lowers_the_loss():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert result.returncode == 0, result.stderr
     losses = [float(v) for v in re.findall(r"train loss ([\d.]+)", result.stdout)]

@@ -9,6 +9,7 @@ import sys
 
 import pandas as pd
 import pytest
+from helpers import HANG_GUARD_S
 
 from sweeps.commands.cli import main
 from sweeps.runner import RunConfig, run_directory
@@ -35,7 +36,7 @@ def test_trials_on_two_workers_follow_the_one_process_runs(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "sweeps", *SWEEP, "--backend", "ray", "--num-cpus", "2", "--workers-per-trial",
                "2", "--out", str(out)]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     assert json.loads((out / "s" / "sweep.json").read_text())["setup"]["workers_per_trial"] == 2

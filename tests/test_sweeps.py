@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import sqlalchemy
 import torch
+from helpers import HANG_GUARD_S
 
 from analysis.load import load_results
 from sweeps.runner import RunConfig, run_directory
@@ -383,7 +384,7 @@ def test_two_worker_processes_started_together_on_a_fresh_storage_finish_one_tri
         subprocess.Popen([*command, str(n)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for n in range(2)
     ]
-    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    outputs = [worker.communicate(timeout=HANG_GUARD_S)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     study = optuna.load_study(study_name="p", storage=make_storage(storage or None, tmp_path))
     assert [t.state for t in study.trials].count(optuna.trial.TrialState.COMPLETE) == 1
@@ -581,7 +582,7 @@ def test_killed_worker_on_postgres_loses_and_duplicates_nothing(tmp_path, postgr
     first_output = worker.stdout.read()
 
     again = _sweep_cli(*args, cwd=tmp_path)
-    output, _ = again.communicate(timeout=600)
+    output, _ = again.communicate(timeout=HANG_GUARD_S)
     assert again.returncode == 0, output
 
     storage = optuna.storages.RDBStorage(postgres_url)
@@ -621,11 +622,11 @@ def test_ray_sweep_is_interrupted_restored_and_extended(tmp_path):
             break
         time.sleep(0.2)
     first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
-    first_output, _ = first.communicate(timeout=300)
+    first_output, _ = first.communicate(timeout=HANG_GUARD_S)
     assert first.returncode == 130 and (part / "tuner.pkl").exists(), first_output
 
     second = _sweep_cli(*args, "--trials", "4", cwd=tmp_path, env=env)  # a larger N extends the study
-    output, _ = second.communicate(timeout=600)
+    output, _ = second.communicate(timeout=HANG_GUARD_S)
     assert second.returncode == 0, output
     assert "restoring Ray Tune experiment" in output and "from 3 to 4 trials" in output
     frame = pd.read_csv(out / "ray-study" / "sweep_results.csv")
