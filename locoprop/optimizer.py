@@ -230,11 +230,12 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                         seen)  # fmt: skip
 
     def adapted_hyperparameters(self) -> dict[str, float]:
-        """The γ that hypergradients adapt, by metrics column ``gamma/UNIT`` (empty when β = 0 everywhere)."""
+        """The γ that the optimizer sets itself, by metrics column ``gamma/UNIT``: adapted by hypergradients
+        (β > 0) or measured from ρ at the first step (empty when γ is given and β = 0 everywhere)."""
         return {
             f"gamma/{unit.name}": group["activation_lr"]
             for group, unit in zip(self.param_groups, self.unit_of_group)
-            if unit is not None and group["hypergrad_lr"] > 0
+            if unit is not None and (group["hypergrad_lr"] > 0 or group.get("relative_activation_lr") is not None)
         }
 
     def _output_moved(self, changed: list[Unit]) -> None:

@@ -54,6 +54,10 @@ def test_the_first_step_sets_every_gamma_to_rho_times_the_norm_ratio(variant):
     _step(model, opt, x)
     assert [group["activation_lr"] for group in opt.param_groups] == pytest.approx([expected] * 3, rel=1e-12)
     assert all(group[STARTED] for group in opt.param_groups)
+    # The runner records the measured γ per unit (metrics.csv columns gamma/UNIT).
+    assert opt.adapted_hyperparameters() == pytest.approx(
+        {"gamma/0": expected, "gamma/2": expected, "gamma/4": expected}
+    )
     # From then on γ is an ordinary value: the next steps keep it and measure nothing.
     _step(model, opt, _batch(8))
     assert [group["activation_lr"] for group in opt.param_groups] == pytest.approx([expected] * 3, rel=1e-12)
