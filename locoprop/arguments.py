@@ -82,8 +82,9 @@ def check_options(
         )
 
 
-def check_hyperparameters(group: dict) -> None:
-    """A param group's lr, activation_lr, local_iters, inner_schedule, prox and hypergrad_lr."""
+def check_hyperparameters(group: dict, solve: str = "iterative") -> None:
+    """A param group's lr, activation_lr, local_iters, inner_schedule, prox, hypergrad_lr and, for ``solve``,
+    covariance_refresh and covariance_decay."""
     lr, activation_lr, local_iters = group["lr"], group["activation_lr"], group["local_iters"]
     for name, value in (("learning rate", lr), ("activation_lr", activation_lr), ("prox", group["prox"])):
         if isinstance(value, Tensor):
@@ -104,6 +105,22 @@ def check_hyperparameters(group: dict) -> None:
     beta = group.get("hypergrad_lr", 0.0)
     if isinstance(beta, Tensor) or not (_is_real(beta) and 0 <= beta < math.inf):
         raise ValueError(f"Invalid hypergrad_lr: {beta!r}; expected a finite number ≥ 0")
+    _check_covariance(group.get("covariance_refresh", 1), group.get("covariance_decay", 0.0), solve)
+
+
+def _check_covariance(refresh, decay, solve: str) -> None:
+    """T = covariance_refresh and ρ = covariance_decay of the exact solve (:mod:`locoprop.solve_exact`)."""
+    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+        raise ValueError(f"Invalid covariance_refresh: {refresh!r}; expected an integer ≥ 1 (steps between refreshes)")
+    if isinstance(decay, Tensor) or not (_is_real(decay) and 0 <= decay < 1):
+        raise ValueError(f"Invalid covariance_decay: {decay!r}; expected a number in [0, 1)")
+    # The iterative solve keeps no covariance from step to step: T and ρ would silently change nothing.
+    if solve != "exact" and (refresh != 1 or decay != 0):
+        name, value = ("covariance_refresh", refresh) if refresh != 1 else ("covariance_decay", decay)
+        raise ValueError(
+            f"{name}={value!r} applies to solve='exact' only (the iterative solve keeps no input covariance); "
+            "leave it at its default or use solve='exact'"
+        )
 
 
 def check_unit(unit: Unit, solve: str) -> None:

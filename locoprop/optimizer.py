@@ -68,7 +68,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
     take one inner step at η on γ·G, the same first step. A parameter whose
     ``.grad`` is None takes no step, as in torch.optim.
     ``solve="exact"`` (variant S, linear units, λ > 0) replaces the K steps
-    by the minimiser θ^old − γ·G(C + λI)⁻¹ with x̃ = [x, 1], C = Σx̃ᵀx̃.
+    by the minimiser θ^old − γ·G(C + λI)⁻¹ with x̃ = [x, 1], C = Σx̃ᵀx̃, or,
+    amortised (``covariance_refresh`` T > 1 or ``covariance_decay`` ρ > 0),
+    by θ^old − γ·G(C̄ + λI)⁻¹ with C̄ and its inverse refreshed every T steps.
 
     There is one parameter group per unit (plus one for the other
     parameters), each with its own ``lr``, ``activation_lr``, ``local_iters``,
@@ -133,6 +135,18 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad_rule: "plain" (SPEC §12: a step of β·h·γ on log γ) or
             "normalized" (an Adam step of at most about β on log γ, the same
             for any scale of the loss; :mod:`locoprop.hypergrad`).
+        covariance_refresh: T ≥ 1, ``solve="exact"`` only: each unit's
+            (C̄ + λI)⁻¹ is formed at its steps 0, T, 2T, … (the steps it
+            takes part in; a skipped step does not count) and reused in
+            between, so that a step costs one product G·(C̄ + λI)⁻¹ more than
+            backprop (FOOF, Benzing 2022). T = 1 with ρ = 0 (the defaults) is
+            the exact step of every batch, and keeps no state.
+        covariance_decay: ρ in [0, 1), ``solve="exact"`` only: the input
+            covariance is an exponential moving average of the refresh steps'
+            batches, C̄ ← ρ·C̄ + (1 − ρ)·C (the first C̄ is C; ρ = 0 keeps the
+            refresh step's C). Only refresh steps contribute: adding every
+            step's C would cost a Gram matrix per step, as much as the solve
+            that T amortises (:mod:`locoprop.solve_exact`).
     """
 
     # The phases of a step it times (``last_step_seconds``), for the runner.
@@ -161,14 +175,17 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad: str = "implicit",
         hypergrad_iters: int = 1,
         hypergrad_rule: str = "plain",
+        covariance_refresh: int = 1,
+        covariance_decay: float = 0.0,
     ):
         check_options(model, variant=variant, solve=solve, parallel=parallel, compile=compile, prox=prox,
                       hypergrad=hypergrad, hypergrad_iters=hypergrad_iters, hypergrad_rule=hypergrad_rule,
                       output_activation=output_activation)  # fmt: skip
         defaults = dict(lr=plain_float(lr), activation_lr=plain_float(activation_lr), local_iters=local_iters,
                         inner_schedule=inner_schedule, prox=plain_float(prox),
-                        hypergrad_lr=plain_float(hypergrad_lr))  # fmt: skip
-        check_hyperparameters(defaults)
+                        hypergrad_lr=plain_float(hypergrad_lr), covariance_refresh=covariance_refresh,
+                        covariance_decay=plain_float(covariance_decay))  # fmt: skip
+        check_hyperparameters(defaults, solve)
         found = discover_units(model, units)
         # The last unit holds output_activation until a forward pass shows which unit produces the output.
         self._output = OutputActivation(found, output_activation) if output_activation is not None else None
@@ -266,7 +283,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         group = {**param_group, "unit": None, "transfer": None}
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        check_hyperparameters({**self.defaults, **group})
+        check_hyperparameters({**self.defaults, **group}, self.solve)
         super().add_param_group(group)  # refuses parameters that already belong to a group
         self.unit_of_group.append(None)
         self.inner.add_param_group({"params": group["params"], "lr": group["lr"]})
@@ -293,7 +310,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            check_hyperparameters(group)
+            check_hyperparameters(group, self.solve)
         check_not_meta(self.units)
         if self._output is not None:
             self._output.check()
@@ -336,7 +353,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         others = [problem for problem in problems if problem.unit is None]
         tied = set(self.ownership.shared_by_units)
         if self.solve == "exact":
-            solve_exact(units, self.param_groups, self._parallel_mode(), self.comm)
+            solve_exact(units, self.param_groups, self._parallel_mode(), self.comm, self.state)
             solve_iterative(others, self.param_groups, self.inner, self._parallel_mode(), self.comm, tied)
         else:
             solve_iterative(problems, self.param_groups, self.inner, self._parallel_mode(), self.comm, tied)
@@ -407,5 +424,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("hypergrad_lr", 0.0)  # a state dict from before hypergradients
+            group.setdefault("covariance_refresh", 1)  # ... or from before the amortised exact solve
+            group.setdefault("covariance_decay", 0.0)
         self.inner.load_state_dict(inner)
         self.skipped_steps = skipped
