@@ -343,7 +343,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "locoprop-s-exact",
             _locoprop("S", solve="exact"),
-            {**_LOCOPROP_DEFAULTS, "activation_lr": 1.0, "prox": 10.0},
+            # covariance_refresh T: (C̄ + λI)⁻¹ formed every T steps and reused in between (FOOF); with
+            # covariance_decay ρ, C̄ an exponential moving average of the refresh steps' C. T = 1, ρ = 0: every batch.
+            {
+                **_LOCOPROP_DEFAULTS,
+                "activation_lr": 1.0,
+                "prox": 10.0,
+                "covariance_refresh": 1,
+                "covariance_decay": 0.0,
+            },
             types=_LOCOPROP_TYPES,
             inert=_locoprop_inert(exact=True),
         ),

@@ -84,9 +84,9 @@ def check_options(
         )
 
 
-def check_hyperparameters(group: dict) -> None:
-    """A param group's lr, activation_lr, local_iters, inner_schedule, prox, hypergrad_lr and
-    relative_activation_lr."""
+def check_hyperparameters(group: dict, solve: str = "iterative") -> None:
+    """A param group's lr, activation_lr, local_iters, inner_schedule, prox, hypergrad_lr, relative_activation_lr
+    and, for ``solve``, covariance_refresh and covariance_decay."""
     lr, activation_lr, local_iters = group["lr"], group["activation_lr"], group["local_iters"]
     for name, value in (("learning rate", lr), ("activation_lr", activation_lr), ("prox", group["prox"])):
         if isinstance(value, Tensor):
@@ -110,9 +110,10 @@ def check_hyperparameters(group: dict) -> None:
     rho = group.get("relative_activation_lr")
     if rho is not None and (isinstance(rho, Tensor) or not (_is_real(rho) and 0 < rho < math.inf)):
         raise ValueError(f"Invalid relative_activation_lr: {rho!r}; expected None or a finite number > 0")
+    _check_covariance(group.get("covariance_refresh", 1), group.get("covariance_decay", 0.0), solve)
 
 
-def checked_param_group(param_group, defaults: dict) -> dict:
+def checked_param_group(param_group, defaults: dict, solve: str) -> dict:
     """A group for ``add_param_group``: parameters outside every unit (units come from the model), with
     valid hyperparameters."""
     if not isinstance(param_group, dict) or "params" not in param_group:
@@ -125,7 +126,7 @@ def checked_param_group(param_group, defaults: dict) -> dict:
     group = {**param_group, "unit": None, "transfer": None}
     params = group["params"]
     group["params"] = [params] if isinstance(params, Tensor) else list(params)
-    check_hyperparameters({**defaults, **group})
+    check_hyperparameters({**defaults, **group}, solve)
     return group
 
 
@@ -140,6 +141,21 @@ def check_state_dict(state_dict, units: list) -> None:
     saved_units = [group.get("unit") for group in state_dict["param_groups"]]
     if saved_units != units:
         raise ValueError(f"State dict is for units {saved_units}, but this optimizer has units {units}")
+
+
+def _check_covariance(refresh, decay, solve: str) -> None:
+    """T = covariance_refresh and ρ = covariance_decay of the exact solve (:mod:`locoprop.solve_exact`)."""
+    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+        raise ValueError(f"Invalid covariance_refresh: {refresh!r}; expected an integer ≥ 1 (steps between refreshes)")
+    if isinstance(decay, Tensor) or not (_is_real(decay) and 0 <= decay < 1):
+        raise ValueError(f"Invalid covariance_decay: {decay!r}; expected a number in [0, 1)")
+    # The iterative solve keeps no covariance from step to step: T and ρ would silently change nothing.
+    if solve != "exact" and (refresh != 1 or decay != 0):
+        name, value = ("covariance_refresh", refresh) if refresh != 1 else ("covariance_decay", decay)
+        raise ValueError(
+            f"{name}={value!r} applies to solve='exact' only (the iterative solve keeps no input covariance); "
+            "leave it at its default or use solve='exact'"
+        )
 
 
 def check_unit(unit: Unit, solve: str) -> None:

@@ -113,7 +113,8 @@ def prepare_solves(
         unit = problem.unit
         if unit is None:
             continue
-        problem.old_params = [p.detach().clone() for p in problem.params]
+        if solve == "iterative":  # the exact solve and its closed-form sensitivity need no copy of θ^old
+            problem.old_params = [p.detach().clone() for p in problem.params]
         if problem.variant == "M":
             problem.anchors = [unit.transfer.anchor_at(unit.output(r)) for r in problem.records]
         else:

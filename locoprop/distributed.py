@@ -33,7 +33,11 @@ besides G (d_out·d numbers, none under DDP):
   communication.
 - exact S: C once per step; each unit's Cholesky solve (d³/3 FLOPs) runs on
   one owner rank, chosen by a greedy longest-processing-time assignment by
-  d³, which broadcasts the step Δ (d_out·d numbers).
+  d³, which broadcasts the step Δ (d_out·d numbers). Amortised
+  (``covariance_refresh`` T > 1): C once per T steps, and the owner
+  broadcasts (C̄ + λI)⁻¹ (d² numbers) instead of Δ; every rank then takes
+  the product G·(C̄ + λI)⁻¹ itself, so the T − 1 steps between refreshes send
+  nothing but G.
 
 The parameters outside every unit take their ordinary gradient, averaged
 over ranks in the same bucket as G. A batch that is not finite on any rank

@@ -45,7 +45,8 @@ class LocalProblem:
         activation_lr: γ of its group.
         gram_form: variant S solved in its Gram form.
         records: the unit's records, until its anchors are set.
-        old_params: θ^old, a copy of the parameters at the start of the step.
+        old_params: θ^old, a copy of the parameters at the start of the step
+            (the iterative solve's; the exact solve needs none).
         exact_direction: Δ per parameter of the exact solve's step
             θ* = θ^old − γ·Δ; −Δ is its sensitivity ∂θ/∂γ, for the next
             step's hypergradient.

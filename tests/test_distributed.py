@@ -33,6 +33,12 @@ CASES = {
     # the user clips DDP's averaged gradient between backward() and step(): every rank solves with it
     "M-clip-ddp": (dict(variant="M", inner="rmsprop-tf", output_activation="sigmoid"), True),
     "S-exact-clip-ddp": (dict(variant="S", solve="exact", prox=0.5), True),
+    # the amortised exact solve: C̄ refreshed at steps 0 and 2 (a moving average), reused at step 1
+    "S-exact-amortised": (
+        dict(variant="S", solve="exact", prox=0.5, covariance_refresh=2, covariance_decay=0.5),
+        False,
+    ),
+    "S-exact-amortised-ddp": (dict(variant="S", solve="exact", prox=0.5, covariance_refresh=2), True),
     "S-identity-clip-ddp": (dict(variant="S", **IDENTITY), True),
     # weights tied between two units (and a LayerNorm): G is averaged over ranks once, for both uses
     "M-tied": (dict(variant="M", inner="adam", output_activation="sigmoid"), False),
@@ -139,7 +145,7 @@ def test_w_ranks_take_the_step_of_one_process_on_the_whole_batch(ranks, case):
         assert str(first["state"]) == str(other["state"])
 
 
-@pytest.mark.parametrize("case", ["M", "S-exact"])
+@pytest.mark.parametrize("case", ["M", "S-exact", "S-exact-amortised"])
 def test_the_state_dict_of_rank_0_continues_in_one_process(ranks, case):
     """Rank 0's checkpoint after 3 distributed steps, reloaded in one process, takes the same 4th step."""
     _, folder = ranks

@@ -134,3 +134,135 @@ def test_fast_exact_solve_follows_the_records_whatever_happened_to_grad(change):
         results[parallel] = snapshot(m)
     for name in results["none"]:
         torch.testing.assert_close(results["batched"][name], results["none"][name], rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the amortised exact solve (covariance_refresh)
+
+
+def _units_inputs_and_gradients(model, x, y):
+    """Per linear unit of the tanh MLP: its input x̃ = [x, 1] and G = [∇W | ∇b] of the loss, by autograd alone."""
+    inputs = [x, torch.tanh(model[0](x))]
+    loss = (model(x) - y).pow(2).sum(1).mean()
+    grads = torch.autograd.grad(loss, [model[0].weight, model[0].bias, model[2].weight, model[2].bias])
+    tilde = [torch.cat([h.detach(), torch.ones(len(h), 1, dtype=h.dtype)], 1) for h in inputs]
+    return tilde, [torch.cat([grads[0], grads[1][:, None]], 1), torch.cat([grads[2], grads[3][:, None]], 1)]
+
+
+def _closed_form_steps(model, batches, refresh, decay=0.0):
+    """The amortised exact solve written out: per unit, C̄ ← ρ·C̄ + (1 − ρ)·C at steps 0, T, 2T, … (the first C̄
+    is C), and every step θ ← θ − γ·(C̄ + λI)⁻¹-solve of G by torch.linalg.solve. Parameters after each step."""
+    model = copy.deepcopy(model)
+    averages, after = [None, None], []
+    for step, (x, y) in enumerate(batches):
+        tilde, grads = _units_inputs_and_gradients(model, x, y)
+        with torch.no_grad():
+            for index, (layer, h, g) in enumerate(zip([model[0], model[2]], tilde, grads)):
+                if step % refresh == 0:
+                    covariance = h.T @ h
+                    averages[index] = covariance if averages[index] is None else (
+                        decay * averages[index] + (1 - decay) * covariance)  # fmt: skip
+                system = averages[index] + PROX * torch.eye(len(h.T), dtype=h.dtype)
+                delta = torch.linalg.solve(system, g.T).T  # (C̄ + λI) symmetric: G(C̄ + λI)⁻¹
+                layer.weight -= GAMMA * delta[:, :-1]
+                layer.bias -= GAMMA * delta[:, -1]
+        after.append(snapshot(model))
+    return after
+
+
+def _batches(count, rows=40):
+    generator = torch.Generator().manual_seed(3)
+    return [(torch.randn(rows, 6, dtype=torch.float64, generator=generator),
+             torch.randn(rows, 3, dtype=torch.float64, generator=generator)) for _ in range(count)]  # fmt: skip
+
+
+def _optimizer_steps(model, batches, **kwargs):
+    opt = LocoPropOptimizer(model, variant="S", solve="exact", activation_lr=GAMMA, prox=PROX, **kwargs)
+    after = []
+    for x, y in batches:
+        opt.zero_grad()
+        (model(x) - y).pow(2).sum(1).mean().backward()
+        opt.step()
+        after.append(snapshot(model))
+    return opt, after
+
+
+@pytest.mark.parametrize("parallel", ["none", "batched"])
+def test_covariance_refresh_1_is_the_exact_step_of_every_batch(parallel):
+    """T = 1 (the default) solves with each batch's own C: the closed form by torch.linalg.solve to 1e-12, the
+    same parameters bit for bit as the optimizer without the argument, and no state kept."""
+    model, _, _ = _setup()
+    batches = _batches(3)
+    expected = _closed_form_steps(model, batches, refresh=1)
+    opt, after = _optimizer_steps(copy.deepcopy(model), batches, covariance_refresh=1, parallel=parallel)
+    _, default = _optimizer_steps(copy.deepcopy(model), batches, parallel=parallel)
+    for got, want, plain in zip(after, expected, default):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-12)
+            assert torch.equal(got[name], plain[name])
+    assert not any(opt.state.values())
+
+
+@pytest.mark.parametrize("parallel", ["none", "batched"])
+@pytest.mark.parametrize("refresh, decay", [(3, 0.0), (2, 0.5)])
+def test_the_amortised_solve_refreshes_at_steps_0_t_2t_and_reuses_the_stale_inverse_between(
+    parallel, refresh, decay, monkeypatch
+):
+    """With T = 3 (T = 2 and ρ = ½: C̄ a moving average of the refresh batches) every step uses the inverse
+    formed at the last step 0, T, 2T, …: the written-out steps to 1e-12, inverses formed exactly at those steps,
+    and steps that differ from the every-batch solve (the test can tell)."""
+    import locoprop.solve_exact
+
+    formed = []
+    original = locoprop.solve_exact.covariance_inverse
+    monkeypatch.setattr(locoprop.solve_exact, "covariance_inverse",
+                        lambda *args: formed.append(step) or original(*args))  # fmt: skip
+    model, _, _ = _setup()
+    batches = _batches(7)
+    expected = _closed_form_steps(model, batches, refresh, decay)
+    every_batch = _closed_form_steps(model, batches, refresh=1)
+    m = copy.deepcopy(model)
+    opt = LocoPropOptimizer(m, variant="S", solve="exact", activation_lr=GAMMA, prox=PROX, parallel=parallel,
+                            covariance_refresh=refresh, covariance_decay=decay)  # fmt: skip
+    for step, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        (m(x) - y).pow(2).sum(1).mean().backward()
+        opt.step()
+        for name, want in expected[step].items():
+            torch.testing.assert_close(snapshot(m)[name], want, rtol=0, atol=1e-12)
+    assert formed == [s for s in range(7) if s % refresh == 0 for _ in range(2)]  # two units
+    assert not torch.allclose(expected[-1]["0.weight"], every_batch[-1]["0.weight"], rtol=0, atol=1e-6)
+    kept = opt.state[m[0].weight]
+    assert kept["covariance_age"] == 7 - 7 // refresh * refresh or refresh
+    assert ("covariance" in kept) == (decay > 0)
+
+
+def test_a_changed_prox_refreshes_and_t_back_at_1_drops_the_kept_covariance():
+    model, _, _ = _setup()
+    batches = _batches(4)
+    opt, _ = _optimizer_steps(model, batches[:1], covariance_refresh=10)
+    assert opt.state[model[0].weight]["covariance_prox"] == PROX
+    for group in opt.param_groups:
+        group["prox"] = 2 * PROX
+    opt.zero_grad()
+    (model(batches[1][0]) - batches[1][1]).pow(2).sum(1).mean().backward()
+    opt.step()
+    assert opt.state[model[0].weight]["covariance_prox"] == 2 * PROX
+    assert opt.state[model[0].weight]["covariance_age"] == 1
+    for group in opt.param_groups:
+        group["covariance_refresh"] = 1
+    opt.zero_grad()
+    (model(batches[2][0]) - batches[2][1]).pow(2).sum(1).mean().backward()
+    opt.step()
+    assert not any(opt.state.values())
+
+
+@pytest.mark.parametrize("parallel", ["none", "batched"])
+def test_an_amortised_refresh_that_cannot_factor_changes_nothing(parallel):
+    model = nn.Sequential(nn.Linear(2, 300), nn.Tanh(), nn.Linear(300, 4))
+    opt = LocoPropOptimizer(model, variant="S", solve="exact", prox=1e-30, parallel=parallel, covariance_refresh=5)
+    model(torch.randn(3, 2) * 100).sum().backward()
+    before = snapshot(model)
+    with pytest.raises(torch.linalg.LinAlgError, match=r"unit\(s\) \['2'\] is not positive definite.*Raise prox"):
+        opt.step()
+    assert_same_params(model, before)
+    assert not any(opt.state.values())

@@ -59,7 +59,12 @@ OPTIMIZER_INFOS = [
     OptimizerInfo("muon"),
     OptimizerInfo("locoprop-m", _LOCOPROP_SMALL, _LOCOPROP_SMALL, {**_LOCOPROP_SMALL, "hypergrad_lr": 1e-3}),
     OptimizerInfo("locoprop-s", _LOCOPROP_SMALL, _LOCOPROP_SMALL, {**_LOCOPROP_SMALL, "hypergrad_lr": 1e-3}),
-    OptimizerInfo("locoprop-s-exact", adapting=dict(hypergrad_lr=1e-3)),
+    # refreshed at steps 0, 2, 4, 6: the reload at step 3 continues with the kept covariance
+    OptimizerInfo(
+        "locoprop-s-exact",
+        checkpoint=dict(covariance_refresh=2, covariance_decay=0.5),
+        adapting=dict(hypergrad_lr=1e-3),
+    ),
 ]
 CONTRACT = pytest.mark.parametrize("info", OPTIMIZER_INFOS, ids=lambda info: info.name)
 
@@ -266,6 +271,20 @@ def test_locoprop_entries_take_the_output_transfer_from_the_loss_and_flat_inner_
     assert opt.inner.defaults["decay"] == 0.9  # registry default
     exact = make_optimizer("locoprop-s-exact", copy.deepcopy(model))
     assert (exact.variant, exact.solve) == ("S", "exact")
+
+
+def test_locoprop_s_exact_takes_and_searches_its_covariance_refresh():
+    from sweeps.search.search_space import load_space
+
+    model = _classifier()
+    opt = make_optimizer("locoprop-s-exact", model, loss="cross_entropy", covariance_refresh=10, covariance_decay=0.9)
+    assert {(g["covariance_refresh"], g["covariance_decay"]) for g in opt.param_groups} == {(10, 0.9)}
+    assert OPTIMIZERS["locoprop-s-exact"].defaults["covariance_refresh"] == 1  # the exact step of every batch
+    assert load_space("locoprop-s-exact").distributions["covariance_refresh"].choices == (1, 5, 10, 20)
+    with pytest.raises(ValueError, match="Unknown hyperparameter.*for 'locoprop-m': covariance_refresh"):
+        make_optimizer("locoprop-m", model, covariance_refresh=10)
+    with pytest.raises(ValueError, match="Invalid covariance_refresh: 0"):
+        make_optimizer("locoprop-s-exact", model, covariance_refresh=0)
 
 
 def test_muon_takes_matrices_and_adamw_the_rest():

@@ -24,8 +24,11 @@ def _bce(model, x):
         dict(variant="M", inner="rmsprop-tf", inner_kwargs={"momentum": 0.9}, output_activation="sigmoid"),
         dict(variant="S", inner="adam", prox=0.1),
         dict(variant="S", solve="exact", prox=0.5),
+        # refreshed at steps 0 and 4, saved at age 3: a reload that lost the age would refresh at step 3
+        dict(variant="S", solve="exact", prox=0.5, covariance_refresh=4),
+        dict(variant="S", solve="exact", prox=0.5, covariance_refresh=2, covariance_decay=0.7),
     ],
-    ids=["M-rmsprop-tf", "S-adam", "S-exact"],
+    ids=["M-rmsprop-tf", "S-adam", "S-exact", "S-exact-refresh-4", "S-exact-refresh-2-decay"],
 )
 def test_reloaded_optimizer_and_scheduler_continue_identically(kwargs):
     reloaded = assert_round_trip_continues(
@@ -47,3 +50,16 @@ def test_state_dict_holds_the_inner_state():
     assert len(inner) == len(list(model.parameters()))
     assert set(inner[0]) == {"ms", "mom"}
     copy.deepcopy(state)  # plain data, no references to the model
+
+
+def test_the_amortised_exact_state_survives_the_state_dict():
+    model = _model()
+    opt = LocoPropOptimizer(model, variant="S", solve="exact", prox=0.5, covariance_refresh=3, covariance_decay=0.5)
+    train_steps(model, opt, [torch.rand(16, 10) for _ in range(2)], _bce)
+    fresh = LocoPropOptimizer(copy.deepcopy(model), variant="S", solve="exact", prox=0.5)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0]["covariance_refresh"] == 3 and fresh.param_groups[0]["covariance_decay"] == 0.5
+    kept = fresh.state_dict()["state"][0]
+    assert set(kept) == {"covariance_inverse", "covariance_age", "covariance_prox", "covariance"}
+    assert kept["covariance_age"] == 2 and kept["covariance_inverse"].shape == (11, 11)
+    torch.testing.assert_close(kept["covariance_inverse"], opt.state[model[0].weight]["covariance_inverse"])

@@ -287,6 +287,19 @@ def test_locoprop_bench_measures_the_transformer():
     assert record["flop_bound_ratio"] > 0
 
 
+def test_bench_reports_means_beside_medians_so_that_work_done_every_few_steps_counts(monkeypatch):
+    """A refresh in one step of four (an amortised exact solve, K-FAC's inverses) leaves the median alone; the
+    mean prices it in."""
+    from sweeps.runner.budget import RoundTimes
+
+    times = {"optimizer": [1.0, 1.0, 1.0, 5.0], "reference": [0.5, 0.5, 0.5, 0.5]}
+    monkeypatch.setattr("sweeps.commands.bench.interleaved_step_times",
+                        lambda timed, **_: RoundTimes(wall=times, cpu=times))  # fmt: skip
+    record = measure(BenchConfig(optimizer="sgd", workload="mlp", batch_size=2, width_mult=0.05, steps=4, warmup=0))
+    assert record["step_time_s"] == 1.0 and record["ratio_to_adam"] == 2.0
+    assert record["step_time_mean_s"] == 2.0 and record["mean_ratio_to_adam"] == 4.0
+
+
 def test_bench_takes_the_workload_s_data_shape_and_batch_size_unless_given(monkeypatch, capsys):
     status = main(["bench", "--workload", "transformer", "--data", "mnist5k"])  # refused before any benchmark runs
     err = capsys.readouterr().err
