@@ -211,6 +211,8 @@ _LOCOPROP_DEFAULTS = dict(
     # ρ: γ = ρ·‖a‖/‖g‖ from the first step's records, whatever the loss's scale (locoprop.relative_gamma);
     # None keeps activation_lr.
     relative_activation_lr=None,
+    # "bfloat16": the inner iterations' matmuls in bfloat16, the step accurate to ~1e-3 of itself (locoprop.kernels).
+    local_dtype=None,
 )
 
 
@@ -238,6 +240,7 @@ _LOCOPROP_TYPES = dict(
     output_activation=str,
     units=list,
     relative_activation_lr=float,
+    local_dtype=str,
 )
 
 _ADAM_DEFAULTS = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)

@@ -21,6 +21,7 @@ from locoprop.transfer import TRANSFER_NAMES
 from locoprop.units import Unit
 
 __all__ = [
+    "LOCAL_DTYPES",
     "SOLVES",
     "VARIANTS",
     "check_hyperparameters",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 VARIANTS = ("M", "S")
+# The dtypes the inner iterations' matmuls may run in (locoprop.kernels, "Low precision").
+LOCAL_DTYPES = ("bfloat16",)
 SOLVES = ("iterative", "exact")
 
 
@@ -48,6 +51,7 @@ def check_options(
     hypergrad_iters,
     output_activation: str | None,
     hypergrad_rule: str = "plain",
+    local_dtype: str | None = None,
 ) -> None:
     """The constructor's options that are not per-group hyperparameters."""
     if not isinstance(model, nn.Module):
@@ -78,6 +82,16 @@ def check_options(
         raise ValueError(f"solve='exact' needs variant 'S', got variant {variant!r}")
     if solve == "exact" and not prox > 0:
         raise ValueError(f"solve='exact' needs prox > 0 (C + λI must be invertible), got prox={prox}")
+    if local_dtype is not None and local_dtype not in LOCAL_DTYPES:
+        raise ValueError(
+            f"Invalid local_dtype: {local_dtype!r}; expected None (the parameters' dtype) or one of "
+            f"{', '.join(map(repr, LOCAL_DTYPES))}"
+        )
+    if local_dtype is not None and solve == "exact":
+        raise ValueError(
+            f"local_dtype={local_dtype!r} sets the dtype of the iterative solve's inner matmuls; solve='exact' has "
+            "none: leave local_dtype=None"
+        )
     if output_activation is not None and output_activation not in TRANSFER_NAMES:
         raise ValueError(
             f"Invalid output_activation: {output_activation!r}; expected one of {', '.join(TRANSFER_NAMES)}"

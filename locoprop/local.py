@@ -76,14 +76,40 @@ def divergence_grads(
     forward: Forward,
     delta: Sequence[Tensor],
     uses: Sequence[tuple[Tensor, tuple[Tensor, ...]]],
+    compute_dtype: torch.dtype | None = None,
+    centred: bool = False,
 ) -> list[Tensor]:
     """∇ of Σ D(Δa) in θ at θ = θ^old + ``delta`` ([ΔW] or [ΔW, Δb]): Σ over the recorded
     ``uses`` (x, anchor) of Jᵀr, the layer's vector-Jacobian product (by autograd) with the
-    residual r of Δa = layer_Δθ(x)."""
+    residual r of Δa = layer_Δθ(x).
+
+    With ``compute_dtype`` (bfloat16) the layer's two maps run in it, x and Δθ rounded to it; the residual r
+    is computed in Δθ's dtype and rounded for Jᵀr, which is summed in Δθ's dtype. ``centred`` (a layer
+    affine in x: linear, matmul) splits x = (x − μ) + μ at the mean μ of its rows: only the map of x − μ is
+    rounded, Δa = layer_ΔW(x − μ) + layer_Δθ(μ) and Jᵀr = J_{x−μ}ᵀr + J_μᵀ(Σr), as
+    :mod:`locoprop.kernels` ("Low precision") does without autograd."""
     grads = [torch.zeros_like(d) for d in delta]
+    if compute_dtype is None:
+        for x, anchor in uses:
+            delta_a = forward(x, *_weight_and_bias(delta))
+            for total, part in zip(grads, layer_transpose(forward, delta, x, residual(variant, transfer, anchor,
+                                                                                        delta_a))):  # fmt: skip
+                total.add_(part)
+        return grads
+    low = [d.to(compute_dtype) for d in delta]
     for x, anchor in uses:
-        delta_a = forward(x, *_weight_and_bias(delta))
-        for total, part in zip(grads, layer_transpose(forward, delta, x, residual(variant, transfer, anchor, delta_a))):
+        if not centred:
+            x = x.to(compute_dtype)
+            r = residual(variant, transfer, anchor, forward(x, *_weight_and_bias(low)).to(delta[0].dtype))
+            for total, part in zip(grads, layer_transpose(forward, low, x, r.to(compute_dtype))):
+                total.add_(part)
+            continue
+        mean = x.reshape(-1, x.shape[-1]).mean(0, keepdim=True)
+        centred_x = (x - mean).to(compute_dtype)
+        delta_a = forward(centred_x, low[0], None).to(delta[0].dtype) + forward(mean, *_weight_and_bias(delta))
+        r = residual(variant, transfer, anchor, delta_a)
+        grads[0].add_(layer_transpose(forward, low[:1], centred_x, r.to(compute_dtype))[0])
+        for total, part in zip(grads, layer_transpose(forward, delta, mean, r.reshape(-1, r.shape[-1]).sum(0, True))):
             total.add_(part)
     return grads
 

@@ -14,6 +14,11 @@ later iteration (the caller adds λΔθ). Three ways (``parallel``):
   matmuls;
 - "streams" (CUDA): as "batched", with each group of units issued on its own
   CUDA stream so that units of different shapes run concurrently.
+
+With a ``compute_dtype`` (``local_dtype="bfloat16"``) every path runs the
+matmuls of linear and convolution units in it (:mod:`locoprop.kernels`, "Low
+precision"); an embedding unit's map is a gather, with nothing to gain, and
+keeps the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -57,11 +62,18 @@ class LocalGradients:
             the same on every rank), and the parts are summed over ranks in
             one bucket per iteration; the Gram form sums its statistic C once
             instead.
+        compute_dtype: the dtype of the units' matmuls (bfloat16), or None for the parameters' own.
 
     A problem's ``gram_form`` (from :func:`uses_gram_form`) selects the Gram form of S.
     """
 
-    def __init__(self, problems: list[LocalProblem], mode: str, comm: Communicator | None = None):
+    def __init__(
+        self,
+        problems: list[LocalProblem],
+        mode: str,
+        comm: Communicator | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ):
         self.mode = mode
         self.comm = comm if comm is not None else Communicator()
         self.overlap = self.comm.distributed and self.comm.overlaps(problems)
@@ -69,27 +81,32 @@ class LocalGradients:
         self.share = 1.0 if self.comm.rank == 0 else 0.0
         self.work: list[_Work] = []
         if mode == "none":
-            self.work = [_Work([p], self._reference(p)) for p in problems]
+            self.work = [_Work([p], self._reference(p, _low(p, compute_dtype))) for p in problems]
             return
         batchable: dict[tuple, list[tuple[LocalProblem, Tensor, tuple[Tensor, ...]]]] = {}
         for problem in problems:
+            low = _low(problem, compute_dtype)
             if problem.unit.kind != "linear":
-                self.work.append(_Work([problem], self._reference(problem)))
+                self.work.append(_Work([problem], self._reference(problem, low)))
                 continue
             if problem.gram_form:
-                self.work.append(self._gram(problem))
+                self.work.append(self._gram(problem, low))
                 continue
             adapter = problem.unit.adapter
             x = kernels.concat_rows([adapter.input_rows(x) for x in problem.inputs])
             anchor = tuple(kernels.concat_rows([adapter.output_rows(t) for t in parts])
                            for parts in zip(*problem.anchors))  # fmt: skip
             key = (tuple(problem.params[0].shape), len(problem.params), tuple(x.shape), problem.unit.transfer.name,
-                   problem.variant, x.dtype, x.device)  # fmt: skip
-            batchable.setdefault(key, []).append((problem, x, anchor))
+                   problem.variant, x.dtype, x.device, low)  # fmt: skip
+            batchable.setdefault(key, []).append((problem, x, anchor, low))
         # Linear units run one after another, except on streams: then one
         # pre-activation buffer serves them all.
         scratch = _Scratch(shared=mode != "streams")
         for group in batchable.values():
+            # (the low-precision kernels' rows, centred and rounded once a step)
+            low = group[0][3]
+            group = [(problem, x if low is None else kernels.low_precision_rows(x, low), anchor)
+                     for problem, x, anchor, _ in group]  # fmt: skip
             if len(group) == 1:
                 self.work.append(self._linear(*group[0], scratch))
             else:
@@ -124,23 +141,38 @@ class LocalGradients:
     # The kernels capture what they need, not ``self``: a plan -> kernel ->
     # plan cycle would keep every buffer of a step alive until the garbage
     # collector ran, into the next step.
-    def _reference(self, problem: LocalProblem) -> Callable[[], list[list[Tensor]]]:
+    def _reference(self, problem: LocalProblem, low: torch.dtype | None) -> Callable[[], list[list[Tensor]]]:
         unit, variant, scale = problem.unit, problem.variant, problem.activation_lr * self.share
 
         def compute():
             delta = [p.detach() - q for p, q in zip(problem.params, problem.old_params)]
-            grads = local.divergence_grads(variant, unit.transfer, unit.adapter.forward, delta, problem.uses)
+            grads = local.divergence_grads(variant, unit.transfer, unit.adapter.forward, delta, problem.uses, low,
+                                           centred=unit.kind in ("linear", "matmul"))  # fmt: skip
             torch._foreach_add_(grads, problem.linear_terms(), alpha=scale)
             return [grads]
 
         return compute
 
-    def _linear(self, problem: LocalProblem, x: Tensor, anchor: tuple, scratch: _Scratch) -> _Work:
+    def _linear(self, problem: LocalProblem, x, anchor: tuple, scratch: _Scratch) -> _Work:
+        """``x``: the rows, or their :class:`~locoprop.kernels.LowPrecisionRows`."""
         transfer, variant = problem.unit.transfer, problem.variant
-        delta_a = scratch.reserve((x.shape[0], problem.params[0].shape[0]), x)
-        grads = kernels.linear_workspace(x, *_weight_and_bias(problem.params))[1:]
+        grads = [torch.empty_like(p) for p in problem.params]
         delta = [torch.empty_like(p) for p in problem.params]
         linear_term, scale = problem.linear_terms(), problem.activation_lr * self.share
+        if isinstance(x, kernels.LowPrecisionRows):
+            shape = (x.centered.shape[0], problem.params[0].shape[0])
+            product, delta_a = scratch.reserve(shape, x.centered), scratch.reserve(shape, problem.params[0])
+            buffers = kernels.low_precision_buffers(x, problem.params[0])
+
+            def compute():
+                for d, p, old in zip(delta, problem.params, problem.old_params):
+                    torch.sub(p.detach(), old, out=d)
+                return [kernels.low_precision_divergence_grads(variant, transfer, x, anchor, *_weight_and_bias(delta),
+                                                               product(), delta_a(), buffers, grads, linear_term,
+                                                               scale)]  # fmt: skip
+
+            return _Work([problem], compute)
+        delta_a = scratch.reserve((x.shape[0], problem.params[0].shape[0]), x)
 
         def compute():
             for d, p, old in zip(delta, problem.params, problem.old_params):
@@ -150,13 +182,25 @@ class LocalGradients:
 
         return _Work([problem], compute)
 
-    def _gram(self, problem: LocalProblem) -> _Work:
+    def _gram(self, problem: LocalProblem, low: torch.dtype | None) -> _Work:
         has_bias = len(problem.params) == 2
-        covariance = kernels.gram_covariance(input_rows(problem), has_bias)
+        # Low precision centres C in the parameters' dtype, so it needs Σx and N: the bias row, always.
+        covariance = kernels.gram_covariance(input_rows(problem), has_bias or low is not None)
         self.comm.sum_lower_([covariance], [], mirror=True)  # the whole batch's C, once a step
         grads = [torch.empty_like(p) for p in problem.params]
         delta = [torch.empty_like(p) for p in problem.params]
         linear_term, activation_lr = problem.linear_terms(), problem.activation_lr
+        if low is not None:
+            gram = kernels.low_precision_gram(covariance, low)
+            delta_weight_low = torch.empty_like(problem.params[0], dtype=low)
+
+            def compute():
+                for d, p, old in zip(delta, problem.params, problem.old_params):
+                    torch.sub(p.detach(), old, out=d)
+                return [kernels.low_precision_gram_grads(gram, *_weight_and_bias(delta), linear_term, activation_lr,
+                                                         delta_weight_low, grads)]  # fmt: skip
+
+            return _Work([problem], compute, whole_batch=True)
 
         def compute():
             for d, p, old in zip(delta, problem.params, problem.old_params):
@@ -168,23 +212,45 @@ class LocalGradients:
     def _batched(self, group: list[tuple[LocalProblem, Tensor, tuple]], scratch: _Scratch) -> _Work:
         problems = [g[0] for g in group]
         transfer, variant = problems[0].unit.transfer, problems[0].variant
-        x = torch.stack([g[1] for g in group])
+        low = isinstance(group[0][1], kernels.LowPrecisionRows)
+        if low:
+            rows = kernels.LowPrecisionRows(*(torch.stack(parts) for parts in zip(*(g[1] for g in group))))
+        x = rows.centered if low else torch.stack([g[1] for g in group])
         anchor = tuple(torch.stack(parts) for parts in zip(*(g[2] for g in group)))
         old = [torch.stack(parts) for parts in zip(*(p.old_params for p in problems))]
         # γ·G of each unit, stacked: γ may differ between the units (their param groups).
         linear_term = [torch.stack(parts) for parts in zip(*(
             [g * (p.activation_lr * self.share) for g in p.linear_terms()] for p in problems))]  # fmt: skip
         delta = [torch.empty_like(o) for o in old]
-        delta_a = scratch.reserve((*x.shape[:2], old[0].shape[1]), x)
-        grads = kernels.linear_workspace(x, *_weight_and_bias(old))[1:]
+        shape = (*x.shape[:2], old[0].shape[1])
+        delta_a = scratch.reserve(shape, x)
+        grads = [torch.empty_like(o) for o in old]
+        if low:
+            buffers = kernels.low_precision_buffers(rows, old[0])
+            delta_a_full = scratch.reserve(shape, old[0])
 
         def compute():
             # Δθ of every unit, stacked into the same buffers each time.
             for d, o, parts in zip(delta, old, zip(*(p.params for p in problems))):
                 for i, q in enumerate(parts):
                     torch.sub(q.detach(), o[i], out=d[i])
-            kernels.divergence_grads(variant, transfer, x, anchor, *_weight_and_bias(delta), [delta_a(), *grads],
-                                     linear_term, 1.0)  # fmt: skip
+            if low:
+                kernels.low_precision_divergence_grads(
+                    variant,
+                    transfer,
+                    rows,
+                    anchor,
+                    *_weight_and_bias(delta),
+                    delta_a(),
+                    delta_a_full(),
+                    buffers,
+                    grads,
+                    linear_term,
+                    1.0,
+                )
+            else:
+                kernels.divergence_grads(variant, transfer, x, anchor, *_weight_and_bias(delta), [delta_a(), *grads],
+                                         linear_term, 1.0)  # fmt: skip
             return [list(unit_grads) for unit_grads in zip(*(g.unbind(0) for g in grads))]
 
         return _Work(problems, compute)
@@ -255,6 +321,14 @@ class _Scratch:
             return self.buffers[key][:numel].view(shape)
 
         return buffer
+
+
+def _low(problem: LocalProblem, compute_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype of ``problem``'s matmuls when it differs from its parameters' (None: theirs): an embedding's
+    gather has no matmul to speed up."""
+    if compute_dtype is None or problem.unit.kind == "embedding" or compute_dtype == problem.params[0].dtype:
+        return None
+    return compute_dtype
 
 
 def _weight_and_bias(params: list[Tensor]) -> tuple[Tensor, Tensor | None]:

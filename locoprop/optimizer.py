@@ -149,6 +149,14 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             refresh step's C). Only refresh steps contribute: adding every
             step's C would cost a Gram matrix per step, as much as the solve
             that T amortises (:mod:`locoprop.solve_exact`).
+        local_dtype: None (the parameters' dtype) or "bfloat16": the inner
+            iterations' matmuls (linear and convolution units) run in
+            bfloat16 with float32 accumulation, several times float32's
+            rate on AMX CPUs and tensor cores, while the step stays accurate
+            to about 1% of itself: each product computes a change (the
+            output's Δa from Δθ = θ − θ^old, never the output minus a
+            target), and θ, M's residual, the bias sums and γ·G stay in the
+            parameters' dtype (:mod:`locoprop.kernels`). Iterative solve only.
     """
 
     # The phases of a step it times (``last_step_seconds``), for the runner.
@@ -180,10 +188,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         relative_activation_lr: float | None = None,
         covariance_refresh: int = 1,
         covariance_decay: float = 0.0,
+        local_dtype: str | None = None,
     ):
         check_options(model, variant=variant, solve=solve, parallel=parallel, compile=compile, prox=prox,
                       hypergrad=hypergrad, hypergrad_iters=hypergrad_iters, hypergrad_rule=hypergrad_rule,
-                      output_activation=output_activation)  # fmt: skip
+                      output_activation=output_activation, local_dtype=local_dtype)  # fmt: skip
         defaults = dict(lr=plain_float(lr), activation_lr=plain_float(activation_lr), local_iters=local_iters,
                         inner_schedule=inner_schedule, prox=plain_float(prox),
                         hypergrad_lr=plain_float(hypergrad_lr), covariance_refresh=covariance_refresh,
@@ -203,6 +212,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self._grads_averaged = isinstance(model, nn.parallel.DistributedDataParallel)
         super().__init__(self.ownership.param_groups(), defaults)
         self.variant, self.solve, self.parallel = variant, solve, parallel
+        self.local_dtype = local_dtype
+        self._compute_dtype = getattr(torch, local_dtype) if local_dtype is not None else None
         self.units: list[Unit] = found
         # param_groups[i] belongs to units[i]; a last group, if any, to the rest.
         self.unit_of_group: list[Unit | None] = [*found, None][: len(self.param_groups)]
@@ -363,7 +374,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             solve_exact(units, self.param_groups, self._parallel_mode(), self.comm, self.state)
             solve_iterative(others, self.param_groups, self.inner, self._parallel_mode(), self.comm, tied)
         else:
-            solve_iterative(problems, self.param_groups, self.inner, self._parallel_mode(), self.comm, tied)
+            solve_iterative(problems, self.param_groups, self.inner, self._parallel_mode(), self.comm, tied,
+                            self._compute_dtype)  # fmt: skip
         if adapting or any("gamma_sensitivity" in state for state in self.state.values()):
             adaptation.record_sensitivities(self, adapting, before)
 

@@ -31,18 +31,19 @@ def solve_iterative(
     mode: str,
     comm: Communicator,
     tied: set[Tensor],
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Run the local solves of ``problems`` with ``inner`` (its param groups mirror ``param_groups``).
 
-    ``tied``: the parameters shared between units. Callers get back the
-    ``.grad`` they handed over.
+    ``tied``: the parameters shared between units; ``compute_dtype``: the dtype of the units' matmuls
+    (bfloat16; None: the parameters'). Callers get back the ``.grad`` they handed over.
     """
     if not problems:
         return
     saved_grads = {p: p.grad for group in param_groups for p in group["params"]}
     iterations = {problem: _iterations(problem, param_groups) for problem in problems}
     unit_problems = [problem for problem in problems if problem.unit is not None]
-    plan = LocalGradients(unit_problems, mode, comm)
+    plan = LocalGradients(unit_problems, mode, comm, compute_dtype)
     # The inner lr of each group that steps: a tied parameter steps in its own group.
     schedules = {problem.group_index: iterations[problem] for problem in problems}
     for p in {p for problem in unit_problems for p in problem.params if p in tied}:

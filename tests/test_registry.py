@@ -287,6 +287,14 @@ def test_locoprop_s_exact_takes_and_searches_its_covariance_refresh():
         make_optimizer("locoprop-s-exact", model, covariance_refresh=0)
 
 
+def test_locoprop_takes_its_local_dtype_from_the_registry():
+    model = _classifier()
+    assert make_optimizer("locoprop-m", model, loss="cross_entropy", local_dtype="bfloat16").local_dtype == "bfloat16"
+    assert make_optimizer("locoprop-s", _classifier(), loss="cross_entropy").local_dtype is None
+    with pytest.raises(ValueError, match="Invalid local_dtype: 'half'"):
+        make_optimizer("locoprop-m", _classifier(), local_dtype="half")
+
+
 def test_muon_takes_matrices_and_adamw_the_rest():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     opt = make_optimizer("muon", model)

@@ -300,6 +300,15 @@ def test_bench_reports_means_beside_medians_so_that_work_done_every_few_steps_co
     assert record["step_time_mean_s"] == 2.0 and record["mean_ratio_to_adam"] == 4.0
 
 
+def test_bench_prices_bfloat16_inner_matmuls_at_their_own_throughput():
+    config = BenchConfig(optimizer="locoprop-m", workload="mlp", batch_size=8, width_mult=0.05, local_iters=2,
+                         steps=1, warmup=0, hparams={"local_dtype": "bfloat16"})  # fmt: skip
+    record = measure(config)
+    assert record["local_dtype"] == "bfloat16" and record["local_matmul_gflops"] > 0
+    assert record["flop_bound_ratio"] > 0
+    assert "local_dtype" not in measure(dataclasses.replace(config, hparams={}))
+
+
 def test_bench_takes_the_workload_s_data_shape_and_batch_size_unless_given(monkeypatch, capsys):
     status = main(["bench", "--workload", "transformer", "--data", "mnist5k"])  # refused before any benchmark runs
     err = capsys.readouterr().err

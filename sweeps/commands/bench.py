@@ -30,7 +30,9 @@ optimizer:
   FLOP-proportional bound, one backprop step (3 × the forward FLOPs) plus
   K × (unit forward + weight gradient) = (3 + 2K) × forward FLOPs, priced at
   the matmul throughput of the model's own unit forwards measured in the
-  same process.
+  same process; with ``local_dtype`` (bfloat16 inner matmuls) the 2K local
+  ones at the throughput of those forwards in that dtype, also measured
+  (``local_matmul_gflops``).
 """
 
 from __future__ import annotations
@@ -135,17 +137,23 @@ def _unit_forward_flops(unit, a: torch.Tensor) -> float:
     return 2.0 * a.numel() * unit.weight[0].numel()  # a convolution: C_in/groups · kernel size
 
 
-def _matmul_throughput(units, device: torch.device, repeats: int = 5) -> tuple[float, float]:
-    """(forward FLOPs of all units, FLOP/s of running them), from recorded inputs."""
+def _matmul_throughput(units, device: torch.device, repeats: int = 5, dtype=None) -> tuple[float, float]:
+    """(forward FLOPs of all units, FLOP/s of running them), from recorded inputs; in ``dtype`` if given
+    (inputs and weights cast once, before the clock starts)."""
     flops = sum(_unit_forward_flops(u, r.a) for u in units for r in u.records)
+
+    def cast(t):
+        return t.to(dtype) if dtype is not None and t is not None and t.is_floating_point() else t
+
+    operands = [(unit, cast(record.x), cast(unit.weight.detach()), cast(unit.bias.detach()) if unit.uses_bias else None)
+                for unit in units for record in unit.records]  # fmt: skip
     times = []
     with torch.no_grad():
         for _ in range(repeats):
             _sync(device)
             start = time.perf_counter()
-            for unit in units:
-                for record in unit.records:
-                    unit.adapter.forward(record.x, unit.weight, unit.bias if unit.uses_bias else None)
+            for unit, x, weight, bias in operands:
+                unit.adapter.forward(x, weight, bias)
             _sync(device)
             times.append(time.perf_counter() - start)
     return flops, flops / statistics.median(times)
@@ -253,9 +261,14 @@ def measure(config: BenchConfig) -> dict:
         if is_locoprop:
             phases.append(contract.last_step_seconds(optimizer))
 
+    def local_throughput() -> float | None:
+        """FLOP/s of the unit forwards in the optimizer's local dtype (None: the parameters')."""
+        dtype = getattr(optimizer, "local_dtype", None)
+        return _matmul_throughput(optimizer.units, device, dtype=getattr(torch, dtype))[1] if dtype else None
+
     def probe() -> None:  # its time is not used: it prices FLOPs with the unit forwards of this very model and batch
         forward_backward()
-        probes.append(_matmul_throughput(optimizer.units, device))
+        probes.append((*_matmul_throughput(optimizer.units, device), local_throughput()))
         for unit in optimizer.units:
             unit.records.clear()
 
@@ -309,7 +322,11 @@ def measure(config: BenchConfig) -> dict:
             k = record["local_iters"]
             flops = probes[0][0]
             throughput = statistics.median(p[1] for p in probes)
-            record["flop_bound_s"] = (3 + 2 * k) * flops / throughput
+            local = statistics.median(p[2] for p in probes) if probes[0][2] is not None else throughput
+            record["flop_bound_s"] = 3 * flops / throughput + 2 * k * flops / local
+            if probes[0][2] is not None:
+                record["local_dtype"] = optimizer.local_dtype
+                record["local_matmul_gflops"] = local / 1e9
             record["flop_bound_ratio"] = record["step_time_s"] / record["flop_bound_s"]
             record["matmul_gflops"] = throughput / 1e9
     return record
