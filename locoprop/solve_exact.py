@@ -23,8 +23,10 @@ its steps 0, T, 2T, …; a skipped step does not count) or λ changed: C of
 this batch (summed over ranks), C̄ ← ρ·C̄ + (1 − ρ)·C (the first C̄ is C),
 P⁻¹ from C̄ + λI by Cholesky (on W ranks on one owner rank, which broadcasts
 it, so every rank holds the same state). Every step, refresh or not, is
-θ ← θ^old − γ·G·P⁻¹ and age ← age + 1; on W ranks every rank takes the
-product itself, so the steps between refreshes communicate nothing but G.
+θ ← θ^old − γ·G·P⁻¹ (added into θ by one matmul per parameter, unless γ
+adapts and its sensitivity needs Δ = G·P⁻¹) and age ← age + 1; on W ranks
+every rank takes the product itself, so the steps between refreshes
+communicate nothing but G.
 
 C̄ averages refresh steps only: adding every step's C would cost a Gram
 matrix per step (N·d²/2 multiply-adds, on the reference autoencoder at
@@ -78,17 +80,19 @@ def solve_exact(
     found: dict[LocalProblem, Tensor] = {}
     if each_step:
         found.update(zip(each_step, _each_step_directions(each_step, param_groups, mode, comm)))
-    commit = None
-    if reusing:
-        directions, commit = _amortised_directions(reusing, param_groups, mode, comm, state)
-        found.update(zip(reusing, directions))
+    inverses, commit = _amortised_inverses(reusing, param_groups, mode, comm, state) if reusing else ([], None)
     # Nothing failed: from here on the step changes parameters and state.
     if commit is not None:
         commit()
     for problem in each_step:
         for key in COVARIANCE_STATE:  # T and ρ were set back: the kept covariance would only take memory
             state[problem.params[0]].pop(key, None)
-    _apply_directions(problems, [found[problem] for problem in problems])
+    for problem, inverse in zip(reusing, inverses):
+        if param_groups[problem.group_index]["hypergrad_lr"] > 0:  # its sensitivity −Δ needs Δ itself
+            found[problem] = torch.mm(_joined(problem.linear_terms()), inverse)
+        else:
+            _step_in_place(problem, inverse)
+    _apply_directions([problem for problem in problems if problem in found], [found[p] for p in problems if p in found])
 
 
 def _each_step_directions(
@@ -169,11 +173,11 @@ def _refresh_due(kept: dict, group: dict, weight: Tensor) -> bool:
     )
 
 
-def _amortised_directions(
+def _amortised_inverses(
     problems: list[LocalProblem], param_groups: list[dict], mode: str, comm: Communicator, state: dict
 ) -> tuple[list[Tensor], Callable[[], None]]:
-    """Δ = G·P⁻¹ of each amortised unit, P⁻¹ refreshed where due, and the function that keeps the new
-    state (called once every unit of the step has been solved)."""
+    """P⁻¹ of each amortised unit, refreshed where due, and the function that keeps the new state (called
+    once every unit of the step has been solved)."""
     groups = [param_groups[problem.group_index] for problem in problems]
     due = [i for i, (problem, group) in enumerate(zip(problems, groups))
            if _refresh_due(state[problem.params[0]], group, problem.params[0])]  # fmt: skip
@@ -205,7 +209,6 @@ def _amortised_directions(
         if torch.cat(infos).any():
             failed = [problems[i].unit.name for i, info in zip(due, infos) if info.item()]
             raise _not_positive_definite(failed, covariances[0].dtype)
-    directions = [torch.mm(_joined(problem.linear_terms()), inverse) for problem, inverse in zip(problems, inverses)]
 
     def commit() -> None:
         for i, (problem, group) in enumerate(zip(problems, groups)):
@@ -218,7 +221,18 @@ def _amortised_directions(
                     kept.pop("covariance", None)
             kept["covariance_age"] += 1
 
-    return directions, commit
+    return inverses, commit
+
+
+def _step_in_place(problem: LocalProblem, inverse: Tensor) -> None:
+    """θ ← θ^old − γ·G·P⁻¹, each parameter's product added into it (no Δ formed, no pass of its own), for a
+    unit whose γ does not adapt (nothing needs Δ). A parameter whose ``.grad`` is None is left as it is."""
+    weight, *bias = problem.params
+    cross, d_in = _joined(problem.linear_terms()), weight.shape[1]
+    if problem.linear_term[0] is not None:
+        weight.addmm_(cross, inverse[:, :d_in], alpha=-problem.activation_lr)
+    if bias and problem.linear_term[1] is not None:
+        bias[0].addmv_(cross, inverse[:, d_in], alpha=-problem.activation_lr)
 
 
 def _apply_directions(problems: list[LocalProblem], directions: list[Tensor]) -> None:

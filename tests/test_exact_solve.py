@@ -266,3 +266,23 @@ def test_an_amortised_refresh_that_cannot_factor_changes_nothing(parallel):
         opt.step()
     assert_same_params(model, before)
     assert not any(opt.state.values())
+
+
+def test_an_amortised_unit_whose_gamma_adapts_takes_the_same_step_and_keeps_its_sensitivity():
+    """γ adapting (β > 0) needs Δ = G·P⁻¹ for its sensitivity; the others add G·P⁻¹ into θ directly. The first
+    step (no hypergradient yet, γ unchanged) is the same both ways, and the sensitivity is −Δ."""
+    model, _, _ = _setup()
+    (x, y), second = _batches(2)
+    plain, adapting = copy.deepcopy(model), copy.deepcopy(model)
+    _optimizer_steps(plain, [(x, y)], covariance_refresh=3)
+    opt, _ = _optimizer_steps(adapting, [(x, y)], covariance_refresh=3, hypergrad_lr=1e-3)
+    for p, q in zip(plain.parameters(), adapting.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    moved = snapshot(adapting)
+    for name, p in model.named_parameters():  # θ* = θ^old − γ·Δ, so ∂θ*/∂γ = −Δ = (θ* − θ^old)/γ
+        torch.testing.assert_close(opt.state[dict(adapting.named_parameters())[name]]["gamma_sensitivity"],
+                                   (moved[name] - p.detach()) / GAMMA, rtol=1e-10, atol=1e-12)  # fmt: skip
+    opt.zero_grad()
+    (adapting(second[0]) - second[1]).pow(2).sum(1).mean().backward()
+    opt.step()
+    assert set(opt.last_hypergradients) == {"0", "2"}
