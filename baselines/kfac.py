@@ -18,8 +18,11 @@ by π = √((tr A / dim A) / (tr G / dim G)), is::
     θ   ← θ − lr·buf
 
 Factors are exponential moving averages (``factor_decay``; 0 keeps only the
-current batch); eigendecompositions are refreshed every ``inv_update_freq``
-steps. With ``fisher="empirical"`` G comes from the user's own backward
+current batch) updated every ``factor_update_freq`` steps (the sampled
+Fisher's extra pass runs only then); eigendecompositions are refreshed every
+``inv_update_freq`` steps, from the factors as last updated. Both knobs trade
+curvature freshness for cost per step (kfac-pytorch's ``factor_update_steps``
+and ``inv_update_steps``). With ``fisher="empirical"`` G comes from the user's own backward
 pass; with ``fisher="sampled"`` from an extra forward and backward pass on
 the same inputs, with labels drawn from the model's predictive distribution
 (``loss``: "cross_entropy", "bce" or "mse"). Parameters outside these
@@ -54,6 +57,7 @@ class KFAC(torch.optim.Optimizer):
         factor_decay: EMA decay of A and G, in [0, 1); 0 uses the current batch only.
         kl_clip: bound on lr²·⟨V, ∇θ⟩ summed over layers; ``None`` turns it off.
         inv_update_freq: steps between eigendecompositions of the factors.
+        factor_update_freq: steps between updates of the factors A and G.
         fisher: "empirical" (the user's gradients) or "sampled".
         loss: the per-example loss used to sample labels (sampled Fisher only):
             "cross_entropy" (softmax over the last dimension), "bce" (with
@@ -71,6 +75,7 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: float | None = 1e-3,
         inv_update_freq: int = 10,
         fisher: str = "empirical",
+        factor_update_freq: int = 1,
         loss: str | None = None,
     ):
         if not isinstance(model, nn.Module):
@@ -83,6 +88,7 @@ class KFAC(torch.optim.Optimizer):
             factor_decay=factor_decay,
             kl_clip=kl_clip,
             inv_update_freq=inv_update_freq,
+            factor_update_freq=factor_update_freq,
         )
         _check_hyperparameters(defaults)
         if fisher not in FISHER_TYPES:
@@ -142,12 +148,19 @@ class KFAC(torch.optim.Optimizer):
         others = [p for p in group["params"] if p not in self._layer_params and p.grad is not None]
         if not active and not others:
             raise no_backward_error("KFAC")
-        if self.fisher == "sampled" and active:
-            self._resample_output_gradients(active)
+        refreshing = [layer for layer in active if self._due(layer, group["factor_update_freq"])]
+        if self.fisher == "sampled" and refreshing:
+            self._resample_output_gradients(refreshing)
 
         directions = {}
         for layer in active:
-            self._update_factors(layer, group)
+            state = self.state[layer.module.weight]
+            steps = state.get("steps", state.get("factor_steps", 0))  # (checkpoints before factor_update_freq)
+            if layer in refreshing:
+                self._update_factors(layer, group)
+            if steps % group["inv_update_freq"] == 0:
+                _refresh_eigenbases(state)
+            state["steps"] = steps + 1
             directions[layer] = self._precondition(layer, group)
         for layer in self.layers:
             layer.records.clear()
@@ -177,6 +190,11 @@ class KFAC(torch.optim.Optimizer):
             direction = state["momentum_buffer"]
         p.sub_(direction, alpha=group["lr"])
 
+    def _due(self, layer: RecordedLayer, factor_update_freq: int) -> bool:
+        """Whether ``layer``'s factors are updated this step: its first, then every ``factor_update_freq``."""
+        state = self.state[layer.module.weight]
+        return "A" not in state or state.get("steps", state.get("factor_steps", 0)) % factor_update_freq == 0
+
     def _update_factors(self, layer: RecordedLayer, group: dict) -> None:
         records = layer.backpropagated_records()
         adapter = layer.adapter
@@ -196,10 +214,6 @@ class KFAC(torch.optim.Optimizer):
         else:
             state["A"].mul_(decay).add_(a_factor, alpha=1 - decay)
             state["G"].mul_(decay).add_(g_factor, alpha=1 - decay)
-        if state["factor_steps"] % group["inv_update_freq"] == 0:
-            state["dA"], state["QA"] = _eigh(state["A"])
-            state["dG"], state["QG"] = _eigh(state["G"])
-            state["pi"] = _pi(state["A"], state["G"])
         state["factor_steps"] += 1
 
     def _precondition(self, layer: RecordedLayer, group: dict) -> Tensor:
@@ -271,6 +285,12 @@ def _pi(a_factor: Tensor, g_factor: Tensor) -> float:
     return math.sqrt(mean_a / mean_g)
 
 
+def _refresh_eigenbases(state: dict) -> None:
+    state["dA"], state["QA"] = _eigh(state["A"])
+    state["dG"], state["QG"] = _eigh(state["G"])
+    state["pi"] = _pi(state["A"], state["G"])
+
+
 def _check_hyperparameters(group: dict) -> None:
     if not group["lr"] > 0:
         raise ValueError(f"Invalid learning rate: {group['lr']}")
@@ -287,3 +307,6 @@ def _check_hyperparameters(group: dict) -> None:
     freq = group["inv_update_freq"]
     if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
         raise ValueError(f"Invalid inv_update_freq: {freq}; expected an integer ≥ 1")
+    freq = group["factor_update_freq"]
+    if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
+        raise ValueError(f"Invalid factor_update_freq: {freq}; expected an integer ≥ 1")

@@ -291,6 +291,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 factor_decay=0.95,
                 kl_clip=1e-3,
                 inv_update_freq=10,
+                factor_update_freq=1,
                 fisher="sampled",  # the true Fisher, as K-FAC is defined; "empirical" uses the batch's own labels
             ),
             nullable=("kl_clip",),

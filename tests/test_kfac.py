@@ -155,6 +155,65 @@ def test_sampled_fisher_solves_least_squares_far_faster_than_sgd():
     assert sgd_steps > 10 * kfac_steps, (kfac_steps, sgd_steps)
 
 
+def test_factors_and_eigenbases_refresh_on_their_own_periods():
+    """factor_update_freq F: A and G (and the sampled Fisher's extra forward pass) change on steps 0, F, 2F, ...
+    only; inv_update_freq T: the eigenbases on steps 0, T, 2T, ..., from the factors as last updated."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = KFAC(model, lr=0.05, factor_update_freq=3, inv_update_freq=2, fisher="sampled", loss="mse")
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    weight = model[0].weight
+    factor_changes, eigen_changes, extra_passes = [], [], []
+    previous = None
+    for _ in range(8):
+        x = torch.randn(16, 5)
+        forwards.clear()
+        opt.zero_grad()
+        model(x).pow(2).sum(1).mean().backward()
+        opt.step()
+        state = opt.state[weight]
+        current = (state["A"].clone(), state["QA"].clone())
+        if previous is not None:
+            factor_changes.append(not torch.equal(current[0], previous[0]))
+            eigen_changes.append(not torch.equal(current[1], previous[1]))
+        extra_passes.append(len(forwards) - 1)
+        previous = current
+    # steps 1..7: factors updated on 3 and 6; eigenbases refreshed on 2, 4, 6 (on 2 and 4 from unchanged factors
+    # after step 0 and 3: changed on 4 only, since step 2's factors are step 0's).
+    assert factor_changes == [False, False, True, False, False, True, False]
+    assert eigen_changes == [False, False, False, True, False, True, False]
+    assert extra_passes == [1, 0, 0, 1, 0, 0, 1, 0]
+
+
+def test_factor_update_freq_one_is_the_step_before_the_knob():
+    """F = 1 (the default) gives the step of a K-FAC whose factors update every step, computed by hand: with
+    factor_decay 0, no momentum and no clipping, one layer, the step is (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3, bias=False).double()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    steps = []
+    for kwargs in (dict(), dict(factor_update_freq=1)):
+        model = copy.deepcopy(layer)
+        opt = KFAC(model, lr=1.0, damping=1e-2, momentum=0.0, factor_decay=0.0, kl_clip=None, **kwargs)
+        before = model.weight.detach().clone()
+        out = model(x)
+        out.retain_grad()
+        loss = out.pow(2).sum(1).mean()
+        loss.backward()
+        g = out.grad
+        grad = model.weight.grad.clone()
+        opt.step()
+        a = x.T @ x / 32
+        gg = g.T @ g * 32
+        pi = math.sqrt((torch.trace(a) / 4) / (torch.trace(gg) / 3))
+        expected = torch.linalg.solve(gg + math.sqrt(1e-2) / pi * torch.eye(3, dtype=torch.float64), grad)
+        expected = expected @ torch.linalg.inv(a + pi * math.sqrt(1e-2) * torch.eye(4, dtype=torch.float64))
+        torch.testing.assert_close(before - model.weight.detach(), expected, rtol=1e-8, atol=1e-12)
+        steps.append(model.weight.detach().clone())
+    torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=0)
+
+
 def test_state_dict_round_trip_continues_identically():
     """With a parameter outside its layers (LayerNorm) and weight decay, on top of the registry's contract table."""
 
@@ -180,6 +239,8 @@ def test_state_dict_round_trip_continues_identically():
         (dict(factor_decay=1.0), "Invalid factor_decay: 1.0"),
         (dict(kl_clip=0.0), "Invalid kl_clip: 0.0"),
         (dict(inv_update_freq=0), "Invalid inv_update_freq: 0"),
+        (dict(factor_update_freq=0), "Invalid factor_update_freq: 0"),
+        (dict(factor_update_freq=1.5), "Invalid factor_update_freq: 1.5"),
         (dict(fisher="true"), "Invalid fisher: 'true'"),
         (dict(fisher="sampled"), "Invalid loss for the sampled Fisher: None"),
         (dict(fisher="sampled", loss="hinge"), "Invalid loss for the sampled Fisher: 'hinge'"),

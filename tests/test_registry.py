@@ -101,6 +101,42 @@ def test_registry_names_are_the_spec_names_and_each_has_a_search_space():
         assert load_space(name).optimizer == name  # it parses: every parameter is one the optimizer takes
 
 
+# The knobs that trade cost per step for progress per step (issue 28 item 3): searched, so that tuning at
+# equal time can buy more, cheaper steps.
+COST_KNOBS = [
+    ("locoprop-m", "local_iters"),
+    ("locoprop-s", "local_iters"),
+    ("locoprop-s-exact", "covariance_refresh"),
+    ("kfac", "factor_update_freq"),
+    ("kfac", "inv_update_freq"),
+    ("shampoo", "preconditioning_compute_steps"),
+    ("soap", "precondition_frequency"),
+]
+
+
+@pytest.mark.parametrize("name, knob", COST_KNOBS)
+def test_cost_knobs_are_searched_and_each_choice_trains(name, knob):
+    from optuna.distributions import CategoricalDistribution
+
+    from sweeps.search.search_space import load_space
+
+    space = load_space(name)
+    distribution = space.distributions[knob]
+    assert isinstance(distribution, CategoricalDistribution) and knob not in space.fixed
+    choices = distribution.choices
+    assert len(choices) >= 3 and 1 in choices and OPTIMIZERS[name].defaults[knob] in choices
+    for value in (min(choices), max(choices)):
+        model = _classifier()
+        opt = make_optimizer(name, model, loss="cross_entropy", **{knob: value})
+        batches = _batches(1) * 6
+        with torch.no_grad():
+            initial = _cross_entropy(model, batches[0]).item()
+        train_steps(model, opt, batches, _cross_entropy)
+        with torch.no_grad():
+            final = _cross_entropy(model, batches[0]).item()
+        assert final < initial, (name, knob, value, initial, final)
+
+
 @CONTRACT
 def test_every_optimizer_lowers_the_loss(info):
     model = _classifier()
