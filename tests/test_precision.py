@@ -205,6 +205,8 @@ def test_bench_hparam_goes_to_every_optimizer_that_takes_it(monkeypatch, capsys)
         "locoprop: --hparam covariance_refresh: none of the benchmarked optimizers (adam, locoprop-m) takes it; see "
         "their registry defaults (baselines/registry.py)\n"
     )
+    argv = ["bench", "--optimizers", "adam", "--hparam", "lr=0.01", "--hparam", "lr=0.1", "--json"]
+    assert _run_cli(argv, capsys)[2] == "locoprop: --hparam lr is given twice (0.01 and 0.1); give it once\n"
     # The value's type is checked with every config, before the first benchmark runs.
     with pytest.raises(ValueError, match="Invalid hyperparameter covariance_refresh='x' for 'locoprop-s-exact'"):
         BenchConfig(optimizer="locoprop-s-exact", hparams={"covariance_refresh": "x"}).validate()
