@@ -23,11 +23,11 @@ import math
 
 import pandas as pd
 
-from analysis.load import final_rows
+from analysis.load import final_rows, registry_name
 from analysis.stats import Interval, mean_interval, welch_interval
 from analysis.tables import best_first_order, selection_metric
 from analysis.text import METRIC_NAMES, is_missing, markdown_table, num, signed
-from sweeps.schema import BUDGET, BUDGET_KIND, DIVERGED, HPARAM_PREFIX, OK, STATUS
+from sweeps.schema import BUDGET, BUDGET_KIND, DIVERGED, HPARAM_PREFIX, OK, PRECISION, STATUS
 
 __all__ = [
     "AT_BUDGET",
@@ -105,7 +105,8 @@ def equal_time_checks(runs: pd.DataFrame, budget: float) -> pd.DataFrame:
 def _unequal_time(finals: pd.DataFrame) -> pd.DataFrame:
     """The finished runs of every time-budget group that were not at equal time (:func:`equal_time_checks`)."""
     flagged = []
-    for _, group in finals.groupby(GROUP, sort=True):
+    # Per precision too: runs in different precisions are priced against different reference steps.
+    for _, group in finals.groupby([*GROUP, PRECISION], sort=True):
         kind, value = group_budget(group)
         ok = group[group[STATUS] == OK]
         if kind == "time" and len(ok):
@@ -199,8 +200,7 @@ def _baselines(optimizers: dict[str, float], best_first: str | None) -> list[tup
     candidates = []
     if best_first is not None:
         candidates.append((best_first, "best first-order baseline"))
-    if KFAC in optimizers:
-        candidates.append((KFAC, "K-FAC"))
+    candidates += [(name, "K-FAC") for name in sorted(optimizers) if registry_name(name) == KFAC]
     finite = {name: mean for name, mean in optimizers.items() if not is_locoprop(name) and math.isfinite(mean)}
     if finite:
         candidates.append((min(sorted(finite), key=finite.get), "strongest baseline"))

@@ -5,6 +5,7 @@ one ``hp_<name>`` column per hyperparameter. Besides the metrics.csv
 columns (validation loss, and error rates for classifiers, included), each
 row carries its run's labels: optimizer, workload, data, seed, budget
 (``budget_kind``: time, steps or epochs, and ``budget``: its value), status,
+precision (fp32 or bf16; fp32 for a record made before it was recorded),
 and the facts of :data:`RUN_FACTS` from summary.json (split sizes, the step
 count the budget became, training seconds). A record that lacks one of them
 (an older run, a sweep table) has NaN or None there. A *run* is a run directory
@@ -31,9 +32,11 @@ from sweeps.schema import (
     CLASSIFIER_COLUMNS,
     COMPARE_RUNS,
     CONFIG,
+    DEFAULT_PRECISION,
     HPARAM_PREFIX,
     METRIC_COLUMNS,
     METRICS,
+    PRECISION,
     PROTOCOL,
     RUN_ID,
     RUN_LABELS,
@@ -54,8 +57,10 @@ __all__ = [
     "RunSkipped",
     "RunsNotFound",
     "final_rows",
+    "label_precisions",
     "load_results",
     "read_compare_folders",
+    "registry_name",
 ]
 
 # Per-run facts from summary.json: the sizes of the splits, the step count the
@@ -68,7 +73,7 @@ RUN_FACTS = ("train_size", "valid_size", "test_size", "budget_steps", "train_sec
 CALIBRATION_FACTS = ("calibrated_step_s", "reference_step_s", "calibration_clock")
 # Every loaded frame has these columns (None or NaN where a record lacks one).
 COLUMNS = [
-    RUN_ID, *RUN_LABELS, BUDGET_KIND, BUDGET, STATUS, *METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN,
+    RUN_ID, *RUN_LABELS, BUDGET_KIND, BUDGET, STATUS, PRECISION, *METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN,
     *RUN_FACTS, *CALIBRATION_FACTS,
 ]  # fmt: skip
 # Numeric columns: a value that is not a number is a damaged record; a missing column is NaN.
@@ -167,6 +172,20 @@ def _read_found(found: list[pathlib.Path]) -> list[pd.DataFrame]:
     for err in skipped:
         warnings.warn(f"skipped: {err}", RunSkipped, stacklevel=3)
     return frames
+
+
+def label_precisions(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each optimizer labelled by its precision ("adam (bf16)") when its runs are at more than one
+    precision, so that the runs of one optimizer in fp32 and in bf16 are two entries of every table, never pooled
+    into one mean; as it is when they share one. :func:`registry_name` reads the name back."""
+    if frame[PRECISION].nunique() <= 1:
+        return frame
+    return frame.assign(optimizer=frame["optimizer"] + " (" + frame[PRECISION] + ")")
+
+
+def registry_name(optimizer: str) -> str:
+    """The registry name of an optimizer label: "adam" of "adam (bf16)" (:func:`label_precisions`)."""
+    return optimizer.split(" (", 1)[0]
 
 
 def final_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -285,6 +304,8 @@ def _with_columns(frame: pd.DataFrame, source: pathlib.Path) -> pd.DataFrame:
     if text:
         raise RunsNotFound(f"{source}: column(s) {', '.join(text)} hold values that are not numbers; {_SKIP_IT}")
     frame = frame.assign(**numbers)
+    # A record of an older locoprop (a sweep table without the column) was made in float32.
+    frame[PRECISION] = frame[PRECISION].fillna(DEFAULT_PRECISION) if PRECISION in frame else DEFAULT_PRECISION
     for column in COLUMNS:
         if column not in frame.columns:
             frame[column] = math.nan if column in NUMERIC else None

@@ -15,10 +15,11 @@ from typing import Any
 import pandas as pd
 
 from analysis.headline import MIXED, group_budget, run_finals
+from analysis.load import registry_name
 from analysis.text import budget_text, is_missing, markdown_table, num
-from sweeps.schema import BUDGET, BUDGET_KIND, HPARAM_PREFIX, STEP_COSTS
+from sweeps.schema import BUDGET, BUDGET_KIND, HPARAM_PREFIX, PRECISION, STEP_COSTS
 
-__all__ = ["budget_sentence", "protocol_section"]
+__all__ = ["budget_sentence", "precision_line", "protocol_section"]
 
 GROUP = ["workload", "data"]
 SPLITS = (("train", "training"), ("valid", "validation"), ("test", "test"))
@@ -46,6 +47,33 @@ def budget_sentence(kind: str | None, value) -> str:
     return "not recorded with the runs (an older locoprop): the tables compare them at the end of each run."
 
 
+PRECISION_TEXT = {
+    "fp32": "fp32, float32 throughout.",
+    "bf16": "bf16: the forward and backward under bfloat16 autocast, the weights, gradients and optimizer state in "
+    "float32; locoprop-m and locoprop-s also run their inner iterations' matmuls in bfloat16 (local_dtype), "
+    "unless their configuration below sets local_dtype.",
+}
+
+
+def precision_line(frame: pd.DataFrame) -> str:
+    """The arithmetic the runs used, as a protocol line; when they used several, which optimizer ran in which, and
+    that each optimizer's runs in each precision are an entry of their own (:func:`analysis.load.label_precisions`)."""
+    precisions = sorted(set(frame[PRECISION]))
+    if len(precisions) == 1:
+        return f"- Precision: {PRECISION_TEXT.get(precisions[0], precisions[0])}"
+    finals = run_finals(frame)
+    used: dict[str, set[str]] = {}
+    for optimizer, precision in zip(finals["optimizer"], finals[PRECISION]):
+        used.setdefault(registry_name(optimizer), set()).add(precision)
+    listed = "; ".join(f"{name}: {', '.join(sorted(p))}" for name, p in sorted(used.items()))
+    return (
+        f"- Precision: MIXED, the runs are not all in one precision ({listed}). Each optimizer's runs in each "
+        "precision are an entry of their own, labelled NAME (PRECISION), never pooled; a comparison across "
+        "precisions compares the arithmetic as well as the optimizers. "
+        + " ".join(f"{PRECISION_TEXT.get(p, p)}" for p in precisions)
+    )
+
+
 def protocol_section(frame: pd.DataFrame, protocol: dict[str, Any] | None = None) -> list[str]:
     """The report's opening section as Markdown lines."""
     lines = ["## Protocol", ""]
@@ -65,6 +93,7 @@ def _recorded(frame: pd.DataFrame, protocol: dict[str, Any]) -> list[str]:
     if protocol.get("batch_size"):
         task += f", batch size {protocol['batch_size']}"
     lines += [f"- Task: {task}.", f"- Budget: {budget_sentence(budget.get('kind'), budget.get('value'))}"]
+    lines.append(precision_line(frame))
     sizes = protocol.get("split_sizes")
     lines.append(f"- Splits: {_sizes_text(sizes) if sizes else _derived_sizes(run_finals(frame))}")
     if tuning:
@@ -155,6 +184,7 @@ def _derived(frame: pd.DataFrame) -> list[str]:
         "",
         "- Tuning: unknown. How the hyperparameters of these runs were chosen, on which split and at what "
         "cost is not recorded with them.",
+        precision_line(frame),
     ]
     for (workload, data), runs in finals.groupby(GROUP, sort=True):
         kind, value = group_budget(runs)

@@ -1,7 +1,7 @@
 """``locoprop report`` and the report of ``locoprop compare``: tables and plots from run directories and sweep tables.
 
-report.md opens with the protocol (budget, tuning and its cost, seeds,
-splits), then the headline at the budget with the LocoProp-vs-baseline
+report.md opens with the protocol (budget, precision, tuning and its cost,
+seeds, splits), then the headline at the budget with the LocoProp-vs-baseline
 sentences, time to several targets, the curves, the details, sensitivity
 and the performance profile. Files written to the output folder:
 
@@ -27,7 +27,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.headline import format_headline, headline_table, pair_table
-from analysis.load import load_results, read_compare_folders
+from analysis.load import label_precisions, load_results, read_compare_folders
 from analysis.protocol import protocol_section
 from analysis.tables import (
     TIME_TO_TARGET_RULE,
@@ -68,7 +68,7 @@ def write_report(
         raise ValueError(f"Invalid target loss: {target_loss!r}; expected a finite number")
     inputs, found = read_compare_folders(inputs)
     protocol = protocol if protocol is not None else found
-    frame = load_results(inputs)
+    frame = label_precisions(load_results(inputs))  # runs in fp32 and bf16 are never pooled
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metric = selection_metric(frame)

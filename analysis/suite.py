@@ -44,7 +44,7 @@ from matplotlib.figure import Figure
 
 from analysis import plots
 from analysis.headline import pair_table
-from analysis.load import load_results
+from analysis.load import load_results, registry_name
 from analysis.tables import FIRST_ORDER, TIME_TO_TARGET_RULE, _ok_finals, _upper_median, median_to_target
 from analysis.tables import time_to_target as runs_to_target
 from analysis.text import is_missing, markdown_table, num
@@ -91,7 +91,7 @@ def suite_targets(frame: pd.DataFrame, metric: str = "valid_loss") -> pd.DataFra
     Columns: workload, data, baseline, target. A workload where no first-order baseline finished a run has no row.
     """
     finals = _ok_finals(frame, metric)
-    finals = finals[finals["optimizer"].isin(FIRST_ORDER)]
+    finals = finals[finals["optimizer"].map(registry_name).isin(FIRST_ORDER)]
     rows = []
     for (workload, data), group in finals.groupby(GROUP, sort=True):
         medians = {name: _upper_median(list(runs[metric].astype(float))) for name, runs in group.groupby("optimizer")}

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.load import final_rows
+from analysis.load import final_rows, registry_name
 from analysis.text import markdown_table, num
 from sweeps.schema import DIVERGED, OK, STATUS
 
@@ -82,7 +82,7 @@ def best_first_order(frame: pd.DataFrame, metric: str | None = None) -> dict[tup
     ``metric`` over its finished runs; a tie goes to the name first in alphabetical order."""
     metric = metric or selection_metric(frame)
     finals = _ok_finals(frame, metric)
-    finals = finals[finals["optimizer"].isin(FIRST_ORDER)]
+    finals = finals[finals["optimizer"].map(registry_name).isin(FIRST_ORDER)]
     best = {}
     for key, group in finals.groupby(GROUP, sort=True):
         means = group.groupby("optimizer", sort=True)[metric].mean()

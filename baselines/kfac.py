@@ -198,8 +198,10 @@ class KFAC(torch.optim.Optimizer):
     def _update_factors(self, layer: RecordedLayer, group: dict) -> None:
         records = layer.backpropagated_records()
         adapter = layer.adapter
-        x_rows = torch.cat([adapter.input_rows(r.x) for r in records])
-        g_rows = torch.cat([adapter.output_rows(r.g) for r in records])
+        # In the weights' dtype: under autocast the recorded x and g are bfloat16, and the factors are state.
+        dtype = layer.module.weight.dtype
+        x_rows = torch.cat([adapter.input_rows(r.x) for r in records]).to(dtype)
+        g_rows = torch.cat([adapter.output_rows(r.g) for r in records]).to(dtype)
         batch_size = sum(r.x.shape[0] for r in records)
         if layer.module.bias is not None:
             x_rows = torch.cat([x_rows, x_rows.new_ones(x_rows.shape[0], 1)], dim=1)

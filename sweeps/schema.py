@@ -26,6 +26,7 @@ __all__ = [
     "CLASSIFIER_COLUMNS",
     "COMPARE_RUNS",
     "CONFIG",
+    "DEFAULT_PRECISION",
     "DIVERGED",
     "FAILED",
     "FINISHED",
@@ -36,6 +37,8 @@ __all__ = [
     "METRIC_COLUMNS",
     "OK",
     "PERPLEXITY_COLUMNS",
+    "PRECISION",
+    "PRECISIONS",
     "PROTOCOL",
     "RUNNING",
     "RUN_ID",
@@ -106,6 +109,12 @@ STEP_COSTS = "step_costs"
 # BUDGET: its value), its status and one hp_<name> column per hyperparameter.
 RUN_ID = "run_id"
 RUN_LABELS = ("optimizer", "workload", "data", "seed")
+# config.json "precision" (and a column of the tidy table, and protocol.json's): "fp32", float32 throughout, or
+# "bf16", the forward and backward under bfloat16 autocast with float32 weights and optimizer state. A record made
+# before the field existed lacks it and was float32.
+PRECISION = "precision"
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_PRECISION = "fp32"
 BUDGET_KIND, BUDGET = "budget_kind", "budget"
 STATUS = "status"
 HPARAM_PREFIX = "hp_"
@@ -139,7 +148,8 @@ def budget_of(config: dict[str, Any]) -> tuple[str | None, float | None]:
 
 
 def run_labels(config: dict[str, Any], status: str) -> dict[str, Any]:
-    """The label columns of a run's rows in the tidy table, from its config.json and status.
+    """The label columns of a run's rows in the tidy table, from its config.json and status, and its
+    precision (:data:`DEFAULT_PRECISION` for a config.json written before precision was recorded).
 
     A hyperparameter that is a dictionary or list becomes its JSON text, so
     that every cell is a scalar (Parquet, groupby).
@@ -147,6 +157,7 @@ def run_labels(config: dict[str, Any], status: str) -> dict[str, Any]:
     labels: dict[str, Any] = {key: config[key] for key in RUN_LABELS}
     labels[BUDGET_KIND], labels[BUDGET] = budget_of(config)
     labels[STATUS] = status
+    labels[PRECISION] = config.get(PRECISION, DEFAULT_PRECISION)
     for name, value in config.get("hparams", {}).items():
         labels[HPARAM_PREFIX + name] = json.dumps(value) if isinstance(value, (dict, list)) else value
     return labels

@@ -402,6 +402,21 @@ def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):
     assert loco["ratio_to_adam"] == pytest.approx(loco["step_time_s"] / loco["adam_step_time_s"])
     assert loco["flop_bound_ratio"] == pytest.approx(loco["step_time_s"] / loco["flop_bound_s"])
     assert exact["flop_bound_ratio"] is None  # no K local iterations to price
+    # The roofline: one backprop step is 3 forwards (2·N·d_in·d_out per linear map), a LocoProp step adds K = 10
+    # local iterations of 2 forwards each; every record reads the same peaks, measured once.
+    model = get_workload("autoencoder").build_model(DataShape(), width_mult=0.05)
+    forward = sum(2 * 64 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert adam["step_flops_by_dtype"] == exact["step_flops_by_dtype"] == {"float32": 3 * forward}
+    assert loco["step_flops_by_dtype"] == {"float32": (3 + 2 * 10) * forward}
+    peaks = adam["matmul_peak_gflops"]
+    assert set(peaks) == {"float32", "bfloat16"} and all(peak > 0 for peak in peaks.values())
+    for record in records:
+        assert record["precision"] == "fp32" and record["matmul_peak_gflops"] == peaks
+        assert record["step_flops"] == sum(record["step_flops_by_dtype"].values())
+        assert record["achieved_gflops"] == pytest.approx(record["step_flops"] / record["step_time_s"] / 1e9)
+        assert record["peak_gflops"] == pytest.approx(peaks["float32"])
+        assert record["peak_fraction"] == pytest.approx(record["achieved_gflops"] / record["peak_gflops"])
+        assert record["roofline_s"] == pytest.approx(record["step_flops"] / (peaks["float32"] * 1e9))
 
 
 def test_bench_on_two_processes_counts_the_bytes_each_sends(tmp_path):

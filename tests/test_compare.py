@@ -138,6 +138,7 @@ def test_cli_compare_with_presets_writes_runs_protocol_and_report(tmp_path):
     args = [
         "compare", "--data", "synthetic", "--steps", "4", "--batch-size", "64", "--width-mult", "0.05",
         "--seeds", "1,2", "--optimizers", "adam,locoprop-m", "--out", str(tmp_path), "--no-progress",
+        "--precision", "bf16",
     ]  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "sweeps.commands.cli", *args], capture_output=True, text=True,
                             cwd=tmp_path, timeout=HANG_GUARD_S)  # fmt: skip
@@ -149,8 +150,11 @@ def test_cli_compare_with_presets_writes_runs_protocol_and_report(tmp_path):
     protocol = json.loads((tmp_path / "protocol.json").read_text())
     assert protocol["tuning"] is None and protocol["presets"]["source"] == "sweeps.commands.presets"
     assert protocol["command"] == "locoprop " + " ".join(args)
+    assert protocol["precision"] == "bf16"
+    assert {json.loads(p.read_text())["precision"] for p in tmp_path.glob("runs/*/config.json")} == {"bf16"}
     report = (tmp_path / "report" / "report.md").read_text()
     assert "not an equal-time comparison" in report  # a steps budget never headlines as equal time
+    assert "- Precision: bf16: the forward and backward under bfloat16 autocast" in report
     assert (tmp_path / "report" / "results.md").read_text() in result.stdout
 
 
@@ -206,3 +210,10 @@ def test_a_time_budget_comparison_prices_every_optimizer_side_by_side_once_for_a
     momentum = again["optimizers"]["momentum"]
     assert momentum["step_time_s"] == pytest.approx(momentum["ratio"] * table["reference_step_time_s"])
     assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
+
+    # In bf16 a step costs something else: the fp32 table is not reused, and the new one says its precision.
+    compare(dataclasses.replace(base, precision="bf16"), ["adam", "sgd"], [1], out, progress=False)
+    assert priced[-1] == ["adam", "sgd"]
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["precision"] == "bf16" and protocol["step_costs"]["setup"]["precision"] == "bf16"
+    assert "precision" not in table["setup"]  # fp32: as a table of an older locoprop, which was measured in fp32

@@ -15,7 +15,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from analysis.headline import equal_time_checks, headline_table, pair_table
-from analysis.load import RunSkipped, RunsNotFound, load_results
+from analysis.load import RunSkipped, RunsNotFound, label_precisions, load_results
 from analysis.report import write_report
 from analysis.stats import mean_interval, t_quantile, table_t_quantile, welch_interval
 from analysis.tables import budget_targets, target_table
@@ -322,6 +322,46 @@ def test_the_protocol_section_shows_the_tuning_and_its_cost(tmp_path):
     assert "| muon | 0 | – | no final runs: no tuning trial finished its budget" in report
 
 
+def _in_precision(run_dir, precision):
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "precision": precision}))
+    return run_dir
+
+
+def test_the_report_says_the_precision_of_its_runs(tmp_path):
+    run_dirs = [_in_precision(make_run(tmp_path / "runs", opt, seed), "bf16") for opt in ("adam", "locoprop-m")
+                for seed in (1, 2, 3)]  # fmt: skip
+    report = write_report(run_dirs, tmp_path / "report", protocol={**PROTOCOL, "precision": "bf16"}).read_text()
+    protocol = report[report.index("## Protocol") : report.index("## Headline")]
+    assert "- Precision: bf16: the forward and backward under bfloat16 autocast" in protocol
+    assert "| locoprop-m |" in report and "(bf16)" not in report  # one precision: the names as they are
+    plain = write_report(run_dirs[:3], tmp_path / "plain").read_text()  # derived from the runs alone
+    assert "- Precision: bf16" in plain
+
+
+def test_runs_in_two_precisions_are_said_and_never_pooled(tmp_path):
+    """adam and locoprop-m in fp32 and in bf16: four entries, each over its own three seeds, and the protocol says
+    the runs are mixed."""
+    run_dirs = []
+    for precision in ("fp32", "bf16"):
+        for optimizer in ("adam", "locoprop-m"):
+            run_dirs += [
+                _in_precision(make_run(tmp_path / precision, optimizer, seed), precision) for seed in (1, 2, 3)
+            ]
+    frame = label_precisions(load_results(run_dirs))
+    table = headline_table(frame)
+    assert sorted(table["optimizer"]) == ["adam (bf16)", "adam (fp32)", "locoprop-m (bf16)", "locoprop-m (fp32)"]
+    assert set(table["ok"]) == {3}
+    pairs = pair_table(frame)
+    assert set(pairs["baseline"]) == {"adam (bf16)"}  # equal numbers: the first name of the two
+    report = write_report(run_dirs, tmp_path / "report").read_text()
+    protocol = report[report.index("## Protocol") : report.index("## Headline")]
+    assert "- Precision: MIXED, the runs are not all in one precision (adam: bf16, fp32; locoprop-m: bf16, fp32)" in (
+        protocol
+    )
+    assert "| adam (fp32) |" in report and "| locoprop-m (bf16) |" in report
+
+
 def _cut_inside_the_last_row(text: str) -> str:
     """metrics.csv cut in the middle of the last row's validation loss, as a copy or a crash cuts it."""
     last = text.splitlines(keepends=True)[-1]
@@ -368,6 +408,7 @@ def test_old_run_directories_still_load(tmp_path):
     frame = load_results([tmp_path])
     assert frame["valid_loss"].isna().all() and frame["budget_kind"].isna().all() and frame["budget"].isna().all()
     assert frame["valid_size"].isna().all() and frame["train_seconds"].isna().all()
+    assert (frame["precision"] == "fp32").all()  # before precision was recorded every run was float32
 
 
 def test_the_frame_carries_budget_and_split_sizes(runs):

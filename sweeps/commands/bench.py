@@ -32,7 +32,32 @@ optimizer:
   the matmul throughput of the model's own unit forwards measured in the
   same process; with ``local_dtype`` (bfloat16 inner matmuls) the 2K local
   ones at the throughput of those forwards in that dtype, also measured
-  (``local_matmul_gflops``).
+  (``local_matmul_gflops``); under ``precision`` "bf16" the backprop step's
+  at the throughput of the forwards in bfloat16;
+- the roofline: ``matmul_peak_gflops``, the machine's matmul peak per dtype
+  (float32 and bfloat16: the fastest of 5 square matmuls of side 2048 on
+  CPU, 8192 on CUDA, measured once per bench run, in the parent process,
+  before the optimizers); ``step_flops`` (``step_flops_by_dtype``: the
+  FLOPs of a step by the dtype of their matmuls), one backprop step, 3 ×
+  the model's forward FLOPs (torch's FLOP counter: matmuls and
+  convolutions), in the dtype of the forward (bfloat16 under ``precision``
+  "bf16"), and for iterative LocoProp 2K × the units' forward FLOPs in its
+  local dtype; the other optimizers' own arithmetic (K-FAC's factors and
+  inverses, the exact solve's Gram matrix and solve, Shampoo's roots) is
+  not counted, so their achieved rate is a lower bound;
+  ``achieved_gflops`` = ``step_flops`` / ``step_time_s``; ``roofline_s``,
+  each dtype's FLOPs at its peak; ``peak_gflops`` = ``step_flops`` /
+  ``roofline_s``, the peak of the dtype the step runs in (a blend of two
+  for a float32 step with bfloat16 local iterations); and
+  ``peak_fraction`` = ``achieved_gflops`` / ``peak_gflops``: how close the
+  step is to the machine's limit (``1 / peak_fraction``: the step over its
+  roofline).
+
+``precision`` "bf16" times every optimizer, and its Adam twin, with the
+forward and backward under bfloat16 autocast and LocoProp's inner matmuls in
+bfloat16 (:mod:`sweeps.runner.precision`); ``hparams`` are the registry
+hyperparameters of the optimizer (``locoprop bench --hparam NAME=VALUE`` sets
+one for every optimizer that takes it).
 """
 
 from __future__ import annotations
@@ -53,9 +78,10 @@ from torch import nn
 
 from sweeps.runner import contract
 from sweeps.runner.budget import interleaved_step_times
+from sweeps.runner.precision import DEFAULT_PRECISION, autocast, check_precision, forward, optimizer_hparams
 from sweeps.runner.ranks import Ranks, launch
 
-__all__ = ["BenchConfig", "bench", "measure"]
+__all__ = ["PEAK_DTYPES", "PEAK_MATMUL_SIZE", "BenchConfig", "add_roofline", "bench", "matmul_peaks", "measure"]
 
 
 @dataclasses.dataclass
@@ -75,6 +101,7 @@ class BenchConfig:
     nproc: int = 1  # data-parallel ranks: batch_size is the global batch
     hypergrad: str | None = None  # LocoProp: γ adapted by hypergradients of this mode (None: β = 0)
     memory_only: bool = False  # the separate memory run: no Adam twin, no probe
+    precision: str = DEFAULT_PRECISION  # "bf16": the forward and backward under bfloat16 autocast (and Adam's twin)
 
     def __post_init__(self):
         from sweeps.runner.workloads import WORKLOADS
@@ -84,7 +111,7 @@ class BenchConfig:
 
     def validate(self) -> None:
         """Refuse a config that cannot be measured, naming the bad value."""
-        from baselines.registry import OPTIMIZERS
+        from baselines.registry import OPTIMIZERS, check_hparams
         from sweeps.runner.workloads import check_data, check_width_mult
 
         check_data(self.workload, self.data)
@@ -113,6 +140,8 @@ class BenchConfig:
                 raise ValueError(f"hypergrad={self.hypergrad!r} is for LocoProp, not {self.optimizer!r}")
         if self.batch_size % self.nproc:
             raise ValueError(f"Invalid batch_size: {self.batch_size} does not split into {self.nproc} equal shards")
+        check_precision(self.precision)
+        check_hparams(self.optimizer, self.hparams)
 
 
 def _rss_bytes() -> int:
@@ -138,14 +167,16 @@ def _unit_forward_flops(unit, a: torch.Tensor) -> float:
 
 
 def _matmul_throughput(units, device: torch.device, repeats: int = 5, dtype=None) -> tuple[float, float]:
-    """(forward FLOPs of all units, FLOP/s of running them), from recorded inputs; in ``dtype`` if given
-    (inputs and weights cast once, before the clock starts)."""
+    """(forward FLOPs of all units, FLOP/s of running them), from recorded inputs; in ``dtype``, else in the
+    parameters' dtype (inputs and weights cast once, before the clock starts: under autocast the records are
+    bfloat16)."""
     flops = sum(_unit_forward_flops(u, r.a) for u in units for r in u.records)
 
-    def cast(t):
-        return t.to(dtype) if dtype is not None and t is not None and t.is_floating_point() else t
+    def cast(t, unit):
+        return t.to(dtype or unit.weight.dtype) if t is not None and t.is_floating_point() else t
 
-    operands = [(unit, cast(record.x), cast(unit.weight.detach()), cast(unit.bias.detach()) if unit.uses_bias else None)
+    operands = [(unit, cast(record.x, unit), cast(unit.weight.detach(), unit),
+                 cast(unit.bias.detach(), unit) if unit.uses_bias else None)
                 for unit in units for record in unit.records]  # fmt: skip
     times = []
     with torch.no_grad():
@@ -173,6 +204,7 @@ def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hpara
     ranks = Ranks()
     x, y = x[ranks.shard(len(x))].to(device), y[ranks.shard(len(y))].to(device)
     target = workload.target(x, y)
+    hparams = optimizer_hparams(optimizer_name, hparams, config.precision)
     optimizer = make_optimizer(optimizer_name, model, loss=workload.loss_kind, **hparams)
     net, counter = model, None
     if ranks.many and not contract.data_parallel(optimizer):
@@ -182,19 +214,28 @@ def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hpara
         _sync(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        workload.loss(net(x), target).backward()
+        workload.loss(forward(net, x, config.precision, device), target).backward()
         optimizer.step()
         _sync(device)
         return time.perf_counter() - start
 
     def forward_backward() -> None:
-        workload.loss(net(x), target).backward()
+        workload.loss(forward(net, x, config.precision, device), target).backward()
+
+    def forward_flops() -> float:
+        """FLOPs of one forward of the model on the batch, as torch's FLOP counter counts them (a matmul of
+        m×k by k×n: 2mkn; elementwise work is not counted)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, autocast(config.precision, device):
+            net(x)
+        return float(counter.get_total_flops())
 
     def bytes_sent() -> int:
         """Bytes this rank has sent so far (the ring all-reduce's 2(W−1)/W of each bucket)."""
         return counter[0] if counter is not None else contract.bytes_sent(optimizer)
 
-    return optimizer, step, forward_backward, bytes_sent
+    return optimizer, step, forward_backward, bytes_sent, forward_flops
 
 
 def _counted_ddp(model: nn.Module) -> tuple[nn.Module, list[int]]:
@@ -229,7 +270,7 @@ def measure(config: BenchConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         baseline_cuda = torch.cuda.memory_allocated(device)
-    hparams = dict(config.hparams) if config.optimizer.startswith("locoprop") else {}
+    hparams = dict(config.hparams)
     if config.optimizer.startswith("locoprop"):
         if config.optimizer != "locoprop-s-exact":
             hparams.setdefault("local_iters", config.local_iters)
@@ -238,15 +279,16 @@ def measure(config: BenchConfig) -> dict:
     plain_step = None
     if config.hypergrad is not None:
         if not config.memory_only:  # the same LocoProp with β = 0, for the overhead
-            _, plain_step, _, _ = _setup(config, config.optimizer, device, hparams)
+            _, plain_step, *_ = _setup(config, config.optimizer, device, hparams)
         # β's size does not change the cost; small, so that γ stays near its start on the random batch.
         hparams = {**hparams, "hypergrad": config.hypergrad, "hypergrad_lr": 1e-3}
-    optimizer, step, forward_backward, bytes_sent = _setup(config, config.optimizer, device, hparams)
+    optimizer, step, forward_backward, bytes_sent, forward_flops = _setup(config, config.optimizer, device, hparams)
+    model_flops = forward_flops()  # before any step: a forward without grad records nothing
     is_locoprop = isinstance(optimizer, LocoPropOptimizer)
     contract.set_synchronize_timing(optimizer, device.type == "cuda")
     reference_step = None
     if config.optimizer != "adam" and not config.memory_only:
-        _, reference_step, _, _ = _setup(config, "adam", device, {})
+        _, reference_step, *_ = _setup(config, "adam", device, {})
 
     for _ in range(config.warmup):
         step()
@@ -261,14 +303,18 @@ def measure(config: BenchConfig) -> dict:
         if is_locoprop:
             phases.append(contract.last_step_seconds(optimizer))
 
-    def local_throughput() -> float | None:
-        """FLOP/s of the unit forwards in the optimizer's local dtype (None: the parameters')."""
-        dtype = getattr(optimizer, "local_dtype", None)
-        return _matmul_throughput(optimizer.units, device, dtype=getattr(torch, dtype))[1] if dtype else None
+    param_dtype = next(iter(optimizer.param_groups[0]["params"])).dtype
+    forward_dtype = torch.bfloat16 if config.precision == "bf16" else param_dtype  # of autocast's matmuls
+    local_name = getattr(optimizer, "local_dtype", None)
+    local_dtype = getattr(torch, local_name) if local_name else param_dtype  # of LocoProp's inner matmuls
 
     def probe() -> None:  # its time is not used: it prices FLOPs with the unit forwards of this very model and batch
         forward_backward()
-        probes.append((*_matmul_throughput(optimizer.units, device), local_throughput()))
+        flops, forward_rate = _matmul_throughput(optimizer.units, device, dtype=forward_dtype)
+        local_rate = forward_rate
+        if local_dtype != forward_dtype:
+            local_rate = _matmul_throughput(optimizer.units, device, dtype=local_dtype)[1]
+        probes.append((flops, forward_rate, local_rate))
         for unit in optimizer.units:
             unit.records.clear()
 
@@ -290,6 +336,7 @@ def measure(config: BenchConfig) -> dict:
         "width_mult": config.width_mult,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
+        "precision": config.precision,
         "step_time_s": statistics.median(times),
         "step_time_min_s": min(times),
         "step_time_mean_s": statistics.fmean(times),
@@ -322,14 +369,72 @@ def measure(config: BenchConfig) -> dict:
             k = record["local_iters"]
             flops = probes[0][0]
             throughput = statistics.median(p[1] for p in probes)
-            local = statistics.median(p[2] for p in probes) if probes[0][2] is not None else throughput
+            local = statistics.median(p[2] for p in probes)
             record["flop_bound_s"] = 3 * flops / throughput + 2 * k * flops / local
-            if probes[0][2] is not None:
-                record["local_dtype"] = optimizer.local_dtype
+            if local_name is not None:
+                record["local_dtype"] = local_name
                 record["local_matmul_gflops"] = local / 1e9
             record["flop_bound_ratio"] = record["step_time_s"] / record["flop_bound_s"]
             record["matmul_gflops"] = throughput / 1e9
+    if not config.memory_only and (probes or not (is_locoprop and optimizer.solve == "iterative")):
+        # The step's FLOPs by the dtype of their matmuls: backprop's 3 forwards in autocast's dtype; for iterative
+        # LocoProp K local iterations of a unit forward and a weight gradient each, in its local dtype.
+        by_dtype = {_dtype_name(forward_dtype): 3 * model_flops}
+        if probes:
+            local_flops = 2 * record["local_iters"] * probes[0][0]
+            by_dtype[_dtype_name(local_dtype)] = by_dtype.get(_dtype_name(local_dtype), 0.0) + local_flops
+        record["step_flops_by_dtype"] = by_dtype
+        record["step_flops"] = sum(by_dtype.values())
+        record["achieved_gflops"] = record["step_flops"] / record["step_time_s"] / 1e9
     return record
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# The side of the square matmul that measures a dtype's peak: big enough to keep every core (or the GPU) busy.
+PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
+PEAK_DTYPES = ("float32", "bfloat16")
+
+
+def matmul_peaks(device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """The machine's matmul peak per dtype of :data:`PEAK_DTYPES`, in FLOP/s: an n×n by n×n product (2n³ FLOPs,
+    n = :data:`PEAK_MATMUL_SIZE`) in that dtype, the fastest of ``repeats`` after one untimed, in this process with
+    its threads (float32 without TF32, as the runs' float32 matmuls are)."""
+    n = PEAK_MATMUL_SIZE[device.type]
+    peaks = {}
+    generator = torch.Generator().manual_seed(0)
+    for name in PEAK_DTYPES:
+        dtype = getattr(torch, name)
+        a, b = (torch.randn(n, n, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
+        out = torch.matmul(a, b)  # untimed: the first call sets the kernel up
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            torch.matmul(a, b, out=out)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        peaks[name] = 2.0 * n**3 / min(times)
+        del a, b, out
+    return peaks
+
+
+def add_roofline(record: dict, peaks: dict[str, float]) -> None:
+    """Add to ``record`` (of :func:`measure`) its roofline against the machine's ``peaks`` (:func:`matmul_peaks`):
+    ``matmul_peak_gflops`` (per dtype), ``roofline_s`` (the step's FLOPs at the peak of each one's dtype),
+    ``peak_gflops`` (its FLOPs over that time: the peak of the dtype it runs in, or the blend of two) and
+    ``peak_fraction`` = ``achieved_gflops`` / ``peak_gflops`` = ``roofline_s`` / ``step_time_s``. None where the
+    record counts no FLOPs (a LocoProp run without its probe)."""
+    record["matmul_peak_gflops"] = {name: peak / 1e9 for name, peak in peaks.items()}
+    by_dtype = record.get("step_flops_by_dtype")
+    if not by_dtype:
+        record.update(roofline_s=None, peak_gflops=None, peak_fraction=None)
+        return
+    record["roofline_s"] = sum(flops / peaks[name] for name, flops in by_dtype.items())
+    record["peak_gflops"] = record["step_flops"] / record["roofline_s"] / 1e9
+    record["peak_fraction"] = record["achieved_gflops"] / record["peak_gflops"]
 
 
 def _measure_on_ranks(config: BenchConfig, out: str) -> None:
@@ -358,13 +463,16 @@ def _run_worker(config: BenchConfig, env: dict | None = None) -> dict:
 
 
 def bench(configs: list[BenchConfig]) -> list[dict]:
-    """Run each config in its own subprocess; add ``ratio_to_adam``.
+    """Run each config in its own subprocess; add the roofline (:func:`add_roofline`) against the matmul peaks
+    measured once, here, before the first.
 
     Raises:
         ValueError: a bad config (all are checked before any runs).
     """
     for config in configs:
         config.validate()
+    # Once per bench run, before the optimizers: the peaks every record's roofline is read against.
+    peaks = matmul_peaks(torch.device(configs[0].device)) if configs else {}
     records = []
     for config in configs:
         record = _run_worker(config)
@@ -376,6 +484,7 @@ def bench(configs: list[BenchConfig]) -> list[dict]:
     for record in records:
         record.setdefault("flop_bound_ratio", None)
         record.setdefault("hypergrad_overhead", None)
+        add_roofline(record, peaks)
     return records
 
 

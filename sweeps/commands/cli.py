@@ -34,8 +34,9 @@ from sweeps.commands.flags import EXAMPLES, HPARAM_FLAGS
 from sweeps.extras import MissingExtra
 from sweeps.runner import run_directory
 from sweeps.runner.budget import CalibrationSkipped
-from sweeps.runner.config import RunConfig, run_dir_name, run_identity
+from sweeps.runner.config import ABSENT_AT, RunConfig, run_dir_name, run_identity
 from sweeps.runner.data import DataUnavailable
+from sweeps.runner.precision import LOCAL_DTYPE_OPTIMIZERS
 from sweeps.runner.ranks import RankFailed, RankRefused, Ranks, init_from_environment, launch
 from sweeps.runner.run_directory import RecordRebuilt
 from sweeps.runner.train import (
@@ -78,6 +79,7 @@ def run_config_from_args(args, optimizer: str, hparams: dict, seed: int, out: pa
         device=args.device,
         data_dir=args.data_dir,
         threads=args.threads,
+        precision=args.precision,
         out=str(out),
     )
 
@@ -151,8 +153,18 @@ def _flag_differences(stored: dict[str, str], asked: dict[str, str]) -> list[str
                 if there.get(key) != now.get(key)
             ]
         else:
-            differences.append(f"--{field.replace('_', '-')} {stored.get(field)} there, {asked.get(field)} now")
+            there, now = _setting_text(field, stored.get(field)), _setting_text(field, asked.get(field))
+            differences.append(f"--{field.replace('_', '-')} {there} there, {now} now")
     return differences
+
+
+def _setting_text(field: str, value: str | None) -> str:
+    """A setting of a run identity as typed: a string without its JSON quotes; a field the identity leaves out
+    at the value older runs had (:data:`~sweeps.runner.config.ABSENT_AT`: ``--precision fp32``) as that value."""
+    if value is None and ABSENT_AT.get(field) is not None:
+        return str(ABSENT_AT[field])
+    decoded = json.loads(value) if value is not None else None
+    return decoded if isinstance(decoded, str) else str(value)
 
 
 def _hparam_flag(name: str) -> str:
@@ -327,6 +339,36 @@ def _hypergrad_modes(optimizer: str, modes: list[str]) -> list[str]:
     return modes if optimizer.startswith("locoprop") else []
 
 
+def _bench_hparams(names: list[str], given: list[tuple[str, object]], compile_: bool) -> dict[str, dict]:
+    """Per benchmarked optimizer, the ``--hparam NAME=VALUE`` settings it takes (and ``--compile`` for LocoProp's);
+    a name none of them takes, or one given twice with two values, is refused naming it."""
+    settings: dict[str, object] = {}
+    for key, value in given:
+        if key in settings and settings[key] != value:
+            raise ValueError(f"--hparam {key} is given twice ({settings[key]!r} and {value!r}); give it once")
+        settings[key] = value
+    takes = {name: {key for key in settings if _takes(name, key)} for name in names}
+    unused = sorted(key for key in settings if not any(key in keys for keys in takes.values()))
+    if unused:
+        raise ValueError(
+            f"--hparam {', '.join(unused)}: none of the benchmarked optimizers ({', '.join(names)}) takes "
+            f"{'it' if len(unused) == 1 else 'them'}; see their registry defaults (baselines/registry.py)"
+        )
+    return {
+        name: {**{key: settings[key] for key in sorted(takes[name])},
+               **({"compile": True} if compile_ and name.startswith("locoprop") else {})}
+        for name in names
+    }  # fmt: skip
+
+
+def _takes(optimizer: str, hparam: str) -> bool:
+    """Whether ``optimizer`` takes ``hparam``: a registry default; the exact solve lists LocoProp's local_dtype
+    among the defaults it shares but has no inner matmuls to run in it (it refuses any but None)."""
+    if hparam == "local_dtype" and optimizer not in LOCAL_DTYPE_OPTIMIZERS:
+        return False
+    return hparam in OPTIMIZERS[optimizer].defaults
+
+
 def cmd_bench(args) -> int:
     from sweeps.commands.bench import BenchConfig, bench
 
@@ -337,9 +379,10 @@ def cmd_bench(args) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     shared = dict(workload=args.workload, data=args.data, depth_mult=args.depth_mult, local_iters=args.local_iters,
                   steps=args.steps, warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
-                  hparams={"compile": True} if args.compile else {})  # fmt: skip
+                  precision=args.precision)  # fmt: skip
+    hparams = _bench_hparams(names, args.hparam or [], args.compile)
     configs = [
-        BenchConfig(optimizer=name, batch_size=batch, width_mult=width, hypergrad=mode, **shared)
+        BenchConfig(optimizer=name, batch_size=batch, width_mult=width, hypergrad=mode, hparams=hparams[name], **shared)
         for batch in batch_sizes
         for width in widths
         for name in names
@@ -352,18 +395,29 @@ def cmd_bench(args) -> int:
         return 0
     hypergrad = bool(args.hypergrad)
     print(f"{'optimizer':38s} {'batch':>6s} {'width':>6s} {'step (s)':>10s} {'/ Adam':>7s} {'/ FLOP bound':>13s} "
-          f"{'peak MiB':>9s}" + (f" {'sent MiB/step':>14s}" if args.nproc > 1 else "")
+          f"{'GFLOP/s':>8s} {'of peak':>8s} {'peak MiB':>9s}" + (f" {'sent MiB/step':>14s}" if args.nproc > 1 else "")
           + (f" {'hypergrad overhead':>19s}" if hypergrad else ""))  # fmt: skip
     for r in records:
         bound = f"{r['flop_bound_ratio']:.3f}" if r["flop_bound_ratio"] is not None else "–"
+        achieved = f"{r['achieved_gflops']:.0f}" if r.get("achieved_gflops") is not None else "–"
+        fraction = f"{r['peak_fraction']:.1%}" if r.get("peak_fraction") is not None else "–"
         sent = f" {r['comm_bytes_per_step'] / 2**20:14.2f}" if args.nproc > 1 else ""
         name = r["optimizer"] + (f" (hypergrad {r['hypergrad']})" if r.get("hypergrad") else "")
         overhead = r["hypergrad_overhead"]
         extra = (f" {overhead:19.1%}" if overhead is not None else f" {'–':>19s}") if hypergrad else ""
         print(f"{name:38s} {r['batch_size']:6d} {r['width_mult']:6g} {r['step_time_s']:10.4f} "
-              f"{r['ratio_to_adam']:7.2f} {bound:>13s} {r['peak_mem_bytes'] / 2**20:9.1f}{sent}{extra}")  # fmt: skip
+              f"{r['ratio_to_adam']:7.2f} {bound:>13s} {achieved:>8s} {fraction:>8s} "
+              f"{r['peak_mem_bytes'] / 2**20:9.1f}{sent}{extra}")  # fmt: skip
     ranks = f", {args.nproc} processes (Adam under DDP)" if args.nproc > 1 else ""
-    print(f"device: {records[0]['device']}, {records[0]['threads']} threads{ranks}; median of {args.steps} steps")
+    print(
+        f"device: {records[0]['device']}, {records[0]['threads']} threads{ranks}, precision {args.precision}; "
+        f"median of {args.steps} steps"
+    )
+    peaks = records[0].get("matmul_peak_gflops") or {}
+    if peaks:
+        print("matmul peak: " + ", ".join(f"{name} {gflops:.0f} GFLOP/s" for name, gflops in peaks.items())
+              + "; 'of peak': the step's FLOPs (3 forwards, + 2K unit forwards for LocoProp) at the peak of their "
+              "dtypes, over its time")  # fmt: skip
     return 0
 
 

@@ -24,6 +24,10 @@ The protocol (AlgoPerf's rules, DeepOBS's protocol):
 4. the report (``analysis``) opens with the protocol and a headline table
    at the budget, with 95% intervals over the seeds.
 
+Every run, trial and pricing of a comparison is in ``base.precision``
+(``--precision``): protocol.json records it, the report states it, and a
+table of step costs measured in another precision is measured again.
+
 Every stage resumes: a study continues until it has N finished trials (an
 interrupted trial continues from its run directory), finished runs are
 reused, and the report is written again. Layout of ``out``::
@@ -53,7 +57,7 @@ from sweeps import schema
 from sweeps.commands import presets
 from sweeps.runner import budget, run_directory
 from sweeps.runner.budget import StepCost
-from sweeps.runner.config import RunConfig, run_dir_name
+from sweeps.runner.config import RunConfig, absent, run_dir_name
 from sweeps.runner.train import check_fits_data, loss_text, train
 from sweeps.search.results import best_trial
 
@@ -118,7 +122,7 @@ def compare(
     kind, value = base.budget
     print(
         f"compare: {', '.join(optimizers)} on {base.workload}/{base.data}, {_budget_text(kind, value)} per run, "
-        f"batch {base.batch_size}, final seeds {', '.join(map(str, seeds))}"
+        f"batch {base.batch_size}, precision {base.precision}, final seeds {', '.join(map(str, seeds))}"
         + (f", {tuning.trials} tuning trials each (seed {tuning.seed})" if tuning else ", presets")
         + f" -> {out}",
         flush=True,
@@ -186,11 +190,15 @@ def _step_costs(base: RunConfig, hparams: dict[str, dict], out: pathlib.Path) ->
 
 
 def _cost_setup(base: RunConfig) -> dict[str, Any]:
-    """What a step's cost depends on besides the optimizer: a table measured for another setup is not reused."""
+    """What a step's cost depends on besides the optimizer: a table measured for another setup (its precision
+    included) is not reused."""
     device = base.device if base.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     threads = base.threads or budget.default_threads()
     fields = ("workload", "data", "batch_size", "width_mult", "depth_mult", "valid_fraction")
-    return {**{name: getattr(base, name) for name in fields}, "device": device, "threads": threads}
+    setup = {**{name: getattr(base, name) for name in fields}, "device": device, "threads": threads}
+    if not absent(schema.PRECISION, base.precision):  # a table of an older locoprop was measured in fp32
+        setup[schema.PRECISION] = base.precision
+    return setup
 
 
 def _stored_costs(path: pathlib.Path) -> dict[str, Any] | None:
@@ -297,6 +305,7 @@ def _protocol(base, seeds, tuning, tuned, run_dirs, command, costs) -> dict[str,
         "workload": base.workload,
         "data": base.data,
         "batch_size": base.batch_size,
+        schema.PRECISION: base.precision,
         "budget": {"kind": kind, "value": value},
         "seeds": list(seeds),
         "split_sizes": split_sizes,

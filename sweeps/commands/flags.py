@@ -29,6 +29,7 @@ from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps.commands import presets
 from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES
 from sweeps.runner.data import DATA_DIR_ENV, DATASETS
+from sweeps.runner.precision import DEFAULT_PRECISION, PRECISIONS
 from sweeps.runner.workloads import MAX_WIDTH_MULT, WORKLOADS, check_width_mult
 from sweeps.search.checks import BACKENDS, METRICS
 
@@ -39,6 +40,7 @@ __all__ = [
     "add_bench",
     "add_compare",
     "add_hparam_flags",
+    "add_precision_flag",
     "add_report",
     "add_run_flags",
     "add_sweep",
@@ -259,6 +261,7 @@ def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> Non
     _add_schedule_flags(parser)
     _add_size_flags(parser)
     add_device_flag(parser, "where to train")
+    add_precision_flag(parser)
     parser.add_argument(
         "--threads", type=int, default=None,
         help="intra-op threads of each run on CPU, ≥ 1 (default: one fewer than the cores, so that a busy "
@@ -363,6 +366,16 @@ def add_device_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--device", default="auto", choices=DEVICES,
         help=f"{what}: auto (cuda when available, else cpu), cpu or cuda (default: %(default)s)",
+    )  # fmt: skip
+
+
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+        help="arithmetic of the steps: fp32 (float32 throughout) or bf16 (forward and backward under bfloat16 "
+        "autocast, on CPU and CUDA; weights, gradients and optimizer state stay float32; locoprop-m and locoprop-s "
+        "also run their inner iterations' matmuls in bfloat16, local_dtype=bfloat16, unless --hparam local_dtype "
+        "is given, null for float32) (default: %(default)s)",
     )  # fmt: skip
 
 
@@ -586,7 +599,9 @@ def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_bench(commands) -> argparse.ArgumentParser:
     """``locoprop bench``: the shapes benchmarked, then the optimizers and how they are timed."""
-    p = _add_command(commands, "bench", "step time, ratio to Adam, FLOP-bound ratio and peak memory per optimizer")
+    p = _add_command(
+        commands, "bench", "step time, ratio to Adam, FLOP-bound ratio, roofline and peak memory per optimizer"
+    )
     _add_bench_shape_flags(p)
     p.add_argument(
         "--optimizers", type=_name_list(list(OPTIMIZERS)), default=["adam", "locoprop-m", "locoprop-s",
@@ -617,6 +632,13 @@ def add_bench(commands) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones, ≥ 0 (default: 3)")
     add_device_flag(p, "where to run")
+    add_precision_flag(p)
+    p.add_argument(
+        "--hparam", action="append", type=_key_value, metavar="NAME=VALUE",
+        help="a registry hyperparameter, VALUE in JSON or a plain string, set for every benchmarked optimizer that "
+        "takes it (e.g. --hparam local_dtype=bfloat16, --hparam covariance_refresh=10); a name none of them takes "
+        "is refused (repeatable; default: the registry's)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object per optimizer (default: a table)")
     return p
 

@@ -27,11 +27,11 @@ from analysis.suite import write_suite_report
 from sweeps.commands import presets
 from sweeps.commands.compare import Tuning, compare
 from sweeps.runner import run_directory
-from sweeps.runner.config import RunConfig
+from sweeps.runner.config import RunConfig, absent
 from sweeps.runner.data import DATASETS
 from sweeps.runner.train import check_fits_data
 from sweeps.runner.workloads import WORKLOADS, check_data
-from sweeps.schema import PROTOCOL
+from sweeps.schema import PRECISION, PROTOCOL
 
 __all__ = ["SUITE", "SUITE_FILE", "pair_folder", "parse_pairs", "read_suite", "run_suite", "suite_report"]
 
@@ -95,6 +95,8 @@ def pair_config(base: RunConfig, workload: str, data: str, budget_given: bool, b
 def _settings(config: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], tuning: Tuning | None) -> dict:
     """What a pair's comparison is: reused only where every one of these is the same."""
     fields = {key: value for key, value in dataclasses.asdict(config).items() if key not in ("out", "step_cost")}
+    if absent(PRECISION, fields[PRECISION]):  # fp32: as a suite.json of an older locoprop, which lacks it
+        del fields[PRECISION]
     tuned = dataclasses.asdict(tuning) if tuning else None
     if tuned and tuned["storage"]:  # suite.json must never hold a storage URL's password
         from sweeps.search.results import mask_url

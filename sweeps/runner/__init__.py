@@ -8,6 +8,8 @@
   networks of the ``resnet`` and ``transformer`` workloads;
 - :mod:`~sweeps.runner.config`: :class:`RunConfig`, what defines a run, and
   the name of its directory;
+- :mod:`~sweeps.runner.precision`: the arithmetic a run's forward runs in
+  (fp32, or bf16 autocast) and what it sets for its optimizer;
 - :mod:`~sweeps.runner.train`: the training loop (time, evaluation, budget);
 - :mod:`~sweeps.runner.contract`: what the runner reads from an optimizer, and the defaults;
 - :mod:`~sweeps.runner.run_directory`: reading and writing run directories.

@@ -36,6 +36,7 @@ from sweeps.runner.budget import (
 )
 from sweeps.runner.config import RunConfig
 from sweeps.runner.data import Dataset, DataShape
+from sweeps.runner.precision import forward, optimizer_hparams
 from sweeps.runner.workloads import build_model, get_workload
 
 __all__ = ["StepCostTable", "calibrate_run", "price_steps"]
@@ -101,7 +102,8 @@ def _throwaway_step(
     """One step at a time of a fresh model and optimizer of ``config``, through the training split in a seeded order."""
     workload = get_workload(config.workload)
     model = build_model(workload, shape, config.width_mult, config.depth_mult, device)
-    optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **config.hparams)
+    hparams = optimizer_hparams(config.optimizer, config.hparams, config.precision)
+    optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **hparams)
     net = wrap(model, optimizer) if wrap is not None else model  # its steps cost what the run's will
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(config.seed)).to(device)
     steps_per_epoch = len(train_x) // config.batch_size
@@ -111,7 +113,8 @@ def _throwaway_step(
         start = (done[0] % steps_per_epoch) * config.batch_size
         batch = order[start : start + config.batch_size][shard]
         optimizer.zero_grad(set_to_none=True)
-        workload.loss(net(train_x[batch]), workload.target(train_x[batch], train_y[batch])).backward()
+        output = forward(net, train_x[batch], config.precision, device)
+        workload.loss(output, workload.target(train_x[batch], train_y[batch])).backward()
         optimizer.step()
         done[0] += 1
 

@@ -14,9 +14,20 @@ import torch
 from baselines.registry import check_hparams, inert_hparams
 from sweeps import schema
 from sweeps.runner.budget import StepCost
+from sweeps.runner.precision import DEFAULT_PRECISION, check_precision
 from sweeps.runner.workloads import WORKLOADS, check_data, get_workload
 
-__all__ = ["DEVICES", "MAX_SEED", "SCHEDULES", "RunConfig", "config_digest", "run_dir_name", "run_identity"]
+__all__ = [
+    "ABSENT_AT",
+    "DEVICES",
+    "MAX_SEED",
+    "SCHEDULES",
+    "RunConfig",
+    "absent",
+    "config_digest",
+    "run_dir_name",
+    "run_identity",
+]
 
 SCHEDULES = ("official", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -57,6 +68,10 @@ class RunConfig:
             own. None: the run times its own.
         threads: intra-op threads of the run on CPU (None: one fewer than the
             cores, :func:`~sweeps.runner.budget.default_threads`).
+        precision: "fp32" (float32 throughout) or "bf16" (forward and backward
+            under bfloat16 autocast, float32 weights and optimizer state;
+            :mod:`sweeps.runner.precision`). A config.json written before the
+            field existed lacks it and loads as "fp32", which it was.
     """
 
     workload: str = "autoencoder"
@@ -80,6 +95,7 @@ class RunConfig:
     eval_batch_size: int = 1000
     step_cost: StepCost | None = None
     threads: int | None = None
+    precision: str = DEFAULT_PRECISION
     out: str = "runs/run"
 
     def __post_init__(self):
@@ -128,6 +144,7 @@ class RunConfig:
             raise ValueError(f"Invalid seed: {self.seed!r}; expected an integer from 0 to {MAX_SEED}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule: {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        check_precision(self.precision)
         if self.device not in DEVICES:
             raise ValueError(f"Invalid device: {self.device!r}; expected one of {', '.join(DEVICES)}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -162,9 +179,15 @@ def _finite(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# Fields added after runs were made without them: left out of the identity while unset, so that those runs
-# keep their directories and can still be resumed.
-UNSET_IS_ABSENT = ("step_cost", "threads")
+# Fields added after runs were made without them, and the value those runs had: left out of the identity at that
+# value, so that those runs keep their directories and can still be resumed.
+ABSENT_AT = {"step_cost": None, "threads": None, "precision": DEFAULT_PRECISION}
+
+
+def absent(key: str, value: Any) -> bool:
+    """Whether config field ``key`` at ``value`` is what a record made before the field existed holds
+    (:data:`ABSENT_AT`): such a field is left out where two configs are compared."""
+    return key in ABSENT_AT and value == ABSENT_AT[key]
 
 
 def run_identity(config: dict[str, Any]) -> dict[str, str]:
@@ -175,7 +198,7 @@ def run_identity(config: dict[str, Any]) -> dict[str, str]:
     changes none of its steps (``baselines.registry.inert_hparams``:
     ``--hypergrad implicit`` and ``unrolled`` at β = 0 are one run). JSON
     makes a tuple and a list, or a config and its config.json, compare equal. The fields of
-    :data:`UNSET_IS_ABSENT` count only when set.
+    :data:`ABSENT_AT` count only away from the value older runs had (unset; "fp32").
     """
     identity = dict(config)
     hparams = config.get("hparams")
@@ -185,7 +208,7 @@ def run_identity(config: dict[str, Any]) -> dict[str, str]:
     return {
         key: json.dumps(value, sort_keys=True, default=repr)
         for key, value in identity.items()
-        if key not in ("out", schema.CALIBRATION) and not (key in UNSET_IS_ABSENT and value is None)
+        if key not in ("out", schema.CALIBRATION) and not absent(key, value)
     }
 
 

@@ -29,6 +29,11 @@ finished, the run checkpoints at it, summary.json says "interrupted", and
 ranks agree in each step's all-reduce on whether one of them was signalled,
 so that all of them stop after the same step.
 
+A run of ``precision`` "bf16" runs its model's forward, in training and in
+evaluation, under bfloat16 autocast, its weights and optimizer state in
+float32 (:mod:`sweeps.runner.precision`); a resume in another precision is
+refused as any other changed setting is.
+
 The validation split is carved from the training split
 (``valid_fraction``, the same examples for every run); the run trains on
 the rest.
@@ -89,6 +94,7 @@ from sweeps.runner.budget import (
 from sweeps.runner.calibration import calibrate_run
 from sweeps.runner.config import RunConfig, run_identity
 from sweeps.runner.data import Dataset, load_dataset
+from sweeps.runner.precision import forward, optimizer_hparams
 from sweeps.runner.ranks import Ranks
 from sweeps.runner.workloads import Workload, build_model, get_workload
 
@@ -254,7 +260,8 @@ def check_run(config: RunConfig, resume: bool = False) -> RunResult | None:
     workload = get_workload(config.workload)
     with torch.random.fork_rng(devices=[]):  # leaves the caller's random state as it was
         model = build_model(workload, data.shape, config.width_mult, config.depth_mult, torch.device("cpu"))
-        optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **config.hparams)
+        optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind,
+                                   **optimizer_hparams(config.optimizer, config.hparams, config.precision))  # fmt: skip
     contract.remove_hooks(optimizer)
     return None
 
@@ -465,7 +472,8 @@ class _Run:
         )
         torch.manual_seed(config.seed)  # the same on every rank: the ranks start from one model
         self.model = build_model(self.workload, self.data.shape, config.width_mult, config.depth_mult, self.device)
-        self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **config.hparams)
+        hparams = optimizer_hparams(config.optimizer, config.hparams, config.precision)
+        self.optimizer = make_optimizer(config.optimizer, self.model, loss=self.workload.loss_kind, **hparams)
         self.net = self._data_parallel(self.model, self.optimizer)
         # The optimizer contract: what it times, and a GPU sync for honest timings.
         self.phases = ("forward_backward", *contract.step_phases(self.optimizer))
@@ -670,7 +678,7 @@ class _Run:
         started, started_cpu = time.perf_counter(), time.thread_time()
         self.optimizer.zero_grad(set_to_none=True)
         x, y = x[self.ranks.shard(len(x))], y[self.ranks.shard(len(y))]
-        loss = self.workload.loss(self.net(x), self.workload.target(x, y))
+        loss = self.workload.loss(forward(self.net, x, self.config.precision, self.device), self.workload.target(x, y))
         loss.backward()
         backward_done = time.perf_counter()
         # One sync per step (over ranks too: every rank must take the same decisions): it detects divergence,
@@ -711,7 +719,7 @@ class _Run:
             total, extra = 0.0, {}
             for start in range(0, len(x), self.config.eval_batch_size):
                 xb, yb = x[start : start + self.config.eval_batch_size], y[start : start + self.config.eval_batch_size]
-                output = self.model(xb)
+                output = forward(self.model, xb, self.config.precision, self.device)
                 target = self.workload.target(xb, yb)
                 total += self.workload.loss(output, target).item() * len(xb)
                 for key, value in self.workload.metrics(output, target).items():

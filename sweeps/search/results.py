@@ -30,6 +30,7 @@ import pandas as pd
 
 from sweeps import schema
 from sweeps.runner import run_directory
+from sweeps.runner.config import absent
 
 if TYPE_CHECKING:
     from sweeps.runner.config import RunConfig
@@ -137,7 +138,8 @@ def sweep_setup(base: RunConfig, space: SearchSpace) -> dict[str, Any]:
     ignored); the space's optimizer and fixed hyperparameters are part of
     the setup, its searched ones are not.
     """
-    setup = {k: v for k, v in dataclasses.asdict(base).items() if k not in NOT_SETUP}
+    # A field added since (precision) counts only away from the value a study stored before it had.
+    setup = {k: v for k, v in dataclasses.asdict(base).items() if k not in NOT_SETUP and not absent(k, v)}
     setup["optimizer"] = space.optimizer
     setup["fixed_hparams"] = dict(space.fixed)
     return json.loads(json.dumps(setup))  # as stored: tuples become lists
