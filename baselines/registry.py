@@ -31,6 +31,7 @@ __all__ = [
     "OPTIMIZERS",
     "OptimizerSpec",
     "check_hparams",
+    "cost_knobs",
     "inert_hparams",
     "make_optimizer",
     "optimizer_names",
@@ -54,6 +55,9 @@ class OptimizerSpec:
             (for example a clipping that None turns off).
         inert: (hparams, complete) -> the hyperparameters that change none
             of its steps at these values (see :func:`inert_hparams`).
+        cost_hparams: the hyperparameters that set what a step costs (LocoProp's
+            K, K-FAC's refresh periods): a time budget is priced per value of
+            these (:func:`cost_knobs`).
     """
 
     name: str
@@ -62,6 +66,7 @@ class OptimizerSpec:
     types: dict[str, type] = dataclasses.field(default_factory=dict)
     nullable: tuple[str, ...] = ()
     inert: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+    cost_hparams: tuple[str, ...] = ()
 
     def expected_type(self, hparam: str) -> type:
         default = self.defaults[hparam]
@@ -295,6 +300,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 fisher="sampled",  # the true Fisher, as K-FAC is defined; "empirical" uses the batch's own labels
             ),
             nullable=("kl_clip",),
+            cost_hparams=("factor_update_freq", "inv_update_freq"),
         ),
         OptimizerSpec(
             "shampoo",
@@ -309,11 +315,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 preconditioning_compute_steps=10,
                 block_size=512,
             ),
+            cost_hparams=("preconditioning_compute_steps",),
         ),
         OptimizerSpec(
             "soap",
             _with_betas(_soap),
             dict(lr=3e-3, beta1=0.95, beta2=0.95, weight_decay=0.01, precondition_frequency=10, eps=1e-8),
+            cost_hparams=("precondition_frequency",),
         ),
         OptimizerSpec(
             "muon",
@@ -336,6 +344,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _LOCOPROP_DEFAULTS,
             types=_LOCOPROP_TYPES,
             inert=_locoprop_inert(exact=False),
+            cost_hparams=("local_iters",),
         ),
         OptimizerSpec(
             "locoprop-s",
@@ -343,6 +352,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _LOCOPROP_DEFAULTS,
             types=_LOCOPROP_TYPES,
             inert=_locoprop_inert(exact=False),
+            cost_hparams=("local_iters",),
         ),
         OptimizerSpec(
             "locoprop-s-exact",
@@ -358,6 +368,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             },
             types=_LOCOPROP_TYPES,
             inert=_locoprop_inert(exact=True),
+            cost_hparams=("covariance_refresh",),
         ),
     ]
 }
@@ -371,6 +382,13 @@ def inert_hparams(name: str, hparams: dict[str, Any]) -> set[str]:
     if spec is None or spec.inert is None or not isinstance(hparams, dict):
         return set()
     return set(spec.inert({**spec.defaults, **hparams})) & set(hparams)
+
+
+def cost_knobs(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The values of ``name``'s cost hyperparameters in ``hparams`` (given over its defaults): what its step
+    costs depends on, beyond the model, batch and machine."""
+    spec = OPTIMIZERS[name]
+    return {knob: hparams.get(knob, spec.defaults[knob]) for knob in spec.cost_hparams}
 
 
 def optimizer_names() -> list[str]:

@@ -158,6 +158,52 @@ def test_cli_compare_with_presets_writes_runs_protocol_and_report(tmp_path):
     assert (tmp_path / "report" / "results.md").read_text() in result.stdout
 
 
+def test_tuning_a_cost_knob_prices_each_of_its_values_and_each_run_takes_its_own(tmp_path, monkeypatch):
+    """LocoProp-M's space searches K: the table prices every K of the space side by side, and each trial and
+    final run gets the step count of its own K (not the preset's), so a cheaper step buys more steps."""
+    monkeypatch.setattr(budget, "CALIBRATION_ROUNDS", 3)
+    monkeypatch.setattr(budget, "CALIBRATION_ROUND_STEPS", 2)
+    monkeypatch.setattr(_Run, "_calibrate", lambda self: pytest.fail("a run timed its own steps"))
+    real_price_steps = calibration.price_steps
+    priced = []
+
+    def spy(base, hparams, data, optimizers=None):
+        priced.append({label: (optimizers or {}).get(label, label) for label in hparams})
+        return real_price_steps(base, hparams, data, optimizers)
+
+    monkeypatch.setattr(calibration, "price_steps", spy)
+    out = tmp_path / "cmp"
+    base = dataclasses.replace(BASE, steps=None, time_budget=0.5)
+    compare(base, ["locoprop-m"], [1], out, tuning=Tuning(trials=3, seed=0), progress=False)
+    choices = [1, 2, 3, 5, 10]
+    assert len(priced) == 1 and sorted(priced[0]) == ["locoprop-m"] + [f"locoprop-m (local_iters={k})" for k in
+                                                                       choices if k != 10]  # fmt: skip
+    assert set(priced[0].values()) == {"locoprop-m"}
+    table = json.loads((out / "protocol.json").read_text())["step_costs"]
+    entry = table["optimizers"]["locoprop-m"]
+    assert set(entry["variants"]) == {f"local_iters={k}" for k in choices}
+    assert entry["variants"]["local_iters=10"]["ratio"] == entry["ratio"]  # the preset's K
+    configs = [json.loads(p.read_text()) for p in out.glob("**/config.json")]
+    assert len(configs) == 4  # three trials and the final run
+    for config in configs:
+        variant = entry["variants"][f"local_iters={config['hparams'].get('local_iters', 10)}"]
+        assert config["calibration"]["step_time_s"] == pytest.approx(variant["ratio"] * table["reference_step_time_s"])
+        assert config["calibration"]["steps"] == variant["steps"] == max(1, math.floor(0.5 / variant["step_time_s"]))
+        assert json.loads((pathlib.Path(config["out"]) / "summary.json").read_text())["steps"] == variant["steps"]
+    report = (out / "report" / "report.md").read_text()
+    assert all(f"| locoprop-m (local_iters={k}) |" in report for k in choices)  # the protocol's cost table
+
+
+def test_a_run_without_its_knobs_priced_is_refused_naming_them():
+    cost = budget.StepCost(0.2, 0.1, "cpu", {"local_iters=1": 0.05, "local_iters=10": 0.2})
+    assert cost.for_knobs({"local_iters": 1}) == budget.StepCost(0.05, 0.1, "cpu")
+    assert budget.StepCost(0.2, 0.1).for_knobs({"local_iters": 3}) == budget.StepCost(0.2, 0.1)  # no variants
+    with pytest.raises(ValueError, match="No step cost priced for local_iters=3: the comparison priced local_iters=1"):
+        cost.for_knobs({"local_iters": 3})
+    with pytest.raises(ValueError, match=r"Invalid step_cost variants\['local_iters=1'\]: -1"):
+        budget.StepCost(0.2, 0.1, "cpu", {"local_iters=1": -1}).check()
+
+
 def test_cli_compare_refuses_tuning_flags_without_tune(tmp_path, capsys):
     from sweeps.commands.cli import main
 
@@ -173,9 +219,9 @@ def test_a_time_budget_comparison_prices_every_optimizer_side_by_side_once_for_a
     real_price_steps = calibration.price_steps
     priced = []
 
-    def spy(base, hparams, data):
+    def spy(base, hparams, data, optimizers=None):
         priced.append(sorted(hparams))
-        return real_price_steps(base, hparams, data)
+        return real_price_steps(base, hparams, data, optimizers)
 
     monkeypatch.setattr(calibration, "price_steps", spy)
     monkeypatch.setattr(_Run, "_calibrate", lambda self: pytest.fail("a run timed its own steps"))
@@ -196,6 +242,7 @@ def test_a_time_budget_comparison_prices_every_optimizer_side_by_side_once_for_a
         assert len(configs) == 2  # its tuning trial and its final run
         for config in configs:
             assert config["step_cost"].pop("clock") == table["clock"] == config["calibration"]["clock"]
+            assert config["step_cost"].pop("variants") is None  # no cost knobs
             assert config["step_cost"] == pytest.approx(cost) and config["calibration"]["steps"] == entry["steps"]
             summary = json.loads((out / pathlib.Path(config["out"]).relative_to(out) / "summary.json").read_text())
             assert summary["steps"] == entry["steps"]

@@ -43,6 +43,7 @@ reused, and the report is written again. Layout of ``out``::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -53,10 +54,11 @@ from typing import Any
 import torch
 
 from analysis.report import write_report
+from baselines.registry import cost_knobs
 from sweeps import schema
 from sweeps.commands import presets
 from sweeps.runner import budget, run_directory
-from sweeps.runner.budget import StepCost
+from sweeps.runner.budget import StepCost, knob_key
 from sweeps.runner.config import RunConfig, absent, run_dir_name
 from sweeps.runner.train import check_fits_data, loss_text, train
 from sweeps.search.results import best_trial
@@ -127,7 +129,7 @@ def compare(
         + f" -> {out}",
         flush=True,
     )
-    costs = _step_costs(base, {name: hparams_of(base.workload, name) for name in optimizers}, out)
+    costs = _step_costs(base, {name: hparams_of(base.workload, name) for name in optimizers}, out, tuning)
     out.mkdir(parents=True, exist_ok=True)
     run_directory.write_json(out / PROTOCOL, _protocol(base, seeds, tuning, {}, [], command, costs))
     priced = {name: _priced(base, costs, name) for name in optimizers}
@@ -154,14 +156,18 @@ def compare(
 
 
 # ------------------------------------------------------------ step costs
-def _step_costs(base: RunConfig, hparams: dict[str, dict], out: pathlib.Path) -> dict[str, Any] | None:
+def _step_costs(
+    base: RunConfig, hparams: dict[str, dict], out: pathlib.Path, tuning: Tuning | None = None
+) -> dict[str, Any] | None:
     """The comparison's table of step costs (None without a time budget), as protocol.json records it.
 
     Reused from protocol.json when it was measured for the same model, batch, device and threads (the
     ``setup``) and the same hyperparameters; an optimizer it lacks is measured beside the reference and
     priced against the table's reference step, so that every cost stays in the one table. Each optimizer is
-    priced with ``hparams`` (the presets, also when tuning: the search spaces fix what sets a step's cost,
-    such as LocoProp's K; the report checks every run's measured cost afterwards).
+    priced with ``hparams`` (the presets) and, when tuning, at every value its search space gives the knobs
+    that set a step's cost (``baselines.registry.cost_knobs``: LocoProp's K, K-FAC's refresh periods), all in
+    the same rounds: a trial or run takes the cost of its own knobs (``variants``), so that at equal time a
+    cheaper step buys more steps. The report checks every run's measured cost afterwards.
     """
     if base.time_budget is None:
         return None
@@ -169,24 +175,78 @@ def _step_costs(base: RunConfig, hparams: dict[str, dict], out: pathlib.Path) ->
     stored = _stored_costs(out / PROTOCOL)
     table = stored if stored is not None and stored.get("setup") == setup else None
     known = (table or {}).get("optimizers", {})
-    missing = {name: given for name, given in hparams.items() if known.get(name, {}).get("hparams") != given}
+    wanted = {name: _knob_values(name, given, tuning) for name, given in hparams.items()}
+    missing = {
+        name: given
+        for name, given in hparams.items()
+        if known.get(name, {}).get("hparams") != given or not set(wanted[name]) <= set(_variants(name, known[name]))
+    }
     if missing:
         from sweeps.runner.calibration import price_steps
 
-        print(f"pricing steps side by side: {', '.join(missing)} against {budget.REFERENCE_OPTIMIZER}", flush=True)
-        measured = price_steps(base, missing, check_fits_data(base))
+        print(f"pricing steps side by side: {', '.join(_priced_names(missing, wanted))} against "
+              f"{budget.REFERENCE_OPTIMIZER}", flush=True)  # fmt: skip
+        entries, names = {}, {}
+        for name, given in missing.items():
+            own = knob_key(cost_knobs(name, given))
+            for key, knobs in wanted[name].items():
+                label = name if key == own else f"{name} ({key})"
+                entries[label], names[label] = {**given, **knobs}, name
+        measured = price_steps(base, entries, check_fits_data(base), names)
         if table is None:
             reference = next(iter(measured.costs.values())).reference_step_time_s
             table = {"reference": measured.reference, "reference_step_time_s": reference, "setup": setup,
                      "timed_steps": measured.timed_steps, "clock": measured.clock, "optimizers": {}}  # fmt: skip
-        for name, cost in measured.costs.items():
-            table["optimizers"][name] = {"ratio": cost.ratio, "hparams": missing[name],
-                                         "skipped_steps": measured.skipped_steps[name]}  # fmt: skip
+        for name, given in missing.items():
+            own = knob_key(cost_knobs(name, given))
+            variants = {key: {"ratio": measured.costs[label].ratio, "skipped_steps": measured.skipped_steps[label]}
+                        for key in wanted[name] for label in [name if key == own else f"{name} ({key})"]}  # fmt: skip
+            table["optimizers"][name] = {**variants[own], "hparams": given}
+            if len(variants) > 1:
+                table["optimizers"][name]["variants"] = variants
     for entry in table["optimizers"].values():  # the step time and count of every optimizer, from its ratio
-        entry["step_time_s"] = entry["ratio"] * table["reference_step_time_s"]
-        entry["steps"] = max(1, math.floor(base.time_budget / entry["step_time_s"]))
+        for priced in [entry, *entry.get("variants", {}).values()]:
+            priced["step_time_s"] = priced["ratio"] * table["reference_step_time_s"]
+            priced["steps"] = max(1, math.floor(base.time_budget / priced["step_time_s"]))
     _print_costs(table, list(hparams), measured=bool(missing))
     return table
+
+
+def _knob_values(name: str, preset: dict, tuning: Tuning | None) -> dict[str, dict]:
+    """The cost-knob values ``name`` is priced at: the preset's, and when tuning every combination its search
+    space can sample (key ``budget.knob_key`` -> knob values)."""
+    own = cost_knobs(name, preset)
+    values = {knob_key(own): own}
+    if tuning is None or not own:
+        return values
+    import optuna
+
+    from sweeps.search.search_space import load_space
+
+    space = load_space(name)
+    choices = []
+    for knob, default in cost_knobs(name, {}).items():
+        if knob in space.distributions:
+            distribution = space.distributions[knob]
+            if not isinstance(distribution, optuna.distributions.CategoricalDistribution):
+                raise ValueError(f"{space.source}: cost knob {knob} must be categorical so that each value's step "
+                                 "can be priced before the trials")  # fmt: skip
+            choices.append(list(distribution.choices))
+        else:
+            choices.append([space.fixed.get(knob, default)])
+    for combination in itertools.product(*choices):
+        knobs = dict(zip(own, combination))
+        values.setdefault(knob_key(knobs), knobs)
+    return values
+
+
+def _variants(name: str, entry: dict) -> dict:
+    """A stored entry's priced variants (one, its own, in a table priced before cost knobs were)."""
+    return entry.get("variants") or {knob_key(cost_knobs(name, entry.get("hparams") or {})): entry}
+
+
+def _priced_names(missing: dict, wanted: dict) -> list[str]:
+    return [name if len(wanted[name]) == 1 else f"{name} (at {len(wanted[name])} cost-knob values)" for name in missing]
 
 
 def _cost_setup(base: RunConfig) -> dict[str, Any]:
@@ -212,13 +272,22 @@ def _priced(base: RunConfig, costs: dict[str, Any] | None, optimizer: str) -> Ru
     if costs is None:
         return base
     entry = costs["optimizers"][optimizer]
-    cost = StepCost(entry["step_time_s"], costs["reference_step_time_s"], costs.get("clock", "wall"))
+    reference = costs["reference_step_time_s"]
+    variants = {key: v["ratio"] * reference for key, v in entry["variants"].items()} if "variants" in entry else None
+    cost = StepCost(entry["step_time_s"], reference, costs.get("clock", "wall"), variants)
     return dataclasses.replace(base, step_cost=cost)
+
+
+def _cost_text(name: str, entry: dict[str, Any]) -> str:
+    """``locoprop-m 6.1 (160 steps; at local_iters=1 1.6 (600), …)``: the preset's cost, then the other knobs'."""
+    others = [f"at {key} {v['ratio']:.3g} ({v['steps']})" for key, v in entry.get("variants", {}).items()
+              if v["ratio"] != entry["ratio"]]  # fmt: skip
+    return f"{name} {entry['ratio']:.3g} ({entry['steps']} steps{''.join('; ' + o for o in others)})"
 
 
 def _print_costs(table: dict[str, Any], optimizers: list[str], measured: bool) -> None:
     entries = table["optimizers"]
-    listed = ", ".join(f"{name} {entries[name]['ratio']:.3g} ({entries[name]['steps']} steps)" for name in optimizers)
+    listed = ", ".join(_cost_text(name, entries[name]) for name in optimizers)
     clock = "CPU time of the training thread" if table.get("clock") == "cpu" else "wall time"
     print(
         f"step costs in {table['reference']} steps ({1000 * table['reference_step_time_s']:.3g} ms each, {clock}), "

@@ -68,6 +68,7 @@ __all__ = [
     "budget_clock",
     "default_threads",
     "interleaved_step_times",
+    "knob_key",
     "lr_factor",
     "pace",
     "run_threads",
@@ -89,6 +90,11 @@ class CalibrationSkipped(UserWarning):
     """Steps of a calibration were skipped as non-finite, so it may have timed the budget short."""
 
 
+def knob_key(knobs: dict) -> str:
+    """The cost knobs' values as one key, ``"local_iters=1"`` (``""`` for an optimizer without knobs)."""
+    return ",".join(f"{name}={knobs[name]}" for name in sorted(knobs))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepCost:
     """One optimizer's step cost, measured side by side with the reference optimizer on the same model and batch.
@@ -96,11 +102,27 @@ class StepCost:
     ``step_time_s`` is the seconds of one step; ``reference_step_time_s`` those of a reference step in the same
     measurement, so that ``ratio`` (the step's cost in reference steps) can be compared across measurements
     made under different loads; ``clock`` what the seconds count (:func:`budget_clock`).
+
+    ``variants``: where a comparison tunes a knob that sets the step's cost (LocoProp's K,
+    ``baselines.registry.cost_knobs``), the seconds of a step at each of its values, measured in the same
+    table (key :func:`knob_key`); a run takes its own with :meth:`for_knobs`, so that a cheaper step buys
+    more steps.
     """
 
     step_time_s: float
     reference_step_time_s: float
     clock: str = "wall"  # of both times: "wall" or "cpu" (budget_clock)
+    variants: dict[str, float] | None = None
+
+    def for_knobs(self, knobs: dict) -> StepCost:
+        """The cost of a step at these cost-knob values: its variant's, or this one where none are priced."""
+        if self.variants is None:
+            return self
+        key = knob_key(knobs)
+        if key not in self.variants:
+            priced = ", ".join(sorted(self.variants)) or "none"
+            raise ValueError(f"No step cost priced for {key}: the comparison priced {priced}")
+        return StepCost(self.variants[key], self.reference_step_time_s, self.clock)
 
     @property
     def ratio(self) -> float:
@@ -113,8 +135,12 @@ class StepCost:
     def check(self) -> None:
         if self.clock not in CLOCKS:
             raise ValueError(f"Invalid step_cost clock: {self.clock!r}; expected wall or cpu")
-        for name in ("step_time_s", "reference_step_time_s"):
-            value = getattr(self, name)
+        seconds = [(name, getattr(self, name)) for name in ("step_time_s", "reference_step_time_s")]
+        if self.variants is not None and not isinstance(self.variants, dict):
+            raise ValueError(f"Invalid step_cost variants: {self.variants!r}; expected a mapping of knobs to seconds")
+        if self.variants is not None:
+            seconds += [(f"variants[{key!r}]", value) for key, value in self.variants.items()]
+        for name, value in seconds:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and math.isfinite(value) and value > 0):
                 raise ValueError(f"Invalid step_cost {name}: {value!r}; expected seconds, a finite number > 0")

@@ -143,10 +143,13 @@ def calibrate_run(
     return Calibration.of(config.time_budget, costs[config.optimizer], timed_steps(), skipped[config.optimizer])
 
 
-def price_steps(base: RunConfig, hparams: Mapping[str, dict], data: Dataset) -> StepCostTable:
+def price_steps(
+    base: RunConfig, hparams: Mapping[str, dict], data: Dataset, optimizers: Mapping[str, str] | None = None
+) -> StepCostTable:
     """The step costs of a comparison: every optimizer of ``hparams`` (name -> its hyperparameters) on ``base``'s
     model and batch, and the reference optimizer, timed in one process in interleaved rounds, with ``base``'s
-    threads (:func:`~sweeps.runner.budget.run_threads`).
+    threads (:func:`~sweeps.runner.budget.run_threads`). ``optimizers`` gives the registry name of each
+    entry whose name is not one (variants of one optimizer at several cost-knob values, priced side by side).
 
     ``data``: the data set (its validation split is held out here as in the
     runs). A throwaway optimizer that skipped steps as non-finite is named
@@ -155,7 +158,11 @@ def price_steps(base: RunConfig, hparams: Mapping[str, dict], data: Dataset) -> 
     on_cuda = base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if on_cuda else "cpu")
     split = data.with_validation(base.valid_fraction)
-    configs = {name: dataclasses.replace(base, optimizer=name, hparams=dict(given)) for name, given in hparams.items()}
+    optimizers = optimizers or {}
+    configs = {
+        name: dataclasses.replace(base, optimizer=optimizers.get(name, name), hparams=dict(given))
+        for name, given in hparams.items()
+    }
     if REFERENCE_OPTIMIZER not in configs:  # Adam's hyperparameters do not change what its step costs
         configs[REFERENCE_OPTIMIZER] = dataclasses.replace(base, optimizer=REFERENCE_OPTIMIZER, hparams={})
     with run_threads(base.threads) as threads:

@@ -205,6 +205,9 @@ def run_identity(config: dict[str, Any]) -> dict[str, str]:
     if isinstance(hparams, dict):
         inert = inert_hparams(config.get("optimizer"), hparams)
         identity["hparams"] = {key: value for key, value in hparams.items() if key not in inert}
+    step_cost = config.get("step_cost")
+    if isinstance(step_cost, dict) and step_cost.get("variants") is None:  # priced before cost knobs were
+        identity["step_cost"] = {key: value for key, value in step_cost.items() if key != "variants"}
     return {
         key: json.dumps(value, sort_keys=True, default=repr)
         for key, value in identity.items()

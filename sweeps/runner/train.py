@@ -79,6 +79,7 @@ from typing import Any
 import torch
 
 from baselines import make_optimizer
+from baselines.registry import cost_knobs
 from sweeps import interrupts, schema
 from sweeps.runner import contract, run_directory
 from sweeps.runner.budget import (
@@ -457,8 +458,9 @@ class _Run:
         self.calibration_seconds = 0.0
         if checkpoint is not None and checkpoint["calibration"] is not None:
             self.calibration = Calibration(**checkpoint["calibration"])
-        elif config.step_cost is not None:  # priced beside the other optimizers of a comparison
-            self.calibration = Calibration.of(config.time_budget, config.step_cost, timed_steps=0)
+        elif config.step_cost is not None:  # priced beside the other optimizers of a comparison, at its knobs
+            cost = config.step_cost.for_knobs(cost_knobs(config.optimizer, config.hparams))
+            self.calibration = Calibration.of(config.time_budget, cost, timed_steps=0)
         elif config.time_budget is not None:
             started = time.perf_counter()
             self.calibration = self._calibrate()
