@@ -240,7 +240,7 @@ def test_a_run_given_its_step_cost_takes_its_steps_from_it_without_timing(tmp_pa
     assert result.summary["steps"] == 12  # ⌊3 / 0.25⌋
     assert result.summary["calibration"]["reference_step_time_s"] == 0.05
     stored = json.loads((tmp_path / "config.json").read_text())
-    assert stored["step_cost"] == {**cost, "clock": "wall"} and RunConfig.from_dict(stored) == config
+    assert stored["step_cost"] == {**cost, "clock": "wall", "variants": None} and RunConfig.from_dict(stored) == config
 
 
 def test_the_new_fields_leave_older_run_directories_their_names():
@@ -248,6 +248,11 @@ def test_the_new_fields_leave_older_run_directories_their_names():
     assert "step_cost" not in run_identity(plain) and "threads" not in run_identity(plain)
     priced = dataclasses.asdict(RunConfig(time_budget=3.0, step_cost=budget.StepCost(0.25, 0.05), threads=2, **TINY))
     assert {"step_cost", "threads"} <= set(run_identity(priced))
+    # A step cost without variants (no cost knob tuned) is the one older runs recorded, before variants existed.
+    older = {**priced, "step_cost": {k: v for k, v in priced["step_cost"].items() if k != "variants"}}
+    assert run_identity(older) == run_identity(priced)
+    knobs = {**priced, "step_cost": {**priced["step_cost"], "variants": {"local_iters=1": 0.1}}}
+    assert run_identity(knobs) != run_identity(priced)
 
 
 @pytest.mark.parametrize(
