@@ -148,19 +148,20 @@ class KFAC(torch.optim.Optimizer):
         others = [p for p in group["params"] if p not in self._layer_params and p.grad is not None]
         if not active and not others:
             raise no_backward_error("KFAC")
-        refreshing = [layer for layer in active if self._due(layer, group["factor_update_freq"])]
+        # The steps each layer has taken: its factors update on 0, F, 2F, …, its eigenbases on 0, T, 2T, ….
+        steps = {layer: _steps_taken(self.state[layer.module.weight]) for layer in active}
+        refreshing = [layer for layer in active if steps[layer] % group["factor_update_freq"] == 0]
         if self.fisher == "sampled" and refreshing:
             self._resample_output_gradients(refreshing)
 
         directions = {}
         for layer in active:
             state = self.state[layer.module.weight]
-            steps = state.get("steps", state.get("factor_steps", 0))  # (checkpoints before factor_update_freq)
             if layer in refreshing:
                 self._update_factors(layer, group)
-            if steps % group["inv_update_freq"] == 0:
+            if steps[layer] % group["inv_update_freq"] == 0:
                 _refresh_eigenbases(state)
-            state["steps"] = steps + 1
+            state["steps"] = steps[layer] + 1
             directions[layer] = self._precondition(layer, group)
         for layer in self.layers:
             layer.records.clear()
@@ -190,11 +191,6 @@ class KFAC(torch.optim.Optimizer):
             direction = state["momentum_buffer"]
         p.sub_(direction, alpha=group["lr"])
 
-    def _due(self, layer: RecordedLayer, factor_update_freq: int) -> bool:
-        """Whether ``layer``'s factors are updated this step: its first, then every ``factor_update_freq``."""
-        state = self.state[layer.module.weight]
-        return "A" not in state or state.get("steps", state.get("factor_steps", 0)) % factor_update_freq == 0
-
     def _update_factors(self, layer: RecordedLayer, group: dict) -> None:
         records = layer.backpropagated_records()
         adapter = layer.adapter
@@ -212,11 +208,9 @@ class KFAC(torch.optim.Optimizer):
         decay = group["factor_decay"]
         if "A" not in state:
             state["A"], state["G"] = a_factor, g_factor
-            state["factor_steps"] = 0
         else:
             state["A"].mul_(decay).add_(a_factor, alpha=1 - decay)
             state["G"].mul_(decay).add_(g_factor, alpha=1 - decay)
-        state["factor_steps"] += 1
 
     def _precondition(self, layer: RecordedLayer, group: dict) -> Tensor:
         state = self.state[layer.module.weight]
@@ -285,6 +279,11 @@ def _pi(a_factor: Tensor, g_factor: Tensor) -> float:
     if mean_a <= 0 or mean_g <= 0:
         return 1.0
     return math.sqrt(mean_a / mean_g)
+
+
+def _steps_taken(state: dict) -> int:
+    # A checkpoint from before factor_update_freq counted factor updates, one a step: the same number.
+    return state.get("steps", state.get("factor_steps", 0))
 
 
 def _refresh_eigenbases(state: dict) -> None:

@@ -360,7 +360,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             # covariance_refresh T: (C̄ + λI)⁻¹ formed every T steps and reused in between (FOOF); with
             # covariance_decay ρ, C̄ an exponential moving average of the refresh steps' C. T = 1, ρ = 0: every batch.
             {
-                **_LOCOPROP_DEFAULTS,
+                # (no local_dtype: the exact solve has no inner matmuls to run in it)
+                **{name: value for name, value in _LOCOPROP_DEFAULTS.items() if name != "local_dtype"},
                 "activation_lr": 1.0,
                 "prox": 10.0,
                 "covariance_refresh": 1,

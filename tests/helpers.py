@@ -135,3 +135,15 @@ def classification_loss(x, y):
 # Generous on purpose: it only has to tell a hang from a slow machine, and with one CPU-bound neighbour on
 # two cores a step can be 15× slower (a bench subprocess that takes 40 s alone ran past 300 s under load).
 HANG_GUARD_S = 1800
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``locoprop ARGV``, argparse's usage errors included."""
+    from sweeps.commands.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err

@@ -17,27 +17,17 @@ import sys
 
 import pytest
 import torch
-from helpers import HANG_GUARD_S
+from helpers import HANG_GUARD_S, run_cli
 from test_analysis import RUNS, make_run
 
 from baselines.registry import OPTIMIZERS
 from sweeps.commands.bench import BenchConfig, bench
-from sweeps.commands.cli import EXAMPLES, locoprop_parser, main
+from sweeps.commands.cli import EXAMPLES, locoprop_parser
 from sweeps.commands.flags import HPARAM_FLAGS
 from sweeps.runner.data import DataShape
 from sweeps.runner.workloads import get_workload
 
 FLAGS_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "sweeps" / "commands" / "flags.py"
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``locoprop ARGV``, argparse's usage errors included."""
-    try:
-        status = main(argv)
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import run_cli
 from torch import nn
 
 from baselines.registry import OPTIMIZERS, make_optimizer
 from locoprop import LocoPropOptimizer
 from sweeps.commands.bench import BenchConfig, add_roofline, matmul_peaks, measure
-from sweeps.commands.cli import main
 from sweeps.runner import precision
 from sweeps.runner.config import RunConfig, config_digest, run_identity
 from sweeps.runner.train import train
@@ -21,15 +21,6 @@ from sweeps.search.search_space import load_space
 TINY = dict(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, steps=14, threads=1)
 TRAIN = ["train", "--data", "synthetic", "--width-mult", "0.05", "--batch-size", "64", "--steps", "2", "--no-progress",
          "--optimizer", "adam"]  # fmt: skip
-
-
-def _run_cli(argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "locoprop-m", "locoprop-s"])
@@ -115,10 +106,10 @@ def test_bf16_sets_locoprop_s_local_dtype_unless_the_run_sets_it():
 
 
 def test_a_bad_precision_is_refused_naming_it(capsys):
-    status, _, err = _run_cli([*TRAIN, "--precision", "fp16"], capsys)
+    status, _, err = run_cli([*TRAIN, "--precision", "fp16"], capsys)
     assert status == 2 and "argument --precision: invalid choice: 'fp16'" in err
     for command in (["compare"], ["sweep"], ["bench"]):
-        assert _run_cli([*command, "--precision", "half"], capsys)[0] == 2
+        assert run_cli([*command, "--precision", "half"], capsys)[0] == 2
     with pytest.raises(ValueError, match="Invalid precision: 'half'"):
         RunConfig(precision="half").validate()
 
@@ -141,9 +132,9 @@ def test_fp32_is_what_a_config_without_precision_was():
 
 def test_resume_in_another_precision_names_the_flag(tmp_path, capsys):
     train_ = [*TRAIN, "--out", str(tmp_path)]
-    assert _run_cli(train_, capsys)[0] == 0
+    assert run_cli(train_, capsys)[0] == 0
     (first,) = tmp_path.iterdir()
-    status, _, err = _run_cli([*train_, "--precision", "bf16", "--resume"], capsys)
+    status, _, err = run_cli([*train_, "--precision", "bf16", "--resume"], capsys)
     assert status == 0
     (second,) = set(tmp_path.iterdir()) - {first}
     assert err.splitlines()[0] == (
@@ -191,14 +182,14 @@ def test_bench_hparam_goes_to_every_optimizer_that_takes_it(monkeypatch, capsys)
     monkeypatch.setattr("sweeps.commands.bench.bench", lambda configs: benchmarked.extend(configs) or [])
     argv = ["bench", "--optimizers", "adam,locoprop-m,locoprop-s-exact", "--precision", "bf16", "--json",
             "--hparam", "local_dtype=bfloat16", "--hparam", "covariance_refresh=10", "--hparam", "lr=0.01"]  # fmt: skip
-    assert _run_cli(argv, capsys)[0] == 0
+    assert run_cli(argv, capsys)[0] == 0
     assert {c.optimizer: c.hparams for c in benchmarked} == {
         "adam": {"lr": 0.01},
         "locoprop-m": {"local_dtype": "bfloat16", "lr": 0.01},
         "locoprop-s-exact": {"covariance_refresh": 10, "lr": 0.01},  # the exact solve has no inner matmuls
     }
     assert {c.precision for c in benchmarked} == {"bf16"}
-    status, _, err = _run_cli(
+    status, _, err = run_cli(
         ["bench", "--optimizers", "adam,locoprop-m", "--hparam", "covariance_refresh=10", "--json"], capsys
     )
     assert status == 2 and err == (
@@ -206,7 +197,7 @@ def test_bench_hparam_goes_to_every_optimizer_that_takes_it(monkeypatch, capsys)
         "their registry defaults (baselines/registry.py)\n"
     )
     argv = ["bench", "--optimizers", "adam", "--hparam", "lr=0.01", "--hparam", "lr=0.1", "--json"]
-    assert _run_cli(argv, capsys)[2] == "locoprop: --hparam lr is given twice (0.01 and 0.1); give it once\n"
+    assert run_cli(argv, capsys)[2] == "locoprop: --hparam lr is given twice (0.01 and 0.1); give it once\n"
     # The value's type is checked with every config, before the first benchmark runs.
     with pytest.raises(ValueError, match="Invalid hyperparameter covariance_refresh='x' for 'locoprop-s-exact'"):
         BenchConfig(optimizer="locoprop-s-exact", hparams={"covariance_refresh": "x"}).validate()

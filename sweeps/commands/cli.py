@@ -36,7 +36,6 @@ from sweeps.runner import run_directory
 from sweeps.runner.budget import CalibrationSkipped
 from sweeps.runner.config import ABSENT_AT, RunConfig, run_dir_name, run_identity
 from sweeps.runner.data import DataUnavailable
-from sweeps.runner.precision import LOCAL_DTYPE_OPTIMIZERS
 from sweeps.runner.ranks import RankFailed, RankRefused, Ranks, init_from_environment, launch
 from sweeps.runner.run_directory import RecordRebuilt
 from sweeps.runner.train import (
@@ -347,7 +346,7 @@ def _bench_hparams(names: list[str], given: list[tuple[str, object]], compile_: 
         if key in settings and settings[key] != value:
             raise ValueError(f"--hparam {key} is given twice ({settings[key]!r} and {value!r}); give it once")
         settings[key] = value
-    takes = {name: {key for key in settings if _takes(name, key)} for name in names}
+    takes = {name: {key for key in settings if key in OPTIMIZERS[name].defaults} for name in names}
     unused = sorted(key for key in settings if not any(key in keys for keys in takes.values()))
     if unused:
         raise ValueError(
@@ -359,14 +358,6 @@ def _bench_hparams(names: list[str], given: list[tuple[str, object]], compile_: 
                **({"compile": True} if compile_ and name.startswith("locoprop") else {})}
         for name in names
     }  # fmt: skip
-
-
-def _takes(optimizer: str, hparam: str) -> bool:
-    """Whether ``optimizer`` takes ``hparam``: a registry default; the exact solve lists LocoProp's local_dtype
-    among the defaults it shares but has no inner matmuls to run in it (it refuses any but None)."""
-    if hparam == "local_dtype" and optimizer not in LOCAL_DTYPE_OPTIMIZERS:
-        return False
-    return hparam in OPTIMIZERS[optimizer].defaults
 
 
 def cmd_bench(args) -> int:

@@ -186,22 +186,21 @@ def _step_costs(
 
         print(f"pricing steps side by side: {', '.join(_priced_names(missing, wanted))} against "
               f"{budget.REFERENCE_OPTIMIZER}", flush=True)  # fmt: skip
-        entries, names = {}, {}
-        for name, given in missing.items():
-            own = knob_key(cost_knobs(name, given))
-            for key, knobs in wanted[name].items():
-                label = name if key == own else f"{name} ({key})"
-                entries[label], names[label] = {**given, **knobs}, name
+        # One entry per knob value, the preset's under the optimizer's own name.
+        labels = {name: {key: name if key == knob_key(cost_knobs(name, given)) else f"{name} ({key})"
+                         for key in wanted[name]} for name, given in missing.items()}  # fmt: skip
+        entries = {labels[name][key]: {**given, **knobs} for name, given in missing.items()
+                   for key, knobs in wanted[name].items()}  # fmt: skip
+        names = {label: name for name in missing for label in labels[name].values()}
         measured = price_steps(base, entries, check_fits_data(base), names)
         if table is None:
             reference = next(iter(measured.costs.values())).reference_step_time_s
             table = {"reference": measured.reference, "reference_step_time_s": reference, "setup": setup,
                      "timed_steps": measured.timed_steps, "clock": measured.clock, "optimizers": {}}  # fmt: skip
         for name, given in missing.items():
-            own = knob_key(cost_knobs(name, given))
             variants = {key: {"ratio": measured.costs[label].ratio, "skipped_steps": measured.skipped_steps[label]}
-                        for key in wanted[name] for label in [name if key == own else f"{name} ({key})"]}  # fmt: skip
-            table["optimizers"][name] = {**variants[own], "hparams": given}
+                        for key, label in labels[name].items()}  # fmt: skip
+            table["optimizers"][name] = {**variants[knob_key(cost_knobs(name, given))], "hparams": given}
             if len(variants) > 1:
                 table["optimizers"][name]["variants"] = variants
     for entry in table["optimizers"].values():  # the step time and count of every optimizer, from its ratio

@@ -180,8 +180,9 @@ def _finite(value) -> bool:
 
 
 # Fields added after runs were made without them, and the value those runs had: left out of the identity at that
-# value, so that those runs keep their directories and can still be resumed.
-ABSENT_AT = {"step_cost": None, "threads": None, "precision": DEFAULT_PRECISION}
+# value, so that those runs keep their directories and can still be resumed. "FIELD.KEY": a key added to a field
+# that is a record of its own (step_cost's variants, priced since cost knobs are tuned).
+ABSENT_AT = {"step_cost": None, "threads": None, "precision": DEFAULT_PRECISION, "step_cost.variants": None}
 
 
 def absent(key: str, value: Any) -> bool:
@@ -205,9 +206,9 @@ def run_identity(config: dict[str, Any]) -> dict[str, str]:
     if isinstance(hparams, dict):
         inert = inert_hparams(config.get("optimizer"), hparams)
         identity["hparams"] = {key: value for key, value in hparams.items() if key not in inert}
-    step_cost = config.get("step_cost")
-    if isinstance(step_cost, dict) and step_cost.get("variants") is None:  # priced before cost knobs were
-        identity["step_cost"] = {key: value for key, value in step_cost.items() if key != "variants"}
+    for key, value in list(identity.items()):
+        if isinstance(value, dict):
+            identity[key] = {inner: v for inner, v in value.items() if not absent(f"{key}.{inner}", v)}
     return {
         key: json.dumps(value, sort_keys=True, default=repr)
         for key, value in identity.items()

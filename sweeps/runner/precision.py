@@ -28,6 +28,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from baselines.registry import OPTIMIZERS
 from sweeps.schema import DEFAULT_PRECISION, PRECISIONS
 
 __all__ = [
@@ -40,8 +41,8 @@ __all__ = [
     "optimizer_hparams",
 ]
 
-# The optimizers whose inner iterations take local_dtype (the exact solve has none, and refuses it).
-LOCAL_DTYPE_OPTIMIZERS = ("locoprop-m", "locoprop-s")
+# The optimizers whose inner iterations take local_dtype (the exact solve has none).
+LOCAL_DTYPE_OPTIMIZERS = tuple(name for name, spec in OPTIMIZERS.items() if "local_dtype" in spec.defaults)
 # The dtype each precision's autocast runs the forward in (None: no autocast).
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
