@@ -231,11 +231,19 @@ def summary_table(frame: pd.DataFrame, targets: Targets | None = None, metric: s
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    adam = table[table["optimizer"] == "adam"].set_index(["workload", "data"])["step_time_s"]
+    # Each row against the Adam of its own precision: "adam (bf16)" is the reference of "locoprop-m (bf16)"
+    # when runs of both precisions are reported together (analysis.load.label_precisions).
+    adam = table.set_index(["workload", "data", "optimizer"])["step_time_s"]
     table["step_time_ratio_to_adam"] = [
-        row.step_time_s / adam.get((row.workload, row.data), np.nan) for row in table.itertuples()
+        row.step_time_s / adam.get((row.workload, row.data, _adam_label(row.optimizer)), np.nan)
+        for row in table.itertuples()
     ]
     return table
+
+
+def _adam_label(optimizer: str) -> str:
+    """The label of the Adam runs measured like ``optimizer``: "adam (bf16)" for "kfac (bf16)", else "adam"."""
+    return "adam" + optimizer[len(registry_name(optimizer)):]
 
 
 def _summary_row(key: tuple, runs: pd.DataFrame, to_target: pd.Series) -> dict:

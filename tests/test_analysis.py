@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from analysis import plots
-from analysis.load import RunsNotFound, load_results
+from analysis.load import RunsNotFound, label_precisions, load_results
 from analysis.report import write_report
 from analysis.tables import TIME_TO_TARGET_RULE, default_target, performance_ratios, summary_table, time_to_target
 
@@ -26,10 +26,12 @@ RUNS = [
 
 
 def make_run(root: pathlib.Path, optimizer, seed, status, losses, seconds, step_time, workload="autoencoder",
-             data="mnist5k", hparams=None) -> pathlib.Path:  # fmt: skip
-    run_dir = root / f"{optimizer}-{workload}-{data}-seed{seed}"
+             data="mnist5k", hparams=None, precision=None) -> pathlib.Path:  # fmt: skip
+    run_dir = root / f"{optimizer}-{workload}-{data}-seed{seed}{'-' + precision if precision else ''}"
     run_dir.mkdir(parents=True)
     config = dict(optimizer=optimizer, workload=workload, data=data, seed=seed, hparams=hparams or {"lr": 0.1})
+    if precision:
+        config["precision"] = precision
     (run_dir / "config.json").write_text(json.dumps(config))
     rows = [
         dict(step=10 * e, epoch=e, wall_time_s=seconds * e, train_loss=loss, test_loss=loss + 1, lr=0.1,
@@ -83,6 +85,18 @@ def test_table_values(runs):
     # With the default target both adam runs reach 3.5 at epoch 3 (3 s).
     default = summary_table(frame).set_index("optimizer").loc["adam"]
     assert (default["reached_target"], default["seconds_to_target"]) == ("2/2", 3.0)
+
+
+def test_with_both_precisions_each_step_time_is_set_against_the_adam_of_its_own(tmp_path):
+    """Runs of fp32 and bf16 reported together are labelled "adam (fp32)", "adam (bf16)", …: each row's ratio
+    to Adam is over the Adam runs of its precision, not NaN for want of a row named plain "adam"."""
+    for precision, adam_step, loco_step in (("fp32", 0.1, 0.8), ("bf16", 0.05, 0.6)):
+        make_run(tmp_path, "adam", 0, "ok", [10, 6], 1.0, adam_step, precision=precision)
+        make_run(tmp_path, "locoprop-m", 0, "ok", [10, 5], 1.0, loco_step, precision=precision)
+    table = summary_table(label_precisions(load_results([tmp_path]))).set_index("optimizer")["step_time_ratio_to_adam"]
+    assert table.to_dict() == pytest.approx(
+        {"adam (fp32)": 1.0, "locoprop-m (fp32)": 8.0, "adam (bf16)": 1.0, "locoprop-m (bf16)": 12.0}
+    )
 
 
 def test_given_target_overrides_the_default(runs):
