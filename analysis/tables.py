@@ -243,7 +243,7 @@ def summary_table(frame: pd.DataFrame, targets: Targets | None = None, metric: s
 
 def _adam_label(optimizer: str) -> str:
     """The label of the Adam runs measured like ``optimizer``: "adam (bf16)" for "kfac (bf16)", else "adam"."""
-    return "adam" + optimizer[len(registry_name(optimizer)):]
+    return "adam" + optimizer[len(registry_name(optimizer)) :]
 
 
 def _summary_row(key: tuple, runs: pd.DataFrame, to_target: pd.Series) -> dict:

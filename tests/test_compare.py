@@ -14,13 +14,17 @@ from helpers import HANG_GUARD_S
 
 from analysis.load import CompareFolderRead
 from analysis.report import write_report
+from baselines import registry
 from sweeps.commands import compare as compare_module
+from sweeps.commands import presets
 from sweeps.commands.cli import main
 from sweeps.commands.compare import Tuning, compare
+from sweeps.commands.suite import SUITE
 from sweeps.runner import RunConfig, budget, calibration
 from sweeps.runner.train import _Run
 from sweeps.search import optuna_backend
 from sweeps.search.results import best_trial
+from sweeps.search.search_space import load_space
 
 BASE = RunConfig(workload="autoencoder", data="synthetic", width_mult=0.05, batch_size=64, steps=6, eval_every=3)
 
@@ -134,6 +138,27 @@ def test_best_trial_reads_validation_and_only_finished_trials(tmp_path):
     assert best_trial(table) is None
 
 
+@pytest.mark.parametrize("workload", sorted({workload for workload, _ in SUITE}))
+def test_every_suite_workload_has_tuned_presets_for_the_default_optimizers(workload):
+    """Issue 26: the suite compares tuned optimizers on every workload, not registry defaults off the autoencoder;
+    each preset is a valid configuration inside its search space and says where it came from."""
+    for name in presets.COMPARE_OPTIMIZERS:
+        tuned = presets.preset(workload, name)
+        assert tuned, f"no preset for {name} on {workload}"
+        registry.check_hparams(name, tuned)
+        space = load_space(name)
+        for key, value in tuned.items():
+            searched = "one_minus_" + key if "one_minus_" + key in space.distributions else key
+            distribution = space.distributions.get(searched)
+            if distribution is not None:
+                value = 1 - value if searched != key else value
+                inside = (value in distribution.choices if hasattr(distribution, "choices")
+                          else distribution.low <= value <= distribution.high)  # fmt: skip
+                assert inside, f"{workload} {name}: {key}={value} outside its search space"
+    assert f"--workload {workload} " in presets.provenance(workload) or workload == "autoencoder"
+    assert "registry defaults" in presets.provenance("mlp") and "none tuned" in presets.provenance("mlp")
+
+
 def test_cli_compare_with_presets_writes_runs_protocol_and_report(tmp_path):
     args = [
         "compare", "--data", "synthetic", "--steps", "4", "--batch-size", "64", "--width-mult", "0.05",
@@ -149,6 +174,7 @@ def test_cli_compare_with_presets_writes_runs_protocol_and_report(tmp_path):
             assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
     protocol = json.loads((tmp_path / "protocol.json").read_text())
     assert protocol["tuning"] is None and protocol["presets"]["source"] == "sweeps.commands.presets"
+    assert "`locoprop compare --tune 8 --time-budget 30 --seeds 1,2`" in protocol["presets"]["note"]
     assert protocol["command"] == "locoprop " + " ".join(args)
     assert protocol["precision"] == "bf16"
     assert {json.loads(p.read_text())["precision"] for p in tmp_path.glob("runs/*/config.json")} == {"bf16"}

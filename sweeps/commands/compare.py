@@ -390,7 +390,7 @@ def _protocol(base, seeds, tuning, tuned, run_dirs, command, costs) -> dict[str,
             "optimizers": tuned,
         }
     else:
-        protocol["presets"] = {"source": presets.__name__, "note": presets.PROVENANCE}
+        protocol["presets"] = {"source": presets.__name__, "note": presets.provenance(base.workload)}
     return protocol
 
 
