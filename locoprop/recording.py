@@ -88,8 +88,10 @@ def _marking_hook(record: UseRecord, backpropagated: list[UseRecord], measure: b
     return mark
 
 
-# Ops that only look at a tensor's metadata: never consumers.
-_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.is_contiguous, Tensor.__len__}
+# Ops that only look at a tensor's metadata, or read its numbers out of the graph (a forward hook that logs
+# activations detaches them): never consumers, so a unit watched by such a hook keeps its transfer function.
+_NOT_CONSUMERS = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.is_contiguous, Tensor.__len__,
+                  Tensor.detach, torch.detach, Tensor.item, Tensor.tolist, Tensor.numpy}  # fmt: skip
 # Ops whose output is the same numbers rearranged: an elementwise function after them applies to the unit
 # output itself, so they are followed.
 _VIEWS = {Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, torch.flatten, Tensor.contiguous,
@@ -161,7 +163,7 @@ class ForwardRecorder(TorchFunctionMode):
         if func is F.multi_head_attention_forward:
             with self:  # its projections are F.linear calls inside it
                 return _mha_forward_inside()(*args, **kwargs)
-        if self.discovering and func not in _METADATA and getattr(func, "__name__", "") != "__get__":
+        if self.discovering and func not in _NOT_CONSUMERS and getattr(func, "__name__", "") != "__get__":
             self._note_consumer(func, args, kwargs)
         output = func(*args, **kwargs)
         if self.discovering and isinstance(output, Tensor):

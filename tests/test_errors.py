@@ -330,6 +330,39 @@ def test_a_forward_under_bf16_autocast_steps_in_the_parameters_dtype(kwargs):
     assert_same_params(model, expected, rtol=0, atol=2e-3)
 
 
+def test_under_autocast_m_anchors_at_the_pre_activation_the_forward_went_on_with(monkeypatch):
+    """a^old of M's divergence is the bf16 output the network computed its loss from, cast up to float32, not a
+    float32 forward of the unit again (which differs from it by bf16 rounding and costs a matmul)."""
+    import locoprop.optimizer as optimizer_module
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    x = torch.randn(64, 16)
+    weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    opt = LocoPropOptimizer(model, lr=0.05, activation_lr=2.0, local_iters=2, variant="M")
+    outputs = []
+    model[0].register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().pow(2).sum(1).mean().backward()
+    (hidden,) = outputs
+    anchors = {}
+    original = optimizer_module.prepare_solves
+
+    def prepare_solves(problems, *args):
+        original(problems, *args)
+        anchors.update({p.unit.name: p.anchors[0] for p in problems if p.unit is not None})
+
+    monkeypatch.setattr(optimizer_module, "prepare_solves", prepare_solves)
+    opt.step()
+    transfer = next(u for u in opt.units if u.name == "0").transfer
+    assert transfer.name == "tanh" and hidden.dtype == torch.bfloat16
+    got, forward = anchors["0"], transfer.anchor_at(hidden.detach().float())
+    recomputed = transfer.anchor_at(F.linear(x, weight, bias))
+    assert all(g.dtype == torch.float32 for g in got)
+    for g, f in zip(got, forward):
+        torch.testing.assert_close(g, f, rtol=0, atol=0)
+    assert any((g - r).abs().max() > 0 for g, r in zip(got, recomputed))  # the test tells the two apart
+
+
 @pytest.mark.parametrize("parallel", ["batched", "none"])
 def test_the_exact_solve_under_bf16_autocast_solves_in_the_parameters_dtype(parallel):
     """The same exact step as without autocast, to bf16 rounding of the records."""

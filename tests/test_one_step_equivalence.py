@@ -115,6 +115,25 @@ def test_discovery_finds_units_and_transfers_in_nested_sequentials():
     ]
 
 
+def test_a_hook_that_logs_a_unit_output_does_not_change_its_transfer():
+    """A forward hook that reads a unit's output out of the graph (detach, item: activation logging) is no
+    consumer: the unit keeps its tanh, and one step is still the backprop SGD step of M."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    logged = []
+    model[0].register_forward_hook(lambda module, args, output: logged.append(output.detach().abs().mean().item()))
+
+    def loss_fn(m):
+        return m(x).pow(2).sum()
+
+    expected = backprop_sgd_step(model, loss_fn, ETA * GAMMA)
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, local_iters=1, inner="sgd", variant="M")
+    loss_fn(model).backward()
+    assert [(u.name, u.transfer.name) for u in opt.units] == [("0", "tanh"), ("2", "identity")] and logged
+    opt.step()
+    assert_same_params(model, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_forwards_without_backward_are_ignored():
     """Evaluation forwards between backward and step do not change the step."""
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
