@@ -13,6 +13,7 @@ from analysis import suite as scoring
 from analysis.load import COLUMNS
 from analysis.tables import FIRST_ORDER
 from sweeps.commands import compare as compare_module
+from sweeps.commands import presets
 from sweeps.commands.cli import main
 from sweeps.commands.suite import SUITE
 
@@ -164,6 +165,22 @@ def test_suite_folder_resumes_per_workload_and_report_rebuilds_it(tmp_path, monk
     (out / "report" / "report.md").unlink()
     monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("a run ran again"))
     assert main(argv) == 0 and (out / "report" / "report.md").read_text() == report
+
+    # New presets for one optimizer: its pair is no longer finished; its comparison trains that optimizer's
+    # runs again and reuses the other's finished runs.
+    runs = out / "mlp-synthetic" / "runs"
+    before = {path.name: (path / "metrics.csv").stat().st_mtime_ns for path in runs.iterdir()}
+    changed = {**presets.PRESETS, ("mlp", "adam"): {"lr": 3e-3}}
+    monkeypatch.setattr(presets, "PRESETS", changed)
+    monkeypatch.setattr(compare_module, "train", real_train)
+    assert main(argv) == 0
+    after = {path.name: (path / "metrics.csv").stat().st_mtime_ns for path in runs.iterdir()}
+    new = sorted(set(after) - set(before))
+    assert len(new) == 2 and all(name.startswith("adam-mlp-synthetic-seed") for name in new), new
+    assert {name: after[name] for name in before} == before  # nothing finished was trained again
+    assert "workload 1 of 2: autoencoder/synthetic finished earlier" in capsys.readouterr().out
+    monkeypatch.setattr(presets, "PRESETS", {k: v for k, v in changed.items() if k != ("mlp", "adam")})
+    report = (out / "report" / "report.md").read_text()
 
     # `locoprop report` on the suite folder writes the same cross-workload report.
     assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0

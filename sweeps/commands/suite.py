@@ -93,7 +93,8 @@ def pair_config(base: RunConfig, workload: str, data: str, budget_given: bool, b
 
 
 def _settings(config: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], tuning: Tuning | None) -> dict:
-    """What a pair's comparison is: reused only where every one of these is the same."""
+    """What a pair's comparison is: reused only where every one of these is the same (without tuning, each
+    optimizer's presets too: new presets continue the pair, whose comparison prices and runs what changed)."""
     fields = {key: value for key, value in dataclasses.asdict(config).items() if key not in ("out", "step_cost")}
     if absent(PRECISION, fields[PRECISION]):  # fp32: as a suite.json of an older locoprop, which lacks it
         del fields[PRECISION]
@@ -102,8 +103,10 @@ def _settings(config: RunConfig, optimizers: Sequence[str], seeds: Sequence[int]
         from sweeps.search.results import mask_url
 
         tuned["storage"] = mask_url(tuned["storage"])
-    return json.loads(json.dumps({"config": fields, "optimizers": list(optimizers), "seeds": list(seeds),
-                                  "tuning": tuned}, default=str))  # fmt: skip
+    settings = {"config": fields, "optimizers": list(optimizers), "seeds": list(seeds), "tuning": tuned}
+    if tuning is None:  # runs at the presets: a pair finished at other presets is continued, not reused
+        settings["presets"] = {name: presets.preset(config.workload, name) for name in optimizers}
+    return json.loads(json.dumps(settings, default=str))
 
 
 def read_suite(out: pathlib.Path) -> dict[str, Any] | None:
