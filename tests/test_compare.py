@@ -201,18 +201,18 @@ def test_tuning_a_cost_knob_prices_each_of_its_values_and_each_run_takes_its_own
     out = tmp_path / "cmp"
     base = dataclasses.replace(BASE, steps=None, time_budget=0.5)
     compare(base, ["locoprop-m"], [1], out, tuning=Tuning(trials=3, seed=0), progress=False)
-    choices = [1, 2, 3, 5, 10]
-    assert len(priced) == 1 and sorted(priced[0]) == ["locoprop-m"] + [f"locoprop-m (local_iters={k})" for k in
-                                                                       choices if k != 10]  # fmt: skip
+    choices, own = [1, 2, 3, 5, 10], presets.preset(base.workload, "locoprop-m")["local_iters"]  # the preset's K
+    assert len(priced) == 1 and sorted(priced[0]) == sorted(["locoprop-m"] + [f"locoprop-m (local_iters={k})" for k
+                                                                              in choices if k != own])  # fmt: skip
     assert set(priced[0].values()) == {"locoprop-m"}
     table = json.loads((out / "protocol.json").read_text())["step_costs"]
     entry = table["optimizers"]["locoprop-m"]
     assert set(entry["variants"]) == {f"local_iters={k}" for k in choices}
-    assert entry["variants"]["local_iters=10"]["ratio"] == entry["ratio"]  # the preset's K
+    assert entry["variants"][f"local_iters={own}"]["ratio"] == entry["ratio"]  # the preset's K
     configs = [json.loads(p.read_text()) for p in out.glob("**/config.json")]
     assert len(configs) == 4  # three trials and the final run
     for config in configs:
-        variant = entry["variants"][f"local_iters={config['hparams'].get('local_iters', 10)}"]
+        variant = entry["variants"][f"local_iters={config['hparams'].get('local_iters', own)}"]
         assert config["calibration"]["step_time_s"] == pytest.approx(variant["ratio"] * table["reference_step_time_s"])
         assert config["calibration"]["steps"] == variant["steps"] == max(1, math.floor(0.5 / variant["step_time_s"]))
         assert json.loads((pathlib.Path(config["out"]) / "summary.json").read_text())["steps"] == variant["steps"]
