@@ -216,6 +216,8 @@ _LOCOPROP_DEFAULTS = dict(
     # ρ: γ = ρ·‖a‖/‖g‖ from the first step's records, whatever the loss's scale (locoprop.relative_gamma);
     # None keeps activation_lr.
     relative_activation_lr=None,
+    # ρ̄: the first step caps γ at ρ̄·‖a‖/‖g‖, the start for hypergradients (locoprop.relative_gamma); None: no cap.
+    max_relative_activation_lr=None,
     # "bfloat16": the inner iterations' matmuls in bfloat16, the step accurate to ~1e-3 of itself (locoprop.kernels).
     local_dtype=None,
 )
@@ -223,15 +225,15 @@ _LOCOPROP_DEFAULTS = dict(
 
 def _locoprop_inert(exact: bool) -> Callable[[dict[str, Any]], tuple[str, ...]]:
     """LocoProp's hyperparameters that change nothing: γ's update rule and the sensitivity ∂θ/∂γ (hypergrad,
-    and the CG steps of "implicit") count only while β = hypergrad_lr > 0, and the exact solve has the
-    sensitivity in closed form."""
+    and the CG steps that only "implicit" takes) count only while β = hypergrad_lr > 0, and the exact solve has
+    the sensitivity in closed form."""
 
     def inert(h: dict[str, Any]) -> tuple[str, ...]:
         if h.get("hypergrad_lr") == 0:
             return ("hypergrad", "hypergrad_iters", "hypergrad_rule")
         if exact:
             return ("hypergrad", "hypergrad_iters")
-        return ("hypergrad_iters",) if h.get("hypergrad") == "unrolled" else ()
+        return ("hypergrad_iters",) if h.get("hypergrad") in ("unrolled", "update") else ()
 
     return inert
 
@@ -245,6 +247,7 @@ _LOCOPROP_TYPES = dict(
     output_activation=str,
     units=list,
     relative_activation_lr=float,
+    max_relative_activation_lr=float,
     local_dtype=str,
 )
 

@@ -8,7 +8,7 @@ optimizer's ``hypergrad_rule``: to γ·exp(−β·h·γ) ("plain",
 log γ whose moments live in the unit weight's ``state["log_gamma_moments"]``
 ("normalized", :func:`locoprop.hypergrad.normalized_activation_lr`); after the
 solve, ``record_sensitivities`` stores the new ∂θ/∂γ (closed form for the
-exact solve, "implicit" or "unrolled" for the iterative one, from
+exact solve, "implicit", "unrolled" or "update" for the iterative one, from
 :mod:`locoprop.hypergrad`). Each function takes the optimizer and reads its
 param groups, inner optimizer and state.
 """
@@ -148,6 +148,9 @@ def record_sensitivities(opt, adapting: list[LocalProblem], before: dict[LocalPr
         linear = unit.kind == "linear"
         if opt.solve == "exact":
             sensitivity = [-d for d in problem.exact_direction]  # θ* = θ^old − γ·Δ
+        elif opt.hypergrad == "update":
+            sensitivity = [(p.detach() - old) / problem.activation_lr for p, old in zip(problem.params,
+                                                                                        problem.old_params)]
         elif opt.hypergrad == "implicit":
             params = [p.detach() for p in problem.params]
             inputs = [x for x, _ in saved["uses"]]

@@ -99,8 +99,8 @@ def check_options(
 
 
 def check_hyperparameters(group: dict, solve: str = "iterative") -> None:
-    """A param group's lr, activation_lr, local_iters, inner_schedule, prox, hypergrad_lr, relative_activation_lr
-    and, for ``solve``, covariance_refresh and covariance_decay."""
+    """A param group's lr, activation_lr, local_iters, inner_schedule, prox, hypergrad_lr, relative_activation_lr,
+    max_relative_activation_lr and, for ``solve``, covariance_refresh and covariance_decay."""
     lr, activation_lr, local_iters = group["lr"], group["activation_lr"], group["local_iters"]
     for name, value in (("learning rate", lr), ("activation_lr", activation_lr), ("prox", group["prox"])):
         if isinstance(value, Tensor):
@@ -121,9 +121,10 @@ def check_hyperparameters(group: dict, solve: str = "iterative") -> None:
     beta = group.get("hypergrad_lr", 0.0)
     if isinstance(beta, Tensor) or not (_is_real(beta) and 0 <= beta < math.inf):
         raise ValueError(f"Invalid hypergrad_lr: {beta!r}; expected a finite number ≥ 0")
-    rho = group.get("relative_activation_lr")
-    if rho is not None and (isinstance(rho, Tensor) or not (_is_real(rho) and 0 < rho < math.inf)):
-        raise ValueError(f"Invalid relative_activation_lr: {rho!r}; expected None or a finite number > 0")
+    for name in ("relative_activation_lr", "max_relative_activation_lr"):
+        rho = group.get(name)
+        if rho is not None and (isinstance(rho, Tensor) or not (_is_real(rho) and 0 < rho < math.inf)):
+            raise ValueError(f"Invalid {name}: {rho!r}; expected None or a finite number > 0")
     _check_covariance(group.get("covariance_refresh", 1), group.get("covariance_decay", 0.0), solve)
 
 

@@ -123,7 +123,9 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad: how ∂θ/∂γ is computed for the iterative solve:
             "implicit" (the implicit function theorem at the local optimum,
             by conjugate gradients) or "unrolled" (forward mode through the
-            K inner steps; about as costly as the solve itself). The exact S
+            K inner steps; about as costly as the solve itself) or "update"
+            (the step's change over γ, (θ − θ^old)/γ: exact where θ is
+            linear in γ, first order otherwise, and free). The exact S
             solve always uses its closed form (:mod:`locoprop.hypergrad`).
         hypergrad_iters: conjugate-gradient steps of "implicit" (≥ 1); each
             costs about one local iteration.
@@ -137,6 +139,12 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             the pre-activations by a share ρ of their size whatever the
             loss's scale, reduction or batch size; γ then stays (or adapts,
             β > 0) and is checkpointed (:mod:`locoprop.relative_gamma`).
+        max_relative_activation_lr: ρ̄ > 0, or None (the default). With ρ̄,
+            the first step caps γ at ρ̄·‖a‖/‖g‖ (the same norms), so that a
+            γ given far too large starts where a step moves the
+            pre-activations by at most a share ρ̄ of their size; the start
+            for hypergradients, which recover from a γ too small faster
+            than from one too large (:mod:`locoprop.relative_gamma`).
         covariance_refresh: T ≥ 1, ``solve="exact"`` only: each unit's
             (C̄ + λI)⁻¹ is formed at its steps 0, T, 2T, … (the steps it
             takes part in; a skipped step does not count) and reused in
@@ -186,6 +194,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad_iters: int = 1,
         hypergrad_rule: str = "plain",
         relative_activation_lr: float | None = None,
+        max_relative_activation_lr: float | None = None,
         covariance_refresh: int = 1,
         covariance_decay: float = 0.0,
         local_dtype: str | None = None,
@@ -197,7 +206,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                         inner_schedule=inner_schedule, prox=plain_float(prox),
                         hypergrad_lr=plain_float(hypergrad_lr), covariance_refresh=covariance_refresh,
                         covariance_decay=plain_float(covariance_decay),
-                        relative_activation_lr=plain_float(relative_activation_lr))  # fmt: skip
+                        relative_activation_lr=plain_float(relative_activation_lr),
+                        max_relative_activation_lr=plain_float(max_relative_activation_lr))  # fmt: skip
         check_hyperparameters(defaults, solve)
         found = discover_units(model, units)
         # The last unit holds output_activation until a forward pass shows which unit produces the output.
@@ -264,7 +274,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         return {
             f"gamma/{unit.name}": group["activation_lr"]
             for group, unit in zip(self.param_groups, self.unit_of_group)
-            if unit is not None and (group["hypergrad_lr"] > 0 or group.get("relative_activation_lr") is not None)
+            if unit is not None
+            and (group["hypergrad_lr"] > 0 or relative_gamma.sets_gamma(group))
         }
 
     def _output_moved(self, changed: list[Unit]) -> None:

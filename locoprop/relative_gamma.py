@@ -1,4 +1,5 @@
-"""γ from a scale-free start: ``relative_activation_lr`` ρ, a stage of ``LocoPropOptimizer.step``.
+"""γ from a scale-free start: ``relative_activation_lr`` ρ and ``max_relative_activation_lr`` ρ̄, a stage of
+``LocoPropOptimizer.step``.
 
 The activation learning rate γ sets how far the targets a − γ·g move from
 the pre-activations a (g = ∂L/∂a). Its right value depends on the loss's
@@ -17,7 +18,18 @@ that step (every recorded use of every unit, one γ for all, as in the paper).
 The S targets then move the pre-activations by a share ρ of their size,
 ‖γ·g‖ = ρ·‖a‖, whatever the loss's scale (L → cL gives γ → γ/c) and,
 for a loss averaged over the batch, whatever the batch size (‖g‖ shrinks as
-‖a‖ grows). From then on γ is an ordinary value: fixed, or adapted by
+‖a‖ grows). With ρ̄ given instead (or as well), the first step only caps γ:
+
+    γ ← min(γ, ρ̄ · ‖a‖ / ‖g‖),
+
+so that a γ given far too large cannot move the pre-activations by more than
+a share ρ̄ of their size, while a smaller γ stays as it is. This is the start
+for hypergradients: measured on the suite's workloads, adaptation from below
+catches up within a few dozen steps and the small early steps cost little,
+while the first steps at a γ far too large do damage that the rest of a run
+does not undo (a 100× start diverged before the first hypergradient exists).
+
+From then on γ is an ordinary value: fixed, or adapted by
 hypergradients (:mod:`locoprop.adaptation`), and kept in ``state_dict``.
 
 On W ranks the norms are those of the global batch: ‖a‖² is summed over the
@@ -37,19 +49,25 @@ import torch
 
 from locoprop.problem import LocalProblem
 
-__all__ = ["STARTED", "pending_groups", "start"]
+__all__ = ["STARTED", "pending_groups", "sets_gamma", "start"]
 
 # The param-group key that says ρ has set the group's γ (it then stays as it is).
 STARTED = "relative_activation_lr_started"
 
 
+def sets_gamma(group: dict) -> bool:
+    """Whether the group's first step sets (ρ) or caps (ρ̄) its γ."""
+    return group.get("relative_activation_lr") is not None or group.get("max_relative_activation_lr") is not None
+
+
 def pending_groups(param_groups: list[dict]) -> list[dict]:
-    """The groups whose γ ρ has yet to set."""
-    return [g for g in param_groups if g.get("relative_activation_lr") is not None and not g.get(STARTED, False)]
+    """The groups whose γ ρ has yet to set or ρ̄ has yet to cap."""
+    return [g for g in param_groups if sets_gamma(g) and not g.get(STARTED, False)]
 
 
 def start(opt, problems: list[LocalProblem]) -> None:
-    """Set γ = ρ·‖a‖/‖g‖ in every pending group, from this step's records (before anchors release them).
+    """Set γ = ρ·‖a‖/‖g‖, then cap it at ρ̄·‖a‖/‖g‖, in every pending group, from this step's records (before
+    anchors release them).
 
     One device sync, at the first step only."""
     groups = pending_groups(opt.param_groups)
@@ -70,5 +88,8 @@ def start(opt, problems: list[LocalProblem]) -> None:
     if not (math.isfinite(a_norm) and math.isfinite(g_norm) and a_norm > 0 and g_norm > 0):
         return
     for group in groups:
-        group["activation_lr"] = group["relative_activation_lr"] * a_norm / g_norm
+        if group.get("relative_activation_lr") is not None:
+            group["activation_lr"] = group["relative_activation_lr"] * a_norm / g_norm
+        if group.get("max_relative_activation_lr") is not None:
+            group["activation_lr"] = min(group["activation_lr"], group["max_relative_activation_lr"] * a_norm / g_norm)
         group[STARTED] = True

@@ -121,6 +121,31 @@ def test_implicit_and_unrolled_agree_as_k_grows():
     assert gaps[2] < 1e-2 < 1 < gaps[0], gaps  # 480%, 82%, 0.4% here
 
 
+def test_update_equals_finite_differences_where_theta_is_linear_in_gamma():
+    # S by plain gradient descent from θ^old (λ > 0 too): θ − θ^old = γ·(a fixed vector), so (θ − θ^old)/γ is
+    # the exact sensitivity.
+    kwargs = _optimizer_kwargs(variant="S", inner="sgd", lr=0.05, prox=0.3, hypergrad="update")
+    _assert_match(_hypergradients_and_differences(kwargs))
+
+
+def test_update_is_the_first_order_sensitivity_where_theta_is_not_linear_in_gamma():
+    # M (tanh): θ(γ) − θ^old = γ·s + O(γ²), so the update's s differs from the unrolled derivative by O(γ):
+    # 100 times less γ, about 100 times closer.
+    gaps = []
+    for gamma in (1e-4, 1e-2, 1.0):
+        sensitivities = {}
+        for mode in ("update", "unrolled"):
+            model = _model()
+            opt = LocoPropOptimizer(model, **_optimizer_kwargs(inner="sgd", lr=0.05, activation_lr=gamma,
+                                                               hypergrad=mode))  # fmt: skip
+            _step(model, opt, _batches(1)[0])
+            sensitivities[mode] = torch.cat([opt.state[p]["gamma_sensitivity"].reshape(-1)
+                                             for p in model.parameters()])  # fmt: skip
+        gaps.append(((sensitivities["update"] - sensitivities["unrolled"]).norm()
+                     / sensitivities["unrolled"].norm()).item())  # fmt: skip
+    assert gaps[0] < 1e-7 and all(30 < wider / narrower < 300 for narrower, wider in zip(gaps, gaps[1:])), gaps
+
+
 def test_zero_hypergrad_lr_computes_nothing():
     model = _model()
     opt = LocoPropOptimizer(model, **_optimizer_kwargs(hypergrad_lr=0.0))
@@ -248,7 +273,7 @@ def test_gamma_climbs_from_a_start_far_too_small_and_the_loss_follows(hypergrad_
     assert (losses[-1] < 0.2 * losses[0]) == climbs, losses  # 10.7 to 0.49 here
 
 
-@pytest.mark.parametrize("mode", ["implicit", "unrolled"])
+@pytest.mark.parametrize("mode", ["implicit", "unrolled", "update"])
 def test_state_dict_round_trip_continues_with_the_same_gamma_and_parameters(mode):
     batches = _batches(6)
     kwargs = _optimizer_kwargs(hypergrad_lr=50.0, hypergrad=mode)

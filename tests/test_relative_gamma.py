@@ -159,3 +159,59 @@ def test_a_bad_rho_set_between_steps_is_refused_and_changes_nothing():
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(group["activation_lr"] == 10.0 for group in opt.param_groups)
+
+
+# ------------------------------------------------------------------ ρ̄: a cap at the first step
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_the_cap_lowers_a_gamma_above_it_to_rho_bar_times_the_norm_ratio_and_keeps_one_below(variant):
+    x = _batch()
+    cap = _expected_gamma(_model(), x, 0.05)
+    for given, expected in ((100 * cap, cap), (0.01 * cap, 0.01 * cap)):
+        model = _model()
+        opt = LocoPropOptimizer(model, variant=variant, lr=1e-3, activation_lr=given, max_relative_activation_lr=0.05,
+                                output_activation="sigmoid" if variant == "M" else None)  # fmt: skip
+        _step(model, opt, x)
+        assert [group["activation_lr"] for group in opt.param_groups] == pytest.approx([expected] * 3, rel=1e-12)
+        assert opt.adapted_hyperparameters() == pytest.approx({f"gamma/{i}": expected for i in (0, 2, 4)})
+        # Only the first step: the next one keeps γ and measures nothing.
+        _step(model, opt, _batch(8))
+        assert [group["activation_lr"] for group in opt.param_groups] == pytest.approx([expected] * 3, rel=1e-12)
+        assert opt._recorder.measure_gradients is False
+
+
+def test_with_the_cap_a_gamma_far_too_large_takes_the_step_of_the_capped_gamma():
+    x = _batch()
+    cap = _expected_gamma(_model(), x, 0.05)
+    results = []
+    for kwargs in (dict(activation_lr=1e4 * cap, max_relative_activation_lr=0.05), dict(activation_lr=cap)):
+        model = _model()
+        opt = LocoPropOptimizer(model, variant="M", lr=1e-2, output_activation="sigmoid", **kwargs)
+        _step(model, opt, x)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.allclose(results[0], results[1], rtol=1e-10, atol=1e-14)
+
+
+def test_the_cap_and_rho_together_take_the_smaller_and_the_cap_starts_hypergradients_from_below():
+    x = _batch()
+    ratio = _expected_gamma(_model(), x, 1.0)
+    model = _model()
+    opt = LocoPropOptimizer(model, variant="S", lr=1e-3, relative_activation_lr=0.2, max_relative_activation_lr=0.05)
+    _step(model, opt, x)
+    assert [group["activation_lr"] for group in opt.param_groups] == pytest.approx([0.05 * ratio] * 3, rel=1e-12)
+    model = _model()
+    opt = LocoPropOptimizer(model, variant="S", lr=1e-3, activation_lr=1e6, max_relative_activation_lr=0.05,
+                            hypergrad_lr=0.1, hypergrad_rule="normalized", hypergrad="update")  # fmt: skip
+    _step(model, opt, x)
+    first = [group["activation_lr"] for group in opt.param_groups]
+    assert first == pytest.approx([0.05 * ratio] * 3, rel=1e-12)
+    _step(model, opt, _batch(8))
+    # The second step moves each γ by its first hypergradient, by e^±0.1 (the normalized rule's first step).
+    factors = [group["activation_lr"] / gamma for group, gamma in zip(opt.param_groups, first)]
+    expected = [math.exp(-0.1 * math.copysign(1, h)) for h in opt.last_hypergradients.values()]
+    assert factors == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("rho", [0.0, -1.0, float("nan"), float("inf"), True, torch.tensor(0.1), "0.1"])
+def test_a_bad_cap_is_refused_naming_it(rho):
+    with pytest.raises(ValueError, match="max_relative_activation_lr"):
+        LocoPropOptimizer(_model(), variant="S", max_relative_activation_lr=rho)

@@ -85,7 +85,8 @@ HPARAM_FLAGS = {
     "hypergrad": HparamFlag(
         "--hypergrad",
         str,
-        "LocoProp sensitivity ∂θ/∂γ of the iterative solve: implicit (CG) or unrolled (exact)",
+        "LocoProp sensitivity ∂θ/∂γ of the iterative solve: implicit (CG), unrolled (exact) or update ((θ − θ_old)/γ, "
+        "free)",
         HYPERGRAD_MODES,
     ),
     "hypergrad_rule": HparamFlag(
@@ -99,6 +100,12 @@ HPARAM_FLAGS = {
         float,
         "LocoProp ρ: the first step sets γ = ρ·‖a‖/‖g‖, so the targets move the pre-activations by a share ρ of "
         "their size whatever the loss's scale (replaces --activation-lr)",
+    ),
+    "max_relative_activation_lr": HparamFlag(
+        "--max-relative-activation-lr",
+        float,
+        "LocoProp ρ̄: the first step caps γ at ρ̄·‖a‖/‖g‖, so a γ given far too large starts where the targets move "
+        "the pre-activations by at most a share ρ̄ of their size (the start for --hypergrad-lr)",
     ),
     "momentum": HparamFlag(
         "--momentum", float, "momentum coefficient (LocoProp's inner one: --hparam inner_momentum=X)"
@@ -622,7 +629,7 @@ def add_bench(commands) -> argparse.ArgumentParser:
     p.add_argument(
         "--hypergrad", type=_name_list(HYPERGRAD_MODES), default=[],
         help="LocoProp optimizers also run with γ adapted by hypergradients of these modes (comma-separated: "
-        "implicit, unrolled), each reporting its overhead over the same LocoProp at β = 0 (default: none)",
+        "implicit, unrolled, update), each reporting its overhead over the same LocoProp at β = 0 (default: none)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="timed steps, ≥ 1; the median is reported (default: 10)")
     p.add_argument(
