@@ -213,6 +213,7 @@ _LOCOPROP_DEFAULTS = dict(
     hypergrad="implicit",
     hypergrad_iters=1,
     hypergrad_rule="plain",
+    hypergrad_scope="unit",
     # ρ: γ = ρ·‖a‖/‖g‖ from the first step's records, whatever the loss's scale (locoprop.relative_gamma);
     # None keeps activation_lr.
     relative_activation_lr=None,
@@ -230,10 +231,10 @@ def _locoprop_inert(exact: bool) -> Callable[[dict[str, Any]], tuple[str, ...]]:
 
     def inert(h: dict[str, Any]) -> tuple[str, ...]:
         if h.get("hypergrad_lr") == 0:
-            return ("hypergrad", "hypergrad_iters", "hypergrad_rule")
+            return ("hypergrad", "hypergrad_iters", "hypergrad_rule", "hypergrad_scope")
         if exact:
             return ("hypergrad", "hypergrad_iters")
-        return ("hypergrad_iters",) if h.get("hypergrad") in ("unrolled", "update") else ()
+        return ("hypergrad_iters",) if h.get("hypergrad") in ("unrolled", "gradient") else ()
 
     return inert
 

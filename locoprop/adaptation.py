@@ -6,9 +6,11 @@ solve left in ``state[p]["gamma_sensitivity"]`` and moves γ by the
 optimizer's ``hypergrad_rule``: to γ·exp(−β·h·γ) ("plain",
 :func:`locoprop.hypergrad.adapted_activation_lr`) or by an Adam step on
 log γ whose moments live in the unit weight's ``state["log_gamma_moments"]``
-("normalized", :func:`locoprop.hypergrad.normalized_activation_lr`); after the
+("normalized", :func:`locoprop.hypergrad.normalized_activation_lr`), each unit
+by its own h or, with ``hypergrad_scope="shared"``, all by one factor whose
+log-gradient is Σ_m h_m·γ_m (moments with the first adapting unit); after the
 solve, ``record_sensitivities`` stores the new ∂θ/∂γ (closed form for the
-exact solve, "implicit", "unrolled" or "update" for the iterative one, from
+exact solve, "implicit", "unrolled" or "gradient" for the iterative one, from
 :mod:`locoprop.hypergrad`). Each function takes the optimizer and reads its
 param groups, inner optimizer and state.
 """
@@ -20,6 +22,7 @@ import math
 import torch
 
 from locoprop.hypergrad import (
+    GAMMA_RANGE,
     adapted_activation_lr,
     implicit_sensitivity,
     inner_tangent,
@@ -42,8 +45,9 @@ __all__ = [
 
 
 def check_supported(opt) -> None:
-    """Refuse β > 0 where the sensitivities are not computed yet: several ranks, tied weights, and
-    (for "unrolled") inner optimizers whose update rule :mod:`locoprop.hypergrad` does not know."""
+    """Refuse β > 0 where the sensitivities are not computed yet: several ranks, tied weights, "gradient" with
+    the plain rule, and (for "unrolled") inner optimizers whose update rule :mod:`locoprop.hypergrad` does not
+    know."""
     if not any(group["hypergrad_lr"] > 0 for group, unit in zip(opt.param_groups, opt.unit_of_group) if unit):
         return
     if opt.comm.distributed:
@@ -55,6 +59,11 @@ def check_supported(opt) -> None:
         raise ValueError(
             f"hypergrad_lr > 0 is not supported with tied weights ({opt.ownership.describe()}): a tied parameter's "
             "update depends on several units' γ"
+        )
+    if opt.hypergrad == "gradient" and opt.solve == "iterative" and opt.hypergrad_rule != "normalized":
+        raise ValueError(
+            f"hypergrad='gradient' with hypergrad_rule={opt.hypergrad_rule!r}: its h = −⟨∇L, G⟩ has no step length, "
+            "so the plain step β·h·γ has no meaningful scale; use hypergrad_rule='normalized'"
         )
     if opt.hypergrad == "unrolled" and opt.solve == "iterative":
         for index, unit in enumerate(opt.unit_of_group):
@@ -98,7 +107,8 @@ def restore(opt, before: tuple[list[tuple[float, bool]], dict]) -> None:
 
 def adapt(opt, adapting: list[LocalProblem]) -> dict[str, float]:
     """h = ⟨∇L, ∂θ/∂γ⟩ of each adapting unit that has a sensitivity from its last solve; its group's γ
-    moves by the optimizer's ``hypergrad_rule`` (clipped) if every h is finite. One device sync."""
+    moves by the optimizer's ``hypergrad_rule`` (clipped) if every h is finite, by its own h or, with
+    ``hypergrad_scope="shared"``, by one factor for all. One device sync."""
     measured = []
     for problem in adapting:
         pairs = [(p.grad, opt.state[p].get("gamma_sensitivity")) for p in problem.params if p.grad is not None]
@@ -107,7 +117,9 @@ def adapt(opt, adapting: list[LocalProblem]) -> dict[str, float]:
     if not measured:
         return {}
     values = torch.stack([h for _, h in measured]).tolist()
-    if all(map(math.isfinite, values)):
+    if all(map(math.isfinite, values)) and opt.hypergrad_scope == "shared":
+        _adapt_shared(opt, adapting, [problem for problem, _ in measured], values)
+    elif all(map(math.isfinite, values)):
         for (problem, _), h in zip(measured, values):
             group = opt.param_groups[problem.group_index]
             gamma, beta = group["activation_lr"], group["hypergrad_lr"]
@@ -117,6 +129,27 @@ def adapt(opt, adapting: list[LocalProblem]) -> dict[str, float]:
             else:
                 group["activation_lr"] = adapted_activation_lr(gamma, h, beta)
     return {problem.unit.name: h for (problem, _), h in zip(measured, values)}
+
+
+def _adapt_shared(opt, adapting: list[LocalProblem], measured: list[LocalProblem], values: list[float]) -> None:
+    """Every measured unit's γ times one factor c, moved by the rule with log-gradient u = Σ_m h_m·γ_m (the rule
+    applied to c = 1); the moments live with the first adapting unit, whichever units were measured."""
+    groups = [opt.param_groups[problem.group_index] for problem in measured]
+    betas = {group["hypergrad_lr"] for group in groups}
+    if len(betas) > 1:
+        raise ValueError(
+            f"hypergrad_scope='shared' moves every unit's γ by one factor, but the units' hypergrad_lr differ: "
+            f"{sorted(betas)}; give them one β"
+        )
+    (beta,) = betas
+    u = sum(h * group["activation_lr"] for h, group in zip(values, groups))
+    if opt.hypergrad_rule == "normalized":
+        moments = opt.state[adapting[0].params[0]].setdefault("log_gamma_moments", [0.0, 0.0, 0])
+        factor = normalized_activation_lr(1.0, u, beta, moments)
+    else:
+        factor = adapted_activation_lr(1.0, u, beta)
+    for group in groups:
+        group["activation_lr"] = min(max(group["activation_lr"] * factor, GAMMA_RANGE[0]), GAMMA_RANGE[1])
 
 
 def before_solve(opt, adapting: list[LocalProblem]) -> dict[LocalProblem, dict]:
@@ -148,9 +181,8 @@ def record_sensitivities(opt, adapting: list[LocalProblem], before: dict[LocalPr
         linear = unit.kind == "linear"
         if opt.solve == "exact":
             sensitivity = [-d for d in problem.exact_direction]  # θ* = θ^old − γ·Δ
-        elif opt.hypergrad == "update":
-            sensitivity = [(p.detach() - old) / problem.activation_lr for p, old in zip(problem.params,
-                                                                                        problem.old_params)]
+        elif opt.hypergrad == "gradient":
+            sensitivity = [-g for g in saved["linear_term"]]
         elif opt.hypergrad == "implicit":
             params = [p.detach() for p in problem.params]
             inputs = [x for x, _ in saved["uses"]]

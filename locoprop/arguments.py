@@ -14,7 +14,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from locoprop.hypergrad import HYPERGRAD_MODES, HYPERGRAD_RULES
+from locoprop.hypergrad import HYPERGRAD_MODES, HYPERGRAD_RULES, HYPERGRAD_SCOPES
 from locoprop.inner import INNER_SCHEDULES
 from locoprop.local_gradients import PARALLEL_MODES
 from locoprop.transfer import TRANSFER_NAMES
@@ -52,6 +52,7 @@ def check_options(
     output_activation: str | None,
     hypergrad_rule: str = "plain",
     local_dtype: str | None = None,
+    hypergrad_scope: str = "unit",
 ) -> None:
     """The constructor's options that are not per-group hyperparameters."""
     if not isinstance(model, nn.Module):
@@ -78,6 +79,10 @@ def check_options(
         raise ValueError(f"Invalid hypergrad_iters: {hypergrad_iters!r}; expected an integer ≥ 1")
     if hypergrad_rule not in HYPERGRAD_RULES:
         raise ValueError(f"Invalid hypergrad_rule: {hypergrad_rule!r}; expected one of {', '.join(HYPERGRAD_RULES)}")
+    if hypergrad_scope not in HYPERGRAD_SCOPES:
+        raise ValueError(
+            f"Invalid hypergrad_scope: {hypergrad_scope!r}; expected one of {', '.join(HYPERGRAD_SCOPES)}"
+        )
     if solve == "exact" and variant != "S":
         raise ValueError(f"solve='exact' needs variant 'S', got variant {variant!r}")
     if solve == "exact" and not prox > 0:

@@ -123,15 +123,18 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad: how ∂θ/∂γ is computed for the iterative solve:
             "implicit" (the implicit function theorem at the local optimum,
             by conjugate gradients) or "unrolled" (forward mode through the
-            K inner steps; about as costly as the solve itself) or "update"
-            (the step's change over γ, (θ − θ^old)/γ: exact where θ is
-            linear in γ, first order otherwise, and free). The exact S
+            K inner steps; about as costly as the solve itself) or
+            "gradient" (−G, implicit's first CG direction without its
+            length: free, for hypergrad_rule="normalized"). The exact S
             solve always uses its closed form (:mod:`locoprop.hypergrad`).
         hypergrad_iters: conjugate-gradient steps of "implicit" (≥ 1); each
             costs about one local iteration.
         hypergrad_rule: "plain" (SPEC §12: a step of β·h·γ on log γ) or
             "normalized" (an Adam step of at most about β on log γ, the same
             for any scale of the loss; :mod:`locoprop.hypergrad`).
+        hypergrad_scope: "unit" (each unit's γ by its own hypergradient) or
+            "shared" (every unit's γ by one factor, from the sum of their
+            hypergradients: the paper's single γ, adapted).
         relative_activation_lr: ρ > 0, or None (the default: γ is
             ``activation_lr``). With ρ, the first step sets γ (of every group)
             to ρ·‖a‖/‖g‖, the norms over every unit's pre-activations and
@@ -193,6 +196,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad: str = "implicit",
         hypergrad_iters: int = 1,
         hypergrad_rule: str = "plain",
+        hypergrad_scope: str = "unit",
         relative_activation_lr: float | None = None,
         max_relative_activation_lr: float | None = None,
         covariance_refresh: int = 1,
@@ -201,7 +205,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
     ):
         check_options(model, variant=variant, solve=solve, parallel=parallel, compile=compile, prox=prox,
                       hypergrad=hypergrad, hypergrad_iters=hypergrad_iters, hypergrad_rule=hypergrad_rule,
-                      output_activation=output_activation, local_dtype=local_dtype)  # fmt: skip
+                      hypergrad_scope=hypergrad_scope, output_activation=output_activation,
+                      local_dtype=local_dtype)  # fmt: skip
         defaults = dict(lr=plain_float(lr), activation_lr=plain_float(activation_lr), local_iters=local_iters,
                         inner_schedule=inner_schedule, prox=plain_float(prox),
                         hypergrad_lr=plain_float(hypergrad_lr), covariance_refresh=covariance_refresh,
@@ -230,6 +235,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         inner_groups = [{"params": group["params"], "lr": group["lr"]} for group in self.param_groups]
         self.inner = make_inner(inner, inner_kwargs, compile, inner_groups)
         self.hypergrad, self.hypergrad_iters, self.hypergrad_rule = hypergrad, hypergrad_iters, hypergrad_rule
+        self.hypergrad_scope = hypergrad_scope
         adaptation.check_supported(self)
         self._attach(model)
 

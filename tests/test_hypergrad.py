@@ -121,29 +121,71 @@ def test_implicit_and_unrolled_agree_as_k_grows():
     assert gaps[2] < 1e-2 < 1 < gaps[0], gaps  # 480%, 82%, 0.4% here
 
 
-def test_update_equals_finite_differences_where_theta_is_linear_in_gamma():
-    # S by plain gradient descent from θ^old (λ > 0 too): θ − θ^old = γ·(a fixed vector), so (θ − θ^old)/γ is
-    # the exact sensitivity.
-    kwargs = _optimizer_kwargs(variant="S", inner="sgd", lr=0.05, prox=0.3, hypergrad="update")
-    _assert_match(_hypergradients_and_differences(kwargs))
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_gradient_is_the_direction_of_the_first_conjugate_gradient_step_of_implicit(variant):
+    # One CG step from 0 on H s = −G gives s = −(⟨G, G⟩/⟨G, HG⟩)·G: "gradient" is that direction, free.
+    sensitivities = {}
+    for mode in ("gradient", "implicit"):
+        model = _model()
+        opt = LocoPropOptimizer(model, **_optimizer_kwargs(variant=variant, hypergrad=mode, hypergrad_iters=1,
+                                                           hypergrad_rule="normalized"))  # fmt: skip
+        x = _batches(1)[0]
+        opt.zero_grad()
+        _loss(model, x).backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        opt.step()
+        sensitivities[mode] = [opt.state[p]["gamma_sensitivity"] for p in model.parameters()]
+    for unit in range(3):  # per unit: weight and bias together
+        gradient = torch.cat([s.reshape(-1) for s in sensitivities["gradient"][2 * unit: 2 * unit + 2]])
+        implicit = torch.cat([s.reshape(-1) for s in sensitivities["implicit"][2 * unit: 2 * unit + 2]])
+        handed = torch.cat([g.reshape(-1) for g in grads[2 * unit: 2 * unit + 2]])
+        assert torch.allclose(gradient, -handed, rtol=1e-12, atol=0)
+        cosine = torch.dot(gradient, implicit) / (gradient.norm() * implicit.norm())
+        assert cosine.item() == pytest.approx(1.0, abs=1e-10)
 
 
-def test_update_is_the_first_order_sensitivity_where_theta_is_not_linear_in_gamma():
-    # M (tanh): θ(γ) − θ^old = γ·s + O(γ²), so the update's s differs from the unrolled derivative by O(γ):
-    # 100 times less γ, about 100 times closer.
-    gaps = []
-    for gamma in (1e-4, 1e-2, 1.0):
-        sensitivities = {}
-        for mode in ("update", "unrolled"):
-            model = _model()
-            opt = LocoPropOptimizer(model, **_optimizer_kwargs(inner="sgd", lr=0.05, activation_lr=gamma,
-                                                               hypergrad=mode))  # fmt: skip
-            _step(model, opt, _batches(1)[0])
-            sensitivities[mode] = torch.cat([opt.state[p]["gamma_sensitivity"].reshape(-1)
-                                             for p in model.parameters()])  # fmt: skip
-        gaps.append(((sensitivities["update"] - sensitivities["unrolled"]).norm()
-                     / sensitivities["unrolled"].norm()).item())  # fmt: skip
-    assert gaps[0] < 1e-7 and all(30 < wider / narrower < 300 for narrower, wider in zip(gaps, gaps[1:])), gaps
+def test_gradient_with_the_plain_rule_is_refused_naming_both():
+    with pytest.raises(ValueError, match="hypergrad='gradient' with hypergrad_rule='plain'"):
+        LocoPropOptimizer(_model(), **_optimizer_kwargs(hypergrad="gradient"))
+    # At β = 0 nothing is computed, so nothing is refused.
+    LocoPropOptimizer(_model(), **_optimizer_kwargs(hypergrad="gradient", hypergrad_lr=0.0))
+
+
+@pytest.mark.parametrize("rule", ["plain", "normalized"])
+def test_a_shared_scope_moves_every_gamma_by_one_factor_from_the_sum_of_the_units_log_gradients(rule):
+    # γ_m = c·γ_m⁰: ∂L/∂log c = Σ_m h_m·γ_m (each h_m checked against finite differences above); plain:
+    # c ← c·exp(−β·Σ h γ); normalized, first step: c ← c·e^(−β·sign Σ h γ).
+    model = _model()
+    beta = 100.0 if rule == "plain" else 0.1
+    opt = LocoPropOptimizer(model, **_optimizer_kwargs(hypergrad_lr=beta, hypergrad="implicit", hypergrad_rule=rule,
+                                                       hypergrad_scope="shared"))  # fmt: skip
+    for group, gamma in zip(opt.param_groups, (1.0, 2.0, 4.0)):
+        group["activation_lr"] = gamma
+    batches = _batches()
+    _step(model, opt, batches[0])
+    _step(model, opt, batches[1])
+    h = opt.last_hypergradients
+    u = h["0"] * 1.0 + h["2"] * 2.0 + h["4"] * 4.0
+    factor = math.exp(-beta * u) if rule == "plain" else math.exp(-beta * math.copysign(1, u))
+    assert 1 / MAX_FACTOR < factor < MAX_FACTOR and factor != pytest.approx(1.0, abs=1e-3)
+    assert [g["activation_lr"] for g in opt.param_groups] == pytest.approx([factor, 2 * factor, 4 * factor],
+                                                                            rel=1e-9)  # fmt: skip
+
+
+def test_a_shared_scope_with_different_betas_is_refused_and_changes_nothing():
+    model = _model()
+    opt = LocoPropOptimizer(model, **_optimizer_kwargs(hypergrad_lr=0.1, hypergrad_rule="normalized",
+                                                       hypergrad_scope="shared"))  # fmt: skip
+    batches = _batches()
+    _step(model, opt, batches[0])
+    opt.param_groups[1]["hypergrad_lr"] = 0.2
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    _loss(model, batches[1]).backward()
+    with pytest.raises(ValueError, match=r"hypergrad_lr differ: \[0.1, 0.2\]"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert [g["activation_lr"] for g in opt.param_groups] == [1.0] * 3
 
 
 def test_zero_hypergrad_lr_computes_nothing():
@@ -273,10 +315,11 @@ def test_gamma_climbs_from_a_start_far_too_small_and_the_loss_follows(hypergrad_
     assert (losses[-1] < 0.2 * losses[0]) == climbs, losses  # 10.7 to 0.49 here
 
 
-@pytest.mark.parametrize("mode", ["implicit", "unrolled", "update"])
+@pytest.mark.parametrize("mode", ["implicit", "unrolled", "gradient"])
 def test_state_dict_round_trip_continues_with_the_same_gamma_and_parameters(mode):
     batches = _batches(6)
-    kwargs = _optimizer_kwargs(hypergrad_lr=50.0, hypergrad=mode)
+    rule = "normalized" if mode == "gradient" else "plain"
+    kwargs = _optimizer_kwargs(hypergrad_lr=50.0 if rule == "plain" else 0.3, hypergrad=mode, hypergrad_rule=rule)
     model = _model()
     opt = LocoPropOptimizer(model, **kwargs)
     for x in batches[:3]:
@@ -337,6 +380,7 @@ def test_a_step_refused_after_gamma_moved_restores_gamma(monkeypatch):
         (dict(hypergrad="forward"), "Invalid hypergrad: 'forward'"),
         (dict(hypergrad_iters=0), "Invalid hypergrad_iters: 0"),
         (dict(hypergrad_rule="adam"), "Invalid hypergrad_rule: 'adam'; expected one of plain, normalized"),
+        (dict(hypergrad_scope="layer"), "Invalid hypergrad_scope: 'layer'; expected one of unit, shared"),
         (dict(hypergrad_lr=-1.0), "Invalid hypergrad_lr: -1.0"),
         (dict(hypergrad_lr=math.nan), "Invalid hypergrad_lr: nan"),
         (dict(inner=torch.optim.AdamW), "AdamW is none of them"),

@@ -200,7 +200,7 @@ def test_the_cap_and_rho_together_take_the_smaller_and_the_cap_starts_hypergradi
     assert [group["activation_lr"] for group in opt.param_groups] == pytest.approx([0.05 * ratio] * 3, rel=1e-12)
     model = _model()
     opt = LocoPropOptimizer(model, variant="S", lr=1e-3, activation_lr=1e6, max_relative_activation_lr=0.05,
-                            hypergrad_lr=0.1, hypergrad_rule="normalized", hypergrad="update")  # fmt: skip
+                            hypergrad_lr=0.1, hypergrad_rule="normalized", hypergrad="gradient")  # fmt: skip
     _step(model, opt, x)
     first = [group["activation_lr"] for group in opt.param_groups]
     assert first == pytest.approx([0.05 * ratio] * 3, rel=1e-12)

@@ -23,7 +23,7 @@ optimizer:
   communication hook for the others), a ring all-reduce of n bytes sending
   2n(W−1)/W;
 - ``hypergrad_overhead`` (LocoProp with ``hypergrad`` "implicit",
-  "unrolled" or "update", β > 0): the median step time over the median step of the same
+  "unrolled" or "gradient", β > 0): the median step time over the median step of the same
   LocoProp with β = 0 on an identical model, its steps alternating with
   these, minus one (``plain_step_time_s`` is that median);
 - ``flop_bound_ratio`` (iterative LocoProp): the measured step time over the

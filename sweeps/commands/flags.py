@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import locoprop
 from baselines.registry import OPTIMIZERS
-from locoprop.hypergrad import HYPERGRAD_MODES, HYPERGRAD_RULES
+from locoprop.hypergrad import HYPERGRAD_MODES, HYPERGRAD_RULES, HYPERGRAD_SCOPES
 from locoprop.inner import INNER_NAMES, INNER_SCHEDULES
 from sweeps.commands import presets
 from sweeps.runner.config import DEFAULT_EPOCHS, DEVICES, SCHEDULES
@@ -85,8 +85,8 @@ HPARAM_FLAGS = {
     "hypergrad": HparamFlag(
         "--hypergrad",
         str,
-        "LocoProp sensitivity ∂θ/∂γ of the iterative solve: implicit (CG), unrolled (exact) or update ((θ − θ_old)/γ, "
-        "free)",
+        "LocoProp sensitivity ∂θ/∂γ of the iterative solve: implicit (CG), unrolled (exact) or gradient (−G, free; "
+        "with --hypergrad-rule normalized)",
         HYPERGRAD_MODES,
     ),
     "hypergrad_rule": HparamFlag(
@@ -94,6 +94,13 @@ HPARAM_FLAGS = {
         str,
         "LocoProp γ update: plain (a step of β·h·γ on log γ) or normalized (an Adam step of about β on log γ)",
         HYPERGRAD_RULES,
+    ),
+    "hypergrad_scope": HparamFlag(
+        "--hypergrad-scope",
+        str,
+        "LocoProp: whose γ a hypergradient moves: unit (each unit's by its own) or shared (all by one factor, from "
+        "the sum of their hypergradients)",
+        HYPERGRAD_SCOPES,
     ),
     "relative_activation_lr": HparamFlag(
         "--relative-activation-lr",
@@ -629,7 +636,7 @@ def add_bench(commands) -> argparse.ArgumentParser:
     p.add_argument(
         "--hypergrad", type=_name_list(HYPERGRAD_MODES), default=[],
         help="LocoProp optimizers also run with γ adapted by hypergradients of these modes (comma-separated: "
-        "implicit, unrolled, update), each reporting its overhead over the same LocoProp at β = 0 (default: none)",
+        "implicit, unrolled, gradient), each reporting its overhead over the same LocoProp at β = 0 (default: none)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="timed steps, ≥ 1; the median is reported (default: 10)")
     p.add_argument(
