@@ -219,6 +219,8 @@ _LOCOPROP_DEFAULTS = dict(
     relative_activation_lr=None,
     # ρ̄: the first step caps γ at ρ̄·‖a‖/‖g‖, the start for hypergradients (locoprop.relative_gamma); None: no cap.
     max_relative_activation_lr=None,
+    # ρ_max: every step keeps each unit's γ ≤ ρ_max·‖a_m‖/‖g_m‖ (locoprop.relative_gamma); None: no ceiling.
+    relative_activation_lr_ceiling=None,
     # "bfloat16": the inner iterations' matmuls in bfloat16, the step accurate to ~1e-3 of itself (locoprop.kernels).
     local_dtype=None,
 )
@@ -249,6 +251,7 @@ _LOCOPROP_TYPES = dict(
     units=list,
     relative_activation_lr=float,
     max_relative_activation_lr=float,
+    relative_activation_lr_ceiling=float,
     local_dtype=str,
 )
 

@@ -105,7 +105,7 @@ def check_options(
 
 def check_hyperparameters(group: dict, solve: str = "iterative") -> None:
     """A param group's lr, activation_lr, local_iters, inner_schedule, prox, hypergrad_lr, relative_activation_lr,
-    max_relative_activation_lr and, for ``solve``, covariance_refresh and covariance_decay."""
+    max_relative_activation_lr, relative_activation_lr_ceiling and, for ``solve``, covariance_refresh and covariance_decay."""
     lr, activation_lr, local_iters = group["lr"], group["activation_lr"], group["local_iters"]
     for name, value in (("learning rate", lr), ("activation_lr", activation_lr), ("prox", group["prox"])):
         if isinstance(value, Tensor):
@@ -126,7 +126,7 @@ def check_hyperparameters(group: dict, solve: str = "iterative") -> None:
     beta = group.get("hypergrad_lr", 0.0)
     if isinstance(beta, Tensor) or not (_is_real(beta) and 0 <= beta < math.inf):
         raise ValueError(f"Invalid hypergrad_lr: {beta!r}; expected a finite number ≥ 0")
-    for name in ("relative_activation_lr", "max_relative_activation_lr"):
+    for name in ("relative_activation_lr", "max_relative_activation_lr", "relative_activation_lr_ceiling"):
         rho = group.get(name)
         if rho is not None and (isinstance(rho, Tensor) or not (_is_real(rho) and 0 < rho < math.inf)):
             raise ValueError(f"Invalid {name}: {rho!r}; expected None or a finite number > 0")

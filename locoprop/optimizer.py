@@ -148,6 +148,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             pre-activations by at most a share ρ̄ of their size; the start
             for hypergradients, which recover from a γ too small faster
             than from one too large (:mod:`locoprop.relative_gamma`).
+        relative_activation_lr_ceiling: ρ_max > 0, or None (the default).
+            With ρ_max, every step keeps each unit's γ at most
+            ρ_max·‖a_m‖/‖g_m‖ (that unit's norms in that step), after the
+            hypergradients moved it: adapted γ cannot drift past the point
+            where the targets saturate (:mod:`locoprop.relative_gamma`).
         covariance_refresh: T ≥ 1, ``solve="exact"`` only: each unit's
             (C̄ + λI)⁻¹ is formed at its steps 0, T, 2T, … (the steps it
             takes part in; a skipped step does not count) and reused in
@@ -199,6 +204,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         hypergrad_scope: str = "unit",
         relative_activation_lr: float | None = None,
         max_relative_activation_lr: float | None = None,
+        relative_activation_lr_ceiling: float | None = None,
         covariance_refresh: int = 1,
         covariance_decay: float = 0.0,
         local_dtype: str | None = None,
@@ -212,7 +218,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                         hypergrad_lr=plain_float(hypergrad_lr), covariance_refresh=covariance_refresh,
                         covariance_decay=plain_float(covariance_decay),
                         relative_activation_lr=plain_float(relative_activation_lr),
-                        max_relative_activation_lr=plain_float(max_relative_activation_lr))  # fmt: skip
+                        max_relative_activation_lr=plain_float(max_relative_activation_lr),
+                        relative_activation_lr_ceiling=plain_float(relative_activation_lr_ceiling))  # fmt: skip
         check_hyperparameters(defaults, solve)
         found = discover_units(model, units)
         # The last unit holds output_activation until a forward pass shows which unit produces the output.
@@ -281,7 +288,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             f"gamma/{unit.name}": group["activation_lr"]
             for group, unit in zip(self.param_groups, self.unit_of_group)
             if unit is not None
-            and (group["hypergrad_lr"] > 0 or relative_gamma.sets_gamma(group))
+            and (group["hypergrad_lr"] > 0 or relative_gamma.sets_gamma(group)
+                 or group.get(relative_gamma.CEILING) is not None)
         }
 
     def _output_moved(self, changed: list[Unit]) -> None:
@@ -363,6 +371,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 relative_gamma.start(self, problems)  # γ = ρ·‖a‖/‖g‖ at a group's first step, if ρ is given
                 # h of the last step's γ, and the new γ that this step's solves use
                 hypergradients = adaptation.adapt(self, adapting) if adapting else {}
+                relative_gamma.apply_ceiling(self, problems)  # γ_m ≤ ρ_max·‖a_m‖/‖g_m‖, if a ceiling is given
                 prepare_solves(problems, self.param_groups, self.solve, self._parallel_mode(), self.comm.world_size)
                 prepared = self._clock()
                 finite = all(map(math.isfinite, hypergradients.values())) and all_finite(problems)
@@ -398,7 +407,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
     def _measure_if_pending(self) -> None:
         """Have the forward passes keep ‖g‖² while a relative γ start is pending, and only then."""
-        self._recorder.measure_gradients = bool(relative_gamma.pending_groups(self.param_groups))
+        self._recorder.measure_gradients = relative_gamma.measures(self.param_groups)
 
     def _parallel_mode(self) -> str:
         if self.parallel != "auto":

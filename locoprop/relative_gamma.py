@@ -32,6 +32,19 @@ does not undo (a 100× start diverged before the first hypergradient exists).
 From then on γ is an ordinary value: fixed, or adapted by
 hypergradients (:mod:`locoprop.adaptation`), and kept in ``state_dict``.
 
+With a ceiling ρ_max (``relative_activation_lr_ceiling``), every step
+then keeps each unit's γ below the same kind of bound, per unit:
+
+    γ_m ← min(γ_m, ρ_max · ‖a_m‖ / ‖g_m‖),
+
+after the hypergradients have moved it. A proxy hypergradient (the
+"gradient" sensitivity, or "implicit" at few inner steps) does not see that
+a γ far past the point where the targets saturate changes nothing, and
+keeps asking for more: on the ResNet and the transformer every unit's γ
+drifted to the top of its range (10⁸). The ceiling stops that drift where
+the targets move the pre-activations by a share ρ_max of their size. It
+costs two reductions per recorded use and one device sync per step.
+
 On W ranks the norms are those of the global batch: ‖a‖² is summed over the
 ranks and g is taken on the footing of the global mean loss (each rank's g
 divided by W, as :mod:`locoprop.distributed` does for G), so W ranks choose
@@ -49,15 +62,22 @@ import torch
 
 from locoprop.problem import LocalProblem
 
-__all__ = ["STARTED", "pending_groups", "sets_gamma", "start"]
+__all__ = ["CEILING", "STARTED", "apply_ceiling", "measures", "pending_groups", "sets_gamma", "start"]
 
 # The param-group key that says ρ has set the group's γ (it then stays as it is).
 STARTED = "relative_activation_lr_started"
+# The param-group key of the ceiling ρ_max: at every step γ_m ≤ ρ_max·‖a_m‖/‖g_m‖, per unit.
+CEILING = "relative_activation_lr_ceiling"
 
 
 def sets_gamma(group: dict) -> bool:
     """Whether the group's first step sets (ρ) or caps (ρ̄) its γ."""
     return group.get("relative_activation_lr") is not None or group.get("max_relative_activation_lr") is not None
+
+
+def measures(param_groups: list[dict]) -> bool:
+    """Whether the next forward passes must keep ‖g‖²: a start is pending or a group has a ceiling."""
+    return bool(pending_groups(param_groups)) or any(g.get(CEILING) is not None for g in param_groups)
 
 
 def pending_groups(param_groups: list[dict]) -> list[dict]:
@@ -77,11 +97,7 @@ def start(opt, problems: list[LocalProblem]) -> None:
     if not records or any(record.gradient_square is None for _, record in records):
         return  # recorded before ρ was pending (a group added since): the next step measures
     device = records[0][0].weight.device
-    squares = [
-        (unit.output(record).detach().double().square().sum().to(device), record.gradient_square.to(device))
-        for unit, record in records
-    ]
-    totals = torch.stack([torch.stack(pair) for pair in squares]).sum(0)
+    totals = torch.stack([_squares(unit, [record], device) for unit, record in records]).sum(0)
     opt.comm.sum_([totals])
     a_norm, g_norm = totals.sqrt().tolist()
     g_norm /= opt.comm.world_size  # each rank's g is W times the global mean loss's
@@ -93,3 +109,31 @@ def start(opt, problems: list[LocalProblem]) -> None:
         if group.get("max_relative_activation_lr") is not None:
             group["activation_lr"] = min(group["activation_lr"], group["max_relative_activation_lr"] * a_norm / g_norm)
         group[STARTED] = True
+
+
+def apply_ceiling(opt, problems: list[LocalProblem]) -> None:
+    """γ_m ← min(γ_m, ρ_max·‖a_m‖/‖g_m‖) for every unit whose group has a ceiling, with the norms over that unit's
+    records of this step (global over the ranks, as for the start). One device sync per step."""
+    capped = [
+        (problem, opt.param_groups[problem.group_index])
+        for problem in problems
+        if problem.unit is not None and opt.param_groups[problem.group_index].get(CEILING) is not None
+    ]
+    if not capped or any(record.gradient_square is None for problem, _ in capped for record in problem.records):
+        return  # nothing to cap, or recorded before the ceiling was set: the next step measures
+    device = capped[0][0].unit.weight.device
+    squares = torch.stack([_squares(problem.unit, problem.records, device) for problem, _ in capped])
+    opt.comm.sum_([squares])
+    for (_, group), (a_norm, g_norm) in zip(capped, squares.sqrt().tolist()):
+        g_norm /= opt.comm.world_size
+        if math.isfinite(a_norm) and math.isfinite(g_norm) and a_norm > 0 and g_norm > 0:
+            group["activation_lr"] = min(group["activation_lr"], group[CEILING] * a_norm / g_norm)
+
+
+def _squares(unit, records, device) -> torch.Tensor:
+    """[‖a‖², ‖g‖²] in float64 over ``records`` of ``unit`` (pre-activations and their gradients)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for record in records:
+        a_square = unit.output(record).detach().double().square().sum().to(device)
+        total = total + torch.stack([a_square, record.gradient_square.to(device)])
+    return total

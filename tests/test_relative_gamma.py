@@ -215,3 +215,53 @@ def test_the_cap_and_rho_together_take_the_smaller_and_the_cap_starts_hypergradi
 def test_a_bad_cap_is_refused_naming_it(rho):
     with pytest.raises(ValueError, match="max_relative_activation_lr"):
         LocoPropOptimizer(_model(), variant="S", max_relative_activation_lr=rho)
+
+
+# ------------------------------------------------------------------ ρ_max: a ceiling at every step, per unit
+def _unit_bounds(model: nn.Module, x: torch.Tensor, rho: float) -> list[float]:
+    """ρ·‖a_m‖/‖g_m‖ per Linear m, by autograd (no LocoProp code involved)."""
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in model if isinstance(m, nn.Linear)]
+    loss = _bce(model(x), x)
+    for hook in hooks:
+        hook.remove()
+    grads = torch.autograd.grad(loss, outputs)
+    return [rho * o.detach().norm().item() / g.norm().item() for o, g in zip(outputs, grads)]
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_the_ceiling_caps_each_unit_s_gamma_at_its_own_bound_at_every_step(variant):
+    model, batches = _model(), [_batch(), _batch(8) * 0.5]
+    kwargs = dict(variant=variant, lr=1e-3, output_activation="sigmoid" if variant == "M" else None)
+    bounds = _unit_bounds(_model(), batches[0], 0.05)
+    assert max(bounds) / min(bounds) > 1.5  # per unit, not one bound for all
+    given = sorted(bounds)[1]  # above one unit's bound, below another's
+    opt = LocoPropOptimizer(model, activation_lr=given, relative_activation_lr_ceiling=0.05, **kwargs)
+    _step(model, opt, batches[0])
+    expected = [min(given, bound) for bound in bounds]
+    assert [group["activation_lr"] for group in opt.param_groups] == pytest.approx(expected, rel=1e-12)
+    assert opt.adapted_hyperparameters() == pytest.approx({f"gamma/{i}": g for i, g in zip((0, 2, 4), expected)})
+    # The next step measures again, from the model as it is now.
+    later = _unit_bounds(model, batches[1], 0.05)
+    _step(model, opt, batches[1])
+    expected = [min(gamma, bound) for gamma, bound in zip(expected, later)]
+    assert [group["activation_lr"] for group in opt.param_groups] == pytest.approx(expected, rel=1e-12)
+    assert opt._recorder.measure_gradients is True
+
+
+def test_the_ceiling_bounds_gamma_after_hypergradients_moved_it():
+    model, x = _model(), _batch()
+    opt = LocoPropOptimizer(model, variant="S", lr=1e-3, activation_lr=1e6, relative_activation_lr_ceiling=0.05,
+                            hypergrad_lr=0.1, hypergrad_rule="normalized", hypergrad="gradient")  # fmt: skip
+    for n in (16, 8, 12):
+        batch = torch.sigmoid(torch.randn(n, 6, generator=torch.Generator().manual_seed(n), dtype=torch.float64))
+        bounds = _unit_bounds(model, batch, 0.05)
+        _step(model, opt, batch)
+        assert all(group["activation_lr"] <= bound * (1 + 1e-12) for group, bound in zip(opt.param_groups, bounds))
+    assert opt.last_hypergradients  # the hypergradients ran
+
+
+@pytest.mark.parametrize("rho", [0.0, -1.0, float("nan"), True, "0.1"])
+def test_a_bad_ceiling_is_refused_naming_it(rho):
+    with pytest.raises(ValueError, match="relative_activation_lr_ceiling"):
+        LocoPropOptimizer(_model(), variant="S", relative_activation_lr_ceiling=rho)

@@ -114,6 +114,12 @@ HPARAM_FLAGS = {
         "LocoProp ρ̄: the first step caps γ at ρ̄·‖a‖/‖g‖, so a γ given far too large starts where the targets move "
         "the pre-activations by at most a share ρ̄ of their size (the start for --hypergrad-lr)",
     ),
+    "relative_activation_lr_ceiling": HparamFlag(
+        "--relative-activation-lr-ceiling",
+        float,
+        "LocoProp ρ_max: every step keeps each unit's γ ≤ ρ_max·‖a‖/‖g‖ of that unit, so adapted γ cannot drift "
+        "past the point where the targets saturate",
+    ),
     "momentum": HparamFlag(
         "--momentum", float, "momentum coefficient (LocoProp's inner one: --hparam inner_momentum=X)"
     ),
