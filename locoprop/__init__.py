@@ -22,9 +22,10 @@
 - ``inner``: the inner optimizers, including TensorFlow-1 RMSProp (``RMSpropTF``).
 """
 
+from locoprop.hypergrad import ADAPTIVE_GAMMA
 from locoprop.inner import RMSpropTF
 from locoprop.optimizer import LocoPropOptimizer
 from locoprop.transfer import Transfer
 
-__all__ = ["LocoPropOptimizer", "RMSpropTF", "Transfer"]
+__all__ = ["ADAPTIVE_GAMMA", "LocoPropOptimizer", "RMSpropTF", "Transfer"]
 __version__ = "0.1.0"

@@ -67,6 +67,7 @@ from locoprop.local import layer_transpose, residual
 from locoprop.transfer import Transfer
 
 __all__ = [
+    "ADAPTIVE_GAMMA",
     "GAMMA_RANGE",
     "HYPERGRAD_MODES",
     "HYPERGRAD_RULES",
@@ -87,6 +88,18 @@ HYPERGRAD_SCOPES = ("unit", "shared")
 # The normalized rule's decays of its running averages of u and of u² (Adam's β₁, and a β₂ short enough
 # that v follows the hypergradient's scale within the few hundred steps of a run).
 NORMALIZED_DECAYS = (0.9, 0.99)
+# γ for a user who does not tune it (issue 27): pass ``**ADAPTIVE_GAMMA`` to LocoPropOptimizer with any
+# activation_lr. β chosen on the reference autoencoder's validation loss ({0.1, 0.2, 0.3}: the best worst start),
+# the start cap ρ̄ from the best fixed ρ of the suite's workloads (0.01 to 0.1: the low end, since the early steps
+# of a γ too large do damage that adaptation from below does not), the ceiling ρ_max on the ResNet's ({0.1, 1}:
+# 1 let γ drift into saturation); "gradient" costs nothing where "implicit" costs 30-45% of a step at K = 3-5.
+ADAPTIVE_GAMMA = dict(
+    hypergrad_lr=0.1,
+    hypergrad_rule="normalized",
+    hypergrad="gradient",
+    max_relative_activation_lr=0.01,
+    relative_activation_lr_ceiling=0.1,
+)
 # γ changes by at most this factor per step: one noisy hypergradient cannot throw it far.
 MAX_FACTOR = 2.0
 # ...and stays inside this range, so that a long drift cannot reach 0 or overflow.

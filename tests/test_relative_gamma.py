@@ -265,3 +265,29 @@ def test_the_ceiling_bounds_gamma_after_hypergradients_moved_it():
 def test_a_bad_ceiling_is_refused_naming_it(rho):
     with pytest.raises(ValueError, match="relative_activation_lr_ceiling"):
         LocoPropOptimizer(_model(), variant="S", relative_activation_lr_ceiling=rho)
+
+
+def test_adaptive_gamma_recovers_from_a_gamma_far_too_large_and_climbs_from_one_far_too_small():
+    from locoprop import ADAPTIVE_GAMMA
+
+    batches = [torch.sigmoid(torch.randn(16, 6, generator=torch.Generator().manual_seed(i), dtype=torch.float64))
+               for i in range(80)]  # fmt: skip
+
+    def train(start: float, adaptive: bool) -> tuple[float, list[float]]:
+        model = _model()
+        opt = LocoPropOptimizer(model, variant="M", lr=1e-2, activation_lr=start, output_activation="sigmoid",
+                                inner="rmsprop-tf", inner_kwargs=dict(momentum=0.9),
+                                **(ADAPTIVE_GAMMA if adaptive else {}))  # fmt: skip
+        losses = []
+        for x in batches:
+            losses.append(_bce(model(x), x).item())
+            _step(model, opt, x)
+        return sum(losses[-10:]) / 10, [group["activation_lr"] for group in opt.param_groups]
+
+    good, _ = train(1.0, adaptive=False)  # 3.79 here; γ = 10: 3.85
+    stuck_high, _ = train(1e6, adaptive=False)  # 4.80
+    stuck_low, _ = train(1e-4, adaptive=False)  # 4.20
+    from_high, _ = train(1e6, adaptive=True)  # 3.79: capped at the first step, then adapted
+    from_low, gammas = train(1e-4, adaptive=True)  # 4.14
+    assert from_high < stuck_high - 0.5 and from_high == pytest.approx(good, rel=0.02)
+    assert from_low < stuck_low - 0.03 and max(gammas) > 1e3 * 1e-4, gammas
