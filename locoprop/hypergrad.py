@@ -93,6 +93,9 @@ NORMALIZED_DECAYS = (0.9, 0.99)
 # the start cap ρ̄ from the best fixed ρ of the suite's workloads (0.01 to 0.1: the low end, since the early steps
 # of a γ too large do damage that adaptation from below does not), the ceiling ρ_max on the ResNet's ({0.1, 1}:
 # 1 let γ drift into saturation); "gradient" costs nothing where "implicit" costs 30-45% of a step at K = 3-5.
+# At equal time from 0.01x-100x the tuned γ it ends within 0.3% of the tuned loss on the transformer, within 0.4%
+# from above on the autoencoder, but 9-11% above from below there, 4-9% on the ResNet and 23-42% on CURVES
+# (README, "γ that needs no tuning").
 ADAPTIVE_GAMMA = dict(
     hypergrad_lr=0.1,
     hypergrad_rule="normalized",
