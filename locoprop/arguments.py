@@ -80,9 +80,7 @@ def check_options(
     if hypergrad_rule not in HYPERGRAD_RULES:
         raise ValueError(f"Invalid hypergrad_rule: {hypergrad_rule!r}; expected one of {', '.join(HYPERGRAD_RULES)}")
     if hypergrad_scope not in HYPERGRAD_SCOPES:
-        raise ValueError(
-            f"Invalid hypergrad_scope: {hypergrad_scope!r}; expected one of {', '.join(HYPERGRAD_SCOPES)}"
-        )
+        raise ValueError(f"Invalid hypergrad_scope: {hypergrad_scope!r}; expected one of {', '.join(HYPERGRAD_SCOPES)}")
     if solve == "exact" and variant != "S":
         raise ValueError(f"solve='exact' needs variant 'S', got variant {variant!r}")
     if solve == "exact" and not prox > 0:
@@ -105,7 +103,8 @@ def check_options(
 
 def check_hyperparameters(group: dict, solve: str = "iterative") -> None:
     """A param group's lr, activation_lr, local_iters, inner_schedule, prox, hypergrad_lr, relative_activation_lr,
-    max_relative_activation_lr, relative_activation_lr_ceiling and, for ``solve``, covariance_refresh and covariance_decay."""
+    max_relative_activation_lr, relative_activation_lr_ceiling and, for ``solve``, covariance_refresh and
+    covariance_decay."""
     lr, activation_lr, local_iters = group["lr"], group["activation_lr"], group["local_iters"]
     for name, value in (("learning rate", lr), ("activation_lr", activation_lr), ("prox", group["prox"])):
         if isinstance(value, Tensor):

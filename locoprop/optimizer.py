@@ -288,8 +288,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             f"gamma/{unit.name}": group["activation_lr"]
             for group, unit in zip(self.param_groups, self.unit_of_group)
             if unit is not None
-            and (group["hypergrad_lr"] > 0 or relative_gamma.sets_gamma(group)
-                 or group.get(relative_gamma.CEILING) is not None)
+            and (
+                group["hypergrad_lr"] > 0
+                or relative_gamma.sets_gamma(group)
+                or group.get(relative_gamma.CEILING) is not None
+            )
         }
 
     def _output_moved(self, changed: list[Unit]) -> None:

@@ -136,9 +136,9 @@ def test_gradient_is_the_direction_of_the_first_conjugate_gradient_step_of_impli
         opt.step()
         sensitivities[mode] = [opt.state[p]["gamma_sensitivity"] for p in model.parameters()]
     for unit in range(3):  # per unit: weight and bias together
-        gradient = torch.cat([s.reshape(-1) for s in sensitivities["gradient"][2 * unit: 2 * unit + 2]])
-        implicit = torch.cat([s.reshape(-1) for s in sensitivities["implicit"][2 * unit: 2 * unit + 2]])
-        handed = torch.cat([g.reshape(-1) for g in grads[2 * unit: 2 * unit + 2]])
+        gradient = torch.cat([s.reshape(-1) for s in sensitivities["gradient"][2 * unit : 2 * unit + 2]])
+        implicit = torch.cat([s.reshape(-1) for s in sensitivities["implicit"][2 * unit : 2 * unit + 2]])
+        handed = torch.cat([g.reshape(-1) for g in grads[2 * unit : 2 * unit + 2]])
         assert torch.allclose(gradient, -handed, rtol=1e-12, atol=0)
         cosine = torch.dot(gradient, implicit) / (gradient.norm() * implicit.norm())
         assert cosine.item() == pytest.approx(1.0, abs=1e-10)

@@ -250,7 +250,7 @@ def test_the_ceiling_caps_each_unit_s_gamma_at_its_own_bound_at_every_step(varia
 
 
 def test_the_ceiling_bounds_gamma_after_hypergradients_moved_it():
-    model, x = _model(), _batch()
+    model = _model()
     opt = LocoPropOptimizer(model, variant="S", lr=1e-3, activation_lr=1e6, relative_activation_lr_ceiling=0.05,
                             hypergrad_lr=0.1, hypergrad_rule="normalized", hypergrad="gradient")  # fmt: skip
     for n in (16, 8, 12):
