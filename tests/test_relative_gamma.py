@@ -26,17 +26,21 @@ def _bce(output, x, scale: float = 1.0) -> torch.Tensor:
     return scale * nn.functional.binary_cross_entropy_with_logits(output, x, reduction="none").sum(1).mean()
 
 
-def _expected_gamma(model: nn.Module, x: torch.Tensor, rho: float) -> float:
-    """ρ·‖a‖/‖g‖ over every Linear's output, g = ∂L/∂a by autograd (no LocoProp code involved)."""
+def _unit_squares(model: nn.Module, x: torch.Tensor) -> list[tuple[float, float]]:
+    """(‖a_m‖², ‖g_m‖²) per Linear m, its output and g = ∂L/∂a by autograd (no LocoProp code involved)."""
     outputs = []
     hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in model if isinstance(m, nn.Linear)]
     loss = _bce(model(x), x)
     for hook in hooks:
         hook.remove()
     grads = torch.autograd.grad(loss, outputs)
-    a = math.sqrt(sum(o.detach().square().sum().item() for o in outputs))
-    g = math.sqrt(sum(d.square().sum().item() for d in grads))
-    return rho * a / g
+    return [(o.detach().square().sum().item(), g.square().sum().item()) for o, g in zip(outputs, grads)]
+
+
+def _expected_gamma(model: nn.Module, x: torch.Tensor, rho: float) -> float:
+    """ρ·‖a‖/‖g‖ over every Linear's output."""
+    squares = _unit_squares(model, x)
+    return rho * math.sqrt(sum(a for a, _ in squares)) / math.sqrt(sum(g for _, g in squares))
 
 
 def _step(model, opt, x, scale: float = 1.0) -> None:
@@ -219,14 +223,8 @@ def test_a_bad_cap_is_refused_naming_it(rho):
 
 # ------------------------------------------------------------------ ρ_max: a ceiling at every step, per unit
 def _unit_bounds(model: nn.Module, x: torch.Tensor, rho: float) -> list[float]:
-    """ρ·‖a_m‖/‖g_m‖ per Linear m, by autograd (no LocoProp code involved)."""
-    outputs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in model if isinstance(m, nn.Linear)]
-    loss = _bce(model(x), x)
-    for hook in hooks:
-        hook.remove()
-    grads = torch.autograd.grad(loss, outputs)
-    return [rho * o.detach().norm().item() / g.norm().item() for o, g in zip(outputs, grads)]
+    """ρ·‖a_m‖/‖g_m‖ per Linear m."""
+    return [rho * math.sqrt(a / g) for a, g in _unit_squares(model, x)]
 
 
 @pytest.mark.parametrize("variant", ["M", "S"])
