@@ -22,9 +22,9 @@ import math
 import torch
 
 from locoprop.hypergrad import (
-    GAMMA_RANGE,
     adapted_activation_lr,
     implicit_sensitivity,
+    in_gamma_range,
     inner_tangent,
     normalized_activation_lr,
     unrolled_sensitivity,
@@ -117,18 +117,21 @@ def adapt(opt, adapting: list[LocalProblem]) -> dict[str, float]:
     if not measured:
         return {}
     values = torch.stack([h for _, h in measured]).tolist()
-    if all(map(math.isfinite, values)) and opt.hypergrad_scope == "shared":
+    hypergradients = {problem.unit.name: h for (problem, _), h in zip(measured, values)}
+    if not all(map(math.isfinite, values)):
+        return hypergradients  # the step refuses itself (LocoPropOptimizer.step): no γ moves
+    if opt.hypergrad_scope == "shared":
         _adapt_shared(opt, adapting, [problem for problem, _ in measured], values)
-    elif all(map(math.isfinite, values)):
-        for (problem, _), h in zip(measured, values):
-            group = opt.param_groups[problem.group_index]
-            gamma, beta = group["activation_lr"], group["hypergrad_lr"]
-            if opt.hypergrad_rule == "normalized":
-                moments = opt.state[problem.params[0]].setdefault("log_gamma_moments", [0.0, 0.0, 0])
-                group["activation_lr"] = normalized_activation_lr(gamma, h, beta, moments)
-            else:
-                group["activation_lr"] = adapted_activation_lr(gamma, h, beta)
-    return {problem.unit.name: h for (problem, _), h in zip(measured, values)}
+        return hypergradients
+    for (problem, _), h in zip(measured, values):
+        group = opt.param_groups[problem.group_index]
+        gamma, beta = group["activation_lr"], group["hypergrad_lr"]
+        if opt.hypergrad_rule == "normalized":
+            moments = opt.state[problem.params[0]].setdefault("log_gamma_moments", [0.0, 0.0, 0])
+            group["activation_lr"] = normalized_activation_lr(gamma, h, beta, moments)
+        else:
+            group["activation_lr"] = adapted_activation_lr(gamma, h, beta)
+    return hypergradients
 
 
 def _adapt_shared(opt, adapting: list[LocalProblem], measured: list[LocalProblem], values: list[float]) -> None:
@@ -149,7 +152,7 @@ def _adapt_shared(opt, adapting: list[LocalProblem], measured: list[LocalProblem
     else:
         factor = adapted_activation_lr(1.0, u, beta)
     for group in groups:
-        group["activation_lr"] = min(max(group["activation_lr"] * factor, GAMMA_RANGE[0]), GAMMA_RANGE[1])
+        group["activation_lr"] = in_gamma_range(group["activation_lr"] * factor)
 
 
 def before_solve(opt, adapting: list[LocalProblem]) -> dict[LocalProblem, dict]:

@@ -76,6 +76,7 @@ __all__ = [
     "InnerTangent",
     "adapted_activation_lr",
     "implicit_sensitivity",
+    "in_gamma_range",
     "inner_tangent",
     "normalized_activation_lr",
     "unrolled_sensitivity",
@@ -136,7 +137,12 @@ def _moved(gamma: float, exponent: float) -> float:
     """γ·exp(exponent), the factor clipped to [1/MAX_FACTOR, MAX_FACTOR] and γ to GAMMA_RANGE."""
     limit = math.log(MAX_FACTOR)
     exponent = min(max(exponent, -limit), limit)
-    return min(max(gamma * math.exp(exponent), GAMMA_RANGE[0]), GAMMA_RANGE[1])
+    return in_gamma_range(gamma * math.exp(exponent))
+
+
+def in_gamma_range(gamma: float) -> float:
+    """γ clipped to GAMMA_RANGE."""
+    return min(max(gamma, GAMMA_RANGE[0]), GAMMA_RANGE[1])
 
 
 # ------------------------------------------------------------------ implicit
