@@ -283,16 +283,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
 
     def adapted_hyperparameters(self) -> dict[str, float]:
         """The γ that the optimizer sets itself, by metrics column ``gamma/UNIT``: adapted by hypergradients
-        (β > 0) or measured from ρ at the first step (empty when γ is given and β = 0 everywhere)."""
+        (β > 0), or set, capped or bounded from the norms (ρ, ρ̄, a ceiling); empty when γ is given and fixed."""
         return {
             f"gamma/{unit.name}": group["activation_lr"]
             for group, unit in zip(self.param_groups, self.unit_of_group)
-            if unit is not None
-            and (
-                group["hypergrad_lr"] > 0
-                or relative_gamma.sets_gamma(group)
-                or group.get(relative_gamma.CEILING) is not None
-            )
+            if unit is not None and (group["hypergrad_lr"] > 0 or relative_gamma.chooses_gamma(group))
         }
 
     def _output_moved(self, changed: list[Unit]) -> None:

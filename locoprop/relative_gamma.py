@@ -62,7 +62,16 @@ import torch
 
 from locoprop.problem import LocalProblem
 
-__all__ = ["CEILING", "STARTED", "apply_ceiling", "measures", "pending_groups", "sets_gamma", "start"]
+__all__ = [
+    "CEILING",
+    "STARTED",
+    "apply_ceiling",
+    "chooses_gamma",
+    "measures",
+    "pending_groups",
+    "sets_gamma",
+    "start",
+]
 
 # The param-group key that says ρ has set the group's γ (it then stays as it is).
 STARTED = "relative_activation_lr_started"
@@ -73,6 +82,11 @@ CEILING = "relative_activation_lr_ceiling"
 def sets_gamma(group: dict) -> bool:
     """Whether the group's first step sets (ρ) or caps (ρ̄) its γ."""
     return group.get("relative_activation_lr") is not None or group.get("max_relative_activation_lr") is not None
+
+
+def chooses_gamma(group: dict) -> bool:
+    """Whether the group's γ is set, capped or bounded from the norms (ρ, ρ̄ or a ceiling)."""
+    return sets_gamma(group) or group.get(CEILING) is not None
 
 
 def measures(param_groups: list[dict]) -> bool:
@@ -91,23 +105,17 @@ def start(opt, problems: list[LocalProblem]) -> None:
 
     One device sync, at the first step only."""
     groups = pending_groups(opt.param_groups)
-    if not groups:
-        return
-    records = [(problem.unit, record) for problem in problems if problem.unit is not None for record in problem.records]
-    if not records or any(record.gradient_square is None for _, record in records):
-        return  # recorded before ρ was pending (a group added since): the next step measures
-    device = records[0][0].weight.device
-    totals = torch.stack([_squares(unit, [record], device) for unit, record in records]).sum(0)
-    opt.comm.sum_([totals])
-    a_norm, g_norm = totals.sqrt().tolist()
-    g_norm /= opt.comm.world_size  # each rank's g is W times the global mean loss's
-    if not (math.isfinite(a_norm) and math.isfinite(g_norm) and a_norm > 0 and g_norm > 0):
+    units = [problem for problem in problems if problem.unit is not None]
+    if not groups or not _measured(units):
+        return  # nothing pending, or recorded before ρ was pending (a group added since): the next step measures
+    ratio = _ratio(*_unit_squares(opt, units).sum(0).tolist(), opt.comm.world_size)
+    if ratio is None:
         return
     for group in groups:
         if group.get("relative_activation_lr") is not None:
-            group["activation_lr"] = group["relative_activation_lr"] * a_norm / g_norm
+            group["activation_lr"] = group["relative_activation_lr"] * ratio
         if group.get("max_relative_activation_lr") is not None:
-            group["activation_lr"] = min(group["activation_lr"], group["max_relative_activation_lr"] * a_norm / g_norm)
+            group["activation_lr"] = min(group["activation_lr"], group["max_relative_activation_lr"] * ratio)
         group[STARTED] = True
 
 
@@ -115,25 +123,44 @@ def apply_ceiling(opt, problems: list[LocalProblem]) -> None:
     """γ_m ← min(γ_m, ρ_max·‖a_m‖/‖g_m‖) for every unit whose group has a ceiling, with the norms over that unit's
     records of this step (global over the ranks, as for the start). One device sync per step."""
     capped = [
-        (problem, opt.param_groups[problem.group_index])
+        problem
         for problem in problems
         if problem.unit is not None and opt.param_groups[problem.group_index].get(CEILING) is not None
     ]
-    if not capped or any(record.gradient_square is None for problem, _ in capped for record in problem.records):
+    if not _measured(capped):
         return  # nothing to cap, or recorded before the ceiling was set: the next step measures
-    device = capped[0][0].unit.weight.device
-    squares = torch.stack([_squares(problem.unit, problem.records, device) for problem, _ in capped])
+    for problem, squares in zip(capped, _unit_squares(opt, capped).tolist()):
+        ratio, group = _ratio(*squares, opt.comm.world_size), opt.param_groups[problem.group_index]
+        if ratio is not None:
+            group["activation_lr"] = min(group["activation_lr"], group[CEILING] * ratio)
+
+
+def _measured(problems: list[LocalProblem]) -> bool:
+    """Whether the units' records of this step exist and all carry ‖g‖²."""
+    records = [record for problem in problems for record in problem.records]
+    return bool(records) and all(record.gradient_square is not None for record in records)
+
+
+def _unit_squares(opt, problems: list[LocalProblem]) -> torch.Tensor:
+    """Per unit, [‖a‖², ‖g‖²] in float64 over its records of this step (pre-activations and their gradients),
+    summed over the ranks."""
+    device = problems[0].unit.weight.device
+    rows = []
+    for problem in problems:
+        row = torch.zeros(2, dtype=torch.float64, device=device)
+        for record in problem.records:
+            a_square = problem.unit.output(record).detach().double().square().sum().to(device)
+            row = row + torch.stack([a_square, record.gradient_square.to(device)])
+        rows.append(row)
+    squares = torch.stack(rows)
     opt.comm.sum_([squares])
-    for (_, group), (a_norm, g_norm) in zip(capped, squares.sqrt().tolist()):
-        g_norm /= opt.comm.world_size
-        if math.isfinite(a_norm) and math.isfinite(g_norm) and a_norm > 0 and g_norm > 0:
-            group["activation_lr"] = min(group["activation_lr"], group[CEILING] * a_norm / g_norm)
+    return squares
 
 
-def _squares(unit, records, device) -> torch.Tensor:
-    """[‖a‖², ‖g‖²] in float64 over ``records`` of ``unit`` (pre-activations and their gradients)."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for record in records:
-        a_square = unit.output(record).detach().double().square().sum().to(device)
-        total = total + torch.stack([a_square, record.gradient_square.to(device)])
-    return total
+def _ratio(a_square: float, g_square: float, world_size: int) -> float | None:
+    """‖a‖/‖g‖ with g on the footing of the global mean loss (each rank's g is W times it), or None where the
+    norms tell nothing about the scale (‖g‖ = 0, or not finite)."""
+    a_norm, g_norm = math.sqrt(a_square), math.sqrt(g_square) / world_size
+    if not (math.isfinite(a_norm) and math.isfinite(g_norm) and a_norm > 0 and g_norm > 0):
+        return None
+    return a_norm / g_norm
