@@ -126,6 +126,7 @@ BAD_INPUT = [
     ("compare --threads 0 --out {out}", "Invalid threads: 0; expected an integer ≥ 1"),
     ("train --data mnist --out {out}", "pass --data-dir DIR"),
     ("train --hparam inner_kwargs=notjson --out {out}", "inner_kwargs takes a JSON object"),
+    ("train --optimizer adam --adaptive-gamma --out {out}", "--adaptive-gamma adapts LocoProp's γ; optimizer 'adam'"),
     ("train --hparam =1 --out {out}", "expected KEY=VALUE with a hyperparameter name as KEY, got '=1'"),
     ("train --lr 1e-3 --hparam lr=1e-2 --out {out}", "Hyperparameter lr is given twice (0.001 and 0.01); give it once"),
     ("train --hparam lr=1e-3 --hparam lr=1e-2 --out {out}", "Hyperparameter lr is given twice (0.001 and 0.01)"),
@@ -371,6 +372,21 @@ def test_resume_with_a_changed_flag_names_the_flag(tmp_path, capsys):
     )
     # The same flags again resume their own run, without a word.
     assert run_cli([*train, "--lr", "0.02", "--resume"], capsys)[2] == ""
+
+
+def test_adaptive_gamma_trains_with_the_recipe_and_a_flag_given_as_well_wins(tmp_path, capsys):
+    from locoprop import ADAPTIVE_GAMMA
+
+    train = ["train", "--optimizer", "locoprop-m", "--data", "synthetic", "--width-mult", "0.05", "--batch-size",
+             "64", "--steps", "2", "--no-progress", "--adaptive-gamma"]  # fmt: skip
+    assert run_cli([*train, "--out", str(tmp_path / "a")], capsys)[0] == 0
+    assert run_cli([*train, "--relative-activation-lr-ceiling", "0.5", "--out", str(tmp_path / "b")], capsys)[0] == 0
+    (recipe,), (overridden,) = (
+        [json.loads(path.read_text())["hparams"] for path in (tmp_path / name).glob("*/config.json")] for name in "ab"
+    )
+    assert {key: recipe[key] for key in ADAPTIVE_GAMMA} == ADAPTIVE_GAMMA
+    assert overridden["relative_activation_lr_ceiling"] == 0.5
+    assert overridden["relative_activation_lr"] == ADAPTIVE_GAMMA["relative_activation_lr"]
 
 
 def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):

@@ -26,6 +26,7 @@ import warnings
 
 import torch
 
+import locoprop
 from analysis.load import CompareFolderRead, RunSkipped, RunsNotFound
 from baselines.registry import OPTIMIZERS
 from sweeps import interrupts, schema
@@ -89,6 +90,10 @@ def cmd_train(args) -> int:
         if key in hparams and hparams[key] != value:  # two values for one hyperparameter: which one was meant?
             raise ValueError(f"Hyperparameter {key} is given twice ({hparams[key]!r} and {value!r}); give it once")
         hparams[key] = value
+    if args.adaptive_gamma:
+        if "activation_lr" not in OPTIMIZERS[args.optimizer].defaults:
+            raise ValueError(f"--adaptive-gamma adapts LocoProp's γ; optimizer {args.optimizer!r} has none")
+        hparams = {**locoprop.ADAPTIVE_GAMMA, **hparams}  # the flags given explicitly win
     nproc = _nproc(args.nproc)
     config = run_config_from_args(args, args.optimizer, drop_neutral_hparams(args.optimizer, hparams), args.seed,
                                   pathlib.Path(args.out))  # fmt: skip

@@ -491,6 +491,12 @@ def add_train(commands) -> argparse.ArgumentParser:
         help="continue the run directory's run from its last finished epoch; the other flags must be the same "
         "(default: start afresh)",
     )  # fmt: skip
+    p.add_argument(
+        "--adaptive-gamma", action="store_true",
+        help="LocoProp: γ needs no tuning: the recipe locoprop.ADAPTIVE_GAMMA (a scale-free start ρ = 0.01, per-unit "
+        "hypergradients, a per-unit ceiling ρ_max = 0.03), so --activation-lr is not used; a flag given as well "
+        "overrides the recipe's value (default: off)",
+    )  # fmt: skip
     add_hparam_flags(p)
     return p
 
