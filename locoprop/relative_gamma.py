@@ -23,11 +23,12 @@ for a loss averaged over the batch, whatever the batch size (‖g‖ shrinks as
     γ ← min(γ, ρ̄ · ‖a‖ / ‖g‖),
 
 so that a γ given far too large cannot move the pre-activations by more than
-a share ρ̄ of their size, while a smaller γ stays as it is. This is the start
-for hypergradients: measured on the suite's workloads, adaptation from below
-catches up within a few dozen steps and the small early steps cost little,
-while the first steps at a γ far too large do damage that the rest of a run
-does not undo (a 100× start diverged before the first hypergradient exists).
+a share ρ̄ of their size, while a smaller γ stays as it is. Either is a start
+for hypergradients: the first steps at a γ far too large do damage that the
+rest of a run does not undo (a 100× start diverged before the first
+hypergradient existed), and adaptation from a γ far too small climbs by at
+most e^β per step, a large share of a short run (so ``ADAPTIVE_GAMMA`` sets
+γ with ρ rather than capping it with ρ̄).
 
 From then on γ is an ordinary value: fixed, or adapted by
 hypergradients (:mod:`locoprop.adaptation`), and kept in ``state_dict``.

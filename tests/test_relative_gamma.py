@@ -265,7 +265,7 @@ def test_a_bad_ceiling_is_refused_naming_it(rho):
         LocoPropOptimizer(_model(), variant="S", relative_activation_lr_ceiling=rho)
 
 
-def test_adaptive_gamma_recovers_from_a_gamma_far_too_large_and_climbs_from_one_far_too_small():
+def test_adaptive_gamma_does_not_depend_on_the_start_and_reaches_a_good_fixed_gammas_loss():
     from locoprop import ADAPTIVE_GAMMA
 
     batches = [torch.sigmoid(torch.randn(16, 6, generator=torch.Generator().manual_seed(i), dtype=torch.float64))
@@ -285,7 +285,9 @@ def test_adaptive_gamma_recovers_from_a_gamma_far_too_large_and_climbs_from_one_
     good, _ = train(1.0, adaptive=False)  # 3.79 here; γ = 10: 3.85
     stuck_high, _ = train(1e6, adaptive=False)  # 4.80
     stuck_low, _ = train(1e-4, adaptive=False)  # 4.20
-    from_high, _ = train(1e6, adaptive=True)  # 3.79: capped at the first step, then adapted
-    from_low, gammas = train(1e-4, adaptive=True)  # 4.14
-    assert from_high < stuck_high - 0.5 and from_high == pytest.approx(good, rel=0.02)
-    assert from_low < stuck_low - 0.03 and max(gammas) > 1e3 * 1e-4, gammas
+    from_high, gammas_high = train(1e6, adaptive=True)  # 3.78 from either start
+    from_low, gammas_low = train(1e-4, adaptive=True)
+    # The first step sets γ from the norms, so the given γ leaves no trace: the same run from either start.
+    assert (from_high, gammas_high) == (from_low, gammas_low)
+    assert from_high < min(stuck_high, stuck_low) - 0.3 and from_high == pytest.approx(good, rel=0.02)
+    assert len(set(gammas_high)) > 1  # the units' γ adapted apart
