@@ -217,7 +217,7 @@ _LOCOPROP_DEFAULTS = dict(
     # ρ: γ = ρ·‖a‖/‖g‖ from the first step's records, whatever the loss's scale (locoprop.relative_gamma);
     # None keeps activation_lr.
     relative_activation_lr=None,
-    # ρ̄: the first step caps γ at ρ̄·‖a‖/‖g‖, the start for hypergradients (locoprop.relative_gamma); None: no cap.
+    # ρ̄: the first step caps γ at ρ̄·‖a‖/‖g‖ (locoprop.relative_gamma); None: no cap.
     max_relative_activation_lr=None,
     # ρ_max: every step keeps each unit's γ ≤ ρ_max·‖a_m‖/‖g_m‖ (locoprop.relative_gamma); None: no ceiling.
     relative_activation_lr_ceiling=None,

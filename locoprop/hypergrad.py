@@ -91,15 +91,16 @@ HYPERGRAD_SCOPES = ("unit", "shared")
 NORMALIZED_DECAYS = (0.9, 0.99)
 # γ for a user who does not tune it (issue 27): pass ``**ADAPTIVE_GAMMA`` to LocoPropOptimizer; the activation_lr
 # given is then not used. The first step sets γ = ρ·‖a‖/‖g‖ (ρ = 0.01, the low end of the best fixed ρ on the
-# suite's workloads, 0.01-0.1), so no start is off by orders of magnitude: adaptation from below climbs at most e^β
-# per step (from 0.01x the tuned γ at least 46 of the autoencoder's 139 steps; it ended 9-11% above the tuned loss),
+# suite's workloads, 0.01-0.1), so no start is off by orders of magnitude: adaptation from below climbs about e^β
+# per step (from 0.01x the tuned γ about 46 of the autoencoder's 139 steps; it ended 9-11% above the tuned loss),
 # and the first steps from above do damage it does not undo. Then the normalized rule moves each unit's γ with the
 # "gradient" sensitivity (a dot product, where "implicit" costs 30-45% of a step at K = 3-5); β chosen on the
-# autoencoder's validation loss ({0.1, 0.2, 0.3}: the best worst start). On CURVES and the ResNet that proxy asks
-# for more γ at nearly every step, so each unit's γ rises to its ceiling ρ_max·‖a_m‖/‖g_m‖, and the ceiling
-# decides much of the outcome: ρ_max chosen on the ResNet's validation loss ({0.003, 0.01, 0.03, 0.1, 1}). At
-# equal time it ends within 0.3% of the tuned γ's loss on the autoencoder, the ResNet and the transformer, but 38%
-# above on CURVES, whose deep logistic stack wants ρ_max = 0.003 (README, "γ that needs no tuning").
+# autoencoder's validation loss ({0.1, 0.2, 0.3}: the best worst start, under the start cap ρ̄ = 0.01 and ρ_max
+# 0.1). On CURVES and the ResNet that proxy asks for more γ at nearly every step, so each unit's γ rises to its
+# ceiling ρ_max·‖a_m‖/‖g_m‖, and the ceiling decides much of the outcome: ρ_max chosen on the ResNet's validation
+# loss ({0.003, 0.01, 0.03, 0.1, 1}). At equal time it ends within 0.3% of the tuned γ's loss on the autoencoder,
+# the ResNet and the transformer, but 38% above on CURVES, whose deep logistic stack wants ρ_max = 0.003 (README,
+# "γ that needs no tuning").
 ADAPTIVE_GAMMA = dict(
     hypergrad_lr=0.1,
     hypergrad_rule="normalized",

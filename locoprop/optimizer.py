@@ -145,9 +145,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         max_relative_activation_lr: ρ̄ > 0, or None (the default). With ρ̄,
             the first step caps γ at ρ̄·‖a‖/‖g‖ (the same norms), so that a
             γ given far too large starts where a step moves the
-            pre-activations by at most a share ρ̄ of their size; the start
-            for hypergradients, which recover from a γ too small faster
-            than from one too large (:mod:`locoprop.relative_gamma`).
+            pre-activations by at most a share ρ̄ of their size, while a
+            smaller γ stays (``ADAPTIVE_GAMMA`` sets the start with ρ
+            instead: from a γ far too small hypergradients climb slowly;
+            :mod:`locoprop.relative_gamma`).
         relative_activation_lr_ceiling: ρ_max > 0, or None (the default).
             With ρ_max, every step keeps each unit's γ at most
             ρ_max·‖a_m‖/‖g_m‖ (that unit's norms in that step), after the

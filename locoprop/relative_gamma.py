@@ -26,8 +26,8 @@ so that a γ given far too large cannot move the pre-activations by more than
 a share ρ̄ of their size, while a smaller γ stays as it is. Either is a start
 for hypergradients: the first steps at a γ far too large do damage that the
 rest of a run does not undo (a 100× start diverged before the first
-hypergradient existed), and adaptation from a γ far too small climbs by at
-most e^β per step, a large share of a short run (so ``ADAPTIVE_GAMMA`` sets
+hypergradient existed), and adaptation from a γ far too small climbs by about
+e^β per step, a large share of a short run (so ``ADAPTIVE_GAMMA`` sets
 γ with ρ rather than capping it with ρ̄).
 
 From then on γ is an ordinary value: fixed, or adapted by

@@ -91,7 +91,7 @@ def cmd_train(args) -> int:
             raise ValueError(f"Hyperparameter {key} is given twice ({hparams[key]!r} and {value!r}); give it once")
         hparams[key] = value
     if args.adaptive_gamma:
-        if "activation_lr" not in OPTIMIZERS[args.optimizer].defaults:
+        if not {"activation_lr", *locoprop.ADAPTIVE_GAMMA} <= set(OPTIMIZERS[args.optimizer].defaults):
             raise ValueError(f"--adaptive-gamma adapts LocoProp's γ; optimizer {args.optimizer!r} has none")
         hparams = {**locoprop.ADAPTIVE_GAMMA, **hparams}  # the flags given explicitly win
     nproc = _nproc(args.nproc)

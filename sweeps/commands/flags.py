@@ -112,7 +112,7 @@ HPARAM_FLAGS = {
         "--max-relative-activation-lr",
         float,
         "LocoProp ρ̄: the first step caps γ at ρ̄·‖a‖/‖g‖, so a γ given far too large starts where the targets move "
-        "the pre-activations by at most a share ρ̄ of their size (the start for --hypergrad-lr)",
+        "the pre-activations by at most a share ρ̄ of their size (--adaptive-gamma sets the start with ρ instead)",
     ),
     "relative_activation_lr_ceiling": HparamFlag(
         "--relative-activation-lr-ceiling",
@@ -493,9 +493,10 @@ def add_train(commands) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--adaptive-gamma", action="store_true",
-        help="LocoProp: γ needs no tuning: the recipe locoprop.ADAPTIVE_GAMMA (a scale-free start ρ = 0.01, per-unit "
-        "hypergradients, a per-unit ceiling ρ_max = 0.03), so --activation-lr is not used; a flag given as well "
-        "overrides the recipe's value (default: off)",
+        help="LocoProp: γ needs no tuning: the recipe locoprop.ADAPTIVE_GAMMA (a scale-free start ρ = "
+        f"{locoprop.ADAPTIVE_GAMMA['relative_activation_lr']:g}, per-unit hypergradients, a per-unit ceiling ρ_max = "
+        f"{locoprop.ADAPTIVE_GAMMA['relative_activation_lr_ceiling']:g}), so --activation-lr is not used; a flag given "
+        "as well overrides the recipe's value (default: off)",
     )  # fmt: skip
     add_hparam_flags(p)
     return p
