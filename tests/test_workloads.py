@@ -319,3 +319,27 @@ def test_bench_takes_the_workload_s_data_shape_and_batch_size_unless_given(monke
     assert main(["bench", "--workload", "resnet", "--data", "mnist5k", "--batch-size", "32", "--json"]) == 0
     assert [(c.workload, c.data, c.batch_size) for c in benchmarked][:2] == [("transformer", "fortunes", 16),
                                                                              ("resnet", "mnist5k", 32)]  # fmt: skip
+
+
+def test_bench_times_the_weight_gradient_products_of_the_units_own_shapes_and_dtype(monkeypatch):
+    """rᵀx per recorded use: the d_out × rows by rows × d_in product in the local dtype, the half of a local
+    iteration's FLOPs whose transposed operands run slower than the forward's."""
+    from sweeps.commands.bench import _weight_gradient_throughput
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = LocoPropOptimizer(model, variant="M")
+    model(torch.randn(4, 6)).pow(2).sum().backward()
+    products, matmul = [], torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: products.append((a.shape, b.shape, a.dtype)) or matmul(a, b))
+    assert _weight_gradient_throughput(opt.units, torch.device("cpu"), repeats=1, dtype=torch.bfloat16) > 0
+    assert products == [((5, 4), (4, 6), torch.bfloat16), ((3, 4), (4, 5), torch.bfloat16)]
+
+
+def test_bench_flop_bound_prices_each_half_of_a_local_iteration_at_its_own_throughput():
+    config = BenchConfig(optimizer="locoprop-m", workload="mlp", batch_size=8, width_mult=0.05, local_iters=2,
+                         steps=1, warmup=0, hparams={"local_dtype": "bfloat16"})  # fmt: skip
+    record = measure(config)
+    k, flops = record["local_iters"], record["step_flops_by_dtype"]["bfloat16"] / (2 * record["local_iters"])
+    forward, local, gradient = (record[key] * 1e9 for key in ("matmul_gflops", "local_matmul_gflops",
+                                                               "local_gradient_matmul_gflops"))  # fmt: skip
+    assert record["flop_bound_s"] == pytest.approx(3 * flops / forward + k * flops / local + k * flops / gradient)

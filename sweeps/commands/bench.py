@@ -30,10 +30,13 @@ optimizer:
   FLOP-proportional bound, one backprop step (3 × the forward FLOPs) plus
   K × (unit forward + weight gradient) = (3 + 2K) × forward FLOPs, priced at
   the matmul throughput of the model's own unit forwards measured in the
-  same process; with ``local_dtype`` (bfloat16 inner matmuls) the 2K local
-  ones at the throughput of those forwards in that dtype, also measured
-  (``local_matmul_gflops``); under ``precision`` "bf16" the backprop step's
-  at the throughput of the forwards in bfloat16;
+  same process; the K local forwards at the throughput of those forwards in
+  the local dtype (``local_matmul_gflops`` with ``local_dtype``, bfloat16
+  inner matmuls) and the K weight gradients at that of the units' own
+  weight-gradient products rᵀx in that dtype, also measured
+  (``local_gradient_matmul_gflops``: their operands are transposed against
+  the forward's); under ``precision`` "bf16" the
+  backprop step's at the throughput of the forwards in bfloat16;
 - the roofline: ``matmul_peak_gflops``, the machine's matmul peak per dtype
   (float32 and bfloat16: the fastest of 5 square matmuls of side 2048 on
   CPU, 8192 on CUDA, measured once per bench run, in the parent process,
@@ -190,6 +193,39 @@ def _matmul_throughput(units, device: torch.device, repeats: int = 5, dtype=None
     return flops, flops / statistics.median(times)
 
 
+def _weight_gradient_throughput(units, device: torch.device, repeats: int = 5, dtype=None) -> float:
+    """FLOP/s of the units' weight-gradient products, the other half of each local iteration's FLOPs: rᵀx for a
+    linear unit (xᵀr for a ``matmul`` one) with r shaped as its output, from recorded inputs, in ``dtype`` as
+    :func:`_matmul_throughput`. Their operands are transposed against the forward's, so their rate is measured,
+    not assumed (alone, at the reference autoencoder's shapes in bfloat16, the CPU ran them 14-48% slower than
+    the forwards; between steps, all units in turn, about as fast); a unit of another kind counts its forward."""
+    flops = sum(_unit_forward_flops(u, r.a) for u in units for r in u.records)
+    generator = torch.Generator().manual_seed(0)
+    work = []
+    for unit in units:
+        for record in unit.records:
+            x = record.x.to(dtype or unit.weight.dtype) if record.x.is_floating_point() else record.x
+            if unit.kind in ("linear", "matmul"):
+                x = x.reshape(-1, x.shape[-1])
+                r = torch.randn(x.shape[0], record.a.shape[-1], generator=generator).to(device=x.device, dtype=x.dtype)
+                work.append((lambda x=x, r=r: torch.matmul(r.mT, x)) if unit.kind == "linear" else
+                            (lambda x=x, r=r: torch.matmul(x.mT, r)))  # fmt: skip
+            else:
+                weight = unit.weight.detach().to(dtype or unit.weight.dtype)
+                bias = unit.bias.detach().to(weight.dtype) if unit.uses_bias else None
+                work.append(lambda unit=unit, x=x, weight=weight, bias=bias: unit.adapter.forward(x, weight, bias))
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            for product in work:
+                product()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return flops / statistics.median(times)
+
+
 def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hparams: dict):
     """(model, optimizer, step function) for one optimizer on the bench batch."""
     from baselines import make_optimizer
@@ -314,7 +350,8 @@ def measure(config: BenchConfig) -> dict:
         local_rate = forward_rate
         if local_dtype != forward_dtype:
             local_rate = _matmul_throughput(optimizer.units, device, dtype=local_dtype)[1]
-        probes.append((flops, forward_rate, local_rate))
+        gradient_rate = _weight_gradient_throughput(optimizer.units, device, dtype=local_dtype)
+        probes.append((flops, forward_rate, local_rate, gradient_rate))
         for unit in optimizer.units:
             unit.records.clear()
 
@@ -370,7 +407,10 @@ def measure(config: BenchConfig) -> dict:
             flops = probes[0][0]
             throughput = statistics.median(p[1] for p in probes)
             local = statistics.median(p[2] for p in probes)
-            record["flop_bound_s"] = 3 * flops / throughput + 2 * k * flops / local
+            gradient = statistics.median(p[3] for p in probes)
+            # K local iterations: a unit forward (Δa from Δθ) and a weight-gradient product each, at their rates.
+            record["flop_bound_s"] = 3 * flops / throughput + k * flops / local + k * flops / gradient
+            record["local_gradient_matmul_gflops"] = gradient / 1e9
             if local_name is not None:
                 record["local_dtype"] = local_name
                 record["local_matmul_gflops"] = local / 1e9
