@@ -125,13 +125,17 @@ def adapt(opt, adapting: list[LocalProblem]) -> dict[str, float]:
         return hypergradients
     for (problem, _), h in zip(measured, values):
         group = opt.param_groups[problem.group_index]
-        gamma, beta = group["activation_lr"], group["hypergrad_lr"]
-        if opt.hypergrad_rule == "normalized":
-            moments = opt.state[problem.params[0]].setdefault("log_gamma_moments", [0.0, 0.0, 0])
-            group["activation_lr"] = normalized_activation_lr(gamma, h, beta, moments)
-        else:
-            group["activation_lr"] = adapted_activation_lr(gamma, h, beta)
+        group["activation_lr"] = _moved_by_rule(opt, group["activation_lr"], h, group["hypergrad_lr"], problem)
     return hypergradients
+
+
+def _moved_by_rule(opt, gamma: float, h: float, beta: float, owner: LocalProblem) -> float:
+    """γ moved by the optimizer's ``hypergrad_rule`` with hypergradient h; the normalized rule's moments live in
+    the state of ``owner``'s first parameter."""
+    if opt.hypergrad_rule == "normalized":
+        moments = opt.state[owner.params[0]].setdefault("log_gamma_moments", [0.0, 0.0, 0])
+        return normalized_activation_lr(gamma, h, beta, moments)
+    return adapted_activation_lr(gamma, h, beta)
 
 
 def _adapt_shared(opt, adapting: list[LocalProblem], measured: list[LocalProblem], values: list[float]) -> None:
@@ -146,11 +150,7 @@ def _adapt_shared(opt, adapting: list[LocalProblem], measured: list[LocalProblem
         )
     (beta,) = betas
     u = sum(h * group["activation_lr"] for h, group in zip(values, groups))
-    if opt.hypergrad_rule == "normalized":
-        moments = opt.state[adapting[0].params[0]].setdefault("log_gamma_moments", [0.0, 0.0, 0])
-        factor = normalized_activation_lr(1.0, u, beta, moments)
-    else:
-        factor = adapted_activation_lr(1.0, u, beta)
+    factor = _moved_by_rule(opt, 1.0, u, beta, adapting[0])
     for group in groups:
         group["activation_lr"] = in_gamma_range(group["activation_lr"] * factor)
 
