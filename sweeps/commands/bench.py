@@ -181,16 +181,22 @@ def _matmul_throughput(units, device: torch.device, repeats: int = 5, dtype=None
     operands = [(unit, cast(record.x, unit), cast(unit.weight.detach(), unit),
                  cast(unit.bias.detach(), unit) if unit.uses_bias else None)
                 for unit in units for record in unit.records]  # fmt: skip
+    forwards = [lambda u=unit, x=x, w=weight, b=bias: u.adapter.forward(x, w, b) for unit, x, weight, bias in operands]
+    return flops, flops / _median_seconds(forwards, device, repeats)
+
+
+def _median_seconds(products: list, device: torch.device, repeats: int) -> float:
+    """The median over ``repeats`` of the time to run every call of ``products`` once, without autograd."""
     times = []
     with torch.no_grad():
         for _ in range(repeats):
             _sync(device)
             start = time.perf_counter()
-            for unit, x, weight, bias in operands:
-                unit.adapter.forward(x, weight, bias)
+            for product in products:
+                product()
             _sync(device)
             times.append(time.perf_counter() - start)
-    return flops, flops / statistics.median(times)
+    return statistics.median(times)
 
 
 def _weight_gradient_throughput(units, device: torch.device, repeats: int = 5, dtype=None) -> float:
@@ -214,16 +220,7 @@ def _weight_gradient_throughput(units, device: torch.device, repeats: int = 5, d
                 weight = unit.weight.detach().to(dtype or unit.weight.dtype)
                 bias = unit.bias.detach().to(weight.dtype) if unit.uses_bias else None
                 work.append(lambda unit=unit, x=x, weight=weight, bias=bias: unit.adapter.forward(x, weight, bias))
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            for product in work:
-                product()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    return flops / statistics.median(times)
+    return flops / _median_seconds(work, device, repeats)
 
 
 def _setup(config: BenchConfig, optimizer_name: str, device: torch.device, hparams: dict):
