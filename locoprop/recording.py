@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 from locoprop.layers import ConvAdapter, EmbeddingAdapter, LayerAdapter, LinearAdapter, MatmulAdapter
 from locoprop.transfer import is_activation_module, transfer_from_call, transfer_from_module
 
-__all__ = ["ForwardRecorder", "UseRecord", "calling"]
+__all__ = ["ForwardRecorder", "UseRecord", "calling", "squared_norm"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,8 +62,13 @@ class UseRecord:
     versions: tuple[int, ...]
     backpropagated: bool = False
     # ‖g‖² of g = ∂L/∂a (float64), kept only while the recorder's ``measure_gradients`` is set
-    # (:mod:`locoprop.relative_gamma` needs it at the first step; later steps keep no g at all).
+    # (:mod:`locoprop.relative_gamma` needs it at a ρ start's first step, and at every step with a ceiling).
     gradient_square: Tensor | None = None
+
+
+def squared_norm(t: Tensor) -> Tensor:
+    """‖t‖², accumulated in float64 without a float64 copy of t (it runs at every step that measures)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float64).square()
 
 
 def _marking_hook(record: UseRecord, backpropagated: list[UseRecord], measure: bool = False):
@@ -82,7 +87,7 @@ def _marking_hook(record: UseRecord, backpropagated: list[UseRecord], measure: b
         if alive is not None:
             alive.backpropagated = True
             if measure:  # a graph backpropagated twice (retain_graph) adds, as .grad does
-                square = grad.detach().double().square().sum()
+                square = squared_norm(grad.detach())
                 alive.gradient_square = square if alive.gradient_square is None else alive.gradient_square + square
 
     return mark

@@ -62,6 +62,7 @@ import math
 import torch
 
 from locoprop.problem import LocalProblem
+from locoprop.recording import squared_norm
 
 __all__ = [
     "CEILING",
@@ -150,7 +151,7 @@ def _unit_squares(opt, problems: list[LocalProblem]) -> torch.Tensor:
     for problem in problems:
         row = torch.zeros(2, dtype=torch.float64, device=device)
         for record in problem.records:
-            a_square = problem.unit.output(record).detach().double().square().sum().to(device)
+            a_square = squared_norm(problem.unit.output(record).detach()).to(device)
             row = row + torch.stack([a_square, record.gradient_square.to(device)])
         rows.append(row)
     squares = torch.stack(rows)
