@@ -31,6 +31,7 @@ __all__ = [
     "OPTIMIZERS",
     "OptimizerSpec",
     "check_hparams",
+    "cost_cycle",
     "cost_knobs",
     "inert_hparams",
     "make_optimizer",
@@ -58,6 +59,10 @@ class OptimizerSpec:
         cost_hparams: the hyperparameters that set what a step costs (LocoProp's
             K, K-FAC's refresh periods): a time budget is priced per value of
             these (:func:`cost_knobs`).
+        period_hparams: those that are periods in steps (work done every P
+            steps), and ``onset_hparams`` steps before which periodic work has
+            not started: a step's cost is timed over whole periods after the
+            onset (:func:`cost_cycle`).
     """
 
     name: str
@@ -67,6 +72,8 @@ class OptimizerSpec:
     nullable: tuple[str, ...] = ()
     inert: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
     cost_hparams: tuple[str, ...] = ()
+    period_hparams: tuple[str, ...] = ()
+    onset_hparams: tuple[str, ...] = ()
 
     def expected_type(self, hparam: str) -> type:
         default = self.defaults[hparam]
@@ -308,6 +315,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             ),
             nullable=("kl_clip",),
             cost_hparams=("factor_update_freq", "inv_update_freq"),
+            period_hparams=("factor_update_freq", "inv_update_freq"),
         ),
         OptimizerSpec(
             "shampoo",
@@ -323,12 +331,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 block_size=512,
             ),
             cost_hparams=("preconditioning_compute_steps",),
+            period_hparams=("preconditioning_compute_steps",),
+            onset_hparams=("start_preconditioning_step",),
         ),
         OptimizerSpec(
             "soap",
             _with_betas(_soap),
             dict(lr=3e-3, beta1=0.95, beta2=0.95, weight_decay=0.01, precondition_frequency=10, eps=1e-8),
             cost_hparams=("precondition_frequency",),
+            period_hparams=("precondition_frequency",),
         ),
         OptimizerSpec(
             "muon",
@@ -377,6 +388,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             types=_LOCOPROP_TYPES,
             inert=_locoprop_inert(exact=True),
             cost_hparams=("covariance_refresh",),
+            period_hparams=("covariance_refresh",),
         ),
     ]
 }
@@ -474,3 +486,15 @@ def _is_a(value: Any, expected: type) -> bool:
     if expected is list:
         return isinstance(value, (list, tuple))
     return isinstance(value, expected)
+
+
+def cost_cycle(name: str, hparams: dict[str, Any]) -> tuple[int, int]:
+    """(onset, period) of ``name``'s step cost at ``hparams`` (given over its defaults): from step ``onset`` on,
+    its work repeats every ``period`` steps (the least common multiple of its refresh periods; 1 for an
+    optimizer whose steps all cost the same). A step's cost is its mean over whole periods: Shampoo refreshing
+    its preconditioners every 30 steps, timed over 10, was priced at half its cost."""
+    spec = OPTIMIZERS[name]
+    values = {**spec.defaults, **hparams}
+    period = math.lcm(*(max(1, int(values[knob])) for knob in spec.period_hparams)) if spec.period_hparams else 1
+    onset = max((int(values[knob]) for knob in spec.onset_hparams), default=0)
+    return onset, period

@@ -95,6 +95,33 @@ def test_interleaved_rounds_rotate_their_order():
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
 
 
+def test_an_optimizer_with_periodic_work_is_timed_over_whole_periods(monkeypatch):
+    """Work every third step (7/64 s, else 1/64: 3/64 on average) in rounds of 4 steps: each round's mean
+    depends on how many refreshes fall in it, and a refresh in one round of three would be missed by the
+    median (the bug: Shampoo refreshing every 30 steps, timed in rounds of 10, priced at half its cost).
+    Rounded up to whole periods, 6 steps a round, every round holds two and the cost is exact."""
+
+    def steps(clocks):
+        pattern = iter([7, 1, 1] * 1000)
+        return {"ref": lambda: clocks.work(1 / 64), "opt": lambda: clocks.work(next(pattern) / 64)}
+
+    kwargs = dict(rounds=5, steps_per_round=4, warmup=0, clock="cpu")
+    mispriced = budget.step_costs(steps(FakeClocks(monkeypatch, busy=(0, 0))), "ref", **kwargs)
+    assert mispriced["opt"].ratio != 3.0
+    priced = budget.step_costs(steps(FakeClocks(monkeypatch, busy=(0, 0))), "ref", periods={"opt": 3}, **kwargs)
+    assert priced["opt"].ratio == 3.0 and priced["ref"].ratio == 1.0
+    assert budget.round_steps(4, 3) == 6 and budget.round_steps(10, 30) == 30 and budget.round_steps(10, 1) == 10
+
+
+def test_steps_of_fewer_per_round_are_spread_over_its_turns_and_warmups_come_first():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    budget.interleaved_step_times(steps, rounds=1, steps_per_round=2, periods={"b": 3}, warmups={"b": 2})
+    assert calls[:2] == ["b", "b"]  # b's untimed steps (a has none)
+    # b takes 3 steps in the round, one every turn; a its 2, in the 2nd and 3rd turns; the order rotates.
+    assert calls[2:] == ["b", "b", "a", "a", "b"]
+
+
 def test_runs_train_with_one_fewer_thread_than_cores_and_give_the_count_back(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(budget.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
@@ -112,6 +139,21 @@ def short_calibration(monkeypatch):
     """3 rounds of 1 step after the 3 untimed ones: a calibration of the tiny model takes milliseconds."""
     monkeypatch.setattr(budget, "CALIBRATION_ROUNDS", 3)
     monkeypatch.setattr(budget, "CALIBRATION_ROUND_STEPS", 1)
+
+
+def test_a_comparison_prices_periodic_optimizers_over_whole_periods_after_their_onset(monkeypatch, short_calibration):
+    """The table's measurement takes each optimizer's refresh period and onset from the registry
+    (``baselines.registry.cost_cycle``): Shampoo's preconditioners every P steps from its start step on."""
+    from sweeps.runner import calibration
+
+    seen, real = {}, calibration.step_costs
+    monkeypatch.setattr(calibration, "step_costs", lambda *args, **kwargs: seen.update(kwargs) or real(*args, **kwargs))
+    base = RunConfig(time_budget=5.0, **TINY)
+    entries = {"shampoo (P=3)": {"preconditioning_compute_steps": 3, "start_preconditioning_step": 5}, "sgd": {}}
+    table = calibration.price_steps(base, entries, DATA, {"shampoo (P=3)": "shampoo"})
+    assert seen["periods"] == {"shampoo (P=3)": 3, "sgd": 1, "adam": 1}
+    assert seen["warmups"] == {"shampoo (P=3)": 5, "sgd": 3, "adam": 3}  # at least CALIBRATION_WARMUP
+    assert set(table.costs) == set(entries)
 
 
 # -------------------------------------------------------------- the runs

@@ -9,11 +9,13 @@ learning-rate schedule knows where it ends and the run is reproducible:
 - steps: as given;
 - time: ⌊budget / step cost⌋ steps, the step cost measured side by side
   with a reference optimizer (:data:`REFERENCE_OPTIMIZER`, on the same model
-  and batch) by :func:`step_costs`: rounds of :data:`CALIBRATION_ROUND_STEPS`
-  turns in which each optimizer takes one step; the cost is the median over
-  rounds of its time over the reference's time in the same round, times the
-  median reference time. Load on the machine reaches every optimizer of a
-  round alike, so the ratios between optimizers hardly move with it.
+  and batch) by :func:`step_costs`: rounds in which each optimizer takes
+  :data:`CALIBRATION_ROUND_STEPS` steps, or whole periods of its refresh
+  (K-FAC's, Shampoo's: every P steps), their steps interleaved; the cost is
+  the median over rounds of its mean step time over the reference's in the
+  same round, times the median reference time. Load on the machine reaches
+  every optimizer of a round alike, so the ratios between optimizers hardly
+  move with it.
   ``locoprop compare`` prices all its optimizers in one such table (each run
   gets its cost as ``RunConfig.step_cost``); a run without one prices its own
   optimizer against the same reference. The calibration is recorded in
@@ -71,6 +73,7 @@ __all__ = [
     "knob_key",
     "lr_factor",
     "pace",
+    "round_steps",
     "run_threads",
     "step_costs",
 ]
@@ -80,8 +83,8 @@ REFERENCE_OPTIMIZER = "adam"  # every step cost is measured against this optimiz
 CLOCKS = ("wall", "cpu")  # what a time budget counts: wall-clock seconds, or the training thread's CPU seconds
 CALIBRATION_WARMUP = 3  # untimed steps of each optimizer first: first-call allocations, lazy state
 CALIBRATION_ROUNDS = 5  # the median over rounds ignores up to two rounds disturbed by a neighbour
-# Steps of each optimizer per round: K-FAC and Shampoo refresh their inverses every 10 steps by default, so every
-# round's mean prices in one refresh.
+# Steps of each optimizer per round, rounded up to whole periods of one that refreshes its curvature every P
+# steps (round_steps): K-FAC and Shampoo by default every 10, so every round's mean prices in one refresh.
 CALIBRATION_ROUND_STEPS = 10
 PACE_TOLERANCE = 0.1  # a run whose steps cost this much more or less than calibrated is not at equal time
 
@@ -259,34 +262,50 @@ class RoundTimes:
     cpu: dict[str, list[float]]
 
 
+def round_steps(steps_per_round: int, period: int = 1) -> int:
+    """Steps of an optimizer in one round: ``steps_per_round`` rounded up to whole ``period``s, so that each round
+    holds its periodic work the same number of times."""
+    return math.ceil(steps_per_round / period) * period
+
+
 def interleaved_step_times(
     steps: Mapping[str, Callable[[], object]],
     rounds: int,
     steps_per_round: int = 1,
     warmup: int = 0,
     sync: Callable[[], None] = lambda: None,
+    periods: Mapping[str, int] | None = None,
+    warmups: Mapping[str, int] | None = None,
 ) -> RoundTimes:
     """Seconds per step of each of ``steps`` (name -> one step), measured side by side.
 
-    Each runs ``warmup`` untimed steps; then come ``rounds`` rounds of
-    ``steps_per_round`` turns, in each of which every one takes one timed
-    step, in an order that rotates from turn to turn. A round's time of each
-    is the mean of its steps in that round, so periodic work within a round
-    is priced in; as the steps of all alternate one by one, a neighbour's load
-    reaches all of them alike.
+    Each runs ``warmup`` untimed steps (``warmups``: more for some names, for example until their periodic
+    work has started); then come ``rounds`` rounds. In a round each name takes :func:`round_steps` steps: its
+    share of ``steps_per_round`` rounded up to whole periods (``periods``, name -> steps after which its work
+    repeats; 1 by default). The round's steps are dealt out in turns: the names with the most steps take one
+    in every turn, the others theirs spread evenly over the turns, in an order that rotates from turn to
+    turn. A round's time of each is the mean of its steps in that round, so periodic work is priced in
+    exactly; as the steps of all alternate, a neighbour's load reaches all of them alike.
     """
     names = list(steps)
+    periods = periods or {}
+    warmups = warmups or {}
     for name in names:
-        for _ in range(warmup):
+        for _ in range(max(warmup, warmups.get(name, 0))):
             steps[name]()
+    counts = {name: round_steps(steps_per_round, periods.get(name, 1)) for name in names}
+    turns = max(counts.values(), default=0)
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     turn = 0
     for _ in range(rounds):
         spent = {name: [0.0, 0.0] for name in names}
-        for _ in range(steps_per_round):
+        for t in range(turns):
             shift = turn % len(names)
             for name in names[shift:] + names[:shift]:
+                # The name steps in turn t when ⌊(t + 1)·n/T⌋ passes an integer: n steps spread over T turns.
+                if (t + 1) * counts[name] // turns == t * counts[name] // turns:
+                    continue
                 sync()
                 started, started_cpu = time.perf_counter(), time.thread_time()
                 steps[name]()
@@ -295,8 +314,8 @@ def interleaved_step_times(
                 spent[name][1] += time.thread_time() - started_cpu
             turn += 1
         for name in names:
-            wall[name].append(spent[name][0] / steps_per_round)
-            cpu[name].append(spent[name][1] / steps_per_round)
+            wall[name].append(spent[name][0] / counts[name])
+            cpu[name].append(spent[name][1] / counts[name])
     return RoundTimes(wall, cpu)
 
 
@@ -318,17 +337,21 @@ def step_costs(
     warmup: int | None = None,
     sync: Callable[[], None] = lambda: None,
     clock: str = "wall",
+    periods: Mapping[str, int] | None = None,
+    warmups: Mapping[str, int] | None = None,
 ) -> dict[str, StepCost]:
     """The step cost of each of ``steps`` (name -> one step of a throwaway model and optimizer), against ``reference``.
 
     :func:`interleaved_step_times` over :data:`CALIBRATION_ROUNDS` rounds of
-    :data:`CALIBRATION_ROUND_STEPS` turns after :data:`CALIBRATION_WARMUP`
-    untimed steps. Each cost is the median over rounds of the step's time over
-    the reference step's time in the same round, times the median time of the
-    reference step, all by ``clock`` ("wall" or "cpu", :func:`budget_clock`):
-    load that comes and goes changes a round's times, but hardly the ratios
-    within it, and the median drops the rounds it changed. The torch RNG
-    state is restored afterwards: measuring does not change the runs.
+    :data:`CALIBRATION_ROUND_STEPS` steps (whole ``periods`` of an optimizer
+    whose work repeats, ``baselines.registry.cost_cycle``) after
+    :data:`CALIBRATION_WARMUP` untimed steps (or ``warmups``). Each cost is
+    the median over rounds of the step's mean time over the reference step's
+    in the same round, times the median time of the reference step, all by
+    ``clock`` ("wall" or "cpu", :func:`budget_clock`): load that comes and
+    goes changes a round's times, but hardly the ratios within it, and the
+    median drops the rounds it changed. The torch RNG state is restored
+    afterwards: measuring does not change the runs.
     """
     if reference not in steps:
         raise ValueError(f"The reference {reference!r} is not among the steps measured ({', '.join(steps)})")
@@ -342,6 +365,8 @@ def step_costs(
             steps_per_round=CALIBRATION_ROUND_STEPS if steps_per_round is None else steps_per_round,
             warmup=CALIBRATION_WARMUP if warmup is None else warmup,
             sync=sync,
+            periods=periods,
+            warmups=warmups,
         )
     finally:
         torch.set_rng_state(rng)

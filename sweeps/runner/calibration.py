@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from baselines import make_optimizer
+from baselines.registry import cost_cycle
 from sweeps.runner import budget, contract
 from sweeps.runner.budget import (
     REFERENCE_OPTIMIZER,
@@ -50,15 +51,21 @@ class StepCostTable:
 
     costs: dict[str, StepCost]
     reference: str
-    timed_steps: int  # per optimizer
+    timed_steps: int  # per optimizer whose steps all cost the same (a periodic one times whole periods)
     threads: int
     clock: str  # what the seconds count: "cpu" or "wall" (budget.budget_clock)
     skipped_steps: dict[str, int]  # per optimizer, steps its throwaway optimizer skipped as non-finite
 
 
-def timed_steps() -> int:
-    """How many steps of each optimizer a measurement times (read at call time: tests shorten it)."""
-    return budget.CALIBRATION_ROUNDS * budget.CALIBRATION_ROUND_STEPS
+def timed_steps(period: int = 1) -> int:
+    """How many steps of an optimizer whose work repeats every ``period`` steps a measurement times (read at
+    call time: tests shorten it)."""
+    return budget.CALIBRATION_ROUNDS * budget.round_steps(budget.CALIBRATION_ROUND_STEPS, period)
+
+
+def _untimed_steps(onset: int) -> int:
+    """The untimed steps before an optimizer's timed ones: past its periodic work's ``onset``."""
+    return max(budget.CALIBRATION_WARMUP, onset)
 
 
 def _measure(
@@ -82,7 +89,10 @@ def _measure(
         for name, config in configs.items():
             steps[name], optimizers[name] = _throwaway_step(config, shape, train_x, train_y, device, shard, wrap)
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        costs = step_costs(steps, reference, sync=sync, clock=budget_clock(device, data_parallel))
+        cycles = {name: cost_cycle(config.optimizer, config.hparams) for name, config in configs.items()}
+        costs = step_costs(steps, reference, sync=sync, clock=budget_clock(device, data_parallel),
+                           periods={name: period for name, (_, period) in cycles.items()},
+                           warmups={name: _untimed_steps(onset) for name, (onset, _) in cycles.items()})  # fmt: skip
     skipped = {}
     for name, optimizer in optimizers.items():
         skipped[name] = contract.skipped_steps(optimizer)
@@ -140,7 +150,8 @@ def calibrate_run(
     if config.optimizer != REFERENCE_OPTIMIZER:
         configs[REFERENCE_OPTIMIZER] = dataclasses.replace(config, optimizer=REFERENCE_OPTIMIZER, hparams={})
     costs, skipped = _measure(configs, REFERENCE_OPTIMIZER, shape, train_x, train_y, device, shard, wrap, data_parallel)
-    return Calibration.of(config.time_budget, costs[config.optimizer], timed_steps(), skipped[config.optimizer])
+    _, period = cost_cycle(config.optimizer, config.hparams)
+    return Calibration.of(config.time_budget, costs[config.optimizer], timed_steps(period), skipped[config.optimizer])
 
 
 def price_steps(
@@ -171,10 +182,11 @@ def price_steps(
         clock = budget_clock(device)
     for name, count in skipped.items():
         if count:
+            onset, period = cost_cycle(configs[name].optimizer, configs[name].hparams)
             warnings.warn(
                 CalibrationSkipped(
-                    f"{name}: {count} of the {budget.CALIBRATION_WARMUP + timed_steps()} steps that priced its step "
-                    "were skipped as non-finite, so its step count may overrun the time budget"
+                    f"{name}: {count} of the {_untimed_steps(onset) + timed_steps(period)} steps that priced its "
+                    "step were skipped as non-finite, so its step count may overrun the time budget"
                 ),
                 stacklevel=2,
             )
