@@ -40,7 +40,7 @@ from sweeps.runner.data import Dataset, DataShape
 from sweeps.runner.precision import forward, optimizer_hparams
 from sweeps.runner.workloads import build_model, get_workload
 
-__all__ = ["StepCostTable", "calibrate_run", "price_steps"]
+__all__ = ["StepCostTable", "calibrate_run", "price_steps", "timed_steps", "untimed_steps"]
 
 Wrap = Callable[[torch.nn.Module, torch.optim.Optimizer], torch.nn.Module]
 
@@ -63,8 +63,9 @@ def timed_steps(period: int = 1) -> int:
     return budget.CALIBRATION_ROUNDS * budget.round_steps(budget.CALIBRATION_ROUND_STEPS, period)
 
 
-def _untimed_steps(onset: int) -> int:
-    """The untimed steps before an optimizer's timed ones: past its periodic work's ``onset``."""
+def untimed_steps(optimizer: str, hparams: dict) -> int:
+    """The untimed steps of ``optimizer`` before its timed ones: past the onset of its periodic work."""
+    onset, _ = cost_cycle(optimizer, hparams)
     return max(budget.CALIBRATION_WARMUP, onset)
 
 
@@ -89,10 +90,10 @@ def _measure(
         for name, config in configs.items():
             steps[name], optimizers[name] = _throwaway_step(config, shape, train_x, train_y, device, shard, wrap)
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        cycles = {name: cost_cycle(config.optimizer, config.hparams) for name, config in configs.items()}
-        costs = step_costs(steps, reference, sync=sync, clock=budget_clock(device, data_parallel),
-                           periods={name: period for name, (_, period) in cycles.items()},
-                           warmups={name: _untimed_steps(onset) for name, (onset, _) in cycles.items()})  # fmt: skip
+        periods = {name: cost_cycle(c.optimizer, c.hparams)[1] for name, c in configs.items()}
+        warmups = {name: untimed_steps(c.optimizer, c.hparams) for name, c in configs.items()}
+        clock = budget_clock(device, data_parallel)
+        costs = step_costs(steps, reference, sync=sync, clock=clock, periods=periods, warmups=warmups)
     skipped = {}
     for name, optimizer in optimizers.items():
         skipped[name] = contract.skipped_steps(optimizer)
@@ -176,17 +177,18 @@ def price_steps(
     }
     if REFERENCE_OPTIMIZER not in configs:  # Adam's hyperparameters do not change what its step costs
         configs[REFERENCE_OPTIMIZER] = dataclasses.replace(base, optimizer=REFERENCE_OPTIMIZER, hparams={})
+    periods = {name: cost_cycle(config.optimizer, config.hparams)[1] for name, config in configs.items()}
     with run_threads(base.threads) as threads:
         x, y = split.train_x.to(device), split.train_y.to(device)
         costs, skipped = _measure(configs, REFERENCE_OPTIMIZER, data.shape, x, y, device)
         clock = budget_clock(device)
     for name, count in skipped.items():
         if count:
-            onset, period = cost_cycle(configs[name].optimizer, configs[name].hparams)
+            priced = untimed_steps(configs[name].optimizer, configs[name].hparams) + timed_steps(periods[name])
             warnings.warn(
                 CalibrationSkipped(
-                    f"{name}: {count} of the {_untimed_steps(onset) + timed_steps(period)} steps that priced its "
-                    "step were skipped as non-finite, so its step count may overrun the time budget"
+                    f"{name}: {count} of the {priced} steps that priced its step were skipped as non-finite, so its "
+                    "step count may overrun the time budget"
                 ),
                 stacklevel=2,
             )

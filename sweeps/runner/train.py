@@ -83,7 +83,6 @@ from baselines.registry import cost_knobs
 from sweeps import interrupts, schema
 from sweeps.runner import contract, run_directory
 from sweeps.runner.budget import (
-    CALIBRATION_WARMUP,
     PACE_TOLERANCE,
     Calibration,
     CalibrationSkipped,
@@ -92,7 +91,7 @@ from sweeps.runner.budget import (
     pace,
     run_threads,
 )
-from sweeps.runner.calibration import calibrate_run
+from sweeps.runner.calibration import calibrate_run, untimed_steps
 from sweeps.runner.config import RunConfig, run_identity
 from sweeps.runner.data import Dataset, load_dataset
 from sweeps.runner.precision import forward, optimizer_hparams
@@ -528,9 +527,10 @@ class _Run:
             )  # fmt: skip
         skipped = calibration.skipped_steps
         if skipped:
+            steps = untimed_steps(config.optimizer, config.hparams) + calibration.timed_steps
             warnings.warn(
                 CalibrationSkipped(
-                    f"{self.run_dir}: {skipped} of the {CALIBRATION_WARMUP + calibration.timed_steps} steps that "
+                    f"{self.run_dir}: {skipped} of the {steps} steps that "
                     "timed the budget were skipped as non-finite, so the step count may overrun the time budget"
                 ),
                 stacklevel=3,
