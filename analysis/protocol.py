@@ -127,7 +127,8 @@ def _step_cost_lines(costs: dict[str, Any]) -> list[str]:
                  for label, cost in priced.items()]  # fmt: skip
     return [
         f"Step costs, measured before the runs with every optimizer side by side in one process "
-        f"({costs.get('timed_steps')} timed steps each, {setup.get('threads')} thread(s) on {setup.get('device')}; "
+        f"({costs.get('timed_steps')} timed steps each, whole periods for an optimizer that refreshes every P "
+        f"steps; {setup.get('threads')} thread(s) on {setup.get('device')}; "
         f"one {reference} step: {num(1000 * costs['reference_step_time_s'])} ms{_clock_text(costs.get('clock'))}). "
         "Every tuning trial and run of an optimizer trains its number of steps:",
         "",

@@ -31,8 +31,8 @@ __all__ = [
     "OPTIMIZERS",
     "OptimizerSpec",
     "check_hparams",
-    "cost_cycle",
     "cost_knobs",
+    "cost_period",
     "inert_hparams",
     "make_optimizer",
     "optimizer_names",
@@ -60,9 +60,8 @@ class OptimizerSpec:
             K, K-FAC's refresh periods): a time budget is priced per value of
             these (:func:`cost_knobs`).
         period_hparams: those that are periods in steps (work done every P
-            steps), and ``onset_hparams`` steps before which periodic work has
-            not started: a step's cost is timed over whole periods after the
-            onset (:func:`cost_cycle`).
+            steps): a step's cost is timed over whole periods
+            (:func:`cost_period`).
     """
 
     name: str
@@ -73,7 +72,6 @@ class OptimizerSpec:
     inert: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
     cost_hparams: tuple[str, ...] = ()
     period_hparams: tuple[str, ...] = ()
-    onset_hparams: tuple[str, ...] = ()
 
     def expected_type(self, hparam: str) -> type:
         default = self.defaults[hparam]
@@ -331,8 +329,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 block_size=512,
             ),
             cost_hparams=("preconditioning_compute_steps",),
+            # (start_preconditioning_step only picks the update applied: the preconditioners are recomputed
+            # every P steps from the first on)
             period_hparams=("preconditioning_compute_steps",),
-            onset_hparams=("start_preconditioning_step",),
         ),
         OptimizerSpec(
             "soap",
@@ -488,13 +487,11 @@ def _is_a(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-def cost_cycle(name: str, hparams: dict[str, Any]) -> tuple[int, int]:
-    """(onset, period) of ``name``'s step cost at ``hparams`` (given over its defaults): from step ``onset`` on,
-    its work repeats every ``period`` steps (the least common multiple of its refresh periods; 1 for an
-    optimizer whose steps all cost the same). A step's cost is its mean over whole periods: Shampoo refreshing
-    its preconditioners every 30 steps, timed over 10, was priced at half its cost."""
+def cost_period(name: str, hparams: dict[str, Any]) -> int:
+    """The period of ``name``'s step cost at ``hparams`` (given over its defaults): its work repeats every that many
+    steps (the least common multiple of its refresh periods; 1 for an optimizer whose steps all cost the same). A
+    step's cost is its mean over whole periods: Shampoo refreshing its preconditioners every 30 steps, timed over
+    10, was priced at half its cost."""
     spec = OPTIMIZERS[name]
     values = {**spec.defaults, **hparams}
-    period = math.lcm(*(max(1, int(values[knob])) for knob in spec.period_hparams)) if spec.period_hparams else 1
-    onset = max((int(values[knob]) for knob in spec.onset_hparams), default=0)
-    return onset, period
+    return math.lcm(*(max(1, int(values[knob])) for knob in spec.period_hparams)) if spec.period_hparams else 1

@@ -113,11 +113,11 @@ def test_an_optimizer_with_periodic_work_is_timed_over_whole_periods(monkeypatch
     assert budget.round_steps(4, 3) == 6 and budget.round_steps(10, 30) == 30 and budget.round_steps(10, 1) == 10
 
 
-def test_steps_of_fewer_per_round_are_spread_over_its_turns_and_warmups_come_first():
+def test_the_steps_of_a_shorter_share_are_spread_over_the_round():
     calls = []
     steps = {name: (lambda name=name: calls.append(name)) for name in "ab"}
-    budget.interleaved_step_times(steps, rounds=1, steps_per_round=2, periods={"b": 3}, warmups={"b": 2})
-    assert calls[:2] == ["b", "b"]  # b's untimed steps (a has none)
+    budget.interleaved_step_times(steps, rounds=1, steps_per_round=2, periods={"b": 3}, warmup=1)
+    assert calls[:2] == ["a", "b"]  # the untimed steps
     # b takes 3 steps in the round, one every turn; a its 2, in the 2nd and 3rd turns; the order rotates.
     assert calls[2:] == ["b", "b", "a", "a", "b"]
 
@@ -141,19 +141,23 @@ def short_calibration(monkeypatch):
     monkeypatch.setattr(budget, "CALIBRATION_ROUND_STEPS", 1)
 
 
-def test_a_comparison_prices_periodic_optimizers_over_whole_periods_after_their_onset(monkeypatch, short_calibration):
-    """The table's measurement takes each optimizer's refresh period and onset from the registry
-    (``baselines.registry.cost_cycle``): Shampoo's preconditioners every P steps from its start step on."""
+def test_a_comparison_prices_periodic_optimizers_over_whole_periods(monkeypatch, short_calibration):
+    """The table's measurement and a lone run's calibration take each optimizer's refresh period from the
+    registry (``baselines.registry.cost_period``): Shampoo's preconditioners every P steps."""
     from sweeps.runner import calibration
 
     seen, real = {}, calibration.step_costs
     monkeypatch.setattr(calibration, "step_costs", lambda *args, **kwargs: seen.update(kwargs) or real(*args, **kwargs))
     base = RunConfig(time_budget=5.0, **TINY)
-    entries = {"shampoo (P=3)": {"preconditioning_compute_steps": 3, "start_preconditioning_step": 5}, "sgd": {}}
+    entries = {"shampoo (P=3)": {"preconditioning_compute_steps": 3}, "sgd": {}}
     table = calibration.price_steps(base, entries, DATA, {"shampoo (P=3)": "shampoo"})
     assert seen["periods"] == {"shampoo (P=3)": 3, "sgd": 1, "adam": 1}
-    assert seen["warmups"] == {"shampoo (P=3)": 5, "sgd": 3, "adam": 3}  # at least CALIBRATION_WARMUP
     assert set(table.costs) == set(entries)
+    lone = dataclasses.replace(base, optimizer="shampoo", hparams={"preconditioning_compute_steps": 3})
+    split = DATA.with_validation(base.valid_fraction)
+    recorded = calibration.calibrate_run(lone, DATA.shape, split.train_x, split.train_y, torch.device("cpu"))
+    assert seen["periods"] == {"shampoo": 3, "adam": 1}
+    assert recorded.timed_steps == budget.CALIBRATION_ROUNDS * 3  # rounds of 1 step, rounded up to 3
 
 
 # -------------------------------------------------------------- the runs

@@ -137,30 +137,31 @@ def test_cost_knobs_are_searched_and_each_choice_trains(name, knob):
         assert final < initial, (name, knob, value, initial, final)
 
 
-# (name, hparams, (onset, period)): what the calibration times a step over (whole periods after the onset).
-COST_CYCLES = [
-    ("adam", {}, (0, 1)),
-    ("locoprop-m", {"local_iters": 3}, (0, 1)),  # K sets the cost of every step alike
-    ("kfac", {"factor_update_freq": 2, "inv_update_freq": 3}, (0, 6)),
+# (name, hparams, period): what the calibration times a step over (whole periods).
+COST_PERIODS = [
+    ("adam", {}, 1),
+    ("locoprop-m", {"local_iters": 3}, 1),  # K sets the cost of every step alike
+    ("kfac", {"factor_update_freq": 2, "inv_update_freq": 3}, 6),
     # (blocks of 8: the classifier's layers are below the default block size, which leaves them unpreconditioned)
-    ("shampoo", {"preconditioning_compute_steps": 3, "start_preconditioning_step": 4, "block_size": 8}, (4, 3)),
-    ("soap", {"precondition_frequency": 4}, (0, 4)),
-    ("locoprop-s-exact", {"covariance_refresh": 5}, (0, 5)),
+    ("shampoo", {"preconditioning_compute_steps": 3, "block_size": 8}, 3),
+    ("shampoo", {"preconditioning_compute_steps": 3, "block_size": 8, "start_preconditioning_step": 7}, 3),
+    ("soap", {"precondition_frequency": 4}, 4),
+    ("locoprop-s-exact", {"covariance_refresh": 5}, 5),
 ]
 
 
-@pytest.mark.parametrize("name, hparams, cycle", COST_CYCLES)
-def test_the_cost_cycle_is_the_period_of_the_work_the_steps_do(name, hparams, cycle):
+@pytest.mark.parametrize("name, hparams, period", COST_PERIODS)
+def test_the_cost_period_is_the_period_of_the_work_the_steps_do(name, hparams, period):
     """Counted independently: the steps that do more aten operations than the others (forward, backward, step)
-    recur with the declared period from the calibration's first timed step on (after max(3, onset) untimed
-    ones), and with no shorter one: a step's cost averaged over a period prices its refreshes in exactly."""
+    recur with the declared period from the calibration's first timed step on (after its untimed ones), and
+    with no shorter one: a step's cost averaged over a period prices its refreshes in exactly. (Shampoo's start
+    step changes only which update is applied, not when the preconditioners are recomputed.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from baselines.registry import cost_cycle
-    from sweeps.runner.calibration import _untimed_steps
+    from baselines.registry import cost_period
+    from sweeps.runner.budget import CALIBRATION_WARMUP
 
-    assert cost_cycle(name, hparams) == cycle
-    onset, period = cycle
+    assert cost_period(name, hparams) == period
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -169,16 +170,16 @@ def test_the_cost_cycle_is_the_period_of_the_work_the_steps_do(name, hparams, cy
 
     model = _classifier()
     opt = make_optimizer(name, model, loss="cross_entropy", **hparams)
-    start = _untimed_steps(onset)
     counts = []
-    for batch in _batches(start + 3 * period):
+    for batch in _batches(CALIBRATION_WARMUP + 3 * period):
         with Count() as count:
             count.calls = 0
             train_steps(model, opt, [batch], _cross_entropy)
         counts.append(count.calls)
     # Which timed steps do more than the lightest (a refresh's iterative matrix roots vary in length: compare
     # the pattern of refreshes, not their exact counts).
-    heavy = [c > min(counts[start:]) for c in counts[start:]]
+    timed = counts[CALIBRATION_WARMUP:]
+    heavy = [c > min(timed) for c in timed]
     assert all(heavy[i] == heavy[i + period] for i in range(len(heavy) - period)), (name, counts)
     for shorter in range(1, period):
         assert any(heavy[i] != heavy[i + shorter] for i in range(len(heavy) - shorter)), (name, shorter, counts)

@@ -275,23 +275,20 @@ def interleaved_step_times(
     warmup: int = 0,
     sync: Callable[[], None] = lambda: None,
     periods: Mapping[str, int] | None = None,
-    warmups: Mapping[str, int] | None = None,
 ) -> RoundTimes:
     """Seconds per step of each of ``steps`` (name -> one step), measured side by side.
 
-    Each runs ``warmup`` untimed steps (``warmups``: more for some names, for example until their periodic
-    work has started); then come ``rounds`` rounds. In a round each name takes :func:`round_steps` steps: its
-    share of ``steps_per_round`` rounded up to whole periods (``periods``, name -> steps after which its work
-    repeats; 1 by default). The round's steps are dealt out in turns: the names with the most steps take one
-    in every turn, the others theirs spread evenly over the turns, in an order that rotates from turn to
-    turn. A round's time of each is the mean of its steps in that round, so periodic work is priced in
-    exactly; as the steps of all alternate, a neighbour's load reaches all of them alike.
+    Each runs ``warmup`` untimed steps; then come ``rounds`` rounds. In a round each name takes
+    :func:`round_steps` steps: ``steps_per_round`` rounded up to whole periods (``periods``, name -> steps
+    after which its work repeats; 1 by default). The round's steps are dealt out in turns: the names with the
+    most steps take one in every turn, the others theirs spread evenly over the turns, in an order that
+    rotates from turn to turn. A round's time of each is the mean of its steps in that round, so periodic
+    work is priced in exactly; as the steps of all alternate, a neighbour's load reaches all of them alike.
     """
     names = list(steps)
     periods = periods or {}
-    warmups = warmups or {}
     for name in names:
-        for _ in range(max(warmup, warmups.get(name, 0))):
+        for _ in range(warmup):
             steps[name]()
     counts = {name: round_steps(steps_per_round, periods.get(name, 1)) for name in names}
     turns = max(counts.values(), default=0)
@@ -338,14 +335,13 @@ def step_costs(
     sync: Callable[[], None] = lambda: None,
     clock: str = "wall",
     periods: Mapping[str, int] | None = None,
-    warmups: Mapping[str, int] | None = None,
 ) -> dict[str, StepCost]:
     """The step cost of each of ``steps`` (name -> one step of a throwaway model and optimizer), against ``reference``.
 
     :func:`interleaved_step_times` over :data:`CALIBRATION_ROUNDS` rounds of
     :data:`CALIBRATION_ROUND_STEPS` steps (whole ``periods`` of an optimizer
-    whose work repeats, ``baselines.registry.cost_cycle``) after
-    :data:`CALIBRATION_WARMUP` untimed steps (or ``warmups``). Each cost is
+    whose work repeats, ``baselines.registry.cost_period``) after
+    :data:`CALIBRATION_WARMUP` untimed steps. Each cost is
     the median over rounds of the step's mean time over the reference step's
     in the same round, times the median time of the reference step, all by
     ``clock`` ("wall" or "cpu", :func:`budget_clock`): load that comes and
@@ -366,7 +362,6 @@ def step_costs(
             warmup=CALIBRATION_WARMUP if warmup is None else warmup,
             sync=sync,
             periods=periods,
-            warmups=warmups,
         )
     finally:
         torch.set_rng_state(rng)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from baselines import make_optimizer
-from baselines.registry import cost_cycle
+from baselines.registry import cost_period
 from sweeps.runner import budget, contract
 from sweeps.runner.budget import (
     REFERENCE_OPTIMIZER,
@@ -40,7 +40,7 @@ from sweeps.runner.data import Dataset, DataShape
 from sweeps.runner.precision import forward, optimizer_hparams
 from sweeps.runner.workloads import build_model, get_workload
 
-__all__ = ["StepCostTable", "calibrate_run", "price_steps", "timed_steps", "untimed_steps"]
+__all__ = ["StepCostTable", "calibrate_run", "price_steps", "timed_steps"]
 
 Wrap = Callable[[torch.nn.Module, torch.optim.Optimizer], torch.nn.Module]
 
@@ -61,12 +61,6 @@ def timed_steps(period: int = 1) -> int:
     """How many steps of an optimizer whose work repeats every ``period`` steps a measurement times (read at
     call time: tests shorten it)."""
     return budget.CALIBRATION_ROUNDS * budget.round_steps(budget.CALIBRATION_ROUND_STEPS, period)
-
-
-def untimed_steps(optimizer: str, hparams: dict) -> int:
-    """The untimed steps of ``optimizer`` before its timed ones: past the onset of its periodic work."""
-    onset, _ = cost_cycle(optimizer, hparams)
-    return max(budget.CALIBRATION_WARMUP, onset)
 
 
 def _measure(
@@ -90,10 +84,8 @@ def _measure(
         for name, config in configs.items():
             steps[name], optimizers[name] = _throwaway_step(config, shape, train_x, train_y, device, shard, wrap)
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        periods = {name: cost_cycle(c.optimizer, c.hparams)[1] for name, c in configs.items()}
-        warmups = {name: untimed_steps(c.optimizer, c.hparams) for name, c in configs.items()}
-        clock = budget_clock(device, data_parallel)
-        costs = step_costs(steps, reference, sync=sync, clock=clock, periods=periods, warmups=warmups)
+        periods = {name: cost_period(c.optimizer, c.hparams) for name, c in configs.items()}
+        costs = step_costs(steps, reference, sync=sync, clock=budget_clock(device, data_parallel), periods=periods)
     skipped = {}
     for name, optimizer in optimizers.items():
         skipped[name] = contract.skipped_steps(optimizer)
@@ -151,7 +143,7 @@ def calibrate_run(
     if config.optimizer != REFERENCE_OPTIMIZER:
         configs[REFERENCE_OPTIMIZER] = dataclasses.replace(config, optimizer=REFERENCE_OPTIMIZER, hparams={})
     costs, skipped = _measure(configs, REFERENCE_OPTIMIZER, shape, train_x, train_y, device, shard, wrap, data_parallel)
-    _, period = cost_cycle(config.optimizer, config.hparams)
+    period = cost_period(config.optimizer, config.hparams)
     return Calibration.of(config.time_budget, costs[config.optimizer], timed_steps(period), skipped[config.optimizer])
 
 
@@ -177,14 +169,14 @@ def price_steps(
     }
     if REFERENCE_OPTIMIZER not in configs:  # Adam's hyperparameters do not change what its step costs
         configs[REFERENCE_OPTIMIZER] = dataclasses.replace(base, optimizer=REFERENCE_OPTIMIZER, hparams={})
-    periods = {name: cost_cycle(config.optimizer, config.hparams)[1] for name, config in configs.items()}
+    periods = {name: cost_period(config.optimizer, config.hparams) for name, config in configs.items()}
     with run_threads(base.threads) as threads:
         x, y = split.train_x.to(device), split.train_y.to(device)
         costs, skipped = _measure(configs, REFERENCE_OPTIMIZER, data.shape, x, y, device)
         clock = budget_clock(device)
     for name, count in skipped.items():
         if count:
-            priced = untimed_steps(configs[name].optimizer, configs[name].hparams) + timed_steps(periods[name])
+            priced = budget.CALIBRATION_WARMUP + timed_steps(periods[name])
             warnings.warn(
                 CalibrationSkipped(
                     f"{name}: {count} of the {priced} steps that priced its step were skipped as non-finite, so its "

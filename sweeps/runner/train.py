@@ -83,6 +83,7 @@ from baselines.registry import cost_knobs
 from sweeps import interrupts, schema
 from sweeps.runner import contract, run_directory
 from sweeps.runner.budget import (
+    CALIBRATION_WARMUP,
     PACE_TOLERANCE,
     Calibration,
     CalibrationSkipped,
@@ -91,7 +92,7 @@ from sweeps.runner.budget import (
     pace,
     run_threads,
 )
-from sweeps.runner.calibration import calibrate_run, untimed_steps
+from sweeps.runner.calibration import calibrate_run
 from sweeps.runner.config import RunConfig, run_identity
 from sweeps.runner.data import Dataset, load_dataset
 from sweeps.runner.precision import forward, optimizer_hparams
@@ -527,7 +528,7 @@ class _Run:
             )  # fmt: skip
         skipped = calibration.skipped_steps
         if skipped:
-            steps = untimed_steps(config.optimizer, config.hparams) + calibration.timed_steps
+            steps = CALIBRATION_WARMUP + calibration.timed_steps
             warnings.warn(
                 CalibrationSkipped(
                     f"{self.run_dir}: {skipped} of the {steps} steps that "
