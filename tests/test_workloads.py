@@ -300,6 +300,20 @@ def test_bench_reports_means_beside_medians_so_that_work_done_every_few_steps_co
     assert record["step_time_mean_s"] == 2.0 and record["mean_ratio_to_adam"] == 4.0
 
 
+def test_bench_times_whole_periods_of_an_optimizer_s_periodic_work(monkeypatch):
+    """Asked for 4 steps of an exact S solve refreshing every 3, it times 6: each refresh as often as a run."""
+    import sweeps.commands.bench as bench_module
+
+    rounds, real = [], bench_module.interleaved_step_times
+    monkeypatch.setattr(
+        bench_module, "interleaved_step_times", lambda timed, **kw: rounds.append(kw["rounds"]) or real(timed, **kw)
+    )
+    config = dict(workload="mlp", batch_size=8, width_mult=0.05, steps=4, warmup=0)
+    record = measure(BenchConfig(optimizer="locoprop-s-exact", hparams={"covariance_refresh": 3}, **config))
+    assert rounds == [6] and record["steps"] == 6
+    assert measure(BenchConfig(optimizer="locoprop-s-exact", hparams={"covariance_refresh": 1}, **config))["steps"] == 4
+
+
 def test_bench_prices_bfloat16_inner_matmuls_at_their_own_throughput():
     config = BenchConfig(optimizer="locoprop-m", workload="mlp", batch_size=8, width_mult=0.05, local_iters=2,
                          steps=1, warmup=0, hparams={"local_dtype": "bfloat16"})  # fmt: skip

@@ -11,7 +11,9 @@ optimizer:
 - ``step_time_mean_s`` and ``mean_ratio_to_adam``: the same with means,
   which price in work done once every few steps (the refresh of an
   amortised exact solve every ``covariance_refresh`` steps, K-FAC's inverses)
-  that the median leaves out: time a multiple of that period;
+  that the median leaves out; ``steps`` is rounded up to whole periods of
+  that work (``baselines.registry.cost_period``), so the mean holds each
+  refresh as often as a run does;
 - ``peak_mem_bytes``: on CUDA the peak of allocated memory; on CPU the
   process's peak resident memory above what it held before the model was
   built (parameters, gradients, optimizer state and activations), from a
@@ -80,7 +82,7 @@ import torch
 from torch import nn
 
 from sweeps.runner import contract
-from sweeps.runner.budget import interleaved_step_times
+from sweeps.runner.budget import interleaved_step_times, round_steps
 from sweeps.runner.precision import DEFAULT_PRECISION, autocast, check_precision, forward, optimizer_hparams
 from sweeps.runner.ranks import Ranks, launch
 
@@ -361,7 +363,11 @@ def measure(config: BenchConfig) -> dict:
         timed["reference"] = reference_step
     sent_before = bytes_sent()
     # One step of each in turn, as the calibration of a time budget does in rounds (sweeps.runner.budget).
-    seconds = interleaved_step_times(timed, rounds=config.steps, sync=lambda: _sync(device)).wall
+    from baselines.registry import cost_period
+
+    # Whole periods of an optimizer's periodic work, so that the mean prices it in (see the module's docstring).
+    rounds = round_steps(config.steps, cost_period(config.optimizer, hparams))
+    seconds = interleaved_step_times(timed, rounds=rounds, sync=lambda: _sync(device)).wall
     times, plain_times, reference_times = seconds["optimizer"], seconds.get("plain", []), seconds.get("reference", [])
     record = {
         "optimizer": config.optimizer,
