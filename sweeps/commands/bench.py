@@ -81,6 +81,7 @@ import time
 import torch
 from torch import nn
 
+from baselines.registry import cost_period
 from sweeps.runner import contract
 from sweeps.runner.budget import interleaved_step_times, round_steps
 from sweeps.runner.precision import DEFAULT_PRECISION, autocast, check_precision, forward, optimizer_hparams
@@ -362,10 +363,8 @@ def measure(config: BenchConfig) -> dict:
     if reference_step is not None:
         timed["reference"] = reference_step
     sent_before = bytes_sent()
-    # One step of each in turn, as the calibration of a time budget does in rounds (sweeps.runner.budget).
-    from baselines.registry import cost_period
-
-    # Whole periods of an optimizer's periodic work, so that the mean prices it in (see the module's docstring).
+    # One step of each in turn, as the calibration of a time budget does in rounds (sweeps.runner.budget), over
+    # whole periods of the optimizer's periodic work, so that the mean prices it in (see the module's docstring).
     rounds = round_steps(config.steps, cost_period(config.optimizer, hparams))
     seconds = interleaved_step_times(timed, rounds=rounds, sync=lambda: _sync(device)).wall
     times, plain_times, reference_times = seconds["optimizer"], seconds.get("plain", []), seconds.get("reference", [])

@@ -73,9 +73,11 @@ def _measure(
     shard: slice = slice(None),
     wrap: Wrap | None = None,
     data_parallel: bool = False,
-) -> tuple[dict[str, StepCost], dict[str, int]]:
+) -> tuple[dict[str, StepCost], dict[str, int], dict[str, int]]:
     """Each config's step cost against ``configs[reference]`` (by :func:`~sweeps.runner.budget.budget_clock`),
-    and the steps each throwaway optimizer skipped."""
+    the steps each throwaway optimizer skipped, and the steps of each that were timed (whole periods of its
+    periodic work, :func:`~baselines.registry.cost_period`)."""
+    periods = {name: cost_period(config.optimizer, config.hparams) for name, config in configs.items()}
     first = next(iter(configs.values()))
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -84,13 +86,12 @@ def _measure(
         for name, config in configs.items():
             steps[name], optimizers[name] = _throwaway_step(config, shape, train_x, train_y, device, shard, wrap)
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        periods = {name: cost_period(c.optimizer, c.hparams) for name, c in configs.items()}
         costs = step_costs(steps, reference, sync=sync, clock=budget_clock(device, data_parallel), periods=periods)
     skipped = {}
     for name, optimizer in optimizers.items():
         skipped[name] = contract.skipped_steps(optimizer)
         contract.remove_hooks(optimizer)  # the hooks would keep the throwaway model alive
-    return costs, skipped
+    return costs, skipped, {name: timed_steps(period) for name, period in periods.items()}
 
 
 def _throwaway_step(
@@ -142,9 +143,12 @@ def calibrate_run(
     configs = {config.optimizer: config}
     if config.optimizer != REFERENCE_OPTIMIZER:
         configs[REFERENCE_OPTIMIZER] = dataclasses.replace(config, optimizer=REFERENCE_OPTIMIZER, hparams={})
-    costs, skipped = _measure(configs, REFERENCE_OPTIMIZER, shape, train_x, train_y, device, shard, wrap, data_parallel)
-    period = cost_period(config.optimizer, config.hparams)
-    return Calibration.of(config.time_budget, costs[config.optimizer], timed_steps(period), skipped[config.optimizer])
+    costs, skipped, timed = _measure(
+        configs, REFERENCE_OPTIMIZER, shape, train_x, train_y, device, shard, wrap, data_parallel
+    )
+    return Calibration.of(
+        config.time_budget, costs[config.optimizer], timed[config.optimizer], skipped[config.optimizer]
+    )
 
 
 def price_steps(
@@ -169,18 +173,16 @@ def price_steps(
     }
     if REFERENCE_OPTIMIZER not in configs:  # Adam's hyperparameters do not change what its step costs
         configs[REFERENCE_OPTIMIZER] = dataclasses.replace(base, optimizer=REFERENCE_OPTIMIZER, hparams={})
-    periods = {name: cost_period(config.optimizer, config.hparams) for name, config in configs.items()}
     with run_threads(base.threads) as threads:
         x, y = split.train_x.to(device), split.train_y.to(device)
-        costs, skipped = _measure(configs, REFERENCE_OPTIMIZER, data.shape, x, y, device)
+        costs, skipped, timed = _measure(configs, REFERENCE_OPTIMIZER, data.shape, x, y, device)
         clock = budget_clock(device)
     for name, count in skipped.items():
         if count:
-            priced = budget.CALIBRATION_WARMUP + timed_steps(periods[name])
             warnings.warn(
                 CalibrationSkipped(
-                    f"{name}: {count} of the {priced} steps that priced its step were skipped as non-finite, so its "
-                    "step count may overrun the time budget"
+                    f"{name}: {count} of the {budget.CALIBRATION_WARMUP + timed[name]} steps that priced its step "
+                    "were skipped as non-finite, so its step count may overrun the time budget"
                 ),
                 stacklevel=2,
             )

@@ -528,10 +528,9 @@ class _Run:
             )  # fmt: skip
         skipped = calibration.skipped_steps
         if skipped:
-            steps = CALIBRATION_WARMUP + calibration.timed_steps
             warnings.warn(
                 CalibrationSkipped(
-                    f"{self.run_dir}: {skipped} of the {steps} steps that "
+                    f"{self.run_dir}: {skipped} of the {CALIBRATION_WARMUP + calibration.timed_steps} steps that "
                     "timed the budget were skipped as non-finite, so the step count may overrun the time budget"
                 ),
                 stacklevel=3,
