@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from locoprop.hooks import WeakHook, remove_when_gone
 from locoprop.layers import RecordedLayer, find_layers, no_backward_error, unrecorded_gradient_error
 
 __all__ = ["FISHER_TYPES", "KFAC", "SAMPLED_LOSSES"]
@@ -117,7 +118,8 @@ class KFAC(torch.optim.Optimizer):
         for layer in layers:
             layer.attach()
         if fisher == "sampled":
-            self._handles.append(model.register_forward_pre_hook(self._record_inputs, with_kwargs=True))
+            self._handles.append(model.register_forward_pre_hook(WeakHook(self._record_inputs), with_kwargs=True))
+            remove_when_gone(self, self._handles)
 
     def _record_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled():

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from locoprop.hooks import WeakHook, remove_when_gone
+
 __all__ = [
     "ConvAdapter",
     "EmbeddingAdapter",
@@ -245,7 +247,8 @@ class RecordedLayer:
         return all(p.requires_grad for p in self.params)
 
     def attach(self) -> None:
-        self._handle = self.module.register_forward_hook(self._record_forward)
+        self._handle = self.module.register_forward_hook(WeakHook(self._record_forward))
+        remove_when_gone(self, [self._handle])
 
     def detach(self) -> None:
         if self._handle is not None:

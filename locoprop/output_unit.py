@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from locoprop.recording import calling
+from locoprop.hooks import WeakHook, remove_when_gone
 from locoprop.transfer import transfer_by_name
 from locoprop.units import Unit
 
@@ -123,9 +123,10 @@ class OutputUnitFinder:
         self.last_run: Unit | None = None
         self.pending = True
         self._handles = [
-            model.register_forward_pre_hook(calling(self._enter)),
-            model.register_forward_hook(calling(self._leave), always_call=True),
+            model.register_forward_pre_hook(WeakHook(self._enter)),
+            model.register_forward_hook(WeakHook(self._leave), always_call=True),
         ]
+        remove_when_gone(self, self._handles)
 
     def _enter(self, module: nn.Module, inputs: tuple) -> None:
         self._depth += 1

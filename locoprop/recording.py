@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from locoprop.hooks import WeakHook, remove_when_gone
 from locoprop.layers import ConvAdapter, EmbeddingAdapter, LayerAdapter, LinearAdapter, MatmulAdapter
 from locoprop.transfer import is_activation_module, transfer_from_call, transfer_from_module
 
-__all__ = ["ForwardRecorder", "UseRecord", "calling", "squared_norm"]
+__all__ = ["ForwardRecorder", "UseRecord", "squared_norm"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -137,12 +138,13 @@ class ForwardRecorder(TorchFunctionMode):
         """Enter the mode around the model's forward and around every module that owns a unit weight."""
         owners = {model} | {unit.module for units in self._by_weight.values() for unit in units if unit.module}
         for module in owners:
-            self._handles.append(module.register_forward_pre_hook(calling(self._enter)))
-            self._handles.append(module.register_forward_hook(calling(self._leave), always_call=True))
+            self._handles.append(module.register_forward_pre_hook(WeakHook(self._enter)))
+            self._handles.append(module.register_forward_hook(WeakHook(self._leave), always_call=True))
         for module in model.modules():
             if is_activation_module(module):
-                self._handles.append(module.register_forward_pre_hook(calling(self._activation_enter)))
-                self._handles.append(module.register_forward_hook(calling(self._activation_leave), always_call=True))
+                self._handles.append(module.register_forward_pre_hook(WeakHook(self._activation_enter)))
+                self._handles.append(module.register_forward_hook(WeakHook(self._activation_leave), always_call=True))
+        remove_when_gone(self, self._handles)
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -261,16 +263,6 @@ class ForwardRecorder(TorchFunctionMode):
         self._outputs.clear()
         self._consumers.clear()
         self._seen.clear()
-
-
-def calling(method: Callable) -> Callable:
-    """A hook that calls ``method``: a plain function, which ``copy.deepcopy(model)`` keeps as it is instead
-    of copying the object behind it."""
-
-    def hook(*args):
-        return method(*args)
-
-    return hook
 
 
 def _linear_use(func, args: tuple, kwargs: dict) -> tuple | None:

@@ -2,8 +2,11 @@
 
 import copy
 import dataclasses
+import gc
+import io
 import math
 import re
+import weakref
 
 import pytest
 import torch
@@ -343,6 +346,29 @@ def test_an_optimizer_has_remove_hooks_exactly_when_it_hooks_the_model_and_it_re
     assert (_module_hooks(model) > 0) == hasattr(opt, "remove_hooks")
     contract.remove_hooks(opt)
     assert _module_hooks(model) == 0
+
+
+@CONTRACT
+def test_an_optimizer_dropped_for_a_new_one_leaves_no_hooks_and_a_watched_model_pickles(info):
+    """Rebuilding an optimizer on the same model (after a learning-rate range test, a restart) must not leave the
+    old one watching it: its hooks held it, so it recorded every later batch. torch.save(model) with an optimizer
+    attached wrote local functions and failed; the hooks now pickle as inert ones."""
+    model = _classifier()
+    opt = make_optimizer(info.name, model, loss="cross_entropy", **info.small_problem)
+    hooks = _module_hooks(model)
+    train_steps(model, opt, _batches(1), _cross_entropy)
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    loaded(torch.randn(4, 8)).sum().backward()  # its hooks do nothing
+    old = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert old() is None and _module_hooks(model) == 0
+    opt = make_optimizer(info.name, model, loss="cross_entropy", **info.small_problem)
+    assert _module_hooks(model) == hooks
+    train_steps(model, opt, _batches(2), _cross_entropy)
 
 
 def test_locoprop_entries_take_the_output_transfer_from_the_loss_and_flat_inner_kwargs():
