@@ -32,6 +32,7 @@ def collect_problems(
     grads_averaged: bool,
     variant: str,
     solve: str,
+    takes_sparse: bool = False,
 ) -> list[LocalProblem]:
     """The step's problems, one per param group that has something to step.
 
@@ -39,9 +40,12 @@ def collect_problems(
     problem that holds it, so that the sum of their objectives has it once.
     A unit's parameters that no recorded linear map used (a candidate weight
     never seen in one, a bias the map does not add) take plain steps on γ·G.
-    Refuses (RuntimeError) a unit whose parameters have a gradient that no
-    recorded backward pass explains, a map the exact solve cannot take, and
-    a step with nothing to step. On W ranks G becomes the mean of the
+    Refuses (RuntimeError) a unit whose parameters have a nonzero gradient
+    that no recorded backward pass explains (zeros, left by
+    ``zero_grad(set_to_none=False)`` on a unit this loss did not use, mean
+    it took no part), a map the exact solve cannot take, a sparse gradient
+    unless the inner optimizer ``takes_sparse`` (:func:`~locoprop.inner.takes_sparse`),
+    and a step with nothing to step. On W ranks G becomes the mean of the
     ranks' ``.grad`` unless DDP (``grads_averaged``) averaged them already.
     """
     problems, carried = [], set()
@@ -60,18 +64,38 @@ def collect_problems(
                                      records=records, linear_term=linear_term, inputs=inputs))  # fmt: skip
     for index, (group, unit) in enumerate(zip(param_groups, unit_of_group)):
         plain = [p for p in group["params"] if p.grad is not None and p not in carried]
-        if unit is not None and unit.seen and any(p in unit.params and p not in ownership.held_outside for p in plain):
-            # A unit that took part in earlier steps has a gradient that no recorded forward explains.
-            raise unrecorded_gradient_error("Unit", unit.name)
+        unexplained = set()
+        if unit is not None and unit.seen:
+            mine = {id(p) for p in unit.params}
+            unexplained = {id(p) for p in plain if id(p) in mine and p not in ownership.held_outside}
+        if unexplained:
+            if any(p.grad.any() for p in plain if id(p) in unexplained):
+                # A unit that took part in earlier steps has a gradient that no recorded forward explains.
+                raise unrecorded_gradient_error("Unit", unit.name)
+            # Zeros left by zero_grad(set_to_none=False): the unit took no part in this loss.
+            plain = [p for p in plain if id(p) not in unexplained]
         if plain:
             problems.append(LocalProblem(index, plain, linear_term=[p.grad for p in plain]))
     if not problems:
         raise no_backward_error("LocoPropOptimizer")
+    if not takes_sparse:
+        _refuse_sparse(problems, ownership)
     if solve == "exact":
         _check_exact_maps([problem.unit for problem in problems if problem.unit is not None])
     if comm.distributed and not grads_averaged:
         _average_linear_terms(problems, comm)
     return problems
+
+
+def _refuse_sparse(problems: list[LocalProblem], ownership: ParameterOwnership) -> None:
+    sparse = [ownership.name(p) for problem in problems for p, g in zip(problem.params, problem.linear_term)
+              if g is not None and g.is_sparse]  # fmt: skip
+    if sparse:
+        raise RuntimeError(
+            f"Parameter(s) {', '.join(map(repr, sparse))} have sparse gradients (nn.Embedding(sparse=True)), which "
+            "this inner optimizer does not take; use dense gradients (sparse=False), or inner='sgd', 'momentum', "
+            "'nesterov' or 'adagrad' without weight decay"
+        )
 
 
 def unit_variant(variant: str, unit: Unit) -> str:

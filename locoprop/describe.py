@@ -17,7 +17,7 @@ import warnings
 
 from torch import Tensor
 
-__all__ = ["Description", "UnitRow", "describe", "warn_fallbacks", "warn_if_mostly_not_local"]
+__all__ = ["Description", "UnitRow", "describe", "warn_fallbacks", "warn_if_mostly_not_local", "warn_unheld"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,5 +100,20 @@ def warn_fallbacks(fallen: list, said: set[str], stacklevel: int) -> None:
             f"Variant M takes the S target (pre-activation) for unit(s) {described}: their transfer function "
             "has no convex integral (not monotone, or unknown to locoprop). opt.describe() lists each unit's "
             "variant; pass units=[(layer, transfer), ...] to choose the transfers yourself",
+            stacklevel=stacklevel,
+        )
+
+
+def warn_unheld(names: dict[Tensor, str], groups: list[dict], said: set[str], stacklevel: int) -> None:
+    """Warn once per parameter that has a gradient but is in no param group (``names``: the model's
+    parameters -> their names): frozen when the optimizer was built and unfrozen since, it is never updated."""
+    held = {id(p) for group in groups for p in group["params"]}
+    new = [name for p, name in names.items() if p.grad is not None and id(p) not in held and name not in said]
+    if new:
+        said.update(new)
+        warnings.warn(
+            f"Parameter(s) {', '.join(map(repr, new))} have gradients but are in no param group of this optimizer "
+            "(they did not require grad when it was built), so they are not updated; build the optimizer after "
+            "unfreezing them",
             stacklevel=stacklevel,
         )

@@ -9,7 +9,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["INNER_NAMES", "INNER_SCHEDULES", "RMSpropTF", "inner_lr", "make_inner", "resolve_inner", "rmsprop_tf"]
+__all__ = [
+    "INNER_NAMES",
+    "INNER_SCHEDULES",
+    "RMSpropTF",
+    "inner_lr",
+    "make_inner",
+    "resolve_inner",
+    "rmsprop_tf",
+    "takes_sparse",
+]
 
 
 class RMSpropTF(torch.optim.Optimizer):
@@ -231,6 +240,13 @@ def _accepts(factory, name: str) -> bool:
         return name in inspect.signature(factory).parameters
     except (TypeError, ValueError):
         return False
+
+
+def takes_sparse(inner: torch.optim.Optimizer) -> bool:
+    """Whether ``inner`` steps on sparse gradients: torch's SGD, Adagrad and SparseAdam do, without weight decay
+    (the others raise midway through their step, after earlier groups have moved)."""
+    kinds = (torch.optim.SGD, torch.optim.Adagrad, torch.optim.SparseAdam)
+    return isinstance(inner, kinds) and not any(group.get("weight_decay") for group in inner.param_groups)
 
 
 def inner_lr(schedule: str, lr: float, t: int, local_iters: int) -> float:

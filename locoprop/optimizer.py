@@ -31,9 +31,9 @@ from locoprop.arguments import (
     plain_float,
 )
 from locoprop.collect import all_finite, collect_problems, prepare_solves, unit_variant
-from locoprop.describe import Description, describe, warn_fallbacks, warn_if_mostly_not_local
+from locoprop.describe import Description, describe, warn_fallbacks, warn_if_mostly_not_local, warn_unheld
 from locoprop.distributed import Communicator
-from locoprop.inner import make_inner
+from locoprop.inner import make_inner, takes_sparse
 from locoprop.output_unit import OutputActivation
 from locoprop.ownership import ParameterOwnership
 from locoprop.recording import ForwardRecorder
@@ -258,6 +258,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self.synchronize_timing = False
         self._fallbacks_said: set[str] = set()
         self._share_said = False
+        self._unheld_said: set[str] = set()
         if self._output is not None:  # (before the recorder: see OutputActivation.attach)
             self._output.attach(model, self._output_moved)
         self._recorder = ForwardRecorder(self.units, on_output=self._output.note if self._output is not None else None,
@@ -357,10 +358,12 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             started = self._clock()
             # Every refusal happens here, before anything has changed.
             problems = collect_problems(self.param_groups, self.unit_of_group, self.ownership, self.comm,
-                                        self._grads_averaged, self.variant, self.solve)  # fmt: skip
+                                        self._grads_averaged, self.variant, self.solve,
+                                        takes_sparse(self.inner))  # fmt: skip
             # Warnings stack: warn, this step, torch's step wrapper, the caller.
             warn_fallbacks([p.unit for p in problems if p.unit is not None and p.variant != self.variant],
                            self._fallbacks_said, stacklevel=4)  # fmt: skip
+            warn_unheld(self.ownership.names, self.param_groups, self._unheld_said, stacklevel=4)
             if not self._share_said:
                 self._share_said = True
                 warn_if_mostly_not_local(self.describe(), stacklevel=4)

@@ -161,6 +161,74 @@ def test_second_step_without_a_new_backward_is_refused():
     assert str(opt.inner.state_dict()) == str(inner_state)
 
 
+def test_a_unit_this_loss_did_not_use_may_keep_zeroed_gradients():
+    """zero_grad(set_to_none=False) leaves zeros on a unit the next loss does not use (a multi-task head): it
+    took no part, so it is not refused as a gradient that no forward explains, and it does not move; a nonzero
+    gradient on it still is refused."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x, head):
+            return (self.a if head == "a" else self.b)(x)
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    opt = LocoPropOptimizer(model, variant="S", inner="sgd", lr=0.1)
+    for head in ("a", "b", "a"):
+        unused = model.b if head == "a" else model.a
+        before = snapshot(model)
+        opt.zero_grad(set_to_none=False)
+        model(torch.randn(5, 4), head).pow(2).sum().backward()
+        opt.step()
+        assert torch.equal(unused.weight, before[f"{'b' if head == 'a' else 'a'}.weight"])
+        assert not torch.equal(getattr(model, head).weight, before[f"{head}.weight"])
+    opt.zero_grad(set_to_none=False)
+    model(torch.randn(5, 4), "a").pow(2).sum().backward()
+    model.b.weight.grad.fill_(1.0)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="Unit 'b' has a gradient but no forward and backward pass was recorded"):
+        opt.step()
+    assert_same_params(model, before)
+
+
+class _SparseEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, sparse=True)
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.fc(self.emb(ids).mean(1))))
+
+
+@pytest.mark.parametrize("inner", ["adam", "rmsprop-tf", "rmsprop"])
+def test_sparse_gradients_with_an_inner_optimizer_that_cannot_take_them_are_refused_naming_them(inner):
+    """Adam raised midway through its step, after the units' groups had moved."""
+    torch.manual_seed(0)
+    model = _SparseEmbedding()
+    opt = LocoPropOptimizer(model, inner=inner, lr=0.1, output_activation="softmax")
+    F.cross_entropy(model(torch.randint(0, 10, (5, 3))), torch.randint(0, 3, (5,))).backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="'emb.weight' have sparse gradients"):
+        opt.step()
+    assert_same_params(model, before)
+    assert not opt.inner.state
+
+
+@pytest.mark.parametrize("inner", ["sgd", "momentum", "adagrad"])
+def test_sparse_gradients_step_with_an_inner_optimizer_that_takes_them(inner):
+    torch.manual_seed(0)
+    model = _SparseEmbedding()
+    opt = LocoPropOptimizer(model, inner=inner, lr=0.1, output_activation="softmax")
+    F.cross_entropy(model(torch.randint(0, 10, (5, 3))), torch.randint(0, 3, (5,))).backward()
+    before = snapshot(model)
+    opt.step()
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
@@ -390,3 +458,19 @@ def test_numpy_scalar_hyperparameters_are_taken_as_floats():
     group = opt.param_groups[0]
     assert [type(group[k]) for k in ("lr", "activation_lr", "prox")] == [float, float, float]
     assert group["lr"] == pytest.approx(1e-3) and group["activation_lr"] == 2.0 and group["prox"] == 0.5
+
+
+def test_a_parameter_frozen_when_the_optimizer_was_built_and_unfrozen_since_is_named_in_a_warning():
+    """It is in no param group, so it is never updated; that was silent, and its .grad grew step after step."""
+    model = _mlp()
+    model[0].requires_grad_(False)
+    opt = LocoPropOptimizer(model, variant="S", inner="sgd", lr=0.1)
+    model[0].requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"'0.weight', '0.bias' have gradients but are in no param group"):
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        opt.zero_grad()
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        opt.step()
