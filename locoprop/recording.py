@@ -282,8 +282,9 @@ def _linear_use(func, args: tuple, kwargs: dict) -> tuple | None:
     if func in _CONVOLUTIONS:
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         x, weight, bias, stride, padding, dilation, groups = _arguments(args, kwargs, names, (None, 1, 0, 1, 1))
-        if not isinstance(weight, nn.Parameter) or isinstance(padding, str):
-            return None  # ('same'/'valid' padding: F.conv accepts it too, so keep it as given)
+        if not isinstance(weight, nn.Parameter):
+            return None
+        # ('same'/'valid' padding: the adapter's F.conv call takes it as given)
         return weight, bias, x, ConvAdapter(_CONVOLUTIONS[func], stride, padding, dilation, groups)
     if func is F.embedding:
         names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")

@@ -4,6 +4,8 @@ The expected parameters come from autograd on a copy of the model and a
 hand-written SGD update, never from locoprop.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,32 @@ def test_conv2d_sequential_with_softmax_output(variant):
     opt = _locoprop_one_step(model, loss_fn, variant=variant, output_activation="softmax")
     assert [u.transfer.name for u in opt.units] == ["relu", "tanh", "softmax"]
     assert_same_params(model, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # torch's, on the model's forward
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_convolutions_with_padding_given_as_a_string_are_units_solved_as_with_the_padding_spelled_out(kernel):
+    """padding="same"/"valid" made a convolution no unit (its weight took plain steps, silently). Now it is one,
+    and three M iterations give what the same network with the padding written out does: padding=1 for a 3×3
+    "same", an explicit ZeroPad2d for the 4×4 one (PyTorch pads it asymmetrically, one row before, two after)."""
+    torch.manual_seed(0)
+    pad = nn.ZeroPad2d((1, 2, 1, 2)) if kernel == 4 else nn.Identity()
+    head = [nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)]
+    first = nn.Conv2d(2, 3, kernel, padding=1 if kernel == 3 else 0)
+    spelled = nn.Sequential(pad, first, nn.Tanh(), nn.Conv2d(3, 4, 3, padding=0), *head).double()
+    strings = nn.Sequential(
+        nn.Identity(), nn.Conv2d(2, 3, kernel, padding="same"), nn.Tanh(), nn.Conv2d(3, 4, 3, padding="valid"),
+        *copy.deepcopy(head)).double()  # fmt: skip
+    strings.load_state_dict(spelled.state_dict())
+    x, y = torch.randn(6, 2, 8, 8, dtype=torch.float64), torch.randint(0, 5, (6,))
+    for model in (spelled, strings):
+        opt = LocoPropOptimizer(model, variant="M", lr=ETA, activation_lr=GAMMA, local_iters=3, inner="sgd",
+                                output_activation="softmax")  # fmt: skip
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert [(row.kind, row.transfer) for row in opt.describe().rows] == [
+            ("conv2d", "tanh"), ("conv2d", "relu"), ("linear", "softmax")]  # fmt: skip
+    assert_same_params(strings, dict(spelled.named_parameters()), rtol=1e-10, atol=1e-12)
 
 
 class HandWritten(nn.Module):
