@@ -144,6 +144,9 @@ class ForwardRecorder(TorchFunctionMode):
             if is_activation_module(module):
                 self._handles.append(module.register_forward_pre_hook(WeakHook(self._activation_enter)))
                 self._handles.append(module.register_forward_hook(WeakHook(self._activation_leave), always_call=True))
+        for unit in self._units:
+            if unit.weight.requires_grad:
+                self._handles.append(unit.weight.register_hook(WeakHook(unit.gradient_arriving)))
         remove_when_gone(self, self._handles)
 
     def detach(self) -> None:

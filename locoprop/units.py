@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -66,6 +67,8 @@ class Unit:
     uses_bias: bool = False
     records: list[UseRecord] = dataclasses.field(default_factory=list)
     seen: bool = False
+    # Weak references to the records whose backward passes had reached weight.grad when it last received one.
+    accumulated: list = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -101,6 +104,19 @@ class Unit:
         """The transfer function read from a forward pass (None: identity)."""
         self.transfer = transfer if transfer is not None else transfer_by_name("identity")
         self.transfer_pending = False
+
+    def gradient_arriving(self, grad: Tensor) -> None:
+        """The weight's gradient hook: a backward pass is about to add ``grad`` to ``weight.grad``.
+
+        ``weight.grad`` None although earlier backward passes reached this unit means the gradients were
+        cleared since without a step (``model.zero_grad()``, ``p.grad = None``: a batch skipped on a loss
+        spike): those passes' records are dropped, so that the step solves the problems of the gradient it
+        is handed, not of batches the user threw away. Passes that accumulate into ``.grad`` keep theirs.
+        """
+        if self.weight.grad is None and self.accumulated:
+            stale = {id(record) for record in (ref() for ref in self.accumulated) if record is not None}
+            self.records[:] = [record for record in self.records if id(record) not in stale]
+        self.accumulated = [weakref.ref(record) for record in self.records]
 
     def backpropagated_records(self) -> list[UseRecord]:
         return [r for r in self.records if r.backpropagated]
