@@ -90,6 +90,38 @@ def test_convolutions_with_padding_given_as_a_string_are_units_solved_as_with_th
     assert_same_params(strings, dict(spelled.named_parameters()), rtol=1e-10, atol=1e-12)
 
 
+def test_a_convolution_with_softmax_over_its_channels_solves_specs_m_problem():
+    """Segmentation: cross-entropy over the channels of a convolution's output, a unit with nn.Softmax(dim=1).
+    It was refused ("softmax over the last dimension"). Three constant-lr SGD iterations on SPEC §2's M
+    objective, Σ logsumexp_c(a_θ) − ⟨softmax_c(a_old), a_θ⟩ + γ⟨G, θ⟩ over pixels, written out with autograd."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 5, 1)).double()
+    x, y = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (2, 6, 6))
+    h = torch.tanh(model[0](x)).detach()
+    old = [p.detach().clone() for p in model[2].parameters()]
+    a_old = F.conv2d(h, *old)
+    leaves = [p.clone().requires_grad_(True) for p in old]
+    linear_term = torch.autograd.grad(F.cross_entropy(F.conv2d(h, *leaves), y), leaves)
+    theta = [p - ETA * GAMMA * g for p, g in zip(old, linear_term)]
+    for _ in range(2):
+        leaves = [p.clone().requires_grad_(True) for p in theta]
+        a = F.conv2d(h, *leaves)
+        divergence = torch.logsumexp(a, dim=1).sum() - (torch.softmax(a_old, dim=1) * a).sum()
+        grads = torch.autograd.grad(divergence, leaves)
+        theta = [p - ETA * (g + GAMMA * G) for p, g, G in zip(theta, grads, linear_term)]
+
+    units = [(model[0], "tanh"), (model[2], nn.Softmax(dim=1))]
+    opt = LocoPropOptimizer(model, variant="M", lr=ETA, activation_lr=GAMMA, local_iters=3, inner="sgd",
+                            inner_schedule="constant", units=units)  # fmt: skip
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.describe().rows[1].transfer == "softmax(dim=1)"
+    for got, want in zip(model[2].parameters(), theta):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="Softmax over the last dimension does not apply to Conv2d unit '2'.*dim=1"):
+        LocoPropOptimizer(model, variant="M", output_activation="softmax")
+
+
 class HandWritten(nn.Module):
     """No nn.Sequential: functional activations, a norm outside every unit,
     and one layer applied twice (weight sharing)."""
