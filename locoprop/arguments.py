@@ -110,11 +110,13 @@ def check_hyperparameters(group: dict, solve: str = "iterative") -> None:
         if isinstance(value, Tensor):
             raise ValueError(f"Invalid {name}: a tensor ({value!r}); LocoPropOptimizer needs a float (.item())")
     if not (_is_real(lr) and 0 < lr < math.inf):
-        raise ValueError(f"Invalid learning rate: {lr!r}; expected a finite number > 0")
+        # A schedule that reaches 0 (transformers' warm-up from 0, LinearLR(start_factor=0)) is the usual cause.
+        hint = "; if a schedule set it, start and end the schedule above 0" if lr == 0 else ""
+        raise ValueError(f"Invalid learning rate: {lr!r}; expected a finite number > 0{hint}")
     if not (_is_real(activation_lr) and 0 < activation_lr < math.inf):
         raise ValueError(f"Invalid activation_lr: {activation_lr!r}; expected a finite number > 0")
     if isinstance(local_iters, bool) or not isinstance(local_iters, int) or local_iters < 1:
-        raise ValueError(f"Invalid local_iters: {local_iters}; expected an integer ≥ 1")
+        raise ValueError(f"Invalid local_iters: {local_iters!r}; expected an integer ≥ 1 (a Python int)")
     if group["inner_schedule"] not in INNER_SCHEDULES:
         raise ValueError(
             f"Invalid inner_schedule: {group['inner_schedule']!r}; expected one of {', '.join(INNER_SCHEDULES)}"

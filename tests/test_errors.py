@@ -161,6 +161,27 @@ def test_second_step_without_a_new_backward_is_refused():
     assert str(opt.inner.state_dict()) == str(inner_state)
 
 
+def test_a_schedule_that_sets_lr_to_zero_is_refused_with_the_cause_named():
+    """transformers' get_linear_schedule_with_warmup starts at lr = 0, which SPEC §3 refuses: the message says
+    where such a value comes from; nothing changes."""
+    model = _mlp()
+    opt = LocoPropOptimizer(model, lr=1e-2)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10)  # a warm-up from 0
+    model(torch.randn(5, 4)).sum().backward()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="Invalid learning rate: 0.0; .*if a schedule set it, start and end"):
+        opt.step()
+    assert_same_params(model, before)
+
+
+def test_a_numpy_integer_local_iters_is_named_as_such():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(
+        ValueError, match=re.escape("Invalid local_iters: np.int64(3); expected an integer ≥ 1 (a Python")
+    ):
+        LocoPropOptimizer(_mlp(), local_iters=np.int64(3))
+
+
 def test_a_unit_this_loss_did_not_use_may_keep_zeroed_gradients():
     """zero_grad(set_to_none=False) leaves zeros on a unit the next loss does not use (a multi-task head): it
     took no part, so it is not refused as a gradient that no forward explains, and it does not move; a nonzero
