@@ -70,12 +70,17 @@ class Unit:
     # Weak references to the records whose backward passes had reached weight.grad when it last received one.
     accumulated: list = dataclasses.field(default_factory=list, repr=False)
 
+    def __post_init__(self) -> None:
+        # A frozen bias stays part of the map (a constant shift of a), not of θ.
+        self.bias_frozen = self.bias is not None and not self.bias.requires_grad
+
     @property
     def params(self) -> list[nn.Parameter]:
-        """The parameters of the map θ: weight, then bias if the map adds it (or before any use, if any)."""
-        if self.adapter is not None and not self.uses_bias:
+        """The parameters of the map θ: weight, then bias if the map adds it (or before any use, if any) and it
+        was trainable when the unit was found."""
+        if (self.adapter is not None and not self.uses_bias) or self.bias is None or self.bias_frozen:
             return [self.weight]
-        return [p for p in (self.weight, self.bias) if p is not None]
+        return [self.weight, self.bias]
 
     @property
     def kind(self) -> str | None:
@@ -86,7 +91,7 @@ class Unit:
 
     @property
     def trainable(self) -> bool:
-        return all(p.requires_grad for p in (self.weight, self.bias) if p is not None)
+        return self.weight.requires_grad
 
     def expects(self, kind: str) -> bool:
         """Whether a first use of this ``kind`` can be this unit's map (an nn.Embedding's weight read by
@@ -214,8 +219,9 @@ def discover_units(
 def _weights(module_name: str, module: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter | None]]:
     """(unit name, weight, bias) of each candidate weight that ``module`` itself holds.
 
-    A weight or bias that is frozen leaves the candidate out: its trainable
-    parameters are updated on their ordinary gradient.
+    A frozen weight leaves the candidate out (a trainable bias of it is
+    updated on its ordinary gradient); a frozen bias is a constant of its
+    weight's map.
     """
     own = dict(module.named_parameters(recurse=False))
     found = []
@@ -226,7 +232,7 @@ def _weights(module_name: str, module: nn.Module) -> list[tuple[str, nn.Paramete
         bias = own.get(prefix + "bias")
         if bias is not None and (bias.dim() != 1 or bias.numel() not in (weight.shape[0], weight.shape[-1])):
             bias = None
-        if not weight.requires_grad or (bias is not None and not bias.requires_grad):
+        if not weight.requires_grad:
             continue
         base = module_name or type(module).__name__
         found.append((base if not prefix else f"{base}.{prefix.rstrip('_')}", weight, bias))
@@ -259,5 +265,5 @@ def _listed_units(model: nn.Module, units: Sequence[tuple[nn.Module, str | nn.Mo
         raise ValueError(f"Units listed more than once: {sorted(duplicates)}")
     frozen = [unit.name for unit in found if not unit.trainable]
     if frozen:
-        raise ValueError(f"Units with frozen parameters (requires_grad=False): {frozen}")
+        raise ValueError(f"Units with a frozen weight (requires_grad=False): {frozen}")
     return found

@@ -133,7 +133,7 @@ def test_frozen_layers_are_not_units():
     model[0].weight.requires_grad_(False)
     opt = LocoPropOptimizer(model)
     assert opt.parameter_roles() == {"0.bias": "backprop", "2.weight": "2", "2.bias": "2"}
-    with pytest.raises(ValueError, match=r"frozen parameters \(requires_grad=False\): \['0'\]"):
+    with pytest.raises(ValueError, match=r"a frozen weight \(requires_grad=False\): \['0'\]"):
         LocoPropOptimizer(model, units=[(model[0], "tanh")])
 
 

@@ -5,6 +5,7 @@ hand-written SGD update, never from locoprop.
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -120,6 +121,36 @@ def test_a_convolution_with_softmax_over_its_channels_solves_specs_m_problem():
         torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="Softmax over the last dimension does not apply to Conv2d unit '2'.*dim=1"):
         LocoPropOptimizer(model, variant="M", output_activation="softmax")
+
+
+@pytest.mark.parametrize("parallel", ["none", "batched"])
+def test_a_unit_whose_bias_is_frozen_solves_for_its_weight_with_the_bias_held(parallel):
+    """A frozen bias dropped the whole unit (its weight took plain steps). Now the bias is a constant of the
+    map: three constant-lr SGD iterations on SPEC §2's M objective for the weight, Σ log cosh(a_W) − ⟨tanh(a_old),
+    a_W⟩ + γ⟨G, W⟩ with a_W = xWᵀ + b, written out with autograd."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model[0].bias.requires_grad_(False)
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    bias, old = model[0].bias.detach().clone(), model[0].weight.detach().clone()
+    a_old = F.linear(x, old, bias)
+    leaf = old.clone().requires_grad_(True)
+    (linear_term,) = torch.autograd.grad(F.cross_entropy(model[2](torch.tanh(F.linear(x, leaf, bias))), y), leaf)
+    weight = old - ETA * GAMMA * linear_term
+    for _ in range(2):
+        leaf = weight.clone().requires_grad_(True)
+        a = F.linear(x, leaf, bias)
+        divergence = (torch.logaddexp(a, -a) - math.log(2)).sum() - (torch.tanh(a_old) * a).sum()
+        (grad,) = torch.autograd.grad(divergence, leaf)
+        weight = weight - ETA * (grad + GAMMA * linear_term)
+
+    opt = LocoPropOptimizer(model, variant="M", lr=ETA, activation_lr=GAMMA, local_iters=3, inner="sgd",
+                            inner_schedule="constant", output_activation="softmax", parallel=parallel)  # fmt: skip
+    assert opt.parameter_roles() == {"0.weight": "0", "2.weight": "2", "2.bias": "2"}
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    torch.testing.assert_close(model[0].weight.detach(), weight, rtol=1e-10, atol=1e-12)
+    assert torch.equal(model[0].bias, bias)
 
 
 class HandWritten(nn.Module):
