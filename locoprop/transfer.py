@@ -358,12 +358,13 @@ def _call_table() -> dict:
     def softmax_call(a, dim=None, *args, **kwargs):
         if dim is None or dim in (-1, a.dim() - 1):
             return softmax(-1)
-        return Transfer(f"softmax(dim={dim})", None, None, "softmax over a dimension other than the last")
+        return softmax(dim % a.dim())  # as nn.Softmax(dim) gives it (a convolution's channels: dim=1)
 
     table = {}
     for name, funcs in {
         "tanh": (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_, F.tanh),
-        "sigmoid": (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid),
+        "sigmoid": (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid,
+                    torch.special.expit),
         "relu": (torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu, F.relu_),
     }.items():
         table.update(dict.fromkeys(funcs, named(name)))

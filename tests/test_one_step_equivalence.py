@@ -6,6 +6,7 @@ hand-written SGD update, never from locoprop.
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -204,6 +205,34 @@ def test_discovery_finds_units_and_transfers_in_nested_sequentials():
         ("1.0", "identity"),
         ("2", "identity"),
     ]
+
+
+def test_functional_expit_and_softmax_over_another_dimension_are_read_as_their_modules_are():
+    """torch.special.expit was read as the identity, and F.softmax(a, dim=0) made M fall back to S, where
+    nn.Sigmoid and nn.Softmax(dim=0) are M units: the two spellings now give the same units and step."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.out = nn.Linear(4, 5), nn.Linear(5, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(F.softmax(self.l2(torch.special.expit(self.l1(x))), dim=0))
+
+    torch.manual_seed(0)
+    functional = Functional().double()
+    modules = nn.Sequential(functional.l1, nn.Sigmoid(), functional.l2, nn.Softmax(dim=0), functional.out)
+    modules = copy.deepcopy(modules)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    for model in (functional, modules):
+        opt = LocoPropOptimizer(model, variant="M", lr=ETA, activation_lr=GAMMA, local_iters=3, inner="sgd")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to S
+            model(x).pow(2).sum().backward()
+            opt.step()
+        assert [unit.transfer.name for unit in opt.units] == ["sigmoid", "softmax(dim=0)", "identity"]
+    for mine, theirs in zip(functional.parameters(), modules.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
 
 
 def test_a_hook_that_logs_a_unit_output_does_not_change_its_transfer():
