@@ -223,6 +223,12 @@ def make_inner(inner, inner_kwargs: dict | None, compile: bool, groups: list[dic
     "rmsprop-tf" through ``torch.compile``, torch's optimizers that take ``fused`` through their kernels."""
     factory = resolve_inner(inner)
     kwargs = dict(inner_kwargs or {})
+    if "lr" in kwargs:
+        # The inner lr of each iteration is the group's lr on the schedule (η_t); this one would be overwritten.
+        raise ValueError(
+            f"Invalid inner_kwargs: lr={kwargs['lr']!r}; the inner learning rate is the optimizer's lr "
+            "(LocoPropOptimizer(model, lr=...), on its inner_schedule): set it there"
+        )
     if compile and "compiled" not in kwargs and "fused" not in kwargs:
         if inner == "rmsprop-tf" or inner is RMSpropTF:
             kwargs["compiled"] = True

@@ -61,6 +61,7 @@ CONSTRUCTION_ERRORS = [
     (dict(units=[(nn.Linear(2, 2), "tanh")]), "is not a submodule of the model"),
     (dict(units=["tanh"]), "Invalid unit 'tanh'"),
     (dict(units=[("0", "tanh")]), "is not a submodule"),
+    (dict(inner_kwargs={"lr": 123.0}), "Invalid inner_kwargs: lr=123.0; the inner learning rate is the optimizer's lr"),
 ]
 
 
