@@ -112,6 +112,22 @@ def test_lr_scheduler_moves_the_inner_learning_rate():
     assert all(group["lr"] == 0.025 for group in opt.param_groups)
 
 
+def test_one_cycle_schedule_runs_without_cycling_momentum():
+    """OneCycleLR needs momentum or betas in the defaults to cycle them; the inner optimizer's momentum is
+    not a param-group value, so the README's recipe is cycle_momentum=False: its lrs are what steps use."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    opt = LocoPropOptimizer(model, lr=0.1, activation_lr=2.0, local_iters=1, inner="sgd")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=4, cycle_momentum=False)
+    used = []
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4, dtype=torch.float64)).pow(2).sum().backward()
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert used[0] < used[1] and all(lr > 0 for lr in used)
+
+
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "rmsprop-tf"])
 def test_every_inner_name_builds_and_keeps_state_across_steps(name):
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
