@@ -287,6 +287,17 @@ def test_locoprop_bench_measures_the_transformer():
     assert record["flop_bound_ratio"] > 0
 
 
+def test_bench_measures_the_free_gradient_sensitivity_with_the_rule_it_needs():
+    """--hypergrad gradient, listed by bench's help, always crashed after the other configs' timings: LocoProp
+    refuses it with the default plain rule. Bench takes the normalized rule for it, unless one is given."""
+    config = BenchConfig(optimizer="locoprop-m", workload="mlp", batch_size=2, width_mult=0.05, local_iters=1,
+                         steps=1, warmup=0, hypergrad="gradient")  # fmt: skip
+    record = measure(config)
+    assert record["hypergrad"] == "gradient" and record["hypergrad_overhead"] is not None
+    with pytest.raises(ValueError, match="hypergrad='gradient' with hypergrad_rule='plain'"):
+        measure(dataclasses.replace(config, hparams={"hypergrad_rule": "plain"}))
+
+
 def test_bench_reports_means_beside_medians_so_that_work_done_every_few_steps_counts(monkeypatch):
     """A refresh in one step of four (an amortised exact solve, K-FAC's inverses) leaves the median alone; the
     mean prices it in."""

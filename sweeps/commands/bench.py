@@ -291,6 +291,44 @@ def _counted_ddp(model: nn.Module) -> tuple[nn.Module, list[int]]:
     return net, counter
 
 
+def _plain_hparams(config: BenchConfig) -> dict:
+    """The optimizer's hyperparameters over the registry's: the config's, LocoProp's K and solve path."""
+    hparams = dict(config.hparams)
+    if config.optimizer.startswith("locoprop"):
+        if config.optimizer != "locoprop-s-exact":
+            hparams.setdefault("local_iters", config.local_iters)
+        if config.parallel:
+            hparams.setdefault("parallel", config.parallel)
+    return hparams
+
+
+def _measured_hparams(config: BenchConfig) -> dict:
+    """The hyperparameters of the measured optimizer: with ``hypergrad``, γ adapting by that sensitivity (β's
+    size does not change the cost; small, so that γ stays near its start on the random batch; the free
+    "gradient" sensitivity takes the normalized rule, the only one it works with, unless one is given)."""
+    hparams = _plain_hparams(config)
+    if config.hypergrad is not None:
+        hparams = {**hparams, "hypergrad": config.hypergrad, "hypergrad_lr": 1e-3}
+        if config.hypergrad == "gradient":
+            hparams.setdefault("hypergrad_rule", "normalized")
+    return hparams
+
+
+def check_builds(config: BenchConfig) -> None:
+    """Refuse (ValueError) a config whose optimizer refuses its model (the exact solve on convolutions, K-FAC
+    on an unsupported layer, …): the model is built once on the CPU, as the measurement would build it."""
+    from baselines import make_optimizer
+    from sweeps.runner.data import data_shape
+    from sweeps.runner.workloads import get_workload
+
+    workload = get_workload(config.workload)
+    with torch.random.fork_rng(devices=[]):
+        model = workload.build_model(data_shape(config.data), config.width_mult, config.depth_mult)
+        hparams = optimizer_hparams(config.optimizer, _measured_hparams(config), config.precision)
+        optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **hparams)
+    contract.remove_hooks(optimizer)
+
+
 def measure(config: BenchConfig) -> dict:
     """Benchmark one optimizer in this process; returns its JSON record.
 
@@ -306,18 +344,12 @@ def measure(config: BenchConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         baseline_cuda = torch.cuda.memory_allocated(device)
-    hparams = dict(config.hparams)
-    if config.optimizer.startswith("locoprop"):
-        if config.optimizer != "locoprop-s-exact":
-            hparams.setdefault("local_iters", config.local_iters)
-        if config.parallel:
-            hparams.setdefault("parallel", config.parallel)
+    hparams = _plain_hparams(config)
     plain_step = None
     if config.hypergrad is not None:
         if not config.memory_only:  # the same LocoProp with β = 0, for the overhead
             _, plain_step, *_ = _setup(config, config.optimizer, device, hparams)
-        # β's size does not change the cost; small, so that γ stays near its start on the random batch.
-        hparams = {**hparams, "hypergrad": config.hypergrad, "hypergrad_lr": 1e-3}
+        hparams = _measured_hparams(config)
     optimizer, step, forward_backward, bytes_sent, forward_flops = _setup(config, config.optimizer, device, hparams)
     model_flops = forward_flops()  # before any step: a forward without grad records nothing
     is_locoprop = isinstance(optimizer, LocoPropOptimizer)
@@ -513,6 +545,7 @@ def bench(configs: list[BenchConfig]) -> list[dict]:
     """
     for config in configs:
         config.validate()
+        check_builds(config)
     # Once per bench run, before the optimizers: the peaks every record's roofline is read against.
     peaks = matmul_peaks(torch.device(configs[0].device)) if configs else {}
     records = []
