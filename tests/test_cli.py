@@ -177,7 +177,16 @@ BAD_INPUT = [
     ("bench --warmup -1", "Invalid warmup: -1; expected an integer ≥ 0"),
     ("bench --batch-size 64,0", "Invalid batch_size: 0; expected an integer ≥ 1"),
     ("bench --local-iters 0", "Invalid local_iters: 0; expected an integer ≥ 1"),
-    # An optimizer its workload's model refuses: before any timing (it crashed after Adam's, losing them).
+    # An optimizer a workload's model refuses: before anything runs (Adam, and a whole first pair, ran first).
+    (
+        "compare --workloads autoencoder,cnn --optimizers adam,locoprop-s-exact --steps 2 --seeds 1 --batch-size 20 "
+        "--out {out}",
+        "solve='exact' supports nn.Linear units only; unit '1' is a Conv2d",
+    ),
+    (
+        "compare --workload cnn --optimizers adam,locoprop-s-exact --steps 2 --seeds 1 --batch-size 20 --out {out}",
+        "solve='exact' supports nn.Linear units only",
+    ),
     ("bench --workload cnn --optimizers adam,locoprop-s-exact", "solve='exact' supports nn.Linear units only"),
     ("bench --optimizers ,", "argument --optimizers: expected one or more comma-separated values, got ','"),
     ("bench --width-mult 1,inf", "--width-mult: expected a finite number > 0 and at most 100, got 'inf'"),

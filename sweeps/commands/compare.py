@@ -60,10 +60,10 @@ from sweeps.commands import presets
 from sweeps.runner import budget, run_directory
 from sweeps.runner.budget import StepCost, knob_key
 from sweeps.runner.config import RunConfig, absent, run_dir_name
-from sweeps.runner.train import check_fits_data, loss_text, train
+from sweeps.runner.train import check_builds, check_fits_data, loss_text, train
 from sweeps.search.results import best_trial
 
-__all__ = ["PROTOCOL", "Tuning", "compare"]
+__all__ = ["PROTOCOL", "Tuning", "check_optimizers", "compare"]
 
 PROTOCOL = schema.PROTOCOL
 SELECTION_METRIC = "valid_loss"
@@ -121,6 +121,7 @@ def compare(
     base.validate()
     if tuning is not None:
         tuning.check(seeds)
+    check_optimizers(base, optimizers, hparams_of)
     kind, value = base.budget
     print(
         f"compare: {', '.join(optimizers)} on {base.workload}/{base.data}, {_budget_text(kind, value)} per run, "
@@ -153,6 +154,13 @@ def compare(
     print((report.parent / "results.md").read_text())
     print(f"report with the protocol, tables and plots: {report}")
     return report
+
+
+def check_optimizers(base: RunConfig, optimizers: Sequence[str], hparams_of: Callable[[str, str], dict]) -> None:
+    """Refuse (ValueError), before anything runs, an optimizer that the workload's model refuses at its
+    ``hparams_of`` (locoprop-s-exact on a convolutional model): otherwise the optimizers before it ran first."""
+    for name in optimizers:
+        check_builds(dataclasses.replace(base, optimizer=name, hparams=dict(hparams_of(base.workload, name))))
 
 
 # ------------------------------------------------------------ step costs

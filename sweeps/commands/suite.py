@@ -25,7 +25,7 @@ from typing import Any
 
 from analysis.suite import write_suite_report
 from sweeps.commands import presets
-from sweeps.commands.compare import Tuning, compare
+from sweeps.commands.compare import Tuning, check_optimizers, compare
 from sweeps.runner import run_directory
 from sweeps.runner.config import RunConfig, absent
 from sweeps.runner.data import DATASETS
@@ -140,6 +140,7 @@ def run_suite(
     configs = [pair_config(base, workload, data, budget_given, batch_given) for workload, data in pairs]
     for config in configs:
         check_fits_data(config)
+        check_optimizers(config, optimizers, presets.preset)
     out.mkdir(parents=True, exist_ok=True)
     stored = read_suite(out) or {}
     finished = {entry["folder"]: entry.get("finished") for entry in stored.get("pairs", [])}

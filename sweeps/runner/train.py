@@ -94,7 +94,7 @@ from sweeps.runner.budget import (
 )
 from sweeps.runner.calibration import calibrate_run
 from sweeps.runner.config import RunConfig, run_identity
-from sweeps.runner.data import Dataset, load_dataset
+from sweeps.runner.data import Dataset, DataShape, data_shape, load_dataset
 from sweeps.runner.precision import forward, optimizer_hparams
 from sweeps.runner.ranks import Ranks
 from sweeps.runner.workloads import Workload, build_model, get_workload
@@ -105,6 +105,7 @@ __all__ = [
     "OffPace",
     "RunExists",
     "RunResult",
+    "check_builds",
     "check_data_parallel",
     "check_fits_data",
     "check_run",
@@ -258,13 +259,21 @@ def check_run(config: RunConfig, resume: bool = False) -> RunResult | None:
     if finished is not None:
         return finished
     data = check_fits_data(config).with_validation(config.valid_fraction)
+    check_builds(config, data.shape)
+    return None
+
+
+def check_builds(config: RunConfig, shape: DataShape | None = None) -> None:
+    """Refuse (ValueError) a config whose optimizer refuses its workload's model (the exact solve on a
+    convolution, …): both are built once on the CPU. ``shape``: the data's (default: from its name, no file
+    read)."""
     workload = get_workload(config.workload)
+    shape = shape if shape is not None else data_shape(config.data)
     with torch.random.fork_rng(devices=[]):  # leaves the caller's random state as it was
-        model = build_model(workload, data.shape, config.width_mult, config.depth_mult, torch.device("cpu"))
+        model = build_model(workload, shape, config.width_mult, config.depth_mult, torch.device("cpu"))
         optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind,
                                    **optimizer_hparams(config.optimizer, config.hparams, config.precision))  # fmt: skip
     contract.remove_hooks(optimizer)
-    return None
 
 
 def record_rank_failure(run_dir: pathlib.Path, error: str, world_size: int) -> None:
