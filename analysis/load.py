@@ -133,13 +133,16 @@ def read_compare_folders(paths: Iterable[str | os.PathLike]) -> tuple[list[pathl
 def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """Every run under ``paths`` (run directories, folders of them, tables)."""
     frames = []
+    read: set[pathlib.Path] = set()  # what was read, by _source: a run reached twice counts once
     for path in map(pathlib.Path, paths):
         if not path.exists():
             raise RunsNotFound(f"{path} does not exist")
         if path.is_file():
             if path.suffix not in TABLE_SUFFIXES:
                 raise RunsNotFound(f"{path} is not a run directory or a results table (.csv or .parquet)")
-            frames.append(_read_table(path))
+            if _source(path) not in read:
+                read.add(_source(path))
+                frames.append(_read_table(path))
             continue
         found = _find_runs(path)
         if not found:
@@ -147,6 +150,8 @@ def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
                 f"No run directories (with config.json) or results tables found in {path}; "
                 "point to the --out folder of locoprop train, compare or sweep"
             )
+        found = [run for run in found if _source(run) not in read]
+        read.update(map(_source, found))
         frames += _read_found(found)
     if not frames:
         raise RunsNotFound("No inputs given")
@@ -154,6 +159,13 @@ def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     hp_columns = sorted(c for c in frame.columns if c.startswith(HPARAM_PREFIX))
     others = [c for c in frame.columns if c not in COLUMNS and c not in hp_columns]
     return frame[COLUMNS + others + hp_columns]
+
+
+def _source(path: pathlib.Path) -> pathlib.Path:
+    """What ``path`` holds, for counting it once: a run directory, or a results table without its suffix (a
+    sweep writes the same rows as .csv and .parquet)."""
+    path = path.resolve()
+    return path.with_suffix("") if path.suffix in TABLE_SUFFIXES else path
 
 
 def _read_found(found: list[pathlib.Path]) -> list[pd.DataFrame]:
@@ -288,7 +300,8 @@ def _read_table(path: pathlib.Path) -> pd.DataFrame:
         raise RunsNotFound(f"Results table {path} has no rows")
     if RUN_ID not in frame.columns:
         raise RunsNotFound(f"Results table {path} has no {RUN_ID} column; is it a locoprop sweep table?")
-    frame[RUN_ID] = str(path) + "#" + frame[RUN_ID].astype(str)
+    # Named by the table without its suffix: a sweep writes the same rows as .csv and .parquet.
+    frame[RUN_ID] = str(path.with_suffix("")) + "#" + frame[RUN_ID].astype(str)
     return _with_columns(frame, path)
 
 

@@ -129,6 +129,27 @@ def test_log_scale_when_losses_span_decades(tmp_path):
     assert figure.axes[0].get_yscale() == "log"
 
 
+def test_a_run_reached_twice_counts_once(runs, tmp_path, monkeypatch):
+    """A sweep writes its table as .csv and .parquet side by side; given both (or the folder and one of them),
+    every trial counted twice and the intervals narrowed. A run directory given twice, or by another path,
+    counts once too."""
+    rows = [dict(run_id=trial, optimizer="adam", workload="mlp", data="synthetic", seed=trial, status="ok", step=0,
+                 epoch=0, wall_time_s=0.0, train_loss=1.0, test_loss=1.0) for trial in range(4)]  # fmt: skip
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    pd.DataFrame(rows).to_csv(sweep / "sweep_results.csv", index=False)
+    pd.DataFrame(rows).to_parquet(sweep / "sweep_results.parquet", index=False)
+    for inputs in (
+        [sweep / "sweep_results.csv", sweep / "sweep_results.parquet"],
+        [sweep, sweep / "sweep_results.parquet"],
+    ):
+        assert load_results(inputs)["run_id"].nunique() == 4
+    monkeypatch.chdir(tmp_path)
+    one = runs / "adam-autoencoder-mnist5k-seed0"
+    frame = load_results([one, pathlib.Path("runs") / one.name, runs])
+    assert frame["run_id"].nunique() == 5 and len(frame) == 18
+
+
 def test_sensitivity_from_a_sweep_table(tmp_path):
     rows = []
     for trial, (lr, final, status) in enumerate([(1e-4, 5.0, "ok"), (1e-3, 3.0, "ok"), (1e-1, math.nan, "diverged")]):
