@@ -438,8 +438,10 @@ def check_hparams(name: str, hparams: dict[str, Any]) -> None:
     The type of a hyperparameter is the type of its default (or
     ``OptimizerSpec.types``): a bool takes only true/false, an integer only
     integers, a float any finite number (integers included, booleans not), a
-    string only strings. None only where the spec allows it. Ranges (lr > 0,
-    0 ≤ momentum < 1, …) are the optimizers' own checks.
+    string only strings. None only where the spec allows it. A momentum
+    (``momentum``, ``inner_momentum``) must be in [0, 1): torch's SGD takes
+    1.5 and diverges without a word. Other ranges (lr > 0, …) are the
+    optimizers' own checks.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer: {name!r}; expected one of {', '.join(OPTIMIZERS)}")
@@ -460,6 +462,8 @@ def check_hparams(name: str, hparams: dict[str, Any]) -> None:
             raise ValueError(
                 f"Invalid hyperparameter {hparam}={value!r} for {name!r}: expected {_TYPE_NAMES[expected]}{also}"
             )
+        if hparam in ("momentum", "inner_momentum") and value is not None and not 0 <= value < 1:
+            raise ValueError(f"Invalid hyperparameter {hparam}={value!r} for {name!r}: expected a number in [0, 1)")
 
 
 _TYPE_NAMES = {

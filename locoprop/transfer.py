@@ -363,8 +363,14 @@ def _call_table() -> dict:
     table = {}
     for name, funcs in {
         "tanh": (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_, F.tanh),
-        "sigmoid": (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid,
-                    torch.special.expit),
+        "sigmoid": (
+            torch.sigmoid,
+            torch.sigmoid_,
+            torch.Tensor.sigmoid,
+            torch.Tensor.sigmoid_,
+            F.sigmoid,
+            torch.special.expit,
+        ),
         "relu": (torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu, F.relu_),
     }.items():
         table.update(dict.fromkeys(funcs, named(name)))

@@ -173,6 +173,10 @@ BAD_INPUT = [
         "sweep --optimizer adam --data synthetic --trials 1 --study s --sampler-seed 99999999999 --out {out}",
         "Invalid sampler seed: 99999999999; expected an integer from 0 to 4294967295",
     ),
+    (
+        "train --optimizer adam --schedule constant --warmup-epochs 0.5 --epochs 1 --out {out}",
+        "warmup_epochs=0.5 has no effect with schedule 'constant'",
+    ),
     ("bench --steps 0", "Invalid steps: 0; expected an integer ≥ 1"),
     ("bench --warmup -1", "Invalid warmup: -1; expected an integer ≥ 0"),
     ("bench --batch-size 64,0", "Invalid batch_size: 0; expected an integer ≥ 1"),
@@ -383,6 +387,9 @@ def test_resume_with_a_changed_flag_names_the_flag(tmp_path, capsys):
     )
     # The same flags again resume their own run, without a word.
     assert run_cli([*train, "--lr", "0.02", "--resume"], capsys)[2] == ""
+    # Nothing at all to resume is said too (it started afresh without a word).
+    status, _, err = run_cli([*train[:-1], str(tmp_path / "empty"), "--resume"], capsys)
+    assert status == 0 and err.splitlines()[0].startswith(f"locoprop: --resume: no run to continue in {tmp_path}")
 
 
 def test_adaptive_gamma_trains_with_the_recipe_and_a_flag_given_as_well_wins(tmp_path, capsys):

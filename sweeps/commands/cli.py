@@ -121,7 +121,7 @@ def cmd_train(args) -> int:
 def _resume_notice(config: RunConfig, out: pathlib.Path) -> str | None:
     """With ``--resume`` and no run of exactly these settings in ``out``: which flags differ from the nearest run
     there of the same optimizer, workload, data and seed (the run a changed flag keeps one from resuming), since
-    a new run starts instead; None where the run exists or no such run does."""
+    a new run starts instead, or that there is none; None where the run exists."""
     run_dir = pathlib.Path(config.out)
     if run_dir.exists():
         return None
@@ -135,7 +135,7 @@ def _resume_notice(config: RunConfig, out: pathlib.Path) -> str | None:
         differences = _flag_differences(stored, asked)
         nearest.append((len(differences), other.name, differences))
     if not nearest:
-        return None
+        return f"--resume: no run to continue in {out}, so a new one starts in {run_dir.name}"
     _, name, differences = min(nearest)
     return (
         f"--resume: no run with these settings in {out}, so a new one starts in {run_dir.name}; the run {name} "

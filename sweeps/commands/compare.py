@@ -126,7 +126,7 @@ def compare(
     print(
         f"compare: {', '.join(optimizers)} on {base.workload}/{base.data}, {_budget_text(kind, value)} per run, "
         f"batch {base.batch_size}, precision {base.precision}, final seeds {', '.join(map(str, seeds))}"
-        + (f", {tuning.trials} tuning trials each (seed {tuning.seed})" if tuning else ", presets")
+        + (f"; {tuning.trials} tuning trials each (seed {tuning.seed})" if tuning else "; presets")
         + f" -> {out}",
         flush=True,
     )

@@ -488,7 +488,7 @@ def add_train(commands) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--resume", action="store_true",
-        help="continue the run directory's run from its last finished epoch; the other flags must be the same "
+        help="continue the run directory's run from its last checkpointed step; the other flags must be the same "
         "(default: start afresh)",
     )  # fmt: skip
     p.add_argument(

@@ -156,6 +156,11 @@ class RunConfig:
             _finite(warmup) and 0 <= warmup and (self.epochs is None or warmup <= self.epochs)
         ):
             raise ValueError(f"Invalid warmup_epochs: {self.warmup_epochs!r}; expected 0..epochs")
+        if warmup and self.schedule == "constant":
+            raise ValueError(
+                f"warmup_epochs={warmup!r} has no effect with schedule 'constant' (no warmup); leave it out, or use "
+                "schedule 'official' or 'cosine'"
+            )
         if not _finite(self.divergence_factor) or not self.divergence_factor > 1:
             raise ValueError(f"Invalid divergence_factor: {self.divergence_factor!r}; expected a finite number > 1")
 
