@@ -7,6 +7,7 @@ process to interrupt.
 
 import argparse
 import ast
+import importlib
 import json
 import math
 import pathlib
@@ -371,6 +372,25 @@ def test_bench_runs_a_value_given_twice_once(monkeypatch, capsys):
     assert [(c.optimizer, c.hypergrad) for c in benchmarked] == [("adam", None), ("locoprop-m", None),
                                                                   ("locoprop-m", "implicit")]  # fmt: skip
     assert len(out.splitlines()) == 3
+
+
+def test_ctrl_c_before_a_run_s_first_checkpoint_says_nothing_was_kept(tmp_path, capsys, monkeypatch):
+    """Interrupted in a time budget's calibration, train said the run was checkpointed at its last step: there
+    was no run directory, and the rerun measured the calibration again."""
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("sweeps.runner.train"), "calibrate_run", interrupt)
+    argv = ["train", "--optimizer", "adam", "--data", "synthetic", "--width-mult", "0.05", "--batch-size", "64",
+            "--time-budget", "5", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    status, _, err = run_cli(argv, capsys)
+    assert status == 130 and not any(tmp_path.iterdir())
+    again = shlex.join(["locoprop", *argv, "--resume"])
+    assert err.strip() == (
+        f"locoprop: interrupted before the run's first checkpoint; nothing was kept, and the same command starts it: "
+        f"{again}"
+    )
 
 
 def test_resume_with_a_changed_flag_names_the_flag(tmp_path, capsys):

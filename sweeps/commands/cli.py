@@ -98,6 +98,7 @@ def cmd_train(args) -> int:
     config = run_config_from_args(args, args.optimizer, drop_neutral_hparams(args.optimizer, hparams), args.seed,
                                   pathlib.Path(args.out))  # fmt: skip
     config.out = str(pathlib.Path(args.out) / run_dir_name(config))
+    args.run_dir = config.out  # for the message of an interrupt (_interrupted)
     if args.resume and (notice := _resume_notice(config, pathlib.Path(args.out))):
         print(f"locoprop: {notice}", file=sys.stderr)
     progress = False if args.no_progress else None
@@ -545,6 +546,10 @@ def _interrupted(args, argv: list[str], err: KeyboardInterrupt) -> str:
     by = "interrupted" if signum == signal.SIGINT else f"interrupted by {interrupts.signal_name(signum)}"
     if args.command == "train":
         again = command if args.resume else shlex.join(["locoprop", *argv, "--resume"])
+        run_dir = getattr(args, "run_dir", None)
+        if run_dir is None or not (pathlib.Path(run_dir) / run_directory.CHECKPOINT).is_file():
+            # Before the first checkpoint (a time budget's calibration, the first steps): nothing to continue.
+            return f"{by} before the run's first checkpoint; nothing was kept, and the same command starts it: {again}"
         return f"{by}; the run is checkpointed at its last finished step and continues with: {again}"
     if args.command in ("compare", "sweep"):
         return f"{by}; finished runs are kept, and the same command continues: {command}"
