@@ -192,6 +192,10 @@ BAD_INPUT = [
         "compare --workload cnn --optimizers adam,locoprop-s-exact --steps 2 --seeds 1 --batch-size 20 --out {out}",
         "solve='exact' supports nn.Linear units only",
     ),
+    (
+        "sweep --workload cnn --optimizer locoprop-s-exact --trials 1 --steps 2 --batch-size 20 --study s --out {out}",
+        "solve='exact' supports nn.Linear units only",
+    ),
     ("bench --workload cnn --optimizers adam,locoprop-s-exact", "solve='exact' supports nn.Linear units only"),
     ("bench --optimizers ,", "argument --optimizers: expected one or more comma-separated values, got ','"),
     ("bench --width-mult 1,inf", "--width-mult: expected a finite number > 0 and at most 100, got 'inf'"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from sweeps.runner.train import check_fits_data
+from sweeps.runner.train import check_builds, check_fits_data
 from sweeps.search.results import check_study_name
 
 if TYPE_CHECKING:
@@ -48,7 +48,9 @@ def check_sweep(
     ``sampler_seed`` None or an integer from 0 to 2³² − 1; and last a
     ``base`` config its data set can run
     (:func:`~sweeps.runner.train.check_fits_data`, which loads the data set,
-    so every check of the arguments comes first), so that a setup no trial
+    so every check of the arguments comes first) and whose model its
+    optimizer takes at ``base``'s hyperparameters
+    (:func:`~sweeps.runner.train.check_builds`), so that a setup no trial
     can run is refused before the study stores it.
     """
     # Optuna, which the sampler needs, is loaded by a sweep, not by every `locoprop` command that imports this.
@@ -65,4 +67,6 @@ def check_sweep(
     if own_checks is not None:
         own_checks()
     TrialSeededSampler(sampler_seed)  # refuses a bad seed, naming it
-    check_fits_data(base)
+    data = check_fits_data(base)
+    # An optimizer its model refuses (the exact solve on convolutions) failed every trial, leaving FAIL trials.
+    check_builds(base, data.shape)
