@@ -378,6 +378,11 @@ def test_bench_runs_a_value_given_twice_once(monkeypatch, capsys):
     assert len(out.splitlines()) == 3
 
 
+def test_no_command_prints_the_help_to_stderr_with_status_2(capsys):
+    status, out, err = run_cli([], capsys)
+    assert status == 2 and out == "" and "train" in err and "compare" in err
+
+
 def test_ctrl_c_before_a_run_s_first_checkpoint_says_nothing_was_kept(tmp_path, capsys, monkeypatch):
     """Interrupted in a time budget's calibration, train said the run was checkpointed at its last step: there
     was no run directory, and the rerun measured the calibration again."""

@@ -473,9 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = locoprop_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # for the commands that record or repeat their own command line
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a usage error, as argparse's own (exit status 2), with the help to fix it
+        parser.print_help(sys.stderr)
+        return 2
     try:
         with interrupts.handled():  # SIGTERM, a scheduler's stop, as Ctrl-C: Interrupted
             if getattr(args, "out", None) is not None:
