@@ -378,6 +378,14 @@ def test_bench_runs_a_value_given_twice_once(monkeypatch, capsys):
     assert len(out.splitlines()) == 3
 
 
+def test_compare_refuses_a_bad_seed_before_it_prints_anything(tmp_path, capsys):
+    argv = ["compare", "--seeds", "1,4294967296", "--optimizers", "adam", "--steps", "2", "--data", "synthetic",
+            "--out", str(tmp_path / "c")]  # fmt: skip
+    status, out, err = run_cli(argv, capsys)
+    assert (status, out) == (2, "")
+    assert err.strip() == "locoprop: Invalid seed: 4294967296; expected an integer from 0 to 4294967295"
+
+
 def test_no_command_prints_the_help_to_stderr_with_status_2(capsys):
     status, out, err = run_cli([], capsys)
     assert status == 2 and out == "" and "train" in err and "compare" in err

@@ -119,6 +119,8 @@ def compare(
     """
     out = pathlib.Path(out)
     base.validate()
+    for seed in seeds:  # before the header, so that a refusal is the only line
+        dataclasses.replace(base, seed=seed).validate()
     if tuning is not None:
         tuning.check(seeds)
     check_optimizers(base, optimizers, hparams_of)
