@@ -141,8 +141,8 @@ def load_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
             if path.suffix not in TABLE_SUFFIXES:
                 raise RunsNotFound(f"{path} is not a run directory or a results table (.csv or .parquet)")
             if _source(path) not in read:
-                read.add(_source(path))
                 frames.append(_read_table(path))
+            read.add(_source(path))
             continue
         found = _find_runs(path)
         if not found:

@@ -189,14 +189,13 @@ def check_unit(unit: Unit, solve: str) -> None:
         )
     # A convolution's output is N × C × spatial: its softmax is over the channels, dim=1 (what
     # F.cross_entropy takes for segmentation); over a spatial dimension it would be no unit's output.
-    if unit.transfer.name.startswith("softmax") and unit.transfer.name != "softmax(dim=1)":
-        if (unit.kind or "").startswith("conv"):
-            name = unit.transfer.name
-            over = "the last dimension" if name == "softmax" else name.removeprefix("softmax")
-            raise ValueError(
-                f"Softmax over {over} does not apply to {type(unit.module).__name__} unit {unit.name!r}: a "
-                "convolution's softmax is over its channels, nn.Softmax(dim=1) (or use variant='S')"
-            )
+    name = unit.transfer.name
+    if name.startswith("softmax") and name != "softmax(dim=1)" and (unit.kind or "").startswith("conv"):
+        over = "the last dimension" if name == "softmax" else name.removeprefix("softmax")
+        raise ValueError(
+            f"Softmax over {over} does not apply to {type(unit.module).__name__} unit {unit.name!r}: a "
+            "convolution's softmax is over its channels, nn.Softmax(dim=1) (or use variant='S')"
+        )
 
 
 def check_not_meta(units: list[Unit]) -> None:

@@ -64,16 +64,8 @@ def collect_problems(
                                      records=records, linear_term=linear_term, inputs=inputs))  # fmt: skip
     for index, (group, unit) in enumerate(zip(param_groups, unit_of_group)):
         plain = [p for p in group["params"] if p.grad is not None and p not in carried]
-        unexplained = set()
-        if unit is not None and unit.seen:
-            mine = {id(p) for p in unit.params}
-            unexplained = {id(p) for p in plain if id(p) in mine and p not in ownership.held_outside}
-        if unexplained:
-            if any(p.grad.any() for p in plain if id(p) in unexplained):
-                # A unit that took part in earlier steps has a gradient that no recorded forward explains.
-                raise unrecorded_gradient_error("Unit", unit.name)
-            # Zeros left by zero_grad(set_to_none=False): the unit took no part in this loss.
-            plain = [p for p in plain if id(p) not in unexplained]
+        if unit is not None and unit.seen:  # (and no records this step)
+            plain = _without_unused_unit(plain, unit, ownership)
         if plain:
             problems.append(LocalProblem(index, plain, linear_term=[p.grad for p in plain]))
     if not problems:
@@ -85,6 +77,17 @@ def collect_problems(
     if comm.distributed and not grads_averaged:
         _average_linear_terms(problems, comm)
     return problems
+
+
+def _without_unused_unit(plain: list[Tensor], unit: Unit, ownership: ParameterOwnership) -> list[Tensor]:
+    """``plain`` without the parameters of ``unit``, which took part in earlier steps but has no record in
+    this one: zeros left by ``zero_grad(set_to_none=False)`` mean it took no part in this loss; anything else
+    is a gradient that no recorded forward explains (refused)."""
+    mine = {id(p) for p in unit.params if p not in ownership.held_outside}
+    unexplained = [p for p in plain if id(p) in mine]
+    if any(p.grad.any() for p in unexplained):
+        raise unrecorded_gradient_error("Unit", unit.name)
+    return [p for p in plain if id(p) not in mine]
 
 
 def _refuse_sparse(problems: list[LocalProblem], ownership: ParameterOwnership) -> None:

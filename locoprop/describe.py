@@ -104,11 +104,15 @@ def warn_fallbacks(fallen: list, said: set[str], stacklevel: int) -> None:
         )
 
 
-def warn_unheld(names: dict[Tensor, str], groups: list[dict], said: set[str], stacklevel: int) -> None:
-    """Warn once per parameter that has a gradient but is in no param group (``names``: the model's
-    parameters -> their names): frozen when the optimizer was built and unfrozen since, it is never updated."""
-    held = {id(p) for group in groups for p in group["params"]}
-    new = [name for p, name in names.items() if p.grad is not None and id(p) not in held and name not in said]
+def warn_unheld(frozen_at_build: dict[Tensor, str], groups: list[dict], said: set[str], stacklevel: int) -> None:
+    """Warn once per parameter of ``frozen_at_build`` (parameter -> name: those that did not require grad when
+    the optimizer was built, so no param group held them) that has a gradient but is still in no param group:
+    unfrozen since, it is never updated."""
+    with_grad = {p: name for p, name in frozen_at_build.items() if p.grad is not None and name not in said}
+    if not with_grad:
+        return
+    held = {id(p) for group in groups for p in group["params"]}  # (add_param_group may have taken some)
+    new = [name for p, name in with_grad.items() if id(p) not in held]
     if new:
         said.update(new)
         warnings.warn(

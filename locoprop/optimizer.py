@@ -258,6 +258,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self.synchronize_timing = False
         self._fallbacks_said: set[str] = set()
         self._share_said = False
+        # Parameters no group holds; one unfrozen later has a gradient and no step (warn_unheld).
+        self._frozen_at_build = {p: name for p, name in self.ownership.names.items() if not p.requires_grad}
         self._unheld_said: set[str] = set()
         if self._output is not None:  # (before the recorder: see OutputActivation.attach)
             self._output.attach(model, self._output_moved)
@@ -363,7 +365,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             # Warnings stack: warn, this step, torch's step wrapper, the caller.
             warn_fallbacks([p.unit for p in problems if p.unit is not None and p.variant != self.variant],
                            self._fallbacks_said, stacklevel=4)  # fmt: skip
-            warn_unheld(self.ownership.names, self.param_groups, self._unheld_said, stacklevel=4)
+            warn_unheld(self._frozen_at_build, self.param_groups, self._unheld_said, stacklevel=4)
             if not self._share_said:
                 self._share_said = True
                 warn_if_mostly_not_local(self.describe(), stacklevel=4)

@@ -69,9 +69,10 @@ class Unit:
     seen: bool = False
     # Weak references to the records whose backward passes had reached weight.grad when it last received one.
     accumulated: list = dataclasses.field(default_factory=list, repr=False)
+    # A bias frozen when the unit was found stays part of the map (a constant shift of a), not of θ.
+    bias_frozen: bool = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        # A frozen bias stays part of the map (a constant shift of a), not of θ.
         self.bias_frozen = self.bias is not None and not self.bias.requires_grad
 
     @property

@@ -226,14 +226,19 @@ class _SparseEmbedding(nn.Module):
         return self.out(torch.tanh(self.fc(self.emb(ids).mean(1))))
 
 
-@pytest.mark.parametrize("inner", ["adam", "rmsprop-tf", "rmsprop"])
-def test_sparse_gradients_with_an_inner_optimizer_that_cannot_take_them_are_refused_naming_them(inner):
-    """Adam raised midway through its step, after the units' groups had moved."""
+def _sparse_gradients(inner: str) -> tuple[nn.Module, LocoPropOptimizer, dict]:
+    """A model with a sparse embedding after its backward pass, its optimizer, and its parameters then."""
     torch.manual_seed(0)
     model = _SparseEmbedding()
     opt = LocoPropOptimizer(model, inner=inner, lr=0.1, output_activation="softmax")
     F.cross_entropy(model(torch.randint(0, 10, (5, 3))), torch.randint(0, 3, (5,))).backward()
-    before = snapshot(model)
+    return model, opt, snapshot(model)
+
+
+@pytest.mark.parametrize("inner", ["adam", "rmsprop-tf", "rmsprop"])
+def test_sparse_gradients_with_an_inner_optimizer_that_cannot_take_them_are_refused_naming_them(inner):
+    """Adam raised midway through its step, after the units' groups had moved."""
+    model, opt, before = _sparse_gradients(inner)
     with pytest.raises(RuntimeError, match="'emb.weight' have sparse gradients"):
         opt.step()
     assert_same_params(model, before)
@@ -242,11 +247,7 @@ def test_sparse_gradients_with_an_inner_optimizer_that_cannot_take_them_are_refu
 
 @pytest.mark.parametrize("inner", ["sgd", "momentum", "adagrad"])
 def test_sparse_gradients_step_with_an_inner_optimizer_that_takes_them(inner):
-    torch.manual_seed(0)
-    model = _SparseEmbedding()
-    opt = LocoPropOptimizer(model, inner=inner, lr=0.1, output_activation="softmax")
-    F.cross_entropy(model(torch.randint(0, 10, (5, 3))), torch.randint(0, 3, (5,))).backward()
-    before = snapshot(model)
+    model, opt, before = _sparse_gradients(inner)
     opt.step()
     assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())
 

@@ -315,18 +315,13 @@ def _measured_hparams(config: BenchConfig) -> dict:
 
 
 def check_builds(config: BenchConfig) -> None:
-    """Refuse (ValueError) a config whose optimizer refuses its model (the exact solve on convolutions, K-FAC
-    on an unsupported layer, …): the model is built once on the CPU, as the measurement would build it."""
-    from baselines import make_optimizer
+    """Refuse (ValueError) a config whose optimizer refuses its model (the exact solve on convolutions, …), as
+    the measurement would build it (:func:`~sweeps.runner.train.check_optimizer_takes_model`)."""
     from sweeps.runner.data import data_shape
-    from sweeps.runner.workloads import get_workload
+    from sweeps.runner.train import check_optimizer_takes_model
 
-    workload = get_workload(config.workload)
-    with torch.random.fork_rng(devices=[]):
-        model = workload.build_model(data_shape(config.data), config.width_mult, config.depth_mult)
-        hparams = optimizer_hparams(config.optimizer, _measured_hparams(config), config.precision)
-        optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind, **hparams)
-    contract.remove_hooks(optimizer)
+    check_optimizer_takes_model(config.workload, data_shape(config.data), config.width_mult, config.depth_mult,
+                                config.optimizer, _measured_hparams(config), config.precision)  # fmt: skip
 
 
 def measure(config: BenchConfig) -> dict:

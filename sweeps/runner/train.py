@@ -108,6 +108,7 @@ __all__ = [
     "check_builds",
     "check_data_parallel",
     "check_fits_data",
+    "check_optimizer_takes_model",
     "check_run",
     "loss_text",
     "record_rank_failure",
@@ -265,15 +266,26 @@ def check_run(config: RunConfig, resume: bool = False) -> RunResult | None:
 
 def check_builds(config: RunConfig, shape: DataShape | None = None) -> None:
     """Refuse (ValueError) a config whose optimizer refuses its workload's model (the exact solve on a
-    convolution, …): both are built once on the CPU. ``shape``: the data's (default: from its name, no file
-    read)."""
-    workload = get_workload(config.workload)
+    convolution, …): :func:`check_optimizer_takes_model`. ``shape``: the data's (default: from its name, no
+    file read)."""
     shape = shape if shape is not None else data_shape(config.data)
-    with torch.random.fork_rng(devices=[]):  # leaves the caller's random state as it was
-        model = build_model(workload, shape, config.width_mult, config.depth_mult, torch.device("cpu"))
-        optimizer = make_optimizer(config.optimizer, model, loss=workload.loss_kind,
-                                   **optimizer_hparams(config.optimizer, config.hparams, config.precision))  # fmt: skip
-    contract.remove_hooks(optimizer)
+    check_optimizer_takes_model(config.workload, shape, config.width_mult, config.depth_mult, config.optimizer,
+                                config.hparams, config.precision)  # fmt: skip
+
+
+def check_optimizer_takes_model(
+    workload: str, shape: DataShape, width_mult: float, depth_mult: int, optimizer: str, hparams: dict,
+    precision: str,
+) -> None:  # fmt: skip
+    """Build the workload's model and the optimizer on it once, on the CPU: the optimizer's own refusals
+    (ValueError) come out before anything runs. Leaves the caller's random state and the model unhooked."""
+    spec = get_workload(workload)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(spec, shape, width_mult, depth_mult, torch.device("cpu"))
+        built = make_optimizer(
+            optimizer, model, loss=spec.loss_kind, **optimizer_hparams(optimizer, hparams, precision)
+        )
+    contract.remove_hooks(built)
 
 
 def record_rank_failure(run_dir: pathlib.Path, error: str, world_size: int) -> None:
