@@ -76,6 +76,13 @@ def adapting_problems(opt, problems: list[LocalProblem]) -> list[LocalProblem]:
     adapting = [p for p in problems if p.unit is not None and opt.param_groups[p.group_index]["hypergrad_lr"] > 0]
     if adapting:
         check_supported(opt)  # β may have been raised in param_groups since construction
+    blocks = [repr(p.unit.name) for p in adapting if p.by_blocks]
+    if blocks and opt.solve == "iterative" and opt.hypergrad in ("implicit", "unrolled"):
+        raise ValueError(
+            f"hypergrad={opt.hypergrad!r} is not supported yet for unit(s) {', '.join(blocks)}, whose uses took "
+            "blocks of the weight's rows (nn.MultiheadAttention's cross-attention); use hypergrad='gradient', or "
+            "hypergrad_lr=0 for them"
+        )
     return adapting
 
 

@@ -61,7 +61,8 @@ def collect_problems(
         # x in the parameters' dtype: records of a forward under autocast are in a lower precision.
         inputs = [r.x.to(unit.weight.dtype) if r.x.is_floating_point() else r.x for r in records]
         problems.append(LocalProblem(index, unit.params, unit=unit, variant=unit_variant(variant, unit),
-                                     records=records, linear_term=linear_term, inputs=inputs))  # fmt: skip
+                                     records=records, linear_term=linear_term, inputs=inputs,
+                                     rows=[r.rows for r in records]))  # fmt: skip
     for index, (group, unit) in enumerate(zip(param_groups, unit_of_group)):
         plain = [p for p in group["params"] if p.grad is not None and p not in carried]
         if unit is not None and unit.seen:  # (and no records this step)
@@ -73,7 +74,7 @@ def collect_problems(
     if not takes_sparse:
         _refuse_sparse(problems, ownership)
     if solve == "exact":
-        _check_exact_maps([problem.unit for problem in problems if problem.unit is not None])
+        _check_exact_maps([problem for problem in problems if problem.unit is not None])
     if comm.distributed and not grads_averaged:
         _average_linear_terms(problems, comm)
     return problems
@@ -107,12 +108,19 @@ def unit_variant(variant: str, unit: Unit) -> str:
     return "S" if variant == "M" and not unit.transfer.supports_matching_loss else variant
 
 
-def _check_exact_maps(units: list[Unit]) -> None:
-    other = [f"{unit.name!r} ({unit.kind})" for unit in units if unit.kind != "linear"]
+def _check_exact_maps(problems: list[LocalProblem]) -> None:
+    other = [f"{p.unit.name!r} ({p.unit.kind})" for p in problems if p.unit.kind != "linear"]
     if other:
         raise RuntimeError(
             f"solve='exact' solves units whose map is F.linear (nn.Linear) only; unit(s) {', '.join(other)} are "
             "other maps. Use solve='iterative', or pass units= without them; no parameter was changed"
+        )
+    blocks = [repr(p.unit.name) for p in problems if p.by_blocks]
+    if blocks:
+        raise RuntimeError(
+            f"solve='exact' solves a unit whose every use takes its whole weight; unit(s) {', '.join(blocks)} were "
+            "used by blocks of rows (nn.MultiheadAttention's cross-attention projects the query and the key and "
+            "value with separate blocks of in_proj_weight). Use solve='iterative'; no parameter was changed"
         )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "LinearAdapter",
     "MatmulAdapter",
     "RecordedLayer",
+    "RowBlockAdapter",
     "adapter_for",
     "find_layers",
     "no_backward_error",
@@ -96,6 +97,28 @@ class MatmulAdapter(LayerAdapter):
 
     def output_rows(self, a: Tensor) -> Tensor:
         return a.reshape(-1, a.shape[-1])
+
+
+class RowBlockAdapter(LayerAdapter):
+    """The map of ``adapter`` with rows ``start:stop`` of the weight and entries ``start:stop`` of the bias: one
+    use of a packed weight (``nn.MultiheadAttention``'s cross-attention projects the query with the first
+    block of ``in_proj_weight`` and the key and value with the rest). Its parameter gradients, by autograd,
+    are zero outside the block."""
+
+    def __init__(self, adapter: LayerAdapter, start: int, stop: int):
+        super().__init__()
+        self.kind = adapter.kind
+        self.adapter, self.start, self.stop = adapter, start, stop
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        bias = bias[self.start : self.stop] if bias is not None else None
+        return self.adapter.forward(x, weight[self.start : self.stop], bias)
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        return self.adapter.input_rows(x)
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        return self.adapter.output_rows(a)
 
 
 class ConvAdapter(LayerAdapter):

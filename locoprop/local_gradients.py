@@ -86,7 +86,7 @@ class LocalGradients:
         batchable: dict[tuple, list[tuple[LocalProblem, Tensor, tuple[Tensor, ...]]]] = {}
         for problem in problems:
             low = _low(problem, compute_dtype)
-            if problem.unit.kind != "linear":
+            if problem.unit.kind != "linear" or problem.by_blocks:
                 self.work.append(_Work([problem], self._reference(problem, low)))
                 continue
             if problem.gram_form:
@@ -146,8 +146,11 @@ class LocalGradients:
 
         def compute():
             delta = [p.detach() - q for p, q in zip(problem.params, problem.old_params)]
-            grads = local.divergence_grads(variant, unit.transfer, unit.adapter.forward, delta, problem.uses, low,
-                                           centred=unit.kind in ("linear", "matmul"))  # fmt: skip
+            grads = None
+            for layer, uses in problem.uses_by_map():  # (one map, unless the uses took blocks of rows)
+                part = local.divergence_grads(variant, unit.transfer, layer.forward, delta, uses, low,
+                                              centred=unit.kind in ("linear", "matmul"))  # fmt: skip
+                grads = part if grads is None else torch._foreach_add(grads, part)
             torch._foreach_add_(grads, problem.linear_terms(), alpha=scale)
             return [grads]
 
@@ -275,7 +278,7 @@ class LocalGradients:
 def uses_gram_form(problem: LocalProblem, mode: str, local_iters: int, ranks: int = 1) -> bool:
     """Whether the plan solves ``problem`` in the Gram form of variant S, on ``ranks`` ranks
     (:func:`locoprop.kernels.gram_is_cheaper`)."""
-    if problem.variant != "S" or mode == "none" or problem.unit.kind != "linear":
+    if problem.variant != "S" or mode == "none" or problem.unit.kind != "linear" or problem.by_blocks:
         return False
     rows = sum(problem.unit.adapter.input_rows(x).shape[0] for x in problem.inputs)
     d_out, d_in = problem.params[0].shape

@@ -9,10 +9,14 @@ leaves. While it is active it sees the torch functions the forward calls:
 - a linear map whose weight is a unit's weight: ``F.linear`` (``nn.Linear``),
   ``torch.addmm(b, x, W)``, ``torch.matmul``/``mm`` with W on the right
   (Hugging Face's ``Conv1D``), ``F.conv1d/2d/3d`` (grouped and depthwise
-  too), ``F.embedding``. ``F.multi_head_attention_forward`` is run with the
-  recorder inside, so that ``nn.MultiheadAttention``'s projections (the
-  packed ``in_proj_weight``, ``out_proj``) are seen as the linear maps they
-  are. Each use gets a :class:`UseRecord` (its input x and output a); the
+  too), ``F.embedding``; ``F.linear`` also with a block of a unit weight's
+  rows (and the same block of its bias), a view such as ``W.split(...)``
+  gives. ``F.multi_head_attention_forward`` is run with the recorder
+  inside, so that ``nn.MultiheadAttention``'s projections are seen as the
+  linear maps they are: the packed ``in_proj_weight`` whole in
+  self-attention, by row blocks (query; key and value) in cross-attention,
+  and ``out_proj``. Each use gets a :class:`UseRecord` (its input x, output
+  a and, for a block, its rows); the
   backward pass marks it when it reaches a. A use the recorder does not see
   needs nothing: the gradient G of the unit's local problem, ``p.grad``,
   includes it (:mod:`locoprop.local`).
@@ -62,6 +66,8 @@ class UseRecord:
     a: Tensor
     versions: tuple[int, ...]
     backpropagated: bool = False
+    # The rows (start, stop) of the weight, and entries of the bias, that the use's map took; None: all.
+    rows: tuple[int, int] | None = None
     # ‖g‖² of g = ∂L/∂a (float64), kept only while the recorder's ``measure_gradients`` is set
     # (:mod:`locoprop.relative_gamma` needs it at a ρ start's first step, and at every step with a ceiling).
     gradient_square: Tensor | None = None
@@ -186,13 +192,13 @@ class ForwardRecorder(TorchFunctionMode):
             self._record(*use, output)
         return output
 
-    def _record(self, weight: Tensor, bias, x: Tensor, adapter: LayerAdapter, output: Tensor) -> None:
+    def _record(self, weight: Tensor, bias, x: Tensor, adapter: LayerAdapter, rows, output: Tensor) -> None:
         unit = self._unit_for(weight, bias, adapter)
         if unit is None or not (torch.is_grad_enabled() and output.requires_grad):
             return
         x = x.detach()
         versions = (x._version, output._version, *(p._version for p in unit.params))
-        record = UseRecord(x=x, a=output.detach(), versions=versions)
+        record = UseRecord(x=x, a=output.detach(), versions=versions, rows=rows)
         output.register_hook(_marking_hook(record, unit.records, self.measure_gradients))
         if self.on_output is not None:
             self.on_output(unit, output)
@@ -269,26 +275,30 @@ class ForwardRecorder(TorchFunctionMode):
 
 
 def _linear_use(func, args: tuple, kwargs: dict) -> tuple | None:
-    """(weight, bias, x, adapter) when ``func(*args, **kwargs)`` is a linear map of a parameter, else None."""
+    """(weight, bias, x, adapter, rows) when ``func(*args, **kwargs)`` is a linear map of a parameter (rows:
+    the block of a parameter's rows it took, or None), else None."""
     if func is F.linear:
         x, weight, bias = _arguments(args, kwargs, ("input", "weight", "bias"), (None,))
-        return (weight, bias, x, LinearAdapter()) if isinstance(weight, nn.Parameter) else None
+        if isinstance(weight, nn.Parameter):
+            return weight, bias, x, LinearAdapter(), None
+        block = _row_block(weight, bias)
+        return (block[0], block[1], x, LinearAdapter(), block[2]) if block is not None else None
     if func in (torch.addmm, Tensor.addmm):
         bias, x, weight = _arguments(args, kwargs, ("input", "mat1", "mat2"), ())
         if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or not isinstance(weight, nn.Parameter):
             return None
-        return weight, bias, x, MatmulAdapter()
+        return weight, bias, x, MatmulAdapter(), None
     if func in (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm):
         x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
         ok = isinstance(weight, nn.Parameter) and weight.dim() == 2
-        return (weight, None, x, MatmulAdapter()) if ok else None
+        return (weight, None, x, MatmulAdapter(), None) if ok else None
     if func in _CONVOLUTIONS:
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         x, weight, bias, stride, padding, dilation, groups = _arguments(args, kwargs, names, (None, 1, 0, 1, 1))
         if not isinstance(weight, nn.Parameter):
             return None
         # ('same'/'valid' padding: the adapter's F.conv call takes it as given)
-        return weight, bias, x, ConvAdapter(_CONVOLUTIONS[func], stride, padding, dilation, groups)
+        return weight, bias, x, ConvAdapter(_CONVOLUTIONS[func], stride, padding, dilation, groups), None
     if func is F.embedding:
         names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
         ids, weight, padding_idx, max_norm, _, by_frequency, sparse = _arguments(
@@ -296,8 +306,29 @@ def _linear_use(func, args: tuple, kwargs: dict) -> tuple | None:
         # max_norm rewrites the table in place; sparse and by-frequency gradients are not the dense ∇L.
         if not isinstance(weight, nn.Parameter) or max_norm is not None or sparse or by_frequency:
             return None
-        return weight, None, ids, EmbeddingAdapter(padding_idx)
+        return weight, None, ids, EmbeddingAdapter(padding_idx), None
     return None
+
+
+def _row_block(weight, bias) -> tuple | None:
+    """(parameter, its bias, (start, stop)) when ``weight`` is rows start:stop of a 2-D parameter, as
+    ``W.split``/``W.chunk`` give, and ``bias`` None or entries start:stop of a 1-D parameter; else None."""
+    base = getattr(weight, "_base", None)
+    if not (isinstance(base, nn.Parameter) and base.dim() == weight.dim() == 2 and weight.shape[1] == base.shape[1]):
+        return None
+    offset = weight.storage_offset() - base.storage_offset()
+    if weight.stride() != base.stride() or offset % base.stride(0):
+        return None
+    start = offset // base.stride(0)
+    rows = (start, start + weight.shape[0])
+    if bias is None:
+        return base, None, rows
+    bias_base = getattr(bias, "_base", None)
+    if not (isinstance(bias_base, nn.Parameter) and bias_base.dim() == 1 and bias.stride() == (1,)):
+        return None
+    if (bias.storage_offset() - bias_base.storage_offset(), bias.shape[0]) != (start, weight.shape[0]):
+        return None  # another block of the bias than of the weight: no map of the unit's parameters
+    return base, bias_base, rows
 
 
 _CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}

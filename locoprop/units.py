@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from locoprop.layers import LayerAdapter
+from locoprop.layers import LayerAdapter, RowBlockAdapter
 from locoprop.recording import UseRecord
 from locoprop.transfer import Transfer, is_activation_module, transfer_by_name, transfer_from_module
 
@@ -156,7 +156,12 @@ class Unit:
         if record.a._version == record.versions[1]:
             return record.a.to(weight.dtype)
         x = record.x if not record.x.is_floating_point() else record.x.to(weight.dtype)
-        return self.adapter.forward(x, weight, bias)
+        return self.map_of(record.rows).forward(x, weight, bias)
+
+    def map_of(self, rows: tuple[int, int] | None) -> LayerAdapter:
+        """The map of a use that took ``rows`` of the weight (:attr:`UseRecord.rows`; None: the whole
+        weight, the unit's ``adapter``)."""
+        return self.adapter if rows is None else RowBlockAdapter(self.adapter, *rows)
 
     def _param_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.params)

@@ -1,12 +1,12 @@
 """LocoProp on the models researchers train: every linear map a unit, whatever calls it (SPEC §2).
 
 Tiny random configurations of Hugging Face's GPT-2, BERT and Llama, torch's
-nn.TransformerEncoder, a small ResNet with BatchNorm and an LSTM language
-model. For each: the share of parameters solved locally, SPEC §2's SGD
-identity (expected parameters from autograd on a copy), a checkpoint that
-continues bit for bit, what the forward pass recorded (checked against
-module hooks and hand-written projections), and on 2 gloo ranks the
-one-process step.
+nn.TransformerEncoder and encoder-decoder nn.Transformer (cross-attention),
+a small ResNet with BatchNorm and an LSTM language model. For each: the
+share of parameters solved locally, SPEC §2's SGD identity (expected
+parameters from autograd on a copy), a checkpoint that continues bit for
+bit, what the forward pass recorded (checked against module hooks and
+hand-written projections), and on 2 gloo ranks the one-process step.
 """
 
 import copy
@@ -66,6 +66,20 @@ class EncoderLM(nn.Module):
         return self.head(self.encoder(self.embed(ids)))
 
 
+class Seq2Seq(nn.Module):
+    """An embedding shared by source and target, torch's encoder-decoder nn.Transformer and a head: the decoder's
+    cross-attention projects its query and its keys and values with separate row blocks of in_proj_weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.transformer = nn.Transformer(WIDTH, 2, 1, 1, 2 * WIDTH, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, source, target):
+        return self.head(self.transformer(self.embed(source), self.embed(target)))
+
+
 class Block(nn.Module):
     def __init__(self, channels):
         super().__init__()
@@ -120,6 +134,11 @@ def _next_token_loss(m, seed=0):
     return F.cross_entropy(m(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
+def _translation_loss(m, seed=0):
+    source, target = _tokens(seed), _tokens(seed + 1000)[:, :7]
+    return F.cross_entropy(m(source, target[:, :-1]).flatten(0, 1), target[:, 1:].flatten())
+
+
 def _image_loss(m, seed=0):
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(8, 1, 8, 8, generator=generator, dtype=next(m.parameters()).dtype)
@@ -132,6 +151,7 @@ MODELS = {
     "bert": (_bert, _classifier_loss, 0.95),
     "llama": (_llama, _causal_lm_loss, 0.95),
     "transformer-encoder": (EncoderLM, _next_token_loss, 0.95),
+    "transformer-seq2seq": (Seq2Seq, _translation_loss, 0.95),
     "resnet": (SmallResNet, _image_loss, 0.95),
     # The fused recurrent weights (weight_ih_l0, weight_hh_l0) take plain inner steps, and say so.
     "lstm": (LSTMLanguageModel, _next_token_loss, 0.3),
@@ -174,7 +194,7 @@ def test_most_parameters_are_local_and_describe_says_which(name):
 def test_what_each_model_shows_in_its_forward_pass():
     """Kinds of map and transfer functions found at run time, not from module classes in a Sequential."""
     kinds = {}
-    for name in ("gpt2", "bert", "llama", "transformer-encoder"):
+    for name in ("gpt2", "bert", "llama", "transformer-encoder", "transformer-seq2seq"):
         model = _model(name)
         opt = LocoPropOptimizer(model, variant="M")
         MODELS[name][1](model).backward()
@@ -194,6 +214,9 @@ def test_what_each_model_shows_in_its_forward_pass():
     assert encoder["encoder.layers.0.self_attn.in_proj"] == ("linear", "identity", "M")  # q, k, v packed
     assert encoder["encoder.layers.0.self_attn.out_proj"] == ("linear", "identity", "M")  # called through F.linear
     assert encoder["encoder.layers.0.linear1"] == ("linear", "relu", "M")  # F.relu inside the layer
+    seq2seq = kinds["transformer-seq2seq"]
+    # cross-attention: the query's rows and the key's and value's rows of in_proj_weight, both recorded
+    assert seq2seq["transformer.decoder.layers.0.multihead_attn.in_proj"] == ("linear", "identity", "M")
 
 
 def test_the_recorded_uses_are_the_maps_the_model_computed():
@@ -225,7 +248,7 @@ def test_the_recorded_uses_are_the_maps_the_model_computed():
 
 
 @pytest.mark.parametrize("variant", ["M", "S"])
-@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "transformer-encoder", "resnet"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "transformer-encoder", "transformer-seq2seq", "resnet"])
 def test_one_local_sgd_step_is_the_backprop_sgd_step(name, variant):
     """SPEC §2's identity, within 1e-10 relative in float64, with every unit's step taken locally."""
     model = _model(name)
@@ -245,7 +268,7 @@ def test_one_local_sgd_step_is_the_backprop_sgd_step(name, variant):
     assert opt.describe().local_share >= 0.95
 
 
-@pytest.mark.parametrize("name", ["gpt2", "transformer-encoder", "resnet"])
+@pytest.mark.parametrize("name", ["gpt2", "transformer-encoder", "transformer-seq2seq", "resnet"])
 def test_a_checkpoint_continues_bit_for_bit(name):
     loss_fn = MODELS[name][1]
     assert_round_trip_continues(
