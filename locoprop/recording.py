@@ -130,6 +130,7 @@ class ForwardRecorder(TorchFunctionMode):
         # Keep ‖g‖² in each record (set by the optimizer while a relative γ start is pending).
         self.measure_gradients = False
         self._depth = 0
+        self._training_forward = False  # whether the outermost forward began with gradients enabled
         self._handles: list = []
         # Transfer discovery, while a unit's is pending: output tensor id -> (unit, output), and consumers.
         self._units = units
@@ -162,7 +163,10 @@ class ForwardRecorder(TorchFunctionMode):
 
     def _enter(self, module: nn.Module, args) -> None:
         if self._depth == 0:
-            self.discovering = any(unit.transfer_pending for unit in self._units)
+            # A forward run by the backward pass (reentrant activation checkpointing recomputes a block, calling
+            # only the modules inside it) sees a unit's map without what the model applies to its output.
+            self.discovering = any(unit.transfer_pending for unit in self._units) and not _in_backward()
+            self._training_forward = torch.is_grad_enabled()
             self.__enter__()
         self._depth += 1
 
@@ -194,7 +198,14 @@ class ForwardRecorder(TorchFunctionMode):
 
     def _record(self, weight: Tensor, bias, x: Tensor, adapter: LayerAdapter, rows, output: Tensor) -> None:
         unit = self._unit_for(weight, bias, adapter)
-        if unit is None or not (torch.is_grad_enabled() and output.requires_grad):
+        if unit is None:
+            return
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            # A use without a graph inside a forward that has one: reentrant activation checkpointing runs
+            # its block without gradients and again in the backward pass, where the use is recorded; the
+            # transfer function is read here, in the model's forward.
+            if unit.transfer_pending and self.discovering and self._training_forward:
+                self._discover(unit, output)
             return
         x = x.detach()
         versions = (x._version, output._version, *(p._version for p in unit.params))
@@ -202,10 +213,14 @@ class ForwardRecorder(TorchFunctionMode):
         output.register_hook(_marking_hook(record, unit.records, self.measure_gradients))
         if self.on_output is not None:
             self.on_output(unit, output)
-        if unit.transfer_pending:
-            # Held (not weakly) until the forward ends, so that no later tensor can take its id.
-            self._outputs[id(output)] = (unit, output)
-            self._seen[unit] = None
+        if unit.transfer_pending and self.discovering:
+            self._discover(unit, output)
+
+    def _discover(self, unit, output: Tensor) -> None:
+        """Follow ``output``'s consumers until the forward ends, to read ``unit``'s transfer function."""
+        # Held (not weakly) until the forward ends, so that no later tensor can take its id.
+        self._outputs[id(output)] = (unit, output)
+        self._seen[unit] = None
 
     def _unit_for(self, weight: Tensor, bias, adapter: LayerAdapter):
         """The unit of a use: the one whose map this is (same kind and bias); a use of another kind (a tied
@@ -272,6 +287,11 @@ class ForwardRecorder(TorchFunctionMode):
         self._outputs.clear()
         self._consumers.clear()
         self._seen.clear()
+
+
+def _in_backward() -> bool:
+    """Whether the calling thread runs inside an autograd backward pass."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _linear_use(func, args: tuple, kwargs: dict) -> tuple | None:

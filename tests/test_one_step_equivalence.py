@@ -254,6 +254,57 @@ def test_a_hook_that_logs_a_unit_output_does_not_change_its_transfer():
     assert_same_params(model, expected, rtol=1e-10, atol=1e-12)
 
 
+class _Checkpointed(nn.Module):
+    """A tanh block (the activation called in the block's forward, not by a module) under activation
+    checkpointing, then a head."""
+
+    def __init__(self, reentrant: bool | None):
+        super().__init__()
+        self.block, self.head, self.reentrant = nn.Linear(4, 5), nn.Linear(5, 2), reentrant
+
+    def run_block(self, x):
+        return torch.tanh(self.block(x))
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.head(self.run_block(x))
+        h = torch.utils.checkpoint.checkpoint(self.run_block, x, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+def test_activation_checkpointing_reentrant_or_not_takes_the_step_without_it():
+    """Reentrant checkpointing runs the block without gradients in the forward and again in the backward
+    pass, where only the linear layer's own forward is recorded: the tanh after it was read as the identity
+    there, and M solved another problem. The transfer is read in the model's forward now."""
+    torch.manual_seed(0)
+    reference = _Checkpointed(None).double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)  # (reentrant checkpointing needs an input
+    results = {}  # that requires grad to backpropagate into the block)
+    for reentrant in (None, False, True):
+        model = copy.deepcopy(reference)
+        model.reentrant = reentrant
+        opt = LocoPropOptimizer(model, variant="M", lr=ETA, activation_lr=GAMMA, local_iters=3, inner="sgd")
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+        assert [(u.name, u.transfer.name) for u in opt.units] == [("block", "tanh"), ("head", "identity")]
+        results[reentrant] = [p.detach() for p in model.parameters()]
+    for reentrant in (False, True):
+        for got, expected in zip(results[reentrant], results[None]):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_an_evaluation_forward_without_gradients_leaves_the_transfer_to_the_training_forward():
+    model = _Checkpointed(None).double()
+    opt = LocoPropOptimizer(model, variant="M")
+    with torch.no_grad():
+        model(torch.randn(3, 4, dtype=torch.float64))
+    assert all(unit.transfer_pending for unit in opt.units)
+    model(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+    assert [unit.transfer.name for unit in opt.units] == ["tanh", "identity"]
+
+
 def test_forwards_without_backward_are_ignored():
     """Evaluation forwards between backward and step do not change the step."""
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
