@@ -56,13 +56,14 @@ def collect_problems(
         unit.seen = True
         for record in records:
             unit.check_record(record)
+        records = [use for record in records for use in unit.by_group(record)]
         linear_term = [p.grad if p not in carried else None for p in unit.params]
         carried.update(unit.params)
         # x in the parameters' dtype: records of a forward under autocast are in a lower precision.
         inputs = [r.x.to(unit.weight.dtype) if r.x.is_floating_point() else r.x for r in records]
         problems.append(LocalProblem(index, unit.params, unit=unit, variant=unit_variant(variant, unit),
                                      records=records, linear_term=linear_term, inputs=inputs,
-                                     rows=[r.rows for r in records]))  # fmt: skip
+                                     blocks=[r.block for r in records]))  # fmt: skip
     for index, (group, unit) in enumerate(zip(param_groups, unit_of_group)):
         plain = [p for p in group["params"] if p.grad is not None and p not in carried]
         if unit is not None and unit.seen:  # (and no records this step)
@@ -119,8 +120,9 @@ def _check_exact_maps(problems: list[LocalProblem]) -> None:
     if blocks:
         raise RuntimeError(
             f"solve='exact' solves a unit whose every use takes its whole weight; unit(s) {', '.join(blocks)} were "
-            "used by blocks of rows (nn.MultiheadAttention's cross-attention projects the query and the key and "
-            "value with separate blocks of in_proj_weight). Use solve='iterative'; no parameter was changed"
+            "used by blocks (nn.MultiheadAttention's cross-attention projects the query and the key and value with "
+            "separate blocks of rows of in_proj_weight; a mixture of experts uses one matrix of a stacked weight per "
+            "expert). Use solve='iterative'; no parameter was changed"
         )
 
 

@@ -25,14 +25,16 @@ from torch import Tensor, nn
 from locoprop.hooks import WeakHook, remove_when_gone
 
 __all__ = [
+    "Block",
+    "BlockAdapter",
     "ConvAdapter",
+    "ConvTransposeAdapter",
     "EmbeddingAdapter",
     "LayerAdapter",
     "LayerRecord",
     "LinearAdapter",
     "MatmulAdapter",
     "RecordedLayer",
-    "RowBlockAdapter",
     "adapter_for",
     "find_layers",
     "no_backward_error",
@@ -99,20 +101,41 @@ class MatmulAdapter(LayerAdapter):
         return a.reshape(-1, a.shape[-1])
 
 
-class RowBlockAdapter(LayerAdapter):
-    """The map of ``adapter`` with rows ``start:stop`` of the weight and entries ``start:stop`` of the bias: one
-    use of a packed weight (``nn.MultiheadAttention``'s cross-attention projects the query with the first
-    block of ``in_proj_weight`` and the key and value with the rest). Its parameter gradients, by autograd,
-    are zero outside the block."""
+@dataclasses.dataclass(frozen=True, order=True)
+class Block:
+    """The part of a parameter that one use's map took: ``parameter[selects][start:stop]``, a matrix of a stack
+    of them (a mixture of experts' ``gate_up_proj[e]``) and a block of its rows (``in_proj_weight.split``)."""
 
-    def __init__(self, adapter: LayerAdapter, start: int, stop: int):
+    selects: tuple[int, ...]
+    start: int
+    stop: int
+
+    def matrix(self, parameter: Tensor) -> Tensor:
+        """``parameter[selects]``: the whole matrix (or, for a bias, vector) the block lies in."""
+        for index in self.selects:
+            parameter = parameter[index]
+        return parameter
+
+    def of(self, parameter: Tensor) -> Tensor:
+        return self.matrix(parameter)[self.start : self.stop]
+
+
+class BlockAdapter(LayerAdapter):
+    """The map of ``adapter`` on a :class:`Block` of the unit's weight, and on the matching part of its bias:
+    the same block for a = x·Wᵀ + b (``F.linear``, where rows are outputs), the same matrix for a = x·W + b
+    (whose rows are inputs). ``nn.MultiheadAttention``'s cross-attention projects the query with rows 0:E of
+    ``in_proj_weight`` and the key and value with the rest; a mixture of experts runs each expert's matrix of a
+    stacked parameter on its tokens. Parameter gradients, by autograd, are zero outside the block."""
+
+    def __init__(self, adapter: LayerAdapter, block: Block):
         super().__init__()
         self.kind = adapter.kind
-        self.adapter, self.start, self.stop = adapter, start, stop
+        self.adapter, self.block = adapter, block
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        bias = bias[self.start : self.stop] if bias is not None else None
-        return self.adapter.forward(x, weight[self.start : self.stop], bias)
+        if bias is not None:
+            bias = self.block.of(bias) if self.kind == "linear" else self.block.matrix(bias)
+        return self.adapter.forward(x, self.block.of(weight), bias)
 
     def input_rows(self, x: Tensor) -> Tensor:
         return self.adapter.input_rows(x)
@@ -130,6 +153,24 @@ class ConvAdapter(LayerAdapter):
         self.kind = f"conv{dims}d"
         self._conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         self._options = (stride, padding, dilation, groups)
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv(x, weight, bias, *self._options)
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        return a.flatten(2).transpose(1, 2).reshape(-1, a.shape[1])
+
+
+class ConvTransposeAdapter(LayerAdapter):
+    """a = conv_transpose_W(x) + b for ``F.conv_transpose1d/2d/3d`` (``nn.ConvTranspose2d``: decoders, U-Nets,
+    generators) with the call's stride, padding, output padding, groups and dilation; linear in (W, b) like a
+    convolution, its gradient the convolution's."""
+
+    def __init__(self, dims: int, stride, padding, output_padding, groups: int, dilation):
+        super().__init__()
+        self.kind = f"conv_transpose{dims}d"
+        self._conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+        self._options = (stride, padding, output_padding, groups, dilation)
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv(x, weight, bias, *self._options)

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from locoprop.layers import LayerAdapter, LayerRecord
+from locoprop.layers import Block, LayerAdapter, LayerRecord
 from locoprop.units import Unit
 
 __all__ = ["LocalProblem"]
@@ -40,8 +40,8 @@ class LocalProblem:
             no linear term (``.grad`` is None, or a tied parameter whose term
             another unit's problem carries).
         inputs: x per recorded use, in the parameters' dtype.
-        rows: per recorded use, the block of the weight's rows its map took
-            (:attr:`~locoprop.recording.UseRecord.rows`; None: the whole weight).
+        blocks: per recorded use, the part of the weight its map took
+            (:attr:`~locoprop.recording.UseRecord.block`; None: the whole weight).
         anchors: per recorded use, :meth:`~locoprop.transfer.Transfer.anchor_at`
             of its pre-activation a^old (variant M; empty tuples for S).
         activation_lr: γ of its group.
@@ -60,7 +60,7 @@ class LocalProblem:
     variant: str = "S"
     linear_term: list[Tensor | None] = dataclasses.field(default_factory=list)
     inputs: list[Tensor] = dataclasses.field(default_factory=list)
-    rows: list[tuple[int, int] | None] = dataclasses.field(default_factory=list)
+    blocks: list[Block | None] = dataclasses.field(default_factory=list)
     anchors: list[tuple[Tensor, ...]] = dataclasses.field(default_factory=list)
     activation_lr: float = 0.0
     gram_form: bool = False
@@ -75,15 +75,15 @@ class LocalProblem:
 
     @property
     def by_blocks(self) -> bool:
-        """Whether some use took a block of the weight's rows (its uses are not all of one map)."""
-        return any(rows is not None for rows in self.rows)
+        """Whether some use took a block of the weight (its uses are not all of one map)."""
+        return any(block is not None for block in self.blocks)
 
     def uses_by_map(self) -> list[tuple[LayerAdapter, list[tuple[Tensor, tuple[Tensor, ...]]]]]:
-        """The recorded uses grouped by their map: (map, its (x, anchor) pairs), the unit's whole map first."""
+        """The recorded uses grouped by their map: (map, its (x, anchor) pairs)."""
         groups: dict = {}
-        for rows, use in zip(self.rows or [None] * len(self.inputs), self.uses):
-            groups.setdefault(rows, []).append(use)
-        return [(self.unit.map_of(rows), uses) for rows, uses in sorted(groups.items(), key=lambda kv: kv[0] or ())]
+        for block, use in zip(self.blocks or [None] * len(self.inputs), self.uses):
+            groups.setdefault(block, []).append(use)
+        return [(self.unit.map_of(block), uses) for block, uses in groups.items()]
 
     def linear_terms(self) -> list[Tensor]:
         """G per parameter, zeros where the problem carries none."""

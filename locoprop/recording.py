@@ -6,20 +6,23 @@ pre-hook of the model (and of every module that owns a unit weight, for
 code that calls submodules directly) enters and the matching forward hook
 leaves. While it is active it sees the torch functions the forward calls:
 
-- a linear map whose weight is a unit's weight: ``F.linear`` (``nn.Linear``),
-  ``torch.addmm(b, x, W)``, ``torch.matmul``/``mm`` with W on the right
-  (Hugging Face's ``Conv1D``), ``F.conv1d/2d/3d`` (grouped and depthwise
-  too), ``F.embedding``; ``F.linear`` also with a block of a unit weight's
-  rows (and the same block of its bias), a view such as ``W.split(...)``
-  gives. ``F.multi_head_attention_forward`` is run with the recorder
-  inside, so that ``nn.MultiheadAttention``'s projections are seen as the
-  linear maps they are: the packed ``in_proj_weight`` whole in
+- a linear map whose weight is a unit's weight: ``F.linear``
+  (``nn.Linear``), ``torch.addmm(b, x, W)``, ``torch.matmul``/``mm`` with
+  W on the right (Hugging Face's ``Conv1D``), ``F.conv1d/2d/3d`` (grouped
+  and depthwise too), ``F.conv_transpose1d/2d/3d``, ``F.embedding``; the matrix maps also with a
+  :class:`~locoprop.layers.Block` of a unit weight (and the matching part
+  of its bias), a view such as ``W.split(...)`` (rows) or ``W[e]`` (a
+  matrix of a stacked weight) gives, and ``torch._grouped_mm`` over a
+  stacked weight (a mixture of experts: one use per group of rows, split
+  at the step). ``F.multi_head_attention_forward`` is run with the
+  recorder inside, so that ``nn.MultiheadAttention``'s projections are
+  seen as the linear maps they are: the packed ``in_proj_weight`` whole in
   self-attention, by row blocks (query; key and value) in cross-attention,
-  and ``out_proj``. Each use gets a :class:`UseRecord` (its input x, output
-  a and, for a block, its rows); the
-  backward pass marks it when it reaches a. A use the recorder does not see
-  needs nothing: the gradient G of the unit's local problem, ``p.grad``,
-  includes it (:mod:`locoprop.local`).
+  and ``out_proj``. Each use gets a :class:`UseRecord` (its input x,
+  output a and, for a block, which part); the backward pass marks it when
+  it reaches a. A use the recorder does not see needs nothing: the
+  gradient G of the unit's local problem, ``p.grad``, includes it
+  (:mod:`locoprop.local`).
 - what consumes each unit output, until the unit's transfer function is
   known (:meth:`ForwardRecorder.decide_transfers`): an elementwise
   activation that is its only consumer, called as a function
@@ -45,7 +48,15 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from locoprop.hooks import WeakHook, remove_when_gone
-from locoprop.layers import ConvAdapter, EmbeddingAdapter, LayerAdapter, LinearAdapter, MatmulAdapter
+from locoprop.layers import (
+    Block,
+    ConvAdapter,
+    ConvTransposeAdapter,
+    EmbeddingAdapter,
+    LayerAdapter,
+    LinearAdapter,
+    MatmulAdapter,
+)
 from locoprop.transfer import is_activation_module, transfer_from_call, transfer_from_module
 
 __all__ = ["ForwardRecorder", "UseRecord", "squared_norm"]
@@ -66,8 +77,10 @@ class UseRecord:
     a: Tensor
     versions: tuple[int, ...]
     backpropagated: bool = False
-    # The rows (start, stop) of the weight, and entries of the bias, that the use's map took; None: all.
-    rows: tuple[int, int] | None = None
+    # The part of the weight (and of the bias) that the use's map took; None: all of it.
+    block: Block | None = None
+    # A grouped matmul's group ends: rows offsets[g-1]:offsets[g] of x went through matrix g of the weight.
+    offsets: Tensor | None = None
     # ‖g‖² of g = ∂L/∂a (float64), kept only while the recorder's ``measure_gradients`` is set
     # (:mod:`locoprop.relative_gamma` needs it at a ρ start's first step, and at every step with a ceiling).
     gradient_square: Tensor | None = None
@@ -193,11 +206,11 @@ class ForwardRecorder(TorchFunctionMode):
                 del self._outputs[id(output)]
         use = _linear_use(func, args, kwargs)
         if use is not None and isinstance(output, Tensor):
-            self._record(*use, output)
+            self._record(use, output)
         return output
 
-    def _record(self, weight: Tensor, bias, x: Tensor, adapter: LayerAdapter, rows, output: Tensor) -> None:
-        unit = self._unit_for(weight, bias, adapter)
+    def _record(self, use: _Use, output: Tensor) -> None:
+        unit = self._unit_for(use.weight, use.bias, use.adapter)
         if unit is None:
             return
         if not (torch.is_grad_enabled() and output.requires_grad):
@@ -207,9 +220,11 @@ class ForwardRecorder(TorchFunctionMode):
             if unit.transfer_pending and self.discovering and self._training_forward:
                 self._discover(unit, output)
             return
-        x = x.detach()
+        if output.numel() == 0:
+            return  # (an expert without tokens: nothing to match)
+        x = use.x.detach()
         versions = (x._version, output._version, *(p._version for p in unit.params))
-        record = UseRecord(x=x, a=output.detach(), versions=versions, rows=rows)
+        record = UseRecord(x=x, a=output.detach(), versions=versions, block=use.block, offsets=use.offsets)
         output.register_hook(_marking_hook(record, unit.records, self.measure_gradients))
         if self.on_output is not None:
             self.on_output(unit, output)
@@ -294,31 +309,47 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _linear_use(func, args: tuple, kwargs: dict) -> tuple | None:
-    """(weight, bias, x, adapter, rows) when ``func(*args, **kwargs)`` is a linear map of a parameter (rows:
-    the block of a parameter's rows it took, or None), else None."""
+@dataclasses.dataclass
+class _Use:
+    """A linear map of a parameter seen in the forward: its weight and bias parameters, input and map; with
+    ``block`` the map took that part of them, with ``offsets`` it was a grouped matmul."""
+
+    weight: Tensor
+    bias: Tensor | None
+    x: Tensor
+    adapter: LayerAdapter
+    block: Block | None = None
+    offsets: Tensor | None = None
+
+
+def _linear_use(func, args: tuple, kwargs: dict) -> _Use | None:
+    """The use when ``func(*args, **kwargs)`` is a linear map of a parameter (or of a block of one), else None."""
     if func is F.linear:
         x, weight, bias = _arguments(args, kwargs, ("input", "weight", "bias"), (None,))
-        if isinstance(weight, nn.Parameter):
-            return weight, bias, x, LinearAdapter(), None
-        block = _row_block(weight, bias)
-        return (block[0], block[1], x, LinearAdapter(), block[2]) if block is not None else None
+        return _map_of(weight, bias, x, LinearAdapter())
     if func in (torch.addmm, Tensor.addmm):
         bias, x, weight = _arguments(args, kwargs, ("input", "mat1", "mat2"), ())
-        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or not isinstance(weight, nn.Parameter):
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
             return None
-        return weight, bias, x, MatmulAdapter(), None
+        return _map_of(weight, bias, x, MatmulAdapter())
     if func in (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm):
         x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
-        ok = isinstance(weight, nn.Parameter) and weight.dim() == 2
-        return (weight, None, x, MatmulAdapter(), None) if ok else None
+        return _map_of(weight, None, x, MatmulAdapter())
+    if func is torch._grouped_mm:
+        return _grouped_use(*_arguments(args, kwargs, ("mat_a", "mat_b", "offs", "bias"), (None, None)))
     if func in _CONVOLUTIONS:
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         x, weight, bias, stride, padding, dilation, groups = _arguments(args, kwargs, names, (None, 1, 0, 1, 1))
         if not isinstance(weight, nn.Parameter):
             return None
         # ('same'/'valid' padding: the adapter's F.conv call takes it as given)
-        return weight, bias, x, ConvAdapter(_CONVOLUTIONS[func], stride, padding, dilation, groups), None
+        return _Use(weight, bias, x, ConvAdapter(_CONVOLUTIONS[func], stride, padding, dilation, groups))
+    if func in _TRANSPOSED_CONVOLUTIONS:
+        names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+        x, weight, bias, *options = _arguments(args, kwargs, names, (None, 1, 0, 0, 1, 1))
+        if not isinstance(weight, nn.Parameter):
+            return None
+        return _Use(weight, bias, x, ConvTransposeAdapter(_TRANSPOSED_CONVOLUTIONS[func], *options))
     if func is F.embedding:
         names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
         ids, weight, padding_idx, max_norm, _, by_frequency, sparse = _arguments(
@@ -326,32 +357,71 @@ def _linear_use(func, args: tuple, kwargs: dict) -> tuple | None:
         # max_norm rewrites the table in place; sparse and by-frequency gradients are not the dense ∇L.
         if not isinstance(weight, nn.Parameter) or max_norm is not None or sparse or by_frequency:
             return None
-        return weight, None, ids, EmbeddingAdapter(padding_idx), None
+        return _Use(weight, None, ids, EmbeddingAdapter(padding_idx))
     return None
 
 
-def _row_block(weight, bias) -> tuple | None:
-    """(parameter, its bias, (start, stop)) when ``weight`` is rows start:stop of a 2-D parameter, as
-    ``W.split``/``W.chunk`` give, and ``bias`` None or entries start:stop of a 1-D parameter; else None."""
-    base = getattr(weight, "_base", None)
-    if not (isinstance(base, nn.Parameter) and base.dim() == weight.dim() == 2 and weight.shape[1] == base.shape[1]):
+def _map_of(weight, bias, x, adapter: LayerAdapter) -> _Use | None:
+    """The use of a matrix map a = x·Wᵀ + b (linear) or x·W + b (matmul) whose W is a 2-D parameter, or a
+    :class:`Block` of one with the matching part of a bias parameter (:class:`BlockAdapter`)."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
         return None
-    offset = weight.storage_offset() - base.storage_offset()
-    if weight.stride() != base.stride() or offset % base.stride(0):
+    if isinstance(weight, nn.Parameter):
+        return _Use(weight, bias, x, adapter)
+    found = _block_of(weight)
+    if found is None:
         return None
-    start = offset // base.stride(0)
-    rows = (start, start + weight.shape[0])
+    base, block = found
     if bias is None:
-        return base, None, rows
-    bias_base = getattr(bias, "_base", None)
-    if not (isinstance(bias_base, nn.Parameter) and bias_base.dim() == 1 and bias.stride() == (1,)):
+        return _Use(base, None, x, adapter, block)
+    found_bias = _block_of(bias) if isinstance(bias, Tensor) and bias.dim() == 1 else None
+    # The bias follows the weight's outputs: its rows for F.linear, its whole matrix for a matmul.
+    outputs = block if adapter.kind == "linear" else Block(block.selects, 0, weight.shape[1])
+    if found_bias is None or found_bias[1] != outputs:
+        return None  # another part of the bias than of the weight: no map of the unit's parameters
+    return _Use(base, found_bias[0], x, adapter, block)
+
+
+def _block_of(view: Tensor) -> tuple[nn.Parameter, Block] | None:
+    """(parameter, block) when ``view`` is ``parameter[selects][start:stop]`` of a contiguous parameter: as
+    ``W.split``/``W.chunk`` give rows, ``W[e]`` a matrix of a stacked parameter; else None."""
+    base = getattr(view, "_base", None)
+    if not (isinstance(base, nn.Parameter) and base.is_contiguous() and 1 <= view.dim() <= base.dim()):
         return None
-    if (bias.storage_offset() - bias_base.storage_offset(), bias.shape[0]) != (start, weight.shape[0]):
-        return None  # another block of the bias than of the weight: no map of the unit's parameters
-    return base, bias_base, rows
+    leading = base.dim() - view.dim()
+    if view.shape[1:] != base.shape[leading + 1 :] or view.stride() != base.stride()[leading:]:
+        return None
+    offset, selects = view.storage_offset() - base.storage_offset(), []
+    for stride in base.stride()[:leading]:
+        index, offset = divmod(offset, stride)
+        selects.append(index)
+    start, within = divmod(offset, base.stride(leading))
+    if within:
+        return None
+    return base, Block(tuple(selects), start, start + view.shape[0])
+
+
+def _grouped_use(x, weight, offsets, bias) -> _Use | None:
+    """A mixture of experts' grouped matmul (``torch._grouped_mm``, Hugging Face's default experts kernel): rows
+    offsets[g−1]:offsets[g] of x times matrix g of a stacked parameter (E × d_in × d_out, a matmul), or of its
+    transpose (E × d_out × d_in, a linear map)."""
+    if offsets is None or bias is not None or not isinstance(weight, Tensor) or weight.dim() != 3 or x.dim() != 2:
+        return None
+    if isinstance(weight, nn.Parameter):
+        return _Use(weight, None, x, MatmulAdapter(), offsets=offsets)
+    base = getattr(weight, "_base", None)
+    transposed = (
+        isinstance(base, nn.Parameter)
+        and base.dim() == 3
+        and weight.storage_offset() == base.storage_offset()
+        and weight.shape == base.transpose(-2, -1).shape
+        and weight.stride() == base.transpose(-2, -1).stride()
+    )
+    return _Use(base, None, x, LinearAdapter(), offsets=offsets) if transposed else None
 
 
 _CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_TRANSPOSED_CONVOLUTIONS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
 
 
 def _arguments(args: tuple, kwargs: dict, names: tuple, defaults: tuple) -> list:

@@ -1,11 +1,12 @@
 """Units: a weight used in a linear map, its bias, and the transfer function that follows (SPEC §2).
 
-A unit is found where a trainable weight is: every parameter named
-``weight`` or ``*_weight`` with two or more dimensions (an ``nn.Linear``,
-``nn.Conv1d/2d/3d``, ``nn.Embedding``, Hugging Face's ``Conv1D``,
-``nn.MultiheadAttention``'s packed ``in_proj_weight``, any module's own
-weight), with its ``bias``/``*_bias`` partner. Which uses are linear maps,
-and what kind (``F.linear``, ``addmm``, a convolution, an embedding), the
+A unit is found where a trainable weight is: every parameter with two or
+more dimensions (an ``nn.Linear``, ``nn.Conv1d/2d/3d``,
+``nn.ConvTranspose1d/2d/3d``, ``nn.Embedding``, Hugging Face's ``Conv1D``,
+``nn.MultiheadAttention``'s packed ``in_proj_weight``, a mixture of
+experts' stacked ``gate_up_proj``, any module's own matrix), with its
+``bias``/``*_bias`` partner. Which uses are linear maps, and what kind
+(``F.linear``, ``addmm``, a (transposed) convolution, an embedding), the
 forward pass shows (:mod:`locoprop.recording`): a candidate never used in
 a linear map takes plain inner steps, like the parameters outside units.
 The transfer function is first guessed from an ``nn.Sequential`` (the
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from locoprop.layers import LayerAdapter, RowBlockAdapter
+from locoprop.layers import Block, BlockAdapter, LayerAdapter
 from locoprop.recording import UseRecord
 from locoprop.transfer import Transfer, is_activation_module, transfer_by_name, transfer_from_module
 
@@ -37,7 +38,9 @@ __all__ = ["Unit", "discover_units"]
 
 # The kind of linear map a module's weight is used in, where the module type tells.
 _KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
-          nn.Embedding: "embedding", nn.MultiheadAttention: "linear"}  # fmt: skip
+          nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
+          nn.ConvTranspose3d: "conv_transpose3d", nn.Embedding: "embedding",
+          nn.MultiheadAttention: "linear"}  # fmt: skip
 
 
 @dataclasses.dataclass(eq=False)
@@ -156,12 +159,23 @@ class Unit:
         if record.a._version == record.versions[1]:
             return record.a.to(weight.dtype)
         x = record.x if not record.x.is_floating_point() else record.x.to(weight.dtype)
-        return self.map_of(record.rows).forward(x, weight, bias)
+        return self.map_of(record.block).forward(x, weight, bias)
 
-    def map_of(self, rows: tuple[int, int] | None) -> LayerAdapter:
-        """The map of a use that took ``rows`` of the weight (:attr:`UseRecord.rows`; None: the whole
-        weight, the unit's ``adapter``)."""
-        return self.adapter if rows is None else RowBlockAdapter(self.adapter, *rows)
+    def map_of(self, block: Block | None) -> LayerAdapter:
+        """The map of a use that took ``block`` of the weight (:attr:`UseRecord.block`; None: the whole weight,
+        the unit's ``adapter``)."""
+        return self.adapter if block is None else BlockAdapter(self.adapter, block)
+
+    def by_group(self, record: UseRecord) -> list[UseRecord]:
+        """A grouped matmul's use as one use per group of rows and the matrix it went through (matrix g of the
+        weight for rows offsets[g−1]:offsets[g]); any other use as it is."""
+        if record.offsets is None:
+            return [record]
+        ends = record.offsets.tolist()
+        rows = self.weight.shape[1]  # (each matrix whole: the rows of E × d_out × d_in or of E × d_in × d_out)
+        return [UseRecord(x=record.x[start:end], a=record.a[start:end], versions=record.versions,
+                          backpropagated=record.backpropagated, block=Block((group,), 0, rows))
+                for group, (start, end) in enumerate(zip([0, *ends[:-1]], ends)) if end > start]  # fmt: skip
 
     def _param_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.params)
@@ -223,7 +237,9 @@ def discover_units(
 
 
 def _weights(module_name: str, module: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter | None]]:
-    """(unit name, weight, bias) of each candidate weight that ``module`` itself holds.
+    """(unit name, weight, bias) of each candidate weight that ``module`` itself holds: every parameter of two
+    or more dimensions, with its bias partner (``weight``: ``bias``, ``q_weight``: ``q_bias``, any other
+    ``name``: ``name_bias``).
 
     A frozen weight leaves the candidate out (a trainable bias of it is
     updated on its ordinary gradient); a frozen bias is a constant of its
@@ -232,17 +248,28 @@ def _weights(module_name: str, module: nn.Module) -> list[tuple[str, nn.Paramete
     own = dict(module.named_parameters(recurse=False))
     found = []
     for name, weight in own.items():
-        if weight.dim() < 2 or not (name == "weight" or name.endswith("_weight")):
-            continue
-        prefix = name[: -len("weight")]
-        bias = own.get(prefix + "bias")
-        if bias is not None and (bias.dim() != 1 or bias.numel() not in (weight.shape[0], weight.shape[-1])):
+        if weight.dim() < 2 or not weight.requires_grad or (name.endswith("_bias") and name[: -len("_bias")] in own):
+            continue  # (a stacked bias, E × d_out, is its weight's partner)
+        if name == "weight" or name.endswith("_weight"):
+            prefix = name[: -len("weight")].rstrip("_")
+            bias = own.get(f"{prefix}_bias" if prefix else "bias")
+        else:  # (a mixture of experts' stacked gate_up_proj, a hand-written layer's W)
+            prefix, bias = name, own.get(f"{name}_bias")
+        if bias is not None and not _bias_of(bias, weight):
             bias = None
-        if not weight.requires_grad:
-            continue
         base = module_name or type(module).__name__
-        found.append((base if not prefix else f"{base}.{prefix.rstrip('_')}", weight, bias))
+        found.append((f"{base}.{prefix}" if prefix else base, weight, bias))
     return found
+
+
+def _bias_of(bias: nn.Parameter, weight: nn.Parameter) -> bool:
+    """Whether ``bias`` fits the outputs of ``weight``'s maps: one entry per output (d_out × d_in, d_in × d_out
+    or a convolution's d_out × …), or one row per matrix of a stacked weight (E × d_out for E × d_out × d_in or
+    E × d_in × d_out)."""
+    if bias.dim() == 1:
+        return bias.numel() in (weight.shape[0], weight.shape[-1])
+    stacked = weight.dim() == 3 and bias.dim() == 2 and bias.shape[0] == weight.shape[0]
+    return stacked and bias.shape[1] in weight.shape[1:]
 
 
 def _listed_units(model: nn.Module, units: Sequence[tuple[nn.Module, str | nn.Module]]) -> list[Unit]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locoprop import LocoPropOptimizer
+from locoprop.layers import Block
 
 E, HEADS = 8, 2
 
@@ -91,9 +92,9 @@ def test_each_row_block_is_recorded_with_its_input_and_output(distinct_value):
     (unit,) = [u for u in opt.units if u.name.endswith("in_proj")]
     weight, bias = attention.in_proj_weight, attention.in_proj_bias
     _, blocks, uses = _by_hand(attention, query, key, value, weight, bias)
-    assert sorted(r.rows for r in unit.records) == blocks
+    assert sorted(r.block for r in unit.records) == [Block((), *rows) for rows in blocks]
     for record in unit.records:  # (batch_first: the attention runs on sequence-first rows)
-        x, a = uses[blocks.index(record.rows)]
+        x, a = uses[blocks.index((record.block.start, record.block.stop))]
         torch.testing.assert_close(record.x, x.transpose(0, 1), rtol=0, atol=0)
         torch.testing.assert_close(record.a, a.detach().transpose(0, 1), rtol=1e-12, atol=1e-12)
     assert opt.describe().local_share == 1.0  # in_proj and out_proj: every parameter is local
@@ -184,6 +185,6 @@ def test_a_bias_that_is_not_the_weights_block_is_no_use_of_the_unit():
     _loss(projection(query, slice(0, E), slice(E, 2 * E)), target).backward()
     assert unit.records == []
     _loss(projection(query, slice(E, 2 * E), slice(E, 2 * E)), target).backward()
-    assert [r.rows for r in unit.records] == [(E, 2 * E)]
+    assert [r.block for r in unit.records] == [Block((), E, 2 * E)]
     _loss(projection(query, slice(0, 2 * E, 2), slice(0, 2 * E, 2)), target).backward()  # every other row: no block
-    assert [r.rows for r in unit.records] == [(E, 2 * E)]
+    assert [r.block for r in unit.records] == [Block((), E, 2 * E)]

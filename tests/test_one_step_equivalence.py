@@ -124,6 +124,46 @@ def test_a_convolution_with_softmax_over_its_channels_solves_specs_m_problem():
         LocoPropOptimizer(model, variant="M", output_activation="softmax")
 
 
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_a_transposed_convolution_is_a_unit_of_its_decoder(variant):
+    """nn.ConvTranspose2d (decoders, U-Nets, generators) was no unit: its weight took plain steps. Three
+    constant-lr SGD iterations on SPEC §2's objective of the transposed convolution followed by tanh (M:
+    Σ log cosh(a_θ) − ⟨tanh(a_old), a_θ⟩, S: ½‖a_θ − a_θold‖², plus γ⟨G, θ⟩), written out with autograd."""
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1, groups=1)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), up, nn.Tanh()).double()
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    target = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    h = torch.relu(model[0](x)).detach()
+
+    def transposed(theta):
+        return F.conv_transpose2d(h, *theta, stride=2, padding=1, output_padding=1)
+
+    old = [p.detach().clone() for p in up.parameters()]
+    a_old = transposed(old)
+    leaves = [p.clone().requires_grad_(True) for p in old]
+    linear_term = torch.autograd.grad((torch.tanh(transposed(leaves)) - target).square().sum(), leaves)
+    theta = [p - ETA * GAMMA * g for p, g in zip(old, linear_term)]
+    for _ in range(2):
+        leaves = [p.clone().requires_grad_(True) for p in theta]
+        a = transposed(leaves)
+        if variant == "M":
+            divergence = torch.log(torch.cosh(a)).sum() - (torch.tanh(a_old) * a).sum()
+        else:
+            divergence = 0.5 * (a - a_old).square().sum()
+        grads = torch.autograd.grad(divergence, leaves)
+        theta = [p - ETA * (g + GAMMA * G) for p, g, G in zip(theta, grads, linear_term)]
+
+    opt = LocoPropOptimizer(model, variant=variant, lr=ETA, activation_lr=GAMMA, local_iters=3, inner="sgd",
+                            inner_schedule="constant")  # fmt: skip
+    (model(x) - target).square().sum().backward()
+    opt.step()
+    assert [(row.kind, row.transfer) for row in opt.describe().rows] == [("conv2d", "relu"),
+                                                                          ("conv_transpose2d", "tanh")]  # fmt: skip
+    for got, want in zip(up.parameters(), theta):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("parallel", ["none", "batched"])
 def test_a_unit_whose_bias_is_frozen_solves_for_its_weight_with_the_bias_held(parallel):
     """A frozen bias dropped the whole unit (its weight took plain steps). Now the bias is a constant of the

@@ -1,0 +1,175 @@
+"""A mixture of experts' stacked weights as units (SPEC §2: a unit is the use, not the module class).
+
+Hugging Face's MoE layers (Mixtral, Qwen3-MoE, GPT-OSS) keep every expert's
+matrix in one stacked parameter (E × d_out × d_in, ``gate_up_proj``) and run
+expert e on its tokens either one expert at a time, ``F.linear(x_e, W[e])``
+("eager"), or all at once, ``torch._grouped_mm(x_sorted, Wᵀ, offs)`` (their
+default where torch has it). Either way each expert's use is a linear map of
+its own matrix of the unit's weight. The step is checked against SPEC §2's S
+objective written out with autograd on per-expert maps: targets
+â_e = a_e − γ·g_e, K plain gradient steps on ½Σ_e‖x_e·θ[e]ᵀ − â_e‖².
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from locoprop import LocoPropOptimizer
+from locoprop.layers import Block
+
+transformers.logging.set_verbosity_error()
+
+EXPERTS, D_IN, D_OUT, TOKENS = 4, 8, 12, 20
+
+
+class Experts(nn.Module):
+    """Stacked experts routed by a fixed assignment: "eager" (F.linear per expert), "grouped"
+    (torch._grouped_mm on tokens sorted by expert) or "addmm" (x·W[e] + b[e] with a stacked E × d_in × d_out
+    weight and its bias, as a matmul)."""
+
+    def __init__(self, kind: str, dtype):
+        super().__init__()
+        self.kind = kind
+        shape = (EXPERTS, D_IN, D_OUT) if kind == "addmm" else (EXPERTS, D_OUT, D_IN)
+        self.proj = nn.Parameter(torch.randn(shape, dtype=dtype) / D_IN**0.5)
+        self.proj_bias = nn.Parameter(torch.randn(EXPERTS, D_OUT, dtype=dtype)) if kind == "addmm" else None
+
+    def forward(self, x, expert_of_token):
+        order = torch.argsort(expert_of_token, stable=True)
+        x = x[order]
+        counts = torch.bincount(expert_of_token, minlength=EXPERTS)
+        if self.kind == "grouped":
+            out = torch._grouped_mm(x, self.proj.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+        else:
+            parts, start = [], 0
+            for e, count in enumerate(counts.tolist()):
+                rows = x[start : start + count]
+                if self.kind == "eager":
+                    parts.append(F.linear(rows, self.proj[e]))
+                else:
+                    parts.append(torch.addmm(self.proj_bias[e], rows, self.proj[e]))
+                start += count
+            out = torch.cat(parts)
+        return torch.tanh(out[torch.argsort(order)])  # (after the tokens are put back in order: no transfer)
+
+
+def _batch(dtype):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(TOKENS, D_IN, generator=generator, dtype=dtype)
+    experts = torch.tensor([0, 2, 2, 1, 0, 2, 0, 0, 1, 2, 2, 0, 1, 2, 0, 0, 2, 1, 0, 2])  # expert 3: no token
+    target = torch.randn(TOKENS, D_OUT, generator=generator, dtype=dtype)
+    return x, experts, target
+
+
+def _loss(model, x, experts, target):
+    return (model(x, experts) - target).square().sum() / 2
+
+
+def _expected(model, x, experts, target, gamma, eta, iters):
+    """θ after K gradient steps of size η on SPEC §2's S objective of the stacked unit: one use per expert
+    with tokens, a_e = x_e·W[e]ᵀ (or x_e·W[e] + b[e]), targets â_e = a_e − γ·g_e from autograd."""
+    params = [p.detach().clone().requires_grad_() for p in (model.proj, model.proj_bias) if p is not None]
+
+    def maps(theta):
+        uses = []
+        for e in range(EXPERTS):
+            rows = x[experts == e]
+            if len(rows):
+                a = F.linear(rows, theta[0][e]) if model.kind != "addmm" else rows @ theta[0][e] + theta[1][e]
+                uses.append(a)
+        return uses
+
+    uses = maps(params)
+    out = torch.zeros(TOKENS, D_OUT, dtype=x.dtype)
+    for e, a in zip([e for e in range(EXPERTS) if (experts == e).any()], uses):
+        out = out.index_put((torch.nonzero(experts == e)[:, 0],), a)
+    loss = (torch.tanh(out) - target).square().sum() / 2
+    torch.testing.assert_close(loss, _loss(model, x, experts, target))  # the hand-written forward is the model's
+    grads = torch.autograd.grad(loss, uses)
+    targets = [(a - gamma * g).detach() for a, g in zip(uses, grads)]
+    theta = [p.detach().clone().requires_grad_() for p in params]
+    for _ in range(iters):
+        objective = sum(0.5 * (a - t).square().sum() for a, t in zip(maps(theta), targets))
+        steps = torch.autograd.grad(objective, theta)
+        theta = [(p - eta * s).detach().requires_grad_() for p, s in zip(theta, steps)]
+    return [p.detach() for p in theta]
+
+
+CASES = [("eager", torch.float64, 1e-12), ("addmm", torch.float64, 1e-12), ("grouped", torch.float32, 2e-5)]
+
+
+@pytest.mark.parametrize(("kind", "dtype", "tolerance"), CASES, ids=[c[0] for c in CASES])
+def test_each_experts_use_is_recorded_with_its_tokens_and_matrix(kind, dtype, tolerance):
+    torch.manual_seed(0)
+    model = Experts(kind, dtype)
+    x, experts, target = _batch(dtype)
+    opt = LocoPropOptimizer(model, variant="M")
+    _loss(model, x, experts, target).backward()
+    (unit,) = opt.units
+    uses = sorted((use for record in unit.records for use in unit.by_group(record)), key=lambda use: use.block)
+    rows = D_IN if kind == "addmm" else D_OUT  # (the rows of each expert's matrix)
+    assert [use.block for use in uses] == [Block((e,), 0, rows) for e in range(3)]  # expert 3 had no token
+    for e, use in enumerate(uses):
+        torch.testing.assert_close(use.x, x[experts == e], rtol=0, atol=0)
+        weight = model.proj[e].T if kind == "addmm" else model.proj[e]
+        expected = F.linear(x[experts == e], weight, model.proj_bias[e] if kind == "addmm" else None)
+        torch.testing.assert_close(use.a, expected.detach(), rtol=tolerance, atol=tolerance)
+    assert unit.transfer.name == "identity"  # the tanh comes after the tokens are put back in order
+    assert opt.describe().local_share == 1.0
+
+
+@pytest.mark.parametrize(("kind", "dtype", "tolerance"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("variant", ["S", "M"])
+def test_the_step_solves_every_experts_objective(kind, dtype, tolerance, variant):
+    gamma, eta, iters = 0.5, 0.05, 4
+    torch.manual_seed(0)
+    model = Experts(kind, dtype)
+    x, experts, target = _batch(dtype)
+    expected = _expected(model, x, experts, target, gamma, eta, iters)
+    opt = LocoPropOptimizer(model, variant=variant, lr=eta, activation_lr=gamma, local_iters=iters, inner="sgd",
+                            inner_schedule="constant")  # fmt: skip
+    old = model.proj.detach().clone()
+    _loss(model, x, experts, target).backward()
+    plain = old - iters * eta * gamma * model.proj.grad  # K steps on γ·G alone
+    opt.step()
+    torch.testing.assert_close(model.proj.detach(), expected[0], rtol=tolerance, atol=tolerance)
+    if kind == "addmm":
+        torch.testing.assert_close(model.proj_bias.detach(), expected[1], rtol=tolerance, atol=tolerance)
+    assert (expected[0] - plain).abs().max() > 1e-3  # the experts' divergences act
+    torch.testing.assert_close(model.proj[3].detach(), old[3], rtol=0, atol=0)  # no token: no gradient, no step
+
+
+def _mixtral(experts_implementation: str) -> nn.Module:
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=32, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=16,
+                                        experts_implementation=experts_implementation)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+def test_mixtral_experts_are_local_under_either_kernel(implementation):
+    """Hugging Face's Mixtral: its stacked experts were no candidates (not named *weight) and took plain
+    steps, 20% of the model local; each kernel's uses are recorded now, and both take one step alike."""
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    model = _mixtral(implementation)
+    opt = LocoPropOptimizer(model, variant="M", lr=1e-3, activation_lr=1.0, local_iters=3, inner="adam")
+    model(input_ids=ids, labels=ids).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (nothing said: no share warning, no fallback to S)
+        opt.step()
+    rows = {row.unit: row for row in opt.describe().rows}
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"].kind == "linear"
+    assert rows["model.layers.0.mlp.experts.down_proj"].kind == "linear"
+    assert opt.describe().local_share > 0.99
+    reference = _mixtral("eager")
+    ref_opt = LocoPropOptimizer(reference, variant="M", lr=1e-3, activation_lr=1.0, local_iters=3, inner="adam")
+    reference(input_ids=ids, labels=ids).loss.backward()
+    ref_opt.step()
+    for (name, got), expected in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)
