@@ -11,7 +11,8 @@ later iteration (the caller adds λΔθ). Three ways (``parallel``):
 - "batched": linear units without autograd (:mod:`locoprop.kernels`);
   variant S through its Gram statistics where that costs fewer FLOPs;
   linear units of equal shape and transfer function stacked into batched
-  matmuls;
+  matmuls; a matrix unit whose uses took blocks of its weight (a mixture of
+  experts, cross-attention) one use after the other, each into its block;
 - "streams" (CUDA): as "batched", with each group of units issued on its own
   CUDA stream so that units of different shapes run concurrently.
 
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from locoprop import kernels, local
 from locoprop.distributed import Communicator
+from locoprop.layers import Block
 from locoprop.problem import LocalProblem
 
 __all__ = ["PARALLEL_MODES", "LocalGradients", "input_rows", "uses_gram_form"]
@@ -86,6 +88,9 @@ class LocalGradients:
         batchable: dict[tuple, list[tuple[LocalProblem, Tensor, tuple[Tensor, ...]]]] = {}
         for problem in problems:
             low = _low(problem, compute_dtype)
+            if problem.by_blocks and problem.unit.kind in ("linear", "matmul") and low is None:
+                self.work.append(_Work([problem], self._blocks(problem)))
+                continue
             if problem.unit.kind != "linear" or problem.by_blocks:
                 self.work.append(_Work([problem], self._reference(problem, low)))
                 continue
@@ -152,6 +157,37 @@ class LocalGradients:
                                               centred=unit.kind in ("linear", "matmul"))  # fmt: skip
                 grads = part if grads is None else torch._foreach_add(grads, part)
             torch._foreach_add_(grads, problem.linear_terms(), alpha=scale)
+            return [grads]
+
+        return compute
+
+    def _blocks(self, problem: LocalProblem) -> Callable[[], list[list[Tensor]]]:
+        """A matrix unit whose uses took blocks of its weight (experts of a stacked weight, cross-attention's
+        rows): γ·G, plus each use's Jᵀr added into its block, without autograd. Rows of a = x·Wᵀ + b are W's
+        rows (F.linear), of a = x·W + b its columns (a matmul)."""
+        unit, variant, scale = problem.unit, problem.variant, problem.activation_lr * self.share
+        linear = unit.kind == "linear"
+        adapter = unit.adapter
+        uses = [(block, adapter.input_rows(x), tuple(adapter.output_rows(t) for t in anchor))
+                for block, (x, anchor) in zip(problem.blocks, problem.uses)]  # fmt: skip
+
+        def compute():
+            delta = [p.detach() - q for p, q in zip(problem.params, problem.old_params)]
+            grads = torch._foreach_mul(problem.linear_terms(), scale)
+            for block, x, anchor in uses:
+                block = block or Block((), 0, delta[0].shape[0])
+                weight, weight_grad = block.of(delta[0]), block.of(grads[0])
+                bias = _outputs_of(block, delta[1], linear) if len(delta) > 1 else None
+                delta_a = x @ (weight.T if linear else weight)
+                if bias is not None:
+                    delta_a += bias
+                r = delta_a if variant == "S" else unit.transfer.change_from(anchor, delta_a)
+                if linear:
+                    weight_grad.addmm_(r.T, x)
+                else:
+                    weight_grad.addmm_(x.T, r)
+                if bias is not None:
+                    _outputs_of(block, grads[1], linear).add_(r.sum(0))
             return [grads]
 
         return compute
@@ -332,6 +368,11 @@ def _low(problem: LocalProblem, compute_dtype: torch.dtype | None) -> torch.dtyp
     if compute_dtype is None or problem.unit.kind == "embedding" or compute_dtype == problem.params[0].dtype:
         return None
     return compute_dtype
+
+
+def _outputs_of(block: Block, bias: Tensor, linear: bool) -> Tensor:
+    """The part of a bias that a block's map adds: the block's rows for a = x·Wᵀ + b, its matrix's for x·W + b."""
+    return block.of(bias) if linear else block.matrix(bias)
 
 
 def _weight_and_bias(params: list[Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -188,3 +188,25 @@ def test_a_bias_that_is_not_the_weights_block_is_no_use_of_the_unit():
     assert [r.block for r in unit.records] == [Block((), E, 2 * E)]
     _loss(projection(query, slice(0, 2 * E, 2), slice(0, 2 * E, 2)), target).backward()  # every other row: no block
     assert [r.block for r in unit.records] == [Block((), E, 2 * E)]
+
+
+def test_a_module_used_whole_and_by_blocks_solves_both_on_every_path():
+    """One attention module used for self-attention (the whole in_proj_weight) and for cross-attention (its
+    blocks) in one loss: the block kernel (parallel="batched") takes the steps of the autograd reference
+    (parallel="none"), whose block uses are checked above against SPEC's objective."""
+    results = []
+    for parallel in ("none", "batched"):
+        attention = _attention()
+        query, memory, _, target = _inputs(False)
+        opt = LocoPropOptimizer(attention, variant="M", lr=0.05, activation_lr=0.7, local_iters=4, inner="adam",
+                                parallel=parallel)  # fmt: skip
+        (unit,) = [u for u in opt.units if u.name.endswith("in_proj")]
+        for _ in range(2):
+            opt.zero_grad()
+            hidden = attention(query, query, query, need_weights=False)[0]
+            _loss(attention(hidden, memory, memory, need_weights=False)[0], target).backward()
+            assert {r.block for r in unit.records} == {None, Block((), 0, E), Block((), E, 3 * E)}
+            opt.step()
+        results.append([p.detach().clone() for p in attention.parameters()])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
