@@ -32,6 +32,7 @@ __all__ = [
     "EmbeddingAdapter",
     "LayerAdapter",
     "LayerRecord",
+    "LeftMatmulAdapter",
     "LinearAdapter",
     "MatmulAdapter",
     "RecordedLayer",
@@ -142,6 +143,23 @@ class BlockAdapter(LayerAdapter):
 
     def output_rows(self, a: Tensor) -> Tensor:
         return self.adapter.output_rows(a)
+
+
+class LeftMatmulAdapter(LayerAdapter):
+    """a = W·x (+ b, down the columns) with W of shape d_out × d_in and x of shape … × d_in × n: ``W @ x``
+    (Mamba's ``dt_proj.weight @ x``). Its rows are x's columns."""
+
+    kind = "left_matmul"
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        a = torch.matmul(weight, x)
+        return a + bias.unsqueeze(-1) if bias is not None else a
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        return x.transpose(-1, -2).reshape(-1, x.shape[-2])
+
+    def output_rows(self, a: Tensor) -> Tensor:
+        return a.transpose(-1, -2).reshape(-1, a.shape[-2])
 
 
 class ConvAdapter(LayerAdapter):

@@ -9,7 +9,8 @@ leaves. While it is active it sees the torch functions the forward calls:
 - a linear map whose weight is a unit's weight: ``F.linear``
   (``nn.Linear``), ``torch.addmm(b, x, W)``, ``torch.matmul``/``mm`` with
   W on the right (Hugging Face's ``Conv1D``), ``F.conv1d/2d/3d`` (grouped
-  and depthwise too), ``F.conv_transpose1d/2d/3d``, ``F.embedding``; the matrix maps also with a
+  and depthwise too), ``F.conv_transpose1d/2d/3d``, ``F.embedding``,
+  ``x @ W.T`` (F.linear written out), ``W @ x`` (a parameter on the left); the matrix maps also with a
   :class:`~locoprop.layers.Block` of a unit weight (and the matching part
   of its bias), a view such as ``W.split(...)`` (rows) or ``W[e]`` (a
   matrix of a stacked weight) gives, and ``torch._grouped_mm`` over a
@@ -54,6 +55,7 @@ from locoprop.layers import (
     ConvTransposeAdapter,
     EmbeddingAdapter,
     LayerAdapter,
+    LeftMatmulAdapter,
     LinearAdapter,
     MatmulAdapter,
 )
@@ -120,7 +122,8 @@ _NOT_CONSUMERS = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.i
 # Ops whose output is the same numbers rearranged: an elementwise function after them applies to the unit
 # output itself, so they are followed.
 _VIEWS = {Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, torch.flatten, Tensor.contiguous,
-          Tensor.unflatten, Tensor.squeeze, Tensor.unsqueeze, torch.squeeze, torch.unsqueeze}  # fmt: skip
+          Tensor.unflatten, Tensor.squeeze, Tensor.unsqueeze, torch.squeeze, torch.unsqueeze, Tensor.transpose,
+          torch.transpose, Tensor.permute, torch.permute, Tensor.movedim, torch.movedim}  # fmt: skip
 
 
 class ForwardRecorder(TorchFunctionMode):
@@ -334,20 +337,22 @@ def _linear_use(func, args: tuple, kwargs: dict) -> _Use | None:
         return _map_of(weight, bias, x, MatmulAdapter())
     if func in (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm):
         x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
-        return _map_of(weight, None, x, MatmulAdapter())
+        return _map_of(weight, None, x, MatmulAdapter()) or _left_map_of(x, weight)
     if func is torch._grouped_mm:
         return _grouped_use(*_arguments(args, kwargs, ("mat_a", "mat_b", "offs", "bias"), (None, None)))
     if func in _CONVOLUTIONS:
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         x, weight, bias, stride, padding, dilation, groups = _arguments(args, kwargs, names, (None, 1, 0, 1, 1))
-        if not isinstance(weight, nn.Parameter):
+        weight, bias = _parameter_of(weight), _as_parameter(bias)
+        if weight is None:
             return None
         # ('same'/'valid' padding: the adapter's F.conv call takes it as given)
         return _Use(weight, bias, x, ConvAdapter(_CONVOLUTIONS[func], stride, padding, dilation, groups))
     if func in _TRANSPOSED_CONVOLUTIONS:
         names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
         x, weight, bias, *options = _arguments(args, kwargs, names, (None, 1, 0, 0, 1, 1))
-        if not isinstance(weight, nn.Parameter):
+        weight, bias = _parameter_of(weight), _as_parameter(bias)
+        if weight is None:
             return None
         return _Use(weight, bias, x, ConvTransposeAdapter(_TRANSPOSED_CONVOLUTIONS[func], *options))
     if func is F.embedding:
@@ -366,8 +371,12 @@ def _map_of(weight, bias, x, adapter: LayerAdapter) -> _Use | None:
     :class:`Block` of one with the matching part of a bias parameter (:class:`BlockAdapter`)."""
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         return None
-    if isinstance(weight, nn.Parameter):
-        return _Use(weight, bias, x, adapter)
+    whole = _parameter_of(weight)
+    if whole is not None:
+        return _Use(whole, _as_parameter(bias), x, adapter)
+    transposed = _parameter_of(weight.T)
+    if transposed is not None and adapter.kind == "matmul":  # x @ W.T (+ b): F.linear written out (Falcon)
+        return _Use(transposed, _as_parameter(bias), x, LinearAdapter())
     found = _block_of(weight)
     if found is None:
         return None
@@ -380,6 +389,30 @@ def _map_of(weight, bias, x, adapter: LayerAdapter) -> _Use | None:
     if found_bias is None or found_bias[1] != outputs:
         return None  # another part of the bias than of the weight: no map of the unit's parameters
     return _Use(base, found_bias[0], x, adapter, block)
+
+
+def _left_map_of(weight, x) -> _Use | None:
+    """The use of a = W·x with W a 2-D parameter on the left (Mamba's ``dt_proj.weight @ x``), else None."""
+    weight = _parameter_of(weight)
+    if weight is None or weight.dim() != 2 or not isinstance(x, Tensor) or x.dim() < 2:
+        return None
+    return _Use(weight, None, x, LeftMatmulAdapter())
+
+
+def _parameter_of(tensor) -> nn.Parameter | None:
+    """``tensor`` if it is a parameter, or the parameter it shows whole and unchanged (a view such as Mamba's
+    ``conv1d.weight.squeeze(1).unsqueeze(1)``); else None."""
+    if isinstance(tensor, nn.Parameter):
+        return tensor
+    base = getattr(tensor, "_base", None)
+    same = isinstance(base, nn.Parameter) and (tensor.shape, tensor.stride()) == (base.shape, base.stride())
+    return base if same and tensor.storage_offset() == base.storage_offset() else None
+
+
+def _as_parameter(tensor):
+    """The parameter that ``tensor`` shows whole (:func:`_parameter_of`), else ``tensor`` itself."""
+    parameter = _parameter_of(tensor)
+    return tensor if parameter is None else parameter
 
 
 def _block_of(view: Tensor) -> tuple[nn.Parameter, Block] | None:

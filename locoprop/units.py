@@ -103,7 +103,8 @@ class Unit:
         expected = _KINDS.get(type(self.module)) if self.module is not None else None
         if expected is None and type(self.module).__name__ == "Conv1D":
             expected = "matmul"  # Hugging Face's Conv1D: torch.addmm(b, x, W)
-        return expected is None or expected == kind
+        # (W @ x is an nn.Linear's map on the transposed input: Mamba's dt_proj)
+        return expected is None or expected == kind or (expected, kind) == ("linear", "left_matmul")
 
     def same_map(self, adapter: LayerAdapter) -> bool:
         """Whether ``adapter`` is this unit's map (a convolution with other strides is not)."""
