@@ -36,6 +36,7 @@ __all__ = [
     "LinearAdapter",
     "MatmulAdapter",
     "RecordedLayer",
+    "StackedMatmulAdapter",
     "adapter_for",
     "find_layers",
     "no_backward_error",
@@ -143,6 +144,17 @@ class BlockAdapter(LayerAdapter):
 
     def output_rows(self, a: Tensor) -> Tensor:
         return self.adapter.output_rows(a)
+
+
+class StackedMatmulAdapter(LayerAdapter):
+    """a[e] = x[e]·W[e] for a stacked weight W of shape E × d_in × d_out and x of shape E × n × d_in:
+    ``torch.bmm(x, W)``, a mixture of experts with a fixed capacity per expert written by hand."""
+
+    kind = "stacked_matmul"
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        a = torch.matmul(x, weight)
+        return a + bias.unsqueeze(-2) if bias is not None else a
 
 
 class LeftMatmulAdapter(LayerAdapter):

@@ -10,7 +10,8 @@ leaves. While it is active it sees the torch functions the forward calls:
   (``nn.Linear``), ``torch.addmm(b, x, W)``, ``torch.matmul``/``mm`` with
   W on the right (Hugging Face's ``Conv1D``), ``F.conv1d/2d/3d`` (grouped
   and depthwise too), ``F.conv_transpose1d/2d/3d``, ``F.embedding``,
-  ``x @ W.T`` (F.linear written out), ``W @ x`` (a parameter on the left); the matrix maps also with a
+  ``x @ W.T`` (F.linear written out), ``W @ x`` (a parameter on the left),
+  ``torch.bmm(x, W)`` with a stacked E × d_in × d_out parameter; the matrix maps also with a
   :class:`~locoprop.layers.Block` of a unit weight (and the matching part
   of its bias), a view such as ``W.split(...)`` (rows) or ``W[e]`` (a
   matrix of a stacked weight) gives, and ``torch._grouped_mm`` over a
@@ -58,6 +59,7 @@ from locoprop.layers import (
     LeftMatmulAdapter,
     LinearAdapter,
     MatmulAdapter,
+    StackedMatmulAdapter,
 )
 from locoprop.transfer import is_activation_module, transfer_from_call, transfer_from_module
 
@@ -337,7 +339,10 @@ def _linear_use(func, args: tuple, kwargs: dict) -> _Use | None:
         return _map_of(weight, bias, x, MatmulAdapter())
     if func in (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm):
         x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
-        return _map_of(weight, None, x, MatmulAdapter()) or _left_map_of(x, weight)
+        return _map_of(weight, None, x, MatmulAdapter()) or _left_map_of(x, weight) or _stacked_map_of(x, weight)
+    if func in (torch.bmm, Tensor.bmm):
+        x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("mat2")
+        return _stacked_map_of(x, weight)
     if func is torch._grouped_mm:
         return _grouped_use(*_arguments(args, kwargs, ("mat_a", "mat_b", "offs", "bias"), (None, None)))
     if func in _CONVOLUTIONS:
@@ -397,6 +402,14 @@ def _left_map_of(weight, x) -> _Use | None:
     if weight is None or weight.dim() != 2 or not isinstance(x, Tensor) or x.dim() < 2:
         return None
     return _Use(weight, None, x, LeftMatmulAdapter())
+
+
+def _stacked_map_of(x, weight) -> _Use | None:
+    """The use of a[e] = x[e]·W[e] with W a stacked E × d_in × d_out parameter and x of shape E × n × d_in."""
+    weight = _parameter_of(weight)
+    if weight is None or weight.dim() != 3 or not isinstance(x, Tensor) or x.dim() != 3:
+        return None
+    return _Use(weight, None, x, StackedMatmulAdapter())
 
 
 def _parameter_of(tensor) -> nn.Parameter | None:

@@ -173,3 +173,36 @@ def test_mixtral_experts_are_local_under_either_kernel(implementation):
     ref_opt.step()
     for (name, got), expected in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class FixedCapacity(nn.Module):
+    """Experts with a fixed capacity, written by hand: torch.bmm(x, W) over a stacked E × d_in × d_out weight
+    (``stacked``), or expert by expert, x[e] @ W[e] (one block use each)."""
+
+    def __init__(self, stacked: bool):
+        super().__init__()
+        self.stacked = stacked
+        self.w = nn.Parameter(torch.randn(EXPERTS, D_IN, D_OUT, dtype=torch.float64) / D_IN**0.5)
+
+    def forward(self, x):  # x: E × capacity × d_in
+        if self.stacked:
+            return torch.bmm(x, self.w)
+        return torch.stack([x[e] @ self.w[e] for e in range(EXPERTS)])
+
+
+def test_a_batched_matmul_over_stacked_experts_takes_the_step_of_its_experts_one_by_one():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(EXPERTS, 6, D_IN, generator=generator, dtype=torch.float64)
+    target = torch.randn(EXPERTS, 6, D_OUT, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    stacked = FixedCapacity(True)
+    one_by_one = FixedCapacity(False)
+    one_by_one.load_state_dict(stacked.state_dict())
+    for model in (stacked, one_by_one):
+        opt = LocoPropOptimizer(model, variant="S", lr=0.05, activation_lr=0.5, local_iters=3, inner="sgd")
+        for _ in range(2):
+            opt.zero_grad()
+            (torch.tanh(model(x)) - target).square().sum().backward()
+            opt.step()
+        assert opt.describe().rows[0].kind == ("stacked_matmul" if model.stacked else "matmul")
+    torch.testing.assert_close(stacked.w.detach(), one_by_one.w.detach(), rtol=1e-10, atol=1e-12)
