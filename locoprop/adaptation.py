@@ -80,8 +80,8 @@ def adapting_problems(opt, problems: list[LocalProblem]) -> list[LocalProblem]:
     if blocks and opt.solve == "iterative" and opt.hypergrad in ("implicit", "unrolled"):
         raise ValueError(
             f"hypergrad={opt.hypergrad!r} is not supported yet for unit(s) {', '.join(blocks)}, whose uses took "
-            "blocks of the weight's rows (nn.MultiheadAttention's cross-attention); use hypergrad='gradient', or "
-            "hypergrad_lr=0 for them"
+            "blocks of the weight (nn.MultiheadAttention's cross-attention, a mixture of experts' stacked "
+            "weights); use hypergrad='gradient' with hypergrad_rule='normalized', or hypergrad_lr=0 for them"
         )
     return adapting
 

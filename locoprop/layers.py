@@ -52,8 +52,9 @@ class LayerAdapter:
     and position: an unfolded patch for Conv2d) times the weight matrix
     ``weight.reshape(d_out, -1)`` gives ``output_rows(a)``. Curvature
     methods (K-FAC, the exact S solve) work on those rows. ``kind`` names the
-    map (``"linear"``: a = x·Wᵀ + b, the only kind the batched kernels and
-    the exact solve take; the others go through autograd).
+    map (``"linear"``: a = x·Wᵀ + b, the only kind the stacked kernels and
+    the exact solve take; uses of blocks of a "linear" or "matmul" weight
+    have a kernel of their own; the others go through autograd).
     """
 
     kind = "layer"
@@ -121,6 +122,11 @@ class Block:
     def of(self, parameter: Tensor) -> Tensor:
         return self.matrix(parameter)[self.start : self.stop]
 
+    def bias_block(self, kind: str, outputs: int) -> Block:
+        """The part of the bias that the map of this block of the weight adds: the same rows for a = x·Wᵀ + b
+        (``kind`` "linear", rows are outputs), its matrix's whole vector of ``outputs`` entries for a = x·W + b."""
+        return self if kind == "linear" else Block(self.selects, 0, outputs)
+
 
 class BlockAdapter(LayerAdapter):
     """The map of ``adapter`` on a :class:`Block` of the unit's weight, and on the matching part of its bias:
@@ -135,9 +141,10 @@ class BlockAdapter(LayerAdapter):
         self.adapter, self.block = adapter, block
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        weight = self.block.of(weight)
         if bias is not None:
-            bias = self.block.of(bias) if self.kind == "linear" else self.block.matrix(bias)
-        return self.adapter.forward(x, self.block.of(weight), bias)
+            bias = self.block.bias_block(self.kind, weight.shape[-1]).of(bias)
+        return self.adapter.forward(x, weight, bias)
 
     def input_rows(self, x: Tensor) -> Tensor:
         return self.adapter.input_rows(x)

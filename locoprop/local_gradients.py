@@ -175,9 +175,11 @@ class LocalGradients:
             delta = [p.detach() - q for p, q in zip(problem.params, problem.old_params)]
             grads = torch._foreach_mul(problem.linear_terms(), scale)
             for block, x, anchor in uses:
-                block = block or Block((), 0, delta[0].shape[0])
+                if block is None:  # (the whole weight, beside uses of its blocks)
+                    block = Block((), 0, delta[0].shape[0])
                 weight, weight_grad = block.of(delta[0]), block.of(grads[0])
-                bias = _outputs_of(block, delta[1], linear) if len(delta) > 1 else None
+                bias_block = block.bias_block(unit.kind, weight.shape[-1])
+                bias = bias_block.of(delta[1]) if len(delta) > 1 else None
                 delta_a = x @ (weight.T if linear else weight)
                 if bias is not None:
                     delta_a += bias
@@ -187,7 +189,7 @@ class LocalGradients:
                 else:
                     weight_grad.addmm_(x.T, r)
                 if bias is not None:
-                    _outputs_of(block, grads[1], linear).add_(r.sum(0))
+                    bias_block.of(grads[1]).add_(r.sum(0))
             return [grads]
 
         return compute
@@ -368,11 +370,6 @@ def _low(problem: LocalProblem, compute_dtype: torch.dtype | None) -> torch.dtyp
     if compute_dtype is None or problem.unit.kind == "embedding" or compute_dtype == problem.params[0].dtype:
         return None
     return compute_dtype
-
-
-def _outputs_of(block: Block, bias: Tensor, linear: bool) -> Tensor:
-    """The part of a bias that a block's map adds: the block's rows for a = x·Wᵀ + b, its matrix's for x·W + b."""
-    return block.of(bias) if linear else block.matrix(bias)
 
 
 def _weight_and_bias(params: list[Tensor]) -> tuple[Tensor, Tensor | None]:

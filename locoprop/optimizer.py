@@ -273,8 +273,14 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         """Each trainable parameter's name and the unit that updates it
         locally, or ``"backprop"`` for parameters outside every unit. A tied
         parameter lists all its uses: ``"fc1 + fc2"``, ``"head + backprop"``."""
-        return self.ownership.roles([(group["params"], unit) for group, unit in zip(self.param_groups,
-                                                                                      self.unit_of_group)])  # fmt: skip
+        # A candidate that no forward pass used in a linear map takes plain steps, as describe() says.
+        seen = any(unit.adapter is not None for unit in self.units)
+
+        def local(unit):
+            return unit if unit is None or unit.adapter is not None or not seen else None
+
+        return self.ownership.roles([(group["params"], local(unit))
+                                     for group, unit in zip(self.param_groups, self.unit_of_group)])  # fmt: skip
 
     def describe(self) -> Description:
         """What is solved locally: one row per unit (kind of map, shape, transfer function, variant, share of

@@ -71,7 +71,16 @@ class OutputActivation:
             self._finder.remove()
             self._finder = None
 
-    def _found(self, reached: list[Unit]) -> None:
+    def _found(self, reached: list[Unit], hidden: bool = False) -> None:
+        if hidden:
+            self._error = RuntimeError(
+                f"output_activation={self.transfer.name!r} is the transfer function of the unit that produces the "
+                "model's output, but the output comes through a reentrant activation checkpoint "
+                "(torch.utils.checkpoint with use_reentrant=True), whose block runs without a graph in the forward "
+                "pass, so the unit cannot be told. Checkpoint with use_reentrant=False, or pass units=[(layer, "
+                "transfer), ...] instead of output_activation"
+            )
+            return
         if len(reached) != 1:
             names = [u.name for u in self._units if u in reached]
             where = f"units {names} all reach it" if reached else "no unit reaches it"
@@ -145,7 +154,7 @@ class OutputUnitFinder:
             return
         roots = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
         if roots:
-            self._decide(_units_reaching(roots, self._output_nodes))
+            self._decide(*_units_reaching(roots, self._output_nodes))
         self._output_nodes.clear()
 
     def decide_now(self) -> None:
@@ -153,9 +162,9 @@ class OutputUnitFinder:
         if self.pending and self.last_run is not None:
             self._decide([self.last_run])
 
-    def _decide(self, units: list[Unit]) -> None:
+    def _decide(self, units: list[Unit], hidden: bool = False) -> None:
         self.remove()
-        self._on_decided(units)
+        self._on_decided(units, hidden)
 
     def remove(self) -> None:
         self.pending = False
@@ -176,10 +185,12 @@ def _tensors(value) -> list[Tensor]:
     return []
 
 
-def _units_reaching(roots: list, output_nodes: dict) -> list[Unit]:
-    """The units whose output node is reached from ``roots`` through no other unit's output."""
+def _units_reaching(roots: list, output_nodes: dict) -> tuple[list[Unit], bool]:
+    """The units whose output node is reached from ``roots`` through no other unit's output, and whether a
+    reentrant activation checkpoint was reached on the way (its block ran without a graph, so the units inside
+    it are not among the output nodes)."""
     reached: list[Unit] = []
-    seen = set()
+    seen, hidden = set(), False
     stack = list(roots)
     while stack:
         node = stack.pop()
@@ -187,8 +198,9 @@ def _units_reaching(roots: list, output_nodes: dict) -> list[Unit]:
             continue
         seen.add(node)
         unit = output_nodes.get(node)
+        hidden = hidden or (unit is None and type(node).__name__ == "CheckpointFunctionBackward")
         if unit is None:
             stack.extend(next_node for next_node, _ in node.next_functions)
         elif unit not in reached:
             reached.append(unit)
-    return reached
+    return reached, hidden

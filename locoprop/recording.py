@@ -223,7 +223,7 @@ class ForwardRecorder(TorchFunctionMode):
             # its block without gradients and again in the backward pass, where the use is recorded; the
             # transfer function is read here, in the model's forward.
             if unit.transfer_pending and self.discovering and self._training_forward:
-                self._discover(unit, output)
+                self._discover(unit, output, with_graph=False)
             return
         if output.numel() == 0:
             return  # (an expert without tokens: nothing to match)
@@ -234,13 +234,14 @@ class ForwardRecorder(TorchFunctionMode):
         if self.on_output is not None:
             self.on_output(unit, output)
         if unit.transfer_pending and self.discovering:
-            self._discover(unit, output)
+            self._discover(unit, output, with_graph=True)
 
-    def _discover(self, unit, output: Tensor) -> None:
+    def _discover(self, unit, output: Tensor, with_graph: bool) -> None:
         """Follow ``output``'s consumers until the forward ends, to read ``unit``'s transfer function."""
+        use = _SeenUse(unit, with_graph)
         # Held (not weakly) until the forward ends, so that no later tensor can take its id.
-        self._outputs[id(output)] = (unit, output)
-        self._seen[unit] = None
+        self._outputs[id(output)] = (use, output)
+        self._seen.setdefault(unit, []).append(use)
 
     def _unit_for(self, weight: Tensor, bias, adapter: LayerAdapter):
         """The unit of a use: the one whose map this is (same kind and bias); a use of another kind (a tied
@@ -293,13 +294,16 @@ class ForwardRecorder(TorchFunctionMode):
         self._activation_depth -= 1
 
     def decide_transfers(self) -> None:
-        """Give each unit seen in this forward its transfer function: the one elementwise activation that
-        is its output's only consumer, or the identity."""
+        """Give each unit seen in this forward its transfer function: the elementwise activation that is the
+        only consumer of each of its outputs (one function for all), or the identity. Uses without a graph
+        count only for a unit that had no other (a reentrant checkpoint's block, not a ``no_grad`` island)."""
         seen = [unit for unit in self._seen if unit.transfer_pending]
         for unit in seen:
-            consumers = self._consumers.get(unit, [])
-            transfer = consumers[0] if len(consumers) == 1 and consumers[0] is not None else None
-            unit.discovered(transfer)
+            uses = [use for use in self._seen[unit] if use.with_graph] or self._seen[unit]
+            found = [self._consumers.get(use, []) for use in uses]
+            transfers = [consumers[0] for consumers in found if len(consumers) == 1 and consumers[0] is not None]
+            same = len(transfers) == len(found) and len({transfer.name for transfer in transfers}) == 1
+            unit.discovered(transfers[0] if same else None)
         on_transfers = self._on_transfers() if self._on_transfers is not None else None
         if on_transfers is not None and seen:
             on_transfers(seen)
@@ -307,6 +311,14 @@ class ForwardRecorder(TorchFunctionMode):
         self._outputs.clear()
         self._consumers.clear()
         self._seen.clear()
+
+
+@dataclasses.dataclass(eq=False)
+class _SeenUse:
+    """One use of a unit whose consumers transfer discovery follows (keyed by identity)."""
+
+    unit: object
+    with_graph: bool
 
 
 def _in_backward() -> bool:
@@ -389,9 +401,7 @@ def _map_of(weight, bias, x, adapter: LayerAdapter) -> _Use | None:
     if bias is None:
         return _Use(base, None, x, adapter, block)
     found_bias = _block_of(bias) if isinstance(bias, Tensor) and bias.dim() == 1 else None
-    # The bias follows the weight's outputs: its rows for F.linear, its whole matrix for a matmul.
-    outputs = block if adapter.kind == "linear" else Block(block.selects, 0, weight.shape[1])
-    if found_bias is None or found_bias[1] != outputs:
+    if found_bias is None or found_bias[1] != block.bias_block(adapter.kind, weight.shape[1]):
         return None  # another part of the bias than of the weight: no map of the unit's parameters
     return _Use(base, found_bias[0], x, adapter, block)
 
@@ -442,9 +452,10 @@ def _block_of(view: Tensor) -> tuple[nn.Parameter, Block] | None:
         index, offset = divmod(offset, stride)
         selects.append(index)
     start, within = divmod(offset, base.stride(leading))
-    if within:
-        return None
-    return base, Block(tuple(selects), start, start + view.shape[0])
+    stop = start + view.shape[0]
+    if within or stop > base.shape[leading]:
+        return None  # (a flattened stack, W.view(E * d_out, d_in), is no block of one matrix)
+    return base, Block(tuple(selects), start, stop)
 
 
 def _grouped_use(x, weight, offsets, bias) -> _Use | None:

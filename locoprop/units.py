@@ -231,8 +231,8 @@ def discover_units(
     ]  # fmt: skip
     if not found:
         raise ValueError(
-            f"The model has no trainable weight to use as a unit (a parameter named 'weight' or '*_weight' with "
-            f"two or more dimensions, used in a linear map): {type(model).__name__}"
+            "The model has no trainable weight to use as a unit (a parameter of two or more dimensions, used in a "
+            f"linear map): {type(model).__name__}"
         )
     return found
 
@@ -256,17 +256,19 @@ def _weights(module_name: str, module: nn.Module) -> list[tuple[str, nn.Paramete
             bias = own.get(f"{prefix}_bias" if prefix else "bias")
         else:  # (a mixture of experts' stacked gate_up_proj, a hand-written layer's W)
             prefix, bias = name, own.get(f"{name}_bias")
-        if bias is not None and not _bias_of(bias, weight):
+        if bias is not None and not _bias_of(bias, weight, module):
             bias = None
         base = module_name or type(module).__name__
         found.append((f"{base}.{prefix}" if prefix else base, weight, bias))
     return found
 
 
-def _bias_of(bias: nn.Parameter, weight: nn.Parameter) -> bool:
-    """Whether ``bias`` fits the outputs of ``weight``'s maps: one entry per output (d_out × d_in, d_in × d_out
-    or a convolution's d_out × …), or one row per matrix of a stacked weight (E × d_out for E × d_out × d_in or
-    E × d_in × d_out)."""
+def _bias_of(bias: nn.Parameter, weight: nn.Parameter, module: nn.Module) -> bool:
+    """Whether ``bias`` fits the outputs of ``weight``'s maps: one entry per output (d_out × d_in, d_in × d_out,
+    a convolution's d_out × …, a transposed convolution's d_in × d_out/groups × …), or one row per matrix of a
+    stacked weight (E × d_out for E × d_out × d_in or E × d_in × d_out)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return bias.dim() == 1 and bias.numel() == weight.shape[1] * module.groups
     if bias.dim() == 1:
         return bias.numel() in (weight.shape[0], weight.shape[-1])
     stacked = weight.dim() == 3 and bias.dim() == 2 and bias.shape[0] == weight.shape[0]

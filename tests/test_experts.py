@@ -206,3 +206,27 @@ def test_a_batched_matmul_over_stacked_experts_takes_the_step_of_its_experts_one
             opt.step()
         assert opt.describe().rows[0].kind == ("stacked_matmul" if model.stacked else "matmul")
     torch.testing.assert_close(stacked.w.detach(), one_by_one.w.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_flattened_stack_is_no_block_of_one_matrix():
+    """W.view(E * d_out, d_in) of a stacked weight was read as rows 0:E·d_out of matrix 0 (S solved a wrong
+    problem, M crashed mid-step). It is no block: the unit takes plain steps on γ·G, as one SGD step shows."""
+
+    class Flattened(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Parameter(torch.randn(3, 4, 4, dtype=torch.float64))
+
+        def forward(self, x):
+            return torch.tanh(F.linear(x, self.qkv.view(12, 4)))
+
+    model = Flattened()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    opt = LocoPropOptimizer(model, variant="M", lr=0.1, activation_lr=0.5, local_iters=3, inner="sgd",
+                            inner_schedule="constant")  # fmt: skip
+    old = model.qkv.detach().clone()
+    model(x).square().sum().backward()
+    assert opt.units[0].records == []
+    expected = old - 0.1 * 0.5 * model.qkv.grad  # (a plain step is one inner step on γ·G)
+    opt.step()
+    torch.testing.assert_close(model.qkv.detach(), expected, rtol=1e-12, atol=1e-14)

@@ -130,14 +130,14 @@ def test_a_transposed_convolution_is_a_unit_of_its_decoder(variant):
     constant-lr SGD iterations on SPEC §2's objective of the transposed convolution followed by tanh (M:
     Σ log cosh(a_θ) − ⟨tanh(a_old), a_θ⟩, S: ½‖a_θ − a_θold‖², plus γ⟨G, θ⟩), written out with autograd."""
     torch.manual_seed(0)
-    up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1, groups=1)
+    up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)  # (bias: 6 ≠ 4, ≠ 3)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), up, nn.Tanh()).double()
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
-    target = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    target = torch.rand(3, 6, 8, 8, dtype=torch.float64)
     h = torch.relu(model[0](x)).detach()
 
     def transposed(theta):
-        return F.conv_transpose2d(h, *theta, stride=2, padding=1, output_padding=1)
+        return F.conv_transpose2d(h, *theta, stride=2, padding=1, output_padding=1, groups=2)
 
     old = [p.detach().clone() for p in up.parameters()]
     a_old = transposed(old)
@@ -160,6 +160,7 @@ def test_a_transposed_convolution_is_a_unit_of_its_decoder(variant):
     opt.step()
     assert [(row.kind, row.transfer) for row in opt.describe().rows] == [("conv2d", "relu"),
                                                                           ("conv_transpose2d", "tanh")]  # fmt: skip
+    assert opt.parameter_roles()["2.bias"] == "2"  # the bias is the unit's
     for got, want in zip(up.parameters(), theta):
         torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
 
@@ -333,6 +334,94 @@ def test_activation_checkpointing_reentrant_or_not_takes_the_step_without_it():
     for reentrant in (False, True):
         for got, expected in zip(results[reentrant], results[None]):
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_the_output_unit_behind_a_reentrant_checkpoint_is_refused_not_guessed():
+    """The walk back from the output met the checkpoint's node, not the head inside it, and gave the softmax to
+    the unit before the checkpoint. Now the step is refused, naming the checkpoint, and changes nothing."""
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(lambda h: self.head(torch.tanh(h)), self.fc(x), use_reentrant=True)
+
+    model = Hidden().double()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="reentrant activation checkpoint.*use_reentrant=False"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_no_grad_use_inside_the_training_forward_does_not_change_the_transfer():
+    """A stop-gradient branch with the same layer (its output read another way) is no consumer of the
+    training use: fc keeps its tanh."""
+
+    class Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                target = self.fc(x.flip(0)).abs()
+            return self.head(torch.tanh(self.fc(x))), target
+
+    model = Teacher().double()
+    opt = LocoPropOptimizer(model, variant="M")
+    out, target = model(torch.randn(5, 4, dtype=torch.float64))
+    (out - target[:, :2]).square().sum().backward()
+    assert [unit.transfer.name for unit in opt.units] == ["tanh", "identity"]
+
+
+def test_a_unit_used_several_times_each_into_the_same_activation_takes_it():
+    """A recurrent cell's weight used at every step, each output into tanh: the unit's transfer is tanh (it
+    was the identity: several consumers), and its M step sums the tanh matching losses of every use, checked
+    against one constant-lr SGD iteration after the first, written out with autograd."""
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = x
+            for _ in range(3):
+                h = torch.tanh(self.cell(h))
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Recurrent().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    inputs, h = [], x
+    for _ in range(3):
+        inputs.append(h)
+        h = torch.tanh(model.cell(h)).detach()
+    old = [p.detach().clone() for p in model.cell.parameters()]
+    leaves = [p.clone().requires_grad_(True) for p in old]
+    h = x
+    for _ in range(3):
+        h = torch.tanh(F.linear(h, *leaves))
+    linear_term = torch.autograd.grad(model.head(h).square().sum(), leaves)
+    theta = [p - ETA * GAMMA * g for p, g in zip(old, linear_term)]
+    leaves = [p.clone().requires_grad_(True) for p in theta]
+    divergence = sum(torch.log(torch.cosh(F.linear(u, *leaves))).sum()
+                     - (torch.tanh(F.linear(u, *old)) * F.linear(u, *leaves)).sum() for u in inputs)  # fmt: skip
+    grads = torch.autograd.grad(divergence, leaves)
+    theta = [p - ETA * (g + GAMMA * G) for p, g, G in zip(theta, grads, linear_term)]
+
+    opt = LocoPropOptimizer(model, variant="M", lr=ETA, activation_lr=GAMMA, local_iters=2, inner="sgd",
+                            inner_schedule="constant")  # fmt: skip
+    model(x).square().sum().backward()
+    assert [unit.transfer.name for unit in opt.units] == ["tanh", "identity"]
+    opt.step()
+    for got, want in zip(model.cell.parameters(), theta):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
 
 
 def test_an_evaluation_forward_without_gradients_leaves_the_transfer_to_the_training_forward():

@@ -66,3 +66,26 @@ def test_a_map_written_out_takes_its_modules_steps(written):
     assert kinds[written] == [("fc", fc_kind, "tanh"), ("conv", "conv1d", "sigmoid"), ("head", "linear", "identity")]
     for (name, got), expected in zip(twin.named_parameters(), modules.parameters()):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_a_matrix_that_no_linear_map_uses_takes_plain_steps_and_says_so():
+    """Every parameter of two or more dimensions is a candidate unit; a position embedding added to the input
+    is used by no linear map, so it takes plain steps, and describe() and parameter_roles() agree."""
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.positions = nn.Parameter(torch.randn(7, 6, dtype=torch.float64))
+            self.fc = nn.Linear(6, 3).double()
+
+        def forward(self, x):
+            return self.fc(x + self.positions)
+
+    model = Positions()
+    opt = LocoPropOptimizer(model, variant="S")
+    assert opt.parameter_roles()["positions"] == "Positions.positions"  # (before a forward: a candidate unit)
+    model(torch.randn(5, 7, 6, dtype=torch.float64)).square().sum().backward()
+    opt.step()
+    assert opt.parameter_roles() == {"positions": "backprop", "fc.weight": "fc", "fc.bias": "fc"}
+    description = opt.describe()
+    assert description.rows[0].kind == "unseen" and ("positions", 42) in description.outside
