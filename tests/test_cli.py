@@ -359,23 +359,23 @@ def test_report_over_a_folder_with_one_damaged_run_reports_the_others(tmp_path, 
     assert (tmp_path / "report" / "report.md").exists()
 
 
-def test_bench_runs_a_value_given_twice_once(monkeypatch, capsys):
-    benchmarked = []
-
-    def record(configs):
-        benchmarked.extend(configs)
-        return [dict(optimizer=c.optimizer, hypergrad=c.hypergrad, batch_size=c.batch_size, width_mult=c.width_mult,
-                     step_time_s=1.0, ratio_to_adam=1.0, flop_bound_ratio=None, peak_mem_bytes=1, device="cpu",
-                     threads=1, hypergrad_overhead=None) for c in configs]  # fmt: skip
-
-    monkeypatch.setattr("sweeps.commands.bench.bench", record)
-    argv = ["bench", "--optimizers", "adam,locoprop-m,adam", "--hypergrad", "implicit,implicit", "--batch-size",
-            "64,64", "--width-mult", "0.05,0.05", "--json"]  # fmt: skip
-    status, out, _ = run_cli(argv, capsys)
-    assert status == 0
-    assert [(c.optimizer, c.hypergrad) for c in benchmarked] == [("adam", None), ("locoprop-m", None),
-                                                                  ("locoprop-m", "implicit")]  # fmt: skip
-    assert len(out.splitlines()) == 3
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--optimizers", "adam,locoprop-m,adam", "argument --optimizers: optimizer adam given twice in "
+         "'adam,locoprop-m,adam'; give each once"),
+        ("--hypergrad", "implicit,implicit", "argument --hypergrad: hypergrad mode implicit given twice"),
+        ("--batch-size", "1000,1000", "argument --batch-size: batch size 1000 given twice in '1000,1000'"),
+        ("--width-mult", "1,1.0", "argument --width-mult: width multiplier 1.0 given twice in '1,1.0'"),
+    ],
+)  # fmt: skip
+def test_bench_refuses_a_value_given_twice_naming_the_flag_and_the_value(flag, value, message, monkeypatch, capsys):
+    """Each list flag of bench gives one row per value: a value given twice would time one configuration twice
+    (or, deduplicated, silently drop what was typed), so it is refused as compare refuses one."""
+    monkeypatch.setattr("sweeps.commands.bench.bench", lambda configs: pytest.fail("a benchmark ran"))
+    status, out, err = run_cli(["bench", flag, value, "--json"], capsys)
+    assert (status, out) == (2, "")
+    assert message in err.strip().splitlines()[-1]
 
 
 def test_compare_refuses_a_bad_seed_before_it_prints_anything(tmp_path, capsys):

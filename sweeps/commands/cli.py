@@ -369,10 +369,10 @@ def _bench_hparams(names: list[str], given: list[tuple[str, object]], compile_: 
 def cmd_bench(args) -> int:
     from sweeps.commands.bench import BenchConfig, bench
 
-    # A value given twice is benchmarked once: one row per distinct configuration.
-    names, modes = list(dict.fromkeys(args.optimizers)), list(dict.fromkeys(args.hypergrad))
-    batch_sizes = list(dict.fromkeys(args.batch_size or [WORKLOADS[args.workload].default_batch_size]))
-    widths = list(dict.fromkeys(args.width_mult))
+    # A value given twice is refused by the flag's parser (flags._once): one row per configuration.
+    names, modes = args.optimizers, args.hypergrad
+    batch_sizes = args.batch_size or [WORKLOADS[args.workload].default_batch_size]
+    widths = args.width_mult
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     shared = dict(workload=args.workload, data=args.data, depth_mult=args.depth_mult, local_iters=args.local_iters,
                   steps=args.steps, warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,

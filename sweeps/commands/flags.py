@@ -213,7 +213,7 @@ def _items(text: str) -> list[str]:
 
 def _once(parse, what: str):
     """``parse``, refusing an item given twice: a comparison of adam with adam, or of seed 1 with seed 1,
-    would count one run as two."""
+    would count one run as two, and a bench of batch 1000 with batch 1000 time one configuration twice."""
 
     def parse_once(text: str) -> list:
         items = parse(text)
@@ -631,9 +631,9 @@ def add_bench(commands) -> argparse.ArgumentParser:
     )
     _add_bench_shape_flags(p)
     p.add_argument(
-        "--optimizers", type=_name_list(list(OPTIMIZERS)), default=["adam", "locoprop-m", "locoprop-s",
-                                                                    "locoprop-s-exact"],
-        help="comma-separated registry names (default: adam,locoprop-m,locoprop-s,locoprop-s-exact)",
+        "--optimizers", type=_once(_name_list(list(OPTIMIZERS)), "optimizer"),
+        default=["adam", "locoprop-m", "locoprop-s", "locoprop-s-exact"],
+        help="comma-separated registry names, each once (default: adam,locoprop-m,locoprop-s,locoprop-s-exact)",
     )  # fmt: skip
     p.add_argument(
         "--local-iters", type=int, default=10, help="LocoProp local iterations K per step, ≥ 1 (default: %(default)s)"
@@ -647,9 +647,10 @@ def add_bench(commands) -> argparse.ArgumentParser:
         "--compile", action="store_true", help="LocoProp: fused (compiled) inner updates (default: not compiled)"
     )
     p.add_argument(
-        "--hypergrad", type=_name_list(HYPERGRAD_MODES), default=[],
-        help="LocoProp optimizers also run with γ adapted by hypergradients of these modes (comma-separated: "
-        "implicit, unrolled, gradient), each reporting its overhead over the same LocoProp at β = 0 (default: none)",
+        "--hypergrad", type=_once(_name_list(HYPERGRAD_MODES), "hypergrad mode"), default=[],
+        help="LocoProp optimizers also run with γ adapted by hypergradients of these modes (comma-separated, each "
+        "once: implicit, unrolled, gradient), each reporting its overhead over the same LocoProp at β = 0 "
+        "(default: none)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="timed steps, ≥ 1; the median is reported (default: 10)")
     p.add_argument(
@@ -680,13 +681,13 @@ def _add_bench_shape_flags(parser: argparse.ArgumentParser) -> None:
         f"{_workload_defaults('default_data')})",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-size", type=_int_list, default=None,
-        help="examples per step, one or more comma-separated, each ≥ 1 (default: the workload's: "
+        "--batch-size", type=_once(_int_list, "batch size"), default=None,
+        help="examples per step, one or more comma-separated, each ≥ 1 and once (default: the workload's: "
         f"{_workload_defaults('default_batch_size')}); the batch is random data of --data's shape",
     )  # fmt: skip
     parser.add_argument(
-        "--width-mult", type=_width_mult_list, default=[1.0],
-        help="multiplier of every hidden width, one or more comma-separated, each finite > 0 (default: 1.0)",
+        "--width-mult", type=_once(_width_mult_list, "width multiplier"), default=[1.0],
+        help="multiplier of every hidden width, one or more comma-separated, each finite > 0 and once (default: 1.0)",
     )  # fmt: skip
     add_depth_flag(parser)
 
