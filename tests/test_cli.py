@@ -182,6 +182,7 @@ BAD_INPUT = [
     ("bench --warmup -1", "Invalid warmup: -1; expected an integer ≥ 0"),
     ("bench --batch-size 64,0", "Invalid batch_size: 0; expected an integer ≥ 1"),
     ("bench --local-iters 0", "Invalid local_iters: 0; expected an integer ≥ 1"),
+    ("bench --threads 0", "Invalid threads: 0; expected an integer ≥ 1"),
     # An optimizer a workload's model refuses: before anything runs (Adam, and a whole first pair, ran first).
     (
         "compare --workloads autoencoder,cnn --optimizers adam,locoprop-s-exact --steps 2 --seeds 1 --batch-size 20 "
@@ -478,6 +479,35 @@ def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):
         assert record["peak_gflops"] == pytest.approx(peaks["float32"])
         assert record["peak_fraction"] == pytest.approx(record["achieved_gflops"] / record["peak_gflops"])
         assert record["roofline_s"] == pytest.approx(record["step_flops"] / (peaks["float32"] * 1e9))
+
+
+def test_bench_runs_on_the_threads_given_and_says_how_many(monkeypatch, capsys):
+    """--threads as train's: every optimizer and the matmul peaks it is read against run on that many intra-op
+    threads, and the record and the printed table say so (in this process: a worker process runs the same
+    ``measure`` on the config it is handed)."""
+    from sweeps.commands import bench as bench_module
+
+    peak_threads, records = [], []
+    real_bench = bench_module.bench
+
+    def fake_peaks(device, repeats=5):  # the real ones take seconds; only their threads matter here
+        peak_threads.append(torch.get_num_threads())
+        return {"float32": 1e11, "bfloat16": 1e11}
+
+    def kept(configs):
+        records.extend(real_bench(configs))
+        return records
+
+    monkeypatch.setattr(bench_module, "matmul_peaks", fake_peaks)
+    monkeypatch.setattr(bench_module, "_run_worker", lambda config, env=None: bench_module.measure(config))
+    monkeypatch.setattr(bench_module, "bench", kept)
+    argv = ["bench", "--optimizers", "adam", "--batch-size", "64", "--width-mult", "0.05", "--steps", "1",
+            "--warmup", "0", "--device", "cpu", "--threads", "3"]  # fmt: skip
+    status, out, err = run_cli(argv, capsys)
+    assert status == 0, err
+    # 3: neither this process's count nor the default's (one fewer than the cores), on any machine of ≤ 3 cores
+    assert peak_threads == [3] and [r["threads"] for r in records] == [3]
+    assert "device: cpu, 3 threads" in out
 
 
 def test_bench_on_two_processes_counts_the_bytes_each_sends(tmp_path):

@@ -376,7 +376,7 @@ def cmd_bench(args) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     shared = dict(workload=args.workload, data=args.data, depth_mult=args.depth_mult, local_iters=args.local_iters,
                   steps=args.steps, warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
-                  precision=args.precision)  # fmt: skip
+                  precision=args.precision, threads=args.threads)  # fmt: skip
     hparams = _bench_hparams(names, args.hparam or [], args.compile)
     configs = [
         BenchConfig(optimizer=name, batch_size=batch, width_mult=width, hypergrad=mode, hparams=hparams[name], **shared)

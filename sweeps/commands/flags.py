@@ -44,6 +44,7 @@ __all__ = [
     "add_report",
     "add_run_flags",
     "add_sweep",
+    "add_threads_flag",
     "add_train",
     "top_parser",
 ]
@@ -282,11 +283,7 @@ def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> Non
     _add_size_flags(parser)
     add_device_flag(parser, "where to train")
     add_precision_flag(parser)
-    parser.add_argument(
-        "--threads", type=int, default=None,
-        help="intra-op threads of each run on CPU, ≥ 1 (default: one fewer than the cores, so that a busy "
-        "neighbour does not stall every parallel region; OMP_NUM_THREADS decides when set)",
-    )  # fmt: skip
+    add_threads_flag(parser, "each run")
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (default: shown when stderr is a terminal)"
     )
@@ -386,6 +383,15 @@ def add_device_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--device", default="auto", choices=DEVICES,
         help=f"{what}: auto (cuda when available, else cpu), cpu or cuda (default: %(default)s)",
+    )  # fmt: skip
+
+
+def add_threads_flag(parser: argparse.ArgumentParser, whose: str) -> None:
+    """``--threads``: the intra-op threads of ``whose`` on CPU (``sweeps.runner.budget.run_threads``)."""
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help=f"intra-op threads of {whose} on CPU, ≥ 1 (default: one fewer than the cores, so that a busy "
+        "neighbour does not stall every parallel region; OMP_NUM_THREADS decides when set)",
     )  # fmt: skip
 
 
@@ -661,6 +667,7 @@ def add_bench(commands) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones, ≥ 0 (default: 3)")
     add_device_flag(p, "where to run")
     add_precision_flag(p)
+    add_threads_flag(p, "each benchmarked optimizer (and of the matmul peaks it is read against)")
     p.add_argument(
         "--hparam", action="append", type=_key_value, metavar="NAME=VALUE",
         help="a registry hyperparameter, VALUE in JSON or a plain string, set for every benchmarked optimizer that "
