@@ -133,6 +133,24 @@ BAD_INPUT = [
     ("train --hparam lr=1e-3 --hparam lr=1e-2 --out {out}", "Hyperparameter lr is given twice (0.001 and 0.01)"),
     ("report {runs} --out {file}", "--out {file}: {file} is a file, not a directory"),
     ("compare --address localhost:6379 --out {out}", "--backend, --storage and --address are for the tuning studies"),
+    # --tune-seed without --tune, even at its default value 0, and on the suite's path too: nothing is tuned (a tiny
+    # comparison, so that one that is not refused ends at once).
+    (
+        "compare --tune-seed 5 --data synthetic --optimizers adam --seeds 1 --steps 1 --batch-size 64 "
+        "--width-mult 0.05 --no-progress --out {out}",
+        "--tune-seed 5 is the training seed of the tuning trials, and nothing is tuned without --tune N: pass "
+        "--tune N too, or drop --tune-seed",
+    ),
+    (
+        "compare --tune-seed 0 --data synthetic --optimizers adam --seeds 1 --steps 1 --batch-size 64 "
+        "--width-mult 0.05 --no-progress --out {out}",
+        "--tune-seed 0 is the training seed of the tuning trials",
+    ),
+    (
+        "compare --workloads autoencoder/synthetic --tune-seed 5 --optimizers adam --seeds 1 --steps 1 "
+        "--batch-size 64 --width-mult 0.05 --no-progress --out {out}",
+        "nothing is tuned without --tune N",
+    ),
     (
         "compare --workloads autoencoder/synthetic --backend ray --out {out}",
         "--backend, --storage and --address are for the tuning studies: pass --tune N too",
@@ -377,6 +395,15 @@ def test_bench_refuses_a_value_given_twice_naming_the_flag_and_the_value(flag, v
     status, out, err = run_cli(["bench", flag, value, "--json"], capsys)
     assert (status, out) == (2, "")
     assert message in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("given, seed", [([], 0), (["--tune-seed", "7"], 7), (["--tune-seed", "0"], 0)])
+def test_compare_tunes_on_the_tune_seed_given_else_on_seed_0(given, seed, monkeypatch, capsys):
+    tunings = []
+    monkeypatch.setattr("sweeps.commands.compare.compare", lambda *args, tuning, **kwargs: tunings.append(tuning))
+    status, _, err = run_cli(["compare", "--tune", "2", *given, "--seeds", "1", "--out", "x"], capsys)
+    assert status == 0, err
+    assert [(t.trials, t.seed) for t in tunings] == [(2, seed)]
 
 
 def test_compare_refuses_a_bad_seed_before_it_prints_anything(tmp_path, capsys):

@@ -274,11 +274,18 @@ def _compare_suite(args) -> int:
 
 def _tuning(args):
     """compare's tuning (:class:`~sweeps.commands.compare.Tuning`) of ``--tune N``, or None without it; the back
-    end flags (:func:`sweeps.commands.flags.add_backend_flags`) without ``--tune`` are refused."""
+    end flags (:func:`sweeps.commands.flags.add_backend_flags`) and ``--tune-seed`` without ``--tune`` are refused
+    (``--tune-seed`` defaults to None, so that one given, even as 0, is told apart from its absence)."""
     from sweeps.commands.compare import Tuning
 
     if args.tune is not None:
-        return Tuning(args.tune, args.tune_seed, args.backend, args.storage, args.address)
+        seed = {} if args.tune_seed is None else {"seed": args.tune_seed}  # None: Tuning's default seed
+        return Tuning(args.tune, backend=args.backend, storage=args.storage, address=args.address, **seed)
+    if args.tune_seed is not None:
+        raise ValueError(
+            f"--tune-seed {args.tune_seed} is the training seed of the tuning trials, and nothing is tuned without "
+            "--tune N: pass --tune N too, or drop --tune-seed"
+        )
     if args.storage or args.address or args.backend != "optuna":
         raise ValueError("--backend, --storage and --address are for the tuning studies: pass --tune N too")
     return None

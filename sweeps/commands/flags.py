@@ -539,7 +539,10 @@ def add_compare(commands) -> argparse.ArgumentParser:
         help="the workload suite: --workloads " + ",".join("/".join(pair) for pair in _suite_pairs())
         + " (default: off)",
     )  # fmt: skip
-    p.add_argument("--tune-seed", type=int, default=0, help="training seed of the tuning trials (default: %(default)s)")
+    p.add_argument(
+        "--tune-seed", type=int, default=None,
+        help="training seed of the tuning trials, with --tune (default: 0)",
+    )  # fmt: skip
     add_backend_flags(p, tuning=True)
     p.add_argument(
         "--out", default="runs/compare",
