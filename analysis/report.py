@@ -10,7 +10,8 @@ and the performance profile. Files written to the output folder:
   pairs.csv: the pairs with their Welch intervals;
 - time_to_target.csv: per optimizer and target, the medians by the
   time-to-target rule; time_to_target_runs.csv: per run and target;
-  targets.csv: the targets;
+  targets.csv: the targets, with the reason where one is skipped (a target
+  the baseline met before training measures nothing);
 - summary.csv: the details table; all_runs.csv: the tidy frame;
 - figures, PNG and PDF.
 """
@@ -35,6 +36,7 @@ from analysis.tables import (
     format_markdown,
     format_target_table,
     given_targets,
+    meaningful_targets,
     selection_metric,
     summary_table,
     target_table,
@@ -108,10 +110,12 @@ def _without_runs(protocol: dict[str, Any] | None) -> dict[str, str]:
 
 
 def _profile_targets(targets: pd.DataFrame, target_loss: float | None):
-    """The performance profile's target: the given one, else each workload's 100% target."""
+    """The performance profile's target: the given one, else each workload's 100% target (none where it is
+    skipped)."""
     if target_loss is not None:
         return float(target_loss)
-    full = targets[targets["fraction"] == 1.0]
+    full = meaningful_targets(targets)
+    full = full[full["fraction"] == 1.0]
     return {(row.workload, row.data): float(row.target) for row in full.itertuples()}
 
 
@@ -121,7 +125,10 @@ def _target_section(frame: pd.DataFrame, targets: pd.DataFrame, metric: str, out
     table = target_table(frame, targets, metric)
     table.to_csv(out / "time_to_target.csv", index=False)
     targets.to_csv(out / "targets.csv", index=False)
-    reach = [time_to_target(frame, float(t.target), metric).assign(fraction=t.fraction) for t in targets.itertuples()]
+    reach = [
+        time_to_target(frame, float(t.target), metric).assign(fraction=t.fraction)
+        for t in meaningful_targets(targets).itertuples()
+    ]
     if reach:
         pd.concat(reach, ignore_index=True).to_csv(out / "time_to_target_runs.csv", index=False)
     lines = ["## Time to target", ""]
