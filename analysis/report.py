@@ -1,7 +1,8 @@
 """``locoprop report`` and the report of ``locoprop compare``: tables and plots from run directories and sweep tables.
 
 report.md opens with the protocol (budget, precision, tuning and its cost,
-seeds, splits), then the headline at the budget with the LocoProp-vs-baseline
+seeds, splits) and the trials of any sweep among the inputs by outcome, then
+the headline at the budget with the LocoProp-vs-baseline
 sentences, time to several targets, the curves, the details, sensitivity
 and the performance profile. Files written to the output folder:
 
@@ -13,6 +14,8 @@ and the performance profile. Files written to the output folder:
   targets.csv: the targets, with the reason where one is skipped (a target
   the baseline met before training measures nothing);
 - summary.csv: the details table; all_runs.csv: the tidy frame;
+- sweeps.csv (with sweep tables among the inputs): per study and optimizer,
+  its trials by outcome (finished, pruned, diverged, failed);
 - figures, PNG and PDF.
 """
 
@@ -43,6 +46,7 @@ from analysis.tables import (
     time_to_target,
 )
 from analysis.text import METRIC_NAMES
+from analysis.trials import sweep_section
 
 __all__ = ["write_report"]
 
@@ -87,7 +91,7 @@ def write_report(
     details = summary_table(frame, profile_targets, metric)
     details.to_csv(out / "summary.csv", index=False)
 
-    sections = [_title(protocol), "", *protocol_section(frame, protocol)]
+    sections = [_title(protocol), "", *protocol_section(frame, protocol), *sweep_section(frame, out)]
     sections += [format_headline(headline, pairs, metric), *_target_section(frame, targets, metric, out)]
     sections += _curves_section(frame, metric, out) + _gamma_section(frame, out)
     sections += ["## Details: final and best losses, step time", "", format_markdown(details), ""]
