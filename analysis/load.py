@@ -10,8 +10,9 @@ and the facts of :data:`RUN_FACTS` from summary.json (split sizes, the step
 count the budget became, training seconds). A record that lacks one of them
 (an older run, a sweep table) has NaN or None there. A *run* is a run directory
 (config.json + metrics.csv + summary.json) or one trial of a sweep table
-(CSV or Parquet with the same columns plus ``run_id``). Analysis reads only
-these files: it never re-runs code.
+(CSV or Parquet with the same columns plus ``run_id``), whose rows say in
+``sweep`` which table they came from (its path without suffix; None for a
+run directory). Analysis reads only these files: it never re-runs code.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "CALIBRATION_FACTS",
     "COLUMNS",
     "RUN_FACTS",
+    "SWEEP",
     "CompareFolderRead",
     "RunSkipped",
     "RunsNotFound",
@@ -71,10 +73,12 @@ RUN_FACTS = ("train_size", "valid_size", "test_size", "budget_steps", "train_sec
 # reference optimizer's step in the same measurement (absent in runs made before it was measured), and the
 # clock of both and of the budget ("wall" or "cpu").
 CALIBRATION_FACTS = ("calibrated_step_s", "reference_step_s", "calibration_clock")
+# The sweep table a row was read from (its path without suffix), None for a run directory's row.
+SWEEP = "sweep"
 # Every loaded frame has these columns (None or NaN where a record lacks one).
 COLUMNS = [
     RUN_ID, *RUN_LABELS, BUDGET_KIND, BUDGET, STATUS, PRECISION, *METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN,
-    *RUN_FACTS, *CALIBRATION_FACTS,
+    *RUN_FACTS, *CALIBRATION_FACTS, SWEEP,
 ]  # fmt: skip
 # Numeric columns: a value that is not a number is a damaged record; a missing column is NaN.
 NUMERIC = [*METRIC_COLUMNS, *CLASSIFIER_COLUMNS, STEP_TIME_COLUMN, BUDGET, *RUN_FACTS, *CALIBRATION_FACTS[:2]]
@@ -302,6 +306,7 @@ def _read_table(path: pathlib.Path) -> pd.DataFrame:
         raise RunsNotFound(f"Results table {path} has no {RUN_ID} column; is it a locoprop sweep table?")
     # Named by the table without its suffix: a sweep writes the same rows as .csv and .parquet.
     frame[RUN_ID] = str(path.with_suffix("")) + "#" + frame[RUN_ID].astype(str)
+    frame[SWEEP] = str(path.with_suffix(""))
     return _with_columns(frame, path)
 
 

@@ -17,13 +17,14 @@ import pandas as pd
 from analysis.headline import MIXED, group_budget, run_finals
 from analysis.load import registry_name
 from analysis.text import budget_text, is_missing, markdown_table, num
+from analysis.trials import TRIAL_COUNTS
 from sweeps.schema import BUDGET, BUDGET_KIND, HPARAM_PREFIX, PRECISION, STEP_COSTS
 
 __all__ = ["budget_sentence", "precision_line", "protocol_section"]
 
 GROUP = ["workload", "data"]
 SPLITS = (("train", "training"), ("valid", "validation"), ("test", "test"))
-TUNING_COUNTS = ("trials", "finished", "pruned", "diverged", "failed")
+TUNING_COUNTS = TRIAL_COUNTS  # protocol.json's counts of each study's trials (analysis.trials.trial_counts)
 
 
 def budget_sentence(kind: str | None, value) -> str:

@@ -1,7 +1,8 @@
 """``locoprop report`` and the report of ``locoprop compare``: tables and plots from run directories and sweep tables.
 
 report.md opens with the protocol (budget, precision, tuning and its cost,
-seeds, splits), then the headline at the budget with the LocoProp-vs-baseline
+seeds, splits) and the trials of any sweep among the inputs by outcome, then
+the headline at the budget with the LocoProp-vs-baseline
 sentences, time to several targets, the curves, the details, sensitivity
 and the performance profile. Files written to the output folder:
 
@@ -10,8 +11,11 @@ and the performance profile. Files written to the output folder:
   pairs.csv: the pairs with their Welch intervals;
 - time_to_target.csv: per optimizer and target, the medians by the
   time-to-target rule; time_to_target_runs.csv: per run and target;
-  targets.csv: the targets;
+  targets.csv: the targets, with the reason where one is skipped (a target
+  the baseline met before training measures nothing);
 - summary.csv: the details table; all_runs.csv: the tidy frame;
+- sweeps.csv (with sweep tables among the inputs): per study and optimizer,
+  its trials by outcome (finished, pruned, diverged, failed);
 - figures, PNG and PDF.
 """
 
@@ -35,12 +39,14 @@ from analysis.tables import (
     format_markdown,
     format_target_table,
     given_targets,
+    meaningful_targets,
     selection_metric,
     summary_table,
     target_table,
     time_to_target,
 )
 from analysis.text import METRIC_NAMES
+from analysis.trials import sweep_section
 
 __all__ = ["write_report"]
 
@@ -85,7 +91,7 @@ def write_report(
     details = summary_table(frame, profile_targets, metric)
     details.to_csv(out / "summary.csv", index=False)
 
-    sections = [_title(protocol), "", *protocol_section(frame, protocol)]
+    sections = [_title(protocol), "", *protocol_section(frame, protocol), *sweep_section(frame, out)]
     sections += [format_headline(headline, pairs, metric), *_target_section(frame, targets, metric, out)]
     sections += _curves_section(frame, metric, out) + _gamma_section(frame, out)
     sections += ["## Details: final and best losses, step time", "", format_markdown(details), ""]
@@ -108,10 +114,12 @@ def _without_runs(protocol: dict[str, Any] | None) -> dict[str, str]:
 
 
 def _profile_targets(targets: pd.DataFrame, target_loss: float | None):
-    """The performance profile's target: the given one, else each workload's 100% target."""
+    """The performance profile's target: the given one, else each workload's 100% target (none where it is
+    skipped)."""
     if target_loss is not None:
         return float(target_loss)
-    full = targets[targets["fraction"] == 1.0]
+    full = meaningful_targets(targets)
+    full = full[full["fraction"] == 1.0]
     return {(row.workload, row.data): float(row.target) for row in full.itertuples()}
 
 
@@ -121,7 +129,10 @@ def _target_section(frame: pd.DataFrame, targets: pd.DataFrame, metric: str, out
     table = target_table(frame, targets, metric)
     table.to_csv(out / "time_to_target.csv", index=False)
     targets.to_csv(out / "targets.csv", index=False)
-    reach = [time_to_target(frame, float(t.target), metric).assign(fraction=t.fraction) for t in targets.itertuples()]
+    reach = [
+        time_to_target(frame, float(t.target), metric).assign(fraction=t.fraction)
+        for t in meaningful_targets(targets).itertuples()
+    ]
     if reach:
         pd.concat(reach, ignore_index=True).to_csv(out / "time_to_target_runs.csv", index=False)
     lines = ["## Time to target", ""]

@@ -5,7 +5,11 @@
 - :func:`best_first_order`: per workload and data set, the first-order
   baseline with the lowest mean final loss over its finished runs.
 - :func:`budget_targets`: the targets, that baseline's loss at 25%, 50% and
-  100% of its training time; :func:`default_target` is the 100% one.
+  100% of its training time; :func:`default_target` is the 100% one. A
+  target most of the baseline's runs met before training (step 0: a run too
+  short, or evaluated too rarely, to have improved by then) is kept with the
+  reason in ``skipped`` and left out of the time-to-target tables
+  (:func:`meaningful_targets`).
 - :func:`time_to_target`: per run, the first evaluation at or below a
   target loss (step and training seconds), NaN where it was never reached.
 - :func:`median_to_target`: per workload, data set and optimizer, the
@@ -41,6 +45,7 @@ __all__ = [
     "format_markdown",
     "format_target_table",
     "given_targets",
+    "meaningful_targets",
     "median_to_target",
     "performance_ratios",
     "selection_metric",
@@ -54,6 +59,7 @@ GROUP = ["workload", "data"]
 ENTRY = ["workload", "data", "optimizer"]
 TO_TARGET = ["steps_to_target", "seconds_to_target"]
 TARGET_FRACTIONS = (0.25, 0.5, 1.0)
+TARGET_COLUMNS = ["workload", "data", "baseline", "fraction", "seconds", "target", "skipped"]
 
 TIME_TO_TARGET_RULE = (
     "Steps and seconds to target are medians over all runs of an optimizer on a workload, a run that never "
@@ -103,7 +109,12 @@ def budget_targets(
     baseline's runs reached by then, the majority the time-to-target rule
     asks for, so the baseline reaches each of its own targets in time.
     Columns: workload, data, baseline, fraction, seconds (f × the
-    baseline's median training time), target.
+    baseline's median training time), target, and skipped: None, or why the
+    target measures nothing: more than half of the baseline's runs met it
+    before training, at their step-0 evaluation (on a run too short, or
+    evaluated too rarely, the last evaluation within f of it is step 0's,
+    and the target is the loss of the initial weights, which every run
+    "reaches" at 0 s).
     """
     metric = metric or selection_metric(frame)
     rows = []
@@ -111,13 +122,43 @@ def budget_targets(
         runs = frame[(frame["workload"] == workload) & (frame["data"] == data) & (frame["optimizer"] == baseline)]
         runs = [run for _, run in runs[runs[STATUS] == OK].groupby("run_id", sort=True)]
         ends = [float(run["wall_time_s"].max()) for run in runs]
+        starts = [_loss_before_training(run, metric) for run in runs]
         for fraction in fractions:
-            losses = [_loss_at_fraction(run, metric, fraction) for run in runs]
+            target = _upper_median([_loss_at_fraction(run, metric, fraction) for run in runs])
             rows.append(
                 {"workload": workload, "data": data, "baseline": baseline, "fraction": fraction,
-                 "seconds": fraction * float(np.median(ends)), "target": _upper_median(losses)}
+                 "seconds": fraction * float(np.median(ends)), "target": target,
+                 "skipped": _met_before_training(baseline, fraction, target, starts)}
             )  # fmt: skip
-    return pd.DataFrame(rows, columns=["workload", "data", "baseline", "fraction", "seconds", "target"])
+    return pd.DataFrame(rows, columns=TARGET_COLUMNS)
+
+
+def _loss_before_training(run: pd.DataFrame, metric: str) -> float:
+    """The run's ``metric`` at its step-0 evaluation, the initial weights'; NaN for a run that has none."""
+    first = run.dropna(subset=[metric]).sort_values("step").head(1)
+    return float(first[metric].iloc[0]) if len(first) and first["step"].iloc[0] == 0 else math.nan
+
+
+def _met_before_training(baseline: str, fraction: float, target: float, starts: list[float]) -> str | None:
+    """Why ``target`` measures nothing, or None: more than half of the baseline's runs met it at step 0 (their
+    losses before training, ``starts``), so by :data:`TIME_TO_TARGET_RULE` its time to target is 0 s, as it is for
+    any optimizer started from the same weights."""
+    met = sum(math.isfinite(start) and start <= target for start in starts)
+    if not math.isfinite(target) or met <= len(starts) / 2:
+        return None
+    return (
+        f"not meaningful: {met} of {baseline}'s {len(starts)} runs were at or below it before training (step 0), "
+        f"not having improved on that by {fraction:.0%} of their training time (a run too short, or evaluated too "
+        "rarely), so every run reaches it at 0 s; evaluate more often (--eval-every), train longer, or pass "
+        "--target-loss"
+    )
+
+
+def meaningful_targets(targets: pd.DataFrame) -> pd.DataFrame:
+    """The targets of ``targets`` that are not skipped (:func:`budget_targets`'s ``skipped``)."""
+    if "skipped" not in targets.columns:
+        return targets
+    return targets[targets["skipped"].isna()]
 
 
 def _loss_at_fraction(run: pd.DataFrame, metric: str, fraction: float) -> float:
@@ -136,13 +177,15 @@ def _upper_median(values: list[float]) -> float:
 def given_targets(frame: pd.DataFrame, target: float) -> pd.DataFrame:
     """One given target (``--target-loss``) for every (workload, data): :func:`budget_targets`'s columns."""
     keys = frame[GROUP].drop_duplicates().sort_values(GROUP)
-    return keys.assign(baseline=None, fraction=math.nan, seconds=math.nan, target=float(target)).reset_index(drop=True)
+    keys = keys.assign(baseline=None, fraction=math.nan, seconds=math.nan, target=float(target), skipped=None)
+    return keys.reset_index(drop=True)
 
 
 def default_target(frame: pd.DataFrame, metric: str | None = None) -> dict[tuple[str, str], float]:
     """Target per (workload, data): the best first-order baseline's final loss (the 100% target of
-    :func:`budget_targets`: the median over its runs, the upper middle value for an even count)."""
-    targets = budget_targets(frame, metric, fractions=(1.0,))
+    :func:`budget_targets`: the median over its runs, the upper middle value for an even count); none for a
+    workload where that target is skipped."""
+    targets = meaningful_targets(budget_targets(frame, metric, fractions=(1.0,)))
     return {(row.workload, row.data): float(row.target) for row in targets.itertuples()}
 
 
@@ -196,11 +239,11 @@ def target_table(frame: pd.DataFrame, targets: pd.DataFrame, metric: str | None 
     One row per (workload, data, optimizer, target): the target's fraction
     and loss, runs, reached, and the median steps and seconds by
     :func:`median_to_target` (NaN: not reached). A workload without targets
-    (no first-order baseline finished) has no rows.
+    (no first-order baseline finished) has no rows, nor has a skipped target.
     """
     metric = metric or selection_metric(frame)
     parts = []
-    for target in targets.itertuples():
+    for target in meaningful_targets(targets).itertuples():
         runs = frame[(frame["workload"] == target.workload) & (frame["data"] == target.data)]
         medians = median_to_target(time_to_target(runs, float(target.target), metric)).reset_index()
         parts.append(medians.assign(fraction=target.fraction, target=target.target, baseline=target.baseline))
@@ -313,10 +356,19 @@ def _pm(mean, std) -> str:
 
 
 def format_target_table(table: pd.DataFrame, targets: pd.DataFrame, workload: str, data: str) -> str:
-    """Time to each target on one (workload, data) as Markdown: one column per target, one row per optimizer;
-    a cell is "median seconds, median steps (reached/runs)" or "not reached (reached/runs)"."""
+    """Time to each target on one (workload, data) as Markdown: one column per target that is not skipped, one
+    row per optimizer; a cell is "median seconds, median steps (reached/runs)" or "not reached (reached/runs)".
+    Each skipped target follows the table, in a line with its reason; without any other, only these lines."""
     mine = table[(table["workload"] == workload) & (table["data"] == data)]
-    columns = targets[(targets["workload"] == workload) & (targets["data"] == data)]
+    targets = targets[(targets["workload"] == workload) & (targets["data"] == data)]
+    columns = meaningful_targets(targets)
+    skipped = [
+        f"- {_target_header(target)}: skipped, {target.skipped}"
+        for target in targets.itertuples()
+        if isinstance(getattr(target, "skipped", None), str)
+    ]
+    if columns.empty:
+        return "\n".join(skipped)
     headers = ["optimizer", *(_target_header(t) for t in columns.itertuples())]
     rows = []
     for optimizer, cells in mine.groupby("optimizer", sort=True):
@@ -325,7 +377,7 @@ def format_target_table(table: pd.DataFrame, targets: pd.DataFrame, workload: st
             cell = cells[(cells["target"] == target.target) & _same_fraction(cells["fraction"], target.fraction)]
             row.append(_reach_cell(cell.iloc[0]) if len(cell) else "–")
         rows.append(row)
-    return markdown_table(headers, rows)
+    return "\n\n".join([markdown_table(headers, rows), *(["\n".join(skipped)] if skipped else [])])
 
 
 def _same_fraction(fractions: pd.Series, fraction: float) -> pd.Series:

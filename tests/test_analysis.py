@@ -253,6 +253,7 @@ def test_report_command_writes_tables_plots_and_index(runs, tmp_path):
     assert "| autoencoder | mnist5k | locoprop-m | 2 | 0 | 2.1 ± 0.14 |" in index  # the details table
     assert TIME_TO_TARGET_RULE in index  # the report states how partly reached targets count
     assert pd.read_csv(out / "results.csv").shape[0] == 3
+    assert "## Sweeps" not in index and not (out / "sweeps.csv").exists()  # no sweep table among the inputs
 
 
 def test_bad_inputs_give_clear_messages(tmp_path):

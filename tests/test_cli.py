@@ -133,6 +133,24 @@ BAD_INPUT = [
     ("train --hparam lr=1e-3 --hparam lr=1e-2 --out {out}", "Hyperparameter lr is given twice (0.001 and 0.01)"),
     ("report {runs} --out {file}", "--out {file}: {file} is a file, not a directory"),
     ("compare --address localhost:6379 --out {out}", "--backend, --storage and --address are for the tuning studies"),
+    # --tune-seed without --tune, even at its default value 0, and on the suite's path too: nothing is tuned (a tiny
+    # comparison, so that one that is not refused ends at once).
+    (
+        "compare --tune-seed 5 --data synthetic --optimizers adam --seeds 1 --steps 1 --batch-size 64 "
+        "--width-mult 0.05 --no-progress --out {out}",
+        "--tune-seed 5 is the training seed of the tuning trials, and nothing is tuned without --tune N: pass "
+        "--tune N too, or drop --tune-seed",
+    ),
+    (
+        "compare --tune-seed 0 --data synthetic --optimizers adam --seeds 1 --steps 1 --batch-size 64 "
+        "--width-mult 0.05 --no-progress --out {out}",
+        "--tune-seed 0 is the training seed of the tuning trials",
+    ),
+    (
+        "compare --workloads autoencoder/synthetic --tune-seed 5 --optimizers adam --seeds 1 --steps 1 "
+        "--batch-size 64 --width-mult 0.05 --no-progress --out {out}",
+        "nothing is tuned without --tune N",
+    ),
     (
         "compare --workloads autoencoder/synthetic --backend ray --out {out}",
         "--backend, --storage and --address are for the tuning studies: pass --tune N too",
@@ -182,6 +200,7 @@ BAD_INPUT = [
     ("bench --warmup -1", "Invalid warmup: -1; expected an integer ≥ 0"),
     ("bench --batch-size 64,0", "Invalid batch_size: 0; expected an integer ≥ 1"),
     ("bench --local-iters 0", "Invalid local_iters: 0; expected an integer ≥ 1"),
+    ("bench --threads 0", "Invalid threads: 0; expected an integer ≥ 1"),
     # An optimizer a workload's model refuses: before anything runs (Adam, and a whole first pair, ran first).
     (
         "compare --workloads autoencoder,cnn --optimizers adam,locoprop-s-exact --steps 2 --seeds 1 --batch-size 20 "
@@ -359,23 +378,32 @@ def test_report_over_a_folder_with_one_damaged_run_reports_the_others(tmp_path, 
     assert (tmp_path / "report" / "report.md").exists()
 
 
-def test_bench_runs_a_value_given_twice_once(monkeypatch, capsys):
-    benchmarked = []
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--optimizers", "adam,locoprop-m,adam", "argument --optimizers: optimizer adam given twice in "
+         "'adam,locoprop-m,adam'; give each once"),
+        ("--hypergrad", "implicit,implicit", "argument --hypergrad: hypergrad mode implicit given twice"),
+        ("--batch-size", "1000,1000", "argument --batch-size: batch size 1000 given twice in '1000,1000'"),
+        ("--width-mult", "1,1.0", "argument --width-mult: width multiplier 1.0 given twice in '1,1.0'"),
+    ],
+)  # fmt: skip
+def test_bench_refuses_a_value_given_twice_naming_the_flag_and_the_value(flag, value, message, monkeypatch, capsys):
+    """Each list flag of bench gives one row per value: a value given twice would time one configuration twice
+    (or, deduplicated, silently drop what was typed), so it is refused as compare refuses one."""
+    monkeypatch.setattr("sweeps.commands.bench.bench", lambda configs: pytest.fail("a benchmark ran"))
+    status, out, err = run_cli(["bench", flag, value, "--json"], capsys)
+    assert (status, out) == (2, "")
+    assert message in err.strip().splitlines()[-1]
 
-    def record(configs):
-        benchmarked.extend(configs)
-        return [dict(optimizer=c.optimizer, hypergrad=c.hypergrad, batch_size=c.batch_size, width_mult=c.width_mult,
-                     step_time_s=1.0, ratio_to_adam=1.0, flop_bound_ratio=None, peak_mem_bytes=1, device="cpu",
-                     threads=1, hypergrad_overhead=None) for c in configs]  # fmt: skip
 
-    monkeypatch.setattr("sweeps.commands.bench.bench", record)
-    argv = ["bench", "--optimizers", "adam,locoprop-m,adam", "--hypergrad", "implicit,implicit", "--batch-size",
-            "64,64", "--width-mult", "0.05,0.05", "--json"]  # fmt: skip
-    status, out, _ = run_cli(argv, capsys)
-    assert status == 0
-    assert [(c.optimizer, c.hypergrad) for c in benchmarked] == [("adam", None), ("locoprop-m", None),
-                                                                  ("locoprop-m", "implicit")]  # fmt: skip
-    assert len(out.splitlines()) == 3
+@pytest.mark.parametrize("given, seed", [([], 0), (["--tune-seed", "7"], 7), (["--tune-seed", "0"], 0)])
+def test_compare_tunes_on_the_tune_seed_given_else_on_seed_0(given, seed, monkeypatch, capsys):
+    tunings = []
+    monkeypatch.setattr("sweeps.commands.compare.compare", lambda *args, tuning, **kwargs: tunings.append(tuning))
+    status, _, err = run_cli(["compare", "--tune", "2", *given, "--seeds", "1", "--out", "x"], capsys)
+    assert status == 0, err
+    assert [(t.trials, t.seed) for t in tunings] == [(2, seed)]
 
 
 def test_compare_refuses_a_bad_seed_before_it_prints_anything(tmp_path, capsys):
@@ -478,6 +506,35 @@ def test_bench_command_prints_one_json_object_per_optimizer(tmp_path):
         assert record["peak_gflops"] == pytest.approx(peaks["float32"])
         assert record["peak_fraction"] == pytest.approx(record["achieved_gflops"] / record["peak_gflops"])
         assert record["roofline_s"] == pytest.approx(record["step_flops"] / (peaks["float32"] * 1e9))
+
+
+def test_bench_runs_on_the_threads_given_and_says_how_many(monkeypatch, capsys):
+    """--threads as train's: every optimizer and the matmul peaks it is read against run on that many intra-op
+    threads, and the record and the printed table say so (in this process: a worker process runs the same
+    ``measure`` on the config it is handed)."""
+    from sweeps.commands import bench as bench_module
+
+    peak_threads, records = [], []
+    real_bench = bench_module.bench
+
+    def fake_peaks(device, repeats=5):  # the real ones take seconds; only their threads matter here
+        peak_threads.append(torch.get_num_threads())
+        return {"float32": 1e11, "bfloat16": 1e11}
+
+    def kept(configs):
+        records.extend(real_bench(configs))
+        return records
+
+    monkeypatch.setattr(bench_module, "matmul_peaks", fake_peaks)
+    monkeypatch.setattr(bench_module, "_run_worker", lambda config, env=None: bench_module.measure(config))
+    monkeypatch.setattr(bench_module, "bench", kept)
+    argv = ["bench", "--optimizers", "adam", "--batch-size", "64", "--width-mult", "0.05", "--steps", "1",
+            "--warmup", "0", "--device", "cpu", "--threads", "3"]  # fmt: skip
+    status, out, err = run_cli(argv, capsys)
+    assert status == 0, err
+    # 3: neither this process's count nor the default's (one fewer than the cores), on any machine of ≤ 3 cores
+    assert peak_threads == [3] and [r["threads"] for r in records] == [3]
+    assert "device: cpu, 3 threads" in out
 
 
 def test_bench_on_two_processes_counts_the_bytes_each_sends(tmp_path):

@@ -241,6 +241,29 @@ def test_an_even_number_of_baseline_runs_gives_a_target_most_of_them_reach(tmp_p
     assert targets.set_index("fraction").loc[1.0, "target"] == max(finals("adam")[:2])  # the upper of two
 
 
+def test_a_target_the_baseline_met_before_training_is_skipped_with_its_reason(tmp_path):
+    """Runs evaluated only at step 0 and at their end: at 25% and 50% of its time the baseline's last evaluation is
+    step 0's, so those targets are the initial weights' loss, which every run "reaches" at 0 s. They are listed
+    with the reason and left out of the time-to-target tables; the 100% target is kept."""
+    from test_analysis import make_run as make_short_run
+
+    for seed in (0, 1):  # losses at step 0 and step 10; the same initial loss for both optimizers of a seed
+        make_short_run(tmp_path / "runs", "adam", seed, "ok", [10.0, 4.0 + seed], 1.0, 0.1)
+        make_short_run(tmp_path / "runs", "locoprop-m", seed, "ok", [10.0, 3.0 + seed], 2.0, 0.2)
+    report = write_report([tmp_path / "runs"], tmp_path / "report")
+    targets = pd.read_csv(report.parent / "targets.csv").set_index("fraction")
+    assert targets["target"].to_dict() == {0.25: 10.0, 0.5: 10.0, 1.0: 5.0}  # the upper of two finals
+    assert targets["skipped"].notna().to_dict() == {0.25: True, 0.5: True, 1.0: False}
+    assert targets.loc[0.25, "skipped"].startswith("not meaningful: 2 of adam's 2 runs were at or below it before "
+                                                   "training (step 0)")  # fmt: skip
+    for name in ("time_to_target.csv", "time_to_target_runs.csv"):
+        assert set(pd.read_csv(report.parent / name)["fraction"]) == {1.0}
+    text = report.read_text()
+    assert "0 s, 0 steps" not in text
+    assert "- target 10 (25% of adam's time, 0.25 s): skipped, not meaningful: 2 of adam's 2 runs" in text
+    assert "| target 5 (100% of adam's time, 1 s) |" in text
+
+
 def test_a_given_target_overrides_the_budget_targets(runs, tmp_path):
     report = write_report([runs], tmp_path / "report", target_loss=60.0)
     table = pd.read_csv(report.parent / "time_to_target.csv")

@@ -179,6 +179,51 @@ def test_diverged_run_becomes_a_pruned_trial(tmp_path):
     assert set(pd.read_csv(table)["status"]) == {"diverged"}
 
 
+class _PruneTrialOne(optuna.pruners.BasePruner):
+    """Prunes trial 1 at its first report (the evaluation after step 0): Optuna's own pruning, at a known trial."""
+
+    def prune(self, study, trial):
+        return trial.number == 1
+
+
+def test_the_report_counts_a_study_s_finished_pruned_and_failed_trials(tmp_path, monkeypatch):
+    """A study of 3 trials: trial 1 pruned, trial 2 failed after its first evaluation (the sweep stops there), and
+    the same command again finishes the study with trial 3. Its table holds all four; the report counts them by
+    outcome, in report.md and sweeps.csv, instead of showing the finished ones alone."""
+    from analysis.report import write_report
+
+    real_train = optuna_backend.train
+
+    def train_failing_trial_two(config, **kwargs):
+        if config.out.endswith("trial-0002"):
+
+            def fail(row):
+                raise RuntimeError("a trial that fails after its first evaluation")
+
+            kwargs["on_evaluation"] = fail
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(optuna_backend, "_pruner", lambda name: _PruneTrialOne())
+    monkeypatch.setattr(optuna_backend, "train", train_failing_trial_two)
+    kwargs = dict(study_name="s", out=tmp_path / "sweep", trials=3, pruner="none")
+    with pytest.raises(RuntimeError, match="fails after its first evaluation"):
+        run_optuna_sweep(TINY, load_space("adam"), **kwargs)
+    monkeypatch.setattr(optuna_backend, "train", real_train)
+    table = run_optuna_sweep(TINY, load_space("adam"), **kwargs)
+    statuses = pd.read_csv(table).drop_duplicates("trial").set_index("trial")["status"].to_dict()
+    assert statuses == {0: "ok", 1: "pruned", 2: "failed", 3: "ok"}
+
+    report = write_report([tmp_path / "sweep"], tmp_path / "report")
+    text = report.read_text()
+    assert "## Sweeps: trials by outcome" in text
+    assert "| study | optimizer | workload | data | trials | finished | pruned | diverged | failed |" in text
+    assert "| s | adam | autoencoder | synthetic | 4 | 2 | 1 | 0 | 1 |" in text
+    counts = pd.read_csv(report.parent / "sweeps.csv")
+    columns = ["study", "optimizer", "trials", "finished", "pruned", "diverged", "failed"]
+    assert counts[columns].values.tolist() == [["s", "adam", 4, 2, 1, 0, 1]]
+    assert counts["table"].tolist() == [str(table.with_suffix(""))]
+
+
 def test_continuing_a_study_proposes_new_points_reproducibly(tmp_path):
     space = load_space("adam")
     for folder in ("a", "b"):

@@ -42,8 +42,9 @@ optimizer:
 - the roofline: ``matmul_peak_gflops``, the machine's matmul peak per dtype
   (float32 and bfloat16: the fastest of 5 square matmuls of side 2048 on
   CPU, 8192 on CUDA, measured once per bench run, in the parent process,
-  before the optimizers); ``step_flops`` (``step_flops_by_dtype``: the
-  FLOPs of a step by the dtype of their matmuls), one backprop step, 3 ×
+  before the optimizers, on the threads they run on); ``step_flops``
+  (``step_flops_by_dtype``: the FLOPs of a step by the dtype of their
+  matmuls), one backprop step, 3 ×
   the model's forward FLOPs (torch's FLOP counter: matmuls and
   convolutions), in the dtype of the forward (bfloat16 under ``precision``
   "bf16"), and for iterative LocoProp 2K × the units' forward FLOPs in its
@@ -57,6 +58,11 @@ optimizer:
   ``peak_fraction`` = ``achieved_gflops`` / ``peak_gflops``: how close the
   step is to the machine's limit (``1 / peak_fraction``: the step over its
   roofline).
+
+Every optimizer runs on ``threads`` intra-op threads on CPU, as a run of
+``locoprop train --threads`` does (None: one fewer than the cores,
+``sweeps.runner.budget.default_threads``; ``OMP_NUM_THREADS`` decides when
+set); each record's ``threads`` is the count it ran on.
 
 ``precision`` "bf16" times every optimizer, and its Adam twin, with the
 forward and backward under bfloat16 autocast and LocoProp's inner matmuls in
@@ -83,7 +89,7 @@ from torch import nn
 
 from baselines.registry import cost_period
 from sweeps.runner import contract
-from sweeps.runner.budget import interleaved_step_times, round_steps
+from sweeps.runner.budget import interleaved_step_times, round_steps, run_threads
 from sweeps.runner.precision import DEFAULT_PRECISION, autocast, check_precision, forward, optimizer_hparams
 from sweeps.runner.ranks import Ranks, launch
 
@@ -108,6 +114,7 @@ class BenchConfig:
     hypergrad: str | None = None  # LocoProp: γ adapted by hypergradients of this mode (None: β = 0)
     memory_only: bool = False  # the separate memory run: no Adam twin, no probe
     precision: str = DEFAULT_PRECISION  # "bf16": the forward and backward under bfloat16 autocast (and Adam's twin)
+    threads: int | None = None  # intra-op threads on CPU, as a run's (None: budget.default_threads; a rank: its share)
 
     def __post_init__(self):
         from sweeps.runner.workloads import WORKLOADS
@@ -144,6 +151,9 @@ class BenchConfig:
                 raise ValueError(f"Invalid hypergrad: {self.hypergrad!r}; expected one of {', '.join(HYPERGRAD_MODES)}")
             if not self.optimizer.startswith("locoprop"):
                 raise ValueError(f"hypergrad={self.hypergrad!r} is for LocoProp, not {self.optimizer!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):  # fmt: skip
+            raise ValueError(f"Invalid threads: {self.threads!r}; expected an integer ≥ 1")
         if self.batch_size % self.nproc:
             raise ValueError(f"Invalid batch_size: {self.batch_size} does not split into {self.nproc} equal shards")
         check_precision(self.precision)
@@ -329,11 +339,20 @@ def measure(config: BenchConfig) -> dict:
 
     Its steps alternate with Adam steps on an identical model (and, for
     LocoProp, with the throughput probe), so that the ratios compare
-    measurements taken under the same machine conditions.
+    measurements taken under the same machine conditions. It runs on
+    ``config.threads`` intra-op threads as a run would (:func:`~sweeps.runner.train.train`: None is
+    :func:`~sweeps.runner.budget.default_threads`, and a data-parallel rank keeps its share of the cores);
+    the record's ``threads`` says how many.
     """
+    config.validate()
+    threads = config.threads or (torch.get_num_threads() if Ranks().many else None)
+    with run_threads(threads):
+        return _measure(config)
+
+
+def _measure(config: BenchConfig) -> dict:
     from locoprop import LocoPropOptimizer
 
-    config.validate()
     device = torch.device(config.device)
     baseline_rss = _rss_bytes()
     if device.type == "cuda":
@@ -541,8 +560,14 @@ def bench(configs: list[BenchConfig]) -> list[dict]:
     for config in configs:
         config.validate()
         check_builds(config)
-    # Once per bench run, before the optimizers: the peaks every record's roofline is read against.
-    peaks = matmul_peaks(torch.device(configs[0].device)) if configs else {}
+    # Once per bench run, before the optimizers: the peaks every record's roofline is read against, on the threads
+    # the records are measured on (one set per thread count the configs ask for).
+    peaks = {}
+    for config in configs:
+        key = (config.device, config.threads)
+        if key not in peaks:
+            with run_threads(config.threads):
+                peaks[key] = matmul_peaks(torch.device(config.device))
     records = []
     for config in configs:
         record = _run_worker(config)
@@ -551,10 +576,10 @@ def bench(configs: list[BenchConfig]) -> list[dict]:
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
             record["peak_mem_bytes"] = _run_worker(memory_run, env)["peak_mem_bytes"]
         records.append(record)
-    for record in records:
+    for config, record in zip(configs, records):
         record.setdefault("flop_bound_ratio", None)
         record.setdefault("hypergrad_overhead", None)
-        add_roofline(record, peaks)
+        add_roofline(record, peaks[config.device, config.threads])
     return records
 
 

@@ -274,11 +274,18 @@ def _compare_suite(args) -> int:
 
 def _tuning(args):
     """compare's tuning (:class:`~sweeps.commands.compare.Tuning`) of ``--tune N``, or None without it; the back
-    end flags (:func:`sweeps.commands.flags.add_backend_flags`) without ``--tune`` are refused."""
+    end flags (:func:`sweeps.commands.flags.add_backend_flags`) and ``--tune-seed`` without ``--tune`` are refused
+    (``--tune-seed`` defaults to None, so that one given, even as 0, is told apart from its absence)."""
     from sweeps.commands.compare import Tuning
 
     if args.tune is not None:
-        return Tuning(args.tune, args.tune_seed, args.backend, args.storage, args.address)
+        seed = {} if args.tune_seed is None else {"seed": args.tune_seed}  # None: Tuning's default seed
+        return Tuning(args.tune, backend=args.backend, storage=args.storage, address=args.address, **seed)
+    if args.tune_seed is not None:
+        raise ValueError(
+            f"--tune-seed {args.tune_seed} is the training seed of the tuning trials, and nothing is tuned without "
+            "--tune N: pass --tune N too, or drop --tune-seed"
+        )
     if args.storage or args.address or args.backend != "optuna":
         raise ValueError("--backend, --storage and --address are for the tuning studies: pass --tune N too")
     return None
@@ -369,14 +376,14 @@ def _bench_hparams(names: list[str], given: list[tuple[str, object]], compile_: 
 def cmd_bench(args) -> int:
     from sweeps.commands.bench import BenchConfig, bench
 
-    # A value given twice is benchmarked once: one row per distinct configuration.
-    names, modes = list(dict.fromkeys(args.optimizers)), list(dict.fromkeys(args.hypergrad))
-    batch_sizes = list(dict.fromkeys(args.batch_size or [WORKLOADS[args.workload].default_batch_size]))
-    widths = list(dict.fromkeys(args.width_mult))
+    # A value given twice is refused by the flag's parser (flags._once): one row per configuration.
+    names, modes = args.optimizers, args.hypergrad
+    batch_sizes = args.batch_size or [WORKLOADS[args.workload].default_batch_size]
+    widths = args.width_mult
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     shared = dict(workload=args.workload, data=args.data, depth_mult=args.depth_mult, local_iters=args.local_iters,
                   steps=args.steps, warmup=args.warmup, device=device, parallel=args.parallel, nproc=args.nproc,
-                  precision=args.precision)  # fmt: skip
+                  precision=args.precision, threads=args.threads)  # fmt: skip
     hparams = _bench_hparams(names, args.hparam or [], args.compile)
     configs = [
         BenchConfig(optimizer=name, batch_size=batch, width_mult=width, hypergrad=mode, hparams=hparams[name], **shared)

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from analysis.report import write_report
+from analysis.trials import trial_counts
 from baselines.registry import cost_knobs
 from sweeps import schema
 from sweeps.commands import presets
@@ -341,17 +342,10 @@ def _study_summary(table: pathlib.Path) -> dict[str, Any]:
 
     frame = pd.read_csv(table)
     trials = frame.drop_duplicates("trial") if not frame.empty else frame
-    statuses = trials["status"].value_counts().to_dict() if not frame.empty else {}
+    statuses = trials["status"].tolist() if not frame.empty else []
     seconds = frame.groupby("trial")["wall_time_s"].max().sum() if not frame.empty else 0.0
-    return {
-        "trials": len(trials),
-        "finished": int(statuses.get("ok", 0)),
-        "pruned": int(statuses.get("pruned", 0)),
-        "diverged": int(statuses.get("diverged", 0)),
-        "failed": int(sum(n for status, n in statuses.items() if status not in ("ok", "pruned", "diverged"))),
-        "train_seconds": float(seconds),
-        "table": str(table),
-    }
+    # The same counts as `locoprop report` gives a sweep table (analysis.trials).
+    return {**trial_counts(statuses), "train_seconds": float(seconds), "table": str(table)}
 
 
 def _final_run(base: RunConfig, optimizer: str, hparams: dict, seed: int, out: pathlib.Path, progress) -> pathlib.Path:

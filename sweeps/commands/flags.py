@@ -44,6 +44,7 @@ __all__ = [
     "add_report",
     "add_run_flags",
     "add_sweep",
+    "add_threads_flag",
     "add_train",
     "top_parser",
 ]
@@ -213,7 +214,7 @@ def _items(text: str) -> list[str]:
 
 def _once(parse, what: str):
     """``parse``, refusing an item given twice: a comparison of adam with adam, or of seed 1 with seed 1,
-    would count one run as two."""
+    would count one run as two, and a bench of batch 1000 with batch 1000 time one configuration twice."""
 
     def parse_once(text: str) -> list:
         items = parse(text)
@@ -282,11 +283,7 @@ def add_run_flags(parser: argparse.ArgumentParser, compare: bool = False) -> Non
     _add_size_flags(parser)
     add_device_flag(parser, "where to train")
     add_precision_flag(parser)
-    parser.add_argument(
-        "--threads", type=int, default=None,
-        help="intra-op threads of each run on CPU, ≥ 1 (default: one fewer than the cores, so that a busy "
-        "neighbour does not stall every parallel region; OMP_NUM_THREADS decides when set)",
-    )  # fmt: skip
+    add_threads_flag(parser, "each run")
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (default: shown when stderr is a terminal)"
     )
@@ -386,6 +383,15 @@ def add_device_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--device", default="auto", choices=DEVICES,
         help=f"{what}: auto (cuda when available, else cpu), cpu or cuda (default: %(default)s)",
+    )  # fmt: skip
+
+
+def add_threads_flag(parser: argparse.ArgumentParser, whose: str) -> None:
+    """``--threads``: the intra-op threads of ``whose`` on CPU (``sweeps.runner.budget.run_threads``)."""
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help=f"intra-op threads of {whose} on CPU, ≥ 1 (default: one fewer than the cores, so that a busy "
+        "neighbour does not stall every parallel region; OMP_NUM_THREADS decides when set)",
     )  # fmt: skip
 
 
@@ -533,7 +539,10 @@ def add_compare(commands) -> argparse.ArgumentParser:
         help="the workload suite: --workloads " + ",".join("/".join(pair) for pair in _suite_pairs())
         + " (default: off)",
     )  # fmt: skip
-    p.add_argument("--tune-seed", type=int, default=0, help="training seed of the tuning trials (default: %(default)s)")
+    p.add_argument(
+        "--tune-seed", type=int, default=None,
+        help="training seed of the tuning trials, with --tune (default: 0)",
+    )  # fmt: skip
     add_backend_flags(p, tuning=True)
     p.add_argument(
         "--out", default="runs/compare",
@@ -631,9 +640,9 @@ def add_bench(commands) -> argparse.ArgumentParser:
     )
     _add_bench_shape_flags(p)
     p.add_argument(
-        "--optimizers", type=_name_list(list(OPTIMIZERS)), default=["adam", "locoprop-m", "locoprop-s",
-                                                                    "locoprop-s-exact"],
-        help="comma-separated registry names (default: adam,locoprop-m,locoprop-s,locoprop-s-exact)",
+        "--optimizers", type=_once(_name_list(list(OPTIMIZERS)), "optimizer"),
+        default=["adam", "locoprop-m", "locoprop-s", "locoprop-s-exact"],
+        help="comma-separated registry names, each once (default: adam,locoprop-m,locoprop-s,locoprop-s-exact)",
     )  # fmt: skip
     p.add_argument(
         "--local-iters", type=int, default=10, help="LocoProp local iterations K per step, ≥ 1 (default: %(default)s)"
@@ -647,9 +656,10 @@ def add_bench(commands) -> argparse.ArgumentParser:
         "--compile", action="store_true", help="LocoProp: fused (compiled) inner updates (default: not compiled)"
     )
     p.add_argument(
-        "--hypergrad", type=_name_list(HYPERGRAD_MODES), default=[],
-        help="LocoProp optimizers also run with γ adapted by hypergradients of these modes (comma-separated: "
-        "implicit, unrolled, gradient), each reporting its overhead over the same LocoProp at β = 0 (default: none)",
+        "--hypergrad", type=_once(_name_list(HYPERGRAD_MODES), "hypergrad mode"), default=[],
+        help="LocoProp optimizers also run with γ adapted by hypergradients of these modes (comma-separated, each "
+        "once: implicit, unrolled, gradient), each reporting its overhead over the same LocoProp at β = 0 "
+        "(default: none)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="timed steps, ≥ 1; the median is reported (default: 10)")
     p.add_argument(
@@ -660,6 +670,7 @@ def add_bench(commands) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones, ≥ 0 (default: 3)")
     add_device_flag(p, "where to run")
     add_precision_flag(p)
+    add_threads_flag(p, "each benchmarked optimizer (and of the matmul peaks it is read against)")
     p.add_argument(
         "--hparam", action="append", type=_key_value, metavar="NAME=VALUE",
         help="a registry hyperparameter, VALUE in JSON or a plain string, set for every benchmarked optimizer that "
@@ -680,13 +691,13 @@ def _add_bench_shape_flags(parser: argparse.ArgumentParser) -> None:
         f"{_workload_defaults('default_data')})",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-size", type=_int_list, default=None,
-        help="examples per step, one or more comma-separated, each ≥ 1 (default: the workload's: "
+        "--batch-size", type=_once(_int_list, "batch size"), default=None,
+        help="examples per step, one or more comma-separated, each ≥ 1 and once (default: the workload's: "
         f"{_workload_defaults('default_batch_size')}); the batch is random data of --data's shape",
     )  # fmt: skip
     parser.add_argument(
-        "--width-mult", type=_width_mult_list, default=[1.0],
-        help="multiplier of every hidden width, one or more comma-separated, each finite > 0 (default: 1.0)",
+        "--width-mult", type=_once(_width_mult_list, "width multiplier"), default=[1.0],
+        help="multiplier of every hidden width, one or more comma-separated, each finite > 0 and once (default: 1.0)",
     )  # fmt: skip
     add_depth_flag(parser)
 
