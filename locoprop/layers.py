@@ -112,6 +112,8 @@ class Block:
     selects: tuple[int, ...]
     start: int
     stop: int
+    # Whether the use's map adds the unit's bias (a use without it, beside uses with it, takes this block whole).
+    bias: bool = True
 
     def matrix(self, parameter: Tensor) -> Tensor:
         """``parameter[selects]``: the whole matrix (or, for a bias, vector) the block lies in."""
@@ -125,7 +127,7 @@ class Block:
     def bias_block(self, kind: str, outputs: int) -> Block:
         """The part of the bias that the map of this block of the weight adds: the same rows for a = x·Wᵀ + b
         (``kind`` "linear", rows are outputs), its matrix's whole vector of ``outputs`` entries for a = x·W + b."""
-        return self if kind == "linear" else Block(self.selects, 0, outputs)
+        return Block(self.selects, self.start, self.stop) if kind == "linear" else Block(self.selects, 0, outputs)
 
 
 class BlockAdapter(LayerAdapter):
@@ -143,7 +145,7 @@ class BlockAdapter(LayerAdapter):
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         weight = self.block.of(weight)
         if bias is not None:
-            bias = self.block.bias_block(self.kind, weight.shape[-1]).of(bias)
+            bias = self.block.bias_block(self.kind, weight.shape[-1]).of(bias) if self.block.bias else None
         return self.adapter.forward(x, weight, bias)
 
     def input_rows(self, x: Tensor) -> Tensor:

@@ -145,7 +145,8 @@ def layer_transpose(forward: Forward, params: Sequence[Tensor], x: Tensor, u: Te
     leaves = [p.detach().requires_grad_(True) for p in params]
     with torch.enable_grad():
         a = forward(x, *_weight_and_bias(leaves))
-        return list(torch.autograd.grad(a, leaves, u))
+        # (a use of a block without the bias leaves the bias out of its map: zero there)
+        return list(torch.autograd.grad(a, leaves, u, allow_unused=True, materialize_grads=True))
 
 
 def local_objective(

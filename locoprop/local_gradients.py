@@ -179,7 +179,7 @@ class LocalGradients:
                     block = Block((), 0, delta[0].shape[0])
                 weight, weight_grad = block.of(delta[0]), block.of(grads[0])
                 bias_block = block.bias_block(unit.kind, weight.shape[-1])
-                bias = bias_block.of(delta[1]) if len(delta) > 1 else None
+                bias = bias_block.of(delta[1]) if len(delta) > 1 and block.bias else None
                 delta_a = x @ (weight.T if linear else weight)
                 if bias is not None:
                     delta_a += bias

@@ -10,7 +10,8 @@ leaves. While it is active it sees the torch functions the forward calls:
   (``nn.Linear``), ``torch.addmm(b, x, W)``, ``torch.matmul``/``mm`` with
   W on the right (Hugging Face's ``Conv1D``), ``F.conv1d/2d/3d`` (grouped
   and depthwise too), ``F.conv_transpose1d/2d/3d``, ``F.embedding``,
-  ``x @ W.T`` (F.linear written out), ``W @ x`` (a parameter on the left),
+  ``x @ W.T`` (F.linear written out; the unit's bias added right after is
+  folded into the map), ``W @ x`` (a parameter on the left),
   ``torch.bmm(x, W)`` with a stacked E × d_in × d_out parameter; the matrix maps also with a
   :class:`~locoprop.layers.Block` of a unit weight (and the matching part
   of its bias), a view such as ``W.split(...)`` (rows) or ``W[e]`` (a
@@ -148,6 +149,9 @@ class ForwardRecorder(TorchFunctionMode):
         # Keep ‖g‖² in each record (set by the optimizer while a relative γ start is pending).
         self.measure_gradients = False
         self._depth = 0
+        # Uses without their unit's bias, until the forward ends: output id -> (record, unit, output, block).
+        self._awaiting_bias: dict[int, tuple] = {}
+        self._provisional: dict = {}  # unit -> whether a bias was folded into its first forward's uses
         self._training_forward = False  # whether the outermost forward began with gradients enabled
         self._handles: list = []
         # Transfer discovery, while a unit's is pending: output tensor id -> (unit, output), and consumers.
@@ -192,6 +196,7 @@ class ForwardRecorder(TorchFunctionMode):
         self._depth -= 1
         if self._depth == 0:
             self.__exit__(None, None, None)
+            self._settle_biases()
             if self.discovering and self._seen:
                 self.decide_transfers()
 
@@ -209,13 +214,15 @@ class ForwardRecorder(TorchFunctionMode):
                 self._follow(args[0] if args else None, output)
             elif self._tracked(output) is not None:  # changed in place: what consumes it now consumes f(a)
                 del self._outputs[id(output)]
+        if self._awaiting_bias and func in _ADDITIONS:
+            self._fold_bias(func, args, kwargs, output)
         use = _linear_use(func, args, kwargs)
         if use is not None and isinstance(output, Tensor):
             self._record(use, output)
         return output
 
     def _record(self, use: _Use, output: Tensor) -> None:
-        unit = self._unit_for(use.weight, use.bias, use.adapter)
+        unit, adds_bias = self._unit_for(use.weight, use.bias, use.adapter)
         if unit is None:
             return
         if not (torch.is_grad_enabled() and output.requires_grad):
@@ -228,8 +235,13 @@ class ForwardRecorder(TorchFunctionMode):
         if output.numel() == 0:
             return  # (an expert without tokens: nothing to match)
         x = use.x.detach()
-        versions = (x._version, output._version, *(p._version for p in unit.params))
-        record = UseRecord(x=x, a=output.detach(), versions=versions, block=use.block, offsets=use.offsets)
+        versions = (x._version, output._version, *unit.param_versions())
+        block = use.block
+        if unit.uses_bias and not adds_bias:  # (the whole weight or its block, without the bias)
+            block = dataclasses.replace(block or Block((), 0, unit.weight.shape[0]), bias=False)
+        record = UseRecord(x=x, a=output.detach(), versions=versions, block=block, offsets=use.offsets)
+        if block is not None and not block.bias and use.offsets is None:
+            self._awaiting_bias[id(output)] = (record, unit, output, use.block)
         output.register_hook(_marking_hook(record, unit.records, self.measure_gradients))
         if self.on_output is not None:
             self.on_output(unit, output)
@@ -243,20 +255,70 @@ class ForwardRecorder(TorchFunctionMode):
         self._outputs[id(output)] = (use, output)
         self._seen.setdefault(unit, []).append(use)
 
-    def _unit_for(self, weight: Tensor, bias, adapter: LayerAdapter):
-        """The unit of a use: the one whose map this is (same kind and bias); a use of another kind (a tied
-        embedding table read by F.embedding and by F.linear) belongs to the unit of that kind."""
+    def _unit_for(self, weight: Tensor, bias, adapter: LayerAdapter) -> tuple:
+        """(unit, whether the use adds the unit's bias): the unit whose map this is (same kind and bias); a
+        use of another kind (a tied embedding table read by F.embedding and by F.linear) belongs to the unit of
+        that kind. A use without the bias of a unit whose map adds it is that map without its bias (until a
+        bias addition right after folds it in, :meth:`_fold_bias`); a use with the bias of a unit whose map
+        has none adds a constant. The first use without a bias, of a matrix unit whose trainable bias
+        partner exists, takes the bias until its forward ends: x @ W.T + b is F.linear written out."""
         candidates = self._by_weight.get(weight, ())
         unit_bias = bias is not None and any(bias is unit.bias for unit in candidates)
         for unit in candidates:
             same_bias = bias is unit.bias if unit.uses_bias else not unit_bias
             if unit.adapter is not None and unit.adapter.kind == adapter.kind and same_bias:
-                return unit if unit.same_map(adapter) else None
+                return (unit if unit.same_map(adapter) else None), unit.uses_bias
         for unit in candidates:
             if unit.adapter is None and unit.expects(adapter.kind) and (not unit_bias or bias is unit.bias):
                 unit.adapter, unit.uses_bias = adapter, unit_bias
-                return unit
-        return None
+                trainable_bias = unit.bias is not None and not unit.bias_frozen
+                if bias is None and adapter.kind in ("linear", "matmul") and trainable_bias:
+                    unit.uses_bias = True  # (provisional: see _settle_biases)
+                    self._provisional[unit] = False
+                return unit, unit_bias
+        for unit in candidates:
+            if unit.adapter is not None and unit.adapter.kind == adapter.kind and (bias is None or bias is unit.bias):
+                return (unit if unit.same_map(adapter) else None), False
+        return None, False
+
+    def _fold_bias(self, func, args: tuple, kwargs: dict, output) -> None:
+        """``output`` = a + b where a is a use's output without its unit's bias and b that bias (or the part of
+        it the use's block takes): the use becomes the map with its bias, output its pre-activation."""
+        if kwargs or len(args) != 2 or not isinstance(output, Tensor):
+            return
+        for awaited, other in (args, args[::-1]):
+            entry = self._awaiting_bias.get(id(awaited)) if isinstance(awaited, Tensor) else None
+            if entry is None or entry[2] is not awaited:
+                continue
+            record, unit, _, block = entry
+            if block is None:
+                adds = _parameter_of(other) is unit.bias
+            else:
+                found = _block_of(other) if isinstance(other, Tensor) and other.dim() == 1 else None
+                adds = found is not None and found[0] is unit.bias
+                adds = adds and found[1] == block.bias_block(unit.kind, other.shape[-1])
+            if not adds:
+                return
+            del self._awaiting_bias[id(awaited)]
+            record.a, record.block = output.detach(), block
+            record.versions = (record.versions[0], output._version, *record.versions[2:])
+            if unit in self._provisional:
+                self._provisional[unit] = True
+            if self.discovering:
+                self._follow(awaited, output)  # the addition is no consumer: what consumes the sum is
+            return
+
+    def _settle_biases(self) -> None:
+        """At the end of a forward: a unit whose first use took its bias provisionally and saw no bias added
+        has a map without it; its uses of this forward become plain uses of that map."""
+        for unit, folded in self._provisional.items():
+            if not folded:
+                unit.uses_bias = False
+                for record, owner, _, block in self._awaiting_bias.values():
+                    if owner is unit:
+                        record.block = block
+        self._provisional.clear()
+        self._awaiting_bias.clear()
 
     # --------------------------------------------------- transfer discovery
     def _tracked(self, value) -> tuple | None:
@@ -478,6 +540,7 @@ def _grouped_use(x, weight, offsets, bias) -> _Use | None:
 
 
 _CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_ADDITIONS = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
 _TRANSPOSED_CONVOLUTIONS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
 
 

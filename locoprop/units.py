@@ -140,7 +140,7 @@ class Unit:
                 "needs the input as the layer saw it. Make the operation that changed it out of place "
                 "(for example inplace=False), or run it after opt.step()"
             )
-        if record.a._version != record.versions[1] and self._param_versions() != record.versions[2:]:
+        if record.a._version != record.versions[1] and self.param_versions() != record.versions[2:]:
             raise RuntimeError(
                 f"The output of unit {self.name!r} was modified in place (an in-place operation such as "
                 "nn.ReLU(inplace=True)) and its parameters changed after the forward pass, so its pre-activation "
@@ -174,12 +174,14 @@ class Unit:
             return [record]
         ends = record.offsets.tolist()
         rows = self.weight.shape[1]  # (each matrix whole: the rows of E × d_out × d_in or of E × d_in × d_out)
+        bias = record.block is None or record.block.bias
         return [UseRecord(x=record.x[start:end], a=record.a[start:end], versions=record.versions,
-                          backpropagated=record.backpropagated, block=Block((group,), 0, rows))
+                          backpropagated=record.backpropagated, block=Block((group,), 0, rows, bias))
                 for group, (start, end) in enumerate(zip([0, *ends[:-1]], ends)) if end > start]  # fmt: skip
 
-    def _param_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.params)
+    def param_versions(self) -> tuple[int, ...]:
+        """The version counters of the weight and the bias (whether or not the map adds it)."""
+        return tuple(p._version for p in (self.weight, self.bias) if p is not None)
 
     def __repr__(self) -> str:
         return f"Unit({self.name!r}, {self.kind}, transfer={self.transfer.name!r})"

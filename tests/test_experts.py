@@ -28,15 +28,17 @@ EXPERTS, D_IN, D_OUT, TOKENS = 4, 8, 12, 20
 
 class Experts(nn.Module):
     """Stacked experts routed by a fixed assignment: "eager" (F.linear per expert), "grouped"
-    (torch._grouped_mm on tokens sorted by expert) or "addmm" (x·W[e] + b[e] with a stacked E × d_in × d_out
-    weight and its bias, as a matmul)."""
+    (torch._grouped_mm on tokens sorted by expert), "addmm" (x·W[e] + b[e] with a stacked E × d_in × d_out
+    weight and its bias, as a matmul) or "added" (x @ W[e] + b[e], GPT-OSS's eager experts: the bias added
+    right after the product)."""
 
     def __init__(self, kind: str, dtype):
         super().__init__()
         self.kind = kind
-        shape = (EXPERTS, D_IN, D_OUT) if kind == "addmm" else (EXPERTS, D_OUT, D_IN)
+        matmul = kind in ("addmm", "added")
+        shape = (EXPERTS, D_IN, D_OUT) if matmul else (EXPERTS, D_OUT, D_IN)
         self.proj = nn.Parameter(torch.randn(shape, dtype=dtype) / D_IN**0.5)
-        self.proj_bias = nn.Parameter(torch.randn(EXPERTS, D_OUT, dtype=dtype)) if kind == "addmm" else None
+        self.proj_bias = nn.Parameter(torch.randn(EXPERTS, D_OUT, dtype=dtype)) if matmul else None
 
     def forward(self, x, expert_of_token):
         order = torch.argsort(expert_of_token, stable=True)
@@ -50,6 +52,8 @@ class Experts(nn.Module):
                 rows = x[start : start + count]
                 if self.kind == "eager":
                     parts.append(F.linear(rows, self.proj[e]))
+                elif self.kind == "added":
+                    parts.append(rows @ self.proj[e] + self.proj_bias[e])
                 else:
                     parts.append(torch.addmm(self.proj_bias[e], rows, self.proj[e]))
                 start += count
@@ -79,7 +83,7 @@ def _expected(model, x, experts, target, gamma, eta, iters):
         for e in range(EXPERTS):
             rows = x[experts == e]
             if len(rows):
-                a = F.linear(rows, theta[0][e]) if model.kind != "addmm" else rows @ theta[0][e] + theta[1][e]
+                a = F.linear(rows, theta[0][e]) if len(theta) == 1 else rows @ theta[0][e] + theta[1][e]
                 uses.append(a)
         return uses
 
@@ -99,7 +103,12 @@ def _expected(model, x, experts, target, gamma, eta, iters):
     return [p.detach() for p in theta]
 
 
-CASES = [("eager", torch.float64, 1e-12), ("addmm", torch.float64, 1e-12), ("grouped", torch.float32, 2e-5)]
+CASES = [
+    ("eager", torch.float64, 1e-12),
+    ("addmm", torch.float64, 1e-12),
+    ("added", torch.float64, 1e-12),
+    ("grouped", torch.float32, 2e-5),
+]
 
 
 @pytest.mark.parametrize(("kind", "dtype", "tolerance"), CASES, ids=[c[0] for c in CASES])
@@ -111,12 +120,13 @@ def test_each_experts_use_is_recorded_with_its_tokens_and_matrix(kind, dtype, to
     _loss(model, x, experts, target).backward()
     (unit,) = opt.units
     uses = sorted((use for record in unit.records for use in unit.by_group(record)), key=lambda use: use.block)
-    rows = D_IN if kind == "addmm" else D_OUT  # (the rows of each expert's matrix)
+    rows = D_IN if model.proj_bias is not None else D_OUT  # (the rows of each expert's matrix)
     assert [use.block for use in uses] == [Block((e,), 0, rows) for e in range(3)]  # expert 3 had no token
     for e, use in enumerate(uses):
         torch.testing.assert_close(use.x, x[experts == e], rtol=0, atol=0)
-        weight = model.proj[e].T if kind == "addmm" else model.proj[e]
-        expected = F.linear(x[experts == e], weight, model.proj_bias[e] if kind == "addmm" else None)
+        matmul = model.proj_bias is not None
+        weight = model.proj[e].T if matmul else model.proj[e]
+        expected = F.linear(x[experts == e], weight, model.proj_bias[e] if matmul else None)
         torch.testing.assert_close(use.a, expected.detach(), rtol=tolerance, atol=tolerance)
     assert unit.transfer.name == "identity"  # the tanh comes after the tokens are put back in order
     assert opt.describe().local_share == 1.0
@@ -137,7 +147,7 @@ def test_the_step_solves_every_experts_objective(kind, dtype, tolerance, variant
     plain = old - iters * eta * gamma * model.proj.grad  # K steps on γ·G alone
     opt.step()
     torch.testing.assert_close(model.proj.detach(), expected[0], rtol=tolerance, atol=tolerance)
-    if kind == "addmm":
+    if model.proj_bias is not None:
         torch.testing.assert_close(model.proj_bias.detach(), expected[1], rtol=tolerance, atol=tolerance)
     assert (expected[0] - plain).abs().max() > 1e-3  # the experts' divergences act
     torch.testing.assert_close(model.proj[3].detach(), old[3], rtol=0, atol=0)  # no token: no gradient, no step

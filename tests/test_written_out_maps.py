@@ -21,12 +21,13 @@ from locoprop import LocoPropOptimizer
 
 class Twin(nn.Module):
     """A linear layer, tanh, and a depthwise convolution, computed by the modules (``written=None``) or
-    written out: ``"transposed"`` (x @ W.T), ``"left"`` ((W @ xᵀ)ᵀ)."""
+    written out: ``"transposed"`` (x @ W.T + b: the bias added right after is folded into the map),
+    ``"left"`` ((W @ xᵀ)ᵀ, without a bias)."""
 
-    def __init__(self, written: str | None):
+    def __init__(self, written: str | None, bias: bool = True):
         super().__init__()
         self.written = written
-        self.fc = nn.Linear(6, 4, bias=False)  # (a bias added after the product is an add: not the map's)
+        self.fc = nn.Linear(6, 4, bias=bias)
         self.conv = nn.Conv1d(4, 4, 3, groups=4, padding=1)
         self.head = nn.Linear(4, 3)
 
@@ -34,9 +35,9 @@ class Twin(nn.Module):
         if self.written is None:
             h = self.fc(x)
         elif self.written == "transposed":
-            h = x @ self.fc.weight.T
+            h = x @ self.fc.weight.T + self.fc.bias  # (the bias added right after: folded into the map)
         else:
-            h = (self.fc.weight @ x.transpose(1, 2)).transpose(1, 2)
+            h = (self.fc.weight @ x.transpose(1, 2)).transpose(1, 2)  # (no bias: added after the transpose)
         h = torch.tanh(h).transpose(1, 2)
         if self.written is None:
             h = self.conv(h)
@@ -48,7 +49,7 @@ class Twin(nn.Module):
 @pytest.mark.parametrize("written", ["transposed", "left"])
 def test_a_map_written_out_takes_its_modules_steps(written):
     torch.manual_seed(0)
-    modules = Twin(None).double()
+    modules = Twin(None, bias=written == "transposed").double()
     twin = copy.deepcopy(modules)
     twin.written = written
     x = torch.randn(5, 7, 6, dtype=torch.float64)
@@ -89,3 +90,39 @@ def test_a_matrix_that_no_linear_map_uses_takes_plain_steps_and_says_so():
     assert opt.parameter_roles() == {"positions": "backprop", "fc.weight": "fc", "fc.bias": "fc"}
     description = opt.describe()
     assert description.rows[0].kind == "unseen" and ("positions", 42) in description.outside
+
+
+def test_a_use_without_the_bias_beside_a_use_with_it_is_its_own_map():
+    """A layer used whole, F.linear(x1, W, b), and without its bias, x2 @ W.T: the second use was dropped (its
+    map differs from the unit's). Both are uses now; three constant-lr SGD iterations on SPEC §2's S objective
+    ½‖x1·θ_Wᵀ + θ_b − â1‖² + ½‖x2·θ_Wᵀ − â2‖², â = a − γ·g, written out with autograd."""
+
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x1, x2):
+            return torch.tanh(self.fc(x1)).sum() + (x2 @ self.fc.weight.T).square().sum()
+
+    torch.manual_seed(0)
+    model = TwoUses().double()
+    x1, x2 = torch.randn(5, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    eta, gamma = 0.05, 0.5
+    old = [p.detach().clone().requires_grad_() for p in model.fc.parameters()]
+    a1, a2 = F.linear(x1, *old), x2 @ old[0].T
+    g1, g2 = torch.autograd.grad(torch.tanh(a1).sum() + a2.square().sum(), [a1, a2])
+    targets = [(a1 - gamma * g1).detach(), (a2 - gamma * g2).detach()]
+    theta = [p.detach().clone().requires_grad_() for p in old]
+    for _ in range(3):
+        objective = 0.5 * ((F.linear(x1, *theta) - targets[0]).square().sum()
+                           + (x2 @ theta[0].T - targets[1]).square().sum())  # fmt: skip
+        theta = [(p - eta * g).detach().requires_grad_() for p, g in zip(theta, torch.autograd.grad(objective, theta))]
+
+    opt = LocoPropOptimizer(model, variant="S", lr=eta, activation_lr=gamma, local_iters=3, inner="sgd",
+                            inner_schedule="constant")  # fmt: skip
+    model(x1, x2).backward()
+    assert len(opt.units[0].records) == 2
+    opt.step()
+    for got, want in zip(model.fc.parameters(), theta):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-10, atol=1e-12)
