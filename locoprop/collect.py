@@ -119,10 +119,11 @@ def _check_exact_maps(problems: list[LocalProblem]) -> None:
     blocks = [repr(p.unit.name) for p in problems if p.by_blocks]
     if blocks:
         raise RuntimeError(
-            f"solve='exact' solves a unit whose every use takes its whole weight; unit(s) {', '.join(blocks)} were "
-            "used by blocks (nn.MultiheadAttention's cross-attention projects the query and the key and value with "
-            "separate blocks of rows of in_proj_weight; a mixture of experts uses one matrix of a stacked weight per "
-            "expert). Use solve='iterative'; no parameter was changed"
+            f"solve='exact' solves a unit whose every use is its whole map; unit(s) {', '.join(blocks)} were used by "
+            "blocks of their weight (nn.MultiheadAttention's cross-attention projects the query and the key and "
+            "value with separate blocks of rows of in_proj_weight; a mixture of experts uses one matrix of a stacked "
+            "weight per expert) or without their bias beside uses with it. Use solve='iterative'; no parameter was "
+            "changed"
         )
 
 

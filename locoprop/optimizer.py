@@ -273,14 +273,18 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         """Each trainable parameter's name and the unit that updates it
         locally, or ``"backprop"`` for parameters outside every unit. A tied
         parameter lists all its uses: ``"fc1 + fc2"``, ``"head + backprop"``."""
-        # A candidate that no forward pass used in a linear map takes plain steps, as describe() says.
+        # A candidate that no forward pass used in a linear map takes plain steps, as describe() says, and so
+        # does a bias that the unit's map does not add.
         seen = any(unit.adapter is not None for unit in self.units)
-
-        def local(unit):
-            return unit if unit is None or unit.adapter is not None or not seen else None
-
-        return self.ownership.roles([(group["params"], local(unit))
-                                     for group, unit in zip(self.param_groups, self.unit_of_group)])  # fmt: skip
+        groups = []
+        for group, unit in zip(self.param_groups, self.unit_of_group):
+            if unit is None or (seen and unit.adapter is None):
+                groups.append((group["params"], None))
+                continue
+            mine = {id(p) for p in unit.params}
+            groups.append(([p for p in group["params"] if id(p) in mine], unit))
+            groups.append(([p for p in group["params"] if id(p) not in mine], None))
+        return self.ownership.roles(groups)
 
     def describe(self) -> Description:
         """What is solved locally: one row per unit (kind of map, shape, transfer function, variant, share of

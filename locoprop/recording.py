@@ -150,8 +150,10 @@ class ForwardRecorder(TorchFunctionMode):
         self.measure_gradients = False
         self._depth = 0
         # Uses without their unit's bias, until the forward ends: output id -> (record, unit, output, block).
-        self._awaiting_bias: dict[int, tuple] = {}
-        self._provisional: dict = {}  # unit -> whether a bias was folded into its first forward's uses
+        self._unbiased: dict[int, _Unbiased] = {}  # output id -> a use without its unit's bias, in this forward
+        # Units whose map takes its bias until a forward with uses of theirs shows whether the bias is added;
+        # unit -> whether it was in the forward running.
+        self._bias_undecided: dict = {}
         self._training_forward = False  # whether the outermost forward began with gradients enabled
         self._handles: list = []
         # Transfer discovery, while a unit's is pending: output tensor id -> (unit, output), and consumers.
@@ -209,13 +211,12 @@ class ForwardRecorder(TorchFunctionMode):
         if self.discovering and func not in _NOT_CONSUMERS and getattr(func, "__name__", "") != "__get__":
             self._note_consumer(func, args, kwargs)
         output = func(*args, **kwargs)
-        if self.discovering and isinstance(output, Tensor):
+        folded = bool(self._unbiased) and func in _ADDITIONS and self._fold_bias(func, args, kwargs, output)
+        if self.discovering and isinstance(output, Tensor) and not folded:
             if func in _VIEWS:
                 self._follow(args[0] if args else None, output)
             elif self._tracked(output) is not None:  # changed in place: what consumes it now consumes f(a)
                 del self._outputs[id(output)]
-        if self._awaiting_bias and func in _ADDITIONS:
-            self._fold_bias(func, args, kwargs, output)
         use = _linear_use(func, args, kwargs)
         if use is not None and isinstance(output, Tensor):
             self._record(use, output)
@@ -231,6 +232,8 @@ class ForwardRecorder(TorchFunctionMode):
             # transfer function is read here, in the model's forward.
             if unit.transfer_pending and self.discovering and self._training_forward:
                 self._discover(unit, output, with_graph=False)
+                if unit.uses_bias and not adds_bias and unit.kind in ("linear", "matmul"):
+                    self._unbiased[id(output)] = _Unbiased(None, unit, output, use.block)  # (to follow a + b)
             return
         if output.numel() == 0:
             return  # (an expert without tokens: nothing to match)
@@ -240,8 +243,8 @@ class ForwardRecorder(TorchFunctionMode):
         if unit.uses_bias and not adds_bias:  # (the whole weight or its block, without the bias)
             block = dataclasses.replace(block or Block((), 0, unit.weight.shape[0]), bias=False)
         record = UseRecord(x=x, a=output.detach(), versions=versions, block=block, offsets=use.offsets)
-        if block is not None and not block.bias and use.offsets is None:
-            self._awaiting_bias[id(output)] = (record, unit, output, use.block)
+        if block is not None and not block.bias and use.offsets is None and unit.kind in ("linear", "matmul"):
+            self._unbiased[id(output)] = _Unbiased(record, unit, output, use.block)
         output.register_hook(_marking_hook(record, unit.records, self.measure_gradients))
         if self.on_output is not None:
             self.on_output(unit, output)
@@ -260,8 +263,9 @@ class ForwardRecorder(TorchFunctionMode):
         use of another kind (a tied embedding table read by F.embedding and by F.linear) belongs to the unit of
         that kind. A use without the bias of a unit whose map adds it is that map without its bias (until a
         bias addition right after folds it in, :meth:`_fold_bias`); a use with the bias of a unit whose map
-        has none adds a constant. The first use without a bias, of a matrix unit whose trainable bias
-        partner exists, takes the bias until its forward ends: x @ W.T + b is F.linear written out."""
+        has none adds a constant. A matrix unit with a bias partner whose first use has no bias takes the bias
+        until a forward with a graph shows whether it is added (:meth:`_settle_biases`): x @ W.T + b is
+        F.linear written out."""
         candidates = self._by_weight.get(weight, ())
         unit_bias = bias is not None and any(bias is unit.bias for unit in candidates)
         for unit in candidates:
@@ -271,54 +275,55 @@ class ForwardRecorder(TorchFunctionMode):
         for unit in candidates:
             if unit.adapter is None and unit.expects(adapter.kind) and (not unit_bias or bias is unit.bias):
                 unit.adapter, unit.uses_bias = adapter, unit_bias
-                trainable_bias = unit.bias is not None and not unit.bias_frozen
-                if bias is None and adapter.kind in ("linear", "matmul") and trainable_bias:
-                    unit.uses_bias = True  # (provisional: see _settle_biases)
-                    self._provisional[unit] = False
+                if bias is None and adapter.kind in ("linear", "matmul") and unit.bias is not None:
+                    unit.uses_bias = True  # (until settled)
+                    self._bias_undecided[unit] = False
                 return unit, unit_bias
         for unit in candidates:
             if unit.adapter is not None and unit.adapter.kind == adapter.kind and (bias is None or bias is unit.bias):
                 return (unit if unit.same_map(adapter) else None), False
         return None, False
 
-    def _fold_bias(self, func, args: tuple, kwargs: dict, output) -> None:
-        """``output`` = a + b where a is a use's output without its unit's bias and b that bias (or the part of
-        it the use's block takes): the use becomes the map with its bias, output its pre-activation."""
-        if kwargs or len(args) != 2 or not isinstance(output, Tensor):
-            return
-        for awaited, other in (args, args[::-1]):
-            entry = self._awaiting_bias.get(id(awaited)) if isinstance(awaited, Tensor) else None
-            if entry is None or entry[2] is not awaited:
+    def _fold_bias(self, func, args: tuple, kwargs: dict, output) -> bool:
+        """Whether ``output`` = a + b (``a + b``, ``b + a``, ``torch.add``, ``a += b``) was folded into a use:
+        a the output of a use without its unit's bias, unchanged since, and b that bias (or the part of it the
+        use's block takes). The use becomes the map with its bias, ``output`` its pre-activation."""
+        in_place = func in _IN_PLACE_ADDITIONS
+        first, second = _arguments(args, kwargs, ("input", "other"), ())
+        if kwargs.get("alpha", 1) != 1 or not isinstance(output, Tensor):
+            return False
+        for awaited, other in ((first, second),) if in_place else ((first, second), (second, first)):
+            use = self._unbiased.get(id(awaited)) if isinstance(awaited, Tensor) else None
+            if use is None or use.output is not awaited:
                 continue
-            record, unit, _, block = entry
-            if block is None:
-                adds = _parameter_of(other) is unit.bias
-            else:
-                found = _block_of(other) if isinstance(other, Tensor) and other.dim() == 1 else None
-                adds = found is not None and found[0] is unit.bias
-                adds = adds and found[1] == block.bias_block(unit.kind, other.shape[-1])
-            if not adds:
-                return
-            del self._awaiting_bias[id(awaited)]
-            record.a, record.block = output.detach(), block
-            record.versions = (record.versions[0], output._version, *record.versions[2:])
-            if unit in self._provisional:
-                self._provisional[unit] = True
+            version = awaited._version - in_place
+            if not use.adds(other) or (use.record is not None and version != use.record.versions[1]):
+                return False  # (another addend than the bias, or changed in place before)
+            del self._unbiased[id(awaited)]
+            if use.record is not None:  # (None: a use without a graph, followed only to read the transfer)
+                use.record.a, use.record.block = output.detach(), use.block
+                use.record.versions = (use.record.versions[0], output._version, *use.record.versions[2:])
+                if use.unit in self._bias_undecided:
+                    self._bias_undecided[use.unit] = True
             if self.discovering:
                 self._follow(awaited, output)  # the addition is no consumer: what consumes the sum is
-            return
+            return True
+        return False
 
     def _settle_biases(self) -> None:
-        """At the end of a forward: a unit whose first use took its bias provisionally and saw no bias added
-        has a map without it; its uses of this forward become plain uses of that map."""
-        for unit, folded in self._provisional.items():
-            if not folded:
+        """At the end of a forward: a unit whose map took its bias until a forward showed whether it is added
+        keeps it if a use of this forward had the bias folded in, and has a map without it if its uses (with a
+        graph) had none; those uses become plain uses of that map. A forward that recorded no use of the unit
+        (under no_grad, a reentrant checkpoint's block) shows nothing."""
+        for unit, folded in list(self._bias_undecided.items()):
+            unbiased = [use for use in self._unbiased.values() if use.unit is unit and use.record is not None]
+            if not folded and unbiased:
                 unit.uses_bias = False
-                for record, owner, _, block in self._awaiting_bias.values():
-                    if owner is unit:
-                        record.block = block
-        self._provisional.clear()
-        self._awaiting_bias.clear()
+                for use in unbiased:
+                    use.record.block = use.block
+            if folded or unbiased:
+                del self._bias_undecided[unit]
+        self._unbiased.clear()
 
     # --------------------------------------------------- transfer discovery
     def _tracked(self, value) -> tuple | None:
@@ -373,6 +378,28 @@ class ForwardRecorder(TorchFunctionMode):
         self._outputs.clear()
         self._consumers.clear()
         self._seen.clear()
+
+
+@dataclasses.dataclass(eq=False)
+class _Unbiased:
+    """A use without its unit's bias (a Block with bias=False), until its forward ends: an addition of that bias
+    to ``output`` may follow, which folds it into the use's map (:meth:`ForwardRecorder._fold_bias`)."""
+
+    record: UseRecord | None  # (None: a use without a graph, whose consumers transfer discovery follows)
+    unit: object
+    output: Tensor
+    block: Block | None  # the use's part of the weight (None: all of it)
+
+    def adds(self, addend) -> bool:
+        """Whether ``addend`` is the unit's bias, or the part of it that the use's block takes."""
+        if self.block is None:
+            return _parameter_of(addend) is self.unit.bias
+        found = _block_of(addend) if isinstance(addend, Tensor) and addend.dim() == 1 else None
+        return (
+            found is not None
+            and found[0] is self.unit.bias
+            and found[1] == self.block.bias_block(self.unit.kind, addend.shape[-1])
+        )
 
 
 @dataclasses.dataclass(eq=False)
@@ -540,7 +567,8 @@ def _grouped_use(x, weight, offsets, bias) -> _Use | None:
 
 
 _CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_ADDITIONS = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
+_IN_PLACE_ADDITIONS = {Tensor.add_, Tensor.__iadd__}
+_ADDITIONS = {torch.add, Tensor.add, Tensor.__add__, *_IN_PLACE_ADDITIONS}
 _TRANSPOSED_CONVOLUTIONS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
 
 

@@ -36,6 +36,9 @@ class Twin(nn.Module):
             h = self.fc(x)
         elif self.written == "transposed":
             h = x @ self.fc.weight.T + self.fc.bias  # (the bias added right after: folded into the map)
+        elif self.written == "in place":
+            h = torch.matmul(x, self.fc.weight.T)
+            h += self.fc.bias
         else:
             h = (self.fc.weight @ x.transpose(1, 2)).transpose(1, 2)  # (no bias: added after the transpose)
         h = torch.tanh(h).transpose(1, 2)
@@ -46,10 +49,13 @@ class Twin(nn.Module):
         return self.head(torch.sigmoid(h).transpose(1, 2))
 
 
-@pytest.mark.parametrize("written", ["transposed", "left"])
-def test_a_map_written_out_takes_its_modules_steps(written):
+@pytest.mark.parametrize("evaluated_first", [False, True], ids=["", "no_grad-forward-first"])
+@pytest.mark.parametrize("written", ["transposed", "in place", "left"])
+def test_a_map_written_out_takes_its_modules_steps(written, evaluated_first):
+    """(An evaluation forward under no_grad first, as the training loop runs one, records nothing, so it shows
+    nothing about the bias: the fold of the first training forward decides.)"""
     torch.manual_seed(0)
-    modules = Twin(None, bias=written == "transposed").double()
+    modules = Twin(None, bias=written != "left").double()
     twin = copy.deepcopy(modules)
     twin.written = written
     x = torch.randn(5, 7, 6, dtype=torch.float64)
@@ -57,6 +63,9 @@ def test_a_map_written_out_takes_its_modules_steps(written):
     kinds = {}
     for model in (modules, twin):
         opt = LocoPropOptimizer(model, variant="M", lr=0.05, activation_lr=2.0, local_iters=3, inner="sgd")
+        if evaluated_first:
+            with torch.no_grad():
+                model(x)
         for _ in range(2):
             opt.zero_grad()
             (model(x) - target).square().sum().backward()
@@ -64,6 +73,8 @@ def test_a_map_written_out_takes_its_modules_steps(written):
         kinds[model.written] = [(row.unit, row.kind, row.transfer) for row in opt.describe().rows]
         assert opt.describe().local_share == 1.0
     fc_kind = "left_matmul" if written == "left" else "linear"
+    if written != "left":
+        assert opt.parameter_roles()["fc.bias"] == "fc"
     assert kinds[written] == [("fc", fc_kind, "tanh"), ("conv", "conv1d", "sigmoid"), ("head", "linear", "identity")]
     for (name, got), expected in zip(twin.named_parameters(), modules.parameters()):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=name)
@@ -126,3 +137,41 @@ def test_a_use_without_the_bias_beside_a_use_with_it_is_its_own_map():
     opt.step()
     for got, want in zip(model.fc.parameters(), theta):
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_frozen_bias_added_after_the_product_is_a_constant_of_the_map():
+    """x @ W.T + b with b frozen: the addition is folded into the map as its constant, so the transfer that
+    consumes the sum is read (tanh), and the step is the module form's."""
+    torch.manual_seed(0)
+    modules = Twin(None).double()
+    modules.fc.bias.requires_grad_(False)
+    twin = copy.deepcopy(modules)
+    twin.written = "transposed"
+    x, target = torch.randn(5, 7, 6, dtype=torch.float64), torch.randn(5, 7, 3, dtype=torch.float64)
+    for model in (modules, twin):
+        opt = LocoPropOptimizer(model, variant="M", lr=0.05, activation_lr=2.0, local_iters=3, inner="sgd")
+        (model(x) - target).square().sum().backward()
+        opt.step()
+        assert opt.units[0].transfer.name == "tanh"
+    for got, expected in zip(twin.parameters(), modules.parameters()):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_bias_that_the_map_does_not_add_takes_plain_steps_and_says_so():
+    """A layer's weight used as x @ W.T with its bias added elsewhere (after a tanh): the map has no bias, so
+    the bias takes plain steps; parameter_roles() said it was the unit's."""
+
+    class Elsewhere(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            return torch.tanh(x @ self.fc.weight.T) + self.fc.bias
+
+    model = Elsewhere()
+    opt = LocoPropOptimizer(model, variant="S")
+    model(torch.randn(5, 4, dtype=torch.float64)).square().sum().backward()
+    opt.step()
+    assert opt.parameter_roles() == {"fc.weight": "fc", "fc.bias": "backprop"}
+    assert ("fc.bias", 3) in opt.describe().outside
