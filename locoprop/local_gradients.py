@@ -88,8 +88,8 @@ class LocalGradients:
         batchable: dict[tuple, list[tuple[LocalProblem, Tensor, tuple[Tensor, ...]]]] = {}
         for problem in problems:
             low = _low(problem, compute_dtype)
-            if problem.by_blocks and problem.unit.kind in ("linear", "matmul") and low is None:
-                self.work.append(_Work([problem], self._blocks(problem)))
+            if problem.by_blocks and problem.unit.kind in ("linear", "matmul"):
+                self.work.append(_Work([problem], self._blocks(problem, low)))
                 continue
             if problem.unit.kind != "linear" or problem.by_blocks:
                 self.work.append(_Work([problem], self._reference(problem, low)))
@@ -161,35 +161,41 @@ class LocalGradients:
 
         return compute
 
-    def _blocks(self, problem: LocalProblem) -> Callable[[], list[list[Tensor]]]:
+    def _blocks(self, problem: LocalProblem, low: torch.dtype | None) -> Callable[[], list[list[Tensor]]]:
         """A matrix unit whose uses took blocks of its weight (experts of a stacked weight, cross-attention's
         rows): γ·G, plus each use's Jᵀr added into its block, without autograd. Rows of a = x·Wᵀ + b are W's
-        rows (F.linear), of a = x·W + b its columns (a matmul)."""
+        rows (F.linear), of a = x·W + b its columns (a matmul), which is x·(Wᵀ)ᵀ. With ``low`` each use's two
+        products run in it, on rows centred once a step (:func:`~locoprop.kernels.low_precision_divergence_grads`)."""
         unit, variant, scale = problem.unit, problem.variant, problem.activation_lr * self.share
-        linear = unit.kind == "linear"
-        adapter = unit.adapter
-        uses = [(block, adapter.input_rows(x), tuple(adapter.output_rows(t) for t in anchor))
-                for block, (x, anchor) in zip(problem.blocks, problem.uses)]  # fmt: skip
+        linear, adapter = unit.kind == "linear", unit.adapter
+        uses = []
+        for block, (x, anchor) in zip(problem.blocks, problem.uses):
+            block = block if block is not None else Block((), 0, problem.params[0].shape[0])  # (the whole weight)
+            rows = adapter.input_rows(x)
+            if low is not None:
+                d_out = block.stop - block.start if linear else block.of(problem.params[0]).shape[-1]
+                rows = _LowPrecisionUse(kernels.low_precision_rows(rows, low), d_out)
+            uses.append((block, rows, tuple(adapter.output_rows(t) for t in anchor)))
 
         def compute():
             delta = [p.detach() - q for p, q in zip(problem.params, problem.old_params)]
             grads = torch._foreach_mul(problem.linear_terms(), scale)
             for block, x, anchor in uses:
-                if block is None:  # (the whole weight, beside uses of its blocks)
-                    block = Block((), 0, delta[0].shape[0])
                 weight, weight_grad = block.of(delta[0]), block.of(grads[0])
-                bias_block = block.bias_block(unit.kind, weight.shape[-1])
+                if not linear:  # (as a = x·Wᵀ: d_out × d_in)
+                    weight, weight_grad = weight.T, weight_grad.T
+                bias_block = block.bias_block(unit.kind, weight.shape[0])
                 bias = bias_block.of(delta[1]) if len(delta) > 1 and block.bias else None
-                delta_a = x @ (weight.T if linear else weight)
-                if bias is not None:
-                    delta_a += bias
-                r = delta_a if variant == "S" else unit.transfer.change_from(anchor, delta_a)
-                if linear:
-                    weight_grad.addmm_(r.T, x)
+                if low is not None:
+                    weight_part, r_sum = x.divergence_grads(variant, unit.transfer, anchor, weight, bias)
+                    weight_grad.add_(weight_part)
                 else:
-                    weight_grad.addmm_(x.T, r)
-                if bias is not None:
-                    bias_block.of(grads[1]).add_(r.sum(0))
+                    delta_a = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+                    r = delta_a if variant == "S" else unit.transfer.change_from(anchor, delta_a)
+                    weight_grad.addmm_(r.T, x)
+                    r_sum = r.sum(0) if bias is not None else None
+                if r_sum is not None:
+                    bias_block.of(grads[1]).add_(r_sum)
             return [grads]
 
         return compute
@@ -370,6 +376,29 @@ def _low(problem: LocalProblem, compute_dtype: torch.dtype | None) -> torch.dtyp
     if compute_dtype is None or problem.unit.kind == "embedding" or compute_dtype == problem.params[0].dtype:
         return None
     return compute_dtype
+
+
+class _LowPrecisionUse:
+    """One use of a block in the compute dtype: its centred rows, and the buffers of its products (allocated at
+    the first iteration, kept for the step's others)."""
+
+    def __init__(self, rows: kernels.LowPrecisionRows, d_out: int):
+        self.rows, self.d_out = rows, d_out
+        self.buffers: tuple | None = None
+
+    def divergence_grads(self, variant: str, transfer, anchor: tuple, weight: Tensor, bias: Tensor | None):
+        """(Σ Jᵀr for W as d_out × d_in, Σr or None without a bias) at ΔW = ``weight``, Δb = ``bias``."""
+        if self.buffers is None:
+            shape, like = (self.rows.centered.shape[0], self.d_out), weight
+            self.buffers = (torch.empty(shape, dtype=self.rows.centered.dtype, device=like.device),
+                            torch.empty(shape, dtype=like.dtype, device=like.device),
+                            kernels.low_precision_buffers(self.rows, weight),
+                            [torch.empty(weight.shape, dtype=like.dtype, device=like.device),
+                             torch.empty(self.d_out, dtype=like.dtype, device=like.device)])  # fmt: skip
+        product, delta_a, buffers, out = self.buffers
+        kernels.low_precision_divergence_grads(variant, transfer, self.rows, anchor, weight, bias, product, delta_a,
+                                               buffers, out if bias is not None else out[:1])  # fmt: skip
+        return out[0], (out[1] if bias is not None else None)
 
 
 def _weight_and_bias(params: list[Tensor]) -> tuple[Tensor, Tensor | None]:
