@@ -10,6 +10,7 @@ it.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -71,7 +72,22 @@ class OutputActivation:
             self._finder.remove()
             self._finder = None
 
-    def _found(self, reached: list[Unit], hidden: bool = False) -> None:
+    def _found(self, reached: list[Unit], hidden: bool = False, unrecorded: bool = False) -> None:
+        if unrecorded and not reached:
+            # The output layer is a map no unit records: the softmax folded into the loss is no unit's, and the
+            # last unit, which held it until now, gets back its own transfer (still to be read, if it was).
+            previous = self._holder
+            previous.transfer, previous.transfer_pending = self._displaced
+            warnings.warn(
+                f"output_activation={self.transfer.name!r}: the model's output comes from a linear map of a weight "
+                "tied to a unit of another kind (such as F.linear(h, embedding.weight)), which no unit records; no "
+                "unit takes the output activation, and that use of the weight enters its unit's step through G",
+                stacklevel=2,
+            )
+            on_change = self._on_change()
+            if on_change is not None:
+                on_change([previous])
+            return
         if hidden:
             self._error = RuntimeError(
                 f"output_activation={self.transfer.name!r} is the transfer function of the unit that produces the "
@@ -140,13 +156,14 @@ class OutputUnitFinder:
     def _enter(self, module: nn.Module, inputs: tuple) -> None:
         self._depth += 1
 
-    def note(self, unit: Unit, output: Tensor) -> None:
-        """A recorded use of ``unit`` gave ``output``."""
+    def note(self, unit: Unit | None, output: Tensor) -> None:
+        """A recorded use of ``unit`` gave ``output`` (None: a map of a unit's weight that no unit records)."""
         if not self.pending or output.grad_fn is None:
             return
-        self.last_run = unit
+        if unit is not None:
+            self.last_run = unit
         if self._depth:  # only inside the model's forward: a node keeps its graph alive
-            self._output_nodes[output.grad_fn] = unit
+            self._output_nodes[output.grad_fn] = unit if unit is not None else _UNRECORDED
 
     def _leave(self, module: nn.Module, inputs: tuple, output) -> None:
         self._depth -= 1
@@ -162,9 +179,9 @@ class OutputUnitFinder:
         if self.pending and self.last_run is not None:
             self._decide([self.last_run])
 
-    def _decide(self, units: list[Unit], hidden: bool = False) -> None:
+    def _decide(self, units: list[Unit], hidden: bool = False, unrecorded: bool = False) -> None:
         self.remove()
-        self._on_decided(units, hidden)
+        self._on_decided(units, hidden, unrecorded)
 
     def remove(self) -> None:
         self.pending = False
@@ -185,12 +202,16 @@ def _tensors(value) -> list[Tensor]:
     return []
 
 
-def _units_reaching(roots: list, output_nodes: dict) -> tuple[list[Unit], bool]:
-    """The units whose output node is reached from ``roots`` through no other unit's output, and whether a
+_UNRECORDED = object()  # the output node of a map of a unit's weight that no unit records
+
+
+def _units_reaching(roots: list, output_nodes: dict) -> tuple[list[Unit], bool, bool]:
+    """The units whose output node is reached from ``roots`` through no other unit's output; whether a
     reentrant activation checkpoint was reached on the way (its block ran without a graph, so the units inside
-    it are not among the output nodes)."""
+    it are not among the output nodes); whether the output of a map no unit records was (a weight tied to a
+    unit of another kind, such as a head F.linear(h, embedding.weight))."""
     reached: list[Unit] = []
-    seen, hidden = set(), False
+    seen, hidden, unrecorded = set(), False, False
     stack = list(roots)
     while stack:
         node = stack.pop()
@@ -199,8 +220,10 @@ def _units_reaching(roots: list, output_nodes: dict) -> tuple[list[Unit], bool]:
         seen.add(node)
         unit = output_nodes.get(node)
         hidden = hidden or (unit is None and type(node).__name__ == "CheckpointFunctionBackward")
-        if unit is None:
+        if unit is _UNRECORDED:
+            unrecorded = True
+        elif unit is None:
             stack.extend(next_node for next_node, _ in node.next_functions)
         elif unit not in reached:
             reached.append(unit)
-    return reached, hidden
+    return reached, hidden, unrecorded

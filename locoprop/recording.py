@@ -225,12 +225,14 @@ class ForwardRecorder(TorchFunctionMode):
     def _record(self, use: _Use, output: Tensor) -> None:
         unit, adds_bias = self._unit_for(use.weight, use.bias, use.adapter)
         if unit is None:
+            if self.on_output is not None and use.weight in self._by_weight and output.requires_grad:
+                self.on_output(None, output)  # a unit weight's map that no unit records (tied to another kind)
             return
         if not (torch.is_grad_enabled() and output.requires_grad):
             # A use without a graph inside a forward that has one: reentrant activation checkpointing runs
             # its block without gradients and again in the backward pass, where the use is recorded; the
             # transfer function is read here, in the model's forward.
-            if unit.transfer_pending and self.discovering and self._training_forward:
+            if self.discovering and self._training_forward:
                 self._discover(unit, output, with_graph=False)
                 if unit.uses_bias and not adds_bias and unit.kind in ("linear", "matmul"):
                     self._unbiased[id(output)] = _Unbiased(None, unit, output, use.block)  # (to follow a + b)
@@ -248,7 +250,7 @@ class ForwardRecorder(TorchFunctionMode):
         output.register_hook(_marking_hook(record, unit.records, self.measure_gradients))
         if self.on_output is not None:
             self.on_output(unit, output)
-        if unit.transfer_pending and self.discovering:
+        if self.discovering:  # (every unit: the output unit's finder may hand a unit its transfer back)
             self._discover(unit, output, with_graph=True)
 
     def _discover(self, unit, output: Tensor, with_graph: bool) -> None:

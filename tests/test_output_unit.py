@@ -103,3 +103,50 @@ def test_the_output_unit_is_checked_once_found():
     with pytest.raises(ValueError, match="Softmax over the last dimension does not apply to Conv2d unit 'conv'"):
         opt.step()
     assert_same_params(model, before)
+
+
+class HeadFirstFunctional(nn.Module):
+    """The output layer registered before the body, whose tanh is a function call (no Sequential to guess
+    from)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.body = nn.Linear(4, 3), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_the_unit_that_held_the_output_activation_reads_its_transfer_in_the_same_forward():
+    """The last unit holds output_activation until the forward pass finds the output unit; handed back, its
+    transfer was read only at the next forward, so the first step solved it with the identity."""
+    model = HeadFirstFunctional().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ordered = nn.Sequential(copy.deepcopy(model.body), nn.Tanh(), copy.deepcopy(model.head))
+    kwargs = dict(variant="M", local_iters=3, inner="sgd", output_activation="softmax")
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, **kwargs)
+    F.cross_entropy(model(x), y).backward()
+    assert _transfers(opt) == [("head", "softmax"), ("body", "tanh")]
+    opt.step()
+    expected = locoprop_trained(ordered, classification_loss(x, y), steps=1, **kwargs)
+    torch.testing.assert_close(model.body.weight, expected["0.weight"], **CLOSE)
+
+
+def test_an_output_layer_tied_to_an_embedding_is_no_unit_and_takes_no_output_activation():
+    """F.linear(h, embedding.weight) as the head: that map is no unit's (the weight's unit is the embedding),
+    so no unit takes the softmax (it went to the unit before the head) and a warning says so."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc = nn.Embedding(10, 4), nn.Linear(4, 4)
+
+        def forward(self, ids):
+            return F.linear(torch.tanh(self.fc(self.embed(ids))), self.embed.weight)
+
+    model = Tied().double()
+    ids = torch.randint(0, 10, (6,))
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    with pytest.warns(UserWarning, match="output comes from a linear map of a weight tied"):
+        F.cross_entropy(model(ids), ids).backward()
+    assert _transfers(opt) == [("embed", "identity"), ("fc", "tanh")]
