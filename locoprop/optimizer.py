@@ -263,8 +263,10 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         self._unheld_said: set[str] = set()
         if self._output is not None:  # (before the recorder: see OutputActivation.attach)
             self._output.attach(model, self._output_moved)
-        self._recorder = ForwardRecorder(self.units, on_output=self._output.note if self._output is not None else None,
-                                         on_transfers=self._transfers_found)  # fmt: skip
+        output = self._output
+        pending = (lambda: output.pending) if output is not None else None
+        self._recorder = ForwardRecorder(self.units, on_output=output.note if output is not None else None,
+                                         on_transfers=self._transfers_found, output_pending=pending)  # fmt: skip
         self._recorder.attach(model)
         self._measure_if_pending()
 

@@ -60,6 +60,11 @@ class OutputActivation:
         if self._finder is not None:
             self._finder.note(unit, output)
 
+    @property
+    def pending(self) -> bool:
+        """Whether the output unit is still to be found (a unit may yet get its own transfer back)."""
+        return self._finder is not None and self._finder.pending
+
     def check(self) -> None:
         """Refuse a step when the output unit could not be given the transfer function."""
         if self._finder is not None:
@@ -73,15 +78,24 @@ class OutputActivation:
             self._finder = None
 
     def _found(self, reached: list[Unit], hidden: bool = False, unrecorded: bool = False) -> None:
-        if unrecorded and not reached:
+        if unrecorded and reached:
+            names = [u.name for u in self._units if u in reached]
+            self._error = RuntimeError(
+                f"output_activation={self.transfer.name!r} is the transfer function of the unit that produces the "
+                f"model's output, but units {names} and a linear map that is no unit (a weight tied to a unit of "
+                "another kind, or frozen) all reach it. Pass units=[(layer, transfer), ...] naming every unit's "
+                "transfer function instead of output_activation"
+            )
+            return
+        if unrecorded:
             # The output layer is a map no unit records: the softmax folded into the loss is no unit's, and the
             # last unit, which held it until now, gets back its own transfer (still to be read, if it was).
             previous = self._holder
             previous.transfer, previous.transfer_pending = self._displaced
             warnings.warn(
-                f"output_activation={self.transfer.name!r}: the model's output comes from a linear map of a weight "
-                "tied to a unit of another kind (such as F.linear(h, embedding.weight)), which no unit records; no "
-                "unit takes the output activation, and that use of the weight enters its unit's step through G",
+                f"output_activation={self.transfer.name!r}: the model's output comes from a linear map that no unit "
+                "records (a weight tied to a unit of another kind, such as F.linear(h, embedding.weight), or a "
+                "frozen one); no unit takes the output activation",
                 stacklevel=2,
             )
             on_change = self._on_change()

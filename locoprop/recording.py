@@ -134,13 +134,18 @@ class ForwardRecorder(TorchFunctionMode):
 
     Args:
         units: the units; each gets its uses in ``unit.records`` (once backpropagated).
-        on_output: called with (unit, output) for every recorded use (the output unit's finder listens).
+        on_output: called with (unit, output) for every recorded use (the output unit's finder listens), and
+            with (None, output) for a parameter's linear map that no unit records.
         on_transfers: a bound method, called through a weak reference with the units whose transfer
             functions a forward pass decided.
+        output_pending: whether the output unit is still to be found; until then every unit's outputs are
+            followed (the finder may hand a unit back its own transfer), after it only pending units'.
     """
 
-    def __init__(self, units: list, on_output: Callable | None = None, on_transfers: Callable | None = None):
+    def __init__(self, units: list, on_output: Callable | None = None, on_transfers: Callable | None = None,
+                 output_pending: Callable[[], bool] | None = None):  # fmt: skip
         super().__init__()
+        self.output_pending = output_pending if output_pending is not None else lambda: False
         self._on_transfers = weakref.WeakMethod(on_transfers) if on_transfers is not None else None
         self._by_weight: dict[Tensor, list] = {}
         for unit in units:
@@ -225,14 +230,14 @@ class ForwardRecorder(TorchFunctionMode):
     def _record(self, use: _Use, output: Tensor) -> None:
         unit, adds_bias = self._unit_for(use.weight, use.bias, use.adapter)
         if unit is None:
-            if self.on_output is not None and use.weight in self._by_weight and output.requires_grad:
-                self.on_output(None, output)  # a unit weight's map that no unit records (tied to another kind)
+            if self.on_output is not None and output.requires_grad:
+                self.on_output(None, output)  # a parameter's map that no unit records (tied to another kind, frozen)
             return
         if not (torch.is_grad_enabled() and output.requires_grad):
             # A use without a graph inside a forward that has one: reentrant activation checkpointing runs
             # its block without gradients and again in the backward pass, where the use is recorded; the
             # transfer function is read here, in the model's forward.
-            if self.discovering and self._training_forward:
+            if self.discovering and self._training_forward and (unit.transfer_pending or self.output_pending()):
                 self._discover(unit, output, with_graph=False)
                 if unit.uses_bias and not adds_bias and unit.kind in ("linear", "matmul"):
                     self._unbiased[id(output)] = _Unbiased(None, unit, output, use.block)  # (to follow a + b)
@@ -250,7 +255,8 @@ class ForwardRecorder(TorchFunctionMode):
         output.register_hook(_marking_hook(record, unit.records, self.measure_gradients))
         if self.on_output is not None:
             self.on_output(unit, output)
-        if self.discovering:  # (every unit: the output unit's finder may hand a unit its transfer back)
+        if self.discovering and (unit.transfer_pending or self.output_pending()):
+            # (while the output unit is to be found, every unit's: the finder may hand a unit its transfer back)
             self._discover(unit, output, with_graph=True)
 
     def _discover(self, unit, output: Tensor, with_graph: bool) -> None:
@@ -273,6 +279,8 @@ class ForwardRecorder(TorchFunctionMode):
         for unit in candidates:
             same_bias = bias is unit.bias if unit.uses_bias else not unit_bias
             if unit.adapter is not None and unit.adapter.kind == adapter.kind and same_bias:
+                if unit.uses_bias and unit in self._bias_undecided:
+                    self._bias_undecided[unit] = True  # (a use with the bias: the map adds it)
                 return (unit if unit.same_map(adapter) else None), unit.uses_bias
         for unit in candidates:
             if unit.adapter is None and unit.expects(adapter.kind) and (not unit_bias or bias is unit.bias):

@@ -147,6 +147,28 @@ def test_an_output_layer_tied_to_an_embedding_is_no_unit_and_takes_no_output_act
     model = Tied().double()
     ids = torch.randint(0, 10, (6,))
     opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
-    with pytest.warns(UserWarning, match="output comes from a linear map of a weight tied"):
+    with pytest.warns(UserWarning, match="output comes from a linear map that no unit records"):
         F.cross_entropy(model(ids), ids).backward()
     assert _transfers(opt) == [("embed", "identity"), ("fc", "tanh")]
+
+
+def test_a_unit_head_added_to_a_tied_head_is_refused_as_ambiguous():
+    """h1(h) + F.linear(h, embedding.weight): a unit and a map that is no unit both produce the output."""
+
+    class TiedPlusHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc, self.h1 = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10)
+
+        def forward(self, ids):
+            h = torch.tanh(self.fc(self.embed(ids)))
+            return self.h1(h) + F.linear(h, self.embed.weight)
+
+    model = TiedPlusHead().double()
+    ids = torch.randint(0, 10, (6,))
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    F.cross_entropy(model(ids), ids).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"units \['h1'\] and a linear map that is no unit"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -175,3 +175,30 @@ def test_a_bias_that_the_map_does_not_add_takes_plain_steps_and_says_so():
     opt.step()
     assert opt.parameter_roles() == {"fc.weight": "fc", "fc.bias": "backprop"}
     assert ("fc.bias", 3) in opt.describe().outside
+
+
+def test_a_block_without_the_bias_first_and_one_with_it_later_keep_the_bias_in_the_map():
+    """F.linear(x, W[:4]) and then F.linear(x, W[4:], b[4:]) in one forward: the first use took the bias
+    provisionally and, seeing no addition, settled the map without it, though the second use adds its part
+    (the bias then stepped half as far as SPEC's). One SGD iteration is the backprop step for every entry."""
+
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 8).double()
+
+        def forward(self, x):
+            top = F.linear(x, self.fc.weight[:4])
+            bottom = F.linear(x, self.fc.weight[4:], self.fc.bias[4:])
+            return torch.tanh(top).sum() + torch.tanh(bottom).square().sum()
+
+    model = Halves()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    opt = LocoPropOptimizer(model, variant="S", lr=0.1, activation_lr=0.5, local_iters=1, inner="sgd")
+    old = [p.detach().clone() for p in model.parameters()]
+    model(x).backward()
+    expected = [p - 0.1 * 0.5 * q.grad for p, q in zip(old, model.parameters())]
+    opt.step()
+    assert opt.units[0].uses_bias and opt.parameter_roles()["fc.bias"] == "fc"
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
