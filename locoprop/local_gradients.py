@@ -168,13 +168,13 @@ class LocalGradients:
         products run in it, on rows centred once a step (:func:`~locoprop.kernels.low_precision_divergence_grads`)."""
         unit, variant, scale = problem.unit, problem.variant, problem.activation_lr * self.share
         linear, adapter = unit.kind == "linear", unit.adapter
-        uses = []
+        uses, shared = [], _SharedBuffers()  # (the uses run one after another: one set of buffers serves them)
         for block, (x, anchor) in zip(problem.blocks, problem.uses):
             block = block if block is not None else Block((), 0, problem.params[0].shape[0])  # (the whole weight)
             rows = adapter.input_rows(x)
             if low is not None:
                 d_out = block.stop - block.start if linear else block.of(problem.params[0]).shape[-1]
-                rows = _LowPrecisionUse(kernels.low_precision_rows(rows, low), d_out)
+                rows = _LowPrecisionUse(kernels.low_precision_rows(rows, low), d_out, shared)
             uses.append((block, rows, tuple(adapter.output_rows(t) for t in anchor)))
 
         def compute():
@@ -378,26 +378,39 @@ def _low(problem: LocalProblem, compute_dtype: torch.dtype | None) -> torch.dtyp
     return compute_dtype
 
 
-class _LowPrecisionUse:
-    """One use of a block in the compute dtype: its centred rows, and the buffers of its products (allocated at
-    the first iteration, kept for the step's others)."""
+class _SharedBuffers:
+    """The buffers of one unit's block uses in the compute dtype, which run one after another: per matrix shape
+    its rounded ΔW, rᵀx and results; per dtype one buffer of rows × d_out, of the largest size asked."""
 
-    def __init__(self, rows: kernels.LowPrecisionRows, d_out: int):
-        self.rows, self.d_out = rows, d_out
-        self.buffers: tuple | None = None
+    def __init__(self):
+        self.by_shape: dict[tuple, tuple] = {}
+        self.rows = _Scratch(shared=True)
+
+    def for_weight(self, rows: kernels.LowPrecisionRows, weight: Tensor) -> tuple:
+        key = tuple(weight.shape)
+        if key not in self.by_shape:
+            self.by_shape[key] = (kernels.low_precision_buffers(rows, weight),
+                                  [torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
+                                   torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)])  # fmt: skip
+        return self.by_shape[key]
+
+
+class _LowPrecisionUse:
+    """One use of a block in the compute dtype: its centred rows, and the buffers of its products (shared with
+    the unit's other uses, allocated at the first iteration and kept for the step's others)."""
+
+    def __init__(self, rows: kernels.LowPrecisionRows, d_out: int, shared: _SharedBuffers):
+        self.rows, self.shared = rows, shared
+        like = rows.mean
+        shape = (rows.centered.shape[0], d_out)
+        self.product, self.delta_a = shared.rows.reserve(shape, rows.centered), shared.rows.reserve(shape, like)
 
     def divergence_grads(self, variant: str, transfer, anchor: tuple, weight: Tensor, bias: Tensor | None):
         """(Σ Jᵀr for W as d_out × d_in, Σr or None without a bias) at ΔW = ``weight``, Δb = ``bias``."""
-        if self.buffers is None:
-            shape, like = (self.rows.centered.shape[0], self.d_out), weight
-            self.buffers = (torch.empty(shape, dtype=self.rows.centered.dtype, device=like.device),
-                            torch.empty(shape, dtype=like.dtype, device=like.device),
-                            kernels.low_precision_buffers(self.rows, weight),
-                            [torch.empty(weight.shape, dtype=like.dtype, device=like.device),
-                             torch.empty(self.d_out, dtype=like.dtype, device=like.device)])  # fmt: skip
-        product, delta_a, buffers, out = self.buffers
-        kernels.low_precision_divergence_grads(variant, transfer, self.rows, anchor, weight, bias, product, delta_a,
-                                               buffers, out if bias is not None else out[:1])  # fmt: skip
+        buffers, out = self.shared.for_weight(self.rows, weight)
+        out = out if bias is not None else out[:1]
+        kernels.low_precision_divergence_grads(variant, transfer, self.rows, anchor, weight, bias, self.product(),
+                                               self.delta_a(), buffers, out)  # fmt: skip
         return out[0], (out[1] if bias is not None else None)
 
 
