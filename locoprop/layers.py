@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from locoprop.hooks import WeakHook, remove_when_gone
 
 __all__ = [
+    "MATRIX_KINDS",
     "Block",
     "BlockAdapter",
     "ConvAdapter",
@@ -70,6 +71,11 @@ class LayerAdapter:
 
     def output_rows(self, a: Tensor) -> Tensor:
         raise NotImplementedError
+
+
+# The kinds of map a = x·Wᵀ + b and a = x·W + b: their uses may take blocks of the weight, a bias added after
+# the product folds into them, and their inputs are centred for low-precision products.
+MATRIX_KINDS = ("linear", "matmul")
 
 
 class LinearAdapter(LayerAdapter):

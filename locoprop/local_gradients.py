@@ -33,7 +33,7 @@ from torch import Tensor
 
 from locoprop import kernels, local
 from locoprop.distributed import Communicator
-from locoprop.layers import Block
+from locoprop.layers import MATRIX_KINDS, Block
 from locoprop.problem import LocalProblem
 
 __all__ = ["PARALLEL_MODES", "LocalGradients", "input_rows", "uses_gram_form"]
@@ -88,7 +88,7 @@ class LocalGradients:
         batchable: dict[tuple, list[tuple[LocalProblem, Tensor, tuple[Tensor, ...]]]] = {}
         for problem in problems:
             low = _low(problem, compute_dtype)
-            if problem.by_blocks and problem.unit.kind in ("linear", "matmul"):
+            if problem.by_blocks and problem.unit.kind in MATRIX_KINDS:
                 self.work.append(_Work([problem], self._blocks(problem, low)))
                 continue
             if problem.unit.kind != "linear" or problem.by_blocks:
@@ -154,7 +154,7 @@ class LocalGradients:
             grads = None
             for layer, uses in problem.uses_by_map():  # (one map, unless the uses took blocks of rows)
                 part = local.divergence_grads(variant, unit.transfer, layer.forward, delta, uses, low,
-                                              centred=unit.kind in ("linear", "matmul"))  # fmt: skip
+                                              centred=unit.kind in MATRIX_KINDS)  # fmt: skip
                 grads = part if grads is None else torch._foreach_add(grads, part)
             torch._foreach_add_(grads, problem.linear_terms(), alpha=scale)
             return [grads]
@@ -173,7 +173,7 @@ class LocalGradients:
             block = block if block is not None else Block((), 0, problem.params[0].shape[0])  # (the whole weight)
             rows = adapter.input_rows(x)
             if low is not None:
-                d_out = block.stop - block.start if linear else block.of(problem.params[0]).shape[-1]
+                d_out = block.of(problem.params[0]).shape[0 if linear else -1]
                 rows = _LowPrecisionUse(kernels.low_precision_rows(rows, low), d_out, shared)
             uses.append((block, rows, tuple(adapter.output_rows(t) for t in anchor)))
 

@@ -52,6 +52,7 @@ from torch.overrides import TorchFunctionMode
 
 from locoprop.hooks import WeakHook, remove_when_gone
 from locoprop.layers import (
+    MATRIX_KINDS,
     Block,
     ConvAdapter,
     ConvTransposeAdapter,
@@ -154,14 +155,14 @@ class ForwardRecorder(TorchFunctionMode):
         # Keep ‖g‖² in each record (set by the optimizer while a relative γ start is pending).
         self.measure_gradients = False
         self._depth = 0
-        # Uses without their unit's bias, until the forward ends: output id -> (record, unit, output, block).
         self._unbiased: dict[int, _Unbiased] = {}  # output id -> a use without its unit's bias, in this forward
         # Units whose map takes its bias until a forward with uses of theirs shows whether the bias is added;
         # unit -> whether it was in the forward running.
         self._bias_undecided: dict = {}
         self._training_forward = False  # whether the outermost forward began with gradients enabled
         self._handles: list = []
-        # Transfer discovery, while a unit's is pending: output tensor id -> (unit, output), and consumers.
+        # Transfer discovery, while a unit's is pending: output tensor id -> (_SeenUse, output), and each
+        # followed use's consumers.
         self._units = units
         self.discovering = any(unit.transfer_pending for unit in units)
         self._outputs: dict[int, tuple] = {}
@@ -239,7 +240,7 @@ class ForwardRecorder(TorchFunctionMode):
             # transfer function is read here, in the model's forward.
             if self.discovering and self._training_forward and (unit.transfer_pending or self.output_pending()):
                 self._discover(unit, output, with_graph=False)
-                if unit.uses_bias and not adds_bias and unit.kind in ("linear", "matmul"):
+                if unit.uses_bias and not adds_bias and unit.kind in MATRIX_KINDS:
                     self._unbiased[id(output)] = _Unbiased(None, unit, output, use.block)  # (to follow a + b)
             return
         if output.numel() == 0:
@@ -250,7 +251,7 @@ class ForwardRecorder(TorchFunctionMode):
         if unit.uses_bias and not adds_bias:  # (the whole weight or its block, without the bias)
             block = dataclasses.replace(block or Block((), 0, unit.weight.shape[0]), bias=False)
         record = UseRecord(x=x, a=output.detach(), versions=versions, block=block, offsets=use.offsets)
-        if block is not None and not block.bias and use.offsets is None and unit.kind in ("linear", "matmul"):
+        if block is not None and not block.bias and use.offsets is None and unit.kind in MATRIX_KINDS:
             self._unbiased[id(output)] = _Unbiased(record, unit, output, use.block)
         output.register_hook(_marking_hook(record, unit.records, self.measure_gradients))
         if self.on_output is not None:
@@ -285,7 +286,7 @@ class ForwardRecorder(TorchFunctionMode):
         for unit in candidates:
             if unit.adapter is None and unit.expects(adapter.kind) and (not unit_bias or bias is unit.bias):
                 unit.adapter, unit.uses_bias = adapter, unit_bias
-                if bias is None and adapter.kind in ("linear", "matmul") and unit.bias is not None:
+                if bias is None and adapter.kind in MATRIX_KINDS and unit.bias is not None:
                     unit.uses_bias = True  # (until settled)
                     self._bias_undecided[unit] = False
                 return unit, unit_bias
@@ -487,6 +488,8 @@ def _map_of(weight, bias, x, adapter: LayerAdapter) -> _Use | None:
     :class:`Block` of one with the matching part of a bias parameter (:class:`BlockAdapter`)."""
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         return None
+    if not isinstance(weight, nn.Parameter) and not isinstance(getattr(weight, "_base", None), nn.Parameter):
+        return None  # (the product of two activations, as attention's: checked first, on every such call)
     whole = _parameter_of(weight)
     if whole is not None:
         return _Use(whole, _as_parameter(bias), x, adapter)
@@ -563,17 +566,11 @@ def _grouped_use(x, weight, offsets, bias) -> _Use | None:
     transpose (E × d_out × d_in, a linear map)."""
     if offsets is None or bias is not None or not isinstance(weight, Tensor) or weight.dim() != 3 or x.dim() != 2:
         return None
-    if isinstance(weight, nn.Parameter):
-        return _Use(weight, None, x, MatmulAdapter(), offsets=offsets)
-    base = getattr(weight, "_base", None)
-    transposed = (
-        isinstance(base, nn.Parameter)
-        and base.dim() == 3
-        and weight.storage_offset() == base.storage_offset()
-        and weight.shape == base.transpose(-2, -1).shape
-        and weight.stride() == base.transpose(-2, -1).stride()
-    )
-    return _Use(base, None, x, LinearAdapter(), offsets=offsets) if transposed else None
+    whole = _parameter_of(weight)
+    if whole is not None:
+        return _Use(whole, None, x, MatmulAdapter(), offsets=offsets)
+    transposed = _parameter_of(weight.mT)  # (Hugging Face passes W.transpose(-2, -1) of an E × d_out × d_in W)
+    return _Use(transposed, None, x, LinearAdapter(), offsets=offsets) if transposed is not None else None
 
 
 _CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
