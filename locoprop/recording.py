@@ -172,9 +172,11 @@ class ForwardRecorder(TorchFunctionMode):
 
     # --------------------------------------------------------- entering
     def attach(self, model: nn.Module) -> None:
-        """Enter the mode around the model's forward and around every module that owns a unit weight."""
-        owners = {model} | {unit.module for units in self._by_weight.values() for unit in units if unit.module}
-        for module in owners:
+        """Enter the mode around the model's forward, every module that holds a unit weight and every module
+        that contains one: a forward may call a part of the model rather than the model (a LightningModule
+        given as the model, its network called as ``self.net(x)``), and the mode must then span that part's
+        forward, where the units' transfer functions are applied, not only each unit's own module."""
+        for module in _containers_of(model, set(self._by_weight), self._units):
             self._handles.append(module.register_forward_pre_hook(WeakHook(self._enter)))
             self._handles.append(module.register_forward_hook(WeakHook(self._leave), always_call=True))
         for module in model.modules():
@@ -389,6 +391,24 @@ class ForwardRecorder(TorchFunctionMode):
         self._outputs.clear()
         self._consumers.clear()
         self._seen.clear()
+
+
+def _containers_of(model: nn.Module, weights: set, units: list) -> list[nn.Module]:
+    """``model``, each unit's module, each module holding a unit weight as its own parameter, and every module
+    that contains one of those, in ``model.modules()`` order."""
+    holders = {unit.module for unit in units if unit.module is not None}
+    paths = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(module, []).append(name)
+        if any(p in weights for p in module.parameters(recurse=False)):
+            holders.add(module)
+    prefixes = {""}
+    for module in holders:
+        for name in paths.get(module, []):
+            parts = name.split(".") if name else []
+            prefixes.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    containers = [module for module, names in paths.items() if any(name in prefixes for name in names)]
+    return containers + [module for module in holders if module not in paths]
 
 
 @dataclasses.dataclass(eq=False)

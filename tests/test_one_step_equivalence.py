@@ -276,6 +276,34 @@ def test_functional_expit_and_softmax_over_another_dimension_are_read_as_their_m
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
 
 
+class _Holder(nn.Module):
+    """A network held as ``self.net`` (a LightningModule's layout); the training code may call ``self.net``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5))
+        self.net.append(nn.Sigmoid()).append(nn.Linear(5, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_forward_through_a_part_of_the_model_finds_the_transfers_inside_it():
+    """``LocoPropOptimizer(holder)`` with the forward run as ``holder.net(x)``, the holder's own forward never
+    called: the units' activations inside ``net`` are seen (they were the identity, silently), and the step
+    is that of ``LocoPropOptimizer(net)``."""
+    holder = _Holder()
+    net = copy.deepcopy(holder.net)
+    x = torch.randn(8, 4)
+    hparams = dict(variant="M", lr=1e-2, activation_lr=1.0, local_iters=3)
+    for model, run in ((holder, holder.net), (net, net)):
+        opt = LocoPropOptimizer(model, **hparams)
+        run(x).square().sum().backward()
+        opt.step()
+        assert [u.transfer.name for u in opt.units] == ["tanh", "sigmoid", "identity"]
+    assert_same_params(holder.net, dict(net.named_parameters()))
+
+
 def test_a_hook_that_logs_a_unit_output_does_not_change_its_transfer():
     """A forward hook that reads a unit's output out of the graph (detach, item: activation logging) is no
     consumer: the unit keeps its tanh, and one step is still the backprop SGD step of M."""
