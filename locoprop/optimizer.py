@@ -361,6 +361,12 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if loss is None and not any(p.grad is not None for group in self.param_groups for p in group["params"]):
+                # The closure skipped its batch (Lightning's training_step returning None): no loss, no
+                # gradient. As torch's optimizers, take no step; a bare step() with nothing to step is refused.
+                for unit in self.units:
+                    unit.records.clear()
+                return None
         for group in self.param_groups:
             check_hyperparameters(group, self.solve)
         check_not_meta(self.units)
@@ -374,13 +380,13 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             problems = collect_problems(self.param_groups, self.unit_of_group, self.ownership, self.comm,
                                         self._grads_averaged, self.variant, self.solve,
                                         takes_sparse(self.inner))  # fmt: skip
-            # Warnings stack: warn, this step, torch's step wrapper, the caller.
+            # Warnings stack: warn, this step, torch.no_grad's wrapper, torch's step wrapper, the caller.
             warn_fallbacks([p.unit for p in problems if p.unit is not None and p.variant != self.variant],
-                           self._fallbacks_said, stacklevel=4)  # fmt: skip
-            warn_unheld(self._frozen_at_build, self.param_groups, self._unheld_said, stacklevel=4)
+                           self._fallbacks_said, stacklevel=5)  # fmt: skip
+            warn_unheld(self._frozen_at_build, self.param_groups, self._unheld_said, stacklevel=5)
             if not self._share_said:
                 self._share_said = True
-                warn_if_mostly_not_local(self.describe(), stacklevel=4)
+                warn_if_mostly_not_local(self.describe(), stacklevel=5)
             adapting = adaptation.adapting_problems(self, problems)
             saved = adaptation.saved(self, adapting)
             try:

@@ -1,6 +1,7 @@
 """Bad input: a clear error naming the value, and nothing changed (SPEC §3)."""
 
 import copy
+import inspect
 import re
 import warnings
 
@@ -148,6 +149,40 @@ def test_step_before_any_backward_pass():
     with pytest.raises(RuntimeError, match="called before any backward pass"):
         opt.step()
     assert_same_params(model, before)
+
+
+def test_a_closure_that_skips_its_batch_takes_no_step():
+    """A closure that returns no loss and leaves no gradient (Lightning's ``training_step`` returning None) is a
+    step of nothing, as with torch's optimizers; the next batch's step is the plain one."""
+    model = _mlp()
+    opt = LocoPropOptimizer(model, lr=1e-2)
+    x = torch.randn(5, 4)
+    before = snapshot(model)
+
+    def skipped():
+        model(x)  # its forward ran; its loss was None, so no backward
+        opt.zero_grad()
+
+    assert opt.step(skipped) is None
+    assert_same_params(model, before)
+    reference = copy.deepcopy(model)
+    reference_opt = LocoPropOptimizer(reference, lr=1e-2)
+    for net, optimizer in ((model, opt), (reference, reference_opt)):
+        optimizer.zero_grad()
+        net(x).square().sum().backward()
+        optimizer.step()
+    assert_same_params(model, snapshot(reference))
+
+
+def test_warnings_of_a_step_name_the_callers_line():
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))  # GELU: M falls back to S, and says so
+    opt = LocoPropOptimizer(model, variant="M")
+    model(torch.randn(3, 4)).sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        opt.step()
+    assert caught and {(w.filename, w.lineno) for w in caught} == {(__file__, line)}
 
 
 def test_second_step_without_a_new_backward_is_refused():
