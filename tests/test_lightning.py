@@ -175,23 +175,7 @@ class WholeModule(LocoPropModule):
         return _loss(self.net if self.direct else self, batch)
 
 
-@pytest.mark.parametrize(
-    "direct",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a forward that does not go through the optimizer's model enters the recording mode only "
-                "around each unit's own module, which it leaves before nn.Tanh runs: every hidden unit's "
-                "transfer is taken for the identity, silently, and variant M solves the wrong local problem "
-                "(repro: /work/scratch/s8/lightning/repro_submodule_call_transfer.py)",
-            ),
-        ),
-    ],
-    ids=["self(x)", "self.net(x)"],
-)
+@pytest.mark.parametrize("direct", [False, True], ids=["self(x)", "self.net(x)"])
 def test_the_lightning_module_itself_may_be_the_model(direct):
     """``LocoPropOptimizer(self)`` in ``configure_optimizers`` finds the units inside ``self.net`` (tanh, tanh,
     softmax) and takes the steps of ``LocoPropOptimizer(self.net)``, whether ``training_step`` calls
@@ -236,14 +220,6 @@ class SkippingModule(LocoPropModule):
         return None if batch_idx == 1 else loss
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="Lightning still calls optimizer.step(closure) for a batch whose training_step returned None; the "
-    "closure clears the gradients (set_to_none) and skips backward, and LocoPropOptimizer.step refuses a step "
-    "with no gradient at all ('called before any backward pass') where torch's optimizers do nothing "
-    "(repro: /work/scratch/s8/lightning/repro_skipped_batch.py)",
-)
 def test_a_batch_skipped_by_returning_none_takes_no_step():
     """A ``training_step`` that returns None skips the batch: the steps are those of the other batches."""
     data = _data()

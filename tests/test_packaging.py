@@ -108,9 +108,10 @@ def test_each_extra_installs_the_modules_it_is_documented_to(extra, holds):
     assert _documented(*holds) <= _extra(extra)
 
 
-def test_dev_is_every_extra_plus_the_test_runner_the_linter_and_the_test_models():
-    # tomli: on Python 3.10 only; transformers: the real model classes of tests/test_models.py
-    assert _extra("dev") == _extra("all") | {"pytest", "ruff", "tomli", "transformers"}
+def test_dev_is_every_extra_plus_the_test_runner_the_linter_the_test_models_and_their_trainers():
+    # tomli: on Python 3.10 only; transformers: the real model classes of tests/test_models.py; accelerate and
+    # lightning: the trainers of tests/test_hf_trainer.py and tests/test_lightning.py
+    assert _extra("dev") == _extra("all") | {"pytest", "ruff", "tomli", "transformers", "accelerate", "lightning"}
 
 
 def test_every_module_the_harness_imports_is_in_an_extra():
