@@ -145,7 +145,9 @@ class OutputUnitFinder:
     the graph is walked back from the model's output tensors, stopping at the
     outputs of units: the units met are those whose output reaches the model's
     output through no other unit. One unit met is the output unit; several
-    (two heads added, several outputs) or none leave it ambiguous. When the
+    (two heads added, several outputs none computed from another) or none
+    leave it ambiguous; an output computed from another (the hidden state a
+    head reads, also returned) is not walked from. When the
     model's own forward never runs (the caller calls its submodules), the
     last unit to run in the forward pass is taken instead (:meth:`decide_now`).
 
@@ -183,7 +185,7 @@ class OutputUnitFinder:
         self._depth -= 1
         if self._depth or not self._output_nodes:
             return
-        roots = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        roots = _final(list(dict.fromkeys(t.grad_fn for t in _tensors(output) if t.grad_fn is not None)))
         if roots:
             self._decide(*_units_reaching(roots, self._output_nodes))
         self._output_nodes.clear()
@@ -217,6 +219,25 @@ def _tensors(value) -> list[Tensor]:
 
 
 _UNRECORDED = object()  # the output node of a map of a unit's weight that no unit records
+
+
+def _final(roots: list) -> list:
+    """The output nodes from which no other output is computed. Beside its logits a model may return tensors
+    that the logits are computed from (an encoder-decoder's ``encoder_last_hidden_state``, the hidden states and
+    attention maps of ``output_hidden_states``/``output_attentions``; with labels, the loss and the logits it is
+    computed from): those are not where the model's output comes from. One walk of the graph from the roots'
+    inputs meets every root that another root is computed from."""
+    if len(roots) < 2:
+        return roots
+    inside: set = set()
+    stack = [next_node for root in roots for next_node, _ in root.next_functions]
+    while stack:
+        node = stack.pop()
+        if node is None or node in inside:
+            continue
+        inside.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return [root for root in roots if root not in inside]
 
 
 def _units_reaching(roots: list, output_nodes: dict) -> tuple[list[Unit], bool, bool]:

@@ -83,6 +83,41 @@ def test_an_ambiguous_output_unit_refuses_the_step(tuple_output):
     assert_same_params(model, before)
 
 
+class EncoderDecoder(nn.Module):
+    """Returns, beside the logits, the hidden states they are computed from (an encoder-decoder's
+    ``encoder_last_hidden_state``, ``output_hidden_states``) and, with labels, the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder, self.head = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x, y=None):
+        memory = torch.tanh(self.encoder(x))
+        hidden = torch.tanh(self.decoder(memory))
+        logits = self.head(hidden)
+        out = {"logits": logits, "encoder_last_hidden_state": memory, "hidden_states": (memory, hidden)}
+        return out if y is None else {"loss": F.cross_entropy(logits, y), **out}
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["logits", "loss"])
+def test_outputs_that_the_logits_are_computed_from_leave_the_head_the_output_unit(labels):
+    """The encoder's state and the hidden states, returned beside the logits, do not make the output ambiguous
+    (every Hugging Face encoder-decoder was refused): the head takes the softmax, the others their tanh, and the
+    step is that of the model returning its logits alone."""
+    model = EncoderDecoder().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    kwargs = dict(variant="M", local_iters=3, inner="sgd", output_activation="softmax")
+    plain = copy.deepcopy(nn.Sequential(model.encoder, nn.Tanh(), model.decoder, nn.Tanh(), model.head))
+    expected = locoprop_trained(plain, classification_loss(x, y), steps=1, **kwargs)
+    opt = LocoPropOptimizer(model, lr=ETA, activation_lr=GAMMA, **kwargs)
+    out = model(x, y) if labels else model(x)
+    (out["loss"] if labels else F.cross_entropy(out["logits"], y)).backward()
+    opt.step()
+    assert _transfers(opt) == [("encoder", "tanh"), ("decoder", "tanh"), ("head", "softmax")]
+    for name, index in (("encoder", 0), ("decoder", 2), ("head", 4)):
+        torch.testing.assert_close(getattr(model, name).weight, expected[f"{index}.weight"], **CLOSE)
+
+
 class ConvOutput(nn.Module):
     """A convolution registered first produces the output."""
 
