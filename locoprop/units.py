@@ -43,6 +43,15 @@ _KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv
           nn.MultiheadAttention: "linear"}  # fmt: skip
 
 
+def _kind_of(module: nn.Module | None) -> str | None:
+    """The kind of map of ``module``'s class or of the torch class it derives from (Hugging Face's
+    BartScaledWordEmbedding is an nn.Embedding: its weight read by F.linear is a tied head's, not its own)."""
+    for cls in type(module).__mro__ if module is not None else ():
+        if cls in _KINDS:
+            return _KINDS[cls]
+    return None
+
+
 @dataclasses.dataclass(eq=False)
 class Unit:
     """A weight in a linear map, its bias and its transfer function f (LocoProp's unit, SPEC §2).
@@ -91,7 +100,7 @@ class Unit:
         """The kind of map (``"linear"``, ``"matmul"``, ``"conv2d"``, ``"embedding"``, …) once seen."""
         if self.adapter is not None:
             return self.adapter.kind
-        return _KINDS.get(type(self.module)) if self.module is not None else None
+        return _kind_of(self.module)
 
     @property
     def trainable(self) -> bool:
@@ -100,7 +109,7 @@ class Unit:
     def expects(self, kind: str) -> bool:
         """Whether a first use of this ``kind`` can be this unit's map (an nn.Embedding's weight read by
         F.linear, as a tied output layer does, belongs to that layer's unit instead)."""
-        expected = _KINDS.get(type(self.module)) if self.module is not None else None
+        expected = _kind_of(self.module)
         if expected is None and type(self.module).__name__ == "Conv1D":
             expected = "matmul"  # Hugging Face's Conv1D: torch.addmm(b, x, W)
         # (W @ x is an nn.Linear's map on the transposed input: Mamba's dt_proj)

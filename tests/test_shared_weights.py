@@ -224,6 +224,42 @@ def test_a_weight_tied_to_an_embedding_adds_the_linear_objective_of_that_use(var
     _assert_one_step_gives(model, expected, ids, labels, variant=variant, local_iters=3)
 
 
+class _ScaledEmbedding(nn.Embedding):
+    """An nn.Embedding subclass (Hugging Face's BartScaledWordEmbedding)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+class _ScaledEmbeddingLM(nn.Module):
+    """BART's layout: a shared table, the encoder's scaled embedding and the head all hold one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Embedding(16, 8)
+        self.embed_tokens = _ScaledEmbedding(16, 8)
+        self.body = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 16, bias=False)
+        self.embed_tokens.weight = self.lm_head.weight = self.shared.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.tanh(self.body(self.embed_tokens(ids))))
+
+
+def test_a_head_tied_to_an_embedding_subclass_is_the_heads_unit():
+    """The head's map of a weight tied to an nn.Embedding subclass is the head's unit: the subclass's module is
+    an embedding, whose unit takes lookups only (the head's map was credited to the subclass's unit, which
+    showed as a linear unit, and the head as unseen)."""
+    model = _ScaledEmbeddingLM()
+    opt = LocoPropOptimizer(model)
+    ids = torch.randint(0, 16, (4, 5))
+    F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    opt.step()
+    kinds = {row.unit: row.kind for row in opt.describe().rows}
+    assert (kinds["shared"], kinds["body"], kinds["lm_head"]) == ("embedding", "linear", "linear")
+    assert kinds["embed_tokens"] != "linear"
+
+
 def test_exact_solve_refuses_weights_shared_by_units_naming_them():
     with pytest.raises(ValueError, match=r"'first.weight' is shared by unit 'first' and unit 'second'"):
         LocoPropOptimizer(TiedLayers(), variant="S", solve="exact", prox=1.0)
