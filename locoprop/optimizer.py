@@ -277,7 +277,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         parameter lists all its uses: ``"fc1 + fc2"``, ``"head + backprop"``."""
         # A candidate that no forward pass used in a linear map takes plain steps, as describe() says, and so
         # does a bias that the unit's map does not add.
-        seen = any(unit.adapter is not None for unit in self.units)
+        seen = self._forward_seen()
         groups = []
         for group, unit in zip(self.param_groups, self.unit_of_group):
             if unit is None or (seen and unit.adapter is None):
@@ -293,9 +293,14 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         the trainable parameters) and the parameters that are not local, largest first; ``print`` it for a
         table (:mod:`locoprop.describe`)."""
         trainable = [p for group in self.param_groups for p in group["params"]]
-        seen = any(unit.adapter is not None for unit in self.units)
         return describe(self.units, lambda unit: unit_variant(self.variant, unit), self.ownership.names, trainable,
-                        seen)  # fmt: skip
+                        self._forward_seen())  # fmt: skip
+
+    def _forward_seen(self) -> bool:
+        """Whether a forward pass has shown how the units' weights are used: a training forward ran, or a unit
+        has its map (a state restored). Before, every unit counts as local; after, one that no linear map used
+        (all of them, when every weight is computed, as weight norm does) is not."""
+        return self._recorder.trained_forward_seen or any(unit.adapter is not None for unit in self.units)
 
     def adapted_hyperparameters(self) -> dict[str, float]:
         """The γ that the optimizer sets itself, by metrics column ``gamma/UNIT``: adapted by hypergradients

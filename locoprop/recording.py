@@ -160,6 +160,8 @@ class ForwardRecorder(TorchFunctionMode):
         # unit -> whether it was in the forward running.
         self._bias_undecided: dict = {}
         self._training_forward = False  # whether the outermost forward began with gradients enabled
+        # Whether a forward with gradients has run: after one, a unit that no linear map used is not local.
+        self.trained_forward_seen = False
         self._handles: list = []
         # Transfer discovery, while a unit's is pending: output tensor id -> (_SeenUse, output), and each
         # followed use's consumers.
@@ -206,6 +208,7 @@ class ForwardRecorder(TorchFunctionMode):
         self._depth -= 1
         if self._depth == 0:
             self.__exit__(None, None, None)
+            self.trained_forward_seen = self.trained_forward_seen or self._training_forward
             self._settle_biases()
             if self.discovering and self._seen:
                 self.decide_transfers()

@@ -174,6 +174,21 @@ def test_a_closure_that_skips_its_batch_takes_no_step():
     assert_same_params(model, snapshot(reference))
 
 
+def test_when_no_weight_is_used_in_a_linear_map_nothing_is_said_to_be_local():
+    """Weight norm computes every convolution's weight from g and v, so no unit is ever seen: after the first
+    forward describe() says 0% local, parameter_roles() says backprop, and the first step warns (it reported
+    every unit local while the training was the inner optimizer's on every parameter)."""
+    weight_norm = nn.utils.parametrizations.weight_norm
+    model = nn.Sequential(weight_norm(nn.Conv1d(1, 4, 3, padding=1)), nn.Tanh(), weight_norm(nn.Conv1d(4, 1, 3)))
+    opt = LocoPropOptimizer(model, variant="M")
+    assert opt.describe().local_share > 0.8  # before any forward: every unit counts
+    model(torch.randn(2, 1, 8)).square().sum().backward()
+    assert opt.describe().local_share == 0.0
+    assert set(opt.parameter_roles().values()) == {"backprop"}
+    with pytest.warns(UserWarning, match="Only 0% of the model's trainable parameters are solved locally"):
+        opt.step()
+
+
 def test_warnings_of_a_step_name_the_callers_line():
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))  # GELU: M falls back to S, and says so
     opt = LocoPropOptimizer(model, variant="M")
