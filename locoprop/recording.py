@@ -63,7 +63,7 @@ from locoprop.layers import (
     MatmulAdapter,
     StackedMatmulAdapter,
 )
-from locoprop.transfer import is_activation_module, transfer_from_call, transfer_from_module
+from locoprop.transfer import Transfer, is_activation_module, transfer_from_call, transfer_from_module
 
 __all__ = ["ForwardRecorder", "UseRecord", "squared_norm"]
 
@@ -269,7 +269,7 @@ class ForwardRecorder(TorchFunctionMode):
         """Follow ``output``'s consumers until the forward ends, to read ``unit``'s transfer function."""
         use = _SeenUse(unit, with_graph)
         # Held (not weakly) until the forward ends, so that no later tensor can take its id.
-        self._outputs[id(output)] = (use, output)
+        self._outputs[id(output)] = (use, output, _AS_IS)
         self._seen.setdefault(unit, []).append(use)
 
     def _unit_for(self, weight: Tensor, bias, adapter: LayerAdapter) -> tuple:
@@ -356,21 +356,23 @@ class ForwardRecorder(TorchFunctionMode):
             for item in value if isinstance(value, (list, tuple)) else (value,):
                 entry = self._tracked(item)
                 if entry is not None:
-                    self._consumers.setdefault(entry[0], []).append(transfer_from_call(func, args, kwargs))
+                    transfer = _as_read_through(entry[2], transfer_from_call(func, args, kwargs))
+                    self._consumers.setdefault(entry[0], []).append(transfer)
 
     def _follow(self, source, output: Tensor) -> None:
         entry = self._tracked(source)
         if entry is not None:
             consumers = self._consumers.get(entry[0], [])
             consumers.pop()  # the view is no consumer: what consumes it is
-            self._outputs[id(output)] = (entry[0], output)
+            self._outputs[id(output)] = (entry[0], output, _layout_after(entry[2], source, output))
 
     def _activation_enter(self, module: nn.Module, args) -> None:
         if self.discovering and self._depth and self._activation_depth == 0:
             for value in args:
                 entry = self._tracked(value)
                 if entry is not None:
-                    self._consumers.setdefault(entry[0], []).append(transfer_from_module(module))
+                    transfer = _as_read_through(entry[2], transfer_from_module(module))
+                    self._consumers.setdefault(entry[0], []).append(transfer)
         self._activation_depth += 1
 
     def _activation_leave(self, module: nn.Module, args, output) -> None:
@@ -394,6 +396,34 @@ class ForwardRecorder(TorchFunctionMode):
         self._outputs.clear()
         self._consumers.clear()
         self._seen.clear()
+
+
+# How a followed tensor lays out its unit's output: as it is, in rows of the output's last dimension (views that
+# keep that dimension whole: flattening or splitting the others), or otherwise (the last dimension split or
+# moved). A softmax reads the same transfer function only over rows of the output's last dimension.
+_AS_IS, _ROWS, _OTHER = "as is", "rows", "other"
+
+
+def _layout_after(layout: str, source: Tensor, output: Tensor) -> str:
+    """The layout of ``output``, a view of ``source``, whose layout is ``layout``."""
+    if output.shape == source.shape and output.stride() == source.stride():
+        return layout
+    last_kept = output.dim() and source.dim() and output.shape[-1] == source.shape[-1]
+    return _ROWS if layout != _OTHER and last_kept and output.stride(-1) == source.stride(-1) else _OTHER
+
+
+def _as_read_through(layout: str, transfer: Transfer | None) -> Transfer | None:
+    """The transfer function of the unit whose output, laid out as ``layout``, ``transfer`` consumes: an
+    elementwise function whatever the layout; a softmax over a reshaped or permuted output (a softmax per
+    group of the outputs: Deformable DETR's per-head attention weights) none that variant M has an integral
+    for, unless it is over the rows of the output's last dimension."""
+    if transfer is None or layout == _AS_IS or not transfer.name.startswith("softmax"):
+        return transfer
+    if layout == _ROWS and transfer.name == "softmax":
+        return transfer
+    return Transfer(f"{transfer.name} of a reshaped output", None, None,
+                    f"{transfer.name} over a reshaped or permuted output (a softmax per group of the unit's "
+                    "outputs) has no integral locoprop knows of the unit's output")  # fmt: skip
 
 
 def _containers_of(model: nn.Module, weights: set, units: list) -> list[nn.Module]:

@@ -304,6 +304,45 @@ def test_a_forward_through_a_part_of_the_model_finds_the_transfers_inside_it():
     assert_same_params(holder.net, dict(net.named_parameters()))
 
 
+class _SoftmaxThroughViews(nn.Module):
+    """A unit's output reshaped before a softmax: its leading dimensions flattened (the softmax is still over
+    each row of the output), or its last dimension split into groups (a softmax per head, as Deformable DETR's
+    attention weights), or moved."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.proj, self.head, self.layout = nn.Linear(4, 6), nn.Linear(6, 2), layout
+
+    def forward(self, x):
+        a = self.proj(x)
+        if self.layout == "rows":
+            p = a.view(-1, 6).softmax(-1).view(a.shape)
+        elif self.layout == "groups":
+            p = a.unflatten(-1, (2, 3)).softmax(-1).flatten(-2)
+        else:
+            p = a.transpose(1, 2).softmax(1).transpose(1, 2)
+        return self.head(p)
+
+
+@pytest.mark.parametrize("layout, transfer, variant", [
+    ("rows", "softmax", "M"),
+    ("groups", "softmax of a reshaped output", "S"),
+    ("moved", "softmax(dim=1) of a reshaped output", "S"),
+])  # fmt: skip
+def test_a_softmax_read_through_views_is_the_units_only_over_the_rows_of_its_output(layout, transfer, variant):
+    """A softmax per group of a unit's outputs is no softmax of its output: M takes the S target there, and
+    says so (it took the softmax over the whole output, a wrong divergence, silently)."""
+    model = _SoftmaxThroughViews(layout)
+    opt = LocoPropOptimizer(model, variant="M")
+    model(torch.randn(2, 3, 4)).sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    rows = {row.unit: (row.transfer, row.variant) for row in opt.describe().rows}
+    assert rows["proj"] == (transfer, variant)
+    assert any("'proj'" in str(w.message) for w in caught) == (variant == "S")
+
+
 def test_a_hook_that_logs_a_unit_output_does_not_change_its_transfer():
     """A forward hook that reads a unit's output out of the graph (detach, item: activation logging) is no
     consumer: the unit keeps its tanh, and one step is still the backprop SGD step of M."""
