@@ -231,7 +231,8 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         if solve == "exact":
             self.ownership.check_solved_alone()
         self.comm = Communicator(process_group)
-        # DDP averages the parameter gradients over ranks itself.
+        # DDP averages the parameter gradients over ranks itself (also when it wraps the model later: the
+        # recorder sees the forward run inside DDP's).
         self._grads_averaged = isinstance(model, nn.parallel.DistributedDataParallel)
         super().__init__(self.ownership.param_groups(), defaults)
         self.variant, self.solve, self.parallel = variant, solve, parallel
@@ -383,7 +384,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             started = self._clock()
             # Every refusal happens here, before anything has changed.
             problems = collect_problems(self.param_groups, self.unit_of_group, self.ownership, self.comm,
-                                        self._grads_averaged, self.variant, self.solve,
+                                        self._grads_averaged or self._recorder.under_ddp, self.variant, self.solve,
                                         takes_sparse(self.inner))  # fmt: skip
             # Warnings stack: warn, this step, torch.no_grad's wrapper, torch's step wrapper, the caller.
             warn_fallbacks([p.unit for p in problems if p.unit is not None and p.variant != self.variant],

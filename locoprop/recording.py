@@ -162,6 +162,9 @@ class ForwardRecorder(TorchFunctionMode):
         self._training_forward = False  # whether the outermost forward began with gradients enabled
         # Whether a forward with gradients has run: after one, a unit that no linear map used is not local.
         self.trained_forward_seen = False
+        # Whether a forward ran inside DistributedDataParallel's, which averages the gradients itself (a
+        # trainer wraps the model after the optimizer was given it: Lightning's DDP strategy).
+        self.under_ddp = False
         self._handles: list = []
         # Transfer discovery, while a unit's is pending: output tensor id -> (_SeenUse, output), and each
         # followed use's consumers.
@@ -201,6 +204,7 @@ class ForwardRecorder(TorchFunctionMode):
             # only the modules inside it) sees a unit's map without what the model applies to its output.
             self.discovering = any(unit.transfer_pending for unit in self._units) and not _in_backward()
             self._training_forward = torch.is_grad_enabled()
+            self.under_ddp = self.under_ddp or _inside_ddp(module)
             self.__enter__()
         self._depth += 1
 
@@ -424,6 +428,12 @@ def _as_read_through(layout: str, transfer: Transfer | None) -> Transfer | None:
     return Transfer(f"{transfer.name} of a reshaped output", None, None,
                     f"{transfer.name} over a reshaped or permuted output (a softmax per group of the unit's "
                     "outputs) has no integral locoprop knows of the unit's output")  # fmt: skip
+
+
+def _inside_ddp(module: nn.Module) -> bool:
+    """Whether ``module`` runs inside the forward of a DistributedDataParallel that holds it."""
+    active = getattr(nn.parallel.DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
+    return active is not None and any(inner is module for inner in active.module.modules())
 
 
 def _containers_of(model: nn.Module, weights: set, units: list) -> list[nn.Module]:

@@ -24,6 +24,8 @@ IDENTITY = dict(local_iters=1, inner="sgd", inner_schedule="constant")
 CASES = {
     "M": (dict(variant="M", inner="rmsprop-tf", output_activation="sigmoid"), False),
     "M-adam-ddp": (dict(variant="M", inner="adam", output_activation="sigmoid"), True),
+    # DDP wraps the model after the optimizer was given it (Lightning's DDP strategy): DDP's average is used
+    "M-adam-ddp-later": (dict(variant="M", inner="adam", output_activation="sigmoid"), "later"),
     # per-unit asynchronous all-reduces, overlapping computation (the CUDA default), forced on gloo
     "M-overlap": (dict(variant="M", inner="rmsprop-tf", output_activation="sigmoid"), False),
     "S-gram": (dict(variant="S", inner="rmsprop-tf"), False),
@@ -94,12 +96,12 @@ def _worker(rank: int, world_size: int, folder: str) -> None:
         for name, (kwargs, ddp) in {**CASES, **LOW_PRECISION_CASES}.items():
             model = _model(name)
             net = nn.parallel.DistributedDataParallel(model) if ddp else model
-            opt = _optimizer(net, kwargs)
+            opt = _optimizer(model if ddp == "later" else net, kwargs)
             opt.comm.overlap = name.endswith("overlap")
             for x in _batches()[:STEPS]:
                 _step(net, opt, x[rank * shard : (rank + 1) * shard], clip="clip" in name)
-            torch.save({"params": snapshot(model), "state": opt.state_dict(), "skipped": opt.skipped_steps},
-                       f"{folder}/{name}-rank{rank}.pt")  # fmt: skip
+            torch.save({"params": snapshot(model), "state": opt.state_dict(), "skipped": opt.skipped_steps,
+                        "bytes": opt.comm.bytes_sent}, f"{folder}/{name}-rank{rank}.pt")  # fmt: skip
         # A non-finite batch on rank 1 only: every rank skips the step.
         model = _model()
         opt = _optimizer(model, CASES["M"][0])
@@ -149,6 +151,18 @@ def test_w_ranks_take_the_step_of_one_process_on_the_whole_batch(ranks, case):
         other = _load(folder, case, rank)
         assert all(torch.equal(first["params"][n], other["params"][n]) for n in expected)
         assert str(first["state"]) == str(other["state"])
+
+
+def test_a_model_wrapped_in_ddp_after_the_optimizer_is_built_sends_no_gradient_again(ranks):
+    """DDP averaged the gradients: the optimizer, given the model before DDP wrapped it, sends what it sends
+    when given DDP (it summed every gradient over the ranks a second time)."""
+    world_size, folder = ranks
+    for rank in range(world_size):
+        later, given = _load(folder, "M-adam-ddp-later", rank), _load(folder, "M-adam-ddp", rank)
+        assert later["bytes"] == given["bytes"] > 0
+        assert later["params"].keys() == given["params"].keys()
+        for name in later["params"]:
+            assert torch.equal(later["params"][name], given["params"][name])
 
 
 @pytest.mark.parametrize("case", ["M", "S-exact", "S-exact-amortised"])
