@@ -30,6 +30,7 @@ __all__ = [
     "BlockAdapter",
     "ConvAdapter",
     "ConvTransposeAdapter",
+    "EinsumAdapter",
     "EmbeddingAdapter",
     "LayerAdapter",
     "LayerRecord",
@@ -187,6 +188,22 @@ class LeftMatmulAdapter(LayerAdapter):
 
     def output_rows(self, a: Tensor) -> Tensor:
         return a.transpose(-1, -2).reshape(-1, a.shape[-2])
+
+
+class EinsumAdapter(LayerAdapter):
+    """a = einsum(equation, x, W) (or ``einsum(equation, W, x)``): a map linear in a weight of any number of
+    dimensions that appears once, written as an Einstein sum (XLNet's ``torch.einsum("ibh,hnd->ibnd", h,
+    self.q)``). Solved through autograd (the reference path), which needs no rows."""
+
+    kind = "einsum"
+
+    def __init__(self, equation: str, weight_first: bool):
+        super().__init__()
+        self._options = (equation, weight_first)
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        equation, weight_first = self._options
+        return torch.einsum(equation, weight, x) if weight_first else torch.einsum(equation, x, weight)
 
 
 class ConvAdapter(LayerAdapter):

@@ -56,6 +56,7 @@ from locoprop.layers import (
     Block,
     ConvAdapter,
     ConvTransposeAdapter,
+    EinsumAdapter,
     EmbeddingAdapter,
     LayerAdapter,
     LeftMatmulAdapter,
@@ -535,6 +536,8 @@ def _linear_use(func, args: tuple, kwargs: dict) -> _Use | None:
         if weight is None:
             return None
         return _Use(weight, bias, x, ConvTransposeAdapter(_TRANSPOSED_CONVOLUTIONS[func], *options))
+    if func is torch.einsum:
+        return _einsum_use(args)
     if func is F.embedding:
         names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
         ids, weight, padding_idx, max_norm, _, by_frequency, sparse = _arguments(
@@ -544,6 +547,24 @@ def _linear_use(func, args: tuple, kwargs: dict) -> _Use | None:
             return None
         return _Use(weight, None, ids, EmbeddingAdapter(padding_idx))
     return None
+
+
+def _einsum_use(args: tuple) -> _Use | None:
+    """``torch.einsum(equation, x, W)`` or ``(equation, W, x)`` (operands also as one list) with W a parameter
+    and x not one: a map linear in W. Einstein sums of activations alone (attention's) are none, and neither
+    is a sum of two parameters (a factorised weight: which one would be the map's?)."""
+    if len(args) < 2 or not isinstance(args[0], str):
+        return None
+    operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    if len(operands) != 2 or not all(isinstance(operand, Tensor) for operand in operands):
+        return None
+    is_weight = [isinstance(operand, nn.Parameter) for operand in operands]
+    if is_weight.count(True) != 1 or isinstance(getattr(operands[is_weight.index(False)], "_base", None),
+                                                 nn.Parameter):  # fmt: skip
+        return None
+    weight_first = is_weight[0]
+    weight, x = operands if weight_first else operands[::-1]
+    return _Use(weight, None, x, EinsumAdapter(args[0].replace(" ", ""), weight_first))
 
 
 def _map_of(weight, bias, x, adapter: LayerAdapter) -> _Use | None:

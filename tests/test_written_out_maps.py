@@ -202,3 +202,65 @@ def test_a_block_without_the_bias_first_and_one_with_it_later_keep_the_bias_in_t
     assert opt.units[0].uses_bias and opt.parameter_roles()["fc.bias"] == "fc"
     for got, want in zip(model.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+class EinsumTwin(nn.Module):
+    """A projection to 2 heads of 2, tanh, and a head: by ``nn.Linear`` (``written=None``) or as XLNet writes it,
+    ``torch.einsum("blh,hnd->blnd", x, q)`` with a 3-D weight q (the weight second, first, or the operands as a
+    list)."""
+
+    def __init__(self, written: str | None):
+        super().__init__()
+        self.written = written
+        self.fc = nn.Linear(6, 4, bias=False)
+        self.q = nn.Parameter(self.fc.weight.detach().T.reshape(6, 2, 2).clone())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: batch × length × 6
+        if self.written is None:
+            h = self.fc(x)
+        elif self.written == "second":
+            h = torch.einsum("blh,hnd->blnd", x, self.q).flatten(2)
+        elif self.written == "first":
+            h = torch.einsum("hnd,blh->blnd", self.q, x).flatten(2)
+        else:
+            h = torch.einsum("blh,hnd->blnd", [x, self.q]).flatten(2)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+@pytest.mark.parametrize("written", ["second", "first", "list"])
+def test_a_weight_in_an_einstein_sum_is_a_unit_that_takes_the_linear_layers_steps(written, variant):
+    """The 3-D weight of an Einstein sum is a unit (its map is linear in it) and takes, entry for entry, the
+    steps of the nn.Linear whose weight it holds reshaped (it took plain steps: XLNet was half local)."""
+    torch.manual_seed(0)
+    modules = EinsumTwin(None).double()
+    twin = copy.deepcopy(modules)
+    twin.written = written
+    x = torch.randn(5, 7, 6, dtype=torch.float64)
+    target = torch.randn(5, 7, 3, dtype=torch.float64)
+    for model, unit in ((modules, "fc"), (twin, "EinsumTwin.q")):
+        opt = LocoPropOptimizer(model, variant=variant, lr=0.05, activation_lr=2.0, local_iters=3, inner="sgd")
+        for _ in range(2):
+            opt.zero_grad()
+            (model(x) - target).square().sum().backward()
+            opt.step()
+        rows = {row.unit: (row.kind, row.transfer) for row in opt.describe().rows if row.kind != "unseen"}
+        assert rows[unit] == ("linear" if unit == "fc" else "einsum", "tanh")
+    torch.testing.assert_close(twin.q.reshape(6, 4).T, modules.fc.weight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(twin.head.weight, modules.head.weight, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(twin.q.reshape(6, 4).T, EinsumTwin(None).double().fc.weight)
+
+
+def test_an_einstein_sum_of_activations_or_of_two_weights_is_no_unit():
+    """Attention's einsum of two activations is no map of a weight; a weight factorised into two parameters
+    (``einsum("ij,jk->ik", A, B)``) names no single weight of the map: neither is a unit (both take plain steps)."""
+    a, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3, 4))
+    model = nn.Linear(4, 4)
+    model.a, model.b = a, b
+    opt = LocoPropOptimizer(model)
+    x = torch.randn(5, 4)
+    scores = torch.einsum("id,jd->ij", model(x), x)
+    (torch.einsum("ij,jk->ik", a, b).sum() + torch.einsum("ij,jk->ik", scores, model(x)).sum()).backward()
+    rows = {row.unit: row.kind for row in opt.describe().rows}
+    assert rows["Linear.a"] == rows["Linear.b"] == "unseen" and rows["Linear"] == "linear"
