@@ -179,9 +179,9 @@ def _check_covariance(refresh, decay, solve: str) -> None:
         )
 
 
-def check_unit(unit: Unit, solve: str) -> None:
-    """Whether ``unit``, as far as its module tells before a forward pass, can take part in ``solve``
-    (the maps seen at run time are checked when the step collects its problems)."""
+def check_unit(unit: Unit, solve: str, variant: str) -> None:
+    """Whether ``unit``, as far as its module tells before a forward pass, can take part in ``solve`` of
+    ``variant`` (the maps seen at run time are checked when the step collects its problems)."""
     if solve == "exact" and unit.kind not in (None, "linear"):
         raise ValueError(
             f"solve='exact' supports nn.Linear units only; unit {unit.name!r} is a {type(unit.module).__name__}: "
@@ -189,8 +189,10 @@ def check_unit(unit: Unit, solve: str) -> None:
         )
     # A convolution's output is N × C × spatial: its softmax is over the channels, dim=1 (what
     # F.cross_entropy takes for segmentation); over a spatial dimension it would be no unit's output.
+    # (Variant S matches pre-activations: it reads no transfer function.)
     name = unit.transfer.name
-    if name.startswith("softmax") and name != "softmax(dim=1)" and (unit.kind or "").startswith("conv"):
+    conv = (unit.kind or "").startswith("conv")
+    if variant == "M" and name.startswith("softmax") and name != "softmax(dim=1)" and conv:
         over = "the last dimension" if name == "softmax" else name.removeprefix("softmax")
         raise ValueError(
             f"Softmax over {over} does not apply to {type(unit.module).__name__} unit {unit.name!r}: a "

@@ -226,7 +226,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         # The last unit holds output_activation until a forward pass shows which unit produces the output.
         self._output = OutputActivation(found, output_activation) if output_activation is not None else None
         for unit in found:
-            check_unit(unit, solve)
+            check_unit(unit, solve, variant)
         self.ownership = ParameterOwnership(model, found)
         if solve == "exact":
             self.ownership.check_solved_alone()
@@ -316,7 +316,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         """The output unit found by the forward pass took ``output_activation`` from the last unit."""
         self._transfers_found(changed)
         for unit in changed:
-            check_unit(unit, self.solve)
+            check_unit(unit, self.solve, self.variant)
 
     def _transfers_found(self, units: list[Unit]) -> None:
         """A forward pass decided these units' transfer functions: their groups say so."""

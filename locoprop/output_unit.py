@@ -17,7 +17,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from locoprop.hooks import WeakHook, remove_when_gone
-from locoprop.transfer import transfer_by_name
+from locoprop.transfer import Transfer, softmax, transfer_by_name
 from locoprop.units import Unit
 
 __all__ = ["OutputActivation", "OutputUnitFinder"]
@@ -39,10 +39,17 @@ class OutputActivation:
         self._units = units
         self._holder = units[-1]
         self._displaced = (self._holder.transfer, self._holder.transfer_pending)
-        self._holder.transfer, self._holder.transfer_pending = self.transfer, False
+        self._holder.transfer, self._holder.transfer_pending = self._for(self._holder), False
         self._on_change: weakref.WeakMethod | None = None
         self._error: Exception | None = None
         self._finder: OutputUnitFinder | None = None
+
+    def _for(self, unit: Unit) -> Transfer:
+        """The output activation as ``unit``'s transfer function: cross-entropy's softmax of a convolution's
+        output is over its channels (a segmentation head), dim=1, as ``F.cross_entropy`` takes it."""
+        if self.transfer.name == "softmax" and (unit.kind or "").startswith("conv"):
+            return softmax(dim=1)
+        return self.transfer
 
     def attach(self, model: nn.Module, on_change: Callable[[list[Unit]], None]) -> None:
         """Watch ``model``'s first forward pass (with more than one unit, there is a choice to make). Attach
@@ -128,7 +135,7 @@ class OutputActivation:
             self._displaced,
             (unit.transfer, unit.transfer_pending),
         )
-        unit.transfer, unit.transfer_pending, self._holder = self.transfer, False, unit
+        unit.transfer, unit.transfer_pending, self._holder = self._for(unit), False, unit
         on_change = self._on_change()
         try:
             if on_change is not None:

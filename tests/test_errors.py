@@ -115,10 +115,12 @@ def test_variant_m_takes_the_s_target_for_a_non_monotone_transfer_and_says_so(ac
 def test_unit_errors():
     with pytest.raises(ValueError, match=_literal("solve='exact' supports nn.Linear units only; unit '0' is a Conv2d")):
         LocoPropOptimizer(_conv(), variant="S", solve="exact", prox=1.0)
+    conv = nn.Conv2d(1, 2, 3)
     with pytest.raises(
         ValueError, match=_literal("Softmax over the last dimension does not apply to Conv2d unit 'Conv2d'")
     ):
-        LocoPropOptimizer(nn.Conv2d(1, 2, 3), variant="M", output_activation="softmax")
+        LocoPropOptimizer(conv, variant="M", units=[(conv, nn.Softmax(dim=-1))])
+    LocoPropOptimizer(conv, variant="S", units=[(conv, nn.Softmax(dim=-1))])  # (S reads no transfer function)
     with pytest.raises(ValueError, match=_literal("no trainable weight to use as a unit")):
         LocoPropOptimizer(nn.Sequential(nn.LayerNorm(4)))
     model = _mlp()

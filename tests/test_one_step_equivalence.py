@@ -98,6 +98,7 @@ def test_a_convolution_with_softmax_over_its_channels_solves_specs_m_problem():
     objective, Σ logsumexp_c(a_θ) − ⟨softmax_c(a_old), a_θ⟩ + γ⟨G, θ⟩ over pixels, written out with autograd."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 5, 1)).double()
+    named_by_output_activation = copy.deepcopy(model)
     x, y = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (2, 6, 6))
     h = torch.tanh(model[0](x)).detach()
     old = [p.detach().clone() for p in model[2].parameters()]
@@ -120,8 +121,15 @@ def test_a_convolution_with_softmax_over_its_channels_solves_specs_m_problem():
     assert opt.describe().rows[1].transfer == "softmax(dim=1)"
     for got, want in zip(model[2].parameters(), theta):
         torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="Softmax over the last dimension does not apply to Conv2d unit '2'.*dim=1"):
-        LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    # output_activation="softmax" names the same: cross-entropy's softmax of a convolution is over its channels
+    model = named_by_output_activation
+    opt = LocoPropOptimizer(model, variant="M", lr=ETA, activation_lr=GAMMA, local_iters=3, inner="sgd",
+                            inner_schedule="constant", output_activation="softmax")  # fmt: skip
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.describe().rows[1].transfer == "softmax(dim=1)"
+    for got, want in zip(model[2].parameters(), theta):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("variant", ["M", "S"])

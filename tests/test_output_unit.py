@@ -130,14 +130,17 @@ class ConvOutput(nn.Module):
         return self.conv(self.fc(x).view(-1, 1, 3, 3))
 
 
-def test_the_output_unit_is_checked_once_found():
-    model = ConvOutput()
-    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")  # tentatively fc: accepted
-    model(torch.randn(2, 4)).sum().backward()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="Softmax over the last dimension does not apply to Conv2d unit 'conv'"):
+def test_a_convolution_found_to_be_the_output_unit_takes_the_softmax_over_its_channels():
+    """``output_activation="softmax"`` is the softmax cross-entropy folds in: over a convolution's channels
+    (segmentation), dim=1. The convolution registered first is found to produce the output and takes it (it was
+    refused as a softmax over the last dimension, under S too); the linear layer that held it gets its own back."""
+    for variant in ("M", "S"):
+        model = ConvOutput()
+        opt = LocoPropOptimizer(model, variant=variant, output_activation="softmax")
+        assert _transfers(opt) == [("conv", "identity"), ("fc", "softmax")]  # tentatively the last unit
+        model(torch.randn(2, 4)).sum().backward()
         opt.step()
-    assert_same_params(model, before)
+        assert _transfers(opt) == [("conv", "softmax(dim=1)"), ("fc", "identity")]
 
 
 class HeadFirstFunctional(nn.Module):
