@@ -581,6 +581,8 @@ def _map_of(weight, bias, x, adapter: LayerAdapter) -> _Use | None:
     if transposed is not None and adapter.kind == "matmul":  # x @ W.T (+ b): F.linear written out (Falcon)
         return _Use(transposed, _as_parameter(bias), x, LinearAdapter())
     found = _block_of(weight)
+    if found is None and adapter.kind == "matmul":  # x @ W[e].T: F.linear of a block written out (DBRX's experts)
+        found, adapter = _block_of(weight.T), LinearAdapter()
     if found is None:
         return None
     base, block = found

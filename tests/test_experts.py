@@ -218,6 +218,42 @@ def test_a_batched_matmul_over_stacked_experts_takes_the_step_of_its_experts_one
     torch.testing.assert_close(stacked.w.detach(), one_by_one.w.detach(), rtol=1e-10, atol=1e-12)
 
 
+class FlatExperts(nn.Module):
+    """DBRX's layout: the experts' matrices in one flat E·d_out × d_in weight, expert e's rows viewed as
+    ``w.view(E, d_out, d_in)[e]`` and applied as ``F.linear(x, w_e)`` or written out, ``x @ w_e.T``."""
+
+    def __init__(self, written: bool):
+        super().__init__()
+        self.written = written
+        self.w = nn.Parameter(torch.randn(EXPERTS * D_OUT, D_IN, dtype=torch.float64) / D_IN**0.5)
+
+    def forward(self, x):  # x: E × capacity × d_in
+        experts = self.w.view(EXPERTS, D_OUT, D_IN)
+        if self.written:
+            return torch.stack([torch.tanh(x[e] @ experts[e].T) for e in range(EXPERTS)])
+        return torch.stack([torch.tanh(F.linear(x[e], experts[e])) for e in range(EXPERTS)])
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_an_experts_block_applied_transposed_is_its_linear_use(variant):
+    """``x @ w_e.T`` with w_e a block of rows of a weight is ``F.linear(x, w_e)`` written out: the unit takes the
+    same steps (it was not seen: DBRX's w1 and v1 took plain steps)."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(EXPERTS, 6, D_IN, generator=generator, dtype=torch.float64)
+    target = torch.randn(EXPERTS, 6, D_OUT, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    functional, written = FlatExperts(False), FlatExperts(True)
+    written.load_state_dict(functional.state_dict())
+    for model in (functional, written):
+        opt = LocoPropOptimizer(model, variant=variant, lr=0.05, activation_lr=0.5, local_iters=3, inner="sgd")
+        for _ in range(2):
+            opt.zero_grad()
+            (model(x) - target).square().sum().backward()
+            opt.step()
+        assert [(row.kind, row.transfer) for row in opt.describe().rows] == [("linear", "tanh")]
+    torch.testing.assert_close(written.w.detach(), functional.w.detach(), rtol=1e-10, atol=1e-12)
+
+
 def test_a_flattened_stack_is_no_block_of_one_matrix():
     """W.view(E * d_out, d_in) of a stacked weight was read as rows 0:E·d_out of matrix 0 (S solved a wrong
     problem, M crashed mid-step). It is no block: the unit takes plain steps on γ·G, as one SGD step shows."""
