@@ -66,6 +66,13 @@ def _mamba() -> nn.Module:
     return transformers.MambaForCausalLM(config)
 
 
+def _xlnet() -> nn.Module:
+    """XLNet's attention projections are 3-D weights applied by torch.einsum ("ibh,hnd->ibnd")."""
+    config = transformers.XLNetConfig(vocab_size=VOCAB, d_model=WIDTH, n_layer=2, n_head=2, d_inner=2 * WIDTH,
+                                      dropout=0.0)  # fmt: skip
+    return transformers.XLNetLMHeadModel(config)
+
+
 class EncoderLM(nn.Module):
     """An embedding, torch's nn.TransformerEncoder (nn.MultiheadAttention inside) and a head."""
 
@@ -166,6 +173,7 @@ MODELS = {
     "llama": (_llama, _causal_lm_loss, 0.95),
     "falcon": (_falcon, _causal_lm_loss, 0.95),
     "mamba": (_mamba, _causal_lm_loss, 0.9),
+    "xlnet": (_xlnet, _causal_lm_loss, 0.95),
     "transformer-encoder": (EncoderLM, _next_token_loss, 0.95),
     "transformer-seq2seq": (Seq2Seq, _translation_loss, 0.95),
     "resnet": (SmallResNet, _image_loss, 0.95),
@@ -265,7 +273,8 @@ def test_the_recorded_uses_are_the_maps_the_model_computed():
 
 @pytest.mark.parametrize("variant", ["M", "S"])
 @pytest.mark.parametrize(
-    "name", ["gpt2", "bert", "llama", "falcon", "mamba", "transformer-encoder", "transformer-seq2seq", "resnet"]
+    "name",
+    ["gpt2", "bert", "llama", "falcon", "mamba", "xlnet", "transformer-encoder", "transformer-seq2seq", "resnet"],
 )
 def test_one_local_sgd_step_is_the_backprop_sgd_step(name, variant):
     """SPEC §2's identity, within 1e-10 relative in float64, with every unit's step taken locally."""
