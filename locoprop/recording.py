@@ -519,6 +519,13 @@ def _linear_use(func, args: tuple, kwargs: dict) -> _Use | None:
     if func in (torch.bmm, Tensor.bmm):
         x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("mat2")
         return _stacked_map_of(x, weight)
+    if func in (torch.baddbmm, Tensor.baddbmm):  # b[e] + x[e]·W[e]: RecurrentGemma's block-diagonal gates
+        added, x, weight = _arguments(args, kwargs, ("input", "batch1", "batch2"), ())
+        use = _stacked_map_of(x, weight)
+        bias = _stacked_bias_of(added, use.weight) if use is not None else None
+        if bias is None or kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+            return None  # (an addend that is no bias of the stacked weight: the output is no map of it)
+        return dataclasses.replace(use, bias=bias)
     if func is torch._grouped_mm:
         return _grouped_use(*_arguments(args, kwargs, ("mat_a", "mat_b", "offs", "bias"), (None, None)))
     if func in _CONVOLUTIONS:
@@ -608,6 +615,16 @@ def _stacked_map_of(x, weight) -> _Use | None:
     if weight is None or weight.dim() != 3 or not isinstance(x, Tensor) or x.dim() != 3:
         return None
     return _Use(weight, None, x, StackedMatmulAdapter())
+
+
+def _stacked_bias_of(added, weight: Tensor) -> nn.Parameter | None:
+    """The E × d_out parameter b that ``added`` shows as b[:, None, :] (``b.unsqueeze(1)``), added to the
+    products x[e]·W[e] of a stacked E × d_in × d_out ``weight``; else None."""
+    base = getattr(added, "_base", None)
+    if not isinstance(base, nn.Parameter) or base.shape != (weight.shape[0], weight.shape[2]):
+        return None
+    shown = added.shape == (base.shape[0], 1, base.shape[1]) and added.storage_offset() == base.storage_offset()
+    return base if shown and (added.stride(0), added.stride(2)) == base.stride() else None
 
 
 def _parameter_of(tensor) -> nn.Parameter | None:

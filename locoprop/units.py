@@ -260,8 +260,9 @@ def _weights(module_name: str, module: nn.Module) -> list[tuple[str, nn.Paramete
     own = dict(module.named_parameters(recurse=False))
     found = []
     for name, weight in own.items():
-        if weight.dim() < 2 or not weight.requires_grad or (name.endswith("_bias") and name[: -len("_bias")] in own):
-            continue  # (a stacked bias, E × d_out, is its weight's partner)
+        stem = name[: -len("_bias")] if name.endswith("_bias") else None
+        if weight.dim() < 2 or not weight.requires_grad or (stem is not None and {stem, f"{stem}_weight"} & own.keys()):
+            continue  # (a stacked bias, E × d_out, is its weight's partner: W and W_bias, or q_weight and q_bias)
         if name == "weight" or name.endswith("_weight"):
             prefix = name[: -len("weight")].rstrip("_")
             bias = own.get(f"{prefix}_bias" if prefix else "bias")

@@ -296,3 +296,41 @@ def test_bf16_local_solves_of_experts_stay_at_bf16_precision(kind, variant):
     for got, want, before in zip([p for p in (model.proj, model.proj_bias) if p is not None], expected, old):
         error = (got.detach() - want).norm() / (want - before).norm()
         assert error < 5e-3, error
+
+
+class BlockDiagonal(nn.Module):
+    """RecurrentGemma's gate: per head e, b[e] + x[e]·W[e] over a stacked weight, in one ``torch.baddbmm``
+    (``fused``) or head by head with the bias block added (the form whose uses are checked above)."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.fused = fused
+        self.gate_weight = nn.Parameter(torch.randn(EXPERTS, D_IN, D_OUT, dtype=torch.float64) / D_IN**0.5)
+        self.gate_bias = nn.Parameter(torch.randn(EXPERTS, D_OUT, dtype=torch.float64) * 0.1)
+
+    def forward(self, x):  # x: E × n × d_in
+        if self.fused:
+            return torch.sigmoid(torch.baddbmm(self.gate_bias[:, None, :], x, self.gate_weight))
+        return torch.stack([torch.sigmoid(x[e] @ self.gate_weight[e] + self.gate_bias[e]) for e in range(EXPERTS)])
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_a_batched_matmul_added_to_a_stacked_bias_is_one_unit_with_its_bias(variant):
+    """``torch.baddbmm(b[:, None, :], x, W)`` is the stacked map with its bias (RecurrentGemma's gates were not
+    seen): the steps of the head-by-head form."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(EXPERTS, 6, D_IN, generator=generator, dtype=torch.float64)
+    target = torch.rand(EXPERTS, 6, D_OUT, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    fused, by_head = BlockDiagonal(True), BlockDiagonal(False)
+    by_head.load_state_dict(fused.state_dict())
+    for model in (fused, by_head):
+        opt = LocoPropOptimizer(model, variant=variant, lr=0.05, activation_lr=0.5, local_iters=3, inner="sgd")
+        for _ in range(2):
+            opt.zero_grad()
+            (model(x) - target).square().sum().backward()
+            opt.step()
+        assert [row.transfer for row in opt.describe().rows] == ["sigmoid"]
+        assert opt.parameter_roles()["gate_bias"] == "BlockDiagonal.gate"
+    for name, p in fused.named_parameters():
+        torch.testing.assert_close(p.detach(), getattr(by_head, name).detach(), rtol=1e-10, atol=1e-12, msg=name)
