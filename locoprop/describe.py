@@ -13,11 +13,23 @@ prints it as a table.
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
+import sys
 import warnings
 
+import torch
 from torch import Tensor
 
-__all__ = ["Description", "UnitRow", "describe", "warn_fallbacks", "warn_if_mostly_not_local", "warn_unheld"]
+__all__ = [
+    "Description",
+    "UnitRow",
+    "callers_level",
+    "describe",
+    "warn_fallbacks",
+    "warn_if_mostly_not_local",
+    "warn_unheld",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +89,21 @@ def describe(units: list, variant_of, names: dict[Tensor, str], trainable: list[
     return Description(rows, sum(p.numel() for p in local) / total, outside)
 
 
-def warn_if_mostly_not_local(description: Description, stacklevel: int) -> None:
+# The packages whose frames a warning of the step skips: torch's and this one.
+_INSIDE = tuple(str(pathlib.Path(file).parent) + os.sep for file in (torch.__file__, __file__))
+
+
+def callers_level() -> int:
+    """The ``stacklevel`` of the first frame outside torch and locoprop, seen from the function that warns:
+    the user's ``opt.step()`` line, whatever wraps the step (torch.no_grad, torch's step hooks, an lr
+    scheduler's counter)."""
+    frame, level = sys._getframe(1), 1  # (the function that warns: level 1)
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_mostly_not_local(description: Description) -> None:
     """Warn (at the first step) when less than half of the trainable parameters are local."""
     if description.local_share < 0.5:
         largest = ", ".join(f"{name} ({count:,})" for name, count in description.outside[:3])
@@ -85,11 +111,11 @@ def warn_if_mostly_not_local(description: Description, stacklevel: int) -> None:
             f"Only {description.local_share:.0%} of the model's trainable parameters are solved locally by "
             f"LocoProp; the rest take plain inner steps, the largest being {largest}. print(opt.describe()) "
             "lists the units",
-            stacklevel=stacklevel,
+            stacklevel=callers_level(),
         )
 
 
-def warn_fallbacks(fallen: list, said: set[str], stacklevel: int) -> None:
+def warn_fallbacks(fallen: list, said: set[str]) -> None:
     """Warn once per unit (``said`` keeps their names) that variant M takes the S target for it: its transfer
     function has no convex integral."""
     new = [unit for unit in fallen if unit.name not in said]
@@ -100,11 +126,11 @@ def warn_fallbacks(fallen: list, said: set[str], stacklevel: int) -> None:
             f"Variant M takes the S target (pre-activation) for unit(s) {described}: their transfer function "
             "has no convex integral (not monotone, or unknown to locoprop). opt.describe() lists each unit's "
             "variant; pass units=[(layer, transfer), ...] to choose the transfers yourself",
-            stacklevel=stacklevel,
+            stacklevel=callers_level(),
         )
 
 
-def warn_unheld(frozen_at_build: dict[Tensor, str], groups: list[dict], said: set[str], stacklevel: int) -> None:
+def warn_unheld(frozen_at_build: dict[Tensor, str], groups: list[dict], said: set[str]) -> None:
     """Warn once per parameter of ``frozen_at_build`` (parameter -> name: those that did not require grad when
     the optimizer was built, so no param group held them) that has a gradient but is still in no param group:
     unfrozen since, it is never updated."""
@@ -119,5 +145,5 @@ def warn_unheld(frozen_at_build: dict[Tensor, str], groups: list[dict], said: se
             f"Parameter(s) {', '.join(map(repr, new))} have gradients but are in no param group of this optimizer "
             "(they did not require grad when it was built), so they are not updated; build the optimizer after "
             "unfreezing them",
-            stacklevel=stacklevel,
+            stacklevel=callers_level(),
         )

@@ -386,13 +386,13 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             problems = collect_problems(self.param_groups, self.unit_of_group, self.ownership, self.comm,
                                         self._grads_averaged or self._recorder.under_ddp, self.variant, self.solve,
                                         takes_sparse(self.inner))  # fmt: skip
-            # Warnings stack: warn, this step, torch.no_grad's wrapper, torch's step wrapper, the caller.
+            # (Each warning names the caller's line: the first frame outside torch and locoprop.)
             warn_fallbacks([p.unit for p in problems if p.unit is not None and p.variant != self.variant],
-                           self._fallbacks_said, stacklevel=5)  # fmt: skip
-            warn_unheld(self._frozen_at_build, self.param_groups, self._unheld_said, stacklevel=5)
+                           self._fallbacks_said)  # fmt: skip
+            warn_unheld(self._frozen_at_build, self.param_groups, self._unheld_said)
             if not self._share_said:
                 self._share_said = True
-                warn_if_mostly_not_local(self.describe(), stacklevel=5)
+                warn_if_mostly_not_local(self.describe())
             adapting = adaptation.adapting_problems(self, problems)
             saved = adaptation.saved(self, adapting)
             try:

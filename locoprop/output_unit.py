@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from locoprop.describe import callers_level
 from locoprop.hooks import WeakHook, remove_when_gone
 from locoprop.transfer import Transfer, softmax, transfer_by_name
 from locoprop.units import Unit
@@ -103,7 +104,7 @@ class OutputActivation:
                 f"output_activation={self.transfer.name!r}: the model's output comes from a linear map that no unit "
                 "records (a weight tied to a unit of another kind, such as F.linear(h, embedding.weight), or a "
                 "frozen one); no unit takes the output activation",
-                stacklevel=2,
+                stacklevel=callers_level(),
             )
             on_change = self._on_change()
             if on_change is not None:

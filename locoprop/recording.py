@@ -571,6 +571,8 @@ def _einsum_use(args: tuple) -> _Use | None:
         return None
     weight_first = is_weight[0]
     weight, x = operands if weight_first else operands[::-1]
+    if weight.dim() < 2:
+        return None  # (no candidate: a 1-D scale or bias, updated on its gradient)
     return _Use(weight, None, x, EinsumAdapter(args[0].replace(" ", ""), weight_first))
 
 

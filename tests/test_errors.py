@@ -191,9 +191,13 @@ def test_when_no_weight_is_used_in_a_linear_map_nothing_is_said_to_be_local():
         opt.step()
 
 
-def test_warnings_of_a_step_name_the_callers_line():
+@pytest.mark.parametrize("scheduled", [False, True], ids=["", "with-lr-scheduler"])
+def test_warnings_of_a_step_name_the_callers_line(scheduled):
+    """(Whatever wraps the step: torch.no_grad, torch's step hooks, an lr scheduler's step counter.)"""
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))  # GELU: M falls back to S, and says so
     opt = LocoPropOptimizer(model, variant="M")
+    if scheduled:
+        torch.optim.lr_scheduler.StepLR(opt, step_size=10)
     model(torch.randn(3, 4)).sum().backward()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -10,6 +10,7 @@ kind.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -264,3 +265,47 @@ def test_an_einstein_sum_of_activations_or_of_two_weights_is_no_unit():
     (torch.einsum("ij,jk->ik", a, b).sum() + torch.einsum("ij,jk->ik", scores, model(x)).sum()).backward()
     rows = {row.unit: row.kind for row in opt.describe().rows}
     assert rows["Linear.a"] == rows["Linear.b"] == "unseen" and rows["Linear"] == "linear"
+
+
+class _Scaled(nn.Module):
+    """A head, then a learned 1-D scale of its logits by an Einstein sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return torch.einsum("bc,c->bc", self.head(torch.tanh(self.fc(x))), self.scale)
+
+
+def test_an_einstein_sum_with_a_one_dimensional_parameter_is_no_map_of_a_weight():
+    """A 1-D parameter is no unit candidate: its einsum is an operation like ``*`` (it was taken as a map that no
+    unit records, so the head lost output_activation)."""
+    model = _Scaled()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert [(u.name, u.transfer.name) for u in opt.units] == [("fc", "tanh"), ("head", "softmax")]
+
+
+class _InputMajorLinear(nn.Linear):
+    """An nn.Linear subclass keeping its weight d_in × d_out and computing x @ W + b (ports from TF/JAX)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.weight = nn.Parameter(torch.randn(d_in, d_out) / d_in**0.5)
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_a_linear_subclass_that_uses_its_weight_its_own_way_is_a_unit_of_that_map():
+    model = nn.Sequential(_InputMajorLinear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    opt = LocoPropOptimizer(model)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert [(row.unit, row.kind, row.transfer) for row in opt.describe().rows] == [
+        ("0", "matmul", "tanh"), ("2", "linear", "identity")]  # fmt: skip
