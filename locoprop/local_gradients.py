@@ -88,10 +88,10 @@ class LocalGradients:
         batchable: dict[tuple, list[tuple[LocalProblem, Tensor, tuple[Tensor, ...]]]] = {}
         for problem in problems:
             low = _low(problem, compute_dtype)
-            if problem.by_blocks and problem.unit.kind in MATRIX_KINDS:
+            if problem.by_blocks and problem.unit.kind in MATRIX_KINDS and _reads_rows(problem):
                 self.work.append(_Work([problem], self._blocks(problem, low)))
                 continue
-            if problem.unit.kind != "linear" or problem.by_blocks:
+            if problem.unit.kind != "linear" or problem.by_blocks or not _reads_rows(problem):
                 self.work.append(_Work([problem], self._reference(problem, low)))
                 continue
             if problem.gram_form:
@@ -368,6 +368,13 @@ class _Scratch:
             return self.buffers[key][:numel].view(shape)
 
         return buffer
+
+
+def _reads_rows(problem: LocalProblem) -> bool:
+    """Whether the unit's residual can be computed on its output's rows, as the matrix kernels do: under S, and
+    for every elementwise transfer function and the softmax over the last dimension; a softmax over another
+    dimension (attention pooling's, over positions) needs the output's own shape (the reference path)."""
+    return problem.variant == "S" or not problem.unit.transfer.name.startswith("softmax(")
 
 
 def _low(problem: LocalProblem, compute_dtype: torch.dtype | None) -> torch.dtype | None:

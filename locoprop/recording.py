@@ -376,7 +376,7 @@ class ForwardRecorder(TorchFunctionMode):
             for value in args:
                 entry = self._tracked(value)
                 if entry is not None:
-                    transfer = _as_read_through(entry[2], transfer_from_module(module))
+                    transfer = _as_read_through(entry[2], transfer_from_module(module, value.dim()))
                     self._consumers.setdefault(entry[0], []).append(transfer)
         self._activation_depth += 1
 

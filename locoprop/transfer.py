@@ -288,8 +288,9 @@ def transfer_by_name(name: str) -> Transfer:
     return _BY_NAME[name]()
 
 
-def transfer_from_module(module: nn.Module) -> Transfer:
-    """The transfer function an activation module applies.
+def transfer_from_module(module: nn.Module, ndim: int | None = None) -> Transfer:
+    """The transfer function an activation module applies (to an input of ``ndim`` dimensions, when known: a
+    softmax over its last dimension is ``softmax`` however its ``dim`` is written).
 
     Unsupported modules give a :class:`Transfer` with ``fn=None`` and a
     reason, so that variant S (which never calls ``fn``) still accepts them
@@ -309,7 +310,11 @@ def transfer_from_module(module: nn.Module) -> Transfer:
     if isinstance(module, nn.Softplus):
         return softplus(module.beta, module.threshold)
     if isinstance(module, nn.Softmax):
-        return softmax(-1 if module.dim is None else module.dim)
+        if ndim is None:
+            return softmax(-1 if module.dim is None else module.dim)
+        # (dim=None: torch's implicit choice, 0 for 0-, 1- and 3-D inputs, else 1)
+        dim = module.dim if module.dim is not None else (0 if ndim in (0, 1, 3) else 1)
+        return softmax(-1) if dim in (-1, ndim - 1) else softmax(dim % ndim)
     if isinstance(module, _NON_MONOTONE) or any(name in kind for name in ("GELU", "SiLU", "Swish", "Mish")):
         return Transfer(kind, None, None, f"{kind} is not monotone, so it has no convex integral")
     if type(module).__module__.startswith("transformers.activations") and "Linear" in kind:

@@ -351,6 +351,66 @@ def test_a_softmax_read_through_views_is_the_units_only_over_the_rows_of_its_out
     assert any("'proj'" in str(w.message) for w in caught) == (variant == "S")
 
 
+class _AttentionPooling(nn.Module):
+    """Scores over positions, a softmax over them (dim=1, not the score's last dimension), a weighted sum."""
+
+    def __init__(self, softmax_module: bool):
+        super().__init__()
+        self.enc, self.score, self.head = nn.Linear(5, 6), nn.Linear(6, 1), nn.Linear(6, 3)
+        self.pool = nn.Softmax(dim=1) if softmax_module else (lambda a: torch.softmax(a, dim=1))
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x))
+        return self.head((self.pool(self.score(h)) * h).sum(1))
+
+
+@pytest.mark.parametrize("softmax_module", [False, True], ids=["function", "module"])
+@pytest.mark.parametrize("parallel", ["batched", "none"])
+def test_a_softmax_over_positions_solves_specs_m_problem_on_every_path(parallel, softmax_module):
+    """The score unit's M objective, Σ_b logsumexp over positions − ⟨softmax(a_old) − γg, a⟩, written out with
+    autograd: the batched kernels applied it to the output's rows, over a dimension of size 1 (off by 21)."""
+    torch.manual_seed(0)
+    model = _AttentionPooling(softmax_module).double()
+    x, y = torch.randn(4, 7, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    lr, gamma = 0.5, 2.0
+    h = torch.tanh(model.enc(x)).detach()
+    a_old = model.score(h)
+    a_old.retain_grad()
+    ((model.head((torch.softmax(a_old, 1) * torch.tanh(model.enc(x))).sum(1)) - y) ** 2).sum().backward()
+    target = torch.softmax(a_old.detach(), 1) - gamma * a_old.grad
+    weight, bias = (p.detach().clone().requires_grad_(True) for p in model.score.parameters())
+    for _ in range(3):
+        a = F.linear(h, weight, bias)
+        grads = torch.autograd.grad(torch.logsumexp(a, dim=1).sum() - (target * a).sum(), (weight, bias))
+        with torch.no_grad():
+            weight -= lr * grads[0]
+            bias -= lr * grads[1]
+    model.zero_grad()
+    opt = LocoPropOptimizer(model, variant="M", lr=lr, activation_lr=gamma, local_iters=3, inner="sgd",
+                            inner_schedule="constant", parallel=parallel)  # fmt: skip
+    ((model(x) - y) ** 2).sum().backward()
+    opt.step()
+    assert opt.units[1].transfer.name == "softmax(dim=1)"
+    torch.testing.assert_close(model.score.weight.detach(), weight.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.score.bias.detach(), bias.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_softmax_module_over_the_last_dimension_written_as_a_positive_dim_is_the_softmax():
+    """``nn.Softmax(dim=2)`` on a unit's B × L × d output is its softmax over the last dimension (the batched
+    kernels raised IndexError for "softmax(dim=2)" on the output's rows)."""
+    torch.manual_seed(0)
+    positive = nn.Sequential(nn.Linear(5, 4), nn.Softmax(dim=2), nn.Linear(4, 3)).double()
+    last = copy.deepcopy(positive)
+    last[1] = nn.Softmax(dim=-1)
+    x = torch.randn(2, 6, 5, dtype=torch.float64)
+    for model in (positive, last):
+        opt = LocoPropOptimizer(model, variant="M", lr=0.1, activation_lr=1.0, local_iters=3, inner="sgd")
+        model(x).square().sum().backward()
+        opt.step()
+        assert opt.units[0].transfer.name == "softmax"
+    assert_same_params(positive, dict(last.named_parameters()))
+
+
 def test_a_hook_that_logs_a_unit_output_does_not_change_its_transfer():
     """A forward hook that reads a unit's output out of the graph (detach, item: activation logging) is no
     consumer: the unit keeps its tanh, and one step is still the backprop SGD step of M."""
