@@ -45,10 +45,11 @@ class OutputActivation:
         self._error: Exception | None = None
         self._finder: OutputUnitFinder | None = None
 
-    def _for(self, unit: Unit) -> Transfer:
+    def _for(self, unit: Unit, direct: bool = True) -> Transfer:
         """The output activation as ``unit``'s transfer function: cross-entropy's softmax of a convolution's
-        output is over its channels (a segmentation head), dim=1, as ``F.cross_entropy`` takes it."""
-        if self.transfer.name == "softmax" and (unit.kind or "").startswith("conv"):
+        output is over its channels (a segmentation head's per-pixel logits, ``direct``: the model's output is
+        the convolution's own, not pooled from it), dim=1, as ``F.cross_entropy`` takes it."""
+        if self.transfer.name == "softmax" and direct and (unit.kind or "").startswith("conv"):
             return softmax(dim=1)
         return self.transfer
 
@@ -85,7 +86,8 @@ class OutputActivation:
             self._finder.remove()
             self._finder = None
 
-    def _found(self, reached: list[Unit], hidden: bool = False, unrecorded: bool = False) -> None:
+    def _found(self, reached: list[Unit], hidden: bool = False, unrecorded: bool = False,
+               direct: list[Unit] = ()) -> None:  # fmt: skip
         if unrecorded and reached:
             names = [u.name for u in self._units if u in reached]
             self._error = RuntimeError(
@@ -130,17 +132,25 @@ class OutputActivation:
             return
         unit, previous = reached[0], self._holder
         if unit is previous:
+            transfer = self._for(unit, unit in direct)
+            if transfer.name != unit.transfer.name:  # (its kind, or where its output goes, is known now)
+                unit.transfer = transfer
+                self._changed([unit])
             return
         # The previous holder gets back what it had (its transfer still to be read, if it was).
         (previous.transfer, previous.transfer_pending), self._displaced = (
             self._displaced,
             (unit.transfer, unit.transfer_pending),
         )
-        unit.transfer, unit.transfer_pending, self._holder = self._for(unit), False, unit
+        unit.transfer, unit.transfer_pending, self._holder = self._for(unit, unit in direct), False, unit
+        self._changed([previous, unit])
+
+    def _changed(self, units: list[Unit]) -> None:
+        """Let the optimizer update the param groups of ``units`` and check them; an error refuses the steps."""
         on_change = self._on_change()
         try:
             if on_change is not None:
-                on_change([previous, unit])
+                on_change(units)
         except ValueError as err:
             self._error = err
 
@@ -168,6 +178,7 @@ class OutputUnitFinder:
     def __init__(self, model: nn.Module, on_decided):
         self._on_decided = on_decided
         self._output_nodes: dict = {}  # grad_fn of a unit output in this model forward -> unit
+        self._shapes: dict = {}  # unit -> the shape of its last output
         self._depth = 0
         self.last_run: Unit | None = None
         self.pending = True
@@ -186,6 +197,7 @@ class OutputUnitFinder:
             return
         if unit is not None:
             self.last_run = unit
+            self._shapes[unit] = tuple(output.shape)
         if self._depth:  # only inside the model's forward: a node keeps its graph alive
             self._output_nodes[output.grad_fn] = unit if unit is not None else _UNRECORDED
 
@@ -193,19 +205,24 @@ class OutputUnitFinder:
         self._depth -= 1
         if self._depth or not self._output_nodes:
             return
-        roots = _final(list(dict.fromkeys(t.grad_fn for t in _tensors(output) if t.grad_fn is not None)))
+        tensors = [t for t in _tensors(output) if t.grad_fn is not None]
+        roots = _final(list(dict.fromkeys(t.grad_fn for t in tensors)), self._output_nodes)
         if roots:
-            self._decide(*_units_reaching(roots, self._output_nodes))
+            reached, hidden, unrecorded = _units_reaching(roots, self._output_nodes)
+            # (units whose output has the shape of a model output: the output itself, not pooled from it)
+            shapes = {tuple(t.shape) for t in tensors if t.grad_fn in roots}
+            self._decide(reached, hidden, unrecorded, [u for u in reached if self._shapes.get(u) in shapes])
         self._output_nodes.clear()
 
     def decide_now(self) -> None:
         """Decide from the last unit that ran, if the model's forward never did."""
         if self.pending and self.last_run is not None:
-            self._decide([self.last_run])
+            self._decide([self.last_run], direct=[self.last_run])
 
-    def _decide(self, units: list[Unit], hidden: bool = False, unrecorded: bool = False) -> None:
+    def _decide(self, units: list[Unit], hidden: bool = False, unrecorded: bool = False,
+                direct: list[Unit] = ()) -> None:  # fmt: skip
         self.remove()
-        self._on_decided(units, hidden, unrecorded)
+        self._on_decided(units, hidden, unrecorded, direct)
 
     def remove(self) -> None:
         self.pending = False
@@ -229,12 +246,14 @@ def _tensors(value) -> list[Tensor]:
 _UNRECORDED = object()  # the output node of a map of a unit's weight that no unit records
 
 
-def _final(roots: list) -> list:
-    """The output nodes from which no other output is computed. Beside its logits a model may return tensors
-    that the logits are computed from (an encoder-decoder's ``encoder_last_hidden_state``, the hidden states and
-    attention maps of ``output_hidden_states``/``output_attentions``; with labels, the loss and the logits it is
-    computed from): those are not where the model's output comes from. One walk of the graph from the roots'
-    inputs meets every root that another root is computed from."""
+def _final(roots: list, output_nodes: dict) -> list:
+    """The output nodes from which no other output is computed, and those that are a unit's output (or a view
+    of it). Beside its logits a model may return tensors that the logits are computed from (an encoder-decoder's
+    ``encoder_last_hidden_state``, the hidden states and attention maps of ``output_hidden_states`` and
+    ``output_attentions``): those are not where the model's output comes from. A unit's output is, even when
+    another output is computed from it (logits and an auxiliary head's output: two units reach the outputs,
+    which stays ambiguous). One walk of the graph from the roots' inputs meets every root that another root is
+    computed from."""
     if len(roots) < 2:
         return roots
     inside: set = set()
@@ -245,7 +264,21 @@ def _final(roots: list) -> list:
             continue
         inside.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return [root for root in roots if root not in inside]
+    return [root for root in roots if root not in inside or _shows_a_unit_output(root, output_nodes)]
+
+
+# Backward nodes of operations that show their input's values (views, slices, copies, casts).
+_SHOWING = ("View", "UnsafeView", "ReshapeAlias", "Transpose", "Permute", "Squeeze", "Unsqueeze", "Clone", "ToCopy",
+            "Alias", "Expand", "Slice", "Select", "Contiguous")  # fmt: skip
+
+
+def _shows_a_unit_output(node, output_nodes: dict) -> bool:
+    """Whether ``node`` is a unit's output node, or one reached from it through operations that show it."""
+    while node is not None and node not in output_nodes:
+        if type(node).__name__.rstrip("0123456789").removesuffix("Backward") not in _SHOWING:
+            return False
+        node = node.next_functions[0][0] if node.next_functions else None
+    return node is not None
 
 
 def _units_reaching(roots: list, output_nodes: dict) -> tuple[list[Unit], bool, bool]:

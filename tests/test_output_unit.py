@@ -118,6 +118,79 @@ def test_outputs_that_the_logits_are_computed_from_leave_the_head_the_output_uni
         torch.testing.assert_close(getattr(model, name).weight, expected[f"{index}.weight"], **CLOSE)
 
 
+class AuxiliaryHead(nn.Module):
+    """Logits and an auxiliary head's output computed from them: two units' outputs, one from the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(5, 4), nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        logits = self.head(torch.tanh(self.body(x)))
+        return logits, self.aux(logits)
+
+
+def test_an_output_computed_from_another_units_output_leaves_the_output_unit_ambiguous():
+    """The logits are a unit's output: returned beside an output computed from them, they still count (the
+    auxiliary head was given the softmax, silently), so two units reach the outputs and the step is refused."""
+    model = AuxiliaryHead()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    logits, aux = model(torch.randn(4, 5))
+    (logits.sum() + aux.sum()).backward()
+    with pytest.raises(RuntimeError, match=r"units \['head', 'aux'\] all reach it"):
+        opt.step()
+
+
+class PooledConv(nn.Module):
+    """A 1×1-convolution classifier whose per-pixel scores are averaged (SqueezeNet's head): its output is
+    pooled from the convolution's, not the convolution's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.final = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return F.relu(self.final(torch.tanh(self.body(x)))).mean((2, 3))
+
+
+def test_a_convolution_whose_output_is_pooled_takes_no_softmax_over_its_channels():
+    """The loss's softmax is of the pooled scores, not of the convolution's output per pixel: M refuses it
+    (the channel softmax was given to the convolution, silently, a wrong divergence); S reads no transfer."""
+    x, y = torch.randn(2, 2, 5, 5), torch.tensor([0, 2])
+    for variant in ("M", "S"):
+        model = PooledConv()
+        opt = LocoPropOptimizer(model, variant=variant, output_activation="softmax")
+        F.cross_entropy(model(x), y).backward()
+        if variant == "M":
+            with pytest.raises(ValueError, match="Softmax over the last dimension does not apply to Conv2d unit"):
+                opt.step()
+        else:
+            opt.step()
+
+
+class _ConvHead(nn.Module):
+    """A segmentation head applying its own weight with F.conv2d: no nn.Conv2d, so its kind is known only at
+    the first forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, 1, 1) * 0.3)
+
+    def forward(self, h):
+        return F.conv2d(h, self.weight)
+
+
+def test_a_functional_convolution_head_takes_the_softmax_over_its_channels():
+    """The last unit holds the output activation from the start; once its forward shows a convolution, the
+    softmax is over its channels (it kept the softmax over the last dimension, the image's width)."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), _ConvHead())
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    assert _transfers(opt) == [("0", "tanh"), ("2", "softmax")]
+    F.cross_entropy(model(torch.randn(2, 2, 5, 5)), torch.randint(0, 3, (2, 5, 5))).backward()
+    opt.step()
+    assert _transfers(opt) == [("0", "tanh"), ("2", "softmax(dim=1)")]
+
+
 class ConvOutput(nn.Module):
     """A convolution registered first produces the output."""
 
