@@ -11,6 +11,8 @@ choice) and releases the records.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import torch
 from torch import Tensor
 
@@ -29,7 +31,7 @@ def collect_problems(
     unit_of_group: list[Unit | None],
     ownership: ParameterOwnership,
     comm: Communicator,
-    grads_averaged: bool,
+    grads_averaged: Container[Tensor],
     variant: str,
     solve: str,
     takes_sparse: bool = False,
@@ -46,7 +48,7 @@ def collect_problems(
     it took no part), a map the exact solve cannot take, a sparse gradient
     unless the inner optimizer ``takes_sparse`` (:func:`~locoprop.inner.takes_sparse`),
     and a step with nothing to step. On W ranks G becomes the mean of the
-    ranks' ``.grad`` unless DDP (``grads_averaged``) averaged them already.
+    ranks' ``.grad``, but for the parameters whose gradients DDP averaged already (``grads_averaged``).
     """
     problems, carried = [], set()
     for index, unit in enumerate(unit_of_group):
@@ -76,8 +78,8 @@ def collect_problems(
         _refuse_sparse(problems, ownership)
     if solve == "exact":
         _check_exact_maps([problem for problem in problems if problem.unit is not None])
-    if comm.distributed and not grads_averaged:
-        _average_linear_terms(problems, comm)
+    if comm.distributed:
+        _average_linear_terms(problems, comm, grads_averaged)
     return problems
 
 
@@ -127,13 +129,17 @@ def _check_exact_maps(problems: list[LocalProblem]) -> None:
         )
 
 
-def _average_linear_terms(problems: list[LocalProblem], comm: Communicator) -> None:
-    """G as the mean over ranks of each rank's ``.grad`` (copies: ``.grad`` stays the user's)."""
-    averaged = [g.clone() for problem in problems for g in problem.linear_term if g is not None]
-    comm.mean_(averaged)
-    remaining = iter(averaged)
-    for problem in problems:
-        problem.linear_term = [next(remaining) if g is not None else None for g in problem.linear_term]
+def _average_linear_terms(problems: list[LocalProblem], comm: Communicator, done: Container[Tensor]) -> None:
+    """G as the mean over ranks of each rank's ``.grad`` (copies: ``.grad`` stays the user's), but for the
+    parameters in ``done``, whose ``.grad`` DDP averaged. (Every rank leaves out the same ones: DDP wraps the
+    same modules on each.)"""
+    todo = [(problem, i) for problem in problems for i, (p, g) in enumerate(zip(problem.params, problem.linear_term))
+            if g is not None and p not in done]  # fmt: skip
+    means = [problem.linear_term[i].clone() for problem, i in todo]
+    comm.mean_(means)
+    for (problem, i), mean in zip(todo, means):
+        problem.linear_term = list(problem.linear_term)
+        problem.linear_term[i] = mean
 
 
 def prepare_solves(

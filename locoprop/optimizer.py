@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from locoprop import adaptation, relative_gamma
 from locoprop.arguments import (
@@ -42,6 +42,16 @@ from locoprop.solve_iterative import solve_iterative
 from locoprop.units import Unit, discover_units
 
 __all__ = ["LocoPropOptimizer"]
+
+
+class _Every(Container):
+    """Contains every parameter."""
+
+    def __contains__(self, item) -> bool:
+        return True
+
+
+_EVERY_PARAMETER = _Every()
 
 
 class LocoPropOptimizer(torch.optim.Optimizer):
@@ -297,6 +307,11 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         return describe(self.units, lambda unit: unit_variant(self.variant, unit), self.ownership.names, trainable,
                         self._forward_seen())  # fmt: skip
 
+    def _averaged_by_ddp(self) -> Container[Tensor]:
+        """The parameters whose gradients DDP averaged over the ranks: all, when the optimizer was given the DDP
+        model; else those of the modules that a DDP ran (wrapped later, or only a part of the model)."""
+        return _EVERY_PARAMETER if self._grads_averaged else self._recorder.ddp_averaged
+
     def _forward_seen(self) -> bool:
         """Whether a forward pass has shown how the units' weights are used: a training forward ran, or a unit
         has its map (a state restored). Before, every unit counts as local; after, one that no linear map used
@@ -384,7 +399,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             started = self._clock()
             # Every refusal happens here, before anything has changed.
             problems = collect_problems(self.param_groups, self.unit_of_group, self.ownership, self.comm,
-                                        self._grads_averaged or self._recorder.under_ddp, self.variant, self.solve,
+                                        self._averaged_by_ddp(), self.variant, self.solve,
                                         takes_sparse(self.inner))  # fmt: skip
             # (Each warning names the caller's line: the first frame outside torch and locoprop.)
             warn_fallbacks([p.unit for p in problems if p.unit is not None and p.variant != self.variant],

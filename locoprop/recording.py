@@ -163,9 +163,10 @@ class ForwardRecorder(TorchFunctionMode):
         self._training_forward = False  # whether the outermost forward began with gradients enabled
         # Whether a forward with gradients has run: after one, a unit that no linear map used is not local.
         self.trained_forward_seen = False
-        # Whether a forward ran inside DistributedDataParallel's, which averages the gradients itself (a
-        # trainer wraps the model after the optimizer was given it: Lightning's DDP strategy).
-        self.under_ddp = False
+        # The parameters of the modules that DistributedDataParallel ran a forward of, whose gradients it averages
+        # itself (a trainer wraps the model after the optimizer was given it: Lightning's DDP strategy).
+        self.ddp_averaged: set[Tensor] = set()
+        self._ddp_seen: weakref.WeakSet = weakref.WeakSet()
         self._handles: list = []
         # Transfer discovery, while a unit's is pending: output tensor id -> (_SeenUse, output), and each
         # followed use's consumers.
@@ -200,12 +201,15 @@ class ForwardRecorder(TorchFunctionMode):
         self._handles = []
 
     def _enter(self, module: nn.Module, args) -> None:
+        ddp = _active_ddp()
+        if ddp is not None and ddp not in self._ddp_seen:
+            self._ddp_seen.add(ddp)
+            self.ddp_averaged.update(_averaged_by(ddp))
         if self._depth == 0:
             # A forward run by the backward pass (reentrant activation checkpointing recomputes a block, calling
             # only the modules inside it) sees a unit's map without what the model applies to its output.
             self.discovering = any(unit.transfer_pending for unit in self._units) and not _in_backward()
             self._training_forward = torch.is_grad_enabled()
-            self.under_ddp = self.under_ddp or _inside_ddp(module)
             self.__enter__()
         self._depth += 1
 
@@ -431,10 +435,15 @@ def _as_read_through(layout: str, transfer: Transfer | None) -> Transfer | None:
                     "outputs) has no integral locoprop knows of the unit's output")  # fmt: skip
 
 
-def _inside_ddp(module: nn.Module) -> bool:
-    """Whether ``module`` runs inside the forward of a DistributedDataParallel that holds it."""
-    active = getattr(nn.parallel.DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
-    return active is not None and any(inner is module for inner in active.module.modules())
+def _active_ddp() -> nn.Module | None:
+    """The DistributedDataParallel whose forward is running, if any."""
+    return getattr(nn.parallel.DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
+
+
+def _averaged_by(ddp: nn.Module) -> set[Tensor]:
+    """The parameters whose gradients ``ddp`` averages over the ranks: its module's, less those it ignores."""
+    ignored = getattr(ddp, "parameters_to_ignore", set())
+    return {p for name, p in ddp.module.named_parameters() if p.requires_grad and name not in ignored}
 
 
 def _containers_of(model: nn.Module, weights: set, units: list) -> list[nn.Module]:

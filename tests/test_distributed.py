@@ -102,6 +102,16 @@ def _worker(rank: int, world_size: int, folder: str) -> None:
                 _step(net, opt, x[rank * shard : (rank + 1) * shard], clip="clip" in name)
             torch.save({"params": snapshot(model), "state": opt.state_dict(), "skipped": opt.skipped_steps,
                         "bytes": opt.comm.bytes_sent}, f"{folder}/{name}-rank{rank}.pt")  # fmt: skip
+        # DDP wraps a part of the model only: it averages that part's gradients, LocoProp the others'.
+        model = _model()
+        opt = _optimizer(model, CASES["M"][0])
+        body, rest = nn.parallel.DistributedDataParallel(model[:3]), model[3:]
+        for x in _batches()[:STEPS]:
+            x = x[rank * shard : (rank + 1) * shard]
+            opt.zero_grad()
+            bce_sum_mean(rest(body(x)), x).backward()
+            opt.step()
+        torch.save({"params": snapshot(model)}, f"{folder}/partial-ddp-rank{rank}.pt")
         # A non-finite batch on rank 1 only: every rank skips the step.
         model = _model()
         opt = _optimizer(model, CASES["M"][0])
@@ -163,6 +173,24 @@ def test_a_model_wrapped_in_ddp_after_the_optimizer_is_built_sends_no_gradient_a
         assert later["params"].keys() == given["params"].keys()
         for name in later["params"]:
             assert torch.equal(later["params"][name], given["params"][name])
+
+
+def test_a_model_of_which_ddp_wraps_a_part_takes_the_one_process_step(ranks):
+    """DDP averages the gradients of the part it wraps, LocoProp the rest's: the ranks take the step of one
+    process on the whole batch (the rest's gradients were left unaveraged, and the ranks drifted apart)."""
+    world_size, folder = ranks
+    model = _model()
+    opt = _optimizer(model, CASES["M"][0])
+    body, rest = model[:3], model[3:]
+    for x in _batches()[:STEPS]:
+        opt.zero_grad()
+        bce_sum_mean(rest(body(x)), x).backward()
+        opt.step()
+    expected = snapshot(model)
+    for rank in range(world_size):
+        got = _load(folder, "partial-ddp", rank)["params"]
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", ["M", "S-exact", "S-exact-amortised"])
