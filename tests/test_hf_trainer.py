@@ -113,8 +113,8 @@ def test_under_bf16_the_forward_runs_in_bf16_and_weights_stay_float32(tmp_path):
 
     _loop(reference, LocoPropOptimizer(reference, variant="M", **SGD), steps=2, bf16=True)
     moved = _largest_difference(snapshot(reference), start)
-    # The same bf16 forwards up to the order of their sums: the steps agree to bf16's rounding.
-    assert _largest_difference(snapshot(model), snapshot(reference)) < 0.02 * moved
+    # The same bf16 forwards (the float32 loop's step differs by 0.5% of the step: bf16's rounding).
+    assert _largest_difference(snapshot(model), snapshot(reference)) < 1e-3 * moved
 
 
 def test_accumulated_micro_batches_take_the_whole_batchs_step(tmp_path):
