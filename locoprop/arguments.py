@@ -196,7 +196,9 @@ def check_unit(unit: Unit, solve: str, variant: str) -> None:
         over = "the last dimension" if name == "softmax" else name.removeprefix("softmax")
         raise ValueError(
             f"Softmax over {over} does not apply to {type(unit.module).__name__} unit {unit.name!r}: a "
-            "convolution's softmax is over its channels, nn.Softmax(dim=1) (or use variant='S')"
+            "convolution's softmax is over its channels, nn.Softmax(dim=1), which output_activation gives only to a "
+            "convolution whose own output, viewed, is the model's (not pooled, upsampled or summed); name it with "
+            "units=[(layer, nn.Softmax(dim=1)), ...] if that is what the loss applies, or use variant='S'"
         )
 
 

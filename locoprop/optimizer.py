@@ -310,7 +310,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
     def _averaged_by_ddp(self) -> Container[Tensor]:
         """The parameters whose gradients DDP averaged over the ranks: all, when the optimizer was given the DDP
         model; else those of the modules that a DDP ran (wrapped later, or only a part of the model)."""
-        return _EVERY_PARAMETER if self._grads_averaged else self._recorder.ddp_averaged
+        return _EVERY_PARAMETER if self._grads_averaged else self._recorder.averaged_by_ddp()
 
     def _forward_seen(self) -> bool:
         """Whether a forward pass has shown how the units' weights are used: a training forward ran, or a unit
@@ -429,6 +429,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 raise
         for unit in self.units:
             unit.records.clear()
+        self._recorder.step_done()
         self._measure_if_pending()
         self.last_step_seconds = {"targets": prepared - started, "local_solve": self._clock() - prepared}
         return loss

@@ -54,15 +54,15 @@ class OutputActivation:
         return self.transfer
 
     def attach(self, model: nn.Module, on_change: Callable[[list[Unit]], None]) -> None:
-        """Watch ``model``'s first forward pass (with more than one unit, there is a choice to make). Attach
+        """Watch ``model``'s first forward pass (which unit's output the model's is, and how). Attach
         it before the recorder, so that the output unit is known before the recorder reads the other
         units' transfer functions.
 
         ``on_change``, a bound method, is called through a weak reference: the
         hooks that the model keeps do not keep its object alive."""
         self._on_change = weakref.WeakMethod(on_change)
-        if len(self._units) > 1:
-            self._finder = OutputUnitFinder(model, self._found)
+        # (also for one unit: the forward shows whether the model's output is that unit's own, or a tied head's)
+        self._finder = OutputUnitFinder(model, self._found)
 
     def note(self, unit: Unit, output: Tensor) -> None:
         """A recorded use of ``unit`` gave ``output`` (the recorder's callback)."""
@@ -178,7 +178,6 @@ class OutputUnitFinder:
     def __init__(self, model: nn.Module, on_decided):
         self._on_decided = on_decided
         self._output_nodes: dict = {}  # grad_fn of a unit output in this model forward -> unit
-        self._shapes: dict = {}  # unit -> the shape of its last output
         self._depth = 0
         self.last_run: Unit | None = None
         self.pending = True
@@ -197,7 +196,6 @@ class OutputUnitFinder:
             return
         if unit is not None:
             self.last_run = unit
-            self._shapes[unit] = tuple(output.shape)
         if self._depth:  # only inside the model's forward: a node keeps its graph alive
             self._output_nodes[output.grad_fn] = unit if unit is not None else _UNRECORDED
 
@@ -205,13 +203,14 @@ class OutputUnitFinder:
         self._depth -= 1
         if self._depth or not self._output_nodes:
             return
-        tensors = [t for t in _tensors(output) if t.grad_fn is not None]
-        roots = _final(list(dict.fromkeys(t.grad_fn for t in tensors)), self._output_nodes)
+        nodes = list(dict.fromkeys(t.grad_fn for t in _tensors(output) if t.grad_fn is not None))
+        top = {t.grad_fn for t in _tensors(output, nested=False) if t.grad_fn is not None}
+        roots = _final(nodes, top, self._output_nodes)
         if roots:
             reached, hidden, unrecorded = _units_reaching(roots, self._output_nodes)
-            # (units whose output has the shape of a model output: the output itself, not pooled from it)
-            shapes = {tuple(t.shape) for t in tensors if t.grad_fn in roots}
-            self._decide(reached, hidden, unrecorded, [u for u in reached if self._shapes.get(u) in shapes])
+            # (the units whose output a model output shows: its own, viewed, not pooled or summed from it)
+            shown = [self._output_nodes.get(_shown(root, self._output_nodes)) for root in roots]
+            self._decide(reached, hidden, unrecorded, [u for u in reached if u in shown])
         self._output_nodes.clear()
 
     def decide_now(self) -> None:
@@ -232,13 +231,16 @@ class OutputUnitFinder:
         self._handles = []
 
 
-def _tensors(value) -> list[Tensor]:
-    """The tensors in a model's output: a tensor, or tuples, lists and dicts of them."""
+def _tensors(value, nested: bool = True) -> list[Tensor]:
+    """The tensors in a model's output: a tensor, or tuples, lists and dicts of them (``nested=False``: only
+    the output itself or its own items, not those of a tuple inside it, as Hugging Face's ``hidden_states``)."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (tuple, list)):
+        if not nested:
+            return [item for item in value if isinstance(item, Tensor)]
         return [t for item in value for t in _tensors(item)]
     return []
 
@@ -246,14 +248,14 @@ def _tensors(value) -> list[Tensor]:
 _UNRECORDED = object()  # the output node of a map of a unit's weight that no unit records
 
 
-def _final(roots: list, output_nodes: dict) -> list:
-    """The output nodes from which no other output is computed, and those that are a unit's output (or a view
-    of it). Beside its logits a model may return tensors that the logits are computed from (an encoder-decoder's
-    ``encoder_last_hidden_state``, the hidden states and attention maps of ``output_hidden_states`` and
-    ``output_attentions``): those are not where the model's output comes from. A unit's output is, even when
-    another output is computed from it (logits and an auxiliary head's output: two units reach the outputs,
-    which stays ambiguous). One walk of the graph from the roots' inputs meets every root that another root is
-    computed from."""
+def _final(roots: list, top: set, output_nodes: dict) -> list:
+    """The output nodes from which no other output is computed, and the model's own items (``top``) that show
+    a unit's output. Beside its logits a model may return tensors that the logits are computed from (an
+    encoder-decoder's ``encoder_last_hidden_state``, the hidden states and attention maps of
+    ``output_hidden_states`` and ``output_attentions``, nested in a tuple: Llama's first hidden state is the
+    embedding's own output): those are not where the model's output comes from. Logits returned beside an
+    auxiliary head's output computed from them still are: two units reach the outputs, which stays ambiguous.
+    One walk of the graph from the roots' inputs meets every root that another root is computed from."""
     if len(roots) < 2:
         return roots
     inside: set = set()
@@ -264,7 +266,7 @@ def _final(roots: list, output_nodes: dict) -> list:
             continue
         inside.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return [root for root in roots if root not in inside or _shows_a_unit_output(root, output_nodes)]
+    return [root for root in roots if root not in inside or (root in top and _shown(root, output_nodes))]
 
 
 # Backward nodes of operations that show their input's values (views, slices, copies, casts).
@@ -272,13 +274,13 @@ _SHOWING = ("View", "UnsafeView", "ReshapeAlias", "Transpose", "Permute", "Squee
             "Alias", "Expand", "Slice", "Select", "Contiguous")  # fmt: skip
 
 
-def _shows_a_unit_output(node, output_nodes: dict) -> bool:
-    """Whether ``node`` is a unit's output node, or one reached from it through operations that show it."""
+def _shown(node, output_nodes: dict):
+    """The unit output node that ``node`` is, or shows through views, slices and casts; else None."""
     while node is not None and node not in output_nodes:
         if type(node).__name__.rstrip("0123456789").removesuffix("Backward") not in _SHOWING:
-            return False
+            return None
         node = node.next_functions[0][0] if node.next_functions else None
-    return node is not None
+    return node
 
 
 def _units_reaching(roots: list, output_nodes: dict) -> tuple[list[Unit], bool, bool]:

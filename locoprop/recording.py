@@ -163,10 +163,10 @@ class ForwardRecorder(TorchFunctionMode):
         self._training_forward = False  # whether the outermost forward began with gradients enabled
         # Whether a forward with gradients has run: after one, a unit that no linear map used is not local.
         self.trained_forward_seen = False
-        # The parameters of the modules that DistributedDataParallel ran a forward of, whose gradients it averages
-        # itself (a trainer wraps the model after the optimizer was given it: Lightning's DDP strategy).
-        self.ddp_averaged: set[Tensor] = set()
-        self._ddp_seen: weakref.WeakSet = weakref.WeakSet()
+        # The DistributedDataParallel modules that ran a forward with gradients since the last step: they average
+        # their parameters' gradients themselves (a trainer wraps the model after the optimizer was given it:
+        # Lightning's DDP strategy; or a DDP wraps only a part of it).
+        self._ddp_ran: weakref.WeakSet = weakref.WeakSet()
         self._handles: list = []
         # Transfer discovery, while a unit's is pending: output tensor id -> (_SeenUse, output), and each
         # followed use's consumers.
@@ -195,6 +195,14 @@ class ForwardRecorder(TorchFunctionMode):
                 self._handles.append(unit.weight.register_hook(WeakHook(unit.gradient_arriving)))
         remove_when_gone(self, self._handles)
 
+    def averaged_by_ddp(self) -> set[Tensor]:
+        """The parameters whose gradients a DistributedDataParallel averaged in this step's forwards; the next
+        step starts afresh (:meth:`step_done`)."""
+        return {p for ddp in self._ddp_ran for p in _averaged_by(ddp)}
+
+    def step_done(self) -> None:
+        self._ddp_ran = weakref.WeakSet()
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -202,9 +210,8 @@ class ForwardRecorder(TorchFunctionMode):
 
     def _enter(self, module: nn.Module, args) -> None:
         ddp = _active_ddp()
-        if ddp is not None and ddp not in self._ddp_seen:
-            self._ddp_seen.add(ddp)
-            self.ddp_averaged.update(_averaged_by(ddp))
+        if ddp is not None and torch.is_grad_enabled():
+            self._ddp_ran.add(ddp)
         if self._depth == 0:
             # A forward run by the backward pass (reentrant activation checkpointing recomputes a block, calling
             # only the modules inside it) sees a unit's map without what the model applies to its output.
@@ -440,10 +447,12 @@ def _active_ddp() -> nn.Module | None:
     return getattr(nn.parallel.DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
 
 
-def _averaged_by(ddp: nn.Module) -> set[Tensor]:
-    """The parameters whose gradients ``ddp`` averages over the ranks: its module's, less those it ignores."""
+def _averaged_by(ddp: nn.Module) -> list[Tensor]:
+    """The parameters whose gradients ``ddp`` averages over the ranks: its module's that require gradients,
+    less those it ignores. (DDP takes those that required them when it was built: a parameter unfrozen after
+    wrapping, which DDP's documentation rules out, would be taken for averaged.)"""
     ignored = getattr(ddp, "parameters_to_ignore", set())
-    return {p for name, p in ddp.module.named_parameters() if p.requires_grad and name not in ignored}
+    return [p for name, p in ddp.module.named_parameters() if p.requires_grad and name not in ignored]
 
 
 def _containers_of(model: nn.Module, weights: set, units: list) -> list[nn.Module]:

@@ -361,7 +361,9 @@ def _call_table() -> dict:
         return softplus(beta, threshold)
 
     def softmax_call(a, dim=None, *args, **kwargs):
-        if dim is None or dim in (-1, a.dim() - 1):
+        if dim is None:  # torch's implicit choice: 0 for 0-, 1- and 3-D inputs, else 1
+            dim = 0 if a.dim() in (0, 1, 3) else 1
+        if dim in (-1, a.dim() - 1):
             return softmax(-1)
         return softmax(dim % a.dim())  # as nn.Softmax(dim) gives it (a convolution's channels: dim=1)
 

@@ -110,12 +110,13 @@ class Unit:
         """Whether a first use of this ``kind`` can be this unit's map (an nn.Embedding's weight read by
         F.linear, as a tied output layer does, belongs to that layer's unit instead)."""
         expected = _kind_of(self.module)
-        if expected != "embedding" and type(self.module) not in _KINDS:
-            expected = None  # (a subclass's forward may use its weight its own way; an embedding's only looks up)
         if expected is None and type(self.module).__name__ == "Conv1D":
             expected = "matmul"  # Hugging Face's Conv1D: torch.addmm(b, x, W)
         # (W @ x is an nn.Linear's map on the transposed input: Mamba's dt_proj; an Einstein sum may write any)
-        return expected is None or expected == kind or (expected, kind) == ("linear", "left_matmul") or kind == "einsum"
+        if expected is None or kind in (expected, "einsum") or (expected, kind) == ("linear", "left_matmul"):
+            return True
+        # A subclass's forward may use its weight its own way (x @ W), but only an embedding's looks rows up.
+        return type(self.module) not in _KINDS and "embedding" not in (expected, kind)
 
     def same_map(self, adapter: LayerAdapter) -> bool:
         """Whether ``adapter`` is this unit's map (a convolution with other strides is not)."""

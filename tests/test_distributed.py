@@ -112,6 +112,14 @@ def _worker(rank: int, world_size: int, folder: str) -> None:
             bce_sum_mean(rest(body(x)), x).backward()
             opt.step()
         torch.save({"params": snapshot(model)}, f"{folder}/partial-ddp-rank{rank}.pt")
+        # A DDP forward without gradients (an evaluation), then training on the bare model: LocoProp averages.
+        model = _model()
+        opt = _optimizer(model, CASES["M"][0])
+        with torch.no_grad():
+            nn.parallel.DistributedDataParallel(model)(_batches()[0][rank * shard : (rank + 1) * shard])
+        for x in _batches()[:STEPS]:
+            _step(model, opt, x[rank * shard : (rank + 1) * shard])
+        torch.save({"params": snapshot(model)}, f"{folder}/evaluated-in-ddp-rank{rank}.pt")
         # A non-finite batch on rank 1 only: every rank skips the step.
         model = _model()
         opt = _optimizer(model, CASES["M"][0])
@@ -189,6 +197,21 @@ def test_a_model_of_which_ddp_wraps_a_part_takes_the_one_process_step(ranks):
     expected = snapshot(model)
     for rank in range(world_size):
         got = _load(folder, "partial-ddp", rank)["params"]
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)
+
+
+def test_a_forward_through_ddp_without_gradients_averages_nothing(ranks):
+    """An evaluation through DDP, then training on the bare model: DDP averaged none of its gradients, so
+    LocoProp does (they were taken for averaged from then on, and the ranks drifted apart)."""
+    world_size, folder = ranks
+    model = _model()
+    opt = _optimizer(model, CASES["M"][0])
+    for x in _batches()[:STEPS]:
+        _step(model, opt, x)
+    expected = snapshot(model)
+    for rank in range(world_size):
+        got = _load(folder, "evaluated-in-ddp", rank)["params"]
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)
 

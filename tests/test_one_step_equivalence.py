@@ -411,6 +411,26 @@ def test_a_softmax_module_over_the_last_dimension_written_as_a_positive_dim_is_t
     assert_same_params(positive, dict(last.named_parameters()))
 
 
+def test_a_softmax_without_a_dimension_is_over_the_dimension_torch_picks():
+    """``F.softmax(a)`` and ``nn.Softmax()`` without ``dim`` take torch's implicit one: 0 for a 3-D input."""
+    for softmax in (lambda a: F.softmax(a), nn.Softmax()):
+        model = nn.Sequential(nn.Linear(4, 3), softmax if isinstance(softmax, nn.Module) else _Call(softmax))
+        opt = LocoPropOptimizer(model, variant="M")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch warns that the implicit dimension is deprecated)
+            model(torch.randn(2, 5, 4)).sum().backward()
+        assert opt.units[0].transfer.name == "softmax(dim=0)"
+
+
+class _Call(nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
+
+
 def test_a_hook_that_logs_a_unit_output_does_not_change_its_transfer():
     """A forward hook that reads a unit's output out of the graph (detach, item: activation logging) is no
     consumer: the unit keeps its tanh, and one step is still the backprop SGD step of M."""

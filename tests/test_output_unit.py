@@ -141,6 +141,64 @@ def test_an_output_computed_from_another_units_output_leaves_the_output_unit_amb
         opt.step()
 
 
+class HiddenStates(nn.Module):
+    """A language model returning, as Hugging Face's do with ``output_hidden_states``, a tuple of hidden states
+    whose first is the embedding's own output (Llama's), beside its logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mlp, self.head = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10)
+
+    def forward(self, ids):
+        h0 = self.embed(ids)
+        h1 = torch.tanh(self.mlp(h0))
+        return {"logits": self.head(h1), "hidden_states": (h0, h1)}
+
+
+def test_hidden_states_returned_in_a_tuple_leave_the_head_the_output_unit():
+    """(The embedding's own output among them was kept as a unit's output, and the step refused as ambiguous.)"""
+    model = HiddenStates()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    ids = torch.randint(0, 10, (3, 5))
+    F.cross_entropy(model(ids)["logits"].flatten(0, 1), ids.flatten()).backward()
+    opt.step()
+    assert _transfers(opt) == [("embed", "identity"), ("mlp", "tanh"), ("head", "softmax")]
+
+
+class ConvClassifier(nn.Module):
+    """A convolution's scores, returned as they are viewed (flattened 1×1 maps; a Conv1d's B × C × T read as
+    B × T × C, a CTC head) or computed from (pooled, upsampled, added to the input)."""
+
+    def __init__(self, ending: str):
+        super().__init__()
+        self.ending = ending
+        conv = nn.Conv1d if ending == "transposed" else nn.Conv2d
+        self.final = conv(3, 3, 1)
+
+    def forward(self, x):
+        a = self.final(x)
+        return {"flattened": lambda: a.flatten(1), "transposed": lambda: a.transpose(1, 2),
+                "pooled": lambda: a.mean((2, 3)), "upsampled": lambda: F.interpolate(a, scale_factor=2.0),
+                "residual": lambda: x + a}[self.ending]()  # fmt: skip
+
+
+@pytest.mark.parametrize("ending", ["flattened", "transposed", "pooled", "upsampled", "residual"])
+def test_a_convolution_takes_the_channel_softmax_only_when_the_output_shows_its_own(ending):
+    """A view of the convolution's output keeps its channels, so cross-entropy's softmax is over them; an output
+    computed from it by more than views is not its own, and M refuses the channel softmax (the residual sum was
+    given it by an equal-shape rule, the views refused by it)."""
+    model = ConvClassifier(ending)
+    shape = (2, 3, 1, 1) if ending in ("flattened", "pooled") else (2, 3, 7) if ending == "transposed" else (2, 3, 4, 4)
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    model(torch.randn(shape)).square().sum().backward()
+    if ending in ("flattened", "transposed"):
+        opt.step()
+        assert _transfers(opt) == [("final", "softmax(dim=1)")]
+    else:
+        with pytest.raises(ValueError, match="which output_activation gives only to a convolution whose own output"):
+            opt.step()
+
+
 class PooledConv(nn.Module):
     """A 1×1-convolution classifier whose per-pixel scores are averaged (SqueezeNet's head): its output is
     pooled from the convolution's, not the convolution's own."""

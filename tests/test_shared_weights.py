@@ -260,6 +260,35 @@ def test_a_head_tied_to_an_embedding_subclass_is_the_heads_unit():
     assert kinds["embed_tokens"] != "linear"
 
 
+class _HeadFirstSubclassLM(nn.Module):
+    """A head of an nn.Linear subclass, registered before the embedding it is tied to."""
+
+    class Head(nn.Linear):
+        pass
+
+    def __init__(self):
+        super().__init__()
+        self.head = self.Head(8, 16, bias=False)
+        self.embed = nn.Embedding(16, 8)
+        self.embed.weight = self.head.weight
+        self.mid = nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.embed(ids))))
+
+
+def test_a_linear_subclass_head_tied_to_an_embedding_does_not_take_its_lookups():
+    """The lookup is the embedding's map, the head's is linear (the subclass took the lookup as its own map and
+    lost the output activation)."""
+    model = _HeadFirstSubclassLM()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    ids = torch.randint(0, 16, (4, 5))
+    F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    opt.step()
+    rows = {row.unit: (row.kind, row.transfer) for row in opt.describe().rows}
+    assert rows["head"] == ("linear", "softmax") and rows["embed"] == ("embedding", "identity")
+
+
 def test_exact_solve_refuses_weights_shared_by_units_naming_them():
     with pytest.raises(ValueError, match=r"'first.weight' is shared by unit 'first' and unit 'second'"):
         LocoPropOptimizer(TiedLayers(), variant="S", solve="exact", prox=1.0)
