@@ -356,3 +356,15 @@ def test_on_two_ranks_each_model_takes_the_one_process_step(tmp_path):
             for n, p in snapshot(model).items():
                 where = f"{name} rank {rank}: {n}"
                 torch.testing.assert_close(got[n], p, rtol=1e-9, atol=1e-12, msg=lambda m, w=where: f"{w}: {m}")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_hidden_states_returned_beside_the_logits_leave_the_head_the_output_unit(name):
+    """``output_hidden_states=True``: Llama's first hidden state is its embedding's own output; the head still
+    takes ``output_activation`` (it was refused as ambiguous)."""
+    model = _model(name)
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    ids = _tokens()
+    model(input_ids=ids, labels=ids, output_hidden_states=True).loss.backward()
+    _quiet_step(opt)
+    assert [u.name for u in opt.units if u.transfer.name == "softmax"] == ["lm_head"]
