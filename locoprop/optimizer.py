@@ -387,6 +387,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
                 # gradient. As torch's optimizers, take no step; a bare step() with nothing to step is refused.
                 for unit in self.units:
                     unit.records.clear()
+                self._recorder.step_done()
                 return None
         for group in self.param_groups:
             check_hyperparameters(group, self.solve)

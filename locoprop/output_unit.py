@@ -10,6 +10,7 @@ it.
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable
@@ -112,6 +113,8 @@ class OutputActivation:
             if on_change is not None:
                 on_change([previous])
             return
+        if len(self._units) == 1 and (hidden or not reached):
+            return  # (one unit: it holds the output activation, whatever comes after it)
         if hidden:
             self._error = RuntimeError(
                 f"output_activation={self.transfer.name!r} is the transfer function of the unit that produces the "
@@ -178,6 +181,7 @@ class OutputUnitFinder:
     def __init__(self, model: nn.Module, on_decided):
         self._on_decided = on_decided
         self._output_nodes: dict = {}  # grad_fn of a unit output in this model forward -> unit
+        self._shapes: dict = {}  # unit -> the shape of its last output
         self._depth = 0
         self.last_run: Unit | None = None
         self.pending = True
@@ -196,6 +200,7 @@ class OutputUnitFinder:
             return
         if unit is not None:
             self.last_run = unit
+            self._shapes[unit] = tuple(output.shape)
         if self._depth:  # only inside the model's forward: a node keeps its graph alive
             self._output_nodes[output.grad_fn] = unit if unit is not None else _UNRECORDED
 
@@ -203,15 +208,25 @@ class OutputUnitFinder:
         self._depth -= 1
         if self._depth or not self._output_nodes:
             return
-        nodes = list(dict.fromkeys(t.grad_fn for t in _tensors(output) if t.grad_fn is not None))
-        top = {t.grad_fn for t in _tensors(output, nested=False) if t.grad_fn is not None}
-        roots = _final(nodes, top, self._output_nodes)
+        tensors = {t.grad_fn: t for t in _tensors(output) if t.grad_fn is not None}
+        roots = _final(list(tensors), self._output_nodes)
         if roots:
             reached, hidden, unrecorded = _units_reaching(roots, self._output_nodes)
-            # (the units whose output a model output shows: its own, viewed, not pooled or summed from it)
-            shown = [self._output_nodes.get(_shown(root, self._output_nodes)) for root in roots]
-            self._decide(reached, hidden, unrecorded, [u for u in reached if u in shown])
+            self._decide(reached, hidden, unrecorded, [u for u in reached if self._direct(u, roots, tensors)])
         self._output_nodes.clear()
+
+    def _direct(self, unit: Unit, roots: list, tensors: dict) -> bool:
+        """Whether a model output is ``unit``'s own output, or a view of it whose last dimension is its second
+        (a convolution's channels: flattened 1×1 maps, a CTC head's B × T × C), where the loss's softmax is
+        over the unit's channels. (Flattened positions, one channel selected or channels split are not.)"""
+        shape = self._shapes.get(unit)
+        for root in roots:
+            if self._output_nodes.get(root) is unit:
+                return True
+            if self._output_nodes.get(_shown(root, self._output_nodes)) is unit and shape and len(shape) > 1:
+                view = tensors[root].shape
+                return bool(view) and view[-1] == shape[1] and tensors[root].numel() == math.prod(shape)
+        return False
 
     def decide_now(self) -> None:
         """Decide from the last unit that ran, if the model's forward never did."""
@@ -231,16 +246,13 @@ class OutputUnitFinder:
         self._handles = []
 
 
-def _tensors(value, nested: bool = True) -> list[Tensor]:
-    """The tensors in a model's output: a tensor, or tuples, lists and dicts of them (``nested=False``: only
-    the output itself or its own items, not those of a tuple inside it, as Hugging Face's ``hidden_states``)."""
+def _tensors(value) -> list[Tensor]:
+    """The tensors in a model's output: a tensor, or tuples, lists and dicts of them."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (tuple, list)):
-        if not nested:
-            return [item for item in value if isinstance(item, Tensor)]
         return [t for item in value for t in _tensors(item)]
     return []
 
@@ -248,14 +260,15 @@ def _tensors(value, nested: bool = True) -> list[Tensor]:
 _UNRECORDED = object()  # the output node of a map of a unit's weight that no unit records
 
 
-def _final(roots: list, top: set, output_nodes: dict) -> list:
-    """The output nodes from which no other output is computed, and the model's own items (``top``) that show
-    a unit's output. Beside its logits a model may return tensors that the logits are computed from (an
+def _final(roots: list, output_nodes: dict) -> list:
+    """The output nodes from which no other output is computed, and those that show a unit's own output other
+    than an embedding's. Beside its logits a model may return tensors that the logits are computed from (an
     encoder-decoder's ``encoder_last_hidden_state``, the hidden states and attention maps of
-    ``output_hidden_states`` and ``output_attentions``, nested in a tuple: Llama's first hidden state is the
-    embedding's own output): those are not where the model's output comes from. Logits returned beside an
-    auxiliary head's output computed from them still are: two units reach the outputs, which stays ambiguous.
-    One walk of the graph from the roots' inputs meets every root that another root is computed from."""
+    ``output_hidden_states`` and ``output_attentions``, Llama's first hidden state being its embedding's own
+    output): those are not where the model's output comes from. Logits returned beside an auxiliary head's
+    output computed from them (at the top, or nested as DETR's auxiliary outputs) still are: two units reach the
+    outputs, which stays ambiguous. One walk of the graph from the roots' inputs meets every root that another
+    root is computed from."""
     if len(roots) < 2:
         return roots
     inside: set = set()
@@ -266,7 +279,13 @@ def _final(roots: list, top: set, output_nodes: dict) -> list:
             continue
         inside.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return [root for root in roots if root not in inside or (root in top and _shown(root, output_nodes))]
+    return [root for root in roots if root not in inside or _a_head_shown(root, output_nodes)]
+
+
+def _a_head_shown(node, output_nodes: dict) -> bool:
+    """Whether ``node`` shows the output of a unit that may be a head: any map but an embedding's lookup."""
+    unit = output_nodes.get(_shown(node, output_nodes))
+    return unit is not None and (unit is _UNRECORDED or unit.kind != "embedding")
 
 
 # Backward nodes of operations that show their input's values (views, slices, copies, casts).

@@ -215,7 +215,9 @@ class ForwardRecorder(TorchFunctionMode):
         if self._depth == 0:
             # A forward run by the backward pass (reentrant activation checkpointing recomputes a block, calling
             # only the modules inside it) sees a unit's map without what the model applies to its output.
-            self.discovering = any(unit.transfer_pending for unit in self._units) and not _in_backward()
+            # (While the output unit is to be found, its holder may get its own transfer back: read it too.)
+            pending = any(unit.transfer_pending for unit in self._units) or self.output_pending()
+            self.discovering = pending and not _in_backward()
             self._training_forward = torch.is_grad_enabled()
             self.__enter__()
         self._depth += 1

@@ -314,7 +314,7 @@ def transfer_from_module(module: nn.Module, ndim: int | None = None) -> Transfer
             return softmax(-1 if module.dim is None else module.dim)
         # (dim=None: torch's implicit choice, 0 for 0-, 1- and 3-D inputs, else 1)
         dim = module.dim if module.dim is not None else (0 if ndim in (0, 1, 3) else 1)
-        return softmax(-1) if dim in (-1, ndim - 1) else softmax(dim % ndim)
+        return softmax(-1) if ndim == 0 or dim in (-1, ndim - 1) else softmax(dim % ndim)
     if isinstance(module, _NON_MONOTONE) or any(name in kind for name in ("GELU", "SiLU", "Swish", "Mish")):
         return Transfer(kind, None, None, f"{kind} is not monotone, so it has no convex integral")
     if type(module).__module__.startswith("transformers.activations") and "Linear" in kind:
@@ -363,7 +363,7 @@ def _call_table() -> dict:
     def softmax_call(a, dim=None, *args, **kwargs):
         if dim is None:  # torch's implicit choice: 0 for 0-, 1- and 3-D inputs, else 1
             dim = 0 if a.dim() in (0, 1, 3) else 1
-        if dim in (-1, a.dim() - 1):
+        if a.dim() == 0 or dim in (-1, a.dim() - 1):
             return softmax(-1)
         return softmax(dim % a.dim())  # as nn.Softmax(dim) gives it (a convolution's channels: dim=1)
 

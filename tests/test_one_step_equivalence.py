@@ -422,6 +422,16 @@ def test_a_softmax_without_a_dimension_is_over_the_dimension_torch_picks():
         assert opt.units[0].transfer.name == "softmax(dim=0)"
 
 
+def test_a_softmax_of_a_scalar_is_read_without_error():
+    """(A 0-D input has no dimension to take: discovery raised ZeroDivisionError inside the model's forward.)"""
+    model = nn.Sequential(nn.Linear(4, 1), _Call(lambda a: F.softmax(a.squeeze())))
+    opt = LocoPropOptimizer(model, variant="M")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(torch.randn(1, 4)).backward()
+    assert opt.units[0].transfer.name == "softmax of a reshaped output"  # (squeezed: M takes the S target)
+
+
 class _Call(nn.Module):
     def __init__(self, function):
         super().__init__()

@@ -5,6 +5,7 @@ function does not fit, refuses the step.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -180,6 +181,82 @@ class ConvClassifier(nn.Module):
         return {"flattened": lambda: a.flatten(1), "transposed": lambda: a.transpose(1, 2),
                 "pooled": lambda: a.mean((2, 3)), "upsampled": lambda: F.interpolate(a, scale_factor=2.0),
                 "residual": lambda: x + a}[self.ending]()  # fmt: skip
+
+
+class PolicyHead(nn.Module):
+    """Go-style policy: one channel of scores per board position, flattened (the loss's softmax is over the 25
+    positions), or a two-channel span head returning each channel's scores over positions (QA start and end)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.final = nn.Conv2d(3, 1, 1) if kind == "policy" else nn.Conv1d(3, 2, 1)
+
+    def forward(self, x):
+        a = self.final(x)
+        return a.flatten(1) if self.kind == "policy" else (a[:, 0], a[:, 1])
+
+
+@pytest.mark.parametrize("kind", ["policy", "span"])
+def test_views_that_merge_or_select_a_convolutions_channels_take_no_channel_softmax(kind):
+    """The loss's softmax there is over positions, not channels: M refuses (a first version gave the channel
+    softmax, over one channel, or over two instead of the positions, silently)."""
+    model = PolicyHead(kind)
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    out = model(torch.randn(2, 3, 5, 5) if kind == "policy" else torch.randn(2, 3, 7))
+    (out.sum() if kind == "policy" else out[0].sum() + out[1].sum()).backward()
+    with pytest.raises(ValueError, match="which output_activation gives only to a convolution whose own output"):
+        opt.step()
+
+
+class FrozenHead(nn.Module):
+    """One trainable unit, then a frozen tanh layer that produces the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 5)
+        self.frozen = nn.Linear(5, 3).requires_grad_(False)
+
+    def forward(self, x):
+        return self.frozen(torch.tanh(self.first(x)))
+
+
+def test_a_single_unit_behind_a_frozen_head_reads_its_own_transfer_at_the_first_step():
+    """The frozen map, not the unit, produces the output: the unit takes its tanh back (with the warning), in the
+    first step too (it solved that step with the identity)."""
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    kwargs = dict(variant="M", lr=0.1, activation_lr=1.0, local_iters=3, inner="sgd")
+    named, discovered = FrozenHead().double(), FrozenHead().double()
+    discovered.load_state_dict(named.state_dict())
+    for model, extra in ((named, dict(output_activation="softmax")), (discovered, {})):
+        opt = LocoPropOptimizer(model, **kwargs, **extra)
+        F.cross_entropy(model(x), y).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ("no unit takes the output activation")
+            opt.step()
+        assert _transfers(opt) == [("first", "tanh")]
+    assert_same_params(named, snapshot(discovered))
+
+
+class NestedAuxiliary(nn.Module):
+    """Logits, and a list of auxiliary logits they are refined from (DETR's ``aux_outputs``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.coarse, self.refine = nn.Linear(4, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        coarse = self.coarse(x)
+        return self.refine(coarse), [coarse]
+
+
+def test_auxiliary_logits_nested_in_the_output_leave_the_output_unit_ambiguous():
+    model = NestedAuxiliary()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    logits, (auxiliary,) = model(torch.randn(4, 4))
+    (logits.sum() + auxiliary.sum()).backward()
+    with pytest.raises(RuntimeError, match=r"units \['coarse', 'refine'\] all reach it"):
+        opt.step()
 
 
 @pytest.mark.parametrize("ending", ["flattened", "transposed", "pooled", "upsampled", "residual"])
