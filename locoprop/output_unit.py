@@ -225,7 +225,8 @@ class OutputUnitFinder:
                 return True
             if self._output_nodes.get(_shown(root, self._output_nodes)) is unit and shape and len(shape) > 1:
                 view = tensors[root].shape
-                return bool(view) and view[-1] == shape[1] and tensors[root].numel() == math.prod(shape)
+                if view and view[-1] == shape[1] and tensors[root].numel() == math.prod(shape):
+                    return True
         return False
 
     def decide_now(self) -> None:

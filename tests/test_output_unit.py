@@ -209,6 +209,27 @@ def test_views_that_merge_or_select_a_convolutions_channels_take_no_channel_soft
         opt.step()
 
 
+class TwoViews(nn.Module):
+    """A convolution's scores returned as they are and flattened over positions, in either order."""
+
+    def __init__(self, flattened_first: bool):
+        super().__init__()
+        self.flattened_first, self.final = flattened_first, nn.Conv1d(3, 2, 1)
+
+    def forward(self, x):
+        a = self.final(x)
+        return (a.flatten(1), a) if self.flattened_first else (a, a.flatten(1))
+
+
+@pytest.mark.parametrize("flattened_first", [False, True])
+def test_the_channel_softmax_does_not_depend_on_the_order_of_the_outputs(flattened_first):
+    model = TwoViews(flattened_first)
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    model(torch.randn(2, 3, 5))[1].sum().backward()
+    opt.step()
+    assert _transfers(opt) == [("final", "softmax(dim=1)")]
+
+
 class FrozenHead(nn.Module):
     """One trainable unit, then a frozen tanh layer that produces the output."""
 
