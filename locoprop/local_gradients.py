@@ -87,11 +87,11 @@ class LocalGradients:
             return
         batchable: dict[tuple, list[tuple[LocalProblem, Tensor, tuple[Tensor, ...]]]] = {}
         for problem in problems:
-            low = _low(problem, compute_dtype)
-            if problem.by_blocks and problem.unit.kind in MATRIX_KINDS and _reads_rows(problem):
+            low, rows = _low(problem, compute_dtype), _reads_rows(problem)
+            if problem.by_blocks and problem.unit.kind in MATRIX_KINDS and rows:
                 self.work.append(_Work([problem], self._blocks(problem, low)))
                 continue
-            if problem.unit.kind != "linear" or problem.by_blocks or not _reads_rows(problem):
+            if problem.unit.kind != "linear" or problem.by_blocks or not rows:
                 self.work.append(_Work([problem], self._reference(problem, low)))
                 continue
             if problem.gram_form:
@@ -374,7 +374,7 @@ def _reads_rows(problem: LocalProblem) -> bool:
     """Whether the unit's residual can be computed on its output's rows, as the matrix kernels do: under S, and
     for every elementwise transfer function and the softmax over the last dimension; a softmax over another
     dimension (attention pooling's, over positions) needs the output's own shape (the reference path)."""
-    return problem.variant == "S" or not problem.unit.transfer.name.startswith("softmax(")
+    return problem.variant == "S" or problem.unit.transfer.softmax_dim in (None, -1)
 
 
 def _low(problem: LocalProblem, compute_dtype: torch.dtype | None) -> torch.dtype | None:

@@ -435,18 +435,17 @@ def _as_read_through(layout: str, transfer: Transfer | None) -> Transfer | None:
     elementwise function whatever the layout; a softmax over a reshaped or permuted output (a softmax per
     group of the outputs: Deformable DETR's per-head attention weights) none that variant M has an integral
     for, unless it is over the rows of the output's last dimension."""
-    if transfer is None or layout == _AS_IS or not transfer.name.startswith("softmax"):
+    if transfer is None or layout == _AS_IS or transfer.softmax_dim is None:
         return transfer
-    if layout == _ROWS and transfer.name == "softmax":
+    if layout == _ROWS and transfer.softmax_dim == -1:
         return transfer
     return Transfer(f"{transfer.name} of a reshaped output", None, None,
                     f"{transfer.name} over a reshaped or permuted output (a softmax per group of the unit's "
                     "outputs) has no integral locoprop knows of the unit's output")  # fmt: skip
 
 
-def _active_ddp() -> nn.Module | None:
-    """The DistributedDataParallel whose forward is running, if any."""
-    return getattr(nn.parallel.DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
+# The DistributedDataParallel whose forward is running, if any (looked up once: it runs in every module's hook).
+_active_ddp = getattr(nn.parallel.DistributedDataParallel, "_get_active_ddp_module", lambda: None)
 
 
 def _averaged_by(ddp: nn.Module) -> list[Tensor]:

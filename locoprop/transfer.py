@@ -58,6 +58,9 @@ class Transfer:
         change: (anchor(a), d) ↦ f(a + d) − f(a), accurate to a few ulp of
             the result (by default computed directly, which cancels). It may
             overwrite d, which the caller gives it to consume.
+        softmax_dim: the dimension a softmax normalises over (-1: the last);
+            None for an elementwise function, which any layout of the output
+            (its rows, a view) takes the same.
     """
 
     name: str
@@ -66,6 +69,7 @@ class Transfer:
     unsupported_reason: str = ""
     anchor: Callable[[Tensor], tuple[Tensor, ...]] | None = None
     change: Callable[[tuple[Tensor, ...], Tensor], Tensor] | None = None
+    softmax_dim: int | None = None
 
     def anchor_at(self, a: Tensor) -> tuple[Tensor, ...]:
         """What :meth:`change_from` needs about the point a."""
@@ -263,6 +267,7 @@ def softmax(dim: int = -1) -> Transfer:
         functools.partial(_logsumexp_rows, dim=dim),
         anchor=_softmax_anchor(dim),
         change=_softmax_change(dim),
+        softmax_dim=dim,
     )
 
 
