@@ -200,6 +200,16 @@ class FixedCapacity(nn.Module):
         return torch.stack([x[e] @ self.w[e] for e in range(EXPERTS)])
 
 
+def _two_steps(model: nn.Module, x, target, variant: str, squash=lambda a: a) -> LocoPropOptimizer:
+    """Two LocoProp steps (K = 3, inner SGD) on Σ(squash(model(x)) − target)²; the optimizer, to describe them."""
+    opt = LocoPropOptimizer(model, variant=variant, lr=0.05, activation_lr=0.5, local_iters=3, inner="sgd")
+    for _ in range(2):
+        opt.zero_grad()
+        (squash(model(x)) - target).square().sum().backward()
+        opt.step()
+    return opt
+
+
 def test_a_batched_matmul_over_stacked_experts_takes_the_step_of_its_experts_one_by_one():
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(EXPERTS, 6, D_IN, generator=generator, dtype=torch.float64)
@@ -209,11 +219,7 @@ def test_a_batched_matmul_over_stacked_experts_takes_the_step_of_its_experts_one
     one_by_one = FixedCapacity(False)
     one_by_one.load_state_dict(stacked.state_dict())
     for model in (stacked, one_by_one):
-        opt = LocoPropOptimizer(model, variant="S", lr=0.05, activation_lr=0.5, local_iters=3, inner="sgd")
-        for _ in range(2):
-            opt.zero_grad()
-            (torch.tanh(model(x)) - target).square().sum().backward()
-            opt.step()
+        opt = _two_steps(model, x, target, "S", squash=torch.tanh)
         assert opt.describe().rows[0].kind == ("stacked_matmul" if model.stacked else "matmul")
     torch.testing.assert_close(stacked.w.detach(), one_by_one.w.detach(), rtol=1e-10, atol=1e-12)
 
@@ -245,11 +251,7 @@ def test_an_experts_block_applied_transposed_is_its_linear_use(variant):
     functional, written = FlatExperts(False), FlatExperts(True)
     written.load_state_dict(functional.state_dict())
     for model in (functional, written):
-        opt = LocoPropOptimizer(model, variant=variant, lr=0.05, activation_lr=0.5, local_iters=3, inner="sgd")
-        for _ in range(2):
-            opt.zero_grad()
-            (model(x) - target).square().sum().backward()
-            opt.step()
+        opt = _two_steps(model, x, target, variant)
         assert [(row.kind, row.transfer) for row in opt.describe().rows] == [("linear", "tanh")]
     torch.testing.assert_close(written.w.detach(), functional.w.detach(), rtol=1e-10, atol=1e-12)
 
@@ -325,11 +327,7 @@ def test_a_batched_matmul_added_to_a_stacked_bias_is_one_unit_with_its_bias(vari
     fused, by_head = BlockDiagonal(True), BlockDiagonal(False)
     by_head.load_state_dict(fused.state_dict())
     for model in (fused, by_head):
-        opt = LocoPropOptimizer(model, variant=variant, lr=0.05, activation_lr=0.5, local_iters=3, inner="sgd")
-        for _ in range(2):
-            opt.zero_grad()
-            (model(x) - target).square().sum().backward()
-            opt.step()
+        opt = _two_steps(model, x, target, variant)
         assert [row.transfer for row in opt.describe().rows] == ["sigmoid"]
         assert opt.parameter_roles()["gate_bias"] == "BlockDiagonal.gate"
     for name, p in fused.named_parameters():
