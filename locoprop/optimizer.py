@@ -385,9 +385,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             if loss is None and not any(p.grad is not None for group in self.param_groups for p in group["params"]):
                 # The closure skipped its batch (Lightning's training_step returning None): no loss, no
                 # gradient. As torch's optimizers, take no step; a bare step() with nothing to step is refused.
-                for unit in self.units:
-                    unit.records.clear()
-                self._recorder.step_done()
+                self._end_step()
                 return None
         for group in self.param_groups:
             check_hyperparameters(group, self.solve)
@@ -428,12 +426,16 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             except BaseException:
                 adaptation.restore(self, saved)  # a refused step changes nothing
                 raise
-        for unit in self.units:
-            unit.records.clear()
-        self._recorder.step_done()
+        self._end_step()
         self._measure_if_pending()
         self.last_step_seconds = {"targets": prepared - started, "local_solve": self._clock() - prepared}
         return loss
+
+    def _end_step(self) -> None:
+        """The step's records are spent, and so is what the forwards showed about DDP."""
+        for unit in self.units:
+            unit.records.clear()
+        self._recorder.step_done()
 
     def _solve(self, problems: list, adapting: list) -> None:
         """The solves of this step's problems, and the sensitivities of the adapting units' γ."""

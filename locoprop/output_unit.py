@@ -109,9 +109,7 @@ class OutputActivation:
                 "frozen one); no unit takes the output activation",
                 stacklevel=callers_level(),
             )
-            on_change = self._on_change()
-            if on_change is not None:
-                on_change([previous])
+            self._changed([previous])
             return
         if len(self._units) == 1 and (hidden or not reached):
             return  # (one unit: it holds the output activation, whatever comes after it)
