@@ -187,15 +187,14 @@ def check_unit(unit: Unit, solve: str, variant: str) -> None:
             f"solve='exact' supports nn.Linear units only; unit {unit.name!r} is a {type(unit.module).__name__}: "
             "use solve='iterative', or pass units=[(layer, transfer), ...] with nn.Linear layers only"
         )
-    # A convolution's output is N × C × spatial: its softmax is over the channels, dim=1 (what
-    # F.cross_entropy takes for segmentation); over a spatial dimension it would be no unit's output.
+    # A convolution's output is N × C × spatial: the softmax over its last dimension, a spatial one, is what
+    # output_activation names when nothing tells which dimension the loss reads (the output is pooled or
+    # summed from the convolution's); cross-entropy's is over the channels, dim=1, or the positions of a span
+    # head, which the output activation gets as softmax(dim=…) when the model's output shows them.
     # (Variant S matches pre-activations: it reads no transfer function.)
-    name = unit.transfer.name
-    conv = (unit.kind or "").startswith("conv")
-    if variant == "M" and name.startswith("softmax") and name != "softmax(dim=1)" and conv:
-        over = "the last dimension" if name == "softmax" else name.removeprefix("softmax")
+    if variant == "M" and unit.transfer.name == "softmax" and (unit.kind or "").startswith("conv"):
         raise ValueError(
-            f"Softmax over {over} does not apply to {type(unit.module).__name__} unit {unit.name!r}: a "
+            f"Softmax over the last dimension does not apply to {type(unit.module).__name__} unit {unit.name!r}: a "
             "convolution's softmax is over its channels, nn.Softmax(dim=1), which output_activation gives only to a "
             "convolution whose own output, viewed, is the model's (not pooled, upsampled or summed); name it with "
             "units=[(layer, nn.Softmax(dim=1)), ...] if that is what the loss applies, or use variant='S'"

@@ -19,10 +19,15 @@ from torch import Tensor, nn
 
 from locoprop.describe import callers_level
 from locoprop.hooks import WeakHook, remove_when_gone
-from locoprop.transfer import Transfer, softmax, transfer_by_name
+from locoprop.transfer import Transfer, regrouped, softmax, transfer_by_name
 from locoprop.units import Unit
 
 __all__ = ["OutputActivation", "OutputUnitFinder"]
+
+
+# What the model's output shows of the output unit's, besides a dimension of it (see OutputUnitFinder.read):
+_OWN = "own"  # its own output, as far as anything tells (the model's forward never ran)
+_REGROUPED = "regrouped"  # a softmax over no whole dimension of it
 
 
 class OutputActivation:
@@ -46,13 +51,23 @@ class OutputActivation:
         self._error: Exception | None = None
         self._finder: OutputUnitFinder | None = None
 
-    def _for(self, unit: Unit, direct: bool = True) -> Transfer:
-        """The output activation as ``unit``'s transfer function: cross-entropy's softmax of a convolution's
-        output is over its channels (a segmentation head's per-pixel logits, ``direct``: the model's output is
-        the convolution's own, not pooled from it), dim=1, as ``F.cross_entropy`` takes it."""
-        if self.transfer.name == "softmax" and direct and (unit.kind or "").startswith("conv"):
-            return softmax(dim=1)
-        return self.transfer
+    def _for(self, unit: Unit, read=_OWN) -> Transfer:
+        """The output activation as ``unit``'s transfer function, given the dimension of the unit's output that
+        the model's output shows the loss's softmax over (``read``, see :meth:`OutputUnitFinder.read`): its
+        last dimension, or a convolution's channels, as ``F.cross_entropy`` takes a segmentation head's
+        per-pixel logits, is the softmax the output activation names; another whole dimension (a
+        question-answering head's positions, after the model splits its two columns) is the softmax over that
+        dimension; none whole (a multiple-choice head's scores, regrouped from its rows) has no integral of the
+        unit's output. An output computed from the unit's by more than views (pooled, biased) reads it as the
+        output activation names it."""
+        if self.transfer.softmax_dim is None or read is None:
+            return self.transfer
+        if read is _REGROUPED:
+            return regrouped(self.transfer)
+        conv = (unit.kind or "").startswith("conv")
+        if read is _OWN or read == (1 if conv else -1):
+            return softmax(dim=1) if conv else self.transfer
+        return softmax(dim=read)
 
     def attach(self, model: nn.Module, on_change: Callable[[list[Unit]], None]) -> None:
         """Watch ``model``'s first forward pass (which unit's output the model's is, and how). Attach
@@ -88,7 +103,7 @@ class OutputActivation:
             self._finder = None
 
     def _found(self, reached: list[Unit], hidden: bool = False, unrecorded: bool = False,
-               direct: list[Unit] = ()) -> None:  # fmt: skip
+               reads: dict | None = None) -> None:  # fmt: skip
         if unrecorded and reached:
             names = [u.name for u in self._units if u in reached]
             self._error = RuntimeError(
@@ -133,7 +148,7 @@ class OutputActivation:
             return
         unit, previous = reached[0], self._holder
         if unit is previous:
-            transfer = self._for(unit, unit in direct)
+            transfer = self._for(unit, (reads or {}).get(unit))
             if transfer.name != unit.transfer.name:  # (its kind, or where its output goes, is known now)
                 unit.transfer = transfer
                 self._changed([unit])
@@ -143,7 +158,7 @@ class OutputActivation:
             self._displaced,
             (unit.transfer, unit.transfer_pending),
         )
-        unit.transfer, unit.transfer_pending, self._holder = self._for(unit, unit in direct), False, unit
+        unit.transfer, unit.transfer_pending, self._holder = self._for(unit, (reads or {}).get(unit)), False, unit
         self._changed([previous, unit])
 
     def _changed(self, units: list[Unit]) -> None:
@@ -210,32 +225,50 @@ class OutputUnitFinder:
         roots = _final(list(tensors), self._output_nodes)
         if roots:
             reached, hidden, unrecorded = _units_reaching(roots, self._output_nodes)
-            self._decide(reached, hidden, unrecorded, [u for u in reached if self._direct(u, roots, tensors)])
+            self._decide(reached, hidden, unrecorded, {unit: self.read(unit, roots, tensors) for unit in reached})
         self._output_nodes.clear()
 
-    def _direct(self, unit: Unit, roots: list, tensors: dict) -> bool:
-        """Whether a model output is ``unit``'s own output, or a view of it whose last dimension is its second
-        (a convolution's channels: flattened 1×1 maps, a CTC head's B × T × C), where the loss's softmax is
-        over the unit's channels. (Flattened positions, one channel selected or channels split are not.)"""
-        shape = self._shapes.get(unit)
+    def read(self, unit: Unit, roots: list, tensors: dict):
+        """The dimension of ``unit``'s output over which the model's outputs show the loss's softmax, from the
+        outputs that are ``unit``'s own through views, slices and casts. The loss reads an output's last
+        dimension (a language model's classes, after its logits are flattened) or, of three or more, its second
+        (``F.cross_entropy``'s classes of a segmentation head's N × C × H × W): one that is the unit's classes
+        (its last dimension, a convolution's channels) is read; else the last, as a whole dimension of the
+        unit's output (a question-answering head's positions, after the model splits its two columns) or
+        ``_REGROUPED``, none whole (a multiple-choice head's scores, regrouped from its rows; also a dimension
+        of one output, over which a softmax is 1, so that the loss's is not over it). -1 is the unit's
+        last dimension of a unit other than a convolution; None: no output shows ``unit``'s (they are computed
+        from it: pooled, biased)."""
+        shape, conv = self._shapes[unit], (unit.kind or "").startswith("conv")
+        classes = 1 if conv else len(shape) - 1
+        found = set()
         for root in roots:
-            if self._output_nodes.get(root) is unit:
-                return True
-            if self._output_nodes.get(_shown(root, self._output_nodes)) is unit and shape and len(shape) > 1:
-                view = tensors[root].shape
-                if view and view[-1] == shape[1] and tensors[root].numel() == math.prod(shape):
-                    return True
-        return False
+            view = tensors[root].shape
+            if not view:
+                continue
+            node, last = _unit_dim(root, view, len(view) - 1, self._output_nodes)
+            if self._output_nodes.get(node) is not unit:
+                continue
+            second = _unit_dim(root, view, 1, self._output_nodes)[1] if len(view) > 2 else None
+            found.add(classes if classes in (last, second) else _REGROUPED if last is None else last)
+        if not found:
+            found = {None}
+        elif classes in found:  # (the logits beside views of them: the classes)
+            found = {classes}
+        read = found.pop() if len(found) == 1 else _REGROUPED
+        if read is not _REGROUPED and shape and shape[classes if read is None else read] == 1:
+            return _REGROUPED  # (a softmax over one output is 1: the loss's is over several of the unit's rows)
+        return -1 if read == len(shape) - 1 and not conv else read
 
     def decide_now(self) -> None:
         """Decide from the last unit that ran, if the model's forward never did."""
         if self.pending and self.last_run is not None:
-            self._decide([self.last_run], direct=[self.last_run])
+            self._decide([self.last_run], reads={self.last_run: _OWN})
 
     def _decide(self, units: list[Unit], hidden: bool = False, unrecorded: bool = False,
-                direct: list[Unit] = ()) -> None:  # fmt: skip
+                reads: dict | None = None) -> None:  # fmt: skip
         self.remove()
-        self._on_decided(units, hidden, unrecorded, direct)
+        self._on_decided(units, hidden, unrecorded, reads)
 
     def remove(self) -> None:
         self.pending = False
@@ -287,18 +320,118 @@ def _a_head_shown(node, output_nodes: dict) -> bool:
     return unit is not None and (unit is _UNRECORDED or unit.kind != "embedding")
 
 
-# Backward nodes of operations that show their input's values (views, slices, copies, casts).
-_SHOWING = ("View", "UnsafeView", "ReshapeAlias", "Transpose", "Permute", "Squeeze", "Unsqueeze", "Clone", "ToCopy",
-            "Alias", "Expand", "Slice", "Select", "Contiguous")  # fmt: skip
-
-
 def _shown(node, output_nodes: dict):
     """The unit output node that ``node`` is, or shows through views, slices and casts; else None."""
+    return _unit_dim(node, None, None, output_nodes)[0]
+
+
+def _unit_dim(node, shape, dim: int | None, output_nodes: dict) -> tuple:
+    """Follow ``node`` back through views, slices and casts to a unit's output node: (that node, the dimension
+    of the unit's output that ``dim`` of ``node``'s tensor (of ``shape``) is, or None when it is no whole
+    dimension of it: merged with others, split, sliced, broadcast or new). (None, None) when ``node`` is
+    computed by more than views. ``dim`` None follows the node only."""
+    shape = list(shape) if shape is not None else None
     while node is not None and node not in output_nodes:
-        if type(node).__name__.rstrip("0123456789").removesuffix("Backward") not in _SHOWING:
-            return None
+        step = _THROUGH.get(type(node).__name__.rstrip("0123456789").removesuffix("Backward"))
+        if step is None:
+            return None, None
+        if dim is not None:
+            shape, dim = step(node, shape, dim)
         node = node.next_functions[0][0] if node.next_functions else None
-    return node
+    return node, dim
+
+
+# How a view's backward node maps a dimension of its output (of ``shape``) to one of its input: (the input's
+# shape, the dimension or None). Torch saves negative dimensions as unsigned 64-bit integers.
+def _signed(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _same(node, shape, dim):
+    return shape, dim
+
+
+def _view(node, shape, dim):
+    """A reshape keeps a dimension whole when the input has one of its size with as many elements after it."""
+    sizes = list(node._saved_self_sym_sizes)
+    if None in shape[dim:]:
+        return sizes, None
+    after = math.prod(shape[dim + 1 :])
+    found = [j for j, size in enumerate(sizes) if size == shape[dim] and math.prod(sizes[j + 1 :]) == after]
+    return sizes, found[0] if found else None
+
+
+def _transpose(node, shape, dim):
+    first, second = _signed(node._saved_dim0) % len(shape), _signed(node._saved_dim1) % len(shape)
+    sizes = list(shape)
+    sizes[first], sizes[second] = shape[second], shape[first]
+    return sizes, second if dim == first else first if dim == second else dim
+
+
+def _permute(node, shape, dim):
+    order = [_signed(d) % len(shape) for d in node._saved_dims]  # the output's dimension k is the input's order[k]
+    sizes = [None] * len(shape)
+    for k, j in enumerate(order):
+        sizes[j] = shape[k]
+    return sizes, order[dim]
+
+
+def _squeeze(node, shape, dim):
+    sizes = list(node._saved_self_sym_sizes)
+    saved = getattr(node, "_saved_dim", None)  # (squeeze() saves none, squeeze(d) one, squeeze((d, ...)) several)
+    named = range(len(sizes)) if saved is None else saved if isinstance(saved, tuple) else (saved,)
+    gone = {_signed(d) % len(sizes) for d in named} if sizes else set()
+    kept = [j for j in range(len(sizes)) if not (j in gone and sizes[j] == 1)]
+    return sizes, kept[dim]
+
+
+def _unsqueeze(node, shape, dim):
+    new = _signed(node._saved_dim) % len(shape)
+    return shape[:new] + shape[new + 1 :], None if dim == new else dim - (dim > new)
+
+
+def _select(node, shape, dim):
+    """Select and unbind: the input has one dimension more, at the one they take apart."""
+    taken = _signed(node._saved_dim) % (len(shape) + 1)
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    sizes = list(sizes) if sizes is not None else [*shape[:taken], None, *shape[taken:]]
+    return sizes, dim + (dim >= taken)
+
+
+def _slice(node, shape, dim):
+    """Slice, narrow, split and chunk: the sliced dimension is whole only when the slice is all of it."""
+    sizes = list(node._saved_self_sym_sizes)
+    sliced = _signed(node._saved_dim) % len(sizes)
+    return sizes, None if dim == sliced and shape[dim] != sizes[sliced] else dim
+
+
+def _expand(node, shape, dim):
+    sizes = list(node._saved_self_sym_sizes)
+    j = dim - (len(shape) - len(sizes))
+    return sizes, j if j >= 0 and sizes[j] == shape[dim] else None
+
+
+def _index(node, shape, dim):
+    """Advanced indexing keeps the dimensions after the last one indexed, at the end."""
+    sizes = list(node._saved_self_sym_sizes)
+    indexed = [k for k, index in enumerate(node._saved_indices) if index is not None]
+    kept = len(sizes) - 1 - indexed[-1] if indexed else len(sizes)
+    from_end = len(shape) - dim
+    return sizes, len(sizes) - from_end if from_end <= kept else None
+
+
+_THROUGH = {
+    **dict.fromkeys(("Clone", "ToCopy", "Alias"), _same),
+    **dict.fromkeys(("View", "UnsafeView", "ReshapeAlias"), _view),
+    "Transpose": _transpose,
+    "Permute": _permute,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    **dict.fromkeys(("Select", "Unbind"), _select),
+    **dict.fromkeys(("Slice", "Split", "SplitWithSizes"), _slice),
+    "Expand": _expand,
+    "Index": _index,
+}
 
 
 def _units_reaching(roots: list, output_nodes: dict) -> tuple[list[Unit], bool, bool]:

@@ -64,7 +64,13 @@ from locoprop.layers import (
     MatmulAdapter,
     StackedMatmulAdapter,
 )
-from locoprop.transfer import Transfer, is_activation_module, transfer_from_call, transfer_from_module
+from locoprop.transfer import (
+    Transfer,
+    is_activation_module,
+    regrouped,
+    transfer_from_call,
+    transfer_from_module,
+)
 
 __all__ = ["ForwardRecorder", "UseRecord", "squared_norm"]
 
@@ -439,9 +445,7 @@ def _as_read_through(layout: str, transfer: Transfer | None) -> Transfer | None:
         return transfer
     if layout == _ROWS and transfer.softmax_dim == -1:
         return transfer
-    return Transfer(f"{transfer.name} of a reshaped output", None, None,
-                    f"{transfer.name} over a reshaped or permuted output (a softmax per group of the unit's "
-                    "outputs) has no integral locoprop knows of the unit's output")  # fmt: skip
+    return regrouped(transfer)
 
 
 # The DistributedDataParallel whose forward is running, if any (looked up once: it runs in every module's hook).

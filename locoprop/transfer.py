@@ -32,6 +32,7 @@ __all__ = [
     "TRANSFER_NAMES",
     "Transfer",
     "is_activation_module",
+    "regrouped",
     "transfer_by_name",
     "transfer_from_call",
     "transfer_from_module",
@@ -269,6 +270,15 @@ def softmax(dim: int = -1) -> Transfer:
         change=_softmax_change(dim),
         softmax_dim=dim,
     )
+
+
+def regrouped(transfer: Transfer) -> Transfer:
+    """``transfer``, a softmax, read over a reshaped or permuted output of its unit (a softmax per group of the
+    unit's outputs: Deformable DETR's per-head attention weights, a multiple-choice head's scores): no transfer
+    function of the unit's output that variant M has an integral for (M takes the S target, and says so)."""
+    return Transfer(f"{transfer.name} of a reshaped output", None, None,
+                    f"{transfer.name} over a reshaped or permuted output (a softmax per group of the unit's "
+                    "outputs) has no integral locoprop knows of the unit's output")  # fmt: skip
 
 
 _BY_NAME: dict[str, Callable[[], Transfer]] = {

@@ -199,14 +199,21 @@ class PolicyHead(nn.Module):
 
 @pytest.mark.parametrize("kind", ["policy", "span"])
 def test_views_that_merge_or_select_a_convolutions_channels_take_no_channel_softmax(kind):
-    """The loss's softmax there is over positions, not channels: M refuses (a first version gave the channel
-    softmax, over one channel, or over two instead of the positions, silently)."""
+    """The loss's softmax there is over positions, not channels (a first version gave the channel softmax, over
+    one channel, or over two instead of the positions, silently). The span head's positions are a dimension of
+    the convolution's output: it takes the softmax over them; the policy's, flattened from two, are none: M
+    takes the S target for it, and says so."""
     model = PolicyHead(kind)
     opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
     out = model(torch.randn(2, 3, 5, 5) if kind == "policy" else torch.randn(2, 3, 7))
     (out.sum() if kind == "policy" else out[0].sum() + out[1].sum()).backward()
-    with pytest.raises(ValueError, match="which output_activation gives only to a convolution whose own output"):
+    if kind == "span":
         opt.step()
+        assert _transfers(opt) == [("final", "softmax(dim=2)")]
+    else:
+        with pytest.warns(UserWarning, match=r"Variant M takes the S target .* 'final'"):
+            opt.step()
+        assert _transfers(opt) == [("final", "softmax of a reshaped output")]
 
 
 class TwoViews(nn.Module):
@@ -352,7 +359,7 @@ class ConvOutput(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3)
+        self.conv = nn.Conv2d(1, 2, 3)  # (two channels: a softmax over one would be 1, the loss's over no channel)
         self.fc = nn.Linear(4, 9)
 
     def forward(self, x):
@@ -439,3 +446,180 @@ def test_a_unit_head_added_to_a_tied_head_is_refused_as_ambiguous():
     with pytest.raises(RuntimeError, match=r"units \['h1'\] and a linear map that is no unit"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+class ScoreHead(nn.Module):
+    """Heads whose scores the model regroups before the loss: a question-answering head's two columns split into
+    start and end logits over the positions (BERT's ``qa_outputs``), a pointer's one score per position squeezed
+    (XLNet's start pooler), a multiple-choice head's one score per (question, choice) row viewed as questions ×
+    choices (``BertForMultipleChoice``); or a column of scores the loss squeezes itself."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.body, self.head = nn.Linear(5, 6), nn.Linear(6, 2 if kind == "span" else 1)
+
+    def forward(self, x):
+        a = self.head(torch.tanh(self.body(x)))
+        if self.kind == "span":
+            start, end = a.split(1, dim=-1)
+            return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+        return {"pointer": lambda: a.squeeze(-1), "choice": lambda: a.view(-1, 3), "column": lambda: a}[self.kind]()
+
+
+def _scores_loss(out, labels):
+    outputs = out if isinstance(out, tuple) else (out.squeeze(-1) if out.dim() == 3 else out,)
+    return sum(F.cross_entropy(scores, y) for scores, y in zip(outputs, labels))
+
+
+@pytest.mark.parametrize("kind", ["span", "pointer", "choice", "column"])
+def test_a_head_whose_scores_the_model_regroups_takes_the_loss_softmax_or_the_s_target(kind):
+    """The loss's softmax of a span or pointer head is over the positions, dimension 1 of the head's B × T × k
+    output: M's step of the head is the minimiser's K inner SGD steps written out with autograd, F the
+    logsumexp over positions (it took the softmax over its k outputs, over one for the pointer, silently). A
+    multiple-choice head's scores are regrouped from its rows, no dimension of its output, and a column's softmax
+    over its one output is 1, not the loss's: they take the S target, and say so."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, dtype=torch.float64) if kind != "choice" else torch.randn(6, 5, dtype=torch.float64)
+    labels = [torch.randint(0, 4 if kind != "choice" else 3, (6 if kind != "choice" else 2,)) for _ in range(2)]
+    model = ScoreHead(kind).double()
+    before = copy.deepcopy(model)
+    eta, gamma, k = 0.3, 0.5, 2
+    opt = LocoPropOptimizer(model, variant="M", lr=eta, activation_lr=gamma, local_iters=k, inner="sgd",
+                            inner_schedule="constant", output_activation="softmax")  # fmt: skip
+    _scores_loss(model(x), labels).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    took_s = [w for w in caught if "takes the S target" in str(w.message)]
+
+    # Independently: the head's input and output, the loss's gradient there, the target, K steps on the objective.
+    h = torch.tanh(before.body(x)).detach()
+    a = before.head(h).detach().requires_grad_()
+    regrouped = {"span": lambda a: tuple(c.squeeze(-1) for c in a.split(1, dim=-1)), "pointer": lambda a: a.squeeze(-1),
+                 "choice": lambda a: a.view(-1, 3), "column": lambda a: a}[kind]  # fmt: skip
+    (g,) = torch.autograd.grad(_scores_loss(regrouped(a), labels), a)
+    if kind in ("choice", "column"):
+        target = a.detach() - gamma * g  # S: ½‖a_θ − â‖²
+
+        def objective(a_theta):
+            return 0.5 * (a_theta - target).square().sum()
+    else:
+        target = torch.softmax(a.detach(), dim=1) - gamma * g  # M: Σ logsumexp over positions − ŷ·a_θ
+
+        def objective(a_theta):
+            return torch.logsumexp(a_theta, dim=1).sum() - (target * a_theta).sum()
+
+    weight, bias = before.head.weight.detach().clone(), before.head.bias.detach().clone()
+    for _ in range(k):
+        weight.requires_grad_(), bias.requires_grad_()
+        grads = torch.autograd.grad(objective(F.linear(h, weight, bias)), (weight, bias))
+        weight, bias = weight.detach() - eta * grads[0], bias.detach() - eta * grads[1]
+    torch.testing.assert_close(model.head.weight, weight, **CLOSE)
+    torch.testing.assert_close(model.head.bias, bias, **CLOSE)
+    expected = "softmax of a reshaped output" if kind in ("choice", "column") else "softmax(dim=1)"
+    assert _transfers(opt) == [("body", "tanh"), ("head", expected)]
+    assert [str(w.message).split(":")[0] for w in took_s] == (
+        ["Variant M takes the S target (pre-activation) for unit(s) 'head' (softmax of a reshaped output)"]
+        if kind in ("choice", "column")
+        else []
+    )
+
+
+def _bert_config(**extra):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                   vocab_size=40, max_position_embeddings=12, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0, **extra)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        ("BertForQuestionAnswering", ("qa_outputs", "softmax(dim=1)")),
+        ("BertForMultipleChoice", ("classifier", "softmax of a reshaped output")),
+        ("BertForTokenClassification", ("classifier", "softmax")),
+        ("BertForSequenceClassification", ("classifier", "softmax")),
+        ("GPT2ForSequenceClassification", ("score", "softmax")),
+    ],
+)
+def test_hugging_face_heads_take_the_softmax_their_loss_applies(head, expected):
+    """Hugging Face's heads as their own loss reads them: question answering's start and end logits over the
+    positions, multiple choice's over the choices (regrouped rows: the S target), tokens' and sequences' over
+    the classes (GPT-2's gathered at each sequence's last token)."""
+    import transformers
+
+    if head.startswith("GPT2"):
+        config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=12,
+                                         pad_token_id=0, num_labels=3)  # fmt: skip
+    else:
+        config = _bert_config(num_labels=2 if head == "BertForQuestionAnswering" else 3)
+    model = getattr(transformers, head)(config)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 40, (2, 3, 8) if head == "BertForMultipleChoice" else (2, 8))
+    labels = {"BertForQuestionAnswering": dict(start_positions=torch.tensor([1, 5]),
+                                               end_positions=torch.tensor([3, 6])),
+              "BertForTokenClassification": dict(labels=torch.randint(0, 3, (2, 8)))}.get(
+        head, dict(labels=torch.tensor([2, 0])))  # fmt: skip
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    model(input_ids=ids, **labels).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (GELU's units take the S target)
+        opt.step()
+    name, transfer = expected
+    assert {unit.name: unit.transfer.name for unit in opt.units}[name] == transfer
+
+
+_VIEW_CHAINS = {
+    "split, squeeze, contiguous": lambda a: a.split(1, dim=-1)[1].squeeze(-1).contiguous(),
+    "split into sizes": lambda a: a.split([3, 2], dim=1)[0],
+    "chunk of the last": lambda a: a.chunk(2, dim=-1)[0],
+    "select": lambda a: a[:, 2],
+    "unbind": lambda a: a.unbind(1)[0],
+    "slice of the last": lambda a: a[..., 1:],
+    "whole slice": lambda a: a[1:, :, :],
+    "narrow": lambda a: a.narrow(1, 0, 3),
+    "transpose": lambda a: a.transpose(-1, 1),
+    "permute": lambda a: a.permute(2, 0, 1),
+    "flatten the leading": lambda a: a.flatten(0, 1),
+    "flatten the last": lambda a: a.flatten(1),
+    "reshape a transpose": lambda a: a.transpose(0, 1).reshape(-1, 2),
+    "view regrouped": lambda a: a.reshape(4, 5, 2).view(2, 2, 10),
+    "unsqueeze": lambda a: a.unsqueeze(-1).squeeze(-1).unsqueeze(0),
+    "unsqueeze last": lambda a: a.unsqueeze(-1),
+    "squeeze all": lambda a: a[:, :1].squeeze(),
+    "squeeze dims": lambda a: a[:, :1].squeeze((1,)),
+    "expand": lambda a: a[:, None].expand(4, 3, 5, 2),
+    "expand a dimension": lambda a: a[..., :1].expand(4, 5, 3),
+    "gathered rows": lambda a: a[torch.arange(4), torch.tensor([0, 1, 4, 2])],
+    "indexed last": lambda a: a[..., torch.tensor([1, 1])],
+    "cast, clone": lambda a: a.to(torch.float64).clone().transpose(0, 2),
+}
+
+
+@pytest.mark.parametrize("chain", list(_VIEW_CHAINS))
+def test_the_dimension_an_output_reads_is_found_through_views(chain):
+    """Which dimension of a unit's 4 × 5 × 2 output each row of a view's last dimension is, against the values
+    themselves: the unit's output numbers its elements, and a row of the view is a whole dimension of it when it
+    holds every element along that dimension, the others fixed."""
+    from locoprop.output_unit import _unit_dim
+
+    shape = (4, 5, 2)
+    a = torch.arange(40.0).view(shape).requires_grad_() * 1
+    out = _VIEW_CHAINS[chain](a)
+    node, found = _unit_dim(out.grad_fn, out.shape, out.dim() - 1, {a.grad_fn: "unit"})
+    assert node is a.grad_fn
+    coordinates = torch.stack(torch.unravel_index(out.detach().long().reshape(-1, out.shape[-1]), shape), -1)
+    whole = [
+        d
+        for d in range(3)
+        if shape[d] == out.shape[-1]
+        and all(
+            sorted(row[:, d].tolist()) == list(range(shape[d]))
+            and (row[:, [o for o in range(3) if o != d]] == row[0, [o for o in range(3) if o != d]]).all()
+            for row in coordinates
+        )
+    ]
+    assert found == (whole[0] if whole else None)
