@@ -165,10 +165,14 @@ def _mixtral(experts_implementation: str) -> nn.Module:
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
 def test_mixtral_experts_are_local_under_either_kernel(implementation):
     """Hugging Face's Mixtral: its stacked experts were no candidates (not named *weight) and took plain
-    steps, 20% of the model local; each kernel's uses are recorded now, and both take one step alike."""
+    steps, 20% of the model local; each kernel's uses are recorded now, and both take one step alike, to float32
+    rounding: the kernels' products differ by it (gradients by 2e-7 of their norm), and the steps by as much with
+    inner SGD (Adam's first steps, about lr·sign(g), magnified it where a gradient is near zero: 3.8e-6 against
+    steps of 1.8e-3 on an AMD EPYC, beyond the tolerance)."""
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     model = _mixtral(implementation)
-    opt = LocoPropOptimizer(model, variant="M", lr=1e-3, activation_lr=1.0, local_iters=3, inner="adam")
+    kwargs = dict(variant="M", lr=0.01, activation_lr=1.0, local_iters=3, inner="sgd", inner_schedule="constant")
+    opt = LocoPropOptimizer(model, **kwargs)
     model(input_ids=ids, labels=ids).loss.backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (nothing said: no share warning, no fallback to S)
@@ -178,11 +182,14 @@ def test_mixtral_experts_are_local_under_either_kernel(implementation):
     assert rows["model.layers.0.mlp.experts.down_proj"].kind == "linear"
     assert opt.describe().local_share > 0.99
     reference = _mixtral("eager")
-    ref_opt = LocoPropOptimizer(reference, variant="M", lr=1e-3, activation_lr=1.0, local_iters=3, inner="adam")
+    before = [p.detach().clone() for p in reference.parameters()]
+    ref_opt = LocoPropOptimizer(reference, **kwargs)
     reference(input_ids=ids, labels=ids).loss.backward()
     ref_opt.step()
-    for (name, got), expected in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, got), expected, start in zip(model.named_parameters(), reference.parameters(), before):
+        step = expected.detach() - start
+        assert step.norm() > 0, name
+        assert (got.detach() - start - step).norm() <= 1e-4 * step.norm(), name
 
 
 class FixedCapacity(nn.Module):
