@@ -194,10 +194,12 @@ def check_unit(unit: Unit, solve: str, variant: str) -> None:
     # (Variant S matches pre-activations: it reads no transfer function.)
     if variant == "M" and unit.transfer.name == "softmax" and (unit.kind or "").startswith("conv"):
         raise ValueError(
-            f"Softmax over the last dimension does not apply to {type(unit.module).__name__} unit {unit.name!r}: a "
-            "convolution's softmax is over its channels, nn.Softmax(dim=1), which output_activation gives only to a "
-            "convolution whose own output, viewed, is the model's (not pooled, upsampled or summed); name it with "
-            "units=[(layer, nn.Softmax(dim=1)), ...] if that is what the loss applies, or use variant='S'"
+            f"Softmax over the last dimension does not apply to {type(unit.module).__name__} unit {unit.name!r}: "
+            "output_activation names it where nothing shows which dimension of the convolution's output the loss "
+            "reads (the model's output is pooled, upsampled or summed from it, not a view of it). A convolution's "
+            "softmax is over its channels, nn.Softmax(dim=1), or a dimension named by its index (nn.Softmax(dim=2): "
+            "a span head's positions); name it with units=[(layer, nn.Softmax(dim=1)), ...] if that is what the "
+            "loss applies, or use variant='S'"
         )
 
 

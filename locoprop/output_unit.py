@@ -15,6 +15,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from locoprop.describe import callers_level
@@ -233,10 +234,12 @@ class OutputUnitFinder:
         outputs that are ``unit``'s own through views, slices and casts. The loss reads an output's last
         dimension (a language model's classes, after its logits are flattened) or, of three or more, its second
         (``F.cross_entropy``'s classes of a segmentation head's N × C × H × W): one that is the unit's classes
-        (its last dimension, a convolution's channels) is read; else the last, as a whole dimension of the
-        unit's output (a question-answering head's positions, after the model splits its two columns) or
-        ``_REGROUPED``, none whole (a multiple-choice head's scores, regrouped from its rows; also a dimension
-        of one output, over which a softmax is 1, so that the loss's is not over it). -1 is the unit's
+        (its last dimension, a convolution's channels) is read; else the last of an output of one or two
+        dimensions, as a whole dimension of the unit's output (a question-answering head's positions, after
+        the model splits its two columns); else ``_REGROUPED``: none whole (a multiple-choice head's scores,
+        regrouped from its rows), a dimension of one output (over which a softmax is 1, so that the loss's is
+        not over it), or an output of three or more dimensions none of which is the classes (a heat map's
+        B × H × W, which the loss may read over H, W or both). -1 is the unit's
         last dimension of a unit other than a convolution; None: no output shows ``unit``'s (they are computed
         from it: pooled, biased)."""
         shape, conv = self._shapes[unit], (unit.kind or "").startswith("conv")
@@ -250,7 +253,10 @@ class OutputUnitFinder:
             if self._output_nodes.get(node) is not unit:
                 continue
             second = _unit_dim(root, view, 1, self._output_nodes)[1] if len(view) > 2 else None
-            found.add(classes if classes in (last, second) else _REGROUPED if last is None else last)
+            if classes in (last, second):
+                found.add(classes)
+            else:  # (of three or more dimensions, which the loss reads, the last or the second, is not told)
+                found.add(last if last is not None and len(view) < 3 else _REGROUPED)
         if not found:
             found = {None}
         elif classes in found:  # (the logits beside views of them: the classes)
@@ -352,12 +358,24 @@ def _same(node, shape, dim):
 
 
 def _view(node, shape, dim):
-    """A reshape keeps a dimension whole when the input has one of its size with as many elements after it."""
+    """A reshape keeps a dimension whole when the input has one of its size with as many elements after it, and
+    a dimension of one beside it wherever the output has. (A batch of one: the (1·C) × 1 scores of a
+    multiple-choice head viewed as 1 × C have C elements in a row either way, but the view regroups the rows
+    of any larger batch; the output's dimension of one, beside C, is the batch merged into the input's.)"""
     sizes = list(node._saved_self_sym_sizes)
-    if None in shape[dim:]:
+    if None in shape:
         return sizes, None
     after = math.prod(shape[dim + 1 :])
-    found = [j for j, size in enumerate(sizes) if size == shape[dim] and math.prod(sizes[j + 1 :]) == after]
+
+    def one_beside(dims: list, k: int, side: int) -> bool:
+        return 0 <= k + side < len(dims) and dims[k + side] == 1
+
+    found = [
+        j
+        for j, size in enumerate(sizes)
+        if size == shape[dim] and math.prod(sizes[j + 1 :]) == after
+        and all(one_beside(sizes, j, side) or not one_beside(shape, dim, side) for side in (-1, 1))
+    ]  # fmt: skip
     return sizes, found[0] if found else None
 
 
@@ -366,6 +384,11 @@ def _transpose(node, shape, dim):
     sizes = list(shape)
     sizes[first], sizes[second] = shape[second], shape[first]
     return sizes, second if dim == first else first if dim == second else dim
+
+
+def _t(node, shape, dim):
+    """``Tensor.t()``: a matrix's two dimensions swapped (a vector's one kept)."""
+    return shape[::-1], len(shape) - 1 - dim
 
 
 def _permute(node, shape, dim):
@@ -412,18 +435,27 @@ def _expand(node, shape, dim):
 
 
 def _index(node, shape, dim):
-    """Advanced indexing keeps the dimensions after the last one indexed, at the end."""
-    sizes = list(node._saved_self_sym_sizes)
-    indexed = [k for k, index in enumerate(node._saved_indices) if index is not None]
-    kept = len(sizes) - 1 - indexed[-1] if indexed else len(sizes)
-    from_end = len(shape) - dim
-    return sizes, len(sizes) - from_end if from_end <= kept else None
+    """Advanced indexing keeps the dimensions it does not index, in order, and puts the result of the indexed
+    ones in their place when they are adjacent, first when they are apart. A boolean mask indexes as many
+    dimensions as it has."""
+    sizes, indices = list(node._saved_self_sym_sizes), node._saved_indices
+    spans = [index.dim() if index is not None and index.dtype in (torch.bool, torch.uint8) else 1 for index in indices]
+    starts = [sum(spans[:k]) for k in range(len(indices))]
+    kept = [starts[k] for k, index in enumerate(indices) if index is None] + list(range(sum(spans), len(sizes)))
+    indexed = [k for k, index in enumerate(indices) if index is not None]
+    adjacent = all(indices[k] is not None for k in range(indexed[0], indexed[-1] + 1)) if indexed else True
+    result = len(shape) - len(kept)  # (the indexed dimensions' result, of the indices' broadcast shape)
+    first = starts[indexed[0]] if indexed and adjacent else 0
+    if first <= dim < first + result:
+        return sizes, None
+    return sizes, kept[dim if dim < first else dim - result]
 
 
 _THROUGH = {
     **dict.fromkeys(("Clone", "ToCopy", "Alias"), _same),
     **dict.fromkeys(("View", "UnsafeView", "ReshapeAlias"), _view),
     "Transpose": _transpose,
+    "T": _t,
     "Permute": _permute,
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,

@@ -300,7 +300,9 @@ def test_a_convolution_takes_the_channel_softmax_only_when_the_output_shows_its_
         opt.step()
         assert _transfers(opt) == [("final", "softmax(dim=1)")]
     else:
-        with pytest.raises(ValueError, match="which output_activation gives only to a convolution whose own output"):
+        with pytest.raises(
+            ValueError, match="nothing shows which dimension of the convolution's output the loss reads"
+        ):
             opt.step()
 
 
@@ -595,31 +597,86 @@ _VIEW_CHAINS = {
     "expand a dimension": lambda a: a[..., :1].expand(4, 5, 3),
     "gathered rows": lambda a: a[torch.arange(4), torch.tensor([0, 1, 4, 2])],
     "indexed last": lambda a: a[..., torch.tensor([1, 1])],
+    "indexed middle": lambda a: a[:, torch.tensor([[0, 1], [4, 2]])],
+    "indexed apart": lambda a: a[torch.tensor([0, 1]), :, torch.tensor([1, 0])],
+    "boolean mask": lambda a: a[:, torch.tensor([True, False, True, True, False])],
+    "mask of two dimensions": lambda a: a[:, torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0], [0, 0]]).bool()],
+    "mask of the trailing two": lambda a: a.permute(2, 0, 1)[:, torch.tensor([[1, 0, 1, 1, 0]] * 4).bool()],
+    "t": lambda a: a[:, :, 0].t(),
     "cast, clone": lambda a: a.to(torch.float64).clone().transpose(0, 2),
 }
 
 
 @pytest.mark.parametrize("chain", list(_VIEW_CHAINS))
 def test_the_dimension_an_output_reads_is_found_through_views(chain):
-    """Which dimension of a unit's 4 × 5 × 2 output each row of a view's last dimension is, against the values
-    themselves: the unit's output numbers its elements, and a row of the view is a whole dimension of it when it
-    holds every element along that dimension, the others fixed."""
+    """Which dimension of a unit's 4 × 5 × 2 output each dimension of a view is, against the values themselves:
+    the unit's output numbers its elements, and a row of the view along a dimension is a whole dimension of it
+    when it holds every element along that dimension, the others fixed. The last dimension's is found exactly;
+    another's may be left unknown (None: the loss's softmax is then taken as over no dimension of the unit's),
+    never taken for a wrong one."""
     from locoprop.output_unit import _unit_dim
 
     shape = (4, 5, 2)
     a = torch.arange(40.0).view(shape).requires_grad_() * 1
     out = _VIEW_CHAINS[chain](a)
-    node, found = _unit_dim(out.grad_fn, out.shape, out.dim() - 1, {a.grad_fn: "unit"})
-    assert node is a.grad_fn
-    coordinates = torch.stack(torch.unravel_index(out.detach().long().reshape(-1, out.shape[-1]), shape), -1)
-    whole = [
-        d
-        for d in range(3)
-        if shape[d] == out.shape[-1]
-        and all(
-            sorted(row[:, d].tolist()) == list(range(shape[d]))
-            and (row[:, [o for o in range(3) if o != d]] == row[0, [o for o in range(3) if o != d]]).all()
-            for row in coordinates
-        )
-    ]
-    assert found == (whole[0] if whole else None)
+    for dim in range(out.dim()):
+        node, found = _unit_dim(out.grad_fn, out.shape, dim, {a.grad_fn: "unit"})
+        assert node is a.grad_fn
+        rows = out.detach().movedim(dim, -1).long().reshape(-1, out.shape[dim])
+        coordinates = torch.stack(torch.unravel_index(rows, shape), -1)
+        whole = [
+            d
+            for d in range(3)
+            if shape[d] == out.shape[dim]
+            and all(
+                sorted(row[:, d].tolist()) == list(range(shape[d]))
+                and (row[:, [o for o in range(3) if o != d]] == row[0, [o for o in range(3) if o != d]]).all()
+                for row in coordinates
+            )
+        ]
+        if dim == out.dim() - 1:
+            assert found == (whole[0] if whole else None)
+        else:
+            assert found is None or found == whole[0], dim
+
+
+def test_a_first_batch_of_one_question_leaves_the_choices_regrouped():
+    """A multiple-choice head's (1·C) × 1 scores viewed as 1 × C hold C in a row, as its dimension 0 would: the
+    first batch (of one question) fixed softmax(dim=0), over every row of the larger batches after it."""
+    model = ScoreHead("choice")
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    for questions in (1, 2):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(3 * questions, 5)), torch.zeros(questions, dtype=torch.long)).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (M takes the S target)
+            opt.step()
+        assert _transfers(opt)[1] == ("head", "softmax of a reshaped output")
+
+
+class ConvScores(nn.Module):
+    """A convolution's scores returned as one channel's heat map, B × H × W (the loss may read H, W or both), or
+    at the valid pixels of a mask, B × C × N (cross-entropy's classes are the channels)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.head = kind, nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        a = self.head(x)
+        return a[:, 0] if self.kind == "heat map" else a[:, :, torch.ones(4, 5).tril().bool()]
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("heat map", "softmax of a reshaped output"),
+                                                ("valid pixels", "softmax(dim=1)")])  # fmt: skip
+def test_a_convolution_output_indexed_keeps_its_channels_or_tells_none(kind, expected):
+    """(The heat map took softmax(dim=2), over W, and the valid pixels softmax(dim=3), silently: a boolean mask
+    was read as indexing one dimension.)"""
+    model = ConvScores(kind)
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    model(torch.randn(2, 3, 4, 5)).square().sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert _transfers(opt) == [("head", expected)]
+    assert any("takes the S target" in str(w.message) for w in caught) == (kind == "heat map")
