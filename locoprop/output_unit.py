@@ -110,7 +110,8 @@ class OutputActivation:
             self._error = RuntimeError(
                 f"output_activation={self.transfer.name!r} is the transfer function of the unit that produces the "
                 f"model's output, but units {names} and a linear map that is no unit (a weight tied to a unit of "
-                "another kind, or frozen) all reach it. Pass units=[(layer, transfer), ...] naming every unit's "
+                "another kind, frozen, or computed: weight or spectral norm) all reach it. Pass units=[(layer, "
+                "transfer), ...] naming every unit's "
                 "transfer function instead of output_activation"
             )
             return
@@ -121,8 +122,8 @@ class OutputActivation:
             previous.transfer, previous.transfer_pending = self._displaced
             warnings.warn(
                 f"output_activation={self.transfer.name!r}: the model's output comes from a linear map that no unit "
-                "records (a weight tied to a unit of another kind, such as F.linear(h, embedding.weight), or a "
-                "frozen one); no unit takes the output activation",
+                "records (a weight tied to a unit of another kind, such as F.linear(h, embedding.weight), a frozen "
+                "one, or one computed from parameters: weight or spectral norm); no unit takes the output activation",
                 stacklevel=callers_level(),
             )
             self._changed([previous])

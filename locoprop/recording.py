@@ -255,6 +255,8 @@ class ForwardRecorder(TorchFunctionMode):
         use = _linear_use(func, args, kwargs)
         if use is not None and isinstance(output, Tensor):
             self._record(use, output)
+        elif func in _WEIGHTED_MAPS and self.on_output is not None and _computed_weight(args, kwargs):
+            self.on_output(None, output)  # a map whose weight is computed (weight or spectral norm): no unit's
         return output
 
     def _record(self, use: _Use, output: Tensor) -> None:
@@ -705,6 +707,16 @@ _CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _IN_PLACE_ADDITIONS = {Tensor.add_, Tensor.__iadd__}
 _ADDITIONS = {torch.add, Tensor.add, Tensor.__add__, *_IN_PLACE_ADDITIONS}
 _TRANSPOSED_CONVOLUTIONS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+# Functions whose second argument is the map's weight, whatever it is computed from.
+_WEIGHTED_MAPS = {F.linear, *_CONVOLUTIONS, *_TRANSPOSED_CONVOLUTIONS}
+
+
+def _computed_weight(args: tuple, kwargs: dict) -> bool:
+    """Whether the weight of a call of a ``_WEIGHTED_MAPS`` function is computed with gradients, not a parameter
+    (a weight-normed, spectral-normed or otherwise parametrized layer's): the map is linear in its input but no
+    unit's, so the model's output that it produces is no unit's either."""
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    return isinstance(weight, Tensor) and weight.requires_grad and _parameter_of(weight) is None
 
 
 def _arguments(args: tuple, kwargs: dict, names: tuple, defaults: tuple) -> list:

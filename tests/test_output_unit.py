@@ -266,6 +266,40 @@ def test_a_single_unit_behind_a_frozen_head_reads_its_own_transfer_at_the_first_
     assert_same_params(named, snapshot(discovered))
 
 
+class NormedHead(nn.Module):
+    """A tanh layer, then a head whose weight is computed from parameters (DINO's weight-normed last layer, a
+    spectral-normed discriminator's)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.head = norm(nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize("norm", [torch.nn.utils.parametrizations.weight_norm,
+                                  torch.nn.utils.parametrizations.spectral_norm])  # fmt: skip
+def test_a_head_whose_weight_is_computed_is_no_unit_and_the_body_keeps_its_transfer(norm):
+    """The output comes from a map no unit records: no unit takes the output activation, with a warning, and the
+    body's step is the one it takes with its discovered tanh (the body took the softmax, silently)."""
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    named, discovered = NormedHead(norm).double(), NormedHead(norm).double()
+    discovered.load_state_dict(named.state_dict())
+    kwargs = dict(variant="M", lr=0.1, activation_lr=1.0, local_iters=3, inner="sgd")
+    for model, extra in ((named, dict(output_activation="softmax")), (discovered, {})):
+        opt = LocoPropOptimizer(model, **kwargs, **extra)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert {unit.name: unit.transfer.name for unit in opt.units}["body"] == "tanh"
+        said = any("one computed from parameters" in str(w.message) for w in caught)
+        assert said == bool(extra)
+    assert_same_params(named, snapshot(discovered))
+
+
 class NestedAuxiliary(nn.Module):
     """Logits, and a list of auxiliary logits they are refined from (DETR's ``aux_outputs``)."""
 
