@@ -81,10 +81,10 @@ class OutputActivation:
         # (also for one unit: the forward shows whether the model's output is that unit's own, or a tied head's)
         self._finder = OutputUnitFinder(model, self._found)
 
-    def note(self, unit: Unit, output: Tensor) -> None:
-        """A recorded use of ``unit`` gave ``output`` (the recorder's callback)."""
+    def note(self, unit: Unit | None, output: Tensor, weight: Tensor | None = None) -> None:
+        """A recorded use of ``unit`` gave ``output`` (the recorder's callback; see :meth:`OutputUnitFinder.note`)."""
         if self._finder is not None:
-            self._finder.note(unit, output)
+            self._finder.note(unit, output, weight)
 
     @property
     def pending(self) -> bool:
@@ -209,9 +209,12 @@ class OutputUnitFinder:
     def _enter(self, module: nn.Module, inputs: tuple) -> None:
         self._depth += 1
 
-    def note(self, unit: Unit | None, output: Tensor) -> None:
-        """A recorded use of ``unit`` gave ``output`` (None: a map of a unit's weight that no unit records)."""
+    def note(self, unit: Unit | None, output: Tensor, weight: Tensor | None = None) -> None:
+        """A recorded use of ``unit`` gave ``output`` (None: a map of a unit's weight that no unit records, or,
+        with ``weight``, a map of a computed tensor, which is no unit's when it is computed from parameters)."""
         if not self.pending or output.grad_fn is None:
+            return
+        if weight is not None and not _of_parameters(weight, self._output_nodes):
             return
         if unit is not None:
             self.last_run = unit
@@ -465,6 +468,26 @@ _THROUGH = {
     "Expand": _expand,
     "Index": _index,
 }
+
+
+def _of_parameters(tensor: Tensor, output_nodes: dict, limit: int = 64) -> bool:
+    """Whether ``tensor`` is computed from parameters alone: its graph reaches parameters and no unit's output
+    (a weight-normed layer's g·v/‖v‖, MobileBERT's decoder concatenated from two weights), not an activation
+    (attention's keys, a hypernetwork's weights). A graph of more than ``limit`` nodes counts as an
+    activation's."""
+    stack, seen = [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if node in output_nodes or len(seen) >= limit:
+            return False
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # (AccumulateGrad: a leaf that requires gradients)
+        if leaf is not None and not isinstance(leaf, nn.Parameter):
+            return False
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return bool(seen)
 
 
 def _units_reaching(roots: list, output_nodes: dict) -> tuple[list[Unit], bool, bool]:

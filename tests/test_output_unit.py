@@ -300,6 +300,40 @@ def test_a_head_whose_weight_is_computed_is_no_unit_and_the_body_keeps_its_trans
     assert_same_params(named, snapshot(discovered))
 
 
+class ConcatenatedDecoder(nn.Module):
+    """A tanh layer, then scores against a matrix concatenated from two weights (MobileBERT's decoder,
+    ``h @ cat([decoder.weight.T, dense.weight])``); or, ``pointer``, scores of queries against keys, both units'
+    outputs."""
+
+    def __init__(self, pointer: bool = False):
+        super().__init__()
+        self.pointer = pointer
+        self.body, self.tied, self.extra = nn.Linear(4, 6), nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        if self.pointer:
+            return self.tied(h[:, :3]) @ self.extra(h[:, 3:]).T
+        return h @ torch.cat([self.tied.weight.T, self.extra.weight])
+
+
+def test_a_matrix_concatenated_from_weights_is_no_unit_and_the_body_keeps_its_transfer():
+    """(The body took the output activation, silently: the product with a computed matrix was walked through.)
+    Scores of two units' outputs, queries against keys, stay ambiguous: their product's operand is an
+    activation, not a weight."""
+    model = ConcatenatedDecoder()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    with pytest.warns(UserWarning, match="one computed from parameters"):
+        F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
+    opt.step()
+    assert {unit.name: unit.transfer.name for unit in opt.units}["body"] == "tanh"
+    model = ConcatenatedDecoder(pointer=True)
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 6, (6,))).backward()
+    with pytest.raises(RuntimeError, match=r"units \['tied', 'extra'\] all reach it"):
+        opt.step()
+
+
 class NestedAuxiliary(nn.Module):
     """Logits, and a list of auxiliary logits they are refined from (DETR's ``aux_outputs``)."""
 
