@@ -81,10 +81,10 @@ class OutputActivation:
         # (also for one unit: the forward shows whether the model's output is that unit's own, or a tied head's)
         self._finder = OutputUnitFinder(model, self._found)
 
-    def note(self, unit: Unit | None, output: Tensor, weight: Tensor | None = None) -> None:
+    def note(self, unit: Unit | None, output: Tensor, computed: list[Tensor] = ()) -> None:
         """A recorded use of ``unit`` gave ``output`` (the recorder's callback; see :meth:`OutputUnitFinder.note`)."""
         if self._finder is not None:
-            self._finder.note(unit, output, weight)
+            self._finder.note(unit, output, computed)
 
     @property
     def pending(self) -> bool:
@@ -209,12 +209,12 @@ class OutputUnitFinder:
     def _enter(self, module: nn.Module, inputs: tuple) -> None:
         self._depth += 1
 
-    def note(self, unit: Unit | None, output: Tensor, weight: Tensor | None = None) -> None:
+    def note(self, unit: Unit | None, output: Tensor, computed: list[Tensor] = ()) -> None:
         """A recorded use of ``unit`` gave ``output`` (None: a map of a unit's weight that no unit records, or,
-        with ``weight``, a map of a computed tensor, which is no unit's when it is computed from parameters)."""
+        with ``computed`` operands, a product that is no unit's map when one is computed from parameters alone)."""
         if not self.pending or output.grad_fn is None:
             return
-        if weight is not None and not _of_parameters(weight, self._output_nodes):
+        if computed and not any(_of_parameters(operand, self._output_nodes) for operand in computed):
             return
         if unit is not None:
             self.last_run = unit
@@ -363,22 +363,22 @@ def _same(node, shape, dim):
 
 def _view(node, shape, dim):
     """A reshape keeps a dimension whole when the input has one of its size with as many elements after it, and
-    a dimension of one beside it wherever the output has. (A batch of one: the (1·C) × 1 scores of a
-    multiple-choice head viewed as 1 × C have C elements in a row either way, but the view regroups the rows
-    of any larger batch; the output's dimension of one, beside C, is the batch merged into the input's.)"""
+    some dimension on each side of it where the output has a dimension of one beside it. (A batch of one: the
+    (1·C) × 1 scores of a multiple-choice head viewed as 1 × C have C elements in a row either way, but the
+    view regroups the rows of any larger batch: the output's dimension of one, with nothing before C in the
+    input, is the batch merged into C. Logits of B·1 tokens viewed as B × 1 × V keep V: B stands before it.)"""
     sizes = list(node._saved_self_sym_sizes)
     if None in shape:
         return sizes, None
     after = math.prod(shape[dim + 1 :])
 
-    def one_beside(dims: list, k: int, side: int) -> bool:
-        return 0 <= k + side < len(dims) and dims[k + side] == 1
+    def merged_beside(j: int, side: int) -> bool:
+        return 0 <= dim + side < len(shape) and shape[dim + side] == 1 and not 0 <= j + side < len(sizes)
 
     found = [
         j
         for j, size in enumerate(sizes)
-        if size == shape[dim] and math.prod(sizes[j + 1 :]) == after
-        and all(one_beside(sizes, j, side) or not one_beside(shape, dim, side) for side in (-1, 1))
+        if size == shape[dim] and math.prod(sizes[j + 1 :]) == after and not any(merged_beside(j, s) for s in (-1, 1))
     ]  # fmt: skip
     return sizes, found[0] if found else None
 

@@ -143,8 +143,8 @@ class ForwardRecorder(TorchFunctionMode):
     Args:
         units: the units; each gets its uses in ``unit.records`` (once backpropagated).
         on_output: called with (unit, output) for every recorded use (the output unit's finder listens), with
-            (None, output) for a parameter's linear map that no unit records, and with (None, output, weight)
-            for a map whose weight is computed (while the output unit is pending).
+            (None, output) for a parameter's linear map that no unit records, and with (None, output, operands)
+            for a map of computed operands (while the output unit is pending).
         on_transfers: a bound method, called through a weak reference with the units whose transfer
             functions a forward pass decided.
         output_pending: whether the output unit is still to be found; until then every unit's outputs are
@@ -256,10 +256,10 @@ class ForwardRecorder(TorchFunctionMode):
         use = _linear_use(func, args, kwargs)
         if use is not None and isinstance(output, Tensor):
             self._record(use, output)
-        elif func in _WEIGHTED_MAPS and self.on_output is not None and self.output_pending():
-            weight = _weight_argument(func, args, kwargs)
-            if weight is not None:  # (the finder tells whether it is computed from parameters: weight norm)
-                self.on_output(None, output, weight)
+        elif func in _MAPS and self.on_output is not None and self.output_pending() and isinstance(output, Tensor):
+            computed = _computed_operands(func, args, kwargs)
+            if computed:  # (the finder tells whether one is computed from parameters alone: weight norm)
+                self.on_output(None, output, computed)
         return output
 
     def _record(self, use: _Use, output: Tensor) -> None:
@@ -710,19 +710,22 @@ _CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _IN_PLACE_ADDITIONS = {Tensor.add_, Tensor.__iadd__}
 _ADDITIONS = {torch.add, Tensor.add, Tensor.__add__, *_IN_PLACE_ADDITIONS}
 _TRANSPOSED_CONVOLUTIONS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
-# Functions whose second argument is a map's weight, whatever it is computed from.
-_WEIGHTED_MAPS = {F.linear, *_CONVOLUTIONS, *_TRANSPOSED_CONVOLUTIONS,
-                  torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm}  # fmt: skip
+# Linear maps by the positions of the arguments that may be their weight, whatever it is computed from.
+_MAPS = {F.linear: (1,), **dict.fromkeys((*_CONVOLUTIONS, *_TRANSPOSED_CONVOLUTIONS), (1,)),
+         **dict.fromkeys((torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm, torch.bmm, Tensor.bmm),
+                         (0, 1)),
+         **dict.fromkeys((torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm), (1, 2)),
+         torch.einsum: (1, 2)}  # fmt: skip
 
 
-def _weight_argument(func, args: tuple, kwargs: dict) -> Tensor | None:
-    """The second argument of a ``_WEIGHTED_MAPS`` call when it is a tensor computed with gradients, not a
-    parameter: possibly a weight computed from parameters (weight or spectral norm, a concatenation of
-    weights), whose map produces no unit's output."""
-    weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other", kwargs.get("mat2")))
-    if isinstance(weight, Tensor) and weight.grad_fn is not None and _parameter_of(weight) is None:
-        return weight
-    return None
+def _computed_operands(func, args: tuple, kwargs: dict) -> list[Tensor]:
+    """The operands of a ``_MAPS`` call that may be a weight computed from parameters (weight or spectral norm,
+    a pruning mask applied, a concatenation of weights), whose map produces no unit's output: tensors computed
+    with gradients, not parameters. (Positional operands only, and an einsum's operands given one by one.)"""
+    operands = [args[i] for i in _MAPS[func] if i < len(args)]
+    if func is F.linear and len(args) < 2:
+        operands.append(kwargs.get("weight"))
+    return [t for t in operands if isinstance(t, Tensor) and t.grad_fn is not None and _parameter_of(t) is None]
 
 
 def _arguments(args: tuple, kwargs: dict, names: tuple, defaults: tuple) -> list:

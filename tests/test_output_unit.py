@@ -300,6 +300,36 @@ def test_a_head_whose_weight_is_computed_is_no_unit_and_the_body_keeps_its_trans
     assert_same_params(named, snapshot(discovered))
 
 
+class ComputedHead(nn.Module):
+    """A tanh layer, then a head whose weight is computed from parameters, applied by ``torch.addmm`` (Hugging
+    Face's Conv1D, pruned), ``torch.einsum`` or ``torch.bmm`` (a weight scaled by a learned gain)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.body = how, nn.Linear(4, 6)
+        self.weight, self.gain = nn.Parameter(torch.randn(6, 3)), nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        h, weight = torch.tanh(self.body(x)), self.weight * self.gain
+        if self.how == "addmm":
+            return torch.addmm(self.gain, h, weight)
+        return torch.einsum("bi,io->bo", h, weight) if self.how == "einsum" else torch.bmm(h[None], weight[None])[0]
+
+
+@pytest.mark.parametrize("how", ["addmm", "einsum", "bmm"])
+def test_a_computed_weight_in_any_product_is_no_unit(how):
+    """(F.linear's and convolutions' computed weights were told, these products' not: the body took the output
+    activation, silently.)"""
+    model = ComputedHead(how)
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    with pytest.warns(UserWarning, match="one computed from parameters"):
+        F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ("only 40% ... local")
+        opt.step()
+    assert {unit.name: unit.transfer.name for unit in opt.units}["body"] == "tanh"
+
+
 class ConcatenatedDecoder(nn.Module):
     """A tanh layer, then scores against a matrix concatenated from two weights (MobileBERT's decoder,
     ``h @ cat([decoder.weight.T, dense.weight])``); or, ``pointer``, scores of queries against keys, both units'
@@ -671,6 +701,7 @@ _VIEW_CHAINS = {
     "mask of two dimensions": lambda a: a[:, torch.tensor([[1, 0], [0, 1], [1, 0], [0, 0], [0, 0]]).bool()],
     "mask of the trailing two": lambda a: a.permute(2, 0, 1)[:, torch.tensor([[1, 0, 1, 1, 0]] * 4).bool()],
     "t": lambda a: a[:, :, 0].t(),
+    "a dimension of one beside": lambda a: a.reshape(20, 2).view(20, 1, 2),
     "cast, clone": lambda a: a.to(torch.float64).clone().transpose(0, 2),
 }
 
@@ -720,6 +751,31 @@ def test_a_first_batch_of_one_question_leaves_the_choices_regrouped():
             warnings.simplefilter("ignore")  # (M takes the S target)
             opt.step()
         assert _transfers(opt)[1] == ("head", "softmax of a reshaped output")
+
+
+class FlatTokens(nn.Module):
+    """A head applied to the flattened tokens, its logits viewed back as B × T × V."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 5)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        return self.head(torch.tanh(self.body(x.reshape(batch * length, -1)))).view(batch, length, 5)
+
+
+def test_a_first_batch_of_one_token_keeps_the_logits_softmax():
+    """B·1 × V logits viewed as B × 1 × V keep V whole (a first rule for batches of one took them for regrouped,
+    and M the S target, for every later batch)."""
+    model = FlatTokens()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    for length in (1, 3):
+        opt.zero_grad()
+        logits = model(torch.randn(2, length, 4))
+        F.cross_entropy(logits.flatten(0, 1), torch.zeros(2 * length, dtype=torch.long)).backward()
+        opt.step()
+        assert _transfers(opt) == [("body", "tanh"), ("head", "softmax")]
 
 
 class ConvScores(nn.Module):
