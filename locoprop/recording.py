@@ -68,9 +68,11 @@ from locoprop.transfer import (
     Transfer,
     is_activation_module,
     regrouped,
+    softmax,
     transfer_from_call,
     transfer_from_module,
 )
+from locoprop.views import dimension_through_views
 
 __all__ = ["ForwardRecorder", "UseRecord", "squared_norm"]
 
@@ -298,7 +300,7 @@ class ForwardRecorder(TorchFunctionMode):
         """Follow ``output``'s consumers until the forward ends, to read ``unit``'s transfer function."""
         use = _SeenUse(unit, with_graph)
         # Held (not weakly) until the forward ends, so that no later tensor can take its id.
-        self._outputs[id(output)] = (use, output, _AS_IS)
+        self._outputs[id(output)] = (use, output, output)  # (use, the tensor followed, the unit's output)
         self._seen.setdefault(unit, []).append(use)
 
     def _unit_for(self, weight: Tensor, bias, adapter: LayerAdapter) -> tuple:
@@ -385,7 +387,7 @@ class ForwardRecorder(TorchFunctionMode):
             for item in value if isinstance(value, (list, tuple)) else (value,):
                 entry = self._tracked(item)
                 if entry is not None:
-                    transfer = _as_read_through(entry[2], transfer_from_call(func, args, kwargs))
+                    transfer = _as_read_through(item, entry[2], transfer_from_call(func, args, kwargs))
                     self._consumers.setdefault(entry[0], []).append(transfer)
 
     def _follow(self, source, output: Tensor) -> None:
@@ -393,14 +395,14 @@ class ForwardRecorder(TorchFunctionMode):
         if entry is not None:
             consumers = self._consumers.get(entry[0], [])
             consumers.pop()  # the view is no consumer: what consumes it is
-            self._outputs[id(output)] = (entry[0], output, _layout_after(entry[2], source, output))
+            self._outputs[id(output)] = (entry[0], output, entry[2])
 
     def _activation_enter(self, module: nn.Module, args) -> None:
         if self.discovering and self._depth and self._activation_depth == 0:
             for value in args:
                 entry = self._tracked(value)
                 if entry is not None:
-                    transfer = _as_read_through(entry[2], transfer_from_module(module, value.dim()))
+                    transfer = _as_read_through(value, entry[2], transfer_from_module(module, value.dim()))
                     self._consumers.setdefault(entry[0], []).append(transfer)
         self._activation_depth += 1
 
@@ -427,30 +429,36 @@ class ForwardRecorder(TorchFunctionMode):
         self._seen.clear()
 
 
-# How a followed tensor lays out its unit's output: as it is, in rows of the output's last dimension (views that
-# keep that dimension whole: flattening or splitting the others), or otherwise (the last dimension split or
-# moved). A softmax reads the same transfer function only over rows of the output's last dimension.
-_AS_IS, _ROWS, _OTHER = "as is", "rows", "other"
-
-
-def _layout_after(layout: str, source: Tensor, output: Tensor) -> str:
-    """The layout of ``output``, a view of ``source``, whose layout is ``layout``."""
-    if output.shape == source.shape and output.stride() == source.stride():
-        return layout
-    last_kept = output.dim() and source.dim() and output.shape[-1] == source.shape[-1]
-    return _ROWS if layout != _OTHER and last_kept and output.stride(-1) == source.stride(-1) else _OTHER
-
-
-def _as_read_through(layout: str, transfer: Transfer | None) -> Transfer | None:
-    """The transfer function of the unit whose output, laid out as ``layout``, ``transfer`` consumes: an
-    elementwise function whatever the layout; a softmax over a reshaped or permuted output (a softmax per
-    group of the outputs: Deformable DETR's per-head attention weights) none that variant M has an integral
-    for, unless it is over the rows of the output's last dimension."""
-    if transfer is None or layout == _AS_IS or transfer.softmax_dim is None:
+def _as_read_through(view: Tensor, output: Tensor, transfer: Transfer | None) -> Transfer | None:
+    """The transfer function of the unit whose ``output`` ``transfer`` consumes through ``view`` (views of it,
+    or the output itself): an elementwise function whatever the views; a softmax over the dimension of the
+    unit's output that its dimension of the view is (attention pooling's scores, squeezed: their softmax over
+    positions is ``softmax(dim=1)`` of the B × T × 1 scores); over none whole (a softmax per group of the
+    outputs: Deformable DETR's per-head attention weights), none that variant M has an integral for."""
+    if transfer is None or transfer.softmax_dim is None or view is output:
         return transfer
-    if layout == _ROWS and transfer.softmax_dim == -1:
-        return transfer
-    return regrouped(transfer)
+    if not view.dim():  # (a softmax of a scalar is 1 whatever it is made of)
+        return regrouped(transfer)
+    dim = transfer.softmax_dim % view.dim()
+    if view.grad_fn is not None and output.grad_fn is not None:
+        node, read = dimension_through_views(view.grad_fn, view.shape, dim, (output.grad_fn,))
+        read = read if node is output.grad_fn else None
+    else:  # (a forward without gradients: a reentrant checkpoint's block)
+        read = _dimension_by_strides(view, output, dim)
+    if read is None:
+        return regrouped(transfer)
+    return softmax() if read == output.dim() - 1 else softmax(read)
+
+
+def _dimension_by_strides(view: Tensor, output: Tensor, dim: int) -> int | None:
+    """The dimension of ``output`` that ``dim`` of ``view``, which shares its memory, is: the only one of its
+    size and stride. None for a copy, a dimension of one, or strides that several dimensions share."""
+    shared = view.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+    if view.shape[dim] == 1 or not shared:
+        return None
+    size, stride = view.shape[dim], view.stride(dim)
+    found = [d for d in range(output.dim()) if (output.shape[d], output.stride(d)) == (size, stride)]
+    return found[0] if len(found) == 1 else None
 
 
 # The DistributedDataParallel whose forward is running, if any (looked up once: it runs in every module's hook).

@@ -335,11 +335,13 @@ class _SoftmaxThroughViews(nn.Module):
 @pytest.mark.parametrize("layout, transfer, variant", [
     ("rows", "softmax", "M"),
     ("groups", "softmax of a reshaped output", "S"),
-    ("moved", "softmax(dim=1) of a reshaped output", "S"),
+    ("moved", "softmax", "M"),
 ])  # fmt: skip
-def test_a_softmax_read_through_views_is_the_units_only_over_the_rows_of_its_output(layout, transfer, variant):
+def test_a_softmax_read_through_views_is_the_units_only_over_a_whole_dimension_of_its_output(layout, transfer,
+                                                                                           variant):  # fmt: skip
     """A softmax per group of a unit's outputs is no softmax of its output: M takes the S target there, and
-    says so (it took the softmax over the whole output, a wrong divergence, silently)."""
+    says so (it took the softmax over the whole output, a wrong divergence, silently). Over the unit's last
+    dimension moved to the middle it is the unit's softmax (it took the S target)."""
     model = _SoftmaxThroughViews(layout)
     opt = LocoPropOptimizer(model, variant="M")
     model(torch.randn(2, 3, 4)).sum().backward()
@@ -352,25 +354,35 @@ def test_a_softmax_read_through_views_is_the_units_only_over_the_rows_of_its_out
 
 
 class _AttentionPooling(nn.Module):
-    """Scores over positions, a softmax over them (dim=1, not the score's last dimension), a weighted sum."""
+    """Scores over positions, a softmax over them (dim=1, not the score's last dimension), a weighted sum: the
+    softmax of the B × T × 1 scores, or of the scores squeezed to B × T (in a reentrant checkpoint: a forward
+    without gradients reads it)."""
 
-    def __init__(self, softmax_module: bool):
+    def __init__(self, pool: str):
         super().__init__()
         self.enc, self.score, self.head = nn.Linear(5, 6), nn.Linear(6, 1), nn.Linear(6, 3)
-        self.pool = nn.Softmax(dim=1) if softmax_module else (lambda a: torch.softmax(a, dim=1))
+        squeezed = lambda a: torch.softmax(a.squeeze(-1), dim=-1).unsqueeze(-1)  # noqa: E731
+        self.pool = {"module": nn.Softmax(dim=1), "function": lambda a: torch.softmax(a, dim=1),
+                     "squeezed": squeezed, "checkpointed": squeezed}[pool]  # fmt: skip
+        self.checkpointed = pool == "checkpointed"
 
     def forward(self, x):
         h = torch.tanh(self.enc(x))
-        return self.head((self.pool(self.score(h)) * h).sum(1))
+        if self.checkpointed:
+            weights = torch.utils.checkpoint.checkpoint(lambda h: self.pool(self.score(h)), h, use_reentrant=True)
+        else:
+            weights = self.pool(self.score(h))
+        return self.head((weights * h).sum(1))
 
 
-@pytest.mark.parametrize("softmax_module", [False, True], ids=["function", "module"])
+@pytest.mark.parametrize("pool", ["function", "module", "squeezed", "checkpointed"])
 @pytest.mark.parametrize("parallel", ["batched", "none"])
-def test_a_softmax_over_positions_solves_specs_m_problem_on_every_path(parallel, softmax_module):
+def test_a_softmax_over_positions_solves_specs_m_problem_on_every_path(parallel, pool):
     """The score unit's M objective, Σ_b logsumexp over positions − ⟨softmax(a_old) − γg, a⟩, written out with
-    autograd: the batched kernels applied it to the output's rows, over a dimension of size 1 (off by 21)."""
+    autograd: the batched kernels applied it to the output's rows, over a dimension of size 1 (off by 21). The
+    scores squeezed before the softmax are the same (they took the S target)."""
     torch.manual_seed(0)
-    model = _AttentionPooling(softmax_module).double()
+    model = _AttentionPooling(pool).double()
     x, y = torch.randn(4, 7, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     lr, gamma = 0.5, 2.0
     h = torch.tanh(model.enc(x)).detach()

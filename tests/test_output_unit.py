@@ -713,13 +713,13 @@ def test_the_dimension_an_output_reads_is_found_through_views(chain):
     when it holds every element along that dimension, the others fixed. The last dimension's is found exactly;
     another's may be left unknown (None: the loss's softmax is then taken as over no dimension of the unit's),
     never taken for a wrong one."""
-    from locoprop.output_unit import _unit_dim
+    from locoprop.views import dimension_through_views
 
     shape = (4, 5, 2)
     a = torch.arange(40.0).view(shape).requires_grad_() * 1
     out = _VIEW_CHAINS[chain](a)
     for dim in range(out.dim()):
-        node, found = _unit_dim(out.grad_fn, out.shape, dim, {a.grad_fn: "unit"})
+        node, found = dimension_through_views(out.grad_fn, out.shape, dim, {a.grad_fn: "unit"})
         assert node is a.grad_fn
         rows = out.detach().movedim(dim, -1).long().reshape(-1, out.shape[dim])
         coordinates = torch.stack(torch.unravel_index(rows, shape), -1)
