@@ -131,7 +131,8 @@ def _marking_hook(record: UseRecord, backpropagated: list[UseRecord], measure: b
 # Ops that only look at a tensor's metadata, or read its numbers out of the graph (a forward hook that logs
 # activations detaches them): never consumers, so a unit watched by such a hook keeps its transfer function.
 _NOT_CONSUMERS = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.is_contiguous, Tensor.__len__,
-                  Tensor.detach, torch.detach, Tensor.item, Tensor.tolist, Tensor.numpy}  # fmt: skip
+                  Tensor.detach, torch.detach, Tensor.item, Tensor.tolist, Tensor.numpy, Tensor.untyped_storage,
+                  Tensor.data_ptr}  # fmt: skip
 # Ops whose output is the same numbers rearranged: an elementwise function after them applies to the unit
 # output itself, so they are followed.
 _VIEWS = {Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, torch.flatten, Tensor.contiguous,
@@ -352,8 +353,8 @@ class ForwardRecorder(TorchFunctionMode):
                 use.record.versions = (use.record.versions[0], output._version, *use.record.versions[2:])
                 if use.unit in self._bias_undecided:
                     self._bias_undecided[use.unit] = True
-            if self.discovering:
-                self._follow(awaited, output)  # the addition is no consumer: what consumes the sum is
+            if self.discovering:  # (the addition is no consumer: what consumes the sum, the unit's output, is)
+                self._follow(awaited, output, unit_output=True)
             return True
         return False
 
@@ -390,21 +391,23 @@ class ForwardRecorder(TorchFunctionMode):
                     transfer = _as_read_through(item, entry[2], transfer_from_call(func, args, kwargs))
                     self._consumers.setdefault(entry[0], []).append(transfer)
 
-    def _follow(self, source, output: Tensor) -> None:
+    def _follow(self, source, output: Tensor, unit_output: bool = False) -> None:
+        """Follow ``output``, a view of ``source`` (or, ``unit_output``, the unit's output with its bias added)."""
         entry = self._tracked(source)
         if entry is not None:
             consumers = self._consumers.get(entry[0], [])
             consumers.pop()  # the view is no consumer: what consumes it is
-            self._outputs[id(output)] = (entry[0], output, entry[2])
+            self._outputs[id(output)] = (entry[0], output, output if unit_output else entry[2])
 
     def _activation_enter(self, module: nn.Module, args) -> None:
-        if self.discovering and self._depth and self._activation_depth == 0:
+        # (counted first: what this hook calls, with the mode active, is no consumer)
+        self._activation_depth += 1
+        if self.discovering and self._depth and self._activation_depth == 1:
             for value in args:
                 entry = self._tracked(value)
                 if entry is not None:
                     transfer = _as_read_through(value, entry[2], transfer_from_module(module, value.dim()))
                     self._consumers.setdefault(entry[0], []).append(transfer)
-        self._activation_depth += 1
 
     def _activation_leave(self, module: nn.Module, args, output) -> None:
         self._activation_depth -= 1

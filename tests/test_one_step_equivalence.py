@@ -355,32 +355,40 @@ def test_a_softmax_read_through_views_is_the_units_only_over_a_whole_dimension_o
 
 class _AttentionPooling(nn.Module):
     """Scores over positions, a softmax over them (dim=1, not the score's last dimension), a weighted sum: the
-    softmax of the B × T × 1 scores, or of the scores squeezed to B × T (in a reentrant checkpoint: a forward
-    without gradients reads it)."""
+    softmax of the B × T × 1 scores, or of the scores squeezed to B × T, by a function or a module (in a
+    reentrant checkpoint: a forward without gradients reads it), or of scores written out, h @ Wᵀ + b."""
 
     def __init__(self, pool: str):
         super().__init__()
         self.enc, self.score, self.head = nn.Linear(5, 6), nn.Linear(6, 1), nn.Linear(6, 3)
+        self.softmax = nn.Softmax(dim=-1)
         squeezed = lambda a: torch.softmax(a.squeeze(-1), dim=-1).unsqueeze(-1)  # noqa: E731
         self.pool = {"module": nn.Softmax(dim=1), "function": lambda a: torch.softmax(a, dim=1),
-                     "squeezed": squeezed, "checkpointed": squeezed}[pool]  # fmt: skip
-        self.checkpointed = pool == "checkpointed"
+                     "folded bias": lambda a: torch.softmax(a, dim=1), "squeezed": squeezed,
+                     "checkpointed": squeezed,
+                     "checkpointed module": lambda a: self.softmax(a.squeeze(-1)).unsqueeze(-1)}[pool]  # fmt: skip
+        self.kind = pool
+
+    def scores(self, h):
+        return h @ self.score.weight.T + self.score.bias if self.kind == "folded bias" else self.score(h)
 
     def forward(self, x):
         h = torch.tanh(self.enc(x))
-        if self.checkpointed:
-            weights = torch.utils.checkpoint.checkpoint(lambda h: self.pool(self.score(h)), h, use_reentrant=True)
+        if self.kind.startswith("checkpointed"):
+            weights = torch.utils.checkpoint.checkpoint(lambda h: self.pool(self.scores(h)), h, use_reentrant=True)
         else:
-            weights = self.pool(self.score(h))
+            weights = self.pool(self.scores(h))
         return self.head((weights * h).sum(1))
 
 
-@pytest.mark.parametrize("pool", ["function", "module", "squeezed", "checkpointed"])
+@pytest.mark.parametrize("pool", ["function", "module", "folded bias", "squeezed", "checkpointed",
+                                  "checkpointed module"])  # fmt: skip
 @pytest.mark.parametrize("parallel", ["batched", "none"])
 def test_a_softmax_over_positions_solves_specs_m_problem_on_every_path(parallel, pool):
     """The score unit's M objective, Σ_b logsumexp over positions − ⟨softmax(a_old) − γg, a⟩, written out with
     autograd: the batched kernels applied it to the output's rows, over a dimension of size 1 (off by 21). The
-    scores squeezed before the softmax are the same (they took the S target)."""
+    scores squeezed before the softmax are the same (they took the S target; in a checkpoint, by a module, the
+    identity, a first version's hook counting its own stride reads as consumers)."""
     torch.manual_seed(0)
     model = _AttentionPooling(pool).double()
     x, y = torch.randn(4, 7, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
