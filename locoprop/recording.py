@@ -271,6 +271,8 @@ class ForwardRecorder(TorchFunctionMode):
             if self.on_output is not None and output.requires_grad:
                 self.on_output(None, output)  # a parameter's map that no unit records (tied to another kind, frozen)
             return
+        if unit.read_at_ones is not None and unit.read_again_for(output):
+            self.discovering = True
         if not (torch.is_grad_enabled() and output.requires_grad):
             # A use without a graph inside a forward that has one: reentrant activation checkpointing runs
             # its block without gradients and again in the backward pass, where the use is recorded; the
@@ -299,7 +301,7 @@ class ForwardRecorder(TorchFunctionMode):
 
     def _discover(self, unit, output: Tensor, with_graph: bool) -> None:
         """Follow ``output``'s consumers until the forward ends, to read ``unit``'s transfer function."""
-        use = _SeenUse(unit, with_graph)
+        use = _SeenUse(unit, with_graph, tuple(output.shape))
         # Held (not weakly) until the forward ends, so that no later tensor can take its id.
         self._outputs[id(output)] = (use, output, output)  # (use, the tensor followed, the unit's output)
         self._seen.setdefault(unit, []).append(use)
@@ -422,7 +424,7 @@ class ForwardRecorder(TorchFunctionMode):
             found = [self._consumers.get(use, []) for use in uses]
             transfers = [consumers[0] for consumers in found if len(consumers) == 1 and consumers[0] is not None]
             same = len(transfers) == len(found) and len({transfer.name for transfer in transfers}) == 1
-            unit.discovered(transfers[0] if same else None)
+            unit.discovered(transfers[0] if same else None, uses[0].shape)
         on_transfers = self._on_transfers() if self._on_transfers is not None else None
         if on_transfers is not None and seen:
             on_transfers(seen)
@@ -522,6 +524,7 @@ class _SeenUse:
 
     unit: object
     with_graph: bool
+    shape: tuple = ()
 
 
 def _in_backward() -> bool:

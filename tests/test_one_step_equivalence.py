@@ -646,3 +646,32 @@ def test_step_keeps_the_users_backprop_gradients():
     opt.step()
     for p, g in zip(model.parameters(), before):
         assert torch.equal(p.grad, g)
+
+
+class _SqueezedPooling(nn.Module):
+    """Attention pooling whose B × T × 1 scores are squeezed whole, ``squeeze()``: at one token the softmax reads
+    the batch, at several the positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.score, self.head = nn.Linear(5, 6), nn.Linear(6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x))
+        weights = torch.softmax(self.score(h).squeeze(), dim=-1)
+        return self.head((weights.reshape(*h.shape[:2], 1) * h).sum(1))
+
+
+def test_a_softmax_read_at_outputs_with_a_dimension_of_one_is_read_again_when_it_grows():
+    """A first batch of one token: the softmax reads the batch, dimension 0 of the scores; the next batch's
+    positions are dimension 1 (the first reading stuck, and M matched the wrong softmax from then on)."""
+    model = _SqueezedPooling()
+    opt = LocoPropOptimizer(model, variant="M")
+    read = []
+    for length in (1, 7, 7):
+        opt.zero_grad()
+        model(torch.randn(4, length, 5)).square().sum().backward()
+        opt.step()
+        read.append(opt.units[1].transfer.name)
+    assert read == ["softmax(dim=0)", "softmax(dim=1)", "softmax(dim=1)"]
+    assert opt.param_groups[1]["transfer"] == "softmax(dim=1)"
