@@ -271,8 +271,9 @@ class ForwardRecorder(TorchFunctionMode):
             if self.on_output is not None and output.requires_grad:
                 self.on_output(None, output)  # a parameter's map that no unit records (tied to another kind, frozen)
             return
-        if unit.read_at_ones is not None and unit.read_again_for(output):
-            self.discovering = True
+        if unit.read_at_ones is not None and self._training_forward and not _in_backward():
+            # (a forward that reads transfers: with gradients, not the backward pass's recomputation)
+            self.discovering = unit.read_again_for(output) or self.discovering
         if not (torch.is_grad_enabled() and output.requires_grad):
             # A use without a graph inside a forward that has one: reentrant activation checkpointing runs
             # its block without gradients and again in the backward pass, where the use is recorded; the

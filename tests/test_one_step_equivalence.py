@@ -673,5 +673,7 @@ def test_a_softmax_read_at_outputs_with_a_dimension_of_one_is_read_again_when_it
         model(torch.randn(4, length, 5)).square().sum().backward()
         opt.step()
         read.append(opt.units[1].transfer.name)
+        with torch.no_grad():  # (an evaluation of another length reads nothing)
+            model(torch.randn(4, 3, 5))
     assert read == ["softmax(dim=0)", "softmax(dim=1)", "softmax(dim=1)"]
     assert opt.param_groups[1]["transfer"] == "softmax(dim=1)"
