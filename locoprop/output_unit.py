@@ -47,6 +47,7 @@ class OutputActivation:
         self._holder = units[-1]
         self._displaced = (self._holder.transfer, self._holder.transfer_pending)
         self._holder.transfer, self._holder.transfer_pending = self._for(self._holder), False
+        self._holder.read_at_ones = None  # (the holder's transfer is given, never read again)
         self._on_change: weakref.WeakMethod | None = None
         self._error: Exception | None = None
         self._finder: OutputUnitFinder | None = None
@@ -150,6 +151,7 @@ class OutputActivation:
         unit, previous = reached[0], self._holder
         if unit is previous:
             transfer = self._for(unit, (reads or {}).get(unit))
+            unit.read_at_ones = None
             if transfer.name != unit.transfer.name:  # (its kind, or where its output goes, is known now)
                 unit.transfer = transfer
                 self._changed([unit])
@@ -160,6 +162,7 @@ class OutputActivation:
             (unit.transfer, unit.transfer_pending),
         )
         unit.transfer, unit.transfer_pending, self._holder = self._for(unit, (reads or {}).get(unit)), False, unit
+        unit.read_at_ones = None
         self._changed([previous, unit])
 
     def _changed(self, units: list[Unit]) -> None:

@@ -425,7 +425,7 @@ class ForwardRecorder(TorchFunctionMode):
             found = [self._consumers.get(use, []) for use in uses]
             transfers = [consumers[0] for consumers in found if len(consumers) == 1 and consumers[0] is not None]
             same = len(transfers) == len(found) and len({transfer.name for transfer in transfers}) == 1
-            unit.discovered(transfers[0] if same else None, uses[0].shape)
+            unit.discovered(transfers[0] if same else None, [use.shape for use in uses])
         on_transfers = self._on_transfers() if self._on_transfers is not None else None
         if on_transfers is not None and seen:
             on_transfers(seen)

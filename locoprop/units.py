@@ -84,9 +84,10 @@ class Unit:
     # A bias frozen when the unit was found stays part of the map (a constant shift of a), not of θ.
     bias_frozen: bool = dataclasses.field(init=False)
     # A softmax read through views of outputs with dimensions of one (a first batch of one, or of one token):
-    # (the outputs' number of dimensions, those of size one). An output larger there has the transfer read again,
-    # since the views may group its elements otherwise (squeeze() of B × 1 × 1 scores reads the batch).
-    read_at_ones: tuple | None = None
+    # per number of dimensions of the outputs it was read from, those of size one. An output larger there has the
+    # transfer read again, since the views may group its elements otherwise (squeeze() of B × 1 × 1 scores reads
+    # the batch). None: nothing to read again.
+    read_at_ones: dict | None = None
 
     def __post_init__(self) -> None:
         self.bias_frozen = self.bias is not None and not self.bias.requires_grad
@@ -126,18 +127,23 @@ class Unit:
         """Whether ``adapter`` is this unit's map (a convolution with other strides is not)."""
         return vars(adapter).get("_options") == vars(self.adapter).get("_options")
 
-    def discovered(self, transfer: Transfer | None, shape: tuple = ()) -> None:
-        """The transfer function read from a forward pass (None: identity) from an output of ``shape``."""
+    def discovered(self, transfer: Transfer | None, shapes: Sequence[tuple] = ()) -> None:
+        """The transfer function read from a forward pass (None: identity), from outputs of ``shapes``."""
         self.transfer = transfer if transfer is not None else transfer_by_name("identity")
         self.transfer_pending = False
-        ones = tuple(d for d, size in enumerate(shape) if size == 1)
-        self.read_at_ones = (len(shape), ones) if ones and self.transfer.name.startswith("softmax") else None
+        ones: dict = {}
+        for shape in shapes:  # (per number of dimensions, those of size one in every output that has as many)
+            seen = {d for d, size in enumerate(shape) if size == 1}
+            ones[len(shape)] = ones.get(len(shape), seen) & seen
+        ones = {ndim: tuple(sorted(dims)) for ndim, dims in ones.items() if dims}
+        self.read_at_ones = ones if ones and self.transfer.name.startswith("softmax") else None
 
     def read_again_for(self, output: Tensor) -> bool:
         """Whether ``output`` calls for the transfer function to be read again (see ``read_at_ones``): then the
-        transfer is pending until the end of this forward."""
-        ndim, ones = self.read_at_ones
-        if output.dim() == ndim and all(output.shape[d] == 1 for d in ones):
+        transfer is pending until the end of this forward. (An output of another number of dimensions than those
+        it was read from, a use the reading did not follow, does not.)"""
+        ones = self.read_at_ones.get(output.dim(), ())
+        if all(output.shape[d] == 1 for d in ones):
             return False
         self.read_at_ones, self.transfer_pending = None, True
         return True

@@ -677,3 +677,34 @@ def test_a_softmax_read_at_outputs_with_a_dimension_of_one_is_read_again_when_it
             model(torch.randn(4, 3, 5))
     assert read == ["softmax(dim=0)", "softmax(dim=1)", "softmax(dim=1)"]
     assert opt.param_groups[1]["transfer"] == "softmax(dim=1)"
+
+
+class _TwoShapedScores(nn.Module):
+    """One scorer applied to B × T × d and to B × T × 2 × d inputs, each softmax over positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return (
+            torch.softmax(self.score(x), dim=1).sum()
+            + torch.softmax(self.score(x[:, :, None].repeat(1, 1, 2, 1)), 1).sum()
+        )
+
+
+def test_a_unit_read_from_outputs_of_two_shapes_is_read_again_once(monkeypatch):
+    """(Only the first output's dimensions of one were kept: each forward, the other output asked for a new
+    reading, and the recording mode read transfers, at the cost of every torch call, in every forward.)"""
+    model = _TwoShapedScores()
+    opt = LocoPropOptimizer(model, variant="M")
+    readings = []
+    read_again_for = type(opt.units[0]).read_again_for
+    monkeypatch.setattr(type(opt.units[0]), "read_again_for",
+                        lambda unit, output: readings.append(read_again_for(unit, output)) or readings[-1])  # fmt: skip
+    for batch in (1, 3, 3, 3, 3):
+        opt.zero_grad()
+        model(torch.randn(batch, 5, 4)).backward()
+        opt.step()
+    assert opt.units[0].transfer.name == "softmax(dim=1)"
+    assert readings.count(True) == 1

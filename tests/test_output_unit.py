@@ -804,3 +804,27 @@ def test_a_convolution_output_indexed_keeps_its_channels_or_tells_none(kind, exp
         opt.step()
     assert _transfers(opt) == [("head", expected)]
     assert any("takes the S target" in str(w.message) for w in caught) == (kind == "heat map")
+
+
+class _ScoresInside(nn.Module):
+    """Positions' scores and their softmax inside a submodule that the training code calls itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Module()
+        self.net.score, self.net.enc = nn.Linear(6, 1), nn.Linear(5, 6)
+        self.net.forward = lambda x: torch.softmax(self.net.score(torch.tanh(self.net.enc(x))), dim=1)
+
+
+def test_the_output_activations_holder_is_never_read_again():
+    """The holder, found as the last unit to run (the model's own forward never runs), keeps the output
+    activation when a first batch of one grows (its own reading, from before, took it over)."""
+    model = _ScoresInside()
+    opt = LocoPropOptimizer(model, variant="M", output_activation="softmax")
+    for batch in (1, 4):
+        opt.zero_grad()
+        F.nll_loss(
+            model.net(torch.randn(batch, 5, 5)).squeeze(-1).log(), torch.zeros(batch, dtype=torch.long)
+        ).backward()
+        opt.step()
+        assert {unit.name: unit.transfer.name for unit in opt.units}["net.score"] == "softmax"
