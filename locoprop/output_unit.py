@@ -46,8 +46,7 @@ class OutputActivation:
         self._units = units
         self._holder = units[-1]
         self._displaced = (self._holder.transfer, self._holder.transfer_pending)
-        self._holder.transfer, self._holder.transfer_pending = self._for(self._holder), False
-        self._holder.read_at_ones = None  # (the holder's transfer is given, never read again)
+        self._holder.given(self._for(self._holder))
         self._on_change: weakref.WeakMethod | None = None
         self._error: Exception | None = None
         self._finder: OutputUnitFinder | None = None
@@ -111,8 +110,7 @@ class OutputActivation:
                 f"output_activation={self.transfer.name!r} is the transfer function of the unit that produces the "
                 f"model's output, but units {names} and a linear map that is no unit (a weight tied to a unit of "
                 "another kind, frozen, or computed: weight or spectral norm) all reach it. Pass units=[(layer, "
-                "transfer), ...] naming every unit's "
-                "transfer function instead of output_activation"
+                "transfer), ...] naming every unit's transfer function instead of output_activation"
             )
             return
         if unrecorded:
@@ -151,9 +149,9 @@ class OutputActivation:
         unit, previous = reached[0], self._holder
         if unit is previous:
             transfer = self._for(unit, (reads or {}).get(unit))
-            unit.read_at_ones = None
-            if transfer.name != unit.transfer.name:  # (its kind, or where its output goes, is known now)
-                unit.transfer = transfer
+            changed = transfer.name != unit.transfer.name  # (its kind, or where its output goes, is known now)
+            unit.given(transfer)
+            if changed:
                 self._changed([unit])
             return
         # The previous holder gets back what it had (its transfer still to be read, if it was).
@@ -161,8 +159,8 @@ class OutputActivation:
             self._displaced,
             (unit.transfer, unit.transfer_pending),
         )
-        unit.transfer, unit.transfer_pending, self._holder = self._for(unit, (reads or {}).get(unit)), False, unit
-        unit.read_at_ones = None
+        unit.given(self._for(unit, (reads or {}).get(unit)))
+        self._holder = unit
         self._changed([previous, unit])
 
     def _changed(self, units: list[Unit]) -> None:
@@ -245,9 +243,8 @@ class OutputUnitFinder:
         the model splits its two columns); else ``_REGROUPED``: none whole (a multiple-choice head's scores,
         regrouped from its rows), a dimension of one output (over which a softmax is 1, so that the loss's is
         not over it), or an output of three or more dimensions none of which is the classes (a heat map's
-        B × H × W, which the loss may read over H, W or both). -1 is the unit's
-        last dimension of a unit other than a convolution; None: no output shows ``unit``'s (they are computed
-        from it: pooled, biased)."""
+        B × H × W, which the loss may read over H, W or both). -1 is the last dimension of a unit other than a
+        convolution; None: no output shows ``unit``'s (they are computed from it: pooled, biased)."""
         shape, conv = self._shapes[unit], (unit.kind or "").startswith("conv")
         classes = 1 if conv else len(shape) - 1
         found = set()

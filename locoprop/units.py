@@ -138,6 +138,10 @@ class Unit:
         ones = {ndim: tuple(sorted(dims)) for ndim, dims in ones.items() if dims}
         self.read_at_ones = ones if ones and self.transfer.name.startswith("softmax") else None
 
+    def given(self, transfer: Transfer) -> None:
+        """The transfer function given (``output_activation``'s): not to be read, now or again."""
+        self.transfer, self.transfer_pending, self.read_at_ones = transfer, False, None
+
     def read_again_for(self, output: Tensor) -> bool:
         """Whether ``output`` calls for the transfer function to be read again (see ``read_at_ones``): then the
         transfer is pending until the end of this forward. (An output of another number of dimensions than those
