@@ -324,7 +324,7 @@ def transfer_from_module(module: nn.Module, ndim: int | None = None) -> Transfer
         return leaky_relu(module.negative_slope)
     if isinstance(module, nn.Softplus):
         return softplus(module.beta, module.threshold)
-    if isinstance(module, nn.Softmax):
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax)):  # (log_softmax: the softmax, see _call_table)
         if ndim is None:
             return softmax(-1 if module.dim is None else module.dim)
         # (dim=None: torch's implicit choice, 0 for 0-, 1- and 3-D inputs, else 1)
@@ -399,6 +399,10 @@ def _call_table() -> dict:
     table.update(dict.fromkeys((F.leaky_relu, F.leaky_relu_), leaky))
     table[F.softplus] = soft
     table.update(dict.fromkeys((F.softmax, torch.softmax, torch.Tensor.softmax), softmax_call))
+    # log_softmax feeds the negative log-likelihood: cross-entropy of the unit's logits, whose transfer function
+    # is the softmax (the post-activation's matching loss, logsumexp, is the same whichever the model returns).
+    table.update(dict.fromkeys((F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax,
+                                torch.special.log_softmax), softmax_call))  # fmt: skip
     for func in (F.gelu, F.silu, F.mish, F.hardswish, F.elu, F.selu, F.celu, F.hardtanh, F.relu6, F.logsigmoid,
                  F.softsign, F.hardsigmoid, F.glu, F.tanhshrink):  # fmt: skip
         table[func] = unsupported(func.__name__)

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same_params, backprop_sgd_step, bce_sum_mean
+from helpers import CLOSE, assert_same_params, backprop_sgd_step, bce_sum_mean
 from torch import nn
 
 from locoprop import LocoPropOptimizer
@@ -708,3 +708,39 @@ def test_a_unit_read_from_outputs_of_two_shapes_is_read_again_once(monkeypatch):
         opt.step()
     assert opt.units[0].transfer.name == "softmax(dim=1)"
     assert readings.count(True) == 1
+
+
+class _LogProbabilities(nn.Module):
+    """A classifier returning log-probabilities (PyTorch's MNIST example: ``F.log_softmax(x, dim=1)`` and
+    ``F.nll_loss``), by a function or an ``nn.LogSoftmax``, or its logits."""
+
+    def __init__(self, ending: str):
+        super().__init__()
+        self.ending, self.hidden, self.out = ending, nn.Linear(6, 8), nn.Linear(8, 4)
+        self.log_softmax = nn.LogSoftmax(dim=1)
+
+    def forward(self, x):
+        logits = self.out(torch.relu(self.hidden(x)))
+        if self.ending == "logits":
+            return logits
+        return F.log_softmax(logits, dim=1) if self.ending == "function" else self.log_softmax(logits)
+
+
+@pytest.mark.parametrize("ending", ["function", "module"])
+def test_a_unit_whose_output_the_model_turns_into_log_probabilities_takes_the_softmax(ending):
+    """Negative log-likelihood of log_softmax(a) is cross-entropy of the logits a: the unit's M step is the
+    logits model's with ``output_activation="softmax"`` (it took the identity, silently: S's step)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 4, (10,))
+    model, logits = _LogProbabilities(ending).double(), _LogProbabilities("logits").double()
+    logits.load_state_dict(model.state_dict())
+    hparams = dict(variant="M", lr=0.05, activation_lr=1.0, local_iters=3)
+    opt = LocoPropOptimizer(model, **hparams)
+    reference = LocoPropOptimizer(logits, output_activation="softmax", **hparams)
+    for _ in range(2):
+        opt.zero_grad(), reference.zero_grad()
+        F.nll_loss(model(x), y).backward()
+        F.cross_entropy(logits(x), y).backward()
+        opt.step(), reference.step()
+    assert [unit.transfer.name for unit in opt.units] == ["relu", "softmax"]
+    assert_same_params(model, dict(logits.named_parameters()), **CLOSE)
