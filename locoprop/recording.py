@@ -259,7 +259,13 @@ class ForwardRecorder(TorchFunctionMode):
         use = _linear_use(func, args, kwargs)
         if use is not None and isinstance(output, Tensor):
             self._record(use, output)
-        elif func in _MAPS and self.on_output is not None and self.output_pending() and isinstance(output, Tensor):
+        elif (
+            self.discovering
+            and func in _MAPS
+            and self.on_output is not None
+            and self.output_pending()
+            and isinstance(output, Tensor)
+        ):
             computed = _computed_operands(func, args, kwargs)
             if computed:  # (the finder tells whether one is computed from parameters alone: weight norm)
                 self.on_output(None, output, computed)

@@ -217,14 +217,20 @@ def _two_steps(model: nn.Module, x, target, variant: str, squash=lambda a: a) ->
     return opt
 
 
-def test_a_batched_matmul_over_stacked_experts_takes_the_step_of_its_experts_one_by_one():
-    generator = torch.Generator().manual_seed(5)
+def _twins(seed: int, make, target=torch.randn) -> tuple:
+    """A batch x (E × 6 × d_in) and its target from ``seed``, and two models, ``make(True)`` and ``make(False)``,
+    with the same parameters."""
+    generator = torch.Generator().manual_seed(seed)
     x = torch.randn(EXPERTS, 6, D_IN, generator=generator, dtype=torch.float64)
-    target = torch.randn(EXPERTS, 6, D_OUT, generator=generator, dtype=torch.float64)
+    y = target(EXPERTS, 6, D_OUT, generator=generator, dtype=torch.float64)
     torch.manual_seed(0)
-    stacked = FixedCapacity(True)
-    one_by_one = FixedCapacity(False)
-    one_by_one.load_state_dict(stacked.state_dict())
+    first, second = make(True), make(False)
+    second.load_state_dict(first.state_dict())
+    return x, y, first, second
+
+
+def test_a_batched_matmul_over_stacked_experts_takes_the_step_of_its_experts_one_by_one():
+    x, target, stacked, one_by_one = _twins(5, FixedCapacity)
     for model in (stacked, one_by_one):
         opt = _two_steps(model, x, target, "S", squash=torch.tanh)
         assert opt.describe().rows[0].kind == ("stacked_matmul" if model.stacked else "matmul")
@@ -251,12 +257,7 @@ class FlatExperts(nn.Module):
 def test_an_experts_block_applied_transposed_is_its_linear_use(variant):
     """``x @ w_e.T`` with w_e a block of rows of a weight is ``F.linear(x, w_e)`` written out: the unit takes the
     same steps (it was not seen: DBRX's w1 and v1 took plain steps)."""
-    generator = torch.Generator().manual_seed(6)
-    x = torch.randn(EXPERTS, 6, D_IN, generator=generator, dtype=torch.float64)
-    target = torch.randn(EXPERTS, 6, D_OUT, generator=generator, dtype=torch.float64)
-    torch.manual_seed(0)
-    functional, written = FlatExperts(False), FlatExperts(True)
-    written.load_state_dict(functional.state_dict())
+    x, target, written, functional = _twins(6, FlatExperts)
     for model in (functional, written):
         opt = _two_steps(model, x, target, variant)
         assert [(row.kind, row.transfer) for row in opt.describe().rows] == [("linear", "tanh")]
@@ -327,12 +328,7 @@ class BlockDiagonal(nn.Module):
 def test_a_batched_matmul_added_to_a_stacked_bias_is_one_unit_with_its_bias(variant):
     """``torch.baddbmm(b[:, None, :], x, W)`` is the stacked map with its bias (RecurrentGemma's gates were not
     seen): the steps of the head-by-head form."""
-    generator = torch.Generator().manual_seed(7)
-    x = torch.randn(EXPERTS, 6, D_IN, generator=generator, dtype=torch.float64)
-    target = torch.rand(EXPERTS, 6, D_OUT, generator=generator, dtype=torch.float64)
-    torch.manual_seed(0)
-    fused, by_head = BlockDiagonal(True), BlockDiagonal(False)
-    by_head.load_state_dict(fused.state_dict())
+    x, target, fused, by_head = _twins(7, BlockDiagonal, target=torch.rand)
     for model in (fused, by_head):
         opt = _two_steps(model, x, target, variant)
         assert [row.transfer for row in opt.describe().rows] == ["sigmoid"]
