@@ -44,12 +44,15 @@ the float64 one, M and S, on every path.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from locoprop.transfer import Transfer
+
+if TYPE_CHECKING:
+    from locoprop.fused import ResidualKernel
 
 __all__ = [
     "LowPrecisionBuffers",
@@ -94,13 +97,15 @@ def divergence_grads(
     out: list[Tensor] | None = None,
     linear_term: list[Tensor] | None = None,
     scale: float = 0.0,
+    residual_kernel: ResidualKernel | None = None,
 ) -> list[Tensor]:
     """[∇W, ∇b] of a linear unit's Σ D(Δa) + s·⟨G, Δθ⟩ at Δθ = [ΔW, Δb]; x and the anchor are 2-D rows.
 
     For G stacked units of one shape, x is G × N × d_in, ΔW G × d_out × d_in, Δb G × d_out and each anchor
     tensor G × N × d_out: one batched matmul for the group. ``out`` (from :func:`linear_workspace`)
     receives the results; the returned gradients are its buffers. ``linear_term`` = [G_W(, G_b)] scaled by
-    s = ``scale`` joins the weight gradient's product (no pass of its own).
+    s = ``scale`` joins the weight gradient's product (no pass of its own). ``residual_kernel``
+    (:func:`locoprop.fused.residual_kernel`, M only) computes M's residual and Σr in one pass.
     """
     delta_a, *grads = out if out is not None else linear_workspace(x, delta_weight, delta_bias)
     if delta_bias is None:
@@ -109,7 +114,13 @@ def divergence_grads(
         torch.baddbmm(delta_bias.unsqueeze(1), x, delta_weight.mT, out=delta_a)
     else:
         torch.addmm(delta_bias, x, delta_weight.T, out=delta_a)
-    residual = delta_a if variant == "S" else transfer.change_from(anchor, delta_a)
+    residual_sum = None
+    if variant == "S":
+        residual = delta_a
+    elif residual_kernel is not None:
+        residual, residual_sum = residual_kernel(delta_a, None, anchor)
+    else:
+        residual = transfer.change_from(anchor, delta_a)
     if linear_term is None or not scale:
         torch.matmul(residual.mT, x, out=grads[0])
     elif x.dim() == 3:
@@ -117,7 +128,10 @@ def divergence_grads(
     else:
         torch.addmm(linear_term[0], residual.T, x, beta=scale, out=grads[0])
     if delta_bias is not None:
-        torch.sum(residual, -2, out=grads[1])
+        if residual_sum is None:
+            torch.sum(residual, -2, out=grads[1])
+        else:
+            grads[1].copy_(residual_sum)
         if linear_term is not None and scale:
             grads[1].add_(linear_term[1], alpha=scale)
     return grads
@@ -211,11 +225,12 @@ def low_precision_divergence_grads(
     delta_weight: Tensor,
     delta_bias: Tensor | None,
     product: Tensor,
-    delta_a: Tensor,
+    delta_a: Tensor | None,
     buffers: LowPrecisionBuffers,
     out: list[Tensor],
     linear_term: list[Tensor] | None = None,
     scale: float = 0.0,
+    residual_kernel: ResidualKernel | None = None,
 ) -> list[Tensor]:
     """:func:`divergence_grads` with both matmuls in the compute dtype of ``rows``; ``out`` = [∇W(, ∇b)].
 
@@ -224,6 +239,8 @@ def low_precision_divergence_grads(
     stacked), Δa in ``delta_a`` (the parameters' dtype). The residual r (Δa, or M's f(a^old + Δa) − f(a^old))
     is rounded into ``product`` for ∇W = rᵀx_c + (Σr)·μᵀ + s·G; ∇b = Σr + s·G_b. Centring x takes its mean
     out of the rounded products, where it would otherwise dominate them (pixels, sigmoid units).
+    ``residual_kernel`` (:func:`locoprop.fused.residual_kernel`) takes the product to the rounded r and Σr in
+    one pass, without ``delta_a`` (None then).
     """
     mean = rows.mean
     buffers.delta_weight.copy_(delta_weight)
@@ -231,12 +248,15 @@ def low_precision_divergence_grads(
     shift = torch.matmul(delta_weight, mean.unsqueeze(-1)).squeeze(-1)
     if delta_bias is not None:
         shift.add_(delta_bias)
-    # A cast, then a same-dtype add: a mixed-dtype add with broadcasting takes twice as long on the CPU.
-    delta_a.copy_(product).add_(shift.unsqueeze(-2))
-    residual = delta_a if variant == "S" else transfer.change_from(anchor, delta_a)
-    product.copy_(residual)
-    torch.matmul(product.mT, rows.centered, out=buffers.grad_weight)
-    residual_sum = residual.sum(-2)
+    if residual_kernel is not None:
+        rounded, residual_sum = residual_kernel(product, shift, anchor)
+    else:
+        # A cast, then a same-dtype add: a mixed-dtype add with broadcasting takes twice as long on the CPU.
+        delta_a.copy_(product).add_(shift.unsqueeze(-2))
+        residual = delta_a if variant == "S" else transfer.change_from(anchor, delta_a)
+        rounded = product.copy_(residual)
+        residual_sum = residual.sum(-2)
+    torch.matmul(rounded.mT, rows.centered, out=buffers.grad_weight)
     if linear_term is None or not scale:
         out[0].copy_(buffers.grad_weight)
     else:

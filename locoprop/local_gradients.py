@@ -33,6 +33,7 @@ from torch import Tensor
 
 from locoprop import kernels, local
 from locoprop.distributed import Communicator
+from locoprop.fused import ResidualKernel, residual_kernel
 from locoprop.layers import MATRIX_KINDS, Block
 from locoprop.problem import LocalProblem
 
@@ -65,6 +66,8 @@ class LocalGradients:
             one bucket per iteration; the Gram form sums its statistic C once
             instead.
         compute_dtype: the dtype of the units' matmuls (bfloat16), or None for the parameters' own.
+        fused: compute the linear kernels' residuals (M's f(a^old + Δa) − f(a^old), its rounding and Σr) in
+            one compiled pass (:mod:`locoprop.fused`) where the transfer function has one.
 
     A problem's ``gram_form`` (from :func:`uses_gram_form`) selects the Gram form of S.
     """
@@ -75,8 +78,10 @@ class LocalGradients:
         mode: str,
         comm: Communicator | None = None,
         compute_dtype: torch.dtype | None = None,
+        fused: bool = False,
     ):
         self.mode = mode
+        self.fused = fused
         self.comm = comm if comm is not None else Communicator()
         self.overlap = self.comm.distributed and self.comm.overlaps(problems)
         # γ·G joins the gradients of one rank only: the ranks' parts are summed.
@@ -200,15 +205,21 @@ class LocalGradients:
 
         return compute
 
+    def _residual_kernel(self, problem: LocalProblem, low: bool) -> ResidualKernel | None:
+        """The compiled residual pass of ``problem``'s linear kernel, if fused and one saves passes."""
+        return residual_kernel(problem.variant, problem.unit.transfer, low) if self.fused else None
+
     def _linear(self, problem: LocalProblem, x, anchor: tuple, scratch: _Scratch) -> _Work:
         """``x``: the rows, or their :class:`~locoprop.kernels.LowPrecisionRows`."""
         transfer, variant = problem.unit.transfer, problem.variant
         grads = [torch.empty_like(p) for p in problem.params]
         delta = [torch.empty_like(p) for p in problem.params]
         linear_term, scale = problem.linear_terms(), problem.activation_lr * self.share
-        if isinstance(x, kernels.LowPrecisionRows):
+        low = isinstance(x, kernels.LowPrecisionRows)
+        fused = self._residual_kernel(problem, low)
+        if low:
             shape = (x.centered.shape[0], problem.params[0].shape[0])
-            product, delta_a = scratch.reserve(shape, x.centered), scratch.reserve(shape, problem.params[0])
+            product, delta_a = scratch.reserve(shape, x.centered), _delta_a_buffer(scratch, shape, problem, fused)
             buffers = kernels.low_precision_buffers(x, problem.params[0])
 
             def compute():
@@ -216,7 +227,7 @@ class LocalGradients:
                     torch.sub(p.detach(), old, out=d)
                 return [kernels.low_precision_divergence_grads(variant, transfer, x, anchor, *_weight_and_bias(delta),
                                                                product(), delta_a(), buffers, grads, linear_term,
-                                                               scale)]  # fmt: skip
+                                                               scale, fused)]  # fmt: skip
 
             return _Work([problem], compute)
         delta_a = scratch.reserve((x.shape[0], problem.params[0].shape[0]), x)
@@ -225,7 +236,7 @@ class LocalGradients:
             for d, p, old in zip(delta, problem.params, problem.old_params):
                 torch.sub(p.detach(), old, out=d)
             return [kernels.divergence_grads(variant, transfer, x, anchor, *_weight_and_bias(delta),
-                                             [delta_a(), *grads], linear_term, scale)]  # fmt: skip
+                                             [delta_a(), *grads], linear_term, scale, fused)]  # fmt: skip
 
         return _Work([problem], compute)
 
@@ -272,9 +283,10 @@ class LocalGradients:
         shape = (*x.shape[:2], old[0].shape[1])
         delta_a = scratch.reserve(shape, x)
         grads = [torch.empty_like(o) for o in old]
+        fused = self._residual_kernel(problems[0], low)
         if low:
             buffers = kernels.low_precision_buffers(rows, old[0])
-            delta_a_full = scratch.reserve(shape, old[0])
+            delta_a_full = _delta_a_buffer(scratch, shape, problems[0], fused)
 
         def compute():
             # Δθ of every unit, stacked into the same buffers each time.
@@ -294,10 +306,11 @@ class LocalGradients:
                     grads,
                     linear_term,
                     1.0,
+                    fused,
                 )
             else:
                 kernels.divergence_grads(variant, transfer, x, anchor, *_weight_and_bias(delta), [delta_a(), *grads],
-                                         linear_term, 1.0)  # fmt: skip
+                                         linear_term, 1.0, fused)  # fmt: skip
             return [list(unit_grads) for unit_grads in zip(*(g.unbind(0) for g in grads))]
 
         return _Work(problems, compute)
@@ -419,6 +432,11 @@ class _LowPrecisionUse:
         kernels.low_precision_divergence_grads(variant, transfer, self.rows, anchor, weight, bias, self.product(),
                                                self.delta_a(), buffers, out)  # fmt: skip
         return out[0], (out[1] if bias is not None else None)
+
+
+def _delta_a_buffer(scratch: _Scratch, shape: tuple[int, ...], problem: LocalProblem, fused) -> Callable:
+    """The low-precision kernels' Δa in the parameters' dtype: none for a fused residual, which never forms it."""
+    return (lambda: None) if fused is not None else scratch.reserve(shape, problem.params[0])
 
 
 def _weight_and_bias(params: list[Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -119,9 +119,12 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             "batched" (autograd-free kernels, batched matmuls), "streams"
             (the same on CUDA streams), "none" (the readable reference) or
             "auto" (streams on CUDA, batched otherwise).
-        compile: fuse the inner update, run K times per step: "rmsprop-tf"
-            through ``torch.compile`` (a few seconds once), torch's Adam,
-            AdamW, SGD and Adagrad through their ``fused`` kernels.
+        compile: fuse the elementwise work run K times per step: the inner
+            update ("rmsprop-tf" through ``torch.compile``, a few seconds
+            once; torch's Adam, AdamW, SGD and Adagrad through their
+            ``fused`` kernels) and the linear kernels' residuals (M's
+            f(a^old + Δa) − f(a^old) for identity, tanh, sigmoid, ReLU and
+            leaky ReLU units, its rounding and Σr: :mod:`locoprop.fused`).
         process_group: the ranks that train together (default: torch.distributed's
             default group when initialised); one step on W ranks equals the
             step on the concatenated batch (:mod:`locoprop.distributed`).
@@ -247,6 +250,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
         super().__init__(self.ownership.param_groups(), defaults)
         self.variant, self.solve, self.parallel = variant, solve, parallel
         self.local_dtype = local_dtype
+        self.compile = compile
         self._compute_dtype = getattr(torch, local_dtype) if local_dtype is not None else None
         self.units: list[Unit] = found
         # param_groups[i] belongs to units[i]; a last group, if any, to the rest.
@@ -448,7 +452,7 @@ class LocoPropOptimizer(torch.optim.Optimizer):
             solve_iterative(others, self.param_groups, self.inner, self._parallel_mode(), self.comm, tied)
         else:
             solve_iterative(problems, self.param_groups, self.inner, self._parallel_mode(), self.comm, tied,
-                            self._compute_dtype)  # fmt: skip
+                            self._compute_dtype, self.compile)  # fmt: skip
         if adapting or any("gamma_sensitivity" in state for state in self.state.values()):
             adaptation.record_sensitivities(self, adapting, before)
 

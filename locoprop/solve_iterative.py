@@ -32,18 +32,20 @@ def solve_iterative(
     comm: Communicator,
     tied: set[Tensor],
     compute_dtype: torch.dtype | None = None,
+    fused: bool = False,
 ) -> None:
     """Run the local solves of ``problems`` with ``inner`` (its param groups mirror ``param_groups``).
 
     ``tied``: the parameters shared between units; ``compute_dtype``: the dtype of the units' matmuls
-    (bfloat16; None: the parameters'). Callers get back the ``.grad`` they handed over.
+    (bfloat16; None: the parameters'); ``fused``: the linear kernels' residuals in one compiled pass
+    (:mod:`locoprop.fused`). Callers get back the ``.grad`` they handed over.
     """
     if not problems:
         return
     saved_grads = {p: p.grad for group in param_groups for p in group["params"]}
     iterations = {problem: _iterations(problem, param_groups) for problem in problems}
     unit_problems = [problem for problem in problems if problem.unit is not None]
-    plan = LocalGradients(unit_problems, mode, comm, compute_dtype)
+    plan = LocalGradients(unit_problems, mode, comm, compute_dtype, fused)
     # The inner lr of each group that steps: a tied parameter steps in its own group.
     schedules = {problem.group_index: iterations[problem] for problem in problems}
     for p in {p for problem in unit_problems for p in problem.params if p in tied}:

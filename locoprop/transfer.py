@@ -32,6 +32,7 @@ __all__ = [
     "TRANSFER_NAMES",
     "Transfer",
     "is_activation_module",
+    "is_piecewise_linear",
     "regrouped",
     "transfer_by_name",
     "transfer_from_call",
@@ -178,6 +179,7 @@ def _piecewise_linear_anchor(slope: float):
     return anchor
 
 
+@functools.cache  # (one function per constant: compile=True compiles one kernel for it)
 def _piecewise_linear_change(slope: float):
     def change(anchor: tuple[Tensor, ...], d: Tensor) -> Tensor:
         below, above = anchor
@@ -196,6 +198,7 @@ def _softplus_anchor(beta: float):
     return anchor
 
 
+@functools.cache  # (one function per constant: compile=True compiles one kernel for it)
 def _softplus_change(beta: float, threshold: float):
     # softplus(a + d) − softplus(a) = log1p(x)/β with x = σ(βa)·expm1(βd), while βd is small enough for
     # expm1 not to overflow (beyond that the direct difference has no cancellation to fear). Where x < −½
@@ -220,6 +223,7 @@ def _softmax_anchor(dim: int):
     return anchor
 
 
+@functools.cache  # (one function per constant: compile=True compiles one kernel for it)
 def _softmax_change(dim: int):
     # With s = softmax(a), a row whose d is small (|d| ≤ 1): softmax(a + d) − s = s·(E − m)/Z with
     # E = expm1(d − c), m = Σ s·E and Z = Σ s·exp(d − c) (c = max d, which softmax ignores; it keeps exp from
@@ -298,6 +302,11 @@ _BY_NAME: dict[str, Callable[[], Transfer]] = {
     "softplus": softplus,
     "softmax": softmax,
 }
+
+
+def is_piecewise_linear(transfer: Transfer) -> bool:
+    """Whether ``transfer`` is the identity, ReLU or a leaky ReLU (its change is a maximum of two lines)."""
+    return transfer.name in ("identity", "relu") or transfer.name.startswith("leaky_relu(")
 
 
 def transfer_by_name(name: str) -> Transfer:
