@@ -2,22 +2,31 @@
 
 Each later inner iteration of a linear unit turns its product Δa (or, in
 low precision, the rounded product x_c·ΔWᵀ and the shift v = ΔW·μ + Δb)
-into the residual r (S: Δa; M: f(a^old + Δa) − f(a^old)), rounds r into the
-product's buffer for rᵀx and sums its rows for ∇b. Eagerly that is four to
+into the residual r (S: Δa; M: f(a^old + Δa) − f(a^old)), rounds r to the
+product's dtype for rᵀx and sums its rows for ∇b. Eagerly that is four to
 nine elementwise passes per unit and iteration (a cast, the shift, the
 transfer's change, the rounding, the sum), each a read and a write of an
-N × d_out matrix; compiled, it is one loop that reads the product and the
-anchors once and writes r once (and a second that sums its rows).
+N × d_out matrix; compiled, one loop reads the product and the anchors and
+writes r (and a second sums its rows).
 
 The kernel runs the transfer function's own
 :attr:`~locoprop.transfer.Transfer.change` on the same anchor, so it
 computes what the eager kernels compute, in the same arithmetic: only the
 order of the row sum and the fused products' rounding differ.
+
+What it costs: a compilation of a few seconds per kind of unit (change
+function, dtypes, and a class of sizes: torch specialises sizes of one and
+inductor's row sums above 4096 rows), once per process; each call about
+10 µs more dispatch than an eager pass, so units smaller than
+:data:`MIN_ELEMENTS` keep the eager passes. A kind that cannot be
+compiled (no C++ compiler on the CPU, torch.compile's limit of graphs per
+function) computes its residual eagerly, with one warning per kind.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -25,28 +34,56 @@ from torch import Tensor
 
 from locoprop.transfer import Transfer, is_piecewise_linear, transfer_by_name
 
-__all__ = ["ResidualKernel", "residual_kernel"]
+__all__ = ["MIN_ELEMENTS", "ResidualKernel", "residual_kernel"]
 
 # (values, shift, anchor) -> (r in the values' dtype, Σ_rows r in full precision).
 ResidualKernel = Callable[[Tensor, Tensor | None, tuple[Tensor, ...]], tuple[Tensor, Tensor]]
 
+# Units with fewer outputs (rows × d_out, all units of a stacked group together) keep the eager passes: below
+# it a compiled call's overhead costs more than the passes it saves (tanh on the 2-core CPU: break-even near
+# 8k elements in float32 and bfloat16, 1.4× the eager time at 2k, 0.6× at 128k).
+MIN_ELEMENTS = 1 << 13
 
-@functools.cache
-def _compiled(change: Callable[[tuple[Tensor, ...], Tensor], Tensor]) -> Callable[..., tuple[Tensor, Tensor]]:
-    """The compiled residual pass of one change function. Its own recompilation region, so that the kinds of
-    unit (and their shapes, dtypes and numbers of dimensions) do not share torch.compile's limit on
-    recompilations of one function; dynamic shapes, so that one graph serves every unit of a kind."""
+_Change = Callable[[tuple[Tensor, ...], Tensor], Tensor]
 
+
+def _residual_of(change: _Change) -> Callable[..., tuple[Tensor, Tensor]]:
     def residual(values: Tensor, shift: Tensor | None, *anchor: Tensor) -> tuple[Tensor, Tensor]:
         delta = values if shift is None else values.to(shift.dtype) + shift.unsqueeze(-2)
         r = change(anchor, delta)
         # (Fresh outputs: written into kept buffers instead, the pass took longer on the CPU.)
         return r.to(values.dtype), r.sum(-2)
 
-    return torch.compile(residual, dynamic=True, fullgraph=True, isolate_recompiles=True)
+    return residual
 
 
-def residual_kernel(variant: str, transfer: Transfer, low_precision: bool) -> ResidualKernel | None:
+@functools.cache
+def _compiled(change: _Change) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The compiled residual pass of one change function. Its own recompilation region, so that the kinds of
+    unit do not share torch.compile's limit on graphs per function; dynamic shapes, so that one graph serves
+    every unit of a kind. Inductor's CPU code may write tanh as exp(2x) − 1 over exp(2x) + 1 (an option), which
+    loses small arguments: it is told not to."""
+    return torch.compile(_residual_of(change), dynamic=True, isolate_recompiles=True,
+                         options={"cpp.use_decompose_tanh": False})  # fmt: skip
+
+
+_FAILED: set[_Change] = set()  # the change functions whose compilation failed: eager from then on
+
+
+def _run(change: _Change, values: Tensor, shift: Tensor | None, anchor: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    if change not in _FAILED:
+        try:
+            return _compiled(change)(values, shift, *anchor)
+        except Exception as error:  # (a real error of the residual recurs in the eager call below)
+            _FAILED.add(change)
+            first_line = next(iter(str(error).strip().splitlines()), "")
+            warnings.warn(f"compile=True: the residual of LocoProp's linear units could not be compiled "
+                          f"({type(error).__name__}: {first_line}); computing it eagerly from now on",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+    return _residual_of(change)(values, shift, *anchor)
+
+
+def residual_kernel(variant: str, transfer: Transfer, low_precision: bool, elements: int) -> ResidualKernel | None:
     """The compiled residual pass of a linear unit with ``transfer`` under ``variant``, or None where it
     saves nothing.
 
@@ -57,19 +94,19 @@ def residual_kernel(variant: str, transfer: Transfer, low_precision: bool) -> Re
     change). In the parameters' own dtype only a change that computes something gains: S's residual and a
     piecewise-linear change (identity, ReLU, leaky ReLU) take one or two passes eagerly, as fast as the
     compiled loop. Softplus and the softmax keep their eager changes: these take ``expm1``, which
-    inductor's vectorised CPU code computes as exp(x) − 1, losing the small changes they are written to keep
-    (and inductor failed to compile the softmax's).
+    inductor's vectorised CPU code computes as exp(x) − 1, losing the small changes they are written to keep.
+    ``elements``: the unit's (or stacked group's) outputs, rows × d_out; below :data:`MIN_ELEMENTS`, None.
     """
     if variant == "S":
         transfer = transfer_by_name("identity")
     piecewise_linear = is_piecewise_linear(transfer)
     if transfer.change is None or not (piecewise_linear or transfer.name in ("tanh", "sigmoid")):
         return None
-    if piecewise_linear and not low_precision:
+    if (piecewise_linear and not low_precision) or elements < MIN_ELEMENTS:
         return None
-    compiled = _compiled(transfer.change)
+    change = transfer.change
 
     def kernel(values: Tensor, shift: Tensor | None, anchor: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        return compiled(values, shift, *anchor)
+        return _run(change, values, shift, anchor)
 
     return kernel

@@ -205,9 +205,12 @@ class LocalGradients:
 
         return compute
 
-    def _residual_kernel(self, problem: LocalProblem, low: bool) -> ResidualKernel | None:
-        """The compiled residual pass of ``problem``'s linear kernel, if fused and one saves passes."""
-        return residual_kernel(problem.variant, problem.unit.transfer, low) if self.fused else None
+    def _residual_kernel(self, problem: LocalProblem, low: bool, shape: tuple[int, ...]) -> ResidualKernel | None:
+        """The compiled residual pass of ``problem``'s linear kernel (of outputs of ``shape``), if fused and one
+        saves passes."""
+        if not self.fused:
+            return None
+        return residual_kernel(problem.variant, problem.unit.transfer, low, math.prod(shape))
 
     def _linear(self, problem: LocalProblem, x, anchor: tuple, scratch: _Scratch) -> _Work:
         """``x``: the rows, or their :class:`~locoprop.kernels.LowPrecisionRows`."""
@@ -216,7 +219,7 @@ class LocalGradients:
         delta = [torch.empty_like(p) for p in problem.params]
         linear_term, scale = problem.linear_terms(), problem.activation_lr * self.share
         low = isinstance(x, kernels.LowPrecisionRows)
-        fused = self._residual_kernel(problem, low)
+        fused = self._residual_kernel(problem, low, ((x.centered if low else x).shape[0], problem.params[0].shape[0]))
         if low:
             shape = (x.centered.shape[0], problem.params[0].shape[0])
             product, delta_a = scratch.reserve(shape, x.centered), _delta_a_buffer(scratch, shape, problem, fused)
@@ -283,7 +286,7 @@ class LocalGradients:
         shape = (*x.shape[:2], old[0].shape[1])
         delta_a = scratch.reserve(shape, x)
         grads = [torch.empty_like(o) for o in old]
-        fused = self._residual_kernel(problems[0], low)
+        fused = self._residual_kernel(problems[0], low, shape)
         if low:
             buffers = kernels.low_precision_buffers(rows, old[0])
             delta_a_full = _delta_a_buffer(scratch, shape, problems[0], fused)

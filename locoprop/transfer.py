@@ -203,13 +203,14 @@ def _softplus_change(beta: float, threshold: float):
     # softplus(a + d) − softplus(a) = log1p(x)/β with x = σ(βa)·expm1(βd), while βd is small enough for
     # expm1 not to overflow (beyond that the direct difference has no cancellation to fear). Where x < −½
     # the same change is log(σ(−βa) + σ(βa)·exp(βd))/β, the log of a sum of two positive terms below ½: x
-    # nears −1 where σ(βa) saturates, and its log1p would be the rounding of σ(βa).
+    # nears −1 where σ(βa) saturates, and its log1p would be the rounding of σ(βa). The sum is taken of the
+    # terms' logs, −softplus(βa) and βd − softplus(−βa), so that σ(−βa) cannot underflow (βa > 88).
     def change(anchor: tuple[Tensor, ...], d: Tensor) -> Tensor:
         a, probability = anchor
         moved = beta * d
         direct = F.softplus(a + d, beta, threshold) - F.softplus(a, beta, threshold)
         x = probability * torch.expm1(moved.clamp(max=threshold))
-        below = torch.log(torch.sigmoid(-beta * a) + probability * torch.exp(moved.clamp(max=0.0))) / beta
+        below = torch.logaddexp(-F.softplus(beta * a), moved - F.softplus(-beta * a)) / beta
         return torch.where(moved < threshold, torch.where(x < -0.5, below, torch.log1p(x) / beta), direct)
 
     return change

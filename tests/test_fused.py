@@ -41,7 +41,7 @@ def test_the_float32_kernel_gives_the_change_and_its_row_sum(name, stacked):
     change's 1 − y·tanh(a + Δa) rounds as backprop's 1 − y² does, to ulp(1) where f saturates), and Σr; the
     piecewise-linear changes have no kernel there (eager is as fast)."""
     transfer = TRANSFERS[name]()
-    kernel = fused.residual_kernel("M", transfer, low_precision=False)
+    kernel = fused.residual_kernel("M", transfer, low_precision=False, elements=1 << 20)
     if name in ("relu", "leaky_relu", "identity", "softplus"):
         assert kernel is None
         return
@@ -65,7 +65,7 @@ def test_the_low_precision_kernel_adds_the_shift_and_rounds_the_change(name, var
     """In low precision the kernel takes the rounded product and the shift v: Δa = product + v, r rounded to
     bfloat16 (2⁻⁹ of each number), Σr of the unrounded r in float32."""
     transfer = TRANSFERS[name]()
-    kernel = fused.residual_kernel(variant, transfer, low_precision=True)
+    kernel = fused.residual_kernel(variant, transfer, low_precision=True, elements=1 << 20)
     if name == "softplus" and variant == "M":
         assert kernel is None
         return
@@ -85,15 +85,56 @@ def test_the_low_precision_kernel_adds_the_shift_and_rounds_the_change(name, var
     assert torch.allclose(row_sum.double(), expected.sum(-2), rtol=1e-5, atol=1e-6)
 
 
-def test_softplus_the_softmax_and_a_transfer_without_a_change_keep_the_eager_change():
-    """Softplus's and the softmax's changes take expm1, which inductor's CPU code computes as exp(x) − 1."""
-    compiled_expm1 = torch.compile(torch.expm1, dynamic=True)
-    assert compiled_expm1(torch.full((32,), 1e-9)).eq(0).all()  # (when inductor computes it well, say so)
-    assert fused.residual_kernel("M", softplus(), low_precision=True) is None
-    assert fused.residual_kernel("M", transfer_by_name("softmax"), low_precision=True) is None
-    assert fused.residual_kernel("M", leaky_relu(2.0), low_precision=True) is None  # (no exact change: α > 1)
+def test_softplus_the_softmax_a_transfer_without_a_change_and_small_units_keep_the_eager_change():
+    """Softplus's and the softmax's changes take expm1, which inductor's CPU code computes as exp(x) − 1; a unit
+    of fewer than MIN_ELEMENTS outputs costs less eagerly than a compiled call's dispatch."""
+    many = 1 << 20
+    assert fused.residual_kernel("M", softplus(), low_precision=True, elements=many) is None
+    assert fused.residual_kernel("M", transfer_by_name("softmax"), low_precision=True, elements=many) is None
+    assert fused.residual_kernel("M", leaky_relu(2.0), low_precision=True, elements=many) is None  # (α > 1)
     # S has one kernel, the identity's, whatever the transfer function.
-    assert fused.residual_kernel("S", transfer_by_name("softmax"), low_precision=True) is not None
+    assert fused.residual_kernel("S", transfer_by_name("softmax"), low_precision=True, elements=many) is not None
+    tanh = transfer_by_name("tanh")
+    assert fused.residual_kernel("M", tanh, low_precision=True, elements=fused.MIN_ELEMENTS - 1) is None
+    assert fused.residual_kernel("M", tanh, low_precision=True, elements=fused.MIN_ELEMENTS) is not None
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "relu", "identity"])
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_the_residual_compiles_to_one_graph(name, low_precision):
+    """No graph break: the whole residual (cast, shift, change, rounding, Σr) is one compiled function."""
+    transfer = TRANSFERS[name]()
+    a, delta = _points()
+    anchor = transfer.anchor_at(a.float())
+    values, shift = (delta.to(torch.bfloat16), torch.zeros(48)) if low_precision else (delta.float(), None)
+    explained = torch._dynamo.explain(fused._residual_of(transfer.change))(values, shift, *anchor)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_the_low_precision_bias_gradient_sums_the_unrounded_residual(stacked):
+    """∇b = Σr of the residual before its rounding to bfloat16 (which only rᵀx takes). With rows and moves of a
+    few bits, centred rows of mean 0 and one row per column, every bfloat16 product is exact, so Δa is, and ∇b
+    matches float64 to float32's accuracy; a sum of the rounded r would be 2⁻⁹ of each term off."""
+    from locoprop import kernels
+
+    generator = torch.Generator().manual_seed(4)
+    lead = (2,) if stacked else ()
+    half = torch.randint(-2, 3, (*lead, 32, 6), generator=generator, dtype=torch.float64)
+    x = torch.cat([half, -half], dim=-2)  # (column means exactly 0: centring changes nothing)
+    delta_w = torch.randint(-1, 2, (*lead, 40, 6), generator=generator, dtype=torch.float64) * 2**-6
+    delta_b = torch.randint(-1, 2, (*lead, 40), generator=generator, dtype=torch.float64) * 2**-7
+    a_old = torch.randn(*lead, 64, 40, generator=generator, dtype=torch.float64)
+    tanh = transfer_by_name("tanh")
+    expected = kernels.divergence_grads("M", tanh, x, tanh.anchor_at(a_old), delta_w, delta_b)[1]
+    rows = kernels.low_precision_rows(x.float(), torch.bfloat16)
+    kernel = fused.residual_kernel("M", tanh, low_precision=True, elements=1 << 20)
+    out = [torch.empty_like(delta_w.float()), torch.empty_like(delta_b.float())]
+    got = kernels.low_precision_divergence_grads(
+        "M", tanh, rows, tanh.anchor_at(a_old.float()), delta_w.float(), delta_b.float(),
+        torch.empty(*lead, 64, 40, dtype=torch.bfloat16), None, kernels.low_precision_buffers(rows, delta_w.float()),
+        out, residual_kernel=kernel)[1]  # fmt: skip
+    assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-6
 
 
 def _model(activation: nn.Module) -> nn.Module:
@@ -131,6 +172,7 @@ def test_a_compiled_step_is_the_float64_step(activation, variant, local_dtype, m
         return lambda *a: calls.append(args[0]) or kernel(*a)
 
     monkeypatch.setattr("locoprop.local_gradients.residual_kernel", counted)
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)  # (the units here are small)
     x = torch.rand(8, 40, generator=torch.Generator().manual_seed(1)).mul_(0.6).add_(0.3)
     reference = _step(_model(activation).double(), x.double(), variant=variant, local_dtype=local_dtype)
     steps = _step(_model(activation), x, variant=variant, local_dtype=local_dtype, compile=True)
@@ -158,3 +200,42 @@ def test_a_model_without_compile_runs_no_kernel(monkeypatch):
     monkeypatch.setattr("locoprop.local_gradients.residual_kernel", lambda *a: pytest.fail("compiled a kernel"))
     x = torch.rand(8, 40, generator=torch.Generator().manual_seed(1))
     _step(_model(nn.Tanh()), x, variant="M", local_dtype="bfloat16")
+
+
+def test_units_of_many_kinds_in_one_process_take_their_steps(monkeypatch):
+    """Each dtype pairing, a batch of one and one over 4096 rows compile graphs of their own; past
+    torch.compile's limit of graphs per function (lowered to 2 here) the residual runs eagerly: no step
+    fails, and each equals the eager step."""
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)
+    x = torch.rand(5000, 40, generator=torch.Generator().manual_seed(1)).mul_(0.6).add_(0.3)
+    for dtype, local_dtype, rows in [(torch.float32, None, 8), (torch.float32, "bfloat16", 8),
+                                     (torch.float64, "bfloat16", 1), (torch.float32, "bfloat16", 5000),
+                                     (torch.float64, None, 13)]:  # fmt: skip
+        batch = x[:rows].to(dtype)
+        with torch._dynamo.config.patch(recompile_limit=2):
+            compiled = _step(_model(nn.Tanh()).to(dtype), batch, variant="M", local_dtype=local_dtype, compile=True)
+        eager = _step(_model(nn.Tanh()).to(dtype), batch, variant="M", local_dtype=local_dtype)
+        errors = [((c - e).norm() / e.norm()).item() for c, e in zip(compiled, eager)]
+        assert max(errors) < 1e-3, (dtype, local_dtype, rows, errors)
+
+
+def test_a_residual_that_cannot_compile_runs_eagerly_with_a_warning(monkeypatch):
+    """No C++ compiler, an inductor failure: the step warns once and takes the eager residual."""
+
+    def failing(change):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(fused, "_compiled", failing)
+    monkeypatch.setattr(fused, "_FAILED", set())
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)
+    x = torch.rand(8, 40, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(RuntimeWarning, match="could not be compiled .*InvalidCxxCompiler") as caught:
+        compiled = _step(_model(nn.Tanh()), x, variant="M", local_dtype="bfloat16", compile=True)
+    # one warning per kind: tanh, the sigmoid, the identity
+    assert len([w for w in caught if "could not be compiled" in str(w.message)]) == 3
+    eager = _step(_model(nn.Tanh()), x, variant="M", local_dtype="bfloat16")
+    errors = [((c - e).norm() / e.norm()).item() for c, e in zip(compiled, eager)]
+    assert max(errors) < 1e-5, errors

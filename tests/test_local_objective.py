@@ -248,10 +248,11 @@ def test_the_change_of_a_transfer_is_accurate_in_float32_at_any_step(name, scale
 def test_softplus_changes_far_down_from_a_saturated_unit_are_accurate_each(beta):
     """From a saturated point (σ(βa) rounds near 1) a move far down changes softplus by about −a: the log1p
     form, log1p(σ(βa)·expm1(βd)), would take the log of σ(βa)'s rounding there (errors of 1e-2 at a = 7.7,
-    d = −10.5); each change is within a few float32 ulp of itself."""
+    d = −10.5), and σ(−βa) underflows beyond βa = 88 (−inf at βa = 120); each change is within a few float32
+    ulp of itself."""
     transfer = softplus(beta)
-    a = torch.tensor([7.6733, 12.0, 9.0, 15.0, 6.0, -3.0]) / beta * 2
-    d = torch.tensor([-10.4821, -20.0, -9.5, -16.0, -30.0, -5.0]) / beta * 2
+    a = torch.tensor([7.6733, 12.0, 9.0, 15.0, 6.0, -3.0, 60.0, 45.0]) / beta * 2
+    d = torch.tensor([-10.4821, -20.0, -9.5, -16.0, -30.0, -5.0, -60.0, -50.0]) / beta * 2
     exact = transfer.fn(a.double() + d.double()) - transfer.fn(a.double())
     got = transfer.change_from(transfer.anchor_at(a), d.clone())
     assert ((got.double() - exact).abs() / exact.abs()).max().item() < 8 * torch.finfo(torch.float32).eps

@@ -653,8 +653,10 @@ def add_bench(commands) -> argparse.ArgumentParser:
         "(default: the optimizer's, auto)",
     )  # fmt: skip
     p.add_argument(
-        "--compile", action="store_true", help="LocoProp: fused (compiled) inner updates (default: not compiled)"
-    )
+        "--compile", action="store_true",
+        help="LocoProp: compile=True, the inner updates and the linear units' residuals fused by torch.compile "
+        "(default: not compiled)",
+    )  # fmt: skip
     p.add_argument(
         "--hypergrad", type=_once(_name_list(HYPERGRAD_MODES), "hypergrad mode"), default=[],
         help="LocoProp optimizers also run with γ adapted by hypergradients of these modes (comma-separated, each "
