@@ -2,12 +2,12 @@
 
 Each later inner iteration of a linear unit turns its product Δa (or, in
 low precision, the rounded product x_c·ΔWᵀ and the shift v = ΔW·μ + Δb)
-into the residual r (S: Δa; M: f(a^old + Δa) − f(a^old)), rounds r to the
-product's dtype for rᵀx and sums its rows for ∇b. Eagerly that is four to
+into the residual r (S: Δa; M: f(a^old + Δa) − f(a^old)), rounds r into the
+product's buffer for rᵀx and sums its rows for ∇b. Eagerly that is four to
 nine elementwise passes per unit and iteration (a cast, the shift, the
 transfer's change, the rounding, the sum), each a read and a write of an
 N × d_out matrix; compiled, one loop reads the product and the anchors and
-writes r (and a second sums its rows).
+writes r over it (and a second sums its rows).
 
 The kernel runs the transfer function's own
 :attr:`~locoprop.transfer.Transfer.change` on the same anchor, so it
@@ -36,8 +36,8 @@ from locoprop.transfer import Transfer, is_piecewise_linear, transfer_by_name
 
 __all__ = ["MIN_ELEMENTS", "ResidualKernel", "residual_kernel"]
 
-# (values, shift, anchor) -> (r in the values' dtype, Σ_rows r in full precision).
-ResidualKernel = Callable[[Tensor, Tensor | None, tuple[Tensor, ...]], tuple[Tensor, Tensor]]
+# (values, shift, anchor) -> Σ_rows r in full precision, with r written over ``values`` (rounded to their dtype).
+ResidualKernel = Callable[[Tensor, Tensor | None, tuple[Tensor, ...]], Tensor]
 
 # Units with fewer outputs (rows × d_out, all units of a stacked group together) keep the eager passes: below
 # it a compiled call's overhead costs more than the passes it saves (tanh on the 2-core CPU: break-even near
@@ -47,18 +47,20 @@ MIN_ELEMENTS = 1 << 13
 _Change = Callable[[tuple[Tensor, ...], Tensor], Tensor]
 
 
-def _residual_of(change: _Change) -> Callable[..., tuple[Tensor, Tensor]]:
-    def residual(values: Tensor, shift: Tensor | None, *anchor: Tensor) -> tuple[Tensor, Tensor]:
+def _residual_of(change: _Change) -> Callable[..., Tensor]:
+    def residual(values: Tensor, shift: Tensor | None, *anchor: Tensor) -> Tensor:
         delta = values if shift is None else values.to(shift.dtype) + shift.unsqueeze(-2)
         r = change(anchor, delta)
-        # (Fresh outputs: written into kept buffers instead, the pass took longer on the CPU.)
-        return r.to(values.dtype), r.sum(-2)
+        # Over the product's buffer, warm from the matmul that wrote it: a fresh output per call took twice as
+        # long in the float32 step (page faults of its first writes).
+        values.copy_(r)
+        return r.sum(-2)
 
     return residual
 
 
 @functools.cache
-def _compiled(change: _Change) -> Callable[..., tuple[Tensor, Tensor]]:
+def _compiled(change: _Change) -> Callable[..., Tensor]:
     """The compiled residual pass of one change function. Its own recompilation region, so that the kinds of
     unit do not share torch.compile's limit on graphs per function; dynamic shapes, so that one graph serves
     every unit of a kind. Inductor's CPU code may write tanh as exp(2x) − 1 over exp(2x) + 1 (an option), which
@@ -70,7 +72,7 @@ def _compiled(change: _Change) -> Callable[..., tuple[Tensor, Tensor]]:
 _FAILED: set[_Change] = set()  # the change functions whose compilation failed: eager from then on
 
 
-def _run(change: _Change, values: Tensor, shift: Tensor | None, anchor: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+def _run(change: _Change, values: Tensor, shift: Tensor | None, anchor: tuple[Tensor, ...]) -> Tensor:
     if change not in _FAILED:
         try:
             return _compiled(change)(values, shift, *anchor)
@@ -87,9 +89,9 @@ def residual_kernel(variant: str, transfer: Transfer, low_precision: bool, eleme
     """The compiled residual pass of a linear unit with ``transfer`` under ``variant``, or None where it
     saves nothing.
 
-    The kernel takes the product (``values``), the shift v (None when ``values`` is Δa already) and the
-    anchor (:meth:`~locoprop.transfer.Transfer.anchor_at`), and returns r rounded to the values' dtype and
-    Σ_rows r in full precision (the shift's dtype, or the values'). In ``low_precision`` it folds the cast,
+    The kernel takes the product (``values``), the shift v (None: ``values`` is Δa) and the anchor
+    (:meth:`~locoprop.transfer.Transfer.anchor_at`), writes r over ``values`` (rounded to their dtype) and
+    returns Σ_rows r in full precision (the shift's dtype, or the values'). In ``low_precision`` it folds the cast,
     the shift and the rounding into the change, for every variant (S's residual is Δa: the identity's
     change). In the parameters' own dtype only a change that computes something gains: S's residual and a
     piecewise-linear change (identity, ReLU, leaky ReLU) take one or two passes eagerly, as fast as the
@@ -106,7 +108,7 @@ def residual_kernel(variant: str, transfer: Transfer, low_precision: bool, eleme
         return None
     change = transfer.change
 
-    def kernel(values: Tensor, shift: Tensor | None, anchor: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    def kernel(values: Tensor, shift: Tensor | None, anchor: tuple[Tensor, ...]) -> Tensor:
         return _run(change, values, shift, anchor)
 
     return kernel

@@ -108,7 +108,8 @@ def divergence_grads(
     (:func:`locoprop.fused.residual_kernel`, M only) computes M's residual and Σr in one pass.
     """
     delta_a, *grads = out if out is not None else linear_workspace(x, delta_weight, delta_bias)
-    if delta_bias is None:
+    fused = variant == "M" and residual_kernel is not None
+    if delta_bias is None or fused:  # (the fused residual adds Δb: addmm would first copy it into every row)
         torch.matmul(x, delta_weight.mT, out=delta_a)
     elif x.dim() == 3:
         torch.baddbmm(delta_bias.unsqueeze(1), x, delta_weight.mT, out=delta_a)
@@ -117,8 +118,8 @@ def divergence_grads(
     residual_sum = None
     if variant == "S":
         residual = delta_a
-    elif residual_kernel is not None:
-        residual, residual_sum = residual_kernel(delta_a, None, anchor)
+    elif fused:
+        residual, residual_sum = delta_a, residual_kernel(delta_a, delta_bias, anchor)
     else:
         residual = transfer.change_from(anchor, delta_a)
     if linear_term is None or not scale:
@@ -249,14 +250,14 @@ def low_precision_divergence_grads(
     if delta_bias is not None:
         shift.add_(delta_bias)
     if residual_kernel is not None:
-        rounded, residual_sum = residual_kernel(product, shift, anchor)
+        residual_sum = residual_kernel(product, shift, anchor)
     else:
         # A cast, then a same-dtype add: a mixed-dtype add with broadcasting takes twice as long on the CPU.
         delta_a.copy_(product).add_(shift.unsqueeze(-2))
         residual = delta_a if variant == "S" else transfer.change_from(anchor, delta_a)
-        rounded = product.copy_(residual)
+        product.copy_(residual)
         residual_sum = residual.sum(-2)
-    torch.matmul(rounded.mT, rows.centered, out=buffers.grad_weight)
+    torch.matmul(product.mT, rows.centered, out=buffers.grad_weight)
     if linear_term is None or not scale:
         out[0].copy_(buffers.grad_weight)
     else:

@@ -48,7 +48,8 @@ def test_the_float32_kernel_gives_the_change_and_its_row_sum(name, stacked):
     a, delta = _points((3,) if stacked else ())
     expected = transfer.fn(a + delta) - transfer.fn(a)
     a32, delta32 = a.float(), delta.float()
-    r, row_sum = kernel(delta32.clone(), None, transfer.anchor_at(a32))
+    r = delta32.clone()
+    row_sum = kernel(r, None, transfer.anchor_at(a32))  # (r written over the product)
     exact = transfer.fn(a32.double() + delta32.double()) - transfer.fn(a32.double())  # (of the rounded inputs)
     assert r.dtype == torch.float32 and row_sum.dtype == torch.float32
     error = (r.double() - exact).abs()
@@ -79,7 +80,8 @@ def test_the_low_precision_kernel_adds_the_shift_and_rounds_the_change(name, var
     else:
         expected = transfer.fn(a.float().double() + moved) - transfer.fn(a.float().double())
         anchor = transfer.anchor_at(a.float())
-    r, row_sum = kernel(product, shift, anchor)
+    r = product.clone()
+    row_sum = kernel(r, shift, anchor)  # (r written over the product, rounded)
     assert r.dtype == torch.bfloat16 and row_sum.dtype == torch.float32
     assert (r.double() - expected).abs().le(2**-8 * expected.abs() + 1e-6).all()
     assert torch.allclose(row_sum.double(), expected.sum(-2), rtol=1e-5, atol=1e-6)
