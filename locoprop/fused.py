@@ -26,6 +26,7 @@ function) computes its residual eagerly, with one warning per kind.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable
 
@@ -65,8 +66,14 @@ def _compiled(change: _Change) -> Callable[..., Tensor]:
     unit do not share torch.compile's limit on graphs per function; dynamic shapes, so that one graph serves
     every unit of a kind. Inductor's CPU code may write tanh as exp(2x) − 1 over exp(2x) + 1 (an option), which
     loses small arguments: it is told not to."""
-    return torch.compile(_residual_of(change), dynamic=True, isolate_recompiles=True,
-                         options={"cpp.use_decompose_tanh": False})  # fmt: skip
+    from torch._inductor import config as inductor_config
+
+    kwargs = {}  # (each where this torch has it)
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        kwargs["isolate_recompiles"] = True
+    if hasattr(inductor_config.cpp, "use_decompose_tanh"):
+        kwargs["options"] = {"cpp.use_decompose_tanh": False}
+    return torch.compile(_residual_of(change), dynamic=True, **kwargs)
 
 
 _FAILED: set[_Change] = set()  # the change functions whose compilation failed: eager from then on

@@ -241,3 +241,19 @@ def test_a_residual_that_cannot_compile_runs_eagerly_with_a_warning(monkeypatch)
     eager = _step(_model(nn.Tanh()), x, variant="M", local_dtype="bfloat16")
     errors = [((c - e).norm() / e.norm()).item() for c, e in zip(compiled, eager)]
     assert max(errors) < 1e-5, errors
+
+
+def test_the_tanh_kernel_keeps_small_changes_when_inductor_would_decompose_tanh():
+    """Inductor can write tanh as (exp(2x) − 1)/(exp(2x) + 1) (``cpp.use_decompose_tanh``, or its environment
+    variable), which loses small arguments (7e-2 of a change at Δa = 1e-6); the kernel turns it off."""
+    from torch._inductor import config as inductor_config
+
+    transfer = transfer_by_name("tanh")
+    a = torch.linspace(-1, 1, 64 * 48).reshape(64, 48)
+    delta = torch.full((64, 48), 1e-6)
+    exact = torch.tanh(a.double() + delta.double()) - torch.tanh(a.double())
+    change = lambda anchor, d: transfer.change(anchor, d)  # noqa: E731 (a kind of its own: a fresh compilation)
+    with inductor_config.patch({"cpp.use_decompose_tanh": True}):
+        r = delta.clone()
+        fused._run(change, r, None, transfer.anchor_at(a))
+    assert ((r.double() - exact).abs() / exact.abs()).max().item() < 1e-5
