@@ -1,8 +1,9 @@
 """The residual of the linear kernels in one compiled pass (``compile=True``; SPEC §10).
 
-Each later inner iteration of a linear unit turns its product Δa (or, in
-low precision, the rounded product x_c·ΔWᵀ and the shift v = ΔW·μ + Δb)
-into the residual r (S: Δa; M: f(a^old + Δa) − f(a^old)), rounds r into the
+Each later inner iteration of a linear unit turns its product x·ΔWᵀ and
+the shift Δb (in low precision the rounded product x_c·ΔWᵀ of the centred
+rows and the shift v = ΔW·μ + Δb; either shift may be absent) into the
+residual r (S: Δa; M: f(a^old + Δa) − f(a^old)), rounds r into the
 product's buffer for rᵀx and sums its rows for ∇b. Eagerly that is four to
 nine elementwise passes per unit and iteration (a cast, the shift, the
 transfer's change, the rounding, the sum), each a read and a write of an
@@ -14,13 +15,15 @@ The kernel runs the transfer function's own
 computes what the eager kernels compute, in the same arithmetic: only the
 order of the row sum and the fused products' rounding differ.
 
-What it costs: a compilation of a few seconds per kind of unit (change
-function, dtypes, and a class of sizes: torch specialises sizes of one and
-inductor's row sums above 4096 rows), once per process; each call about
-10 µs more dispatch than an eager pass, so units smaller than
-:data:`MIN_ELEMENTS` keep the eager passes. A kind that cannot be
-compiled (no C++ compiler on the CPU, torch.compile's limit of graphs per
-function) computes its residual eagerly, with one warning per kind.
+What it costs: a compilation of a few seconds per graph, once per process.
+A kind of unit (its change function) takes one graph per combination of
+dtypes, shift or none, single or stacked units and size class (torch
+specialises sizes of one; inductor's row sums differ above 4096 rows); each
+call costs about 10 µs more dispatch than an eager pass, so units smaller
+than :data:`MIN_ELEMENTS` keep the eager passes. A kind that cannot be
+compiled (no C++ compiler on the CPU, a graph break, more than
+:data:`MAX_GRAPHS` graphs) computes its residual eagerly from then on, with
+one warning per kind.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ ResidualKernel = Callable[[Tensor, Tensor | None, tuple[Tensor, ...]], Tensor]
 # 8k elements in float32 and bfloat16, 1.4× the eager time at 2k, 0.6× at 128k).
 MIN_ELEMENTS = 1 << 13
 
+# Graphs one kind may compile in a process (torch.compile's default, 8, is reached by one model's units of a
+# kind in float32 and bfloat16 with and without bias, single and stacked, on batches either side of 4096 rows).
+MAX_GRAPHS = 64
+
 _Change = Callable[[tuple[Tensor, ...], Tensor], Tensor]
 
 
@@ -62,18 +69,22 @@ def _residual_of(change: _Change) -> Callable[..., Tensor]:
 
 @functools.cache
 def _compiled(change: _Change) -> Callable[..., Tensor]:
-    """The compiled residual pass of one change function. Its own recompilation region, so that the kinds of
-    unit do not share torch.compile's limit on graphs per function; dynamic shapes, so that one graph serves
-    every unit of a kind. Inductor's CPU code may write tanh as exp(2x) − 1 over exp(2x) + 1 (an option), which
+    """The compiled residual pass of one change function: one graph, or an error (``fullgraph``: a break, or
+    more than :data:`MAX_GRAPHS` graphs, raises, and :func:`_run` falls back to eager and says so). Its own
+    recompilation region, so that the kinds do not share a limit; dynamic shapes, so that one graph serves
+    units of every size. Inductor's CPU code may write tanh as exp(2x) − 1 over exp(2x) + 1 (an option), which
     loses small arguments: it is told not to."""
     from torch._inductor import config as inductor_config
 
     kwargs = {}  # (each where this torch has it)
-    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+    parameters = inspect.signature(torch.compile).parameters
+    if "isolate_recompiles" in parameters:
         kwargs["isolate_recompiles"] = True
+    if "recompile_limit" in parameters:
+        kwargs["recompile_limit"] = MAX_GRAPHS
     if hasattr(inductor_config.cpp, "use_decompose_tanh"):
         kwargs["options"] = {"cpp.use_decompose_tanh": False}
-    return torch.compile(_residual_of(change), dynamic=True, **kwargs)
+    return torch.compile(_residual_of(change), dynamic=True, fullgraph=True, **kwargs)
 
 
 _FAILED: set[_Change] = set()  # the change functions whose compilation failed: eager from then on

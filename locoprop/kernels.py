@@ -105,7 +105,8 @@ def divergence_grads(
     tensor G × N × d_out: one batched matmul for the group. ``out`` (from :func:`linear_workspace`)
     receives the results; the returned gradients are its buffers. ``linear_term`` = [G_W(, G_b)] scaled by
     s = ``scale`` joins the weight gradient's product (no pass of its own). ``residual_kernel``
-    (:func:`locoprop.fused.residual_kernel`, M only) computes M's residual and Σr in one pass.
+    (:func:`locoprop.fused.residual_kernel`, M only) adds Δb to the product x·ΔWᵀ and writes M's residual over
+    it (``out[0]``) in one pass that also sums its rows.
     """
     delta_a, *grads = out if out is not None else linear_workspace(x, delta_weight, delta_bias)
     fused = variant == "M" and residual_kernel is not None

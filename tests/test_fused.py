@@ -58,6 +58,11 @@ def test_the_float32_kernel_gives_the_change_and_its_row_sum(name, stacked):
     assert torch.allclose(r.double(), expected, rtol=1e-3, atol=1e-6)  # (and near the float64 change itself)
     eager = transfer.change_from(transfer.anchor_at(a32), delta32.clone())
     assert torch.allclose(r, eager, rtol=1e-5, atol=1e-7)
+    # With a bias: the kernel adds Δb (the shift) to the product itself.
+    bias = torch.linspace(-1e-3, 1e-3, delta.shape[-1])
+    shifted = (delta32 - bias).clone()
+    kernel(shifted, bias, transfer.anchor_at(a32))
+    assert torch.allclose(shifted, r, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", TRANSFERS)
@@ -140,10 +145,11 @@ def test_the_low_precision_bias_gradient_sums_the_unrounded_residual(stacked):
 
 
 def _model(activation: nn.Module) -> nn.Module:
-    """Two hidden units of one shape (stacked into one batched kernel) and three of their own shapes."""
+    """Two hidden units of one shape (stacked into one batched kernel) and three of their own shapes, one of them
+    without a bias."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(40, 24), copy.deepcopy(activation), nn.Linear(24, 24), copy.deepcopy(activation),
-                         nn.Linear(24, 8), nn.Linear(8, 24), copy.deepcopy(activation), nn.Linear(24, 24),
+                         nn.Linear(24, 8), nn.Linear(8, 24, bias=False), copy.deepcopy(activation), nn.Linear(24, 24),
                          copy.deepcopy(activation), nn.Linear(24, 40))  # fmt: skip
 
 
@@ -205,17 +211,27 @@ def test_a_model_without_compile_runs_no_kernel(monkeypatch):
 
 
 def test_units_of_many_kinds_in_one_process_take_their_steps(monkeypatch):
-    """Each dtype pairing, a batch of one and one over 4096 rows compile graphs of their own; past
-    torch.compile's limit of graphs per function (lowered to 2 here) the residual runs eagerly: no step
-    fails, and each equals the eager step."""
+    """Each dtype pairing, a batch of one and one over 4096 rows compile graphs of their own; past MAX_GRAPHS
+    (lowered to 2 here) a kind's residual runs eagerly, and says so: no step fails, and each equals the eager
+    step."""
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fused, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(fused, "_FAILED", set())
+    fused._compiled.cache_clear()  # (the kinds compile afresh, with the lower limit; again after the test)
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be compiled"):
+            _steps_of_many_kinds()
+    finally:
+        fused._compiled.cache_clear()
+
+
+def _steps_of_many_kinds():
     x = torch.rand(5000, 40, generator=torch.Generator().manual_seed(1)).mul_(0.6).add_(0.3)
     for dtype, local_dtype, rows in [(torch.float32, None, 8), (torch.float32, "bfloat16", 8),
                                      (torch.float64, "bfloat16", 1), (torch.float32, "bfloat16", 5000),
                                      (torch.float64, None, 13)]:  # fmt: skip
         batch = x[:rows].to(dtype)
-        with torch._dynamo.config.patch(recompile_limit=2):
-            compiled = _step(_model(nn.Tanh()).to(dtype), batch, variant="M", local_dtype=local_dtype, compile=True)
+        compiled = _step(_model(nn.Tanh()).to(dtype), batch, variant="M", local_dtype=local_dtype, compile=True)
         eager = _step(_model(nn.Tanh()).to(dtype), batch, variant="M", local_dtype=local_dtype)
         errors = [((c - e).norm() / e.norm()).item() for c, e in zip(compiled, eager)]
         assert max(errors) < 1e-3, (dtype, local_dtype, rows, errors)

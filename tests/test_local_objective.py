@@ -256,3 +256,14 @@ def test_softplus_changes_far_down_from_a_saturated_unit_are_accurate_each(beta)
     exact = transfer.fn(a.double() + d.double()) - transfer.fn(a.double())
     got = transfer.change_from(transfer.anchor_at(a), d.clone())
     assert ((got.double() - exact).abs() / exact.abs()).max().item() < 8 * torch.finfo(torch.float32).eps
+
+
+def test_softplus_changes_near_the_threshold_at_a_small_beta_are_accurate():
+    """βd, not d, decides the branch: at β = ½, a = −121, d = 40 (βd = 20, the threshold) the change is the
+    direct difference of two small softpluses (an earlier clamp of d itself put it at 1.0 relative error)."""
+    transfer = softplus(0.5)
+    a = torch.tensor([-121.0, -60.0, 10.0, -30.0])
+    d = torch.tensor([40.0, 39.9, 40.1, -10.0])
+    exact = transfer.fn(a.double() + d.double()) - transfer.fn(a.double())
+    got = transfer.change_from(transfer.anchor_at(a), d.clone())
+    assert ((got.double() - exact).abs() / exact.abs()).max().item() < 64 * torch.finfo(torch.float32).eps
