@@ -38,7 +38,7 @@ from torch import Tensor
 
 from locoprop.transfer import Transfer, is_piecewise_linear, transfer_by_name
 
-__all__ = ["MIN_ELEMENTS", "ResidualKernel", "residual_kernel"]
+__all__ = ["MAX_GRAPHS", "MIN_ELEMENTS", "ResidualKernel", "residual_kernel"]
 
 # (values, shift, anchor) -> Σ_rows r in full precision, with r written over ``values`` (rounded to their dtype).
 ResidualKernel = Callable[[Tensor, Tensor | None, tuple[Tensor, ...]], Tensor]
