@@ -742,7 +742,9 @@ _MAPS = {F.linear: (1,), **dict.fromkeys((*_CONVOLUTIONS, *_TRANSPOSED_CONVOLUTI
 def _computed_operands(func, args: tuple, kwargs: dict) -> list[Tensor]:
     """The operands of a ``_MAPS`` call that may be a weight computed from parameters (weight or spectral norm,
     a pruning mask applied, a concatenation of weights), whose map produces no unit's output: tensors computed
-    with gradients, not parameters. (Positional operands only, and an einsum's operands given one by one.)"""
+    with gradients, not parameters. (Positional operands only; an einsum's one by one or as one list.)"""
+    if func is torch.einsum and len(args) == 2 and isinstance(args[1], (list, tuple)):
+        return _computed_operands(func, (args[0], *args[1]), kwargs)
     operands = [args[i] for i in _MAPS[func] if i < len(args)]
     if func is F.linear and len(args) < 2:
         operands.append(kwargs.get("weight"))

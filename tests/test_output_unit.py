@@ -302,7 +302,8 @@ def test_a_head_whose_weight_is_computed_is_no_unit_and_the_body_keeps_its_trans
 
 class ComputedHead(nn.Module):
     """A tanh layer, then a head whose weight is computed from parameters, applied by ``torch.addmm`` (Hugging
-    Face's Conv1D, pruned), ``torch.einsum`` or ``torch.bmm`` (a weight scaled by a learned gain)."""
+    Face's Conv1D, pruned), ``torch.einsum`` (its operands one by one, or as one list) or ``torch.bmm`` (a weight
+    scaled by a learned gain)."""
 
     def __init__(self, how: str):
         super().__init__()
@@ -313,10 +314,12 @@ class ComputedHead(nn.Module):
         h, weight = torch.tanh(self.body(x)), self.weight * self.gain
         if self.how == "addmm":
             return torch.addmm(self.gain, h, weight)
+        if self.how == "einsum-list":
+            return torch.einsum("bi,io->bo", [h, weight])
         return torch.einsum("bi,io->bo", h, weight) if self.how == "einsum" else torch.bmm(h[None], weight[None])[0]
 
 
-@pytest.mark.parametrize("how", ["addmm", "einsum", "bmm"])
+@pytest.mark.parametrize("how", ["addmm", "einsum", "einsum-list", "bmm"])
 def test_a_computed_weight_in_any_product_is_no_unit(how):
     """(F.linear's and convolutions' computed weights were told, these products' not: the body took the output
     activation, silently.)"""
