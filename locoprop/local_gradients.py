@@ -219,9 +219,9 @@ class LocalGradients:
         delta = [torch.empty_like(p) for p in problem.params]
         linear_term, scale = problem.linear_terms(), problem.activation_lr * self.share
         low = isinstance(x, kernels.LowPrecisionRows)
-        fused = self._residual_kernel(problem, low, ((x.centered if low else x).shape[0], problem.params[0].shape[0]))
+        shape = ((x.centered if low else x).shape[0], problem.params[0].shape[0])  # (of Δa: rows × d_out)
+        fused = self._residual_kernel(problem, low, shape)
         if low:
-            shape = (x.centered.shape[0], problem.params[0].shape[0])
             product, delta_a = scratch.reserve(shape, x.centered), _delta_a_buffer(scratch, shape, problem, fused)
             buffers = kernels.low_precision_buffers(x, problem.params[0])
 
@@ -233,7 +233,7 @@ class LocalGradients:
                                                                scale, fused)]  # fmt: skip
 
             return _Work([problem], compute)
-        delta_a = scratch.reserve((x.shape[0], problem.params[0].shape[0]), x)
+        delta_a = scratch.reserve(shape, x)
 
         def compute():
             for d, p, old in zip(delta, problem.params, problem.old_params):
