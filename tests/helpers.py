@@ -38,6 +38,11 @@ def backprop_sgd_step(model: nn.Module, loss_fn, lr: float) -> dict[str, torch.T
     return snapshot(clone)
 
 
+def relative_errors(got, reference) -> list[float]:
+    """‖g − r‖ / ‖r‖ of each pair of tensors (g in float64 against r)."""
+    return [((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, reference)]
+
+
 def bce_sum_mean(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BCE with logits, summed over features and averaged over the batch (the official loss)."""
     return nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1).mean()

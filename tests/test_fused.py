@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import bce_sum_mean
+from helpers import bce_sum_mean, relative_errors
 from torch import nn
 
 from locoprop import LocoPropOptimizer, fused
@@ -184,12 +184,12 @@ def test_a_compiled_step_is_the_float64_step(activation, variant, local_dtype, m
     x = torch.rand(8, 40, generator=torch.Generator().manual_seed(1)).mul_(0.6).add_(0.3)
     reference = _step(_model(activation).double(), x.double(), variant=variant, local_dtype=local_dtype)
     steps = _step(_model(activation), x, variant=variant, local_dtype=local_dtype, compile=True)
-    errors = [((s.double() - r).norm() / r.norm()).item() for s, r in zip(steps, reference)]
+    errors = relative_errors(steps, reference)
     if local_dtype:
         assert max(errors) < 5e-3, errors
     else:
         eager = _step(_model(activation), x, variant=variant)
-        eager_errors = [((s.double() - r).norm() / r.norm()).item() for s, r in zip(eager, reference)]
+        eager_errors = relative_errors(eager, reference)
         assert max(errors) < 1.1 * max(eager_errors) + 1e-6, (errors, eager_errors)
     # Per inner iteration after the first (4): five kernels (the two 24 → 24 units stacked into one), each
     # with a compiled residual in bfloat16 but softplus's under M and S's 8 → 24 unit (in the Gram form, by
@@ -233,7 +233,7 @@ def _steps_of_many_kinds():
         batch = x[:rows].to(dtype)
         compiled = _step(_model(nn.Tanh()).to(dtype), batch, variant="M", local_dtype=local_dtype, compile=True)
         eager = _step(_model(nn.Tanh()).to(dtype), batch, variant="M", local_dtype=local_dtype)
-        errors = [((c - e).norm() / e.norm()).item() for c, e in zip(compiled, eager)]
+        errors = relative_errors(compiled, eager)
         assert max(errors) < 1e-3, (dtype, local_dtype, rows, errors)
 
 
@@ -255,7 +255,7 @@ def test_a_residual_that_cannot_compile_runs_eagerly_with_a_warning(monkeypatch)
     # one warning per kind: tanh, the sigmoid, the identity
     assert len([w for w in caught if "could not be compiled" in str(w.message)]) == 3
     eager = _step(_model(nn.Tanh()), x, variant="M", local_dtype="bfloat16")
-    errors = [((c - e).norm() / e.norm()).item() for c, e in zip(compiled, eager)]
+    errors = relative_errors(compiled, eager)
     assert max(errors) < 1e-5, errors
 
 

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from helpers import bce_sum_mean
+from helpers import bce_sum_mean, relative_errors
 from torch import nn
 
 from locoprop import LocoPropOptimizer
@@ -45,10 +45,6 @@ def _step(model, x, **kwargs) -> list[torch.Tensor]:
     return [p.detach() - b for p, b in zip(model.parameters(), before)]
 
 
-def _relative_errors(steps, reference) -> list[float]:
-    return [((s.double() - r).norm() / r.norm()).item() for s, r in zip(steps, reference)]
-
-
 @pytest.mark.parametrize("variant", ["M", "S"])
 @pytest.mark.parametrize("parallel", ["none", "batched"])
 @pytest.mark.parametrize("rows", [8, 200], ids=["batch-form", "gram-form"])  # S: its form by FLOPs
@@ -60,7 +56,7 @@ def test_a_bfloat16_local_solve_takes_the_float64_step_to_bfloat16_accuracy(vari
     for dtype, activation_lr in ((torch.float64, 1.0), (torch.float64, 1e-4), (torch.float32, 1.0)):
         kwargs = dict(variant=variant, parallel=parallel, activation_lr=activation_lr)
         reference = _step(_model(32).double(), x.double(), **kwargs)
-        errors = _relative_errors(_step(_model(32).to(dtype), x.to(dtype), local_dtype="bfloat16", **kwargs),
+        errors = relative_errors(_step(_model(32).to(dtype), x.to(dtype), local_dtype="bfloat16", **kwargs),
                                   reference)  # fmt: skip
         assert max(errors) < TOLERANCE, (dtype, activation_lr, errors)
         if dtype == torch.float64:  # the test can tell: bfloat16 did run (its rounding shows beyond float64's)
@@ -144,7 +140,7 @@ def test_a_convolution_unit_solves_in_bfloat16_too():
         opt.step()
         return [p.detach() - b for p, b in zip(m.parameters(), before)]
 
-    errors = _relative_errors(step(local_dtype="bfloat16"), step())
+    errors = relative_errors(step(local_dtype="bfloat16"), step())
     assert 1e-7 < max(errors) < 2e-2, errors
 
 
